@@ -1,0 +1,66 @@
+// Starting and stopping the agent for one host: keys, store, HTTP listener.
+import type { Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import { formatPublicKey, type SecretKey } from "../protocol/keys.js";
+import type { AgentConfig } from "./config.js";
+import { createHttpServer } from "./http/server.js";
+import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
+import type { Logger } from "./log.js";
+import { Signer } from "./signer.js";
+import { LocalStore } from "./store/local-store.js";
+import { VERSION } from "./version.js";
+
+export interface RunningAgent {
+  server: Server;
+  store: LocalStore;
+  keys: SecretKey[];
+  /** The address actually bound (the port may have been 0). */
+  address: AddressInfo;
+  stop(): Promise<void>;
+}
+
+export async function startAgent(config: AgentConfig, log: Logger): Promise<RunningAgent> {
+  const keys = config.signKeyFiles.length > 0
+    ? config.signKeyFiles.map((f) => readSecretKeyFile(f, log))
+    : [ensureHostKey(config.stateDir, log)];
+  let store: LocalStore;
+  try {
+    store = new LocalStore(config.storeRoot, new Signer(keys));
+  } catch (e) {
+    throw new Error(`cannot open the Nix database under ${config.storeRoot} (is this a Nix store root, and readable?): ${(e as Error).message}`);
+  }
+  const server = createHttpServer({ source: store, local: store, priority: config.priority, log });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(config.listen.port, config.listen.host, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  const address = server.address() as AddressInfo;
+  log.info(
+    {
+      listen: `${address.address}:${address.port}`,
+      storeRoot: config.storeRoot,
+      paths: store.pathCount(),
+      publicKeys: keys.map(formatPublicKey),
+      version: VERSION,
+    },
+    "fleetcache agent serving this host's store",
+  );
+  return {
+    server,
+    store,
+    keys,
+    address,
+    async stop() {
+      // Let running transfers finish for a moment, then cut them: a client sees a short body.
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      server.closeIdleConnections();
+      const timer = setTimeout(() => server.closeAllConnections(), 5000);
+      await closed;
+      clearTimeout(timer);
+      store.close();
+    },
+  };
+}

@@ -1,0 +1,106 @@
+#!/usr/bin/env node
+// The fleetcache command: `agent` runs the daemon, `keygen` makes a signing key.
+import { writeFileSync } from "node:fs";
+import { Command } from "commander";
+import { formatPublicKey, generateKeyPair } from "../protocol/keys.js";
+import { startAgent } from "./agent.js";
+import { ConfigError, DEFAULT_PORT, loadConfig } from "./config.js";
+import { readSecretKeyFile, writeSecretKeyFile } from "./keys-file.js";
+import { createLogger } from "./log.js";
+import { VERSION } from "./version.js";
+
+// Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error (as commander does).
+const EXIT_FAILURE = 1;
+const EXIT_USAGE = 2;
+
+const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
+
+const program = new Command()
+  .name("fleetcache")
+  .description("A binary cache for Nix fleets: serves this host's store to Nix, and later the fleet's.")
+  .version(VERSION)
+  .showHelpAfterError()
+  .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : EXIT_USAGE));
+
+program
+  .command("agent")
+  .description("Run the agent: serve this host's Nix store as a signed binary cache")
+  .option("--config <file>", "TOML config file (env FLEETCACHE_CONFIG)")
+  .option("--listen <addr:port>", `HTTP listen address (env FLEETCACHE_LISTEN; default 127.0.0.1:${DEFAULT_PORT})`)
+  .option("--store-root <dir>", "root of the Nix store's filesystem; DIR for a chroot store (env FLEETCACHE_STORE_ROOT; default /)")
+  .option("--sign-key <file>", "secret key file to sign with, repeatable (env FLEETCACHE_SIGN_KEY, comma-separated; default: the host key in the state directory)", collect)
+  .option("--state-dir <dir>", "state directory (env FLEETCACHE_STATE_DIR; default /var/lib/fleetcache)")
+  .option("--priority <n>", "cache priority announced to Nix; lower is asked first (env FLEETCACHE_PRIORITY; default 30)")
+  .option("--check-config", "validate the configuration and key files, print the result as JSON, and exit")
+  .action(async (opts: Record<string, unknown>) => {
+    const log = createLogger();
+    let config;
+    try {
+      config = loadConfig({
+        configFile: opts.config as string | undefined,
+        flags: {
+          listen: opts.listen,
+          storeRoot: opts.storeRoot,
+          signKeyFiles: opts.signKey,
+          stateDir: opts.stateDir,
+          priority: opts.priority,
+        },
+      });
+    } catch (e) {
+      if (!(e instanceof ConfigError)) throw e;
+      process.stderr.write(`fleetcache: ${e.message}\n`);
+      process.exit(EXIT_USAGE);
+    }
+    if (opts.checkConfig) {
+      try {
+        for (const f of config.signKeyFiles) readSecretKeyFile(f);
+      } catch (e) {
+        process.stderr.write(`fleetcache: ${(e as Error).message}\n`);
+        process.exit(EXIT_USAGE);
+      }
+      process.stdout.write(JSON.stringify(config, null, 2) + "\n");
+      return;
+    }
+    let agent;
+    try {
+      agent = await startAgent(config, log);
+    } catch (e) {
+      log.fatal({ err: (e as Error).message }, "agent failed to start");
+      await new Promise((r) => setTimeout(r, 100)); // let the async logger flush
+      process.exit(EXIT_FAILURE);
+    }
+    const shutdown = async (signal: string) => {
+      log.info({ signal }, "shutting down");
+      await agent.stop();
+      process.exit(0);
+    };
+    process.once("SIGTERM", () => void shutdown("SIGTERM"));
+    process.once("SIGINT", () => void shutdown("SIGINT"));
+  });
+
+program
+  .command("keygen")
+  .description("Write a new secret signing key in Nix's format and print its public key")
+  .argument("<name>", "key name, conventionally <host or cache>-1")
+  .requiredOption("--out <file>", "where to write the secret key (mode 0600)")
+  .option("--public-out <file>", "also write the public key to this file")
+  .option("--force", "overwrite an existing file")
+  .action((name: string, opts: { out: string; publicOut?: string; force?: boolean }) => {
+    let key;
+    try {
+      key = generateKeyPair(name);
+    } catch (e) {
+      process.stderr.write(`fleetcache keygen: ${(e as Error).message}\n`);
+      process.exit(EXIT_USAGE);
+    }
+    try {
+      writeSecretKeyFile(opts.out, key, opts.force);
+      if (opts.publicOut) writeFileSync(opts.publicOut, formatPublicKey(key));
+    } catch (e) {
+      process.stderr.write(`fleetcache keygen: ${(e as Error).message}\n`);
+      process.exit(EXIT_FAILURE);
+    }
+    process.stdout.write(formatPublicKey(key) + "\n");
+  });
+
+await program.parseAsync(process.argv);

@@ -1,0 +1,92 @@
+// The binary cache protocol Nix speaks: nix-cache-info, narinfo and NAR downloads.
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { pipeline } from "node:stream/promises";
+import { narUrl, parseNarUrl } from "../../protocol/nar-url.js";
+import { nixCacheInfo, renderNarinfo } from "../../protocol/narinfo.js";
+import type { PathInfo } from "../../protocol/path-info.js";
+import { isValidHashPart } from "../../protocol/store-path.js";
+import type { PathSource } from "../source.js";
+import type { LocalStore } from "../store/local-store.js";
+import { parseRange } from "./range.js";
+import { HttpError, send, sendError } from "./respond.js";
+import type { Logger } from "../log.js";
+
+export interface CacheContext {
+  /** Where narinfo and NAR requests are answered from. */
+  source: PathSource;
+  /** This host's store, for lookups only it can do (legacy NAR URLs that carry no hash part). */
+  local: LocalStore;
+  priority: number;
+  log: Logger;
+}
+
+const NOT_FOUND_HEADERS = { "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" };
+
+export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): void {
+  send(req, res, 200, nixCacheInfo(ctx.priority), { "Content-Type": "text/x-nix-cache-info" });
+}
+
+export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string): Promise<void> {
+  if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
+  const info = await ctx.source.pathInfo(hashPart);
+  if (!info) return send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+  const body = renderNarinfo(info, narUrl(hashPart, info.narHash));
+  // Short-lived: a garbage-collected path must not linger in an intermediate cache.
+  send(req, res, 200, body, { "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60" });
+}
+
+export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string): Promise<void> {
+  const ref = parseNarUrl(path, query);
+  if (!ref) throw new HttpError(400, "malformed NAR URL: expected /nar/<store hash>-<nar hash>.nar");
+  let info: PathInfo | undefined;
+  if (ref.hashPart) info = await ctx.source.pathInfo(ref.hashPart);
+  else if (ref.narHash) info = ctx.local.pathInfoByNarHash("sha256:" + ref.narHash);
+  // A URL naming a NAR hash must get exactly those bytes: a path rebuilt with other content is a 404.
+  if (!info || (ref.narHash && info.narHash !== "sha256:" + ref.narHash)) {
+    return send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+  }
+  await sendNar(ctx, req, res, info);
+}
+
+async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo): Promise<void> {
+  const size = info.narSize;
+  const etag = `"${info.narHash.replace(/^sha256:/, "")}"`;
+  const headers = {
+    "Content-Type": "application/x-nix-nar",
+    "Accept-Ranges": "bytes",
+    ETag: etag,
+    // The URL names the content by hash: the bytes behind it never change.
+    "Cache-Control": "public, max-age=31536000, immutable",
+  };
+  const ifRange = req.headers["if-range"];
+  const range = ifRange !== undefined && ifRange !== etag ? { kind: "full" as const } : parseRange(req.headers.range, size);
+  if (range.kind === "unsatisfiable") {
+    return sendError(req, res, 416, "range not satisfiable", { "Content-Range": `bytes */${size}` });
+  }
+  const [start, end] = range.kind === "partial" ? [range.start, range.end] : [0, size];
+  if (range.kind === "partial") {
+    res.writeHead(206, { ...headers, "Content-Length": end - start, "Content-Range": `bytes ${start}-${end - 1}/${size}` });
+  } else {
+    res.writeHead(200, { ...headers, "Content-Length": size });
+  }
+  if (req.method === "HEAD") return void res.end();
+  try {
+    await pipeline(checkedLength(ctx.source.narStream(info, start, end), end - start), res);
+  } catch (e) {
+    // pipeline has destroyed the socket, so the client sees a short body against Content-Length,
+    // never a complete-looking one. A client hanging up is not worth more than a debug line.
+    const gone = (e as NodeJS.ErrnoException).code === "ERR_STREAM_PREMATURE_CLOSE";
+    ctx.log[gone ? "debug" : "warn"]({ path: info.storePath, start, end, err: (e as Error).message }, "NAR transfer aborted");
+  }
+}
+
+/** Passes chunks through, and fails unless exactly `expected` bytes went by. */
+async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number): AsyncGenerator<Buffer> {
+  let seen = 0;
+  for await (const chunk of chunks) {
+    seen += chunk.length;
+    if (seen > expected) throw new Error(`NAR is longer than the ${expected} bytes announced`);
+    yield chunk;
+  }
+  if (seen !== expected) throw new Error(`NAR ended after ${seen} of ${expected} bytes`);
+}

@@ -1,0 +1,14 @@
+// Where store paths come from. The HTTP side asks a PathSource and does not care whether the
+// answer comes from this host's store or (later) from a peer's: keep that decision behind this.
+import type { PathInfo } from "../protocol/path-info.js";
+
+export interface PathSource {
+  /** Metadata (with signatures to offer) of the path with this 32-character hash part, if held. */
+  pathInfo(hashPart: string): Promise<PathInfo | undefined>;
+  /**
+   * NAR bytes [start, end) of a path that pathInfo returned. Throws (never ends early) if the
+   * path disappears or changes while streaming, so that a truncated body is never passed off
+   * as complete.
+   */
+  narStream(info: PathInfo, start: number, end: number): AsyncIterable<Buffer>;
+}

@@ -1,0 +1,64 @@
+// Read-only access to Nix's SQLite database. Reading it directly (rather than asking the daemon)
+// answers a narinfo with two indexed queries; every request sees the database as it is now, so
+// builds, downloads and garbage collection are reflected at once and nothing goes stale.
+import Database from "better-sqlite3";
+import { join } from "node:path";
+import { STORE_DIR } from "../../protocol/path-info.js";
+
+/** A row of ValidPaths as Nix stores it (hash is "sha256:<base16>"). */
+export interface DbPathRow {
+  id: number;
+  path: string;
+  hash: string;
+  deriver: string | null;
+  narSize: number | null;
+  sigs: string | null;
+  ca: string | null;
+}
+
+export class NixDb {
+  private readonly db: Database.Database;
+  private readonly byHashPart: Database.Statement<[string, string], DbPathRow>;
+  private readonly byNarHash: Database.Statement<[string], DbPathRow>;
+  private readonly refs: Database.Statement<[number], { path: string }>;
+  private readonly count: Database.Statement<[], { n: number }>;
+
+  constructor(storeRoot: string) {
+    const file = join(storeRoot, "nix/var/nix/db/db.sqlite");
+    this.db = new Database(file, { readonly: true, fileMustExist: true });
+    // Nix holds write locks briefly; wait rather than fail a request.
+    this.db.pragma("busy_timeout = 2000");
+    const cols = "id, path, hash, deriver, narSize, sigs, ca";
+    // A range on the unique path index: "<hashPart>-" up to "<hashPart>." ('.' follows '-').
+    this.byHashPart = this.db.prepare(`SELECT ${cols} FROM ValidPaths WHERE path >= ? AND path < ? LIMIT 1`);
+    // No index on hash: a scan, used only for the rare NAR URL form that carries nothing else.
+    this.byNarHash = this.db.prepare(`SELECT ${cols} FROM ValidPaths WHERE hash = ? LIMIT 1`);
+    this.refs = this.db.prepare(
+      "SELECT p.path AS path FROM Refs r JOIN ValidPaths p ON p.id = r.reference WHERE r.referrer = ?",
+    );
+    this.count = this.db.prepare("SELECT count(*) AS n FROM ValidPaths");
+  }
+
+  /** The valid path whose hash part is `hashPart` (already validated by the caller). */
+  pathByHashPart(hashPart: string): DbPathRow | undefined {
+    const prefix = `${STORE_DIR}/${hashPart}`;
+    return this.byHashPart.get(prefix + "-", prefix + ".");
+  }
+
+  /** The first valid path whose NAR hash is `base16` ("sha256:<base16>"). */
+  pathByNarHash(hash: string): DbPathRow | undefined {
+    return this.byNarHash.get(hash);
+  }
+
+  references(id: number): string[] {
+    return this.refs.all(id).map((r) => r.path);
+  }
+
+  pathCount(): number {
+    return this.count.get()!.n;
+  }
+
+  close(): void {
+    this.db.close();
+  }
+}

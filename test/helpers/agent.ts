@@ -1,0 +1,50 @@
+// Runs the real `fleetcache agent` CLI as a child process for tests, on a free port.
+import { spawn, type ChildProcess } from "node:child_process";
+import { fileURLToPath } from "node:url";
+
+export const CLI = fileURLToPath(new URL("../../agent/cli.js", import.meta.url));
+
+export interface AgentProcess {
+  url: string;
+  port: number;
+  child: ChildProcess;
+  /** Everything the agent logged so far (JSON lines on stderr). */
+  logs(): string;
+  stop(): Promise<void>;
+}
+
+export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv = {}): Promise<AgentProcess> {
+  const child = spawn(process.execPath, [CLI, "agent", "--listen", "127.0.0.1:0", ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, FLEETCACHE_LOG_LEVEL: "debug", ...env },
+  });
+  let stderr = "";
+  child.stdout!.resume();
+  const port = await new Promise<number>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`agent did not start in 20 s:\n${stderr}`)), 20_000);
+    child.stderr!.on("data", (d: Buffer) => {
+      stderr += d.toString();
+      const m = /"listen":"[^"]*:(\d+)"/.exec(stderr);
+      if (m) {
+        clearTimeout(timer);
+        resolve(Number(m[1]));
+      }
+    });
+    child.on("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`agent exited with ${code} before listening:\n${stderr}`));
+    });
+  });
+  return {
+    url: `http://127.0.0.1:${port}`,
+    port,
+    child,
+    logs: () => stderr,
+    stop: () =>
+      new Promise<void>((resolve) => {
+        if (child.exitCode !== null) return resolve();
+        child.once("exit", () => resolve());
+        child.kill("SIGTERM");
+      }),
+  };
+}

@@ -1,0 +1,77 @@
+// Store paths of every shape the cache must serve, made with the real Nix in a chroot store.
+import { chmodSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { addToStore, buildInStore } from "./nix.js";
+
+export interface ShapesClosure {
+  /** Every store path made, the closure's roots and their dependencies. */
+  paths: string[];
+  tree: string; // a directory with every kind of entry
+  singleFile: string;
+  executableFile: string;
+  symlinkPath: string; // a store path that is itself a symlink
+  built: string; // a built output with references, a deriver and a build log
+  builtDep: string;
+  builtSymlink: string; // a built output that is a symlink into another path
+}
+
+/** Makes the tree of every entry kind under `dir` (which must not exist). */
+export function makeShapesTree(dir: string): void {
+  mkdirSync(dir);
+  const f = (p: string, content: string | Buffer, mode?: number) => {
+    writeFileSync(join(dir, p), content);
+    if (mode !== undefined) chmodSync(join(dir, p), mode);
+  };
+  f("hello.txt", "hello, fleet\n");
+  f("run.sh", "#!/bin/sh\necho run\n", 0o755);
+  f("empty", "");
+  f("eight", "12345678");
+  f("odd", "1234567890123");
+  mkdirSync(join(dir, "empty-dir"));
+  mkdirSync(join(dir, "sub"));
+  f("sub/inner", "inner\n");
+  symlinkSync("hello.txt", join(dir, "rel-link"));
+  symlinkSync("/nix/store", join(dir, "abs-link"));
+  symlinkSync("does/not/exist", join(dir, "dangling"));
+  symlinkSync("sub", join(dir, "dir-link"));
+  symlinkSync("../hello.txt", join(dir, "sub/up-link"));
+  // Byte order, not locale order: uppercase before "_" before lowercase, "-" before ".".
+  for (const name of ["B", "a", "_", "Z", "a.b", "a-b", "é", "日本", "ẞ", "zz"]) f(`n-${name}`, name);
+  mkdirSync(join(dir, "order"));
+  for (const name of ["b", "B", "a", "A", "_x", "-x", ".x", "x.", "~", "ä"]) writeFileSync(join(dir, "order", name), name);
+  let deep = join(dir, "deep");
+  for (let i = 0; i < 60; i++) {
+    deep = join(deep, `level${i}`);
+    mkdirSync(deep, { recursive: true });
+  }
+  writeFileSync(join(deep, "bottom"), "bottom\n");
+  f("binary.bin", Buffer.from(Array.from({ length: 4099 }, (_, i) => (i * 7919) & 0xff)));
+}
+
+/** Adds every shape to the chroot store at `root`; `work` is a scratch directory. */
+export async function makeShapesClosure(root: string, work: string): Promise<ShapesClosure> {
+  const treeDir = join(work, "shapes");
+  makeShapesTree(treeDir);
+  writeFileSync(join(work, "single.txt"), "a store path that is a single file\n");
+  writeFileSync(join(work, "tool"), "#!/bin/sh\necho tool\n", { mode: 0o755 });
+  symlinkSync("/nix/store/nonexistent-target", join(work, "link"));
+  const expr = join(work, "closure.nix");
+  writeFileSync(
+    expr,
+    `let
+  sh = "/bin/sh";
+  mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = sh; args = [ "-c" script ]; };
+  dep = mk "fleetcache-dep" "/bin/mkdir $out; echo dependency > $out/data; echo built dep";
+  top = mk "fleetcache-top" "/bin/mkdir -p $out/bin; echo ${"$"}{dep} > $out/ref; echo $out > $out/self; echo building top; echo line two >&2";
+  link = mk "fleetcache-link" "/bin/ln -s ${"$"}{dep}/data $out";
+in [ top dep link ]
+`,
+  );
+  const [built, builtDep, builtSymlink] = await buildInStore(root, expr);
+  const tree = await addToStore(root, treeDir);
+  const singleFile = await addToStore(root, join(work, "single.txt"));
+  const executableFile = await addToStore(root, join(work, "tool"));
+  const symlinkPath = await addToStore(root, join(work, "link"));
+  const closure = { tree, singleFile, executableFile, symlinkPath, built: built!, builtDep: builtDep!, builtSymlink: builtSymlink! };
+  return { ...closure, paths: Object.values(closure) };
+}

@@ -1,0 +1,255 @@
+// HTTP behaviour beyond what `nix copy` exercises: ranges, HEAD, listings, files, bad input, GC.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { request } from "node:http";
+import { connect } from "node:net";
+import { join } from "node:path";
+import { parseNarinfo } from "../protocol/narinfo.js";
+import { startAgentProcess, type AgentProcess } from "./helpers/agent.js";
+import { makeShapesClosure, type ShapesClosure } from "./helpers/fixtures.js";
+import { addToStore, dumpPath, hasNix, nix, run, tempDir } from "./helpers/nix.js";
+import { readFileSync, writeFileSync } from "node:fs";
+
+let tmp: ReturnType<typeof tempDir>;
+let storeRoot: string;
+let closure: ShapesClosure;
+let agent: AgentProcess;
+
+before(async () => {
+  if (!(await hasNix())) {
+    if (process.env.CI === "true") throw new Error("real Nix is required under CI=true");
+    return;
+  }
+  tmp = tempDir();
+  storeRoot = join(tmp.dir, "store");
+  closure = await makeShapesClosure(storeRoot, tmp.dir);
+  agent = await startAgentProcess(["--store-root", storeRoot, "--state-dir", join(tmp.dir, "state")]);
+});
+
+after(async () => {
+  await agent?.stop();
+  tmp?.cleanup();
+});
+
+const hashOf = (storePath: string) => storePath.slice(11, 43);
+const get = (path: string, init?: RequestInit) => fetch(agent.url + path, init);
+
+function ready(t: { skip: (m: string) => void }): boolean {
+  if (agent) return true;
+  t.skip("nix not installed");
+  return false;
+}
+
+async function narUrlOf(storePath: string): Promise<string> {
+  return "/" + parseNarinfo(await (await get(`/${hashOf(storePath)}.narinfo`)).text()).url;
+}
+
+async function fullNar(storePath: string): Promise<Buffer> {
+  const s = dumpPath(storeRoot, storePath);
+  const chunks: Buffer[] = [];
+  for await (const c of s) chunks.push(c as Buffer);
+  await s.done;
+  return Buffer.concat(chunks);
+}
+
+/** Sends raw bytes and returns the raw answer (for requests fetch() refuses to make). */
+function raw(bytes: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const sock = connect(agent.port, "127.0.0.1", () => sock.end(bytes));
+    let out = "";
+    sock.on("data", (d) => (out += d.toString("latin1")));
+    sock.on("end", () => resolve(out));
+    sock.on("close", () => resolve(out));
+    sock.on("error", reject);
+  });
+}
+
+async function assertAlive(): Promise<void> {
+  const res = await get("/health");
+  assert.equal(res.status, 200, "agent still answers after bad input");
+}
+
+test("nix-cache-info announces the store, mass query and priority", async (t) => {
+  if (!ready(t)) return;
+  const res = await get("/nix-cache-info");
+  assert.equal(res.status, 200);
+  assert.equal(await res.text(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
+});
+
+test("HEAD narinfo and NAR: headers without a body", async (t) => {
+  if (!ready(t)) return;
+  const h = await get(`/${hashOf(closure.tree)}.narinfo`, { method: "HEAD" });
+  assert.equal(h.status, 200);
+  assert.equal(await h.text(), "");
+  const nar = await get(await narUrlOf(closure.tree), { method: "HEAD" });
+  assert.equal(nar.status, 200);
+  assert.equal(Number(nar.headers.get("content-length")), (await fullNar(closure.tree)).length);
+  assert.equal(nar.headers.get("accept-ranges"), "bytes");
+  assert.equal(await nar.text(), "");
+});
+
+test("Range requests on NARs: 206 slices equal the reference dump, 416 beyond the end", async (t) => {
+  if (!ready(t)) return;
+  const full = await fullNar(closure.tree);
+  const url = await narUrlOf(closure.tree);
+  const size = full.length;
+  const cases: [string, number, number][] = [
+    ["bytes=0-0", 0, 1],
+    ["bytes=0-99", 0, 100],
+    ["bytes=13-", 13, size],
+    ["bytes=-50", size - 50, size],
+    [`bytes=${size - 1}-${size + 100}`, size - 1, size],
+    [`bytes=1000-2047`, 1000, 2048],
+    [`bytes=-${size + 10}`, 0, size],
+  ];
+  for (const [range, start, end] of cases) {
+    const res = await get(url, { headers: { Range: range } });
+    assert.equal(res.status, 206, range);
+    assert.equal(res.headers.get("content-range"), `bytes ${start}-${end - 1}/${size}`, range);
+    const body = Buffer.from(await res.arrayBuffer());
+    assert.ok(body.equals(full.subarray(start, end)), `${range}: slice differs`);
+  }
+  const bad = await get(url, { headers: { Range: `bytes=${size}-` } });
+  assert.equal(bad.status, 416);
+  assert.equal(bad.headers.get("content-range"), `bytes */${size}`);
+  // An If-Range that does not match means "send it all".
+  const stale = await get(url, { headers: { Range: "bytes=0-9", "If-Range": '"other"' } });
+  assert.equal(stale.status, 200);
+  assert.equal((await stale.arrayBuffer()).byteLength, size);
+});
+
+test("NAR URL forms of nix-serve and harmonia lead to the same bytes", async (t) => {
+  if (!ready(t)) return;
+  const full = await fullNar(closure.built);
+  const narinfo = parseNarinfo(await (await get(`/${hashOf(closure.built)}.narinfo`)).text());
+  const narHash32 = narinfo.narHash.replace("sha256:", "");
+  const hash = hashOf(closure.built);
+  for (const url of [`/nar/${hash}-${narHash32}.nar`, `/nar/${narHash32}.nar?hash=${hash}`, `/nar/${narHash32}.nar`, `/nar/${hash}.nar`]) {
+    const res = await get(url);
+    assert.equal(res.status, 200, url);
+    assert.ok(Buffer.from(await res.arrayBuffer()).equals(full), url);
+  }
+  // A NAR URL whose hash does not match the path's content is not served.
+  const wrong = narHash32.replace(/^./, (c) => (c === "0" ? "1" : "0"));
+  const res = await get(`/nar/${hash}-${wrong}.nar`);
+  assert.equal(res.status, 404);
+});
+
+test(".ls listing matches what Nix writes, /serve reads files and follows symlinks inside the store", async (t) => {
+  if (!ready(t)) return;
+  const cache = join(tmp.dir, "file-cache");
+  await nix(["copy", "--from", storeRoot, "--to", `file://${cache}?compression=none&write-nar-listing=true`, closure.tree]);
+  const expected = JSON.parse(readFileSync(join(cache, `${hashOf(closure.tree)}.ls`), "utf8"));
+  const res = await get(`/${hashOf(closure.tree)}.ls`);
+  assert.equal(res.status, 200);
+  assert.deepEqual(await res.json(), expected);
+
+  const h = hashOf(closure.tree);
+  const file = await get(`/serve/${h}/hello.txt`);
+  assert.equal(file.status, 200);
+  assert.equal(await file.text(), "hello, fleet\n");
+  assert.equal(await (await get(`/serve/${h}/rel-link`)).text(), "hello, fleet\n");
+  assert.equal(await (await get(`/serve/${h}/sub/up-link`)).text(), "hello, fleet\n");
+  assert.equal(await (await get(`/serve/${h}/dir-link/inner`)).text(), "inner\n");
+  assert.equal(await (await get(`/serve/${h}/n-%E6%97%A5%E6%9C%AC`)).text(), "日本");
+  const dir = await get(`/serve/${h}/sub/`);
+  assert.equal(dir.status, 200);
+  assert.match(await dir.text(), /inner/);
+  const redirect = await get(`/serve/${h}/sub`, { redirect: "manual" });
+  assert.equal(redirect.status, 301);
+  // A built path's symlink into another store path is followed.
+  assert.equal(await (await get(`/serve/${hashOf(closure.builtSymlink)}`)).text(), "dependency\n");
+  // Symlinks out of the store or to nowhere are refused.
+  assert.equal((await get(`/serve/${h}/abs-link/`)).status, 403);
+  assert.equal((await get(`/serve/${h}/dangling`)).status, 404);
+  assert.equal((await get(`/serve/${hashOf(closure.symlinkPath)}`)).status, 404);
+  const part = await get(`/serve/${h}/hello.txt`, { headers: { Range: "bytes=7-11" } });
+  assert.equal(part.status, 206);
+  assert.equal(await part.text(), "fleet");
+});
+
+test("malformed hashes are 400, unknown paths 404 with Cache-Control: no-store", async (t) => {
+  if (!ready(t)) return;
+  for (const bad of ["abc", "e".repeat(32), "0".repeat(31), "0".repeat(33), "O".repeat(32), "%30".repeat(32), "0".repeat(31) + "!"]) {
+    const res = await get(`/${bad}.narinfo`);
+    assert.equal(res.status, 400, bad);
+    assert.equal((await get(`/${bad}.ls`)).status, 400, bad);
+    assert.equal((await get(`/serve/${bad}/x`)).status, 400, bad);
+  }
+  const unknown = await get(`/${"0".repeat(32)}.narinfo`);
+  assert.equal(unknown.status, 404);
+  assert.equal(unknown.headers.get("cache-control"), "no-store");
+  assert.equal((await get(`/nar/${"0".repeat(32)}-${"0".repeat(52)}.nar`)).status, 404);
+  assert.equal((await get(`/nar/garbage.nar`)).status, 400);
+  assert.equal((await get(`/log/${"0".repeat(32)}-nothing.drv`)).status, 404);
+  assert.equal((await get(`/log/nothing`)).status, 400);
+  assert.equal((await get(`/no/such/route`)).status, 404);
+  await assertAlive();
+});
+
+test("path traversal is refused on every route, and nothing outside the store is served", async (t) => {
+  if (!ready(t)) return;
+  const h = hashOf(closure.tree);
+  writeFileSync(join(storeRoot, "secret.txt"), "SECRET");
+  const attempts = [
+    `/serve/${h}/../../../etc/passwd`,
+    `/serve/${h}/%2e%2e/%2e%2e/etc/passwd`,
+    `/serve/${h}/..%2f..%2fetc%2fpasswd`,
+    `/serve/${h}/sub/%2e%2e%2f%2e%2e%2fsecret.txt`,
+    `/serve/${h}/%00`,
+    `/serve/${h}/..\\..\\secret.txt`,
+    `/log/../../../etc/passwd`,
+    `/log/..%2f..%2fetc%2fpasswd`,
+    `/nar/../../etc/passwd`,
+    `/../../etc/passwd`,
+    `/..%2f..%2fsecret.txt.narinfo`,
+    `/%2e%2e/secret.txt.ls`,
+    `/serve/../secret.txt`,
+  ];
+  for (const path of attempts) {
+    const answer = await raw(`GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    const status = Number(/^HTTP\/1\.1 (\d{3})/.exec(answer)?.[1]);
+    assert.ok(status >= 400 && status < 500, `${path}: got ${status}`);
+    assert.doesNotMatch(answer, /SECRET|root:x:0/, path);
+  }
+  await assertAlive();
+});
+
+test("other methods are 405, oversized URLs 414, oversized headers 431, garbage 400", async (t) => {
+  if (!ready(t)) return;
+  for (const method of ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"]) {
+    const res = await get(`/nix-cache-info`, { method });
+    assert.equal(res.status, 405, method);
+    assert.equal(res.headers.get("allow"), "GET, HEAD");
+  }
+  assert.equal((await get("/" + "a".repeat(5000))).status, 414);
+  const big = await new Promise<number>((resolve, reject) => {
+    const req = request(agent.url + "/nix-cache-info", { headers: { "X-Big": "x".repeat(20_000) } }, (res) => resolve(res.statusCode!));
+    req.on("error", reject);
+    req.end();
+  });
+  assert.equal(big, 431);
+  assert.match(await raw("NOT HTTP AT ALL\r\n\r\n"), /^HTTP\/1\.1 400/);
+  assert.match(await raw("GET nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), /^HTTP\/1\.1 400/);
+  await assertAlive();
+});
+
+test("a path deleted by GC disappears within a second, and comes back when re-added", async (t) => {
+  if (!ready(t)) return;
+  const file = join(tmp.dir, "ephemeral.txt");
+  writeFileSync(file, "here today\n");
+  const path = await addToStore(storeRoot, file);
+  const url = `/${hashOf(path)}.narinfo`;
+  assert.equal((await get(url)).status, 200);
+  const narUrl = await narUrlOf(path);
+  await run("nix-store", ["--store", storeRoot, "--delete", path]);
+  const deletedAt = Date.now();
+  let status = 200;
+  while (Date.now() - deletedAt < 1000 && status === 200) status = (await get(url)).status;
+  assert.equal(status, 404, "narinfo gone within a second");
+  assert.equal((await get(narUrl)).status, 404, "NAR gone too");
+  const again = await addToStore(storeRoot, file);
+  assert.equal(again, path);
+  assert.equal((await get(url)).status, 200, "re-added path is served again");
+  assert.ok(Buffer.from(await (await get(narUrl)).arrayBuffer()).equals(await fullNar(path)));
+});

@@ -1,0 +1,177 @@
+// Signing keys and signatures, interoperating with Nix's key files and `nix store sign`.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import {
+  formatPublicKey,
+  formatSecretKey,
+  generateKeyPair,
+  parsePublicKey,
+  parseSecretKey,
+  sign,
+  verify,
+  type SecretKey,
+} from "../protocol/keys.js";
+import { fingerprint } from "../protocol/narinfo.js";
+import { toNix32Hash, parseHash } from "../protocol/hash.js";
+import type { PathInfo } from "../protocol/path-info.js";
+import { addToStore, buildInStore, needNix, nix, pathInfo, run, tempDir, type NixPathInfoJson } from "./helpers/nix.js";
+
+// RFC 8032 section 7.1, test 1 (empty message).
+const RFC_SEED = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
+const RFC_PUB = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+const RFC_SIG =
+  "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b";
+
+const hex = (s: string) => new Uint8Array(Buffer.from(s, "hex"));
+const b64 = (b: Uint8Array) => Buffer.from(b).toString("base64");
+
+function toPathInfo(j: NixPathInfoJson): PathInfo {
+  const info: PathInfo = {
+    storePath: j.path,
+    narHash: toNix32Hash(parseHash(j.narHash)),
+    narSize: j.narSize,
+    references: [...j.references].sort(),
+    sigs: j.signatures ?? [],
+  };
+  if (j.deriver) info.deriver = j.deriver;
+  if (j.ca) info.ca = j.ca;
+  return info;
+}
+
+/** A chroot store with a plain file (no references) and a built path referring to two others and itself. */
+async function storeWithPaths(dir: string): Promise<{ root: string; paths: string[] }> {
+  const root = join(dir, "store");
+  writeFileSync(join(dir, "plain.txt"), "plain\n");
+  const plain = await addToStore(root, join(dir, "plain.txt"));
+  writeFileSync(
+    join(dir, "refs.nix"),
+    `let a = builtins.toFile "dep-a" "a"; b = builtins.toFile "dep-b" "b"; in
+     derivation { name = "with-refs"; system = builtins.currentSystem; builder = "/bin/sh";
+       args = [ "-c" "echo \${b} \${a} > $out; echo $out >> $out" ]; }`,
+  );
+  const [built] = await buildInStore(root, join(dir, "refs.nix"));
+  return { root, paths: [plain, built!] };
+}
+
+async function nixSign(root: string, keyFile: string, paths: string[]): Promise<void> {
+  await nix(["store", "sign", "--store", root, "--key-file", keyFile, ...paths]);
+}
+
+test("RFC 8032 test vector: our key and signature formats carry the exact Ed25519 values", () => {
+  const text = `rfc:${b64(Buffer.concat([hex(RFC_SEED), hex(RFC_PUB)]))}`;
+  const key = parseSecretKey(text);
+  assert.deepEqual(key.publicKey, hex(RFC_PUB));
+  assert.equal(formatSecretKey(key), text);
+  assert.equal(formatPublicKey(key), `rfc:${b64(hex(RFC_PUB))}`);
+  assert.equal(sign(key, ""), `rfc:${b64(hex(RFC_SIG))}`);
+  assert.ok(verify([parsePublicKey(formatPublicKey(key))], "", `rfc:${b64(hex(RFC_SIG))}`));
+});
+
+test("generated keys round trip through their text forms and sign verifiably", () => {
+  const key = generateKeyPair("host-a.example-1");
+  const again = parseSecretKey(formatSecretKey(key));
+  assert.deepEqual(again, key);
+  const pub = parsePublicKey(formatPublicKey(key));
+  assert.deepEqual(pub, { name: key.name, publicKey: key.publicKey });
+  assert.notDeepEqual(generateKeyPair("x").seed, generateKeyPair("x").seed);
+  const fp = "1;/nix/store/xp0dpr9yz5h0fk5c5lpj7zzqjbdh3w8c-f;sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw;120;";
+  const sig = sign(key, fp);
+  assert.match(sig, /^host-a\.example-1:[A-Za-z0-9+/]{86}==$/);
+  assert.equal(sign(key, fp), sig, "Ed25519 is deterministic");
+  assert.ok(verify([pub], fp, sig));
+  assert.equal(verify([pub], fp + "x", sig), false);
+  assert.equal(verify([pub], fp.replace("120", "121"), sig), false);
+  // Same key bytes under another name, and another key under the same name: both refused.
+  assert.equal(verify([{ name: "other", publicKey: key.publicKey }], fp, sig), false);
+  const other = generateKeyPair(key.name);
+  assert.equal(verify([other], fp, sig), false);
+  assert.ok(verify([other, pub], fp, sig), "any listed key of that name may match");
+});
+
+test("verify returns false (never throws) on malformed signatures", () => {
+  const key = generateKeyPair("k");
+  const fp = "1;x";
+  const good = sign(key, fp);
+  const body = good.slice(2);
+  for (const bad of ["", "k", "k:", ":" + body, "k:" + body.slice(4), "k:" + body + "AAAA", "k:" + body.replace("==", ""), "k:" + body.slice(0, 85) + "B==", "k: " + body, "k:" + "A".repeat(86) + "==", "k:" + "/".repeat(85) + "w=="]) {
+    assert.equal(verify([key], fp, bad), false, bad);
+  }
+  assert.equal(verify([{ name: "k", publicKey: new Uint8Array(32).fill(255) }], fp, good), false);
+  assert.equal(verify([], fp, good), false);
+});
+
+test("key parsing rejects bad names, lengths, encodings and mismatched halves", () => {
+  const key = generateKeyPair("k");
+  const secB64 = formatSecretKey(key).slice(2);
+  const pubB64 = formatPublicKey(key).slice(2);
+  const mismatched = b64(Buffer.concat([key.seed, generateKeyPair("k").publicKey]));
+  assert.throws(() => parseSecretKey(`k:${mismatched}`), /does not match its seed/);
+  for (const bad of [secB64, `:${secB64}`, `a b:${secB64}`, `a\t:${secB64}`, `k:${pubB64}`, `k:${secB64.slice(0, -4)}`, `k:${secB64} `, `k:${secB64}\n`, `k:${secB64.replace("==", "")}`]) {
+    assert.throws(() => parseSecretKey(bad), /invalid (secret key|key name)/, bad);
+  }
+  for (const bad of [pubB64, `:${pubB64}`, `k:${secB64}`, `k:${pubB64.slice(0, 43)}`, `k:${pubB64.slice(0, 42)}B=`, "k:"]) {
+    assert.throws(() => parsePublicKey(bad), /invalid (public key|key name)/, bad);
+  }
+  for (const name of ["", "a:b", "a b", "a\n", "a\0"]) assert.throws(() => generateKeyPair(name), /invalid key name/, JSON.stringify(name));
+});
+
+test("Nix-generated key: we parse it, and our signature equals the one `nix store sign` stores", async (t) => {
+  if (!(await needNix(t))) return;
+  const { dir, cleanup } = tempDir();
+  try {
+    const sec = join(dir, "nix.sec");
+    const pub = join(dir, "nix.pub");
+    await run("nix-store", ["--generate-binary-cache-key", "nix-made-1", sec, pub]);
+    const secText = readFileSync(sec, "utf8");
+    const pubText = readFileSync(pub, "utf8");
+    const key = parseSecretKey(secText);
+    assert.equal(key.name, "nix-made-1");
+    assert.equal(formatSecretKey(key), secText);
+    assert.equal(formatPublicKey(key), pubText);
+    const pubKey = parsePublicKey(pubText);
+
+    const { root, paths } = await storeWithPaths(dir);
+    await nixSign(root, sec, paths);
+    const infos = await pathInfo(root, paths);
+    assert.equal(infos.length, 2);
+    assert.equal(infos[1]!.references.length, 3, "the built path refers to two deps and itself");
+    for (const j of infos) {
+      const nixSigs = (j.signatures ?? []).filter((s) => s.startsWith("nix-made-1:"));
+      assert.equal(nixSigs.length, 1, j.path);
+      const fp = fingerprint(toPathInfo(j));
+      assert.equal(sign(key, fp), nixSigs[0], `signature of ${j.path}`);
+      assert.ok(verify([pubKey], fp, nixSigs[0]!));
+      assert.equal(verify([pubKey], fp.replace(/;\d+;/, ";1;"), nixSigs[0]!), false);
+    }
+  } finally {
+    cleanup();
+  }
+});
+
+test("our generated key works in Nix: `nix store sign` with it gives our signature, which we and Nix verify", async (t) => {
+  if (!(await needNix(t))) return;
+  const { dir, cleanup } = tempDir();
+  try {
+    const key: SecretKey = generateKeyPair("fleetcache-test-1");
+    const sec = join(dir, "ours.sec");
+    writeFileSync(sec, formatSecretKey(key), { mode: 0o600 });
+    const { root, paths } = await storeWithPaths(dir);
+    await nixSign(root, sec, paths);
+    for (const j of await pathInfo(root, paths)) {
+      const sigs = (j.signatures ?? []).filter((s) => s.startsWith("fleetcache-test-1:"));
+      assert.equal(sigs.length, 1);
+      const fp = fingerprint(toPathInfo(j));
+      assert.equal(sigs[0], sign(key, fp));
+      assert.ok(verify([parsePublicKey(formatPublicKey(key))], fp, sigs[0]!));
+    }
+    // Nix accepts our public key text as a trusted key, and refuses a different one.
+    const verifyWith = (pubText: string) =>
+      nix(["store", "verify", "--store", root, "--sigs-needed", "1", "--option", "trusted-public-keys", pubText, ...paths]);
+    await verifyWith(formatPublicKey(key));
+    await assert.rejects(verifyWith(formatPublicKey(generateKeyPair("fleetcache-test-1"))), /untrusted/);
+  } finally {
+    cleanup();
+  }
+});

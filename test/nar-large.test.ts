@@ -1,11 +1,13 @@
 // A NAR over 4 GiB: sizes and offsets past 2^32 must be exact, and streaming it must not make
 // the process grow with the file. Separate file so it can be run alone; it takes ~40 s here.
-import { test } from "node:test";
+import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { open, readFile } from "node:fs/promises";
+import { readFileSync } from "node:fs";
+import { open, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { addToStore, dumpPath, needNix, pathInfo, tempDir } from "./helpers/nix.js";
+import { startAgentProcess } from "./helpers/agent.js";
+import { addToStore, dumpPath, hasNix, needNix, nix, pathInfo, run, tempDir } from "./helpers/nix.js";
 import { narLength, narListing, narStream } from "../agent/store/nar-dump.js";
 
 // Over 2^32 and not a multiple of 8, so the size field's high word and the padding both matter.
@@ -38,15 +40,27 @@ async function collect(src: AsyncIterable<Buffer>): Promise<Buffer> {
   return Buffer.concat(parts);
 }
 
-test("a >4 GiB file streams byte-identical to Nix, in bounded memory", { timeout: 15 * 60_000 }, async (t) => {
-  if (!(await needNix(t))) return;
+// One >4 GiB store path shared by both tests (making it is most of the time).
+let fixture: { dir: string; cleanup: () => void; root: string; storePath: string; madeIn: number } | undefined;
+
+before(async () => {
+  if (!(await hasNix())) return;
+  const t0 = Date.now();
   const { dir, cleanup } = tempDir("fleetcache-nar-large-");
-  try {
-    const t0 = Date.now();
-    const src = join(dir, "big.bin");
-    await writeBigFile(src);
-    const root = join(dir, "store");
-    const storePath = await addToStore(root, src);
+  const src = join(dir, "big.bin");
+  await writeBigFile(src);
+  const root = join(dir, "store");
+  const storePath = await addToStore(root, src);
+  await rm(src);
+  fixture = { dir, cleanup, root, storePath, madeIn: Date.now() - t0 };
+});
+
+after(() => fixture?.cleanup());
+
+test("a >4 GiB file streams byte-identical to Nix, in bounded memory", { timeout: 15 * 60_000 }, async (t) => {
+  if (!(await needNix(t)) || !fixture) return;
+  const { root, storePath } = fixture;
+  {
     const fsPath = root + storePath;
     const t1 = Date.now();
 
@@ -108,12 +122,50 @@ test("a >4 GiB file streams byte-identical to Nix, in bounded memory", { timeout
 
     const growth = peak - baseline;
     t.diagnostic(
-      `write ${((t1 - t0) / 1000).toFixed(1)} s (incl. nix-store --add), ours ${((t2 - t1) / 1000).toFixed(1)} s ` +
+      `write ${(fixture.madeIn / 1000).toFixed(1)} s (incl. nix-store --add), ours ${((t2 - t1) / 1000).toFixed(1)} s ` +
         `(${(total / 1e6 / ((t2 - t1) / 1000)).toFixed(0)} MB/s incl. sha256), nix dump-path ${((t3 - t2) / 1000).toFixed(1)} s, ` +
         `RSS growth ${(growth / 2 ** 20).toFixed(1)} MiB`,
     );
     assert.ok(growth < RSS_LIMIT, `RSS grew by ${(growth / 2 ** 20).toFixed(1)} MiB while streaming`);
-  } finally {
-    cleanup();
   }
 });
+
+test("nix copy of the >4 GiB path through the agent, with the agent's memory flat", { timeout: 15 * 60_000 }, async (t) => {
+  if (!(await needNix(t)) || !fixture) return;
+  const { dir, root, storePath } = fixture;
+  await run("nix-store", ["--generate-binary-cache-key", "large-1", join(dir, "sec"), join(dir, "pub")]);
+  const agent = await startAgentProcess(["--store-root", root, "--sign-key", join(dir, "sec"), "--state-dir", join(dir, "state")]);
+  const dest = join(dir, "dest");
+  try {
+    const rssBefore = vmRss(agent.child.pid!);
+    let rssPeak = rssBefore;
+    const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, vmRss(agent.child.pid!))), 50);
+    const t0 = Date.now();
+    try {
+      await nix([
+        "copy", "--from", agent.url, "--to", dest, "--option", "require-sigs", "true",
+        "--option", "trusted-public-keys", readFileSync(join(dir, "pub"), "utf8"), storePath,
+      ]);
+    } finally {
+      clearInterval(sampler);
+    }
+    const seconds = (Date.now() - t0) / 1000;
+    // Nix hashed what it received against the signed NarHash; verify re-reads what it wrote.
+    await nix(["store", "verify", "--store", dest, storePath]);
+    const [copied] = await pathInfo(dest, [storePath]);
+    const [orig] = await pathInfo(root, [storePath]);
+    assert.equal(copied?.narHash, orig?.narHash);
+    const growth = rssPeak - rssBefore;
+    t.diagnostic(`nix copy ${seconds.toFixed(1)} s (${(orig!.narSize / 1e6 / seconds).toFixed(0)} MB/s); agent RSS ${(rssBefore / 2 ** 20).toFixed(0)} -> peak ${(rssPeak / 2 ** 20).toFixed(0)} MiB`);
+    assert.ok(growth < RSS_LIMIT, `agent RSS grew by ${(growth / 2 ** 20).toFixed(1)} MiB serving a ${orig!.narSize}-byte NAR`);
+  } finally {
+    await agent.stop();
+    await rm(dest, { recursive: true, force: true });
+  }
+});
+
+/** Resident memory of another process, from /proc. */
+function vmRss(pid: number): number {
+  const kb = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1];
+  return Number(kb ?? 0) * 1024;
+}

@@ -45,6 +45,8 @@ export function makeShapesTree(dir: string): void {
     mkdirSync(deep, { recursive: true });
   }
   writeFileSync(join(deep, "bottom"), "bottom\n");
+  // A name that is not valid UTF-8: Nix names are bytes.
+  writeFileSync(Buffer.concat([Buffer.from(join(dir, "n-")), Buffer.from([0xff, 0xfe])]), "not utf-8");
   f("binary.bin", Buffer.from(Array.from({ length: 4099 }, (_, i) => (i * 7919) & 0xff)));
 }
 

@@ -1,0 +1,658 @@
+// `npm run bench`: fleetcache agent vs nginx on the same store contents. See BENCHMARKS.md for
+// the method; `--help` for the options. Everything it starts or creates is removed at the end,
+// also on failure and Ctrl-C.
+import { createHash, createPublicKey, verify } from "node:crypto";
+import { chmodSync, mkdirSync, mkdtempSync } from "node:fs";
+import http from "node:http";
+import { availableParallelism, cpus, release, tmpdir, totalmem } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { fmtBytes, hashPart, makeFixture, type Fixture } from "./fixture.js";
+import {
+  MemSampler, machineBusy, narThroughput, openFds, pinTree, readStatus, resetPeakRss, runWrk, writeWrkScript,
+  type NarThroughput, type WrkResult,
+} from "./load.js";
+import { nix32Encode, randomHashParts } from "./nix32.js";
+import {
+  cleanup, commandLog, installSignalHandlers, registerTempDir, run, setTmpRoot,
+} from "./proc.js";
+import { fmtNum, fmtRatio, table, writeBenchmarksMd } from "./report.js";
+import {
+  agentBuilt, httpGet, parseNarinfo, startAgent, startNginx, type Server,
+} from "./servers.js";
+
+const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+const HELP = `Usage: npm run bench -- [options]
+
+Benchmarks the fleetcache agent against nginx serving the same closure as a static binary cache.
+
+  --nar-gib N        size of the big path in GiB (default 3; --quick: 0.0625)
+  --small N          number of small paths (default 300; --quick: 50)
+  --duration S       seconds per measurement (default 8; --quick: 2)
+  --quick            small smoke run; does not write BENCHMARKS.md unless --write
+  --write / --no-write   force writing BENCHMARKS.md on or off
+  --candidate K      what to compare with nginx: "agent" (default) or "nginx" (a second nginx,
+                     to check the harness itself)
+  --pin1 MODE        CPU placement for the 1-connection runs: "same" (default: client and
+                     server both on CPU 0), "cross" (client CPU 0, server CPU 1) or "none"
+  --idle-wait S      before each measurement, wait up to S seconds for other work on the machine
+                     to stop (more than 10 % CPU busy counts as busy; default 60, --quick: 5)
+  --repeat N         repeat every measurement N times (servers alternating), report the median
+  --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
+  --tmpdir DIR       where to make the temporary directory (default: $TMPDIR or /tmp)
+  --keep             keep the temporary directory (store, cache, logs) for inspection
+  -h, --help
+`;
+
+/** Where the 1-connection runs put the load generator and the server (taskset CPU lists). */
+const PIN_MODES: Record<"same" | "cross" | "none", { client: string; server: string } | undefined> = {
+  same: { client: "0", server: "0" },
+  cross: { client: "0", server: "1" },
+  none: undefined,
+};
+
+const PIN_DESCRIPTIONS: Record<keyof typeof PIN_MODES, string> = {
+  same: "with client and server pinned to the same CPU",
+  cross: "with client and server pinned to different CPUs",
+  none: "not pinned",
+};
+
+interface Options {
+  narBytes: number;
+  small: number;
+  duration: number;
+  quick: boolean;
+  write: boolean;
+  candidate: "agent" | "nginx";
+  pin1: keyof typeof PIN_MODES;
+  repeat: number;
+  idleWait: number;
+  cpuProfDir?: string;
+  tmpBase: string;
+  keep: boolean;
+}
+
+function parseOptions(): Options {
+  const { values } = parseArgs({
+    options: {
+      "nar-gib": { type: "string" },
+      small: { type: "string" },
+      duration: { type: "string" },
+      quick: { type: "boolean", default: false },
+      write: { type: "boolean" },
+      "no-write": { type: "boolean" },
+      candidate: { type: "string", default: "agent" },
+      pin1: { type: "string", default: "same" },
+      repeat: { type: "string" },
+      "idle-wait": { type: "string" },
+      "agent-cpu-prof": { type: "string" },
+      tmpdir: { type: "string" },
+      keep: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write(HELP);
+    process.exit(0);
+  }
+  const quick = values.quick ?? false;
+  const num = (v: string | undefined, dflt: number, name: string): number => {
+    if (v === undefined) return dflt;
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} needs a positive number, got ${v}`);
+    return n;
+  };
+  const gib = num(values["nar-gib"], quick ? 0.0625 : 3, "nar-gib");
+  const candidate = values.candidate;
+  if (candidate !== "agent" && candidate !== "nginx") throw new Error(`--candidate must be agent or nginx`);
+  const pin1 = values.pin1 ?? "same";
+  if (!(pin1 in PIN_MODES)) throw new Error(`--pin1 must be one of ${Object.keys(PIN_MODES).join(", ")}`);
+  return {
+    narBytes: Math.max(1, Math.round(gib * 2 ** 30)),
+    small: Math.round(num(values.small, quick ? 50 : 300, "small")),
+    duration: num(values.duration, quick ? 2 : 8, "duration"),
+    quick,
+    write: values["no-write"] ? false : (values.write ?? (!quick && candidate === "agent")),
+    candidate,
+    pin1: pin1 as keyof typeof PIN_MODES,
+    repeat: Math.round(num(values.repeat, 1, "repeat")),
+    idleWait: values["idle-wait"] === "0" ? 0 : num(values["idle-wait"], quick ? 5 : 60, "idle-wait"),
+    cpuProfDir: values["agent-cpu-prof"] ? resolve(values["agent-cpu-prof"]) : undefined,
+    tmpBase: values.tmpdir ? resolve(values.tmpdir) : tmpdir(),
+    keep: values.keep ?? false,
+  };
+}
+
+const t0 = Date.now();
+function log(msg: string): void {
+  const s = ((Date.now() - t0) / 1000).toFixed(0).padStart(4);
+  process.stderr.write(`[${s}s] ${msg}\n`);
+}
+
+async function firstLine(cmd: string, args: string[]): Promise<string> {
+  try {
+    const r = await run(cmd, args, { allowFail: true, log: false });
+    return (r.stdout + r.stderr).trim().split("\n")[0] ?? "?";
+  } catch {
+    return "?";
+  }
+}
+
+async function machineFacts(): Promise<Array<[string, string]>> {
+  return [
+    ["nproc", String(availableParallelism())],
+    ["CPU", cpus()[0]?.model ?? "?"],
+    ["RAM", fmtBytes(totalmem())],
+    ["kernel", release()],
+    ["node", process.version],
+    ["nginx", (await firstLine("nginx", ["-v"])).replace(/^nginx version: /, "")],
+    ["Nix", await firstLine("nix", ["--version"])],
+    ["wrk", (await firstLine("wrk", ["--version"])).replace(/ Copyright.*/, "")],
+    ["curl", (await firstLine("curl", ["--version"])).split(" ").slice(0, 2).join(" ")],
+  ];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks before measuring
+
+interface NarTarget {
+  url: string;
+  size: number;
+  narHash: string;
+}
+
+/** Downloads a NAR with a Node client, hashing it; returns bytes, seconds and nix32 sha256. */
+function downloadAndHash(url: string): Promise<{ bytes: number; seconds: number; hash: string; status: number }> {
+  return new Promise((resolvePromise, reject) => {
+    const start = process.hrtime.bigint();
+    const req = http.get(url, { agent: false }, (res) => {
+      const h = createHash("sha256");
+      let bytes = 0;
+      res.on("data", (c: Buffer) => {
+        bytes += c.length;
+        h.update(c);
+      });
+      res.on("end", () =>
+        resolvePromise({
+          bytes, status: res.statusCode ?? 0, seconds: Number(process.hrtime.bigint() - start) / 1e9,
+          hash: `sha256:${nix32Encode(h.digest())}`,
+        }),
+      );
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+  });
+}
+
+function verifySig(publicKey: string, fingerprint: string, sig: string): boolean {
+  const [pkName, pkB64] = publicKey.split(":");
+  const [sigName, sigB64] = sig.split(":");
+  if (!pkB64 || !sigB64 || pkName !== sigName) return false;
+  const key = createPublicKey({
+    key: { kty: "OKP", crv: "Ed25519", x: Buffer.from(pkB64, "base64").toString("base64url") },
+    format: "jwk",
+  });
+  return verify(null, Buffer.from(fingerprint), key, Buffer.from(sigB64, "base64"));
+}
+
+/** Checks a server against Nix's own export (the static cache) and finds its big NAR URL. */
+async function checkServer(
+  server: Server,
+  reference: Server,
+  fx: Fixture,
+  missHashes: string[],
+  publicKey: string | undefined,
+  warnings: string[],
+): Promise<NarTarget> {
+  const warn = (m: string) => {
+    warnings.push(`${server.name}: ${m}`);
+    log(`WARNING ${server.name}: ${m}`);
+  };
+  const info = await httpGet(`${server.baseUrl}/nix-cache-info`);
+  if (info.status !== 200 || !/StoreDir: \/nix\/store/.test(info.body.toString())) {
+    warn(`/nix-cache-info answered ${info.status}: ${info.body.toString().slice(0, 200)}`);
+  }
+  const sample = [fx.bigPath, ...fx.smallPaths.filter((_, i) => i % Math.max(1, Math.floor(fx.smallPaths.length / 10)) === 0)];
+  let bigTarget: NarTarget | undefined;
+  let sigsChecked = 0;
+  for (const path of sample) {
+    const h = hashPart(path);
+    const [mine, ref] = await Promise.all([
+      httpGet(`${server.baseUrl}/${h}.narinfo`), httpGet(`${reference.baseUrl}/${h}.narinfo`),
+    ]);
+    if (mine.status !== 200) throw new Error(`${server.name}: GET /${h}.narinfo answered ${mine.status}`);
+    const a = parseNarinfo(mine.body.toString());
+    const b = parseNarinfo(ref.body.toString());
+    for (const k of ["StorePath", "NarHash", "NarSize", "References"]) {
+      if ((a.fields.get(k) ?? "") !== (b.fields.get(k) ?? "")) {
+        warn(`${h}.narinfo ${k} differs from Nix's: ${a.fields.get(k)} vs ${b.fields.get(k)}`);
+      }
+    }
+    if (!a.fields.get("URL")) throw new Error(`${server.name}: ${h}.narinfo has no URL`);
+    if (publicKey) {
+      const refs = (a.fields.get("References") ?? "").split(" ").filter(Boolean).map((r) => `/nix/store/${r}`).sort();
+      const fp = `1;${a.fields.get("StorePath")};${a.fields.get("NarHash")};${a.fields.get("NarSize")};${refs.join(",")}`;
+      const ours = a.sigs.filter((s) => s.startsWith(`${publicKey.split(":")[0]}:`));
+      if (ours.length === 0) warn(`${h}.narinfo has no Sig by ${publicKey.split(":")[0]}`);
+      else if (!ours.every((s) => verifySig(publicKey, fp, s))) warn(`${h}.narinfo: signature does not verify`);
+      else sigsChecked++;
+    }
+    if (path === fx.bigPath) {
+      bigTarget = {
+        url: new URL(a.fields.get("URL") ?? "", `${server.baseUrl}/`).toString(),
+        size: Number(a.fields.get("NarSize")),
+        narHash: b.fields.get("NarHash") ?? "",
+      };
+    }
+  }
+  if (publicKey) log(`${server.name}: ${sigsChecked}/${sample.length} narinfo signatures verify`);
+  for (const h of missHashes.slice(0, 5)) {
+    const r = await httpGet(`${server.baseUrl}/${h}.narinfo`);
+    if (r.status !== 404) warn(`miss /${h}.narinfo answered ${r.status}, expected 404`);
+  }
+  if (!bigTarget) throw new Error("no narinfo for the big path");
+  return bigTarget;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+type Row = "hit1" | "hit4" | "miss1" | "miss4" | "nar1" | "nar4";
+const ROWS: Array<{ key: Row; label: string; conns: number; kind: "hit" | "miss" | "nar" }> = [
+  { key: "hit1", label: "narinfo hits/s, 1 conn", conns: 1, kind: "hit" },
+  { key: "hit4", label: "narinfo hits/s, 4 conn", conns: 4, kind: "hit" },
+  { key: "miss1", label: "narinfo misses/s (404), 1 conn", conns: 1, kind: "miss" },
+  { key: "miss4", label: "narinfo misses/s (404), 4 conn", conns: 4, kind: "miss" },
+  { key: "nar1", label: "NAR MB/s, 1 conn", conns: 1, kind: "nar" },
+  { key: "nar4", label: "NAR MB/s, 4 conn", conns: 4, kind: "nar" },
+];
+
+/** Above this fraction of all CPUs busy while the benchmark is idle, the machine counts as busy. */
+const BUSY = 0.1;
+
+interface Outcome {
+  value?: number;
+  /** Fraction of the machine busy with other work just before this measurement. */
+  busy: number;
+  wrk?: WrkResult;
+  nar?: NarThroughput;
+  error?: string;
+  problems: string[];
+}
+
+/** The median of repeated outcomes (the lower middle one for an even count), with every
+ *  repetition's value and problems attached. */
+function median(list: Outcome[] | undefined): (Outcome & { values: number[] }) | undefined {
+  if (!list || list.length === 0) return undefined;
+  const ok = list.filter((o) => o.value !== undefined).sort((a, b) => (a.value ?? 0) - (b.value ?? 0));
+  const problems = [...new Set(list.flatMap((o) => o.problems))];
+  const values = list.map((o) => o.value).filter((v): v is number => v !== undefined);
+  const pick = ok[Math.floor((ok.length - 1) / 2)] ?? list[0];
+  return pick ? { ...pick, problems, values } : undefined;
+}
+
+function wrkProblems(r: WrkResult, kind: "hit" | "miss"): string[] {
+  const p: string[] = [];
+  if (kind === "hit" && r.non2xx > 0) p.push(`${r.non2xx} non-2xx answers to hits`);
+  if (kind === "miss" && r.non2xx !== r.requests) p.push(`${r.requests - r.non2xx} of ${r.requests} misses answered 2xx/3xx`);
+  const se = r.socketErrors;
+  const socket = se.connect + se.read + se.write + se.timeout;
+  if (socket > 0) p.push(`socket errors: connect ${se.connect}, read ${se.read}, write ${se.write}, timeout ${se.timeout}`);
+  if (r.requests === 0) p.push("no requests completed");
+  return p;
+}
+
+interface AgentMemory {
+  narBytes: number;
+  startRssKiB: number;
+  beforeRssKiB: number;
+  hwmBeforeKiB: number;
+  hwmAfterKiB: number;
+  hwmReset: boolean;
+  phases: ReturnType<MemSampler["peaks"]>;
+  peakNarRssKiB: number;
+  peakRssKiB: number;
+  afterRssKiB: number;
+  fdsBefore: number;
+  fdsAfter: number;
+  slow?: NarThroughput;
+}
+
+async function main(): Promise<void> {
+  const opts = parseOptions();
+  if (opts.candidate === "agent" && !agentBuilt(repoRoot)) {
+    throw new Error(
+      "dist/agent/cli.js is missing: build the agent (npx tsc -p .) or run with --candidate nginx to check the harness",
+    );
+  }
+  const tmp = mkdtempSync(join(opts.tmpBase, "fleetcache-bench-"));
+  // nginx workers run as an unprivileged user and must be able to read the cache below it.
+  chmodSync(tmp, 0o755);
+  registerTempDir(tmp);
+  setTmpRoot(tmp);
+  installSignalHandlers({ keepTemp: opts.keep });
+  log(`temporary directory ${tmp}`);
+
+  const facts = await machineFacts();
+  const warnings: string[] = [];
+
+  // Fixture -----------------------------------------------------------------------------------
+  const fxStart = Date.now();
+  const fx = await makeFixture(tmp, { smallCount: opts.small, bigBytes: opts.narBytes }, log);
+  const fixtureSecs = (Date.now() - fxStart) / 1000;
+
+  // Servers -----------------------------------------------------------------------------------
+  const nginx = await startNginx(join(tmp, "nginx"), fx.cacheDir, "nginx");
+  log(`nginx (pid ${nginx.pid}) at ${nginx.baseUrl}`);
+  let cand: Server;
+  let publicKey: string | undefined;
+  if (opts.candidate === "agent") {
+    if (opts.cpuProfDir) mkdirSync(opts.cpuProfDir, { recursive: true });
+    const agent = await startAgent(join(tmp, "agent"), repoRoot, fx.storeRoot, { cpuProfDir: opts.cpuProfDir });
+    publicKey = agent.publicKey;
+    cand = agent;
+  } else {
+    cand = await startNginx(join(tmp, "nginx2"), fx.cacheDir, "nginx-2");
+  }
+  log(`${cand.name} (pid ${cand.pid}) at ${cand.baseUrl}`);
+  const candStartRss = readStatus(cand.pid).get("VmRSS") ?? 0;
+
+  const existing = new Set([...fx.smallPaths, fx.bigPath].map(hashPart));
+  const missHashes = randomHashParts(1000, existing);
+  const hitPaths = [...existing].map((h) => `/${h}.narinfo`);
+  const missPaths = missHashes.map((h) => `/${h}.narinfo`);
+
+  const nginxNar = await checkServer(nginx, nginx, fx, missHashes, undefined, warnings);
+  const candNar = await checkServer(cand, nginx, fx, missHashes, publicKey, warnings);
+  const targets = new Map<Server, NarTarget>([[nginx, nginxNar], [cand, candNar]]);
+  log(`big NAR: ${fmtBytes(nginxNar.size)}; nginx ${nginxNar.url.replace(nginx.baseUrl, "")}, ${cand.name} ${candNar.url.replace(cand.baseUrl, "")}`);
+
+  // Memory of the candidate from here on, sampled every 100 ms until the end; each measurement
+  // is a labelled phase. The first full NAR download is part of it.
+  const sampler = new MemSampler(cand.pid, 100);
+  const beforeRssKiB = readStatus(cand.pid).get("VmRSS") ?? 0;
+  const hwmBeforeKiB = readStatus(cand.pid).get("VmHWM") ?? 0;
+  const hwmReset = resetPeakRss(cand.pid);
+  const fdsBefore = openFds(cand.pid);
+  sampler.start();
+
+  // Whole NAR from each server, hashed: correctness, and warms the page cache.
+  for (const s of [nginx, cand]) {
+    const t = targets.get(s) as NarTarget;
+    if (s === cand) sampler.phase("NAR: first download (Node client, hashing)");
+    const d = await downloadAndHash(t.url);
+    sampler.endPhase();
+    const ok = d.status === 200 && d.bytes === t.size && d.hash === t.narHash;
+    log(`${s.name}: NAR ${d.status}, ${fmtBytes(d.bytes)} in ${d.seconds.toFixed(1)} s, NarHash ${ok ? "matches" : "MISMATCH"}`);
+    if (!ok) {
+      const msg = `NAR download: HTTP ${d.status}, ${d.bytes} of ${t.size} bytes, hash ${d.hash} (narinfo says ${t.narHash})`;
+      warnings.push(`${s.name}: ${msg}`);
+      if (d.status !== 200) throw new Error(`${s.name}: ${msg}`);
+    }
+  }
+
+  const hitScript = join(tmp, "hits.lua");
+  const missScript = join(tmp, "misses.lua");
+  writeWrkScript(hitScript, hitPaths);
+  writeWrkScript(missScript, missPaths);
+  const warm = Math.min(2, opts.duration);
+  for (const s of [nginx, cand]) {
+    await runWrk(s.baseUrl, hitScript, { connections: 1, threads: 1, durationSec: warm });
+    await runWrk(s.baseUrl, missScript, { connections: 1, threads: 1, durationSec: warm });
+  }
+  log(`warmed up narinfo paths (${warm} s each)`);
+
+  const allCpus = `0-${availableParallelism() - 1}`;
+  const pin1 = PIN_MODES[opts.pin1];
+  const results = new Map<Row, Map<Server, Outcome[]>>();
+  const record = (row: Row, s: Server, o: Outcome) => {
+    if (!results.has(row)) results.set(row, new Map());
+    const m = results.get(row) as Map<Server, Outcome[]>;
+    m.set(s, [...(m.get(s) ?? []), o]);
+  };
+
+  const measure = async (row: (typeof ROWS)[number], s: Server): Promise<void> => {
+    const pin = row.conns === 1 ? pin1 : undefined;
+    if (pin) await pinTree(s.pid, pin.server);
+    let busy = await machineBusy(300);
+    const waitUntil = Date.now() + opts.idleWait * 1000;
+    if (busy > BUSY && opts.idleWait > 0) {
+      log(`machine ${(busy * 100).toFixed(0)} % busy with other work: waiting up to ${opts.idleWait} s for it to settle`);
+      while (busy > BUSY && Date.now() < waitUntil) busy = await machineBusy(1000);
+    }
+    const problems: string[] = [];
+    if (busy > BUSY) problems.push(`machine ${(busy * 100).toFixed(0)} % busy with other work just before`);
+    if (s === cand) sampler.phase(`${row.label}`);
+    try {
+      if (row.kind === "nar") {
+        const t = targets.get(s) as NarTarget;
+        const r = await narThroughput(t.url, t.size, { clients: row.conns, durationSec: opts.duration, cpus: pin?.client });
+        if (r.failed > 0) problems.push(`${r.failed} failed downloads: ${r.failures.join("; ")}`);
+        if (r.complete === 0) problems.push("no download completed within the run (value from partial downloads)");
+        record(row.key, s, { value: r.mbPerSec, nar: r, problems, busy });
+        log(`${s.name}: ${row.label}: ${fmtNum(r.mbPerSec)} (${r.complete} complete, ${r.cutOff} cut off at the deadline)${problems.length ? ` PROBLEMS: ${problems.join("; ")}` : ""}`);
+      } else {
+        const script = row.kind === "hit" ? hitScript : missScript;
+        const r = await runWrk(s.baseUrl, script, {
+          connections: row.conns, threads: row.conns === 1 ? 1 : 2, durationSec: opts.duration, cpus: pin?.client,
+        });
+        problems.push(...wrkProblems(r, row.kind));
+        record(row.key, s, { value: r.reqPerSec, wrk: r, problems, busy });
+        log(`${s.name}: ${row.label}: ${fmtNum(r.reqPerSec)} (p50 ${r.latencyUs.p50} µs, p99 ${r.latencyUs.p99} µs)${problems.length ? ` PROBLEMS: ${problems.join("; ")}` : ""}`);
+      }
+    } catch (e) {
+      record(row.key, s, { error: (e as Error).message, problems, busy });
+      log(`${s.name}: ${row.label}: ERROR ${(e as Error).message}`);
+    } finally {
+      sampler.endPhase();
+      if (pin) await pinTree(s.pid, allCpus);
+    }
+  };
+
+  // 1-connection rows first (pinned, see --pin1), then 4-connection rows on all CPUs. The servers
+  // are interleaved per measurement so that slow drifts of the machine hit both alike.
+  const order = [...ROWS.filter((r) => r.conns === 1), ...ROWS.filter((r) => r.conns !== 1)];
+  for (let rep = 0; rep < opts.repeat; rep++) {
+    for (const row of order) {
+      for (const s of rep % 2 === 0 ? [nginx, cand] : [cand, nginx]) await measure(row, s);
+    }
+  }
+
+  // A slow client: a server without backpressure would buffer the NAR in memory here.
+  sampler.phase("NAR: slow client (curl --limit-rate 50M)");
+  const slowSecs = Math.min(6, opts.duration);
+  let slow: NarThroughput | undefined;
+  try {
+    slow = await narThroughput(candNar.url, candNar.size, { clients: 1, durationSec: slowSecs, limitRate: "50M" });
+  } catch (e) {
+    warnings.push(`${cand.name}: slow client: ${(e as Error).message}`);
+  }
+  sampler.endPhase();
+  // Let the server notice the cut-off connections and release what they held.
+  await new Promise((r) => setTimeout(r, 1000));
+  sampler.phase("1 s after the last download");
+  await new Promise((r) => setTimeout(r, 300));
+  sampler.stop();
+  const fdsAfter = openFds(cand.pid);
+  const phases = sampler.peaks();
+  const st = readStatus(cand.pid);
+  const health = await httpGet(`${cand.baseUrl}/${opts.candidate === "agent" ? "health" : "nix-cache-info"}`).catch(() => undefined);
+  if (health?.status !== 200) warnings.push(`${cand.name}: not healthy after the NAR downloads (${health?.status ?? "no answer"})`);
+  const memory: AgentMemory = {
+    narBytes: candNar.size,
+    startRssKiB: candStartRss,
+    beforeRssKiB,
+    hwmBeforeKiB,
+    hwmAfterKiB: st.get("VmHWM") ?? 0,
+    hwmReset,
+    phases,
+    peakNarRssKiB: Math.max(0, ...phases.filter((p) => /NAR/.test(p.label)).map((p) => p.peakRssKiB)),
+    peakRssKiB: Math.max(0, ...sampler.samples.map((s) => s.rssKiB)),
+    afterRssKiB: st.get("VmRSS") ?? 0,
+    fdsBefore,
+    fdsAfter,
+    slow,
+  };
+  log(`${cand.name} memory: RSS before ${fmtKiB(memory.beforeRssKiB)}, peak during NAR downloads ${fmtKiB(memory.peakNarRssKiB)}, VmHWM ${fmtKiB(memory.hwmAfterKiB)}${hwmReset ? " (reset before the downloads)" : ""}; NAR ${fmtBytes(memory.narBytes)}`);
+  if (fdsAfter > fdsBefore + 2) warnings.push(`${cand.name}: open file descriptors grew from ${fdsBefore} to ${fdsAfter} after the NAR downloads`);
+
+  // Report ------------------------------------------------------------------------------------
+  const totalSecs = (Date.now() - t0) / 1000;
+  const md = renderResults({
+    opts, facts, fx, fixtureSecs, nginx, cand, results, memory, warnings, totalSecs, nginxNar, candNar,
+  });
+  process.stdout.write(`\n${md}\n`);
+  if (opts.write) {
+    writeBenchmarksMd(join(repoRoot, "BENCHMARKS.md"), md);
+    log("wrote BENCHMARKS.md");
+  } else {
+    log("BENCHMARKS.md not written (quick run or --no-write; --write forces it)");
+  }
+}
+
+function fmtKiB(k: number): string {
+  return fmtBytes(k * 1024);
+}
+
+function renderResults(r: {
+  opts: Options;
+  facts: Array<[string, string]>;
+  fx: Fixture;
+  fixtureSecs: number;
+  nginx: Server;
+  cand: Server;
+  results: Map<Row, Map<Server, Outcome[]>>;
+  memory: AgentMemory;
+  warnings: string[];
+  totalSecs: number;
+  nginxNar: NarTarget;
+  candNar: NarTarget;
+}): string {
+  const { opts, nginx, cand, results, memory, fx } = r;
+  const date = new Date().toISOString().slice(0, 10);
+  const argv = process.argv.slice(2);
+  const out: string[] = [];
+  out.push("## Results", "");
+  out.push(
+    `Run on ${date} with \`npm run bench${argv.length ? ` -- ${argv.join(" ")}` : ""}\` ` +
+      `(${opts.duration} s per measurement${opts.repeat > 1 ? `, median of ${opts.repeat}` : ""}, ` +
+      `1-connection runs ${PIN_DESCRIPTIONS[opts.pin1]}, ${fx.smallPaths.length} small paths, big NAR ${fmtBytes(r.candNar.size)}; ` +
+      `whole run ${Math.round(r.totalSecs)} s, fixture ${Math.round(r.fixtureSecs)} s). ` +
+      "This section is rewritten by every full run.",
+    "",
+  );
+  const cell = (o: Outcome | undefined, digits: number): string => {
+    if (!o) return "–";
+    if (o.error) return "error";
+    return `${fmtNum(o.value, digits)}${o.problems.length ? " ⚠" : ""}`;
+  };
+  out.push(
+    table(
+      ["", nginx.name, cand.name, `${cand.name}/${nginx.name}`],
+      ROWS.map((row) => {
+        const m = results.get(row.key);
+        const a = median(m?.get(nginx));
+        const b = median(m?.get(cand));
+        return [row.label, cell(a, 0), cell(b, 0), fmtRatio(b?.value, a?.value)];
+      }),
+    ),
+    "",
+  );
+
+  // Memory.
+  const m = memory;
+  out.push(`### ${cand.name} memory while serving the ${fmtBytes(m.narBytes)} NAR`, "");
+  out.push(
+    table(
+      ["phase", "RSS at start", "peak RSS", "peak RSS incl. children", "samples"],
+      [
+        ["agent started, /health answered", fmtKiB(m.startRssKiB), "", "", ""],
+        ["after the checks, before any NAR download", fmtKiB(m.beforeRssKiB), "", "", ""],
+        ...m.phases.map((p) => [p.label, fmtKiB(p.startRssKiB), fmtKiB(p.peakRssKiB), fmtKiB(p.peakTreeRssKiB), String(p.samples)]),
+        ["end", fmtKiB(m.afterRssKiB), "", "", ""],
+      ],
+      ["l", "r", "r", "r", "r"],
+    ),
+    "",
+  );
+  const narPhases = m.phases.filter((p) => /NAR/.test(p.label));
+  const growth = Math.max(0, m.peakNarRssKiB - m.beforeRssKiB);
+  const phaseGrowth = Math.max(0, ...narPhases.map((p) => p.peakRssKiB - p.startRssKiB));
+  out.push(
+    `**Peak RSS while serving the NAR: ${fmtKiB(m.peakNarRssKiB)}, against ${fmtKiB(m.beforeRssKiB)} before the first ` +
+      `NAR download (+${fmtKiB(growth)}, ${((growth * 1024) / m.narBytes * 100).toFixed(2)} % of the ${fmtBytes(m.narBytes)} NAR); ` +
+      `largest rise within one NAR phase: +${fmtKiB(phaseGrowth)}.** ` +
+      `VmHWM: ${fmtKiB(m.hwmBeforeKiB)} before the downloads, ${fmtKiB(m.hwmAfterKiB)} after` +
+      `${m.hwmReset ? " (reset to the current RSS in between via /proc/PID/clear_refs, so it is the peak since then)" : ""}. ` +
+      `Open file descriptors: ${m.fdsBefore} before, ${m.fdsAfter} after.` +
+      (m.slow ? ` Slow client: ${fmtNum(m.slow.mbPerSec)} MB/s over ${m.slow.seconds.toFixed(1)} s.` : ""),
+    "",
+  );
+
+  // Details.
+  out.push("### Details", "");
+  const detailRows: string[][] = [];
+  for (const row of ROWS) {
+    for (const s of [nginx, cand]) {
+      const o = median(results.get(row.key)?.get(s));
+      if (!o) continue;
+      let detail = "";
+      if (o.error) detail = `error: ${o.error.slice(0, 200)}`;
+      else if (o.wrk) {
+        const w = o.wrk;
+        detail = `${fmtNum(w.requests)} requests in ${w.durationSec.toFixed(1)} s, latency p50 ${w.latencyUs.p50} µs / p99 ${w.latencyUs.p99} µs / max ${w.latencyUs.max} µs, non-2xx ${fmtNum(w.non2xx)}`;
+      } else if (o.nar) {
+        const n = o.nar;
+        detail = `${fmtBytes(n.bytes)} in ${n.seconds.toFixed(1)} s; downloads complete ${n.complete}, cut off at the deadline ${n.cutOff}, failed ${n.failed}`;
+      }
+      if (o.values.length > 1) detail += `; all runs: ${o.values.map((v) => fmtNum(v)).join(", ")}`;
+      if (o.busy > 0.02) detail += `; machine ${(o.busy * 100).toFixed(0)} % busy before`;
+      if (o.problems.length) detail += `; ⚠ ${o.problems.join("; ")}`;
+      detailRows.push([row.label, s.name, cell(o, 0), detail]);
+    }
+  }
+  out.push(table(["measurement", "server", "value", "details"], detailRows, ["l", "l", "r", "l"]), "");
+  out.push(
+    `NAR URLs: nginx \`${r.nginxNar.url.replace(nginx.baseUrl, "")}\`, ${cand.name} \`${r.candNar.url.replace(cand.baseUrl, "")}\`. ` +
+      `Fixture: small paths ${r.fx.timings.smallPaths.toFixed(1)} s, big file written ${r.fx.timings.bigWrite.toFixed(1)} s and ` +
+      `added ${r.fx.timings.bigAdd.toFixed(1)} s, \`nix copy\` ${r.fx.timings.export.toFixed(1)} s.`,
+    "",
+  );
+  if (r.warnings.length) {
+    out.push("### Warnings", "", ...r.warnings.map((w) => `- ${w}`), "");
+  }
+
+  out.push("### Machine", "");
+  out.push(table(["", ""], r.facts.map(([k, v]) => [k, v]), ["l", "l"]), "");
+  out.push("### Commands", "");
+  out.push(
+    `\`$TMP\` is the run's temporary directory, \`$PORT\` values are free ports picked at run time; ` +
+      "loops ran each distinct command line many times.",
+    "",
+    "```sh",
+    `npm run bench${argv.length ? ` -- ${argv.join(" ")}` : ""}`,
+    ...commandLog.map((c) => c.replace(/127\.0\.0\.1:\d+/g, "127.0.0.1:$PORT")),
+    "```",
+    "",
+  );
+  return out.join("\n");
+}
+
+main()
+  .then(() => cleanup({ keepTemp: parseKeep() }))
+  .then(() => {
+    log("done, cleaned up");
+    process.exit(0);
+  })
+  .catch(async (e: unknown) => {
+    log(`FAILED: ${(e as Error).stack ?? String(e)}`);
+    await cleanup({ keepTemp: parseKeep() });
+    process.exit(1);
+  });
+
+function parseKeep(): boolean {
+  return process.argv.includes("--keep");
+}

@@ -2,15 +2,15 @@
 // signatures required, and its own tools agree with what the agent served, byte for byte.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseHash } from "../protocol/hash.js";
 import { parseNarinfo } from "../protocol/narinfo.js";
-import { startAgentProcess, type AgentProcess } from "./helpers/agent.js";
-import { makeShapesClosure, type ShapesClosure } from "./helpers/fixtures.js";
-import { dumpPath, hasNix, nix, NIX_FLAGS, pathInfo, run, tempDir, type NixPathInfoJson } from "./helpers/nix.js";
+import type { AgentProcess } from "./helpers/agent.js";
+import { startShapesAgent, type ShapesAgent, type ShapesClosure } from "./helpers/fixtures.js";
+import { dumpPath, nix, NIX_FLAGS, pathInfo, run, type NixPathInfoJson } from "./helpers/nix.js";
 
-let tmp: ReturnType<typeof tempDir>;
+let shapes: ShapesAgent | undefined;
+let tmp: { dir: string };
 let storeRoot: string;
 let closure: ShapesClosure;
 let agent: AgentProcess;
@@ -18,23 +18,14 @@ let publicKey: string;
 let infos: NixPathInfoJson[];
 
 before(async () => {
-  if (!(await hasNix())) {
-    if (process.env.CI === "true") throw new Error("real Nix is required under CI=true");
-    return;
-  }
-  tmp = tempDir();
-  storeRoot = join(tmp.dir, "store");
-  closure = await makeShapesClosure(storeRoot, tmp.dir);
-  await run("nix-store", ["--generate-binary-cache-key", "e2e-test-1", join(tmp.dir, "sec"), join(tmp.dir, "pub")]);
-  publicKey = readFileSync(join(tmp.dir, "pub"), "utf8").trim();
-  agent = await startAgentProcess(["--store-root", storeRoot, "--sign-key", join(tmp.dir, "sec"), "--state-dir", join(tmp.dir, "state")]);
+  shapes = await startShapesAgent();
+  if (!shapes) return;
+  ({ storeRoot, closure, agent, publicKey } = shapes);
+  tmp = { dir: shapes.dir };
   infos = await pathInfo(storeRoot, closure.paths, true);
 });
 
-after(async () => {
-  await agent?.stop();
-  tmp?.cleanup();
-});
+after(() => shapes?.stop());
 
 function skipUnlessReady(t: { skip: (m: string) => void }): boolean {
   if (agent) return true;
@@ -103,7 +94,7 @@ test("narinfo fields equal nix path-info --json", async (t) => {
     assert.equal(n.deriver, info.deriver);
     assert.equal(n.ca, info.ca);
     assert.match(text, /^Compression: none$/m);
-    assert.ok(n.sigs.some((s) => s.startsWith("e2e-test-1:")), "carries our signature");
+    assert.ok(n.sigs.some((s) => s.startsWith("shapes-test-1:")), "carries our signature");
   }
 });
 

@@ -5,31 +5,25 @@ import { request } from "node:http";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { parseNarinfo } from "../protocol/narinfo.js";
-import { startAgentProcess, type AgentProcess } from "./helpers/agent.js";
-import { makeShapesClosure, type ShapesClosure } from "./helpers/fixtures.js";
-import { addToStore, dumpPath, hasNix, nix, run, tempDir } from "./helpers/nix.js";
+import type { AgentProcess } from "./helpers/agent.js";
+import { startShapesAgent, type ShapesAgent, type ShapesClosure } from "./helpers/fixtures.js";
+import { addToStore, dumpPath, nix, run } from "./helpers/nix.js";
 import { readFileSync, writeFileSync } from "node:fs";
 
-let tmp: ReturnType<typeof tempDir>;
+let shapes: ShapesAgent | undefined;
+let tmp: { dir: string };
 let storeRoot: string;
 let closure: ShapesClosure;
 let agent: AgentProcess;
 
 before(async () => {
-  if (!(await hasNix())) {
-    if (process.env.CI === "true") throw new Error("real Nix is required under CI=true");
-    return;
-  }
-  tmp = tempDir();
-  storeRoot = join(tmp.dir, "store");
-  closure = await makeShapesClosure(storeRoot, tmp.dir);
-  agent = await startAgentProcess(["--store-root", storeRoot, "--state-dir", join(tmp.dir, "state")]);
+  shapes = await startShapesAgent();
+  if (!shapes) return;
+  ({ storeRoot, closure, agent } = shapes);
+  tmp = { dir: shapes.dir };
 });
 
-after(async () => {
-  await agent?.stop();
-  tmp?.cleanup();
-});
+after(() => shapes?.stop());
 
 const hashOf = (storePath: string) => storePath.slice(11, 43);
 const get = (path: string, init?: RequestInit) => fetch(agent.url + path, init);

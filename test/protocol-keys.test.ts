@@ -14,9 +14,7 @@ import {
   type SecretKey,
 } from "../protocol/keys.js";
 import { fingerprint } from "../protocol/narinfo.js";
-import { toNix32Hash, parseHash } from "../protocol/hash.js";
-import type { PathInfo } from "../protocol/path-info.js";
-import { addToStore, buildInStore, needNix, nix, pathInfo, run, tempDir, type NixPathInfoJson } from "./helpers/nix.js";
+import { addToStore, buildInStore, needNix, nix, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
 
 // RFC 8032 section 7.1, test 1 (empty message).
 const RFC_SEED = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
@@ -26,19 +24,6 @@ const RFC_SIG =
 
 const hex = (s: string) => new Uint8Array(Buffer.from(s, "hex"));
 const b64 = (b: Uint8Array) => Buffer.from(b).toString("base64");
-
-function toPathInfo(j: NixPathInfoJson): PathInfo {
-  const info: PathInfo = {
-    storePath: j.path,
-    narHash: toNix32Hash(parseHash(j.narHash)),
-    narSize: j.narSize,
-    references: [...j.references].sort(),
-    sigs: j.signatures ?? [],
-  };
-  if (j.deriver) info.deriver = j.deriver;
-  if (j.ca) info.ca = j.ca;
-  return info;
-}
 
 /** A chroot store with a plain file (no references) and a built path referring to two others and itself. */
 async function storeWithPaths(dir: string): Promise<{ root: string; paths: string[] }> {

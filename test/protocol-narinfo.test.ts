@@ -6,9 +6,9 @@ import { cpSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from "nod
 import { join } from "node:path";
 import { fingerprint, nixCacheInfo, parseNarinfo, renderNarinfo, type Narinfo } from "../protocol/narinfo.js";
 import { formatPublicKey, formatSecretKey, generateKeyPair, sign } from "../protocol/keys.js";
-import { parseHash, toNix32Hash, toBase16Hash, toSri } from "../protocol/hash.js";
+import { parseHash, toBase16Hash, toSri } from "../protocol/hash.js";
 import type { PathInfo } from "../protocol/path-info.js";
-import { addToStore, buildInStore, needNix, nix, pathInfo, run, tempDir, type NixPathInfoJson } from "./helpers/nix.js";
+import { addToStore, buildInStore, needNix, nix, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
 
 const A = "/nix/store/p66ad5ml4vn3a1hxqf78j0446n0pxai6-dep-one";
 const S = "/nix/store/sm9wwqr6q9ig0f4h7312mljx7m2vqmh5-with-refs";
@@ -25,19 +25,6 @@ const sample = (): PathInfo => ({
   deriver: DRV,
   sigs: [SIG],
 });
-
-function toPathInfo(j: NixPathInfoJson): PathInfo {
-  const info: PathInfo = {
-    storePath: j.path,
-    narHash: toNix32Hash(parseHash(j.narHash)),
-    narSize: j.narSize,
-    references: [...j.references].sort(),
-    sigs: j.signatures ?? [],
-  };
-  if (j.deriver) info.deriver = j.deriver;
-  if (j.ca) info.ca = j.ca;
-  return info;
-}
 
 test("fingerprint: full paths, nix32 hash, sorted comma-joined references", () => {
   const expected = `1;${S};${NAR_HASH};272;${A},${S},${X}`;

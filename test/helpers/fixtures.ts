@@ -1,7 +1,8 @@
 // Store paths of every shape the cache must serve, made with the real Nix in a chroot store.
-import { chmodSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { addToStore, buildInStore } from "./nix.js";
+import { startAgentProcess, type AgentProcess } from "./agent.js";
+import { addToStore, buildInStore, hasNix, run, tempDir } from "./nix.js";
 
 export interface ShapesClosure {
   /** Every store path made, the closure's roots and their dependencies. */
@@ -76,4 +77,42 @@ in [ top dep link ]
   const symlinkPath = await addToStore(root, join(work, "link"));
   const closure = { tree, singleFile, executableFile, symlinkPath, built: built!, builtDep: builtDep!, builtSymlink: builtSymlink! };
   return { ...closure, paths: Object.values(closure) };
+}
+
+export interface ShapesAgent {
+  dir: string;
+  storeRoot: string;
+  closure: ShapesClosure;
+  agent: AgentProcess;
+  /** The agent's public key "name:base64" (a key made by nix-store --generate-binary-cache-key). */
+  publicKey: string;
+  stop(): Promise<void>;
+}
+
+/**
+ * A chroot store holding the shapes closure, served by a real agent signing with a Nix-made key.
+ * Undefined when Nix is missing (locally); under CI=true a missing Nix is an error.
+ */
+export async function startShapesAgent(): Promise<ShapesAgent | undefined> {
+  if (!(await hasNix())) {
+    if (process.env.CI === "true") throw new Error("real Nix is required under CI=true");
+    return undefined;
+  }
+  const tmp = tempDir();
+  const storeRoot = join(tmp.dir, "store");
+  const closure = await makeShapesClosure(storeRoot, tmp.dir);
+  await run("nix-store", ["--generate-binary-cache-key", "shapes-test-1", join(tmp.dir, "sec"), join(tmp.dir, "pub")]);
+  const publicKey = readFileSync(join(tmp.dir, "pub"), "utf8").trim();
+  const agent = await startAgentProcess(["--store-root", storeRoot, "--sign-key", join(tmp.dir, "sec"), "--state-dir", join(tmp.dir, "state")]);
+  return {
+    dir: tmp.dir,
+    storeRoot,
+    closure,
+    agent,
+    publicKey,
+    async stop() {
+      await agent.stop();
+      tmp.cleanup();
+    },
+  };
 }

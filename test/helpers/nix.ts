@@ -6,6 +6,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import type { TestContext } from "node:test";
+import { parseHash, toNix32Hash } from "../../protocol/hash.js";
+import type { PathInfo } from "../../protocol/path-info.js";
 
 const execFileP = promisify(execFile);
 
@@ -89,4 +91,18 @@ export function dumpPath(root: string, storePath: string): NodeJS.ReadableStream
     child.on("close", (code) => (code === 0 ? resolve() : reject(new Error(`dump-path ${storePath}: ${stderr}`)))),
   );
   return Object.assign(child.stdout, { done });
+}
+
+/** `nix path-info --json` output in our PathInfo form. */
+export function toPathInfo(j: NixPathInfoJson): PathInfo {
+  const info: PathInfo = {
+    storePath: j.path,
+    narHash: toNix32Hash(parseHash(j.narHash)),
+    narSize: j.narSize,
+    references: [...j.references].sort(),
+    sigs: j.signatures ?? [],
+  };
+  if (j.deriver) info.deriver = j.deriver;
+  if (j.ca) info.ca = j.ca;
+  return info;
 }

@@ -22,6 +22,7 @@ export class NixDb {
   private readonly byNarHash: Database.Statement<[string], DbPathRow>;
   private readonly refs: Database.Statement<[number], { path: string }>;
   private readonly count: Database.Statement<[], { n: number }>;
+  private readonly after: Database.Statement<[number], { id: number; path: string }>;
 
   constructor(storeRoot: string) {
     const file = join(storeRoot, "nix/var/nix/db/db.sqlite");
@@ -37,6 +38,7 @@ export class NixDb {
       "SELECT p.path AS path FROM Refs r JOIN ValidPaths p ON p.id = r.reference WHERE r.referrer = ?",
     );
     this.count = this.db.prepare("SELECT count(*) AS n FROM ValidPaths");
+    this.after = this.db.prepare("SELECT id, path FROM ValidPaths WHERE id > ? ORDER BY id");
   }
 
   /** The valid path whose hash part is `hashPart` (already validated by the caller). */
@@ -56,6 +58,11 @@ export class NixDb {
 
   pathCount(): number {
     return this.count.get()!.n;
+  }
+
+  /** Paths registered after row `id` (ids only grow: a re-added path gets a new one). */
+  pathsAfter(id: number): { id: number; path: string }[] {
+    return this.after.all(id);
   }
 
   close(): void {

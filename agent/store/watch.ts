@@ -1,0 +1,76 @@
+// Notices paths entering and leaving the store (builds, downloads, garbage collection) by polling
+// the database: new rows have higher ids, and a row count below what we hold means some were
+// deleted, which a rescan of the ids finds. Cheap enough to run every half second.
+import { EventEmitter } from "node:events";
+import type { NixDb } from "./db.js";
+
+export interface StoreChange {
+  /** Hash parts (32 nix32 characters) of paths that became valid. */
+  added: string[];
+  /** Hash parts of paths that are no longer valid. */
+  removed: string[];
+}
+
+const hashPartOf = (path: string) => path.slice("/nix/store/".length, "/nix/store/".length + 32);
+
+export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [Error] }> {
+  private readonly byId = new Map<number, string>();
+  private maxId = 0;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly db: NixDb,
+    private readonly intervalMs = 500,
+  ) {
+    super();
+    this.poll(); // the initial load: everything is "added"
+  }
+
+  /** Hash parts of every valid path, as of the last poll. */
+  hashParts(): IterableIterator<string> {
+    return this.byId.values();
+  }
+
+  get size(): number {
+    return this.byId.size;
+  }
+
+  start(): this {
+    this.timer ??= setInterval(() => {
+      try {
+        this.poll();
+      } catch (e) {
+        this.emit("error", e as Error);
+      }
+    }, this.intervalMs);
+    this.timer.unref();
+    return this;
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  /** Brings the view up to date and returns (and emits, when non-empty) what changed. */
+  poll(): StoreChange {
+    const change: StoreChange = { added: [], removed: [] };
+    for (const row of this.db.pathsAfter(this.maxId)) {
+      const hash = hashPartOf(row.path);
+      this.byId.set(row.id, hash);
+      this.maxId = row.id;
+      change.added.push(hash);
+    }
+    if (this.db.pathCount() !== this.byId.size) {
+      const live = new Set(this.db.pathsAfter(0).map((r) => r.id));
+      for (const [id, hash] of this.byId) {
+        if (!live.has(id)) {
+          this.byId.delete(id);
+          change.removed.push(hash);
+        }
+      }
+    }
+    if (change.added.length > 0 || change.removed.length > 0) this.emit("change", change);
+    return change;
+  }
+}

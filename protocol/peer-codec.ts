@@ -1,0 +1,232 @@
+// The peer protocol's messages (specified in protocol/PEER-PROTOCOL.md): protocol IDs, limits, and
+// encode/decode for narinfo, NAR and peer-exchange messages; summaries live in peer-summary.ts and
+// the wire primitives in peer-wire.ts, both re-exported here. Pure: payloads in, values out.
+// Hashes travel as raw bytes (20 for a hash part, 32 for a NAR hash): any such bytes are valid, so
+// the only checks left are lengths, and the nix32 strings we hand back are canonical.
+import { decodeNix32, encodeNix32 } from "./nix32.js";
+import { isValidHashPart } from "./store-path.js";
+import { PeerProtocolError, Reader, Writer } from "./peer-wire.js";
+import { MAX_SUMMARY_FRAME_BYTES } from "./peer-summary.js";
+
+export * from "./peer-wire.js";
+export * from "./peer-summary.js";
+
+export const PROTOCOL_SUMMARY = "/fleetcache/summary/1.0.0";
+export const PROTOCOL_NARINFO = "/fleetcache/narinfo/1.0.0";
+export const PROTOCOL_NAR = "/fleetcache/nar/1.0.0";
+export const PROTOCOL_PEERS = "/fleetcache/peers/1.0.0";
+
+export const TAG_NARINFO_REQUEST = 0x10;
+export const TAG_NARINFO_FOUND = 0x11;
+export const TAG_NARINFO_NOT_FOUND = 0x12;
+export const TAG_NAR_REQUEST = 0x20;
+export const TAG_NAR_OK = 0x21;
+export const TAG_NAR_ERROR = 0x22;
+export const TAG_PEERS_REQUEST = 0x30;
+export const TAG_PEERS_RESPONSE = 0x31;
+
+/** Largest narinfo text a peer may send (as parseNarinfo's default). */
+export const MAX_NARINFO_BYTES = 64 * 1024;
+export const MAX_NAR_ERROR_MESSAGE_BYTES = 256;
+export const MAX_PEERS = 256;
+export const MAX_ADDRS_PER_PEER = 16;
+export const MAX_PEER_ID_BYTES = 128;
+export const MAX_MULTIADDR_BYTES = 256;
+
+/** Largest frame payload each protocol accepts, in both directions. */
+export const MAX_FRAME_BYTES = {
+  summary: MAX_SUMMARY_FRAME_BYTES,
+  narinfo: MAX_NARINFO_BYTES + 16,
+  nar: 512,
+  // Every bound at once: tag, count, then per peer its ID and addresses with their lengths.
+  peers: 1 + 2 + MAX_PEERS * (2 + MAX_PEER_ID_BYTES + 1 + MAX_ADDRS_PER_PEER * (2 + MAX_MULTIADDR_BYTES)),
+} as const;
+
+/** NarError codes. Requesters treat every code, known or not, as "try another holder". */
+export const NAR_ERROR = {
+  /** No valid path with this hash part and NAR hash here (never had it, or collected). */
+  notFound: 1,
+  /** Offset beyond the NAR's size. */
+  badOffset: 2,
+  /** Too many transfers in progress; retry elsewhere or later. */
+  busy: 3,
+  /** Anything else (I/O error reading the store). */
+  internal: 4,
+} as const;
+
+export type NarinfoResponse = { type: "found"; narinfo: string } | { type: "not-found" };
+
+export interface NarRequest {
+  hashPart: string;
+  /** The 52 nix32 characters of the NAR's sha256, without "sha256:". */
+  narHash: string;
+  /** First byte wanted: 0, or where a transfer from another holder broke off. */
+  offset: number;
+}
+
+export type NarResponseHeader = { type: "ok"; narSize: number } | { type: "error"; code: number; message: string };
+
+export interface PeerRecord {
+  /** libp2p peer ID, as text (base58btc "12D3KooW..." for Ed25519 keys). */
+  peerId: string;
+  /** Multiaddrs as text, e.g. "/ip4/10.0.0.2/tcp/37516". */
+  multiaddrs: string[];
+}
+
+// --- shared field helpers ---------------------------------------------------------------------
+
+function hashPartBytes(hashPart: string): Uint8Array {
+  if (!isValidHashPart(hashPart)) throw new PeerProtocolError(`invalid hash part ${JSON.stringify(String(hashPart).slice(0, 40))}`);
+  return decodeNix32(hashPart, 20);
+}
+
+function narHashBytes(narHash: string): Uint8Array {
+  try {
+    return decodeNix32(narHash, 32);
+  } catch (e) {
+    throw new PeerProtocolError(`invalid NAR hash ${JSON.stringify(String(narHash).slice(0, 60))}: ${(e as Error).message}`);
+  }
+}
+
+function tagOf(r: Reader, allowed: readonly number[]): number {
+  const tag = r.u8();
+  if (!allowed.includes(tag)) r.fail(`unknown message tag 0x${tag.toString(16)}`);
+  return tag;
+}
+
+// --- /fleetcache/narinfo/1.0.0 ----------------------------------------------------------------
+
+export function encodeNarinfoRequest(hashPart: string): Uint8Array {
+  return new Writer(21).u8(TAG_NARINFO_REQUEST).fixed(hashPartBytes(hashPart)).finish();
+}
+
+/** Returns the requested hash part (32 nix32 characters). */
+export function decodeNarinfoRequest(payload: Uint8Array): string {
+  const r = new Reader(payload, "narinfo request");
+  tagOf(r, [TAG_NARINFO_REQUEST]);
+  const hashPart = encodeNix32(r.fixed("hash part", 20));
+  r.end();
+  return hashPart;
+}
+
+export function encodeNarinfoResponse(m: NarinfoResponse): Uint8Array {
+  if (m.type === "not-found") return Uint8Array.of(TAG_NARINFO_NOT_FOUND);
+  if (m.narinfo.length === 0) throw new PeerProtocolError("narinfo response: empty narinfo");
+  return new Writer(m.narinfo.length + 8).u8(TAG_NARINFO_FOUND).utf8("narinfo", m.narinfo, MAX_NARINFO_BYTES).finish();
+}
+
+/** The narinfo text is only checked for size and UTF-8 here; parse and verify it with parseNarinfo. */
+export function decodeNarinfoResponse(payload: Uint8Array): NarinfoResponse {
+  const r = new Reader(payload, "narinfo response");
+  const tag = tagOf(r, [TAG_NARINFO_FOUND, TAG_NARINFO_NOT_FOUND]);
+  let m: NarinfoResponse = { type: "not-found" };
+  if (tag === TAG_NARINFO_FOUND) {
+    const narinfo = r.utf8("narinfo", MAX_NARINFO_BYTES);
+    if (narinfo.length === 0) r.fail("empty narinfo");
+    m = { type: "found", narinfo };
+  }
+  r.end();
+  return m;
+}
+
+// --- /fleetcache/nar/1.0.0 --------------------------------------------------------------------
+
+export function encodeNarRequest(m: NarRequest): Uint8Array {
+  return new Writer(64).u8(TAG_NAR_REQUEST).fixed(hashPartBytes(m.hashPart)).fixed(narHashBytes(m.narHash)).uint("offset", m.offset).finish();
+}
+
+export function decodeNarRequest(payload: Uint8Array): NarRequest {
+  const r = new Reader(payload, "NAR request");
+  tagOf(r, [TAG_NAR_REQUEST]);
+  const hashPart = encodeNix32(r.fixed("hash part", 20));
+  const narHash = encodeNix32(r.fixed("NAR hash", 32));
+  const offset = r.uint("offset");
+  r.end();
+  return { hashPart, narHash, offset };
+}
+
+export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
+  const w = new Writer(32);
+  if (m.type === "ok") {
+    if (m.narSize === 0) throw new PeerProtocolError("NAR response: NAR size must be positive");
+    return w.u8(TAG_NAR_OK).uint("NAR size", m.narSize).finish();
+  }
+  return w.u8(TAG_NAR_ERROR).uint("error code", m.code, 255).utf8("error message", m.message, MAX_NAR_ERROR_MESSAGE_BYTES).finish();
+}
+
+/** After an "ok" header the stream carries the NAR's bytes from the requested offset to its end. */
+export function decodeNarResponseHeader(payload: Uint8Array): NarResponseHeader {
+  const r = new Reader(payload, "NAR response");
+  const tag = tagOf(r, [TAG_NAR_OK, TAG_NAR_ERROR]);
+  let m: NarResponseHeader;
+  if (tag === TAG_NAR_OK) {
+    const narSize = r.uint("NAR size");
+    if (narSize === 0) r.fail("NAR size must be positive");
+    m = { type: "ok", narSize };
+  } else {
+    const code = r.uint("error code", 255);
+    if (code === 0) r.fail("error code 0");
+    m = { type: "error", code, message: r.utf8("error message", MAX_NAR_ERROR_MESSAGE_BYTES) };
+  }
+  r.end();
+  return m;
+}
+
+// --- /fleetcache/peers/1.0.0 ------------------------------------------------------------------
+
+// Text forms only: base58btc/base32 for IDs, printable ASCII without spaces for multiaddrs. The
+// libp2p glue parses them properly; this keeps junk (and terminal escapes in logs) out.
+const PEER_ID = /^[A-Za-z0-9]+$/;
+const MULTIADDR = /^\/[\x21-\x7e]*$/;
+
+function checkPeer(p: PeerRecord, fail: (reason: string) => never): void {
+  if (p.peerId.length === 0 || p.peerId.length > MAX_PEER_ID_BYTES || !PEER_ID.test(p.peerId)) fail(`invalid peer ID ${JSON.stringify(p.peerId.slice(0, 60))}`);
+  if (p.multiaddrs.length > MAX_ADDRS_PER_PEER) fail(`more than ${MAX_ADDRS_PER_PEER} addresses for one peer`);
+  for (const a of p.multiaddrs) {
+    if (a.length > MAX_MULTIADDR_BYTES || !MULTIADDR.test(a)) fail(`invalid multiaddr ${JSON.stringify(a.slice(0, 60))}`);
+  }
+}
+
+export function encodePeersRequest(): Uint8Array {
+  return Uint8Array.of(TAG_PEERS_REQUEST);
+}
+
+export function decodePeersRequest(payload: Uint8Array): void {
+  const r = new Reader(payload, "peers request");
+  tagOf(r, [TAG_PEERS_REQUEST]);
+  r.end();
+}
+
+export function encodePeersResponse(peers: readonly PeerRecord[]): Uint8Array {
+  if (peers.length > MAX_PEERS) throw new PeerProtocolError(`peers response: more than ${MAX_PEERS} peers`);
+  const w = new Writer(256).u8(TAG_PEERS_RESPONSE).uint("peer count", peers.length);
+  for (const p of peers) {
+    checkPeer(p, (reason) => {
+      throw new PeerProtocolError(`peers response: ${reason}`);
+    });
+    w.utf8("peer ID", p.peerId, MAX_PEER_ID_BYTES).uint("address count", p.multiaddrs.length);
+    for (const a of p.multiaddrs) w.utf8("multiaddr", a, MAX_MULTIADDR_BYTES);
+  }
+  return w.finish();
+}
+
+export function decodePeersResponse(payload: Uint8Array): PeerRecord[] {
+  const r = new Reader(payload, "peers response");
+  tagOf(r, [TAG_PEERS_RESPONSE]);
+  const count = r.uint("peer count", MAX_PEERS);
+  const peers: PeerRecord[] = [];
+  const seen = new Set<string>();
+  for (let i = 0; i < count; i++) {
+    const peerId = r.utf8("peer ID", MAX_PEER_ID_BYTES);
+    const n = r.uint("address count", MAX_ADDRS_PER_PEER);
+    const multiaddrs: string[] = [];
+    for (let j = 0; j < n; j++) multiaddrs.push(r.utf8("multiaddr", MAX_MULTIADDR_BYTES));
+    const p = { peerId, multiaddrs };
+    checkPeer(p, (reason) => r.fail(`peer ${i}: ${reason}`));
+    if (seen.has(peerId)) r.fail(`peer ${i}: duplicate peer ID`);
+    seen.add(peerId);
+    peers.push(p);
+  }
+  r.end();
+  return peers;
+}

@@ -1,0 +1,434 @@
+// Content routing summaries (/fleetcache/summary/1.0.0): which store paths a peer holds, as a
+// sorted set of 64-bit keys (the first 8 bytes of each path's 20-byte hash), sent as a snapshot
+// in chunks and then kept current with deltas. Keys are gap-encoded varints: ~7 bytes per path.
+// A key match is a routing hint only; the narinfo request confirms (and 2^-64 collisions are moot).
+import { NIX32_ALPHABET } from "./nix32.js";
+import { isValidHashPart } from "./store-path.js";
+import { PeerProtocolError, Reader, Writer } from "./peer-wire.js";
+
+export const TAG_SUMMARY_SUBSCRIBE = 0x01;
+export const TAG_SUMMARY_SNAPSHOT = 0x02;
+export const TAG_SUMMARY_DELTA = 0x03;
+
+/** Most keys in one snapshot chunk or one delta (added + removed). */
+export const MAX_KEYS_PER_FRAME = 8192;
+/** Most keys in one summary: 4 Mi paths (32 MiB held per peer at most). */
+export const MAX_SUMMARY_KEYS = 1 << 22;
+/** Largest summary frame payload: 8192 keys of <= 10 bytes plus a header under 64 bytes. */
+export const MAX_SUMMARY_FRAME_BYTES = 96 * 1024;
+
+/** Subscriber -> publisher, once per stream. epoch 0n: no state, send a snapshot. */
+export interface SummarySubscribe {
+  type: "subscribe";
+  epoch: bigint;
+  generation: number;
+}
+
+/** Publisher -> subscriber: keys [offset, offset + keys.length) of a snapshot of `total` keys. */
+export interface SummarySnapshotChunk {
+  type: "snapshot";
+  /** Random, non-zero, chosen when the publisher starts; generations count within it. */
+  epoch: bigint;
+  generation: number;
+  total: number;
+  offset: number;
+  /** Strictly ascending. */
+  keys: BigUint64Array;
+}
+
+/** Publisher -> subscriber: the change from one generation to a later one. */
+export interface SummaryDelta {
+  type: "delta";
+  fromGeneration: number;
+  toGeneration: number;
+  /** Number of keys in the set after applying: a cheap check that both sides agree. */
+  total: number;
+  added: BigUint64Array;
+  removed: BigUint64Array;
+}
+
+export type SummaryMessage = SummarySnapshotChunk | SummaryDelta;
+
+/** A whole snapshot, as SnapshotAssembler returns it. */
+export interface SummarySnapshot {
+  epoch: bigint;
+  generation: number;
+  keys: BigUint64Array;
+}
+
+const DIGIT = new Int8Array(128).fill(-1);
+for (let i = 0; i < NIX32_ALPHABET.length; i++) DIGIT[NIX32_ALPHABET.charCodeAt(i)] = i;
+
+/**
+ * The summary key of a store path hash part: bytes 0..7 of decodeNix32(hashPart, 20), read
+ * big-endian. Computed from the last 13 characters (nix32 writes the low bits last) without
+ * decoding the rest: this runs for every lookup and every path of the store.
+ */
+export function summaryKey(hashPart: string): bigint {
+  if (!isValidHashPart(hashPart)) throw new PeerProtocolError(`invalid hash part ${JSON.stringify(String(hashPart).slice(0, 40))}`);
+  // lo/hi: bits 0..31 and 32..63 of the decoded bytes as a little-endian bit string.
+  let lo = 0;
+  let hi = 0;
+  for (let n = 0; n < 13; n++) {
+    const d = DIGIT[hashPart.charCodeAt(31 - n)]!;
+    const bit = 5 * n;
+    if (bit < 32) lo |= d << bit; // int32 shifts drop what goes past bit 31...
+    if (bit + 5 > 32) hi |= bit >= 32 ? d << (bit - 32) : d >>> (32 - bit); // ...and this keeps it
+  }
+  // Byte 0 is the most significant byte of the key: swap the byte order.
+  return (BigInt(bswap32(lo)) << 32n) | BigInt(bswap32(hi));
+}
+
+function bswap32(x: number): number {
+  return (((x & 0xff) << 24) | ((x & 0xff00) << 8) | ((x >>> 8) & 0xff00) | (x >>> 24)) >>> 0;
+}
+
+/** Sorted, duplicate-free keys from keys or hash parts. */
+export function sortedKeys(items: Iterable<bigint | string>): BigUint64Array {
+  const out = BigUint64Array.from(items, (x) => (typeof x === "string" ? summaryKey(x) : x)).sort();
+  let n = 0;
+  for (let i = 0; i < out.length; i++) if (i === 0 || out[i] !== out[n - 1]) out[n++] = out[i]!;
+  return out.slice(0, n);
+}
+
+// Sorted keys as varints: the first as is, each next one as its (non-zero) gap from the previous.
+function writeKeys(w: Writer, field: string, keys: BigUint64Array): void {
+  let prev = 0n;
+  for (let i = 0; i < keys.length; i++) {
+    const k = keys[i]!;
+    if (i > 0 && k <= prev) throw new PeerProtocolError(`${field}: keys not strictly ascending`);
+    w.u64(field, i === 0 ? k : k - prev);
+    prev = k;
+  }
+}
+
+function readKeys(r: Reader, field: string, count: number): BigUint64Array {
+  // Each key takes at least one byte: refuse counts the payload cannot hold before allocating.
+  if (count > r.remaining) r.fail(`${field}: ${count} keys cannot fit in ${r.remaining} bytes`);
+  const keys = new BigUint64Array(count);
+  let prev = 0n;
+  for (let i = 0; i < count; i++) {
+    const v = r.u64(field);
+    if (i === 0) prev = v;
+    else {
+      if (v === 0n) r.fail(`${field}: duplicate key`);
+      prev += v;
+      if (prev > 0xffffffffffffffffn) r.fail(`${field}: keys overflow 64 bits`);
+    }
+    keys[i] = prev;
+  }
+  return keys;
+}
+
+export function encodeSummarySubscribe(m: Omit<SummarySubscribe, "type">): Uint8Array {
+  return new Writer(24).u8(TAG_SUMMARY_SUBSCRIBE).fixedU64("epoch", m.epoch).uint("generation", m.generation).finish();
+}
+
+export function decodeSummarySubscribe(payload: Uint8Array): SummarySubscribe {
+  const r = new Reader(payload, "summary subscribe");
+  const tag = r.u8();
+  if (tag !== TAG_SUMMARY_SUBSCRIBE) r.fail(`unknown message tag 0x${tag.toString(16)}`);
+  const epoch = r.fixedU64("epoch");
+  const generation = r.uint("generation");
+  r.end();
+  return { type: "subscribe", epoch, generation };
+}
+
+export function encodeSummaryMessage(m: SummaryMessage): Uint8Array {
+  const w = new Writer(64);
+  if (m.type === "snapshot") {
+    checkSnapshotChunk(m, (reason) => {
+      throw new PeerProtocolError(`summary snapshot: ${reason}`);
+    });
+    w.u8(TAG_SUMMARY_SNAPSHOT).fixedU64("epoch", m.epoch).uint("generation", m.generation);
+    w.uint("total", m.total, MAX_SUMMARY_KEYS).uint("offset", m.offset).uint("count", m.keys.length, MAX_KEYS_PER_FRAME);
+    writeKeys(w, "snapshot keys", m.keys);
+  } else {
+    if (m.added.length + m.removed.length > MAX_KEYS_PER_FRAME) throw new PeerProtocolError(`summary delta: more than ${MAX_KEYS_PER_FRAME} keys`);
+    if (!(m.toGeneration > m.fromGeneration)) throw new PeerProtocolError("summary delta: toGeneration must exceed fromGeneration");
+    w.u8(TAG_SUMMARY_DELTA).uint("fromGeneration", m.fromGeneration).uint("toGeneration", m.toGeneration);
+    w.uint("total", m.total, MAX_SUMMARY_KEYS);
+    w.uint("added count", m.added.length);
+    writeKeys(w, "added keys", m.added);
+    w.uint("removed count", m.removed.length);
+    writeKeys(w, "removed keys", m.removed);
+    if (intersects(m.added, m.removed)) throw new PeerProtocolError("summary delta: a key is both added and removed");
+  }
+  return w.finish();
+}
+
+export function decodeSummaryMessage(payload: Uint8Array): SummaryMessage {
+  const r = new Reader(payload, "summary");
+  const tag = r.u8();
+  if (tag === TAG_SUMMARY_SNAPSHOT) {
+    const epoch = r.fixedU64("epoch");
+    const generation = r.uint("generation");
+    const total = r.uint("total", MAX_SUMMARY_KEYS);
+    const offset = r.uint("offset", MAX_SUMMARY_KEYS);
+    const count = r.uint("count", MAX_KEYS_PER_FRAME);
+    const keys = readKeys(r, "snapshot keys", count);
+    r.end();
+    const m: SummarySnapshotChunk = { type: "snapshot", epoch, generation, total, offset, keys };
+    checkSnapshotChunk(m, (reason) => r.fail(reason));
+    return m;
+  }
+  if (tag === TAG_SUMMARY_DELTA) {
+    const fromGeneration = r.uint("fromGeneration");
+    const toGeneration = r.uint("toGeneration");
+    if (toGeneration <= fromGeneration) r.fail("toGeneration must exceed fromGeneration");
+    const total = r.uint("total", MAX_SUMMARY_KEYS);
+    const addedCount = r.uint("added count", MAX_KEYS_PER_FRAME);
+    const added = readKeys(r, "added keys", addedCount);
+    const removedCount = r.uint("removed count", MAX_KEYS_PER_FRAME - addedCount);
+    const removed = readKeys(r, "removed keys", removedCount);
+    r.end();
+    if (intersects(added, removed)) r.fail("a key is both added and removed");
+    return { type: "delta", fromGeneration, toGeneration, total, added, removed };
+  }
+  return r.fail(`unknown message tag 0x${tag.toString(16)}`);
+}
+
+function checkSnapshotChunk(m: SummarySnapshotChunk, fail: (reason: string) => never): void {
+  if (m.epoch === 0n) fail("epoch 0 is reserved");
+  if (m.offset + m.keys.length > m.total) fail(`keys ${m.offset}..${m.offset + m.keys.length} exceed the total ${m.total}`);
+  // Only an empty snapshot may have an empty chunk: every other chunk makes progress.
+  if (m.keys.length === 0 && m.total !== 0) fail("empty chunk in a non-empty snapshot");
+}
+
+// Both sorted: a linear merge.
+function intersects(a: BigUint64Array, b: BigUint64Array): boolean {
+  let i = 0;
+  let j = 0;
+  while (i < a.length && j < b.length) {
+    const x = a[i]!;
+    const y = b[j]!;
+    if (x === y) return true;
+    if (x < y) i++;
+    else j++;
+  }
+  return false;
+}
+
+/** Publisher side: a snapshot as chunks of at most `perChunk` keys (one chunk if empty). */
+export function snapshotChunks(epoch: bigint, generation: number, keys: BigUint64Array, perChunk = MAX_KEYS_PER_FRAME): SummarySnapshotChunk[] {
+  if (keys.length > MAX_SUMMARY_KEYS) throw new PeerProtocolError(`summary of ${keys.length} keys exceeds the limit ${MAX_SUMMARY_KEYS}`);
+  const n = Math.min(Math.max(1, perChunk), MAX_KEYS_PER_FRAME);
+  const out: SummarySnapshotChunk[] = [];
+  let offset = 0;
+  do {
+    out.push({ type: "snapshot", epoch, generation, total: keys.length, offset, keys: keys.subarray(offset, offset + n) });
+    offset += n;
+  } while (offset < keys.length);
+  return out;
+}
+
+/** Publisher side: what changed between two sorted key sets. */
+export function diffSummaryKeys(before: BigUint64Array, after: BigUint64Array): { added: BigUint64Array; removed: BigUint64Array } {
+  const added: bigint[] = [];
+  const removed: bigint[] = [];
+  let i = 0;
+  let j = 0;
+  while (i < before.length || j < after.length) {
+    const x = before[i];
+    const y = after[j];
+    if (x !== undefined && y !== undefined && x === y) (i++, j++);
+    else if (y === undefined || (x !== undefined && x < y)) (removed.push(x!), i++);
+    else (added.push(y), j++);
+  }
+  return { added: BigUint64Array.from(added), removed: BigUint64Array.from(removed) };
+}
+
+/**
+ * Publisher side: an exact diff (added keys absent before, removed keys present) as deltas of at
+ * most `perFrame` keys each, with consecutive generations from `fromGeneration`.
+ */
+export function splitSummaryDelta(
+  fromGeneration: number,
+  totalBefore: number,
+  added: BigUint64Array,
+  removed: BigUint64Array,
+  perFrame = MAX_KEYS_PER_FRAME,
+): SummaryDelta[] {
+  const n = Math.min(Math.max(1, perFrame), MAX_KEYS_PER_FRAME);
+  const out: SummaryDelta[] = [];
+  let a = 0;
+  let r = 0;
+  let gen = fromGeneration;
+  let total = totalBefore;
+  // Removals first: a store that shrinks and grows never overshoots the key limit midway.
+  while (a < added.length || r < removed.length || out.length === 0) {
+    const rem = removed.subarray(r, r + n);
+    const add = added.subarray(a, a + (n - rem.length));
+    r += rem.length;
+    a += add.length;
+    total += add.length - rem.length;
+    out.push({ type: "delta", fromGeneration: gen, toGeneration: gen + 1, total, added: add, removed: rem });
+    gen++;
+  }
+  return out;
+}
+
+/**
+ * Subscriber side: collects a snapshot's chunks, which must arrive in order and agree on epoch,
+ * generation and total. push() returns the snapshot when its last chunk arrives.
+ */
+export class SnapshotAssembler {
+  private head: SummarySnapshotChunk | undefined;
+  private parts: BigUint64Array[] = [];
+  private received = 0;
+  private last: bigint | undefined;
+
+  constructor(private readonly maxKeys = MAX_SUMMARY_KEYS) {}
+
+  /** True between a snapshot's first and last chunk. */
+  get pending(): boolean {
+    return this.head !== undefined;
+  }
+
+  push(c: SummarySnapshotChunk): SummarySnapshot | undefined {
+    const fail = (reason: string): never => {
+      this.head = undefined;
+      this.parts = [];
+      throw new PeerProtocolError(`summary snapshot: ${reason}`);
+    };
+    if (!this.head) {
+      if (c.offset !== 0) fail(`first chunk starts at offset ${c.offset}`);
+      if (c.total > this.maxKeys) fail(`${c.total} keys exceed the limit ${this.maxKeys}`);
+      this.head = c;
+      this.parts = [];
+      this.received = 0;
+      this.last = undefined;
+    } else if (c.epoch !== this.head.epoch || c.generation !== this.head.generation || c.total !== this.head.total) {
+      fail("chunk of a different snapshot before the previous one ended");
+    }
+    if (c.offset !== this.received) fail(`chunk at offset ${c.offset}, expected ${this.received}`);
+    if (c.keys.length > 0 && this.last !== undefined && c.keys[0]! <= this.last) fail("keys not ascending across chunks");
+    if (c.keys.length > 0) this.last = c.keys[c.keys.length - 1]!;
+    this.parts.push(c.keys);
+    this.received += c.keys.length;
+    if (this.received < c.total) return undefined;
+    const keys = new BigUint64Array(this.received);
+    let at = 0;
+    for (const p of this.parts) (keys.set(p, at), (at += p.length));
+    const snap = { epoch: c.epoch, generation: c.generation, keys };
+    this.head = undefined;
+    this.parts = [];
+    return snap;
+  }
+}
+
+/**
+ * Subscriber side: one peer's announced paths. A sorted array (8 bytes per key) plus small
+ * added/removed overlays that are merged in once they grow, so a delta costs O(its size) and a
+ * lookup is a binary search: memory matters with many peers of large stores.
+ */
+export class PathSummary {
+  private base: BigUint64Array = new BigUint64Array(0);
+  private added = new Set<bigint>();
+  private removed = new Set<bigint>(); // always a subset of base
+  private _epoch: bigint | undefined;
+  private _generation: number | undefined;
+
+  get epoch(): bigint | undefined {
+    return this._epoch;
+  }
+
+  /** Undefined until a snapshot has been applied. */
+  get generation(): number | undefined {
+    return this._generation;
+  }
+
+  get size(): number {
+    return this.base.length + this.added.size - this.removed.size;
+  }
+
+  /** Replaces everything. The keys must be sorted and unique (as SnapshotAssembler gives them). */
+  applySnapshot(s: SummarySnapshot): void {
+    for (let i = 1; i < s.keys.length; i++) {
+      if (s.keys[i]! <= s.keys[i - 1]!) throw new PeerProtocolError("summary snapshot: keys not strictly ascending");
+    }
+    this.base = s.keys;
+    this.added.clear();
+    this.removed.clear();
+    this._epoch = s.epoch;
+    this._generation = s.generation;
+  }
+
+  /**
+   * Applies a delta that starts at the current generation. Returns false, changing nothing, on a
+   * gap (no snapshot yet, or another starting generation) or when the result would not have the
+   * delta's total: either way the subscriber needs a fresh snapshot.
+   */
+  applyDelta(d: SummaryDelta): boolean {
+    if (this._generation === undefined || d.fromGeneration !== this._generation) return false;
+    let size = this.size;
+    for (const k of d.added) if (!this.hasKey(k)) size++;
+    for (const k of d.removed) if (this.hasKey(k)) size--;
+    if (size !== d.total) return false;
+    for (const k of d.added) {
+      if (this.removed.has(k)) this.removed.delete(k);
+      else if (!this.inBase(k)) this.added.add(k);
+    }
+    for (const k of d.removed) {
+      if (this.added.has(k)) this.added.delete(k);
+      else if (this.inBase(k)) this.removed.add(k);
+    }
+    this._generation = d.toGeneration;
+    if (this.added.size + this.removed.size > Math.max(1024, this.base.length >> 3)) this.compact();
+    return true;
+  }
+
+  /** Whether the peer announced the path with this hash part (false for invalid input). */
+  has(hashPart: string): boolean {
+    return isValidHashPart(hashPart) && this.hasKey(summaryKey(hashPart));
+  }
+
+  hasKey(k: bigint): boolean {
+    if (this.added.has(k)) return true;
+    return !this.removed.has(k) && this.inBase(k);
+  }
+
+  /** All keys, sorted. */
+  keys(): BigUint64Array {
+    this.compact();
+    return this.base;
+  }
+
+  /** Forgets everything (e.g. when the peer disconnects). */
+  clear(): void {
+    this.applySnapshot({ epoch: 0n, generation: 0, keys: new BigUint64Array(0) });
+    this._epoch = undefined;
+    this._generation = undefined;
+  }
+
+  private inBase(k: bigint): boolean {
+    const b = this.base;
+    let lo = 0;
+    let hi = b.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const v = b[mid]!;
+      if (v === k) return true;
+      if (v < k) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return false;
+  }
+
+  private compact(): void {
+    if (this.added.size === 0 && this.removed.size === 0) return;
+    const add = BigUint64Array.from(this.added).sort();
+    const out = new BigUint64Array(this.size);
+    let n = 0;
+    let j = 0;
+    for (const k of this.base) {
+      if (this.removed.has(k)) continue;
+      while (j < add.length && add[j]! < k) out[n++] = add[j++]!;
+      out[n++] = k;
+    }
+    while (j < add.length) out[n++] = add[j++]!;
+    this.base = out;
+    this.added.clear();
+    this.removed.clear();
+  }
+}

@@ -1,0 +1,504 @@
+// The peer protocol codec: round trips of every message, hostile input refused with
+// PeerProtocolError (and nothing else), summary bookkeeping, and the summary's size per path.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { decodeNix32, encodeNix32 } from "../protocol/nix32.js";
+import {
+  FrameDecoder,
+  MAX_ADDRS_PER_PEER,
+  MAX_FRAME_BYTES,
+  MAX_KEYS_PER_FRAME,
+  MAX_NARINFO_BYTES,
+  MAX_PEERS,
+  MAX_SUMMARY_KEYS,
+  NAR_ERROR,
+  PathSummary,
+  PeerProtocolError,
+  Reader,
+  SnapshotAssembler,
+  Writer,
+  decodeNarRequest,
+  decodeNarResponseHeader,
+  decodeNarinfoRequest,
+  decodeNarinfoResponse,
+  decodePeersRequest,
+  decodePeersResponse,
+  decodeSummaryMessage,
+  decodeSummarySubscribe,
+  diffSummaryKeys,
+  encodeFrame,
+  encodeNarRequest,
+  encodeNarResponseHeader,
+  encodeNarinfoRequest,
+  encodeNarinfoResponse,
+  encodePeersRequest,
+  encodePeersResponse,
+  encodeSummaryMessage,
+  encodeSummarySubscribe,
+  snapshotChunks,
+  sortedKeys,
+  splitSummaryDelta,
+  summaryKey,
+  type PeerRecord,
+  type SummaryDelta,
+  type SummaryMessage,
+  type SummarySnapshotChunk,
+} from "../protocol/peer-codec.js";
+
+const hashPart = () => encodeNix32(randomBytes(20));
+const narHash = () => encodeNix32(randomBytes(32));
+const isPPE = (e: unknown) => e instanceof PeerProtocolError;
+const rejects = (fn: () => unknown, re: RegExp) =>
+  assert.throws(fn, (e: unknown) => isPPE(e) && re.test((e as Error).message), String(re));
+
+/** Bytes from numbers (single bytes), bigints (u64 varints) and byte arrays. */
+function bytes(...parts: (number | bigint | Uint8Array)[]): Uint8Array {
+  const w = new Writer();
+  for (const p of parts) {
+    if (typeof p === "number") w.u8(p);
+    else if (typeof p === "bigint") w.u64("test", p);
+    else w.fixed(p);
+  }
+  return w.finish();
+}
+const epochBytes = (e: bigint) => new Writer().fixedU64("epoch", e).finish();
+const keysOf = (...ks: bigint[]) => BigUint64Array.from(ks);
+
+test("varints: edge values round trip, overlong and oversized encodings are refused", () => {
+  for (const v of [0, 1, 127, 128, 300, 2 ** 31, 2 ** 32 + 5, Number.MAX_SAFE_INTEGER]) {
+    const r = new Reader(new Writer().uint("v", v).finish(), "t");
+    assert.equal(r.uint("v"), v);
+    r.end();
+  }
+  for (const v of [0n, 127n, 128n, 0xfffffffn, 0x10000000n, 1n << 63n, (1n << 64n) - 1n, 0x0123456789abcdefn]) {
+    const enc = new Writer().u64("v", v).finish();
+    const r = new Reader(enc, "t");
+    assert.equal(r.u64("v"), v);
+    r.end();
+  }
+  assert.equal(new Writer().u64("v", (1n << 64n) - 1n).finish().length, 10);
+  rejects(() => new Reader(Uint8Array.of(0x80, 0x00), "t").uint("v"), /non-minimal/);
+  rejects(() => new Reader(Uint8Array.of(0x81, 0x80, 0x00), "t").u64("v"), /non-minimal/);
+  rejects(() => new Reader(new Uint8Array(9).fill(0xff), "t").uint("v"), /too long/);
+  rejects(() => new Reader(Uint8Array.of(0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x10), "t").uint("v"), /exceeds/); // 2^53
+  rejects(() => new Reader(Uint8Array.of(...new Array(9).fill(0xff), 0x02), "t").u64("v"), /64 bits/);
+  rejects(() => new Reader(new Uint8Array(11).fill(0xff), "t").u64("v"), /too long|64 bits/);
+  rejects(() => new Reader(Uint8Array.of(0x80), "t").uint("v"), /truncated/);
+  rejects(() => new Writer().uint("v", -1), /not a non-negative integer/);
+  rejects(() => new Writer().uint("v", 1.5), /not a non-negative integer/);
+  rejects(() => new Writer().u64("v", 1n << 64n), /64-bit/);
+});
+
+test("frames: split anywhere, oversized refused before buffering, rest handed back", () => {
+  const payloads = [new Uint8Array(0), Uint8Array.of(1, 2, 3), new Uint8Array(randomBytes(300))];
+  const stream = Buffer.concat([...payloads.map((p) => encodeFrame(p, 1000)), Buffer.from("raw tail")]);
+  const d = new FrameDecoder(1000);
+  const got: Uint8Array[] = [];
+  for (const b of stream.subarray(0, stream.length - 8)) {
+    d.push(Uint8Array.of(b));
+    for (let f = d.next(); f; f = d.next()) got.push(Uint8Array.from(f));
+  }
+  d.push(stream.subarray(stream.length - 8));
+  assert.deepEqual(got, payloads);
+  assert.equal(Buffer.from(d.takeRest()).toString(), "raw tail");
+  assert.equal(d.buffered, 0);
+
+  rejects(() => encodeFrame(new Uint8Array(11), 10), /exceeds the limit/);
+  const big = new FrameDecoder(100);
+  big.push(Uint8Array.of(0xe5, 0x8e)); // 1893+ before the payload (or even the whole prefix) arrives
+  rejects(() => big.next(), /exceeds the limit/);
+  const overlong = new FrameDecoder(100);
+  overlong.push(Uint8Array.of(0x85, 0x00));
+  rejects(() => overlong.next(), /non-minimal/);
+  const huge = new FrameDecoder(Number.MAX_SAFE_INTEGER);
+  huge.push(new Uint8Array(12).fill(0xff));
+  rejects(() => huge.next(), /too long|exceeds/);
+});
+
+test("summaryKey is bytes 0..7 of the decoded hash part, big-endian", () => {
+  for (let i = 0; i < 2000; i++) {
+    const h = hashPart();
+    const b = decodeNix32(h, 20);
+    assert.equal(summaryKey(h), Buffer.from(b).readBigUInt64BE(0), h);
+  }
+  assert.equal(summaryKey("0".repeat(32)), 0n);
+  assert.equal(summaryKey("z".repeat(32)), (1n << 64n) - 1n);
+  for (const bad of ["0".repeat(31), "0".repeat(33), "e".repeat(32), "0".repeat(31) + "E", ""]) {
+    rejects(() => summaryKey(bad), /invalid hash part/);
+  }
+  assert.deepEqual(sortedKeys([3n, 1n, 3n, 2n, 1n]), keysOf(1n, 2n, 3n));
+});
+
+test("summary messages round trip", () => {
+  for (const sub of [
+    { epoch: 0n, generation: 0 },
+    { epoch: (1n << 64n) - 1n, generation: Number.MAX_SAFE_INTEGER },
+  ]) {
+    assert.deepEqual(decodeSummarySubscribe(encodeSummarySubscribe(sub)), { type: "subscribe", ...sub });
+  }
+  const keys = sortedKeys(Array.from({ length: 500 }, hashPart));
+  const msgs: SummaryMessage[] = [
+    { type: "snapshot", epoch: 7n, generation: 3, total: 0, offset: 0, keys: keysOf() },
+    { type: "snapshot", epoch: 1n << 63n, generation: 9, total: 1000, offset: 500, keys },
+    { type: "snapshot", epoch: 1n, generation: 0, total: 2, offset: 0, keys: keysOf(0n, (1n << 64n) - 1n) },
+    { type: "delta", fromGeneration: 4, toGeneration: 5, total: 10, added: keys.slice(0, 3), removed: keys.slice(3, 5) },
+    { type: "delta", fromGeneration: 0, toGeneration: 2 ** 40, total: 0, added: keysOf(), removed: keysOf() },
+  ];
+  for (const m of msgs) {
+    const enc = encodeSummaryMessage(m);
+    assert.ok(enc.length <= MAX_FRAME_BYTES.summary);
+    assert.deepEqual(decodeSummaryMessage(enc), m);
+  }
+  // The largest chunk and the largest delta fit the frame limit even with the widest keys.
+  const wide = BigUint64Array.from({ length: MAX_KEYS_PER_FRAME }, (_, i) => (1n << 63n) * BigInt(i % 2) + BigInt(i));
+  wide.sort();
+  const sparse = BigUint64Array.from({ length: MAX_KEYS_PER_FRAME }, (_, i) => BigInt(i) * ((1n << 64n) / BigInt(MAX_KEYS_PER_FRAME)) + 1n);
+  for (const k of [wide, sparse]) {
+    const enc = encodeSummaryMessage({ type: "snapshot", epoch: (1n << 64n) - 1n, generation: Number.MAX_SAFE_INTEGER, total: MAX_SUMMARY_KEYS, offset: MAX_SUMMARY_KEYS - k.length, keys: k });
+    assert.ok(enc.length <= MAX_FRAME_BYTES.summary, `${enc.length}`);
+    const half = k.length / 2;
+    const delta = encodeSummaryMessage({ type: "delta", fromGeneration: 2 ** 52, toGeneration: Number.MAX_SAFE_INTEGER, total: MAX_SUMMARY_KEYS, added: k.filter((_, i) => i % 2 === 0), removed: k.filter((_, i) => i % 2 === 1) });
+    assert.ok(delta.length <= MAX_FRAME_BYTES.summary && half > 0);
+  }
+});
+
+test("summary decoding refuses hostile frames", () => {
+  const E = epochBytes(5n);
+  const snap = (...rest: (number | bigint | Uint8Array)[]) => bytes(0x02, E, ...rest);
+  assert.equal(decodeSummaryMessage(snap(1, 2, 0, 2, 10n, 5n)).type, "snapshot"); // the well-formed baseline
+  rejects(() => decodeSummaryMessage(snap(1, 2, 0, 2, 300n)), /truncated/);
+  rejects(() => decodeSummaryMessage(snap(1, 2, 0, 2, 10n)), /cannot fit/);
+  rejects(() => decodeSummaryMessage(snap(1, 2, 0, 2, 10n, 5n, 0)), /trailing/);
+  rejects(() => decodeSummaryMessage(snap(1, 2, 0, 2, 10n, 0n)), /duplicate key/);
+  rejects(() => decodeSummaryMessage(snap(1, 2, 0, 2, (1n << 64n) - 2n, 2n)), /overflow/); // "unsorted": wraps past 2^64
+  rejects(() => decodeSummaryMessage(snap(1, 1, 0, 2, 10n, 5n)), /exceed the total/);
+  rejects(() => decodeSummaryMessage(snap(1, 5, 4, 2, 10n, 5n)), /exceed the total/);
+  rejects(() => decodeSummaryMessage(snap(1, 5, 0, 0)), /empty chunk/);
+  rejects(() => decodeSummaryMessage(bytes(0x02, epochBytes(0n), 1, 0, 0, 0)), /epoch 0/);
+  rejects(() => decodeSummaryMessage(snap(1, 2, 0, 0xff, 0xff, 0x03)), /count.*exceeds/); // 65535 keys
+  rejects(() => decodeSummaryMessage(snap(1, 0x80, 0x80, 0x80, 0x04, 0, 0)), /total.*exceeds/);
+  rejects(() => decodeSummaryMessage(snap(1, 0x80, 0x40, 0, 0x80, 0x40)), /cannot fit/); // 8192 keys claimed, none sent
+  rejects(() => decodeSummaryMessage(snap(1, 2, 0, 2, new Uint8Array(11).fill(0xff))), /too long|64 bits/);
+  rejects(() => decodeSummaryMessage(bytes(0x02, 1, 2, 3)), /truncated/);
+  rejects(() => decodeSummaryMessage(bytes(0x01, E, 0)), /unknown message tag 0x1/); // a Subscribe on the wrong side
+  rejects(() => decodeSummaryMessage(bytes(0x7f)), /unknown message tag 0x7f/);
+  rejects(() => decodeSummaryMessage(new Uint8Array(0)), /truncated/);
+
+  assert.equal(decodeSummaryMessage(bytes(0x03, 1, 2, 1, 1, 7n, 0)).type, "delta");
+  rejects(() => decodeSummaryMessage(bytes(0x03, 2, 2, 1, 1, 7n, 0)), /toGeneration/);
+  rejects(() => decodeSummaryMessage(bytes(0x03, 1, 2, 1, 1, 7n, 1, 7n)), /both added and removed/);
+  rejects(() => decodeSummaryMessage(bytes(0x03, 1, 2, 1, 2, 7n, 0n, 0)), /duplicate key/);
+  rejects(() => decodeSummaryMessage(bytes(0x03, 1, 2, 1, 0x80, 0x40, 0x00)), /cannot fit/);
+  rejects(() => decodeSummaryMessage(bytes(0x03, 1, 2, 1, 0x81, 0x40)), /exceeds the limit/);
+  rejects(() => decodeSummaryMessage(bytes(0x03, 1, 2, 1, 0, 0, 0)), /trailing/);
+
+  rejects(() => decodeSummarySubscribe(bytes(0x01, E)), /truncated/);
+  rejects(() => decodeSummarySubscribe(bytes(0x01, E, 0, 0)), /trailing/);
+  rejects(() => decodeSummarySubscribe(bytes(0x02, E, 0)), /unknown message tag/);
+
+  // Encoding refuses what decoding would refuse.
+  rejects(() => encodeSummaryMessage({ type: "snapshot", epoch: 1n, generation: 0, total: 2, offset: 0, keys: keysOf(2n, 1n) }), /ascending/);
+  rejects(() => encodeSummaryMessage({ type: "snapshot", epoch: 0n, generation: 0, total: 0, offset: 0, keys: keysOf() }), /epoch 0/);
+  rejects(() => encodeSummaryMessage({ type: "delta", fromGeneration: 1, toGeneration: 2, total: 1, added: keysOf(1n), removed: keysOf(1n) }), /both/);
+  rejects(() => encodeSummaryMessage({ type: "delta", fromGeneration: 2, toGeneration: 2, total: 1, added: keysOf(), removed: keysOf() }), /toGeneration/);
+});
+
+test("snapshots: chunked, reassembled in order, inconsistent chunks refused", () => {
+  const keys = sortedKeys(Array.from({ length: 20_000 }, hashPart));
+  const chunks = snapshotChunks(42n, 7, keys);
+  assert.equal(chunks.length, 3);
+  const asm = new SnapshotAssembler();
+  let snap;
+  for (const [i, c] of chunks.entries()) {
+    const r = asm.push(decodeSummaryMessage(encodeSummaryMessage(c)) as SummarySnapshotChunk);
+    assert.equal(r === undefined, i < chunks.length - 1);
+    assert.equal(asm.pending, i < chunks.length - 1);
+    snap = r ?? snap;
+  }
+  assert.deepEqual(snap, { epoch: 42n, generation: 7, keys });
+  assert.deepEqual(new SnapshotAssembler().push(snapshotChunks(1n, 0, keysOf())[0]!), { epoch: 1n, generation: 0, keys: keysOf() });
+
+  const [a, b, c] = snapshotChunks(1n, 1, keysOf(1n, 2n, 3n, 4n, 5n), 2) as [SummarySnapshotChunk, SummarySnapshotChunk, SummarySnapshotChunk];
+  const fresh = (...cs: SummarySnapshotChunk[]) => {
+    const s = new SnapshotAssembler();
+    for (const x of cs) s.push(x);
+  };
+  rejects(() => fresh(b), /first chunk starts at offset 2/);
+  rejects(() => fresh(a, c), /offset 4, expected 2/);
+  rejects(() => fresh(a, { ...b, generation: 2 }), /different snapshot/);
+  rejects(() => fresh(a, { ...b, epoch: 9n }), /different snapshot/);
+  rejects(() => fresh(a, { ...b, keys: keysOf(2n, 3n) }), /not ascending across chunks/);
+  rejects(() => new SnapshotAssembler(4).push(a), /exceed the limit 4/);
+  // After an error the assembler starts over with the next snapshot.
+  const s = new SnapshotAssembler();
+  s.push(a);
+  assert.throws(() => s.push(c));
+  s.push(a);
+  s.push(b);
+  assert.deepEqual(s.push(c)?.keys, keysOf(1n, 2n, 3n, 4n, 5n));
+});
+
+test("PathSummary: snapshot, deltas in order, gaps and total mismatches refused unchanged", () => {
+  const hs = Array.from({ length: 10 }, hashPart);
+  const ps = new PathSummary();
+  assert.equal(ps.generation, undefined);
+  assert.equal(ps.has(hs[0]!), false);
+  const d0: SummaryDelta = { type: "delta", fromGeneration: 1, toGeneration: 2, total: 1, added: sortedKeys([hs[0]!]), removed: keysOf() };
+  assert.equal(ps.applyDelta(d0), false, "no snapshot yet");
+
+  ps.applySnapshot({ epoch: 3n, generation: 1, keys: sortedKeys(hs.slice(0, 5)) });
+  assert.equal(ps.size, 5);
+  assert.ok(hs.slice(0, 5).every((h) => ps.has(h)));
+  assert.ok(!hs.slice(5).some((h) => ps.has(h)));
+  assert.equal(ps.has("not a hash"), false);
+
+  const add = sortedKeys(hs.slice(5, 7));
+  const rem = sortedKeys(hs.slice(0, 2));
+  assert.equal(ps.applyDelta({ type: "delta", fromGeneration: 2, toGeneration: 3, total: 5, added: add, removed: rem }), false, "gap");
+  assert.equal(ps.applyDelta({ type: "delta", fromGeneration: 1, toGeneration: 2, total: 6, added: add, removed: rem }), false, "wrong total");
+  assert.equal(ps.generation, 1);
+  assert.equal(ps.size, 5);
+  assert.ok(ps.has(hs[0]!) && !ps.has(hs[5]!), "unchanged after refusals");
+
+  assert.equal(ps.applyDelta({ type: "delta", fromGeneration: 1, toGeneration: 2, total: 5, added: add, removed: rem }), true);
+  assert.equal(ps.generation, 2);
+  assert.deepEqual(hs.map((h) => ps.has(h)), [false, false, true, true, true, true, true, false, false, false]);
+  // Re-adding a present key and removing an absent one change nothing; the total still checks.
+  assert.equal(ps.applyDelta({ type: "delta", fromGeneration: 2, toGeneration: 3, total: 5, added: sortedKeys([hs[2]!]), removed: sortedKeys([hs[9]!]) }), true);
+  assert.deepEqual(ps.keys(), sortedKeys(hs.slice(2, 7)));
+  ps.clear();
+  assert.equal(ps.size, 0);
+  assert.equal(ps.generation, undefined);
+});
+
+test("PathSummary follows a long random history exactly (overlay merges included)", () => {
+  const truth = new Set<bigint>();
+  const pool = Array.from({ length: 6000 }, () => summaryKey(hashPart()));
+  for (const k of pool.slice(0, 3000)) truth.add(k);
+  const ps = new PathSummary();
+  let before = sortedKeys(truth);
+  ps.applySnapshot({ epoch: 1n, generation: 10, keys: before });
+  let gen = 10;
+  for (let step = 0; step < 300; step++) {
+    for (let i = 0; i < 1 + (step % 40); i++) {
+      const k = pool[Math.floor(Math.random() * pool.length)]!;
+      if (truth.has(k)) truth.delete(k);
+      else truth.add(k);
+    }
+    const after = sortedKeys(truth);
+    const { added, removed } = diffSummaryKeys(before, after);
+    for (const d of splitSummaryDelta(gen, before.length, added, removed, 1 + (step % 7))) {
+      assert.equal(ps.applyDelta(decodeSummaryMessage(encodeSummaryMessage(d)) as SummaryDelta), true);
+      gen = d.toGeneration;
+    }
+    assert.equal(ps.size, truth.size);
+    before = after;
+  }
+  assert.deepEqual(ps.keys(), before);
+  assert.ok(pool.every((k) => ps.hasKey(k) === truth.has(k)));
+});
+
+test("diffSummaryKeys and splitSummaryDelta", () => {
+  assert.deepEqual(diffSummaryKeys(keysOf(1n, 3n, 5n), keysOf(2n, 3n, 6n)), { added: keysOf(2n, 6n), removed: keysOf(1n, 5n) });
+  assert.deepEqual(diffSummaryKeys(keysOf(), keysOf()), { added: keysOf(), removed: keysOf() });
+  const parts = splitSummaryDelta(5, 10, keysOf(20n, 21n, 22n), keysOf(1n, 2n), 2);
+  assert.deepEqual(
+    parts.map((d) => [d.fromGeneration, d.toGeneration, d.total, [...d.added], [...d.removed]]),
+    [
+      [5, 6, 8, [], [1n, 2n]],
+      [6, 7, 10, [20n, 21n], []],
+      [7, 8, 11, [22n], []],
+    ],
+  );
+  assert.equal(splitSummaryDelta(5, 10, keysOf(), keysOf()).length, 1, "an empty change still advances the generation");
+});
+
+test("a 100,000-path snapshot takes well under 10 bytes per path", () => {
+  const n = 100_000;
+  const keys = sortedKeys(Array.from({ length: n }, hashPart));
+  const frames = snapshotChunks(0xfeedn, 1, keys).map((c) => encodeFrame(encodeSummaryMessage(c), MAX_FRAME_BYTES.summary));
+  const total = frames.reduce((s, f) => s + f.length, 0);
+  const perPath = total / n;
+  console.log(`# 100,000-path snapshot: ${frames.length} frames, ${total} bytes, ${perPath.toFixed(3)} bytes/path`);
+  assert.ok(perPath < 7.5, `${perPath} bytes/path`);
+  const d = new FrameDecoder(MAX_FRAME_BYTES.summary);
+  const asm = new SnapshotAssembler();
+  let snap;
+  for (const f of frames) {
+    d.push(f);
+    for (let p = d.next(); p; p = d.next()) snap = asm.push(decodeSummaryMessage(p) as SummarySnapshotChunk) ?? snap;
+  }
+  assert.deepEqual(snap?.keys, keys);
+  // A typical delta (a build adding 50 paths, a GC of 20) is a few hundred bytes.
+  const delta = encodeSummaryMessage({ type: "delta", fromGeneration: 1, toGeneration: 2, total: n + 30, added: sortedKeys(Array.from({ length: 50 }, hashPart)), removed: keys.filter((_, i) => i % 5000 === 0) });
+  console.log(`# delta of 50 added + 20 removed: ${delta.length} bytes`);
+  assert.ok(delta.length < 70 * 10);
+});
+
+test("narinfo messages: round trips and hostile input", () => {
+  const h = hashPart();
+  const req = encodeNarinfoRequest(h);
+  assert.equal(req.length, 21);
+  assert.equal(decodeNarinfoRequest(req), h);
+  const text = `StorePath: /nix/store/${h}-héllo\nURL: nar/x.nar\n`;
+  assert.deepEqual(decodeNarinfoResponse(encodeNarinfoResponse({ type: "found", narinfo: text })), { type: "found", narinfo: text });
+  assert.deepEqual(decodeNarinfoResponse(encodeNarinfoResponse({ type: "not-found" })), { type: "not-found" });
+  const max = "x".repeat(MAX_NARINFO_BYTES);
+  const enc = encodeNarinfoResponse({ type: "found", narinfo: max });
+  assert.ok(enc.length <= MAX_FRAME_BYTES.narinfo);
+  assert.equal(decodeNarinfoResponse(enc).type, "found");
+
+  for (const bad of ["", "0".repeat(31), "e".repeat(32), h.toUpperCase()]) rejects(() => encodeNarinfoRequest(bad), /invalid hash part/);
+  rejects(() => decodeNarinfoRequest(req.subarray(0, 20)), /truncated/);
+  rejects(() => decodeNarinfoRequest(bytes(...req, 0)), /trailing/);
+  rejects(() => decodeNarinfoRequest(bytes(0x11, ...req.subarray(1))), /unknown message tag/);
+  rejects(() => encodeNarinfoResponse({ type: "found", narinfo: max + "x" }), /exceeds the limit/);
+  rejects(() => encodeNarinfoResponse({ type: "found", narinfo: "" }), /empty/);
+  rejects(() => decodeNarinfoResponse(bytes(0x11, 0x81, 0x80, 0x04)), /exceeds the limit/); // 65537 claimed
+  rejects(() => decodeNarinfoResponse(bytes(0x11, 3, 0x61, 0xff, 0x62)), /UTF-8/);
+  rejects(() => decodeNarinfoResponse(bytes(0x11, 0)), /empty/);
+  rejects(() => decodeNarinfoResponse(bytes(0x11, 5, 0x61)), /truncated/);
+  rejects(() => decodeNarinfoResponse(bytes(0x12, 0)), /trailing/);
+  rejects(() => decodeNarinfoResponse(bytes(0x10)), /unknown message tag/);
+});
+
+test("NAR messages: round trips, header then raw bytes, hostile input", () => {
+  const m = { hashPart: hashPart(), narHash: narHash(), offset: 123_456_789 };
+  const req = encodeNarRequest(m);
+  assert.deepEqual(decodeNarRequest(req), m);
+  assert.equal(req.length, 1 + 20 + 32 + 4);
+  for (const h of [{ type: "ok", narSize: 2 ** 40 + 3 }, { type: "error", code: NAR_ERROR.busy, message: "8 transfers" }, { type: "error", code: 200, message: "" }] as const) {
+    assert.deepEqual(decodeNarResponseHeader(encodeNarResponseHeader(h)), h);
+  }
+  // A responder's stream: the framed header, then unframed NAR bytes the requester takes as they are.
+  const nar = randomBytes(1000);
+  const wire = Buffer.concat([encodeFrame(encodeNarResponseHeader({ type: "ok", narSize: 1000 }), MAX_FRAME_BYTES.nar), nar]);
+  const d = new FrameDecoder(MAX_FRAME_BYTES.nar);
+  d.push(wire.subarray(0, 700));
+  assert.deepEqual(decodeNarResponseHeader(d.next()!), { type: "ok", narSize: 1000 });
+  assert.deepEqual(Buffer.concat([d.takeRest(), wire.subarray(700)]), nar);
+
+  rejects(() => encodeNarRequest({ ...m, narHash: "z" + m.narHash.slice(1) }), /invalid NAR hash.*non-zero bits/);
+  rejects(() => encodeNarRequest({ ...m, narHash: "sha256:" + m.narHash }), /invalid NAR hash/);
+  rejects(() => encodeNarRequest({ ...m, hashPart: m.narHash }), /invalid hash part/);
+  rejects(() => encodeNarRequest({ ...m, offset: -1 }), /offset/);
+  rejects(() => decodeNarRequest(req.subarray(0, 53)), /truncated/);
+  rejects(() => decodeNarRequest(bytes(...req, 1)), /trailing/);
+  rejects(() => decodeNarRequest(bytes(...req.subarray(0, 53), ...new Uint8Array(9).fill(0xff))), /too long/);
+  rejects(() => encodeNarResponseHeader({ type: "ok", narSize: 0 }), /positive/);
+  rejects(() => decodeNarResponseHeader(bytes(0x21, 0)), /positive/);
+  rejects(() => decodeNarResponseHeader(bytes(0x22, 0, 0)), /error code 0/);
+  rejects(() => decodeNarResponseHeader(bytes(0x22, 0x80, 0x02, 0)), /exceeds the limit 255/);
+  rejects(() => decodeNarResponseHeader(bytes(0x22, 1, 0x81, 0x02)), /exceeds the limit 256/);
+  rejects(() => decodeNarResponseHeader(bytes(0x22, 1)), /truncated/);
+  rejects(() => decodeNarResponseHeader(bytes(0x20)), /unknown message tag/);
+});
+
+test("peer exchange: round trips, bounds and hostile input", () => {
+  const peers: PeerRecord[] = [
+    { peerId: "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN", multiaddrs: ["/ip4/10.0.0.2/tcp/37516", "/ip6/fd00::2/tcp/37516"] },
+    { peerId: "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo", multiaddrs: [] },
+  ];
+  assert.deepEqual(decodePeersResponse(encodePeersResponse(peers)), peers);
+  assert.deepEqual(decodePeersResponse(encodePeersResponse([])), []);
+  decodePeersRequest(encodePeersRequest());
+  rejects(() => decodePeersRequest(bytes(0x30, 0)), /trailing/);
+  rejects(() => decodePeersRequest(bytes(0x31)), /unknown message tag/);
+
+  // The largest legal response fits the frame limit.
+  const full = Array.from({ length: MAX_PEERS }, (_, i) => ({
+    peerId: "P" + String(i).padStart(127, "0"),
+    multiaddrs: Array.from({ length: MAX_ADDRS_PER_PEER }, (_, j) => "/dns4/" + String(j).padEnd(250, "a")),
+  }));
+  const enc = encodePeersResponse(full);
+  assert.ok(enc.length <= MAX_FRAME_BYTES.peers, `${enc.length}`);
+  assert.equal(decodePeersResponse(enc).length, MAX_PEERS);
+
+  const one = (id: string, ...addrs: string[]) => encodePeersResponse([{ peerId: id, multiaddrs: addrs }]);
+  rejects(() => encodePeersResponse([...full, peers[0]!]), /more than 256 peers/);
+  rejects(() => one("x", ...new Array(17).fill("/ip4/1.2.3.4")), /more than 16 addresses/);
+  rejects(() => one("x", "/" + "a".repeat(256)), /invalid multiaddr/);
+  rejects(() => one("x", "ip4/1.2.3.4"), /invalid multiaddr/);
+  rejects(() => one("x", "/ip4/1.2.3.4 /x"), /invalid multiaddr/);
+  rejects(() => one("bad id"), /invalid peer ID/);
+  rejects(() => one(""), /invalid peer ID/);
+  rejects(() => one("P".repeat(129)), /invalid peer ID/);
+  const str = (s: string) => new Writer().utf8("s", s, 1000).finish();
+  rejects(() => decodePeersResponse(bytes(0x31, 0x81, 0x02)), /exceeds the limit 256/);
+  rejects(() => decodePeersResponse(bytes(0x31, 1, str("abc"), 17)), /exceeds the limit 16/);
+  rejects(() => decodePeersResponse(bytes(0x31, 1, str("abc"), 1, str("\x1b[31m"))), /invalid multiaddr/);
+  rejects(() => decodePeersResponse(bytes(0x31, 1, str("a-b"), 0)), /invalid peer ID/);
+  rejects(() => decodePeersResponse(bytes(0x31, 2, str("abc"), 0, str("abc"), 0)), /duplicate peer ID/);
+  rejects(() => decodePeersResponse(bytes(0x31, 2, str("abc"), 0)), /truncated/);
+  rejects(() => decodePeersResponse(bytes(0x31, 1, str("abc"), 0, 0)), /trailing/);
+  rejects(() => decodePeersResponse(bytes(0x31, 1, 0x81, 0x01)), /exceeds the limit 128/);
+});
+
+test("fuzz: every decoder returns a value or throws PeerProtocolError, nothing else", () => {
+  const decoders: [string, (b: Uint8Array) => unknown][] = [
+    ["subscribe", decodeSummarySubscribe],
+    ["summary", decodeSummaryMessage],
+    ["narinfo request", decodeNarinfoRequest],
+    ["narinfo response", decodeNarinfoResponse],
+    ["NAR request", decodeNarRequest],
+    ["NAR header", decodeNarResponseHeader],
+    ["peers request", decodePeersRequest],
+    ["peers response", decodePeersResponse],
+  ];
+  // Valid messages to mutate: random bytes alone rarely get past the tag.
+  const seeds = [
+    encodeSummarySubscribe({ epoch: 5n, generation: 9 }),
+    ...snapshotChunks(3n, 4, sortedKeys(Array.from({ length: 40 }, hashPart)), 16).map(encodeSummaryMessage),
+    encodeSummaryMessage({ type: "delta", fromGeneration: 1, toGeneration: 3, total: 9, added: sortedKeys([hashPart(), hashPart()]), removed: sortedKeys([hashPart()]) }),
+    encodeNarinfoRequest(hashPart()),
+    encodeNarinfoResponse({ type: "found", narinfo: "StorePath: /nix/store/x\nSig: k:é\n" }),
+    encodeNarRequest({ hashPart: hashPart(), narHash: narHash(), offset: 77 }),
+    encodeNarResponseHeader({ type: "error", code: 3, message: "busy" }),
+    encodePeersResponse([{ peerId: "abc", multiaddrs: ["/ip4/1.2.3.4/tcp/1"] }, { peerId: "def", multiaddrs: [] }]),
+  ];
+  const mutate = (s: Uint8Array): Uint8Array => {
+    const b = Uint8Array.from(s);
+    switch (Math.floor(Math.random() * 4)) {
+      case 0:
+        return b.subarray(0, Math.floor(Math.random() * b.length));
+      case 1:
+        for (let i = 0; i < 1 + Math.floor(Math.random() * 3); i++) b[Math.floor(Math.random() * b.length)] = Math.floor(Math.random() * 256);
+        return b;
+      case 2:
+        return bytes(...b, ...randomBytes(1 + Math.floor(Math.random() * 4)));
+      default:
+        if (b.length > 0) {
+          const i = Math.floor(Math.random() * b.length);
+          b[i] = b[i]! ^ (1 << Math.floor(Math.random() * 8));
+        }
+        return b;
+    }
+  };
+  let accepted = 0;
+  let refused = 0;
+  for (let i = 0; i < 2000; i++) {
+    const input =
+      i % 2 === 0
+        ? new Uint8Array(randomBytes(Math.floor(Math.random() * 64)))
+        : mutate(seeds[i % seeds.length]!);
+    if (i % 4 === 0 && input.length > 0) input[0] = [0x01, 0x02, 0x03, 0x10, 0x11, 0x12, 0x20, 0x21, 0x22, 0x30, 0x31][i % 11]!;
+    for (const [name, decode] of decoders) {
+      try {
+        decode(input);
+        accepted++;
+      } catch (e) {
+        if (!isPPE(e)) assert.fail(`${name} threw ${(e as Error)?.name}: ${(e as Error)?.message} on ${Buffer.from(input).toString("hex")}`);
+        refused++;
+      }
+    }
+    const fd = new FrameDecoder(64);
+    try {
+      fd.push(input);
+      while (fd.next());
+    } catch (e) {
+      if (!isPPE(e)) assert.fail(`FrameDecoder threw ${(e as Error)?.name} on ${Buffer.from(input).toString("hex")}`);
+    }
+  }
+  assert.ok(accepted > 100 && refused > 1000, `accepted ${accepted}, refused ${refused}`);
+});

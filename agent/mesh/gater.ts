@@ -1,0 +1,33 @@
+// Admits only peers whose peer ID derives from a trusted Nix key. The encrypted-connection hooks
+// run after the noise handshake, which proves the remote holds that key, so a peer cannot claim
+// someone else's ID; the dial hooks save a pointless handshake with a known-untrusted peer.
+import "./polyfill.js";
+import type { ConnectionGater, PeerId } from "@libp2p/interface";
+import type { Multiaddr } from "@multiformats/multiaddr";
+
+export function meshGater(self: string, trusted: ReadonlySet<string> | ReadonlyMap<string, unknown>): ConnectionGater {
+  const refuse = (peer: PeerId): boolean => !trusted.has(peer.toString());
+  return {
+    // libp2p refuses self-dials anyway; saying so here keeps our own key out of every dial path.
+    denyDialPeer: (peer) => peer.toString() === self || refuse(peer),
+    // A multiaddr naming its peer (/p2p/<id>) can be judged before connecting. Everything else
+    // is allowed, including private, loopback and CGNAT (tailnet 100.64.0.0/10) addresses: the
+    // fleet lives on LANs and tailnets (libp2p's browser default would refuse private ranges).
+    denyDialMultiaddr: (ma: Multiaddr) => {
+      const id = peerIdIn(ma);
+      return id !== undefined && (id === self || !trusted.has(id));
+    },
+    filterMultiaddrForPeer: () => true,
+    denyInboundEncryptedConnection: refuse,
+    denyOutboundEncryptedConnection: refuse,
+    // Same check again once upgraded: cheap, and catches any path that skips the one above.
+    denyInboundUpgradedConnection: refuse,
+    denyOutboundUpgradedConnection: refuse,
+  };
+}
+
+function peerIdIn(ma: Multiaddr): string | undefined {
+  let id: string | undefined;
+  for (const c of ma.getComponents()) if (c.name === "p2p") id = c.value;
+  return id;
+}

@@ -1,0 +1,152 @@
+// A libp2p node for the fleet mesh: TCP + noise + yamux, identity = the host's Nix key, and a
+// gater that admits only trusted keys. Protocol handlers get a bounded StreamReader and the
+// caller's Nix public key.
+import "./polyfill.js";
+import { createLibp2p, type Libp2p } from "libp2p";
+import { tcp } from "@libp2p/tcp";
+import { noise } from "@chainsafe/libp2p-noise";
+import { yamux } from "@chainsafe/libp2p-yamux";
+import { identify, type Identify } from "@libp2p/identify";
+import { ping, type Ping } from "@libp2p/ping";
+import { mdns } from "@libp2p/mdns";
+import { multiaddr, type Multiaddr } from "@multiformats/multiaddr";
+import { peerIdFromString } from "@libp2p/peer-id";
+import type { AbortOptions, Connection, PeerId, Stream, StreamHandlerOptions } from "@libp2p/interface";
+import type { Logger } from "pino";
+import type { PublicKey, SecretKey } from "../../protocol/keys.js";
+import { libp2pPrivateKey, trustedPeers } from "./identity.js";
+import { meshGater } from "./gater.js";
+import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
+
+export interface MeshNodeOptions {
+  /** This host's Nix signing key, also its libp2p identity. */
+  key: SecretKey;
+  /** Nix public keys of the fleet: the only peers allowed in or out. Our own is implied. */
+  trusted: readonly PublicKey[];
+  /** "0.0.0.0:37516", "[::]:37516" or a multiaddr ("/ip4/127.0.0.1/tcp/0"). */
+  listen: string;
+  log: Logger;
+  /** Discover peers by multicast DNS and dial the trusted ones (default off). */
+  mdns?: boolean;
+}
+
+export type MeshServices = { identify: Identify; ping: Ping };
+
+export interface MeshRequest {
+  stream: Stream;
+  reader: StreamReader;
+  connection: Connection;
+  /** Peer ID string of the caller (always a trusted one). */
+  peerId: string;
+  /** The caller's Nix public key. */
+  peer: PublicKey;
+}
+
+/** Returns when done; the stream is then closed cleanly. A throw resets the stream instead. */
+export type MeshHandler = (req: MeshRequest) => Promise<void>;
+
+export interface MeshStream {
+  stream: Stream;
+  reader: StreamReader;
+}
+
+export interface MeshNode {
+  readonly libp2p: Libp2p<MeshServices>;
+  readonly peerId: PeerId;
+  /** Peer ID string -> Nix public key, including our own. */
+  readonly trusted: ReadonlyMap<string, PublicKey>;
+  /** Where peers can reach us, each ending in /p2p/<our peer id>. */
+  addresses(): Multiaddr[];
+  handle(protocol: string, handler: MeshHandler, opts?: StreamHandlerOptions): Promise<void>;
+  /** Opens a stream to a trusted peer (peer ID, its string, or a multiaddr). */
+  open(peer: PeerId | Multiaddr | string, protocol: string, opts?: AbortOptions): Promise<MeshStream>;
+  stop(): Promise<void>;
+}
+
+export const MDNS_SERVICE_TAG = "_fleetcache._udp.local";
+
+export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
+  const { log } = opts;
+  const privateKey = await libp2pPrivateKey(opts.key);
+  // Our own key first, and its public half only: the map is handed to every protocol handler.
+  const trusted = trustedPeers([{ name: opts.key.name, publicKey: opts.key.publicKey }, ...opts.trusted]);
+  const self = [...trusted.keys()][0]!;
+
+  const libp2p = await createLibp2p<MeshServices>({
+    privateKey,
+    addresses: { listen: [listenAddr(opts.listen).toString()] },
+    transports: [tcp()],
+    connectionEncrypters: [noise()],
+    // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
+    streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
+    connectionGater: meshGater(self, trusted),
+    peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
+    services: { identify: identify(), ping: ping() },
+  });
+
+  // mDNS only reports peers; dialing is up to us. Untrusted ones are not worth a handshake.
+  libp2p.addEventListener("peer:discovery", (evt) => {
+    const id = evt.detail.id;
+    if (!trusted.has(id.toString()) || id.toString() === self) return;
+    if (libp2p.getConnections(id).length > 0) return;
+    libp2p.dial(id).then(
+      () => log.debug({ peer: id.toString() }, "mesh: connected to discovered peer"),
+      (err: unknown) => log.debug({ peer: id.toString(), err }, "mesh: dialing discovered peer failed"),
+    );
+  });
+
+  await libp2p.start();
+  log.info({ peerId: self, addrs: libp2p.getMultiaddrs().map(String) }, "mesh: listening");
+
+  return {
+    libp2p,
+    peerId: libp2p.peerId,
+    trusted,
+    addresses: () => libp2p.getMultiaddrs(),
+    async handle(protocol, handler, handlerOpts) {
+      await libp2p.handle(
+        protocol,
+        async (stream, connection) => {
+          const peerId = connection.remotePeer.toString();
+          const peer = trusted.get(peerId);
+          if (!peer) {
+            // Unreachable while the gater holds; never serve an unknown peer if it does not.
+            stream.abort(new Error("untrusted peer"));
+            return;
+          }
+          const reader = new StreamReader(stream);
+          try {
+            await handler({ stream, reader, connection, peerId, peer });
+            await stream.close();
+          } catch (err) {
+            // A reset, not a clean close, so the caller cannot take a partial answer as whole.
+            log.debug({ protocol, peer: peer.name, err }, "mesh: handler failed; resetting stream");
+            stream.abort(err instanceof Error ? err : new Error(String(err)));
+          }
+        },
+        handlerOpts,
+      );
+    },
+    async open(peer, protocol, dialOpts) {
+      const target = typeof peer === "string" ? multiaddrOrPeer(peer) : peer;
+      const stream = await libp2p.dialProtocol(target, protocol, dialOpts);
+      return { stream, reader: new StreamReader(stream) };
+    },
+    async stop() {
+      await libp2p.stop();
+    },
+  };
+}
+
+/** "host:port" (IPv6 in brackets) or a multiaddr, as a TCP multiaddr. */
+export function listenAddr(listen: string): Multiaddr {
+  if (listen.startsWith("/")) return multiaddr(listen);
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|(\d{1,3}(?:\.\d{1,3}){3})):(\d{1,5})$/.exec(listen);
+  const port = Number(m?.[3]);
+  if (!m || port > 65535) throw new Error(`invalid listen address "${listen}": expected IPv4:PORT, [IPv6]:PORT or a multiaddr`);
+  return m[1] !== undefined ? multiaddr(`/ip6/${m[1]}/tcp/${port}`) : multiaddr(`/ip4/${m[2]}/tcp/${port}`);
+}
+
+function multiaddrOrPeer(s: string): Multiaddr | PeerId {
+  return s.startsWith("/") ? multiaddr(s) : peerIdFromString(s);
+}

@@ -4,7 +4,7 @@ import { writeFileSync } from "node:fs";
 import { Command } from "commander";
 import { formatPublicKey, generateKeyPair } from "../protocol/keys.js";
 import { startAgent } from "./agent.js";
-import { ConfigError, DEFAULT_PORT, loadConfig } from "./config.js";
+import { ConfigError, DEFAULT_P2P_PORT, DEFAULT_PORT, loadConfig } from "./config.js";
 import { readSecretKeyFile, writeSecretKeyFile } from "./keys-file.js";
 import { createLogger } from "./log.js";
 import { VERSION } from "./version.js";
@@ -31,6 +31,14 @@ program
   .option("--sign-key <file>", "secret key file to sign with, repeatable (env FLEETCACHE_SIGN_KEY, comma-separated; default: the host key in the state directory)", collect)
   .option("--state-dir <dir>", "state directory (env FLEETCACHE_STATE_DIR; default /var/lib/fleetcache)")
   .option("--priority <n>", "cache priority announced to Nix; lower is asked first (env FLEETCACHE_PRIORITY; default 30)")
+  .option("--p2p-listen <addr:port>", `mesh (libp2p) listen address, a multiaddr, or "off" (env FLEETCACHE_P2P_LISTEN; default 0.0.0.0:${DEFAULT_P2P_PORT})`)
+  .option("--peer <addr:port>", "a peer agent to dial (its mesh address or multiaddr), repeatable (env FLEETCACHE_PEERS, comma-separated)", collect)
+  .option("--trusted-key <name:base64>", "Nix public key of a fleet member, repeatable (env FLEETCACHE_TRUSTED_KEYS, comma-separated)", collect)
+  .option("--mdns", "find peers on the LAN by multicast DNS (env FLEETCACHE_MDNS; default on)")
+  .option("--no-mdns", "do not use multicast DNS")
+  .option("--tailscale", "dial the online peers listed by `tailscale status --json` (env FLEETCACHE_TAILSCALE; default off)")
+  .option("--no-tailscale", "do not use Tailscale discovery")
+  .option("--tailscale-status-file <file>", "read the Tailscale status from this file instead of running tailscale (env FLEETCACHE_TAILSCALE_STATUS_FILE)")
   .option("--check-config", "validate the configuration and key files, print the result as JSON, and exit")
   .action(async (opts: Record<string, unknown>) => {
     const log = createLogger();
@@ -44,6 +52,12 @@ program
           signKeyFiles: opts.signKey,
           stateDir: opts.stateDir,
           priority: opts.priority,
+          p2pListen: opts.p2pListen,
+          peers: opts.peer,
+          trustedKeys: opts.trustedKey,
+          mdns: opts.mdns,
+          tailscale: opts.tailscale,
+          tailscaleStatusFile: opts.tailscaleStatusFile,
         },
       });
     } catch (e) {

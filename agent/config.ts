@@ -3,6 +3,7 @@
 // TOML store_root) so that the CLI, systemd units and the NixOS module can each use what suits.
 import { readFileSync } from "node:fs";
 import { parse as parseToml } from "smol-toml";
+import { parsePublicKey } from "../protocol/keys.js";
 
 export interface ListenAddress {
   host: string;
@@ -16,9 +17,21 @@ export interface AgentConfig {
   signKeyFiles: string[];
   stateDir: string;
   priority: number;
+  /** libp2p listen address for the mesh ("ADDR:PORT" or a multiaddr); null: no mesh. */
+  p2pListen: string | null;
+  /** Peers to dial at start ("ADDR:PORT" or multiaddrs); others are found by discovery. */
+  peers: string[];
+  /** Nix public keys ("name:base64") of the fleet: the only peers let in, and whose signatures count. */
+  trustedKeys: string[];
+  mdns: boolean;
+  /** Dial the online peers of `tailscale status --json` (tailnets have no multicast). */
+  tailscale: boolean;
+  /** Read the Tailscale status from this file instead of running `tailscale status --json`. */
+  tailscaleStatusFile: string | null;
 }
 
 export const DEFAULT_PORT = 37515;
+export const DEFAULT_P2P_PORT = 37516;
 
 /** One setting: its TOML key, environment variable, and how to read a string form of it. */
 interface Setting<K extends keyof AgentConfig> {
@@ -36,8 +49,39 @@ function str(raw: unknown, from: string): string {
 function list(raw: unknown, from: string): string[] {
   // Arrays come from TOML and repeated flags; the environment gives one comma-separated string.
   const items = Array.isArray(raw) ? raw : typeof raw === "string" ? raw.split(",").map((s) => s.trim()).filter(Boolean) : null;
-  if (!items || items.some((i) => typeof i !== "string" || i === "")) throw new ConfigError(`${from}: expected a list of file paths`);
+  if (!items || items.some((i) => typeof i !== "string" || i === "")) throw new ConfigError(`${from}: expected a list of strings`);
   return items as string[];
+}
+
+function bool(raw: unknown, from: string): boolean {
+  if (typeof raw === "boolean") return raw;
+  if (typeof raw === "string" && /^(true|1|yes|on)$/i.test(raw)) return true;
+  if (typeof raw === "string" && /^(false|0|no|off)$/i.test(raw)) return false;
+  throw new ConfigError(`${from}: expected true or false`);
+}
+
+function p2pListen(raw: unknown, from: string): string | null {
+  const s = str(raw, from);
+  if (s === "off") return null;
+  if (s.startsWith("/")) return s; // a multiaddr, checked when the node starts
+  parseListen(s, from);
+  return s;
+}
+
+function optionalPath(raw: unknown, from: string): string | null {
+  return raw === "" ? null : str(raw, from);
+}
+
+function trustedKeys(raw: unknown, from: string): string[] {
+  const keys = list(raw, from).map((k) => k.trim());
+  for (const k of keys) {
+    try {
+      parsePublicKey(k);
+    } catch (e) {
+      throw new ConfigError(`${from}: "${k}" is not a Nix public key (NAME:BASE64 of 32 bytes): ${(e as Error).message}`);
+    }
+  }
+  return keys;
 }
 
 function priority(raw: unknown, from: string): number {
@@ -60,6 +104,12 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   signKeyFiles: { key: "signKeyFiles", toml: "sign_key", env: "FLEETCACHE_SIGN_KEY", parse: list },
   stateDir: { key: "stateDir", toml: "state_dir", env: "FLEETCACHE_STATE_DIR", parse: str },
   priority: { key: "priority", toml: "priority", env: "FLEETCACHE_PRIORITY", parse: priority },
+  p2pListen: { key: "p2pListen", toml: "p2p_listen", env: "FLEETCACHE_P2P_LISTEN", parse: p2pListen },
+  peers: { key: "peers", toml: "peers", env: "FLEETCACHE_PEERS", parse: list },
+  trustedKeys: { key: "trustedKeys", toml: "trusted_keys", env: "FLEETCACHE_TRUSTED_KEYS", parse: trustedKeys },
+  mdns: { key: "mdns", toml: "mdns", env: "FLEETCACHE_MDNS", parse: bool },
+  tailscale: { key: "tailscale", toml: "tailscale", env: "FLEETCACHE_TAILSCALE", parse: bool },
+  tailscaleStatusFile: { key: "tailscaleStatusFile", toml: "tailscale_status_file", env: "FLEETCACHE_TAILSCALE_STATUS_FILE", parse: optionalPath },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -68,6 +118,12 @@ export const DEFAULTS: AgentConfig = {
   signKeyFiles: [],
   stateDir: "/var/lib/fleetcache",
   priority: 30,
+  p2pListen: `0.0.0.0:${DEFAULT_P2P_PORT}`,
+  peers: [],
+  trustedKeys: [],
+  mdns: true,
+  tailscale: false,
+  tailscaleStatusFile: null,
 };
 
 export class ConfigError extends Error {}
@@ -108,6 +164,8 @@ function readTomlFile(path: string): Record<string, unknown> {
   }
 }
 
+/** The flag spelling of a setting, for messages. */
 function kebab(s: string): string {
-  return s.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase()).replace("sign-key-files", "sign-key");
+  const special: Record<string, string> = { signKeyFiles: "sign-key", peers: "peer", trustedKeys: "trusted-key", p2pListen: "p2p-listen" };
+  return special[s] ?? s.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase());
 }

@@ -84,6 +84,12 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       signKeyFiles: [],
       stateDir: "/var/lib/fleetcache",
       priority: 30,
+      p2pListen: "0.0.0.0:37516",
+      peers: [],
+      trustedKeys: [],
+      mdns: true,
+      tailscale: false,
+      tailscaleStatusFile: null,
     });
     const fromFile = await cfg(["--config", toml]);
     assert.equal(fromFile.code, 2, "sign key files that don't exist are a configuration error");
@@ -99,12 +105,19 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       ["priority = -1", /integer/],
       ['unknwon_key = "x"', /unknown setting "unknwon_key"/],
       ["this is not toml", /invalid TOML/],
+      ['trusted_keys = ["nokey"]', /not a Nix public key/],
+      ['mdns = "maybe"', /true or false/],
+      ['p2p_listen = "nowhere"', /ADDR:PORT/],
     ] as const) {
       writeFileSync(toml, bad + "\n");
       const r = await cfg(["--config", toml]);
       assert.equal(r.code, 2, bad);
       assert.match(r.stderr, why);
     }
+    const key = "peer-1:" + Buffer.alloc(32, 1).toString("base64");
+    const mesh = (await cfg(["--no-mdns", "--tailscale", "--peer", "10.0.0.1:37516", "--peer", "/dns4/b/tcp/1", "--trusted-key", key, "--p2p-listen", "off"])).config;
+    assert.deepEqual([mesh.mdns, mesh.tailscale, mesh.peers, mesh.trustedKeys, mesh.p2pListen], [false, true, ["10.0.0.1:37516", "/dns4/b/tcp/1"], [key], null]);
+    assert.deepEqual((await cfg([], { FLEETCACHE_TRUSTED_KEYS: `${key}, ${key}`, FLEETCACHE_MDNS: "no" })).config.trustedKeys, [key, key]);
     assert.equal((await cfg(["--config", join(tmp.dir, "missing.toml")])).code, 2);
     assert.equal((await cfg(["--priority", "x"])).code, 2);
   } finally {

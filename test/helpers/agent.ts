@@ -13,8 +13,18 @@ export interface AgentProcess {
   stop(): Promise<void>;
 }
 
-export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv = {}): Promise<AgentProcess> {
-  const child = spawn(process.execPath, [CLI, "agent", "--listen", "127.0.0.1:0", ...args], {
+/**
+ * Starts `fleetcache agent` with `args`. Unless the args say otherwise, the mesh is off and mDNS
+ * too (multicast would leave the machine from the root namespace): single-host tests need neither.
+ */
+export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv = {}, wrap: string[] = []): Promise<AgentProcess> {
+  const defaults = [
+    ...(args.includes("--listen") ? [] : ["--listen", "127.0.0.1:0"]),
+    ...(args.includes("--p2p-listen") ? [] : ["--p2p-listen", "off"]),
+    ...(args.includes("--mdns") ? [] : ["--no-mdns"]),
+  ];
+  const [cmd, ...pre] = wrap.length > 0 ? [...wrap, process.execPath] : [process.execPath];
+  const child = spawn(cmd!, [...pre, CLI, "agent", ...defaults, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, FLEETCACHE_LOG_LEVEL: "debug", ...env },
   });

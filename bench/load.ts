@@ -271,6 +271,63 @@ export async function pinTree(pid: number, cpus: string): Promise<void> {
   }
 }
 
+const CLK_TCK = 100; // USER_HZ: /proc reports CPU times in 1/100 s on Linux
+
+/** CPU seconds (user + system) used so far by `pid` and its live descendants, all threads. */
+export function treeCpuSeconds(pid: number): number {
+  let ticks = 0;
+  for (const p of [pid, ...descendants(pid)]) {
+    try {
+      const stat = readFileSync(`/proc/${p}/stat`, "utf8");
+      // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      ticks += Number(f[11]) + Number(f[12]);
+    } catch {
+      /* exited */
+    }
+  }
+  return ticks / CLK_TCK;
+}
+
+/** CPU seconds used by this process and by its children that have been waited for (wrk, curl). */
+export function selfAndChildrenCpuSeconds(): number {
+  const u = process.resourceUsage();
+  let ticks = 0;
+  try {
+    const stat = readFileSync("/proc/self/stat", "utf8");
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    ticks = Number(f[13]) + Number(f[14]); // cutime, cstime
+  } catch {
+    /* not Linux */
+  }
+  return (u.userCPUTime + u.systemCPUTime) / 1e6 + ticks / CLK_TCK;
+}
+
+/** Machine-wide CPU seconds spent busy (user, nice, system; not irq/softirq/steal) so far. */
+export function machineCpuSeconds(): number {
+  const line = readFileSync("/proc/stat", "utf8").split("\n")[0] ?? "";
+  const v = line.trim().split(/\s+/).slice(1).map(Number);
+  return ((v[0] ?? 0) + (v[1] ?? 0) + (v[2] ?? 0)) / CLK_TCK;
+}
+
+/** Measures, around `fn`, the CPU used by the server, by the benchmark and its load generators,
+ *  and by everything else on the machine (other work that disturbs the measurement). */
+export async function withCpuAccounting<T>(
+  serverPid: number,
+  fn: () => Promise<T>,
+): Promise<{ result: T; serverCpu: number; clientCpu: number; otherCpu: number; wall: number }> {
+  const s0 = treeCpuSeconds(serverPid);
+  const c0 = selfAndChildrenCpuSeconds();
+  const m0 = machineCpuSeconds();
+  const t0 = process.hrtime.bigint();
+  const result = await fn();
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  const serverCpu = treeCpuSeconds(serverPid) - s0;
+  const clientCpu = selfAndChildrenCpuSeconds() - c0;
+  const otherCpu = Math.max(0, machineCpuSeconds() - m0 - serverCpu - clientCpu);
+  return { result, serverCpu, clientCpu, otherCpu, wall };
+}
+
 function cpuTimes(): { busy: number; total: number } {
   const line = readFileSync("/proc/stat", "utf8").split("\n")[0] ?? "";
   const v = line.trim().split(/\s+/).slice(1).map(Number);

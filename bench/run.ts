@@ -10,7 +10,8 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { fmtBytes, hashPart, makeFixture, type Fixture } from "./fixture.js";
 import {
-  MemSampler, machineBusy, narThroughput, openFds, pinTree, readStatus, resetPeakRss, runWrk, writeWrkScript,
+  MemSampler, machineBusy, narThroughput, openFds, pinTree, readStatus, resetPeakRss, runWrk, withCpuAccounting,
+  writeWrkScript,
   type NarThroughput, type WrkResult,
 } from "./load.js";
 import { nix32Encode, randomHashParts } from "./nix32.js";
@@ -35,8 +36,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
   --write / --no-write   force writing BENCHMARKS.md on or off
   --candidate K      what to compare with nginx: "agent" (default) or "nginx" (a second nginx,
                      to check the harness itself)
-  --pin1 MODE        CPU placement for the 1-connection runs: "same" (default: client and
-                     server both on CPU 0), "cross" (client CPU 0, server CPU 1) or "none"
+  --pin1 MODE        CPU placement for the 1-connection narinfo runs: "same" (default: client
+                     and server both on CPU 0), "cross" (client CPU 0, server CPU 1) or "none"
   --idle-wait S      before each measurement, wait up to S seconds for other work on the machine
                      to stop (more than 10 % CPU busy counts as busy; default 60, --quick: 5)
   --repeat N         repeat every measurement N times (servers alternating), report the median
@@ -54,8 +55,8 @@ const PIN_MODES: Record<"same" | "cross" | "none", { client: string; server: str
 };
 
 const PIN_DESCRIPTIONS: Record<keyof typeof PIN_MODES, string> = {
-  same: "with client and server pinned to the same CPU",
-  cross: "with client and server pinned to different CPUs",
+  same: "with wrk and the server pinned to the same CPU",
+  cross: "with wrk and the server pinned to different CPUs",
   none: "not pinned",
 };
 
@@ -277,6 +278,10 @@ interface Outcome {
   value?: number;
   /** Fraction of the machine busy with other work just before this measurement. */
   busy: number;
+  /** CPU seconds used during the run by the server, by the load generators, by anything else. */
+  cpu?: { serverCpu: number; clientCpu: number; otherCpu: number; wall: number };
+  /** Server CPU per unit of work: µs per request (narinfo), s per GB (NAR). */
+  cost?: number;
   wrk?: WrkResult;
   nar?: NarThroughput;
   error?: string;
@@ -292,6 +297,13 @@ function median(list: Outcome[] | undefined): (Outcome & { values: number[] }) |
   const values = list.map((o) => o.value).filter((v): v is number => v !== undefined);
   const pick = ok[Math.floor((ok.length - 1) / 2)] ?? list[0];
   return pick ? { ...pick, problems, values } : undefined;
+}
+
+function cpuProblems(acc: { otherCpu: number; wall: number }): string[] {
+  const share = acc.wall > 0 ? acc.otherCpu / acc.wall : 0;
+  return share > BUSY * availableParallelism()
+    ? [`other work on the machine used ${(share * 100).toFixed(0)} % of a CPU during the run`]
+    : [];
 }
 
 function wrkProblems(r: WrkResult, kind: "hit" | "miss"): string[] {
@@ -415,7 +427,8 @@ async function main(): Promise<void> {
   };
 
   const measure = async (row: (typeof ROWS)[number], s: Server): Promise<void> => {
-    const pin = row.conns === 1 ? pin1 : undefined;
+    // Pinning matters for narinfo ping-pong on one connection; bulk NAR transfers are left free.
+    const pin = row.conns === 1 && row.kind !== "nar" ? pin1 : undefined;
     if (pin) await pinTree(s.pid, pin.server);
     let busy = await machineBusy(300);
     const waitUntil = Date.now() + opts.idleWait * 1000;
@@ -429,18 +442,25 @@ async function main(): Promise<void> {
     try {
       if (row.kind === "nar") {
         const t = targets.get(s) as NarTarget;
-        const r = await narThroughput(t.url, t.size, { clients: row.conns, durationSec: opts.duration, cpus: pin?.client });
+        const acc = await withCpuAccounting(s.pid, () =>
+          narThroughput(t.url, t.size, { clients: row.conns, durationSec: opts.duration, cpus: pin?.client }),
+        );
+        const r = acc.result;
         if (r.failed > 0) problems.push(`${r.failed} failed downloads: ${r.failures.join("; ")}`);
-        if (r.complete === 0) problems.push("no download completed within the run (value from partial downloads)");
-        record(row.key, s, { value: r.mbPerSec, nar: r, problems, busy });
+        if (r.bytes === 0) problems.push("no bytes received");
+        problems.push(...cpuProblems(acc));
+        record(row.key, s, { value: r.mbPerSec, nar: r, problems, busy, cpu: acc, cost: r.bytes > 0 ? acc.serverCpu / (r.bytes / 1e9) : undefined });
         log(`${s.name}: ${row.label}: ${fmtNum(r.mbPerSec)} (${r.complete} complete, ${r.cutOff} cut off at the deadline)${problems.length ? ` PROBLEMS: ${problems.join("; ")}` : ""}`);
       } else {
         const script = row.kind === "hit" ? hitScript : missScript;
-        const r = await runWrk(s.baseUrl, script, {
-          connections: row.conns, threads: row.conns === 1 ? 1 : 2, durationSec: opts.duration, cpus: pin?.client,
-        });
-        problems.push(...wrkProblems(r, row.kind));
-        record(row.key, s, { value: r.reqPerSec, wrk: r, problems, busy });
+        const acc = await withCpuAccounting(s.pid, () =>
+          runWrk(s.baseUrl, script, {
+            connections: row.conns, threads: row.conns === 1 ? 1 : 2, durationSec: opts.duration, cpus: pin?.client,
+          }),
+        );
+        const r = acc.result;
+        problems.push(...wrkProblems(r, row.kind), ...cpuProblems(acc));
+        record(row.key, s, { value: r.reqPerSec, wrk: r, problems, busy, cpu: acc, cost: r.requests > 0 ? (acc.serverCpu / r.requests) * 1e6 : undefined });
         log(`${s.name}: ${row.label}: ${fmtNum(r.reqPerSec)} (p50 ${r.latencyUs.p50} µs, p99 ${r.latencyUs.p99} µs)${problems.length ? ` PROBLEMS: ${problems.join("; ")}` : ""}`);
       }
     } catch (e) {
@@ -539,7 +559,7 @@ function renderResults(r: {
   out.push(
     `Run on ${date} with \`npm run bench${argv.length ? ` -- ${argv.join(" ")}` : ""}\` ` +
       `(${opts.duration} s per measurement${opts.repeat > 1 ? `, median of ${opts.repeat}` : ""}, ` +
-      `1-connection runs ${PIN_DESCRIPTIONS[opts.pin1]}, ${fx.smallPaths.length} small paths, big NAR ${fmtBytes(r.candNar.size)}; ` +
+      `1-connection narinfo runs ${PIN_DESCRIPTIONS[opts.pin1]}, ${fx.smallPaths.length} small paths, big NAR ${fmtBytes(r.candNar.size)}; ` +
       `whole run ${Math.round(r.totalSecs)} s, fixture ${Math.round(r.fixtureSecs)} s). ` +
       "This section is rewritten by every full run.",
     "",
@@ -561,6 +581,25 @@ function renderResults(r: {
     ),
     "",
   );
+  out.push(
+    "Server CPU per unit of work (user + system time of the server's processes during the run, from " +
+      "/proc; independent of how the scheduler placed client and server):",
+    "",
+  );
+  out.push(
+    table(
+      ["", nginx.name, cand.name, `${cand.name}/${nginx.name}`],
+      ROWS.map((row) => {
+        const m = results.get(row.key);
+        const a = median(m?.get(nginx))?.cost;
+        const b = median(m?.get(cand))?.cost;
+        const what = row.kind === "nar" ? "NAR: CPU s per GB" : `${row.kind === "hit" ? "hit" : "miss"}: CPU µs per request`;
+        const digits = row.kind === "nar" ? 2 : 0;
+        return [`${what}, ${row.conns} conn`, fmtNum(a, digits), fmtNum(b, digits), fmtRatio(b, a)];
+      }),
+    ),
+    "",
+  );
 
   // Memory.
   const m = memory;
@@ -569,7 +608,7 @@ function renderResults(r: {
     table(
       ["phase", "RSS at start", "peak RSS", "peak RSS incl. children", "samples"],
       [
-        ["agent started, /health answered", fmtKiB(m.startRssKiB), "", "", ""],
+        ["started, ready (/health or /nix-cache-info answered)", fmtKiB(m.startRssKiB), "", "", ""],
         ["after the checks, before any NAR download", fmtKiB(m.beforeRssKiB), "", "", ""],
         ...m.phases.map((p) => [p.label, fmtKiB(p.startRssKiB), fmtKiB(p.peakRssKiB), fmtKiB(p.peakTreeRssKiB), String(p.samples)]),
         ["end", fmtKiB(m.afterRssKiB), "", "", ""],
@@ -607,6 +646,10 @@ function renderResults(r: {
       } else if (o.nar) {
         const n = o.nar;
         detail = `${fmtBytes(n.bytes)} in ${n.seconds.toFixed(1)} s; downloads complete ${n.complete}, cut off at the deadline ${n.cutOff}, failed ${n.failed}`;
+      }
+      if (o.cpu) {
+        const c = o.cpu;
+        detail += `; CPU s: server ${c.serverCpu.toFixed(2)}, wrk/curl ${c.clientCpu.toFixed(2)}, other ${c.otherCpu.toFixed(2)}`;
       }
       if (o.values.length > 1) detail += `; all runs: ${o.values.map((v) => fmtNum(v)).join(", ")}`;
       if (o.busy > 0.02) detail += `; machine ${(o.busy * 100).toFixed(0)} % busy before`;

@@ -20,6 +20,10 @@ export interface CacheContext {
   log: Logger;
 }
 
+// Rendered narinfos, by the PathInfo they came from (sources reuse the object while the path is
+// unchanged, so a repeated lookup costs a database row and a map lookup).
+const rendered = new WeakMap<PathInfo, Buffer>();
+
 const NOT_FOUND_HEADERS = { "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" };
 
 export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): void {
@@ -30,7 +34,11 @@ export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res
   if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
   const info = await ctx.source.pathInfo(hashPart);
   if (!info) return send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
-  const body = renderNarinfo(info, narUrl(hashPart, info.narHash));
+  let body = rendered.get(info);
+  if (!body) {
+    body = Buffer.from(renderNarinfo(info, narUrl(hashPart, info.narHash)));
+    rendered.set(info, body);
+  }
   // Short-lived: a garbage-collected path must not linger in an intermediate cache.
   send(req, res, 200, body, { "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60" });
 }

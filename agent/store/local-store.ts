@@ -9,8 +9,20 @@ import type { Signer } from "../signer.js";
 import { NixDb, type DbPathRow } from "./db.js";
 import { narListing, narStream } from "./nar-dump.js";
 
+/** A row's PathInfo stays valid while the row (id) and its signatures are unchanged. */
+interface CachedInfo {
+  id: number;
+  sigs: string | null;
+  info: PathInfo;
+}
+
+const MAX_CACHED = 100_000;
+
 export class LocalStore implements PathSource {
   readonly db: NixDb;
+  // The database is asked on every lookup (so GC shows at once); what is derived from a row
+  // (references, hash conversion, our signature) is kept, since it cannot change for that row.
+  private readonly infos = new Map<string, CachedInfo>();
 
   constructor(
     readonly root: string,
@@ -23,9 +35,18 @@ export class LocalStore implements PathSource {
     return this.pathInfoSync(hashPart);
   }
 
+  /** The same PathInfo object is returned while the path is unchanged (callers may cache by it). */
   pathInfoSync(hashPart: string): PathInfo | undefined {
     const row = this.db.pathByHashPart(hashPart);
-    return row && this.toPathInfo(row);
+    if (!row) return undefined;
+    const cached = this.infos.get(hashPart);
+    if (cached && cached.id === row.id && cached.sigs === row.sigs) return cached.info;
+    const info = this.toPathInfo(row);
+    if (info) {
+      if (this.infos.size >= MAX_CACHED) this.infos.delete(this.infos.keys().next().value!);
+      this.infos.set(hashPart, { id: row.id, sigs: row.sigs, info });
+    }
+    return info;
   }
 
   /** Lookup by NAR hash ("sha256:..." in any encoding): a table scan, for legacy NAR URLs only. */

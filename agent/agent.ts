@@ -8,11 +8,14 @@ import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
 import { Signer } from "./signer.js";
 import { LocalStore } from "./store/local-store.js";
+import { Mesh } from "./mesh/mesh.js";
+import type { PathSource } from "./source.js";
 import { VERSION } from "./version.js";
 
 export interface RunningAgent {
   server: Server;
   store: LocalStore;
+  mesh: Mesh | undefined;
   keys: SecretKey[];
   /** The address actually bound (the port may have been 0). */
   address: AddressInfo;
@@ -29,7 +32,38 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   } catch (e) {
     throw new Error(`cannot open the Nix database under ${config.storeRoot} (is this a Nix store root, and readable?): ${(e as Error).message}`);
   }
-  const server = createHttpServer({ source: store, local: store, priority: config.priority, log });
+  let mesh: Mesh | undefined;
+  if (config.p2pListen) {
+    mesh = await Mesh.start({
+      key: keys[0]!, // the first signing key is also this host's identity in the mesh
+      trustedKeys: config.trustedKeys,
+      listen: config.p2pListen,
+      peers: config.peers,
+      mdns: config.mdns,
+      ...(config.tailscale ? { tailscale: { port: meshPort(config.p2pListen), ...(config.tailscaleStatusFile ? { statusFile: config.tailscaleStatusFile } : {}) } } : {}),
+      local: store,
+      log,
+    }).catch((e: Error) => {
+      store.close();
+      throw new Error(`cannot start the mesh on ${config.p2pListen}: ${e.message}`);
+    });
+  }
+  const source: PathSource = mesh?.source ?? store;
+  const startedAt = Date.now();
+  const status = () => ({
+    self: {
+      name: keys[0]!.name,
+      publicKey: formatPublicKey(keys[0]!),
+      peerId: mesh?.node.peerId.toString() ?? null,
+      addresses: mesh?.node.addresses().map(String) ?? [],
+      paths: store.pathCount(),
+      version: VERSION,
+      uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
+    },
+    peers: mesh?.status().peers ?? [],
+    counters: mesh ? { ...mesh.source.counters } : {},
+  });
+  const server = createHttpServer({ source, local: store, priority: config.priority, log, status });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(config.listen.port, config.listen.host, () => {
@@ -51,6 +85,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   return {
     server,
     store,
+    mesh,
     keys,
     address,
     async stop() {
@@ -60,7 +95,14 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       const timer = setTimeout(() => server.closeAllConnections(), 5000);
       await closed;
       clearTimeout(timer);
+      await mesh?.stop();
       store.close();
     },
   };
+}
+
+/** The TCP port of a mesh listen address ("ADDR:PORT" or a multiaddr with /tcp/PORT). */
+function meshPort(listen: string): number {
+  const m = /(?::|\/tcp\/)(\d+)(?:\/|$)/.exec(listen);
+  return m ? Number(m[1]) : 37516;
 }

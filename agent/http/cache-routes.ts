@@ -18,6 +18,8 @@ export interface CacheContext {
   local: LocalStore;
   priority: number;
   log: Logger;
+  /** The agent's status document (self, peers, counters) for operators. */
+  status?: () => unknown;
 }
 
 // Rendered narinfos, by the PathInfo they came from (sources reuse the object while the path is

@@ -66,5 +66,14 @@ async function dispatch(ctx: CacheContext, req: IncomingMessage, res: ServerResp
   }
   if (path === "/health") return sendJson(req, res, 200, { status: "ok" }, { "Cache-Control": "no-store" });
   if (path === "/version") return sendJson(req, res, 200, { name: "fleetcache", version: VERSION });
+  if (path === "/api/v1/status" && ctx.status) {
+    // Operator data (peers, addresses): for this host only, whatever address the agent listens on.
+    if (!isLoopback(req.socket.remoteAddress)) throw new HttpError(403, "the admin API answers only on loopback");
+    return sendJson(req, res, 200, ctx.status(), { "Cache-Control": "no-store" });
+  }
   throw new HttpError(404, "not found");
+}
+
+function isLoopback(addr: string | undefined): boolean {
+  return addr !== undefined && (addr.startsWith("127.") || addr === "::1" || addr.startsWith("::ffff:127."));
 }

@@ -1,0 +1,174 @@
+// The mesh end to end: hosts in their own network namespaces, each with its own store and agent.
+// Nix on host C, which knows only host A, copies closures held by A and by B through C's
+// localhost agent, with signatures required.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { parseHash } from "../protocol/hash.js";
+import { parseNarinfo } from "../protocol/narinfo.js";
+import { createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
+import { canUseNetns } from "./helpers/netns.js";
+import { addToStore, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
+
+let fleet: Fleet | undefined;
+let A: FleetHost, B: FleetHost, C: FleetHost, D: FleetHost;
+/** The fleet's keys: A, B and C trust each other. D is an outsider on the same network. */
+let fleetKeys: string[];
+let closureA: string[], closureB: string[];
+
+// Two closures sharing a dependency: A builds one, B the other.
+const EXPR = `{ which }:
+let
+  mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+  shared = mk "mesh-shared" "/bin/mkdir $out; echo shared > $out/data";
+  a = mk "mesh-only-a" "/bin/mkdir $out; echo \${shared} > $out/ref; echo a > $out/a";
+  b = mk "mesh-only-b" "/bin/mkdir $out; echo \${shared} > $out/ref; echo b > $out/b";
+in if which == "a" then a else b
+`;
+
+async function buildClosure(host: FleetHost, which: "a" | "b"): Promise<string[]> {
+  const file = join(host.dir, "closure.nix");
+  writeFileSync(file, EXPR);
+  const out = (await run("nix-build", ["--store", host.storeRoot, ...OFFLINE, file, "--argstr", "which", which, "--no-out-link"])).trim();
+  return (await pathInfo(host.storeRoot, [out], true)).map((i) => i.path);
+}
+
+before(async () => {
+  if (!(await hasNix()) || !(await canUseNetns())) {
+    if (process.env.CI === "true") throw new Error("the mesh tests need Nix and network namespaces (root) under CI=true");
+    return;
+  }
+  fleet = await createFleet(["a", "b", "c", "d"]);
+  [A, B, C, D] = fleet.hosts as [FleetHost, FleetHost, FleetHost, FleetHost];
+  fleetKeys = [A.publicKey, B.publicKey, C.publicKey];
+  closureA = await buildClosure(A, "a");
+  closureB = await buildClosure(B, "b");
+  // C's store must exist for its agent: one unrelated path.
+  writeFileSync(join(C.dir, "c.txt"), "c\n");
+  await addToStore(C.storeRoot, join(C.dir, "c.txt"));
+  const peerA = `${A.net.ip}:${P2P_PORT}`;
+  await A.start([], fleetKeys);
+  await B.start(["--peer", peerA], fleetKeys);
+  await C.start(["--peer", peerA], fleetKeys); // C knows only A
+});
+
+after(async () => {
+  await fleet?.destroy();
+});
+
+function ready(t: { skip: (m: string) => void }): boolean {
+  if (fleet) return true;
+  t.skip("needs Nix and root for network namespaces");
+  return false;
+}
+
+const hashOf = (p: string) => p.slice(11, 43);
+
+test("peer exchange: C, told only of A, connects to B as well", async (t) => {
+  if (!ready(t)) return;
+  const status = await eventually("C connected to A and B", async () => {
+    const s = await C.status();
+    const connected = s.peers.filter((p) => p.connected).map((p) => p.name);
+    return connected.includes("a-1") && connected.includes("b-1") ? s : undefined;
+  });
+  assert.equal(status.peers.find((p) => p.name === "b-1")?.connected, true);
+});
+
+test("Nix on C copies both closures through C's agent with require-sigs, and verifies them", async (t) => {
+  if (!ready(t)) return;
+  // Wait until C has both peers' summaries.
+  await eventually("C sees every path of A and B", async () => {
+    for (const p of [...closureA, ...closureB]) if ((await C.http(`/${hashOf(p)}.narinfo`)).status !== 200) return false;
+    return true;
+  });
+  const dest = join(C.dir, "dest");
+  await C.nix([
+    "copy", "--from", C.agent!.url, "--to", dest,
+    "--option", "trusted-public-keys", fleetKeys.join(" "), "--option", "require-sigs", "true",
+    "--option", "narinfo-cache-negative-ttl", "0",
+    ...closureA, ...closureB,
+  ]);
+  await C.nix(["store", "verify", "--store", dest, "--trusted-public-keys", fleetKeys.join(" "), "--sigs-needed", "1", ...closureA, ...closureB]);
+  const copied = await pathInfo(dest, [...closureA, ...closureB]);
+  const originals = [...(await pathInfo(A.storeRoot, closureA)), ...(await pathInfo(B.storeRoot, closureB))];
+  for (const o of originals) assert.equal(copied.find((c) => c.path === o.path)?.narHash, o.narHash, o.path);
+  const s = await C.status();
+  assert.ok(s.counters.peerHits! > 0 && s.counters.bytesFromPeers! > 0, "the paths came from peers");
+});
+
+test("a path no peer announces is a 404 from memory, with no peer asked", async (t) => {
+  if (!ready(t)) return;
+  const before = (await C.status()).counters;
+  for (let i = 0; i < 20; i++) {
+    const res = await C.http(`/${"1".repeat(31)}${"abcdfghijklmnpqrsvwxyz0"[i]}.narinfo`);
+    assert.equal(res.status, 404);
+  }
+  const afterwards = (await C.status()).counters;
+  assert.equal(afterwards.peerQueries, before.peerQueries, "no peer was asked");
+  assert.equal(afterwards.misses! - before.misses!, 20);
+});
+
+test("a path GC'd on its only holder after being announced falls back cleanly to 404", async (t) => {
+  if (!ready(t)) return;
+  writeFileSync(join(A.dir, "ephemeral"), "soon gone\n");
+  const path = await addToStore(A.storeRoot, join(A.dir, "ephemeral"));
+  await eventually("C sees the new path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 200);
+  const narUrl = "/" + parseNarinfo((await C.http(`/${hashOf(path)}.narinfo`)).body).url;
+  await run("nix-store", ["--store", A.storeRoot, "--delete", path]);
+  // Whether or not the removal has reached C yet, the NAR is never served truncated or wrong...
+  const nar = await C.http(narUrl).catch((e: Error) => ({ status: 0, body: e.message }));
+  assert.ok(nar.status === 404 || nar.status === 0, `NAR of a collected path: ${nar.status}`);
+  // ...and the narinfo turns into a 404 once A's summary delta arrives.
+  await eventually("C forgets the collected path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 404);
+});
+
+test("a peer killed in the middle of a large NAR: the transfer completes from another holder", async (t) => {
+  if (!ready(t)) return;
+  const big = join(A.dir, "big.bin");
+  const block = createHash("sha512").update("fleet").digest();
+  const buf = Buffer.alloc(96 << 20);
+  for (let i = 0; i < buf.length; i += block.length) block.copy(buf, i, 0, Math.min(block.length, buf.length - i));
+  for (let i = 0; i < buf.length; i += 4096) buf.writeUInt32LE(i, i); // not compressible to nothing
+  writeFileSync(big, buf);
+  const path = await addToStore(A.storeRoot, big);
+  // Only A has it when C looks it up, so C's narinfo (and first NAR source) is A.
+  await eventually("C sees the big path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 200);
+  const narinfo = parseNarinfo((await C.http(`/${hashOf(path)}.narinfo`)).body);
+  // Now B holds it too (same content, same content-addressed path).
+  assert.equal(await addToStore(B.storeRoot, big), path);
+  await eventually("C has B's summary with the big path in it", async () => {
+    const paths = (await B.status()).self.paths;
+    const b = (await C.status()).peers.find((p) => p.name === "b-1");
+    return b?.connected && b.pathCount === paths;
+  });
+  const out = join(C.dir, "big.nar");
+  // A slow download through C, so that A can be killed while it is sending.
+  const download = C.exec("curl", ["-sS", "--fail", "--limit-rate", "16M", "-o", out, `${C.agent!.url}/${narinfo.url}`]);
+  await eventually("the download is under way", async () => ((await C.status()).counters.bytesFromPeers ?? 0) > 8 << 20);
+  await A.stop();
+  await download.catch((e: Error) => {
+    throw new Error(`${e.message}\nC's log:\n${C.agent!.logs().split("\n").filter((l) => /NAR|transfer|peer/.test(l)).slice(-15).join("\n")}`);
+  });
+  const got = createHash("sha256").update(readFileSync(out)).digest();
+  assert.ok(got.equals(Buffer.from(parseHash(narinfo.narHash))), "the NAR is complete and correct");
+  const s = await C.status();
+  assert.ok(s.counters.failovers! >= 1, "another holder took over");
+  await A.start([], fleetKeys); // for the tests after this one
+});
+
+test("an agent whose key is not trusted is refused, and its paths are never offered", async (t) => {
+  if (!ready(t)) return;
+  // D trusts the fleet and dials C, but nobody in the fleet trusts D's key.
+  writeFileSync(join(D.dir, "secret-of-d"), "d only\n");
+  const dPath = await addToStore(D.storeRoot, join(D.dir, "secret-of-d"));
+  await D.start(["--peer", `${C.net.ip}:${P2P_PORT}`], [...fleetKeys, D.publicKey]);
+  await eventually("D has tried to dial C", async () => (await D.status()).peers.some((p) => p.addresses.length > 0 || p.name === "c-1"), 10_000).catch(() => {});
+  await new Promise((r) => setTimeout(r, 2000));
+  const s = await C.status();
+  assert.ok(!s.peers.some((p) => p.name === "d-1"), "C does not list D as a peer");
+  assert.equal((await C.http(`/${hashOf(dPath)}.narinfo`)).status, 404, "D's path is not offered");
+  const d = await D.status();
+  assert.ok(!d.peers.some((p) => p.connected), "D got no connection to anyone");
+});

@@ -1,0 +1,299 @@
+// /fleetcache/nar/1.0.0 (protocol/PEER-PROTOCOL.md): serving NARs of this host's store to peers,
+// and fetching one from a peer. NAR bytes are unframed after a NarOk header, so the only way a
+// responder can say "this is not the whole NAR" is a reset: it resets whenever it cannot finish,
+// and the requester throws on anything short of the announced size. Hashing the whole NAR is the
+// caller's job (NarVerifier), since a transfer may be stitched together from several peers.
+import { createHash, timingSafeEqual, type Hash } from "node:crypto";
+import type { Stream } from "@libp2p/interface";
+import {
+  MAX_FRAME_BYTES,
+  NAR_ERROR,
+  PROTOCOL_NAR,
+  decodeNarRequest,
+  decodeNarResponseHeader,
+  encodeNarRequest,
+  encodeNarResponseHeader,
+  type NarResponseHeader,
+} from "../../protocol/peer-codec.js";
+import { parseHash } from "../../protocol/hash.js";
+import { encodeNix32 } from "../../protocol/nix32.js";
+import type { PathInfo } from "../../protocol/path-info.js";
+import { isValidHashPart } from "../../protocol/store-path.js";
+import type { Logger } from "../log.js";
+import type { LocalStore } from "../store/local-store.js";
+import type { MeshNode, MeshStream } from "./node.js";
+import { writeAll, writeFrame } from "./stream-io.js";
+import { FIRST_REQUEST_MS, PeerSlots, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
+
+export const MAX_NAR_TRANSFERS_PER_PEER = 8;
+/** A NAR stream whose reader takes nothing for this long is reset (spec: 60 s). */
+export const NAR_SEND_STALL_MS = 60_000;
+/** Requester deadlines (spec recommendations): the header, then progress during the bytes. */
+export const NAR_HEADER_DEADLINE_MS = 5_000;
+export const NAR_RECEIVE_STALL_MS = 30_000;
+
+export interface NarServeOptions {
+  firstRequestMs?: number;
+  sendStallMs?: number;
+  /** Concurrent transfers per peer (spec: 8); more are answered busy. */
+  maxTransfersPerPeer?: number;
+}
+
+/** Serves NARs of `local` only; never asks another peer. */
+export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, opts: NarServeOptions = {}): Promise<void> {
+  const firstMs = opts.firstRequestMs ?? FIRST_REQUEST_MS;
+  const stallMs = opts.sendStallMs ?? NAR_SEND_STALL_MS;
+  const slots = new PeerSlots(opts.maxTransfersPerPeer ?? MAX_NAR_TRANSFERS_PER_PEER);
+  await node.handle(
+    PROTOCOL_NAR,
+    async ({ stream, reader, peerId, peer }) => {
+      const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.nar, firstMs);
+      if (frame === TIMED_OUT) throw new Error(`no NAR request within ${firstMs} ms`);
+      if (frame === undefined) return; // opened and closed without asking
+      const req = decodeNarRequest(frame); // malformed: throws, the stream is reset
+      const found = lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
+      if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
+      if (!slots.tryAcquire(peerId)) {
+        return writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.busy, `more than ${slots.limit} transfers`)));
+      }
+      try {
+        await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize }));
+        const watchdog = new Watchdog(stallMs, `no progress for ${stallMs} ms`);
+        try {
+          const bytes = local.narStream(found, req.offset, found.narSize);
+          const sent = await writeAll(stream, watchdog.feed(bytes), { signal: watchdog.signal });
+          // narStream throws rather than end early; this only guards against a bug there.
+          if (sent !== found.narSize - req.offset) throw new Error(`sent ${sent} of ${found.narSize - req.offset} NAR bytes`);
+        } finally {
+          watchdog.stop();
+        }
+        log.debug({ peer: peer.name, path: found.storePath, offset: req.offset }, "mesh: NAR served");
+      } finally {
+        slots.release(peerId);
+      }
+    },
+    // Leave room above our limit so the ninth request gets "busy" rather than a libp2p reset.
+    { maxInboundStreams: 4 * slots.limit, maxOutboundStreams: 64 },
+  );
+}
+
+function lookup(local: LocalStore, hashPart: string, narHash: string, offset: number, log: Logger): PathInfo | NarResponseHeader {
+  let info: PathInfo | undefined;
+  try {
+    info = local.pathInfoSync(hashPart);
+  } catch (err) {
+    log.warn({ hashPart, err: (err as Error).message }, "mesh: store lookup failed");
+    return narError(NAR_ERROR.internal, "store lookup failed");
+  }
+  // The NAR hash pins the content: a path rebuilt with other bytes is not the NAR asked for.
+  if (!info || info.narHash !== narHash) return narError(NAR_ERROR.notFound, "no such path with that NAR hash");
+  if (offset > info.narSize) return narError(NAR_ERROR.badOffset, `offset ${offset} beyond NAR size ${info.narSize}`);
+  return info;
+}
+
+function narError(code: number, message: string): NarResponseHeader {
+  return { type: "error", code, message };
+}
+
+/** Fires its signal when nothing passes through feed() for `ms` (a reader that stopped taking). */
+class Watchdog {
+  readonly #ctl = new AbortController();
+  #timer: NodeJS.Timeout | undefined;
+  constructor(
+    readonly ms: number,
+    readonly reason: string,
+  ) {
+    this.#arm();
+  }
+  get signal(): AbortSignal {
+    return this.#ctl.signal;
+  }
+  async *feed<T>(source: AsyncIterable<T>): AsyncGenerator<T> {
+    // writeAll asks for the next chunk only once the previous one is sent: that is progress.
+    for await (const item of source) {
+      this.#arm();
+      yield item;
+    }
+  }
+  stop(): void {
+    clearTimeout(this.#timer);
+  }
+  #arm(): void {
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => this.#ctl.abort(new Error(this.reason)), this.ms);
+  }
+}
+
+// --- requester --------------------------------------------------------------------------------
+
+export type NarFetchReason =
+  | "not-found"
+  | "bad-offset"
+  | "busy"
+  | "internal"
+  | "size-mismatch"
+  | "hash-mismatch"
+  | "timeout"
+  | "stalled"
+  | "failed" // could not open the stream, or it broke before the header
+  | "protocol" // a malformed header
+  | "interrupted"; // the bytes stopped before the end
+
+/** A NAR could not be had from this peer (or did not check out); try another holder. */
+export class NarFetchError extends Error {
+  override name = "NarFetchError";
+  constructor(
+    readonly reason: NarFetchReason,
+    message: string,
+    opts?: { cause?: unknown },
+  ) {
+    super(`${reason}: ${message}`, opts);
+  }
+}
+
+const REASON_BY_CODE: Record<number, NarFetchReason> = {
+  [NAR_ERROR.notFound]: "not-found",
+  [NAR_ERROR.badOffset]: "bad-offset",
+  [NAR_ERROR.busy]: "busy",
+};
+
+export interface NarFetchRequest {
+  hashPart: string;
+  /** "sha256:<hash>" (any encoding parseHash accepts) from the verified narinfo. */
+  narHash: string;
+  offset: number;
+  /** NarSize from the verified narinfo: the peer must announce exactly this. */
+  narSize: number;
+}
+
+export interface OpenNarOptions {
+  /** Aborting resets the stream, before or during the bytes. */
+  signal?: AbortSignal;
+  headerTimeoutMs?: number;
+  /** Longest wait for the next bytes while the caller is asking for them. */
+  stallMs?: number;
+  log?: Logger;
+}
+
+/**
+ * Asks `peerId` for NAR bytes [offset, narSize). Throws NarFetchError unless the peer answers
+ * NarOk with the expected size within the header deadline. The iterable then yields exactly
+ * narSize - offset bytes or throws (NarFetchError "interrupted"/"stalled"); it never ends early.
+ * Consume it to the end or break out of it: either releases the stream.
+ */
+export async function openNar(node: MeshNode, peerId: string, req: NarFetchRequest, opts: OpenNarOptions = {}): Promise<AsyncIterable<Uint8Array>> {
+  if (!isValidHashPart(req.hashPart)) throw new TypeError(`invalid store path hash part ${JSON.stringify(req.hashPart)}`);
+  if (!Number.isSafeInteger(req.narSize) || req.narSize <= 0) throw new RangeError(`invalid NAR size ${req.narSize}`);
+  if (!Number.isSafeInteger(req.offset) || req.offset < 0) throw new RangeError(`invalid offset ${req.offset}`);
+  const narHash = encodeNix32(parseHash(req.narHash));
+
+  const headerSignal = deadline(opts.headerTimeoutMs ?? NAR_HEADER_DEADLINE_MS, opts.signal);
+  let ms: MeshStream | undefined;
+  let header: NarResponseHeader;
+  let release = () => {};
+  try {
+    ms = await node.open(peerId, PROTOCOL_NAR, { signal: headerSignal });
+    release = resetOnAbort(ms.stream, headerSignal);
+    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: req.offset }), { signal: headerSignal });
+    const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.nar);
+    if (frame === undefined) throw new Error("stream ended without an answer");
+    try {
+      header = decodeNarResponseHeader(frame);
+    } catch (err) {
+      throw new NarFetchError("protocol", (err as Error).message, { cause: err });
+    }
+  } catch (err) {
+    ms?.stream.abort(err instanceof Error ? err : new Error(String(err)));
+    if (err instanceof NarFetchError) throw err;
+    if (headerSignal.aborted && !opts.signal?.aborted) throw new NarFetchError("timeout", "no NAR header in time", { cause: err });
+    throw new NarFetchError("failed", (err as Error).message ?? String(err), { cause: err });
+  } finally {
+    release();
+  }
+
+  const { stream, reader } = ms;
+  if (header.type === "error") {
+    stream.close().catch(() => {});
+    opts.log?.debug({ peer: peerId, hashPart: req.hashPart, code: header.code, message: header.message }, "mesh: peer refused NAR");
+    throw new NarFetchError(REASON_BY_CODE[header.code] ?? "internal", `peer: ${header.message}`);
+  }
+  if (header.narSize !== req.narSize) {
+    stream.abort(new Error("unexpected NAR size"));
+    throw new NarFetchError("size-mismatch", `peer announced ${header.narSize} bytes, the narinfo says ${req.narSize}`);
+  }
+  // We send nothing more; half-closing now lets the stream end fully once the responder is done.
+  stream.close().catch(() => {});
+  // Registered now, not when iteration starts, so an abort also frees a stream nobody reads.
+  const unregister = opts.signal ? resetOnAbort(stream, opts.signal) : () => {};
+  return body(stream, reader.chunks(req.narSize - req.offset), opts.stallMs ?? NAR_RECEIVE_STALL_MS, unregister);
+}
+
+async function* body(stream: Stream, chunks: AsyncGenerator<Uint8Array>, stallMs: number, unregister: () => void): AsyncGenerator<Uint8Array> {
+  let complete = false;
+  let timer: NodeJS.Timeout | undefined;
+  let stalled = false;
+  try {
+    for (;;) {
+      // Only while we wait on the network: a slow consumer is backpressure, not a stall.
+      timer = setTimeout(() => {
+        stalled = true;
+        stream.abort(new Error(`no NAR bytes for ${stallMs} ms`));
+      }, stallMs);
+      let next: IteratorResult<Uint8Array>;
+      try {
+        next = await chunks.next();
+      } catch (err) {
+        throw new NarFetchError(stalled ? "stalled" : "interrupted", (err as Error).message ?? String(err), { cause: err });
+      } finally {
+        clearTimeout(timer);
+      }
+      if (next.done) break;
+      yield next.value;
+    }
+    complete = true;
+  } finally {
+    clearTimeout(timer);
+    unregister();
+    // Abandoned by the consumer or failed: reset, so the responder stops reading its disk.
+    if (!complete) stream.abort(new Error("NAR transfer abandoned"));
+  }
+}
+
+/**
+ * Running size and sha256 check of a NAR, which may arrive in pieces from several peers (feed
+ * them in order). update() throws as soon as there are too many bytes; finish() throws unless
+ * exactly narSize bytes with the expected hash went by.
+ */
+export class NarVerifier {
+  readonly #expected: Uint8Array;
+  readonly #hash: Hash = createHash("sha256");
+  #bytes = 0;
+
+  constructor(
+    readonly narHash: string,
+    readonly narSize: number,
+  ) {
+    this.#expected = parseHash(narHash);
+    if (!Number.isSafeInteger(narSize) || narSize <= 0) throw new RangeError(`invalid NAR size ${narSize}`);
+  }
+
+  get bytes(): number {
+    return this.#bytes;
+  }
+
+  update(chunk: Uint8Array): void {
+    if (this.#bytes + chunk.length > this.narSize) {
+      throw new NarFetchError("size-mismatch", `NAR longer than its ${this.narSize} bytes`);
+    }
+    this.#hash.update(chunk);
+    this.#bytes += chunk.length;
+  }
+
+  finish(): void {
+    if (this.#bytes !== this.narSize) {
+      throw new NarFetchError("size-mismatch", `NAR ended after ${this.#bytes} of ${this.narSize} bytes`);
+    }
+    const got = this.#hash.digest();
+    if (!timingSafeEqual(got, this.#expected)) throw new NarFetchError("hash-mismatch", `NAR hash differs from ${this.narHash}`);
+  }
+}

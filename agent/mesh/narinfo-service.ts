@@ -1,0 +1,207 @@
+// /fleetcache/narinfo/1.0.0 (protocol/PEER-PROTOCOL.md): answering peers' narinfo requests from
+// this host's store, and asking a peer for one. A peer's answer is kept only if it names the
+// requested path and carries a signature by a trusted key: fleet membership proves who is
+// talking, not that what they say is right.
+//
+// Also home to the small helpers the NAR service shares (per-peer slots, timed frame reads,
+// deadlines that reset a stream).
+import type { Stream } from "@libp2p/interface";
+import {
+  MAX_FRAME_BYTES,
+  PROTOCOL_NARINFO,
+  decodeNarinfoRequest,
+  decodeNarinfoResponse,
+  encodeNarinfoRequest,
+  encodeNarinfoResponse,
+  type NarinfoResponse,
+} from "../../protocol/peer-codec.js";
+import { verify, type PublicKey } from "../../protocol/keys.js";
+import { fingerprint, parseNarinfo, renderNarinfo, type Narinfo } from "../../protocol/narinfo.js";
+import { narUrl } from "../../protocol/nar-url.js";
+import { isValidHashPart, storePathHashPart } from "../../protocol/store-path.js";
+import type { Logger } from "../log.js";
+import type { LocalStore } from "../store/local-store.js";
+import type { MeshNode, MeshStream } from "./node.js";
+import type { StreamReader } from "./stream-io.js";
+import { writeFrame } from "./stream-io.js";
+
+/** Responder limits from the spec; tests shorten the timeouts. */
+export interface NarinfoServeOptions {
+  /** The first request must arrive within this long of the stream opening (spec: 10 s). */
+  firstRequestMs?: number;
+  /** A stream idle this long between requests is closed (spec: 30 s). */
+  idleMs?: number;
+  /** Concurrent inbound narinfo streams per peer (spec: 64); more are reset. */
+  maxStreamsPerPeer?: number;
+}
+
+export const FIRST_REQUEST_MS = 10_000;
+export const NARINFO_IDLE_MS = 30_000;
+export const MAX_NARINFO_STREAMS_PER_PEER = 64;
+/** Requester deadline for an answer (spec recommendation). */
+export const NARINFO_DEADLINE_MS = 2_000;
+
+/** Answers narinfo requests from `local` only: a path this host does not hold is not-found. */
+export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logger, opts: NarinfoServeOptions = {}): Promise<void> {
+  const firstMs = opts.firstRequestMs ?? FIRST_REQUEST_MS;
+  const idleMs = opts.idleMs ?? NARINFO_IDLE_MS;
+  const slots = new PeerSlots(opts.maxStreamsPerPeer ?? MAX_NARINFO_STREAMS_PER_PEER);
+  await node.handle(
+    PROTOCOL_NARINFO,
+    async ({ stream, reader, peerId, peer }) => {
+      // No "busy" message exists for narinfo: a stream over the limit is reset.
+      if (!slots.tryAcquire(peerId)) throw new Error(`more than ${slots.limit} narinfo streams from ${peer.name}`);
+      try {
+        for (let first = true; ; first = false) {
+          const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.narinfo, first ? firstMs : idleMs);
+          if (frame === TIMED_OUT) {
+            if (first) throw new Error(`no narinfo request within ${firstMs} ms`);
+            return; // idle: closed cleanly
+          }
+          if (frame === undefined) return; // the requester is done
+          const hashPart = decodeNarinfoRequest(frame); // malformed: throws, the stream is reset
+          await writeFrame(stream, localAnswer(local, hashPart, log));
+        }
+      } finally {
+        slots.release(peerId);
+      }
+    },
+    // libp2p's own per-connection cap (32 by default) must not bite before ours does; half-closed
+    // streams still count towards it, hence the slack.
+    { maxInboundStreams: 2 * slots.limit, maxOutboundStreams: 2 * MAX_NARINFO_STREAMS_PER_PEER },
+  );
+}
+
+/** The encoded answer for one hash part, from the local store only. */
+function localAnswer(local: LocalStore, hashPart: string, log: Logger): Uint8Array {
+  const info = local.pathInfoSync(hashPart);
+  let res: NarinfoResponse = { type: "not-found" };
+  if (info) res = { type: "found", narinfo: renderNarinfo(info, narUrl(hashPart, info.narHash)) };
+  try {
+    return encodeNarinfoResponse(res);
+  } catch (err) {
+    // Only a narinfo over 64 KiB (thousands of references) gets here: peers cannot have it.
+    log.warn({ path: info?.storePath, err: (err as Error).message }, "mesh: narinfo too large for the peer protocol");
+    return encodeNarinfoResponse({ type: "not-found" });
+  }
+}
+
+export interface FetchNarinfoOptions {
+  /** Keys whose signature makes a narinfo acceptable (the fleet's trusted keys). */
+  trusted: readonly PublicKey[];
+  signal?: AbortSignal;
+  /** Deadline for the whole exchange (default 2 s). */
+  timeoutMs?: number;
+  log?: Logger;
+}
+
+/**
+ * Asks `peerId` for the narinfo of `hashPart`. Returns it only if it parses, names the requested
+ * path, and a Sig verifies with a trusted key; anything else a peer can cause (not-found, junk,
+ * no valid signature, timeout, a reset) is undefined, never a throw. Throws only on a hash part
+ * that is not one (a caller bug).
+ */
+export async function fetchNarinfo(node: MeshNode, peerId: string, hashPart: string, opts: FetchNarinfoOptions): Promise<Narinfo | undefined> {
+  if (!isValidHashPart(hashPart)) throw new TypeError(`invalid store path hash part ${JSON.stringify(hashPart)}`);
+  const signal = deadline(opts.timeoutMs ?? NARINFO_DEADLINE_MS, opts.signal);
+  const why = (reason: string, err?: unknown) => {
+    opts.log?.debug({ peer: peerId, hashPart, reason, err: err instanceof Error ? err.message : err }, "mesh: narinfo from peer not used");
+    return undefined;
+  };
+  let ms: MeshStream | undefined;
+  let release = () => {};
+  let res: NarinfoResponse;
+  try {
+    ms = await node.open(peerId, PROTOCOL_NARINFO, { signal });
+    release = resetOnAbort(ms.stream, signal);
+    await writeFrame(ms.stream, encodeNarinfoRequest(hashPart), { signal });
+    const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.narinfo);
+    if (frame === undefined) throw new Error("stream ended without an answer");
+    res = decodeNarinfoResponse(frame);
+    // One request per stream: our FIN ends the responder's loop. Nothing to wait for.
+    ms.stream.close().catch(() => {});
+  } catch (err) {
+    ms?.stream.abort(err instanceof Error ? err : new Error(String(err)));
+    return why(signal.aborted ? "timeout or aborted" : "exchange failed", err);
+  } finally {
+    release();
+  }
+  if (res.type === "not-found") return why("not-found");
+  let info: Narinfo;
+  try {
+    info = parseNarinfo(res.narinfo);
+  } catch (err) {
+    return why("malformed narinfo", err);
+  }
+  if (storePathHashPart(info.storePath) !== hashPart) return why(`answer is for ${info.storePath}`);
+  const fp = fingerprint(info);
+  if (!info.sigs.some((sig) => verify(opts.trusted, fp, sig))) return why("no signature by a trusted key");
+  return info;
+}
+
+// --- helpers shared with nar-service.ts ---------------------------------------------------------
+
+/** Counts concurrent streams per peer against a limit. */
+export class PeerSlots {
+  readonly #used = new Map<string, number>();
+  constructor(readonly limit: number) {}
+
+  tryAcquire(peer: string): boolean {
+    const n = this.#used.get(peer) ?? 0;
+    if (n >= this.limit) return false;
+    this.#used.set(peer, n + 1);
+    return true;
+  }
+
+  release(peer: string): void {
+    const n = (this.#used.get(peer) ?? 1) - 1;
+    if (n <= 0) this.#used.delete(peer);
+    else this.#used.set(peer, n);
+  }
+
+  inUse(peer: string): number {
+    return this.#used.get(peer) ?? 0;
+  }
+}
+
+export const TIMED_OUT = Symbol("timed out");
+
+/**
+ * readFrame with a time limit. On timeout the read is left running (StreamReader has no cancel):
+ * the caller closes or resets the stream, and a frame that still arrives resets it, since it came
+ * after the responder stopped listening.
+ */
+export async function readFrameWithin(reader: StreamReader, maxBytes: number, ms: number): Promise<Uint8Array | undefined | typeof TIMED_OUT> {
+  const read = reader.readFrame(maxBytes);
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<typeof TIMED_OUT>((resolve) => (timer = setTimeout(() => resolve(TIMED_OUT), ms)));
+  try {
+    const first = await Promise.race([read, timeout]);
+    if (first === TIMED_OUT) {
+      read.then(
+        (frame) => frame !== undefined && reader.stream.abort(new Error("frame after the stream timed out")),
+        () => {},
+      );
+    }
+    return first;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A signal that fires after `ms`, or when `signal` does. */
+export function deadline(ms: number, signal?: AbortSignal): AbortSignal {
+  const timeout = AbortSignal.timeout(ms);
+  return signal ? AbortSignal.any([signal, timeout]) : timeout;
+}
+
+/** Resets `stream` when `signal` fires (so pending reads fail); returns the un-registration. */
+export function resetOnAbort(stream: Stream, signal: AbortSignal): () => void {
+  const onAbort = () => stream.abort(signal.reason instanceof Error ? signal.reason : new Error("aborted"));
+  if (signal.aborted) {
+    onAbort();
+    return () => {};
+  }
+  signal.addEventListener("abort", onAbort, { once: true });
+  return () => signal.removeEventListener("abort", onAbort);
+}

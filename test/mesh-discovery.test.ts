@@ -1,0 +1,276 @@
+// Peer discovery and connection management: static peers, peer exchange, Tailscale, redial with
+// backoff, RTT ordering. In-process mesh nodes on 127.0.0.1, each with its own key.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { readFile, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { setTimeout as sleep } from "node:timers/promises";
+import { pino } from "pino";
+import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
+import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
+import { PeerManager, parsePeerAddress, type PeerInfo, type PeerManagerOptions } from "../agent/mesh/peer-manager.js";
+import { fetchPeers, peersFor } from "../agent/mesh/peer-exchange.js";
+import { parseTailscaleStatus, readTailscaleStatus, tailscaleDialTargets } from "../agent/mesh/tailscale.js";
+import { tempDir } from "./helpers/nix.js";
+
+const log = pino({ level: "silent" });
+// Compiled to dist/test/; the fixture stays in the source tree.
+const FIXTURE = fileURLToPath(new URL("../../test/fixtures/tailscale-status.json", import.meta.url));
+
+const nodes: MeshNode[] = [];
+const managers: PeerManager[] = [];
+after(async () => {
+  await Promise.allSettled(managers.map((m) => m.stop()));
+  await Promise.allSettled(nodes.map((n) => n.stop()));
+});
+
+async function node(key: SecretKey, trusted: SecretKey[], listen = "/ip4/127.0.0.1/tcp/0"): Promise<MeshNode> {
+  const n = await createMeshNode({ key, trusted, listen, log });
+  nodes.push(n);
+  return n;
+}
+
+async function manager(n: MeshNode, opts: Partial<PeerManagerOptions> = {}): Promise<PeerManager> {
+  const m = new PeerManager(n, { staticPeers: [], log, dialIntervalMs: 100, pingIntervalMs: 300, ...opts });
+  managers.push(m);
+  await m.start();
+  return m;
+}
+
+const portOf = (n: MeshNode) => Number(/\/tcp\/(\d+)/.exec(n.addresses()[0]!.toString())![1]);
+/** "127.0.0.1:port": no peer ID, the dialer learns it from the handshake. */
+const hostPort = (n: MeshNode) => `127.0.0.1:${portOf(n)}`;
+const id = (n: MeshNode) => n.peerId.toString();
+const info = (m: PeerManager, n: MeshNode): PeerInfo | undefined => m.peers().find((p) => p.peerId === id(n));
+const sorted = (xs: string[]) => [...xs].sort();
+
+/** Polls until `cond` holds; a generous bound so a slow machine only makes it slower, not red. */
+async function waitFor(what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+test("static peer addresses: host:port, [v6]:port, hostname:port, multiaddr", () => {
+  assert.equal(parsePeerAddress("10.0.0.5:37516").toString(), "/ip4/10.0.0.5/tcp/37516");
+  assert.equal(parsePeerAddress("[fd7a:115c:a1e0::1]:37516").toString(), "/ip6/fd7a:115c:a1e0::1/tcp/37516");
+  assert.equal(parsePeerAddress("builder-1.tail4c2d9.ts.net:37516").toString(), "/dns/builder-1.tail4c2d9.ts.net/tcp/37516");
+  assert.equal(parsePeerAddress("/ip4/10.0.0.5/tcp/1").toString(), "/ip4/10.0.0.5/tcp/1");
+  assert.throws(() => parsePeerAddress("builder-1"));
+  assert.throws(() => parsePeerAddress("10.0.0.5:99999"));
+  assert.throws(() => parsePeerAddress("bad host:1"));
+});
+
+test("peer exchange answer: connected fleet peers only, loopback addresses only for a local requester", () => {
+  const peer = (peerId: string, connected: boolean) => ({ peerId, connected, addresses: ["/ip4/10.0.0.2/tcp/37516", "/ip4/127.0.0.1/tcp/37516"] });
+  const source = { peers: () => [peer("self", true), peer("asker", true), peer("up", true), peer("down", false), peer("stranger", true)] };
+  const trusted = new Map(["self", "asker", "up", "down"].map((p) => [p, true]));
+  assert.deepEqual(peersFor(source, "self", "asker", trusted, { includeLoopback: false }), [{ peerId: "up", multiaddrs: ["/ip4/10.0.0.2/tcp/37516"] }]);
+  assert.deepEqual(peersFor(source, "self", "asker", trusted, { includeLoopback: true }), [
+    { peerId: "up", multiaddrs: ["/ip4/10.0.0.2/tcp/37516", "/ip4/127.0.0.1/tcp/37516"] },
+  ]);
+});
+
+test("peer exchange: a node that knows one member comes to connect to all of them", async () => {
+  const [ka, kb, kc] = ["host-a-1", "host-b-1", "host-c-1"].map(generateKeyPair) as [SecretKey, SecretKey, SecretKey];
+  const fleet = [ka, kb, kc];
+  const a = await node(ka, fleet);
+  const b = await node(kb, fleet);
+  const c = await node(kc, fleet);
+  const ma = await manager(a);
+  const mb = await manager(b, { staticPeers: [hostPort(a)] });
+  await waitFor("B connected to A, and A knowing B's listen address", () => {
+    const bOnA = info(ma, b);
+    return mb.connectedPeers().includes(id(a)) && bOnA?.connected === true && bOnA.addresses.includes(`/ip4/127.0.0.1/tcp/${portOf(b)}`);
+  });
+  assert.deepEqual(info(ma, b)?.sources, ["inbound"]);
+  assert.deepEqual(info(mb, a)?.sources, ["static"], "the host:port learned its peer ID");
+
+  const mc = await manager(c, { staticPeers: [hostPort(a)] });
+  await waitFor("C connected to B through peer exchange", () => mc.connectedPeers().includes(id(b)));
+  assert.ok(info(mc, b)?.sources.includes("px"), `sources ${info(mc, b)?.sources}`);
+  for (const [m, others] of [
+    [ma, [b, c]],
+    [mb, [a, c]],
+    [mc, [a, b]],
+  ] as const) {
+    await waitFor("every manager connected to the other two", () => m.connectedPeers().length === 2);
+    assert.deepEqual(sorted(m.connectedPeers()), sorted(others.map(id)));
+    for (const o of others) assert.equal(info(m, o)?.connected, true);
+  }
+
+  // The responder lists its connected fleet peers, never the requester or itself.
+  const fromA = await fetchPeers(c, a.peerId, { signal: AbortSignal.timeout(10_000) });
+  assert.deepEqual(fromA.map((p) => p.peerId), [id(b)]);
+  assert.ok(fromA[0]!.multiaddrs.includes(`/ip4/127.0.0.1/tcp/${portOf(b)}`), `${fromA[0]!.multiaddrs}`);
+});
+
+test("a peer that stops is marked disconnected, redialed with growing backoff, and reconnected when back", async () => {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  let b = await node(kb, [ka]);
+  const port = portOf(b);
+  const base = 100;
+  const ma = await manager(a, { staticPeers: [hostPort(b)], dialIntervalMs: base });
+  const events: string[] = [];
+  ma.on("connected", (p) => events.push(`+${p === id(b) ? "b" : p}`));
+  ma.on("disconnected", (p) => events.push(`-${p === id(b) ? "b" : p}`));
+  await waitFor("A connected to B", () => info(ma, b)?.connected === true);
+
+  await b.stop();
+  await waitFor("B marked disconnected", () => info(ma, b)?.connected === false);
+  assert.deepEqual(ma.connectedPeers(), []);
+
+  // Watch the redials fail: failures grow, and each next dial is further out than the last.
+  const seen: { failures: number; nextDialAt: number; observedAt: number }[] = [];
+  await waitFor("five failed redials", () => {
+    const p = info(ma, b)!;
+    if (p.failures > 0 && p.nextDialAt !== undefined && p.failures !== seen.at(-1)?.failures) {
+      seen.push({ failures: p.failures, nextDialAt: p.nextDialAt, observedAt: Date.now() });
+    }
+    return p.failures >= 5;
+  });
+  assert.ok(seen.length >= 2, `observed ${JSON.stringify(seen)}`);
+  for (let i = 0; i < seen.length; i++) {
+    const k = seen[i]!.failures;
+    // After failure k the next dial waits base * 2^(k-1) ± 25 %. The failure came no earlier
+    // than the dial it ended (due at an earlier nextDialAt) and no later than we saw it: bounds
+    // that hold however slow the machine is (polling may skip counts, never reorder them).
+    assert.ok(seen[i]!.nextDialAt - seen[i]!.observedAt <= 1.25 * base * 2 ** (k - 1), `retry ${k} too far out`);
+    if (i === 0) continue;
+    assert.ok(k > seen[i - 1]!.failures);
+    assert.ok(seen[i]!.nextDialAt - seen[i - 1]!.nextDialAt >= 0.75 * base * 2 ** (k - 1), `retry ${k} too soon`);
+  }
+
+  // Back on the same port with the same key: the next redial finds it.
+  b = await node(kb, [ka], `/ip4/127.0.0.1/tcp/${port}`);
+  await waitFor("A reconnected to B", () => info(ma, b)?.connected === true);
+  assert.equal(info(ma, b)?.failures, 0);
+  assert.equal(info(ma, b)?.nextDialAt, undefined);
+  assert.deepEqual(ma.connectedPeers(), [id(b)]);
+  assert.deepEqual(events, ["+b", "-b", "+b"]);
+});
+
+test("an untrusted node given as a static peer is never connected", async () => {
+  const kt = generateKeyPair("trusting-1");
+  const kf = generateKeyPair("friend-1");
+  const ku = generateKeyPair("untrusted-1");
+  const t = await node(kt, [kf]);
+  const f = await node(kf, [kt]);
+  const u = await node(ku, [kt]); // u would happily talk to t
+  let connects = 0;
+  // A fleet-wide peer list names this host too: recognised as ours, never dialed.
+  const mt = await manager(t, { staticPeers: [hostPort(u), hostPort(f), hostPort(t)] });
+  mt.on("connected", () => connects++);
+  const candidateU = () => mt.addressCandidates().find((c) => c.addrs[0] === `/ip4/127.0.0.1/tcp/${portOf(u)}`);
+  await waitFor("the friend connected and the untrusted node refused twice", () => info(mt, f)?.connected === true && (candidateU()?.failures ?? 0) >= 2);
+  assert.deepEqual(mt.connectedPeers(), [id(f)]);
+  assert.equal(info(mt, u), undefined, "never listed");
+  assert.equal(candidateU()?.peerId, undefined);
+  assert.equal(t.libp2p.getConnections(u.peerId).length, 0);
+  assert.equal(connects, 1);
+  const own = mt.addressCandidates().find((c) => c.addrs[0] === `/ip4/127.0.0.1/tcp/${portOf(t)}`);
+  assert.deepEqual(own, { addrs: [`/ip4/127.0.0.1/tcp/${portOf(t)}`], source: "static", peerId: id(t), failures: 0 });
+  // Its peer ID given outright is not dialed at all.
+  const mt2 = await manager(await node(kt, [kf]), { staticPeers: [`/ip4/127.0.0.1/tcp/${portOf(u)}/p2p/${id(u)}`] });
+  assert.deepEqual(mt2.peers(), []);
+  assert.deepEqual(mt2.addressCandidates(), []);
+});
+
+test("Tailscale: the recorded status lists the online peers' addresses, strictly parsed", async () => {
+  const json = JSON.parse(await readFile(FIXTURE, "utf8")) as unknown;
+  const peers = parseTailscaleStatus(json);
+  assert.deepEqual(
+    peers.map((p) => [p.hostName, p.online]),
+    [
+      ["builder-1", true],
+      ["alice-laptop", false],
+      ["nas", true],
+      ["ci-runner-old", false],
+    ],
+    "every peer, not Self",
+  );
+  assert.deepEqual(peers[0]!.ips, ["100.88.41.3", "fd7a:115c:a1e0::a901:2903"]);
+  const targets = tailscaleDialTargets(peers, 37516);
+  assert.deepEqual(
+    targets.map((t) => [t.hostName, t.addrs.map(String)]),
+    [
+      ["builder-1", ["/ip4/100.88.41.3/tcp/37516", "/ip6/fd7a:115c:a1e0::a901:2903/tcp/37516"]],
+      ["nas", ["/ip4/100.117.200.9/tcp/37516", "/ip6/fd7a:115c:a1e0::8c01:c809/tcp/37516"]],
+    ],
+    "offline peers are skipped",
+  );
+  // Through the command path too.
+  assert.deepEqual(await readTailscaleStatus({ statusCommand: ["cat", FIXTURE] }), peers);
+
+  // Junk is ignored, not trusted.
+  for (const junk of [null, 42, "x", [], {}, { Peer: null }, { Peer: [] }, { BackendState: "Stopped", Peer: { k: { HostName: "a", TailscaleIPs: ["100.64.0.1"], Online: true } } }]) {
+    assert.deepEqual(parseTailscaleStatus(junk), [], JSON.stringify(junk));
+  }
+  assert.deepEqual(
+    parseTailscaleStatus({
+      Peer: {
+        a: null,
+        b: "peer",
+        c: { HostName: 7, TailscaleIPs: ["100.64.0.1"], Online: true },
+        d: { HostName: "d", TailscaleIPs: "100.64.0.1", Online: true },
+        e: { HostName: "e", TailscaleIPs: ["100.64.0.1"], Online: "yes" },
+        f: { HostName: "f", TailscaleIPs: ["not-an-ip", 3, null, "100.64.0.9", "300.1.1.1"], Online: true },
+        g: { HostName: "g", TailscaleIPs: ["/ip4/1.2.3.4"], Online: true },
+      },
+    }),
+    [{ hostName: "f", ips: ["100.64.0.9"], online: true }],
+  );
+});
+
+test("Tailscale: an online peer in the status is dialed at the mesh port; an offline one is not", async (t) => {
+  const ka = generateKeyPair("host-a-1");
+  const kx = generateKeyPair("host-x-1");
+  const ky = generateKeyPair("host-y-1");
+  const a = await node(ka, [kx, ky]);
+  const x = await node(kx, [ka]);
+  const port = portOf(x);
+  // Same port on another loopback address: reachable, trusted, but offline in the status.
+  const y = await node(ky, [ka], `/ip4/127.0.0.2/tcp/${port}`);
+  const tmp = tempDir();
+  t.after(tmp.cleanup);
+  const statusFile = join(tmp.dir, "status.json");
+  const peer = (host: string, ip: string, online: boolean) => ({ HostName: host, DNSName: `${host}.tail4c2d9.ts.net.`, TailscaleIPs: [ip], Online: online, OS: "linux" });
+  await writeFile(
+    statusFile,
+    JSON.stringify({
+      BackendState: "Running",
+      Self: peer("host-a", "127.0.0.3", true),
+      Peer: { "nodekey:01": peer("host-x", "127.0.0.1", true), "nodekey:02": peer("host-y", "127.0.0.2", false) },
+    }),
+  );
+  const ma = await manager(a, { tailscale: { statusFile, port, intervalMs: 100 } });
+  await waitFor("A connected to X via Tailscale", () => info(ma, x)?.connected === true);
+  assert.deepEqual(info(ma, x)?.sources, ["tailscale"]);
+  assert.ok(info(ma, x)?.addresses.includes(`/ip4/127.0.0.1/tcp/${port}`));
+  // Let a few more polls run: the offline peer and Self never become candidates.
+  await sleep(500);
+  assert.deepEqual(ma.addressCandidates().map((c) => c.addrs), [[`/ip4/127.0.0.1/tcp/${port}`]]);
+  assert.deepEqual(ma.connectedPeers(), [id(x)]);
+  assert.equal(a.libp2p.getConnections(y.peerId).length, 0);
+});
+
+test("connectedPeers() is ordered by measured RTT", async () => {
+  const keys = ["host-a-1", "host-b-1", "host-c-1", "host-d-1"].map(generateKeyPair);
+  const [a, ...others] = await Promise.all(keys.map((k) => node(k, keys)));
+  const ma = await manager(a!, { staticPeers: others.map(hostPort), pingIntervalMs: 200 });
+  await waitFor("all peers connected with an RTT", () => {
+    const ps = ma.peers();
+    return ps.length === 3 && ps.every((p) => p.connected && typeof p.rttMs === "number");
+  });
+  const rtt = new Map(ma.peers().map((p) => [p.peerId, p.rttMs!]));
+  const order = ma.connectedPeers();
+  assert.deepEqual(sorted(order), sorted(others.map(id)));
+  const rtts = order.map((p) => rtt.get(p)!);
+  assert.deepEqual(rtts, [...rtts].sort((x, y) => x - y), `order ${order} with RTTs ${rtts}`);
+  for (const r of rtts) assert.ok(Number.isFinite(r) && r >= 0);
+});

@@ -7,9 +7,15 @@ import { join } from "node:path";
 /** Every external command the benchmark ran, for the report (temp paths shortened to $TMP). */
 export const commandLog: string[] = [];
 let tmpRoot: string | undefined;
+let repoRoot: string | undefined;
 
 export function setTmpRoot(dir: string): void {
   tmpRoot = dir;
+}
+
+/** Paths under the repository are shown relative to it (commands are run from there). */
+export function setRepoRoot(dir: string): void {
+  repoRoot = dir;
 }
 
 function shellQuote(arg: string): string {
@@ -17,9 +23,11 @@ function shellQuote(arg: string): string {
 }
 
 export function displayCommand(cmd: string, args: string[]): string {
-  let text = [cmd, ...args].map(shellQuote).join(" ");
+  const shown = cmd === process.execPath ? "node" : cmd;
+  let text = [shown, ...args].map(shellQuote).join(" ");
   if (tmpRoot) text = text.split(tmpRoot).join("$TMP");
-  return text;
+  if (repoRoot) text = text.split(`${repoRoot}/`).join("");
+  return text.replace(/127\.0\.0\.1:\d+/g, "127.0.0.1:$PORT");
 }
 
 /** Records a command in the log unless an equal one is already there (loops log once). */
@@ -149,9 +157,15 @@ export function cleanup(opts: { keepTemp?: boolean } = {}): Promise<void> {
   return cleaning;
 }
 
+let signalled = false;
+
+/** True once Ctrl-C (or SIGTERM/SIGHUP) has started the cleanup: failures after it are expected. */
+export function interrupted(): boolean {
+  return signalled;
+}
+
 /** Makes Ctrl-C / SIGTERM / SIGHUP and crashes clean up before the process exits. */
 export function installSignalHandlers(opts: { keepTemp?: boolean }): void {
-  let signalled = false;
   for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
     process.on(sig, () => {
       if (signalled) {

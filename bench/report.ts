@@ -7,33 +7,46 @@ export const RESULTS_HEADING = "## Results";
 const DEFAULT_INTRO = `# Benchmarks
 
 \`npm run bench\` (bench/run.ts) compares the fleetcache agent with nginx serving the same store
-contents as a static binary cache, on one machine, over 127.0.0.1.
+contents as a static binary cache, on one machine, over 127.0.0.1. It takes about 3.5 minutes
+and about 10 GiB of temporary disk space (\`--nar-gib\` sets the big path's size, \`--quick\`
+does a 45-second smoke run that leaves this file alone unless \`--write\` is given;
+\`--help\` lists the rest). It is not part of \`npm test\`.
 
 Method, in one run:
 
 - **Fixture**: a temporary chroot Nix store gets a few hundred small paths (one \`nix-build\` of a
   derivation set whose outputs reference each other) and one big path (a single file of
-  pseudo-random data, 3 GiB by default, \`--nar-gib N\` to change). \`nix copy --to
-  'file://…?compression=none'\` exports the same closure as a static uncompressed binary cache.
+  pseudo-random data, 3 GiB by default). \`nix copy --to 'file://…?compression=none'\` exports
+  the same closure as a static uncompressed binary cache.
 - **nginx** serves that directory with Debian's default settings (\`worker_processes auto\`,
   \`sendfile on\`, \`tcp_nopush on\`, keep-alive) and \`access_log off\`.
 - **fleetcache** (\`node dist/agent/cli.js agent\`) serves the chroot store itself, signing
   narinfos with a fresh key. Each server's NAR URL is taken from its own narinfo.
-- Before measuring, the benchmark checks both servers: narinfo fields equal (agent vs Nix's own
-  export), the agent's signature verifies, misses answer 404, and each big NAR downloads whole
-  with the NarHash from the narinfo (this also warms the page cache).
-- **narinfo hits/misses**: wrk, with a Lua script cycling over all existing narinfos (hits) or
-  over 1000 random valid-looking hash parts (misses, 404), 1 connection with \`-t1\` and 4
-  connections with \`-t2\`, after a short warm-up. wrk shares the 2 cores with the server.
+- **Checks first**: the agent's narinfo fields equal those Nix wrote for nginx, its signatures
+  verify, random hashes answer 404, and each server's big NAR downloads whole with the NarHash
+  of the narinfo (which also puts both NARs' files in the page cache).
+- **narinfo hits/misses per second**: wrk with a Lua script cycling over all existing narinfos
+  (hits) or over 1000 random valid-looking hash parts (misses, 404); 1 connection with \`-t1\`,
+  4 connections with \`-t2\`, after a 2-second warm-up. wrk shares the machine's 2 CPUs with
+  the server. For the 1-connection runs wrk and the server are pinned to the same CPU
+  (\`--pin1\`): on this VM a wake-up across CPUs costs about 100 µs, so unpinned 1-connection
+  results jump between two levels depending on where the scheduler puts the two processes
+  (nginx measured about 9,000/s apart and 26,000/s together). Pinned together, the rate reflects
+  the CPU both sides spend per request.
 - **NAR MB/s** (10^6 bytes/s): 1 or 4 parallel \`curl -o /dev/null\` processes downloading the big
-  NAR over and over for the run's duration; bytes received / wall time (downloads still running
-  at the deadline are cut off and their bytes counted).
-- **Memory**: the agent's VmRSS sampled every 100 ms from /proc during its NAR downloads
-  (including a rate-limited slow client, which shows whether it honours backpressure), and
-  VmHWM, against its RSS before them. A streaming server stays flat regardless of the NAR size.
-
-Nothing here is a test: \`npm test\` does not run it. \`npm run bench -- --quick\` is a smoke run
-(small NAR, short runs) that does not touch this file unless \`--write\` is given.
+  NAR again and again for the run's duration, unpinned; bytes received / wall time (a download
+  still running at the deadline is cut off and its bytes counted). wrk's Transfer/sec is not
+  used for multi-GiB bodies.
+- **Server CPU per unit of work**: user + system time of the server's processes (from /proc)
+  during each run, per request or per GB. Unlike the rates, it does not depend on scheduling.
+- **Memory**: the agent's VmRSS every 100 ms from /proc throughout, per phase, and VmHWM (reset
+  via /proc/PID/clear_refs before the downloads), against its RSS before the first NAR
+  download. A rate-limited slow client at the end shows whether the agent honours backpressure;
+  a server that streams stays flat whatever the NAR's size.
+- **Fairness**: the two servers alternate measurement by measurement. Other work on the machine
+  spoils a run, so before each measurement the benchmark waits (up to 60 s) until the CPUs are
+  idle, and it accounts for all CPU time used during the run: a run during which anything
+  other than the server and the load generator used more than 20 % of a CPU is marked ⚠.
 `;
 
 export function writeBenchmarksMd(file: string, results: string): void {

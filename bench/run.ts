@@ -16,7 +16,7 @@ import {
 } from "./load.js";
 import { nix32Encode, randomHashParts } from "./nix32.js";
 import {
-  cleanup, commandLog, installSignalHandlers, registerTempDir, run, setTmpRoot,
+  cleanup, commandLog, installSignalHandlers, interrupted, logCommand, registerTempDir, run, setRepoRoot, setTmpRoot,
 } from "./proc.js";
 import { fmtNum, fmtRatio, table, writeBenchmarksMd } from "./report.js";
 import {
@@ -41,6 +41,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
   --idle-wait S      before each measurement, wait up to S seconds for other work on the machine
                      to stop (more than 10 % CPU busy counts as busy; default 60, --quick: 5)
   --repeat N         repeat every measurement N times (servers alternating), report the median
+  --agent-arg ARG    pass ARG to the agent as well (repeatable); by default the agent gets
+                     --p2p-listen off --no-mdns --no-tailscale when it knows them
   --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
   --tmpdir DIR       where to make the temporary directory (default: $TMPDIR or /tmp)
   --keep             keep the temporary directory (store, cache, logs) for inspection
@@ -71,6 +73,7 @@ interface Options {
   repeat: number;
   idleWait: number;
   cpuProfDir?: string;
+  agentArgs: string[];
   tmpBase: string;
   keep: boolean;
 }
@@ -89,6 +92,7 @@ function parseOptions(): Options {
       repeat: { type: "string" },
       "idle-wait": { type: "string" },
       "agent-cpu-prof": { type: "string" },
+      "agent-arg": { type: "string", multiple: true },
       tmpdir: { type: "string" },
       keep: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -122,6 +126,7 @@ function parseOptions(): Options {
     repeat: Math.round(num(values.repeat, 1, "repeat")),
     idleWait: values["idle-wait"] === "0" ? 0 : num(values["idle-wait"], quick ? 5 : 60, "idle-wait"),
     cpuProfDir: values["agent-cpu-prof"] ? resolve(values["agent-cpu-prof"]) : undefined,
+    agentArgs: values["agent-arg"] ?? [],
     tmpBase: values.tmpdir ? resolve(values.tmpdir) : tmpdir(),
     keep: values.keep ?? false,
   };
@@ -345,6 +350,7 @@ async function main(): Promise<void> {
   chmodSync(tmp, 0o755);
   registerTempDir(tmp);
   setTmpRoot(tmp);
+  setRepoRoot(repoRoot);
   installSignalHandlers({ keepTemp: opts.keep });
   log(`temporary directory ${tmp}`);
 
@@ -363,7 +369,7 @@ async function main(): Promise<void> {
   let publicKey: string | undefined;
   if (opts.candidate === "agent") {
     if (opts.cpuProfDir) mkdirSync(opts.cpuProfDir, { recursive: true });
-    const agent = await startAgent(join(tmp, "agent"), repoRoot, fx.storeRoot, { cpuProfDir: opts.cpuProfDir });
+    const agent = await startAgent(join(tmp, "agent"), repoRoot, fx.storeRoot, { cpuProfDir: opts.cpuProfDir, extraArgs: opts.agentArgs });
     publicKey = agent.publicKey;
     cand = agent;
   } else {
@@ -429,7 +435,10 @@ async function main(): Promise<void> {
   const measure = async (row: (typeof ROWS)[number], s: Server): Promise<void> => {
     // Pinning matters for narinfo ping-pong on one connection; bulk NAR transfers are left free.
     const pin = row.conns === 1 && row.kind !== "nar" ? pin1 : undefined;
-    if (pin) await pinTree(s.pid, pin.server);
+    if (pin) {
+      logCommand("taskset", ["-a", "-p", "-c", pin.server, "<each server process>"]);
+      await pinTree(s.pid, pin.server);
+    }
     let busy = await machineBusy(300);
     const waitUntil = Date.now() + opts.idleWait * 1000;
     if (busy > BUSY && opts.idleWait > 0) {
@@ -468,7 +477,10 @@ async function main(): Promise<void> {
       log(`${s.name}: ${row.label}: ERROR ${(e as Error).message}`);
     } finally {
       sampler.endPhase();
-      if (pin) await pinTree(s.pid, allCpus);
+      if (pin) {
+        logCommand("taskset", ["-a", "-p", "-c", allCpus, "<each server process>"]);
+        await pinTree(s.pid, allCpus);
+      }
     }
   };
 
@@ -677,7 +689,7 @@ function renderResults(r: {
     "",
     "```sh",
     `npm run bench${argv.length ? ` -- ${argv.join(" ")}` : ""}`,
-    ...commandLog.map((c) => c.replace(/127\.0\.0\.1:\d+/g, "127.0.0.1:$PORT")),
+    ...commandLog,
     "```",
     "",
   );
@@ -691,6 +703,7 @@ main()
     process.exit(0);
   })
   .catch(async (e: unknown) => {
+    if (interrupted()) return; // the signal handler cleans up and exits
     log(`FAILED: ${(e as Error).stack ?? String(e)}`);
     await cleanup({ keepTemp: parseKeep() });
     process.exit(1);

@@ -173,11 +173,20 @@ export async function startAgent(
   const pub = join(dir, "key.pub");
   await run("nix-store", ["--generate-binary-cache-key", "bench-1", sec, pub]);
   const port = await freePort();
+  // Newer agents also join a peer mesh (libp2p on 0.0.0.0, mDNS on the LAN) by default. This
+  // benchmark measures one host's cache over 127.0.0.1, so switch those off when offered.
+  const help = await run(process.execPath, [join(repoRoot, AGENT_CLI), "agent", "--help"], { log: false, allowFail: true });
+  const offered = (flag: string) => new RegExp(`(^|\\s)${flag}(\\s|$)`, "m").test(help.stdout);
+  const isolation = [
+    ...(offered("--p2p-listen") ? ["--p2p-listen", "off"] : []),
+    ...(offered("--no-mdns") ? ["--no-mdns"] : []),
+    ...(offered("--no-tailscale") ? ["--no-tailscale"] : []),
+  ];
   const nodeArgs = opts.cpuProfDir ? ["--cpu-prof", "--cpu-prof-dir", opts.cpuProfDir] : [];
   const args = [
     ...nodeArgs, join(repoRoot, AGENT_CLI), "agent",
     "--listen", `127.0.0.1:${port}`, "--store-root", storeRoot, "--state-dir", stateDir, "--sign-key", sec,
-    ...(opts.extraArgs ?? []),
+    ...isolation, ...(opts.extraArgs ?? []),
   ];
   const logFile = join(dir, "agent.log");
   const child = spawnTracked(process.execPath, args);

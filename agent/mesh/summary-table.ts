@@ -1,0 +1,271 @@
+// Subscriber side of /fleetcache/summary/1.0.0: the summaries of the peers we subscribe to, and the
+// lookup the router makes on every narinfo miss (holders: one binary search per peer).
+//
+// Per peer: one stream at a time. A protocol error (bad frame, gap, total mismatch) resets the
+// stream and resubscribes from scratch after a backoff, keeping the old summary as a stale hint
+// until the new snapshot replaces it (dropped if that attempt fails too). A stream that ends or a
+// connection that closes drops the summary at once: lookups never name a peer we cannot reach.
+// Without a connection we wait for the peer to come back (dialing is discovery's job) rather than
+// redial a dead peer on our own.
+import { EventEmitter } from "node:events";
+import type { PeerId } from "@libp2p/interface";
+import type { Logger } from "pino";
+import {
+  MAX_FRAME_BYTES,
+  PROTOCOL_SUMMARY,
+  PathSummary,
+  PeerProtocolError,
+  SnapshotAssembler,
+  decodeSummaryMessage,
+  encodeSummarySubscribe,
+  summaryKey,
+} from "../../protocol/peer-codec.js";
+import { isValidHashPart } from "../../protocol/store-path.js";
+import type { MeshNode } from "./node.js";
+import { FrameTooLargeError, writeFrame, type StreamReader } from "./stream-io.js";
+
+export interface SummaryTableOptions {
+  /** First retry delay after a failed stream; doubles up to retryMaxMs. */
+  retryMinMs?: number;
+  retryMaxMs?: number;
+  /** A snapshot that makes no progress for this long is given up (reset, retried). */
+  snapshotStallMs?: number;
+}
+
+/** Cumulative per-peer counters (all streams), for metrics and tests. */
+export interface SummaryTraffic {
+  streams: number;
+  frames: number;
+  /** Bytes received, frame headers included. */
+  bytes: number;
+  snapshots: number;
+  deltas: number;
+  /** Streams we reset for a protocol error (gap, total mismatch, malformed frame). */
+  resets: number;
+}
+
+interface PeerEntry {
+  readonly peerId: string;
+  /** The last complete summary; also in #ready while it counts for lookups. */
+  summary: PathSummary | undefined;
+  /** Set after a protocol error: the summary is a stale hint, dropped if the retry fails too. */
+  stale: boolean;
+  /** The live stream's controller, if any. */
+  ctl: AbortController | undefined;
+  timer: NodeJS.Timeout | undefined;
+  backoff: number;
+  traffic: SummaryTraffic;
+}
+
+/** A delta that does not apply (gap or total mismatch): a protocol error like any other. */
+class SummaryGapError extends PeerProtocolError {}
+
+export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
+  #entries = new Map<string, PeerEntry>();
+  /** Peers with a complete summary: what holders() scans. */
+  #ready = new Map<string, PathSummary>();
+  #stopped = false;
+  readonly #retryMin: number;
+  readonly #retryMax: number;
+  readonly #stallMs: number;
+
+  constructor(
+    private readonly node: MeshNode,
+    private readonly log: Logger,
+    opts: SummaryTableOptions = {},
+  ) {
+    super();
+    this.#retryMin = opts.retryMinMs ?? 1_000;
+    this.#retryMax = opts.retryMaxMs ?? 30_000;
+    this.#stallMs = opts.snapshotStallMs ?? 60_000;
+    node.libp2p.addEventListener("peer:connect", this.#onConnect);
+    node.libp2p.addEventListener("peer:disconnect", this.#onDisconnect);
+  }
+
+  subscribe(peerId: string): void {
+    if (this.#stopped || this.#entries.has(peerId)) return;
+    const e: PeerEntry = {
+      peerId,
+      summary: undefined,
+      stale: false,
+      ctl: undefined,
+      timer: undefined,
+      backoff: this.#retryMin,
+      traffic: { streams: 0, frames: 0, bytes: 0, snapshots: 0, deltas: 0, resets: 0 },
+    };
+    this.#entries.set(peerId, e);
+    void this.#run(e);
+  }
+
+  unsubscribe(peerId: string): void {
+    const e = this.#entries.get(peerId);
+    if (!e) return;
+    this.#entries.delete(peerId);
+    clearTimeout(e.timer);
+    e.ctl?.abort(new Error("unsubscribed"));
+    this.#drop(e);
+  }
+
+  /** Peer IDs whose complete summary has this path's key (a hint: the narinfo request confirms). */
+  holders(hashPart: string): string[] {
+    if (this.#ready.size === 0 || !isValidHashPart(hashPart)) return [];
+    const k = summaryKey(hashPart);
+    const out: string[] = [];
+    for (const [peerId, summary] of this.#ready) if (summary.hasKey(k)) out.push(peerId);
+    return out;
+  }
+
+  /** Keys in the peer's summary, or undefined while we hold none. */
+  pathCount(peerId: string): number | undefined {
+    return this.#ready.get(peerId)?.size;
+  }
+
+  /** Peers with a summary that lookups consider. */
+  peers(): string[] {
+    return [...this.#ready.keys()];
+  }
+
+  traffic(peerId: string): Readonly<SummaryTraffic> | undefined {
+    return this.#entries.get(peerId)?.traffic;
+  }
+
+  stop(): void {
+    if (this.#stopped) return;
+    for (const peerId of [...this.#entries.keys()]) this.unsubscribe(peerId);
+    this.#stopped = true;
+    this.node.libp2p.removeEventListener("peer:connect", this.#onConnect);
+    this.node.libp2p.removeEventListener("peer:disconnect", this.#onDisconnect);
+  }
+
+  readonly #onConnect = (evt: CustomEvent<PeerId>): void => {
+    const e = this.#entries.get(evt.detail.toString());
+    if (!e || e.ctl) return;
+    // Back (or newly) connected: no reason to sit out a backoff meant for a peer that was away.
+    clearTimeout(e.timer);
+    e.timer = undefined;
+    e.backoff = this.#retryMin;
+    void this.#run(e);
+  };
+
+  readonly #onDisconnect = (evt: CustomEvent<PeerId>): void => {
+    const e = this.#entries.get(evt.detail.toString());
+    if (!e) return;
+    this.#drop(e);
+    e.ctl?.abort(new Error("peer disconnected"));
+  };
+
+  #connected(peerId: string): boolean {
+    return this.node.libp2p.getConnections().some((c) => c.remotePeer.toString() === peerId && c.status === "open");
+  }
+
+  /** One stream's life, then the decision what to do next. */
+  async #run(e: PeerEntry): Promise<void> {
+    const ctl = new AbortController();
+    e.ctl = ctl;
+    e.timer = undefined;
+    e.traffic.streams++;
+    let synced = false;
+    let failure: unknown;
+    try {
+      const { stream, reader } = await this.node.open(e.peerId, PROTOCOL_SUMMARY, { signal: ctl.signal });
+      const onAbort = () => stream.abort(ctl.signal.reason instanceof Error ? ctl.signal.reason : new Error("aborted"));
+      if (ctl.signal.aborted) onAbort();
+      ctl.signal.addEventListener("abort", onAbort, { once: true });
+      try {
+        await writeFrame(stream, encodeSummarySubscribe({ epoch: 0n, generation: 0 }), { signal: ctl.signal });
+        await this.#consume(e, reader, ctl, () => (synced = true));
+        await stream.close().catch(() => {});
+      } catch (err) {
+        // Reset, so a publisher that misbehaved sees us give up on this stream.
+        stream.abort(err instanceof Error ? err : new Error(String(err)));
+        throw err;
+      }
+    } catch (err) {
+      // Our own abort (stall, disconnect) surfaces as a reset error: report why we aborted.
+      failure = ctl.signal.aborted ? ctl.signal.reason : err;
+    } finally {
+      if (e.ctl === ctl) e.ctl = undefined;
+    }
+    if (this.#entries.get(e.peerId) !== e) return; // unsubscribed meanwhile
+
+    const protocolError = failure instanceof PeerProtocolError || failure instanceof FrameTooLargeError;
+    if (protocolError) {
+      e.traffic.resets++;
+      this.log.warn({ peer: e.peerId, err: failure }, "summary: protocol error from peer; resubscribing");
+    } else {
+      this.log.debug({ peer: e.peerId, err: failure }, "summary: stream ended");
+    }
+    const connected = this.#connected(e.peerId);
+    // A stale hint survives one protocol error while the peer is still there, not two.
+    if (protocolError && connected && !e.stale && e.summary) e.stale = true;
+    else this.#drop(e);
+    if (!connected) return; // #onConnect resumes when the peer is back
+    // A healthy stream that ended (publisher restarted) retries soon; misbehaviour backs off.
+    if (synced && !protocolError) e.backoff = this.#retryMin;
+    const delay = e.backoff;
+    e.backoff = Math.min(e.backoff * 2, this.#retryMax);
+    e.timer = setTimeout(() => {
+      if (this.#entries.get(e.peerId) === e && !e.ctl) void this.#run(e);
+    }, delay);
+    e.timer.unref();
+  }
+
+  /** Reads snapshots and deltas until the stream ends (returns) or fails (throws). */
+  async #consume(e: PeerEntry, reader: StreamReader, ctl: AbortController, onSynced: () => void): Promise<void> {
+    const assembler = new SnapshotAssembler();
+    let synced = false; // a snapshot completed on this stream: deltas may follow
+    let stall: NodeJS.Timeout | undefined;
+    // Until a snapshot completes, the publisher owes us frames; afterwards deltas may be rare.
+    const arm = () => {
+      clearTimeout(stall);
+      if (!synced || assembler.pending) {
+        stall = setTimeout(() => ctl.abort(new PeerProtocolError("summary snapshot stalled")), this.#stallMs);
+      }
+    };
+    arm();
+    try {
+      for (;;) {
+        const before = reader.bytesRead;
+        const frame = await reader.readFrame(MAX_FRAME_BYTES.summary);
+        ctl.signal.throwIfAborted();
+        if (frame === undefined) return;
+        e.traffic.frames++;
+        e.traffic.bytes += reader.bytesRead - before;
+        const msg = decodeSummaryMessage(frame);
+        if (msg.type === "snapshot") {
+          const snap = assembler.push(msg);
+          if (snap) {
+            // Replaces the previous (maybe stale) summary in one step: lookups never see a mix.
+            const summary = e.summary ?? new PathSummary();
+            summary.applySnapshot(snap);
+            e.summary = summary;
+            e.stale = false;
+            this.#ready.set(e.peerId, summary);
+            e.traffic.snapshots++;
+            if (!synced) onSynced();
+            synced = true;
+            this.emit("change", e.peerId);
+          }
+        } else {
+          if (!synced || assembler.pending || !e.summary) throw new PeerProtocolError("summary delta before a complete snapshot");
+          if (!e.summary.applyDelta(msg)) {
+            throw new SummaryGapError(`summary delta ${msg.fromGeneration}->${msg.toGeneration} (total ${msg.total}) does not apply at generation ${e.summary.generation}`);
+          }
+          e.traffic.deltas++;
+          this.emit("change", e.peerId);
+        }
+        arm();
+      }
+    } finally {
+      clearTimeout(stall);
+    }
+  }
+
+  #drop(e: PeerEntry): void {
+    e.stale = false;
+    if (!e.summary) return;
+    e.summary = undefined;
+    this.#ready.delete(e.peerId);
+    this.emit("change", e.peerId);
+  }
+}

@@ -1,0 +1,373 @@
+// Content routing summaries between in-process mesh nodes: a real store's paths reach a
+// subscriber and stay current incrementally, large snapshots span chunks, hostile publishers are
+// survived, stalled subscribers are reset, and a peer that goes away is forgotten.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { EventEmitter } from "node:events";
+import { randomBytes } from "node:crypto";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { pino } from "pino";
+import type { Stream } from "@libp2p/interface";
+import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
+import { NIX32_ALPHABET } from "../protocol/nix32.js";
+import {
+  MAX_FRAME_BYTES,
+  PROTOCOL_SUMMARY,
+  decodeSummaryMessage,
+  decodeSummarySubscribe,
+  encodeSummaryMessage,
+  encodeSummarySubscribe,
+  snapshotChunks,
+  sortedKeys,
+} from "../protocol/peer-codec.js";
+import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
+import { peerIdOf } from "../agent/mesh/identity.js";
+import { StreamReader, writeFrame } from "../agent/mesh/stream-io.js";
+import { SummaryPublisher, SummaryTable, type StoreChanges } from "../agent/mesh/summary-service.js";
+import { NixDb } from "../agent/store/db.js";
+import { StoreWatcher, type StoreChange } from "../agent/store/watch.js";
+import { addToStore, needNix, run, tempDir } from "./helpers/nix.js";
+
+const log = pino({ level: "silent" });
+const nodes: MeshNode[] = [];
+const cleanups: (() => void)[] = [];
+after(async () => {
+  for (const c of cleanups) c();
+  await Promise.allSettled(nodes.map((n) => n.stop()));
+});
+
+async function node(key: SecretKey, trusted: SecretKey[]): Promise<MeshNode> {
+  const n = await createMeshNode({ key, trusted, listen: "/ip4/127.0.0.1/tcp/0", log });
+  nodes.push(n);
+  return n;
+}
+
+/** Two nodes trusting each other, b connected to a. */
+async function pair(): Promise<{ a: MeshNode; b: MeshNode; aId: string }> {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  await b.libp2p.dial(a.addresses()[0]!);
+  return { a, b, aId: a.peerId.toString() };
+}
+
+/** Polls until cond() holds; fails after a generous bound (never a timing assertion). */
+async function waitFor(cond: () => boolean, what: string, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+const hashOf = (storePath: string) => storePath.slice(11, 43);
+function randomHashPart(): string {
+  return randomHashParts(1)[0]!;
+}
+function randomHashParts(n: number): string[] {
+  // In bulk: an 800,000-path store is made in well under a second.
+  const buf = randomBytes(32 * n);
+  for (let i = 0; i < buf.length; i++) buf[i] = NIX32_ALPHABET.charCodeAt(buf[i]! & 31);
+  return Array.from({ length: n }, (_, i) => buf.toString("latin1", 32 * i, 32 * i + 32));
+}
+
+/** A synthetic store for the publisher: hash parts in memory, changes emitted on demand. */
+class FakeStore extends EventEmitter implements StoreChanges {
+  readonly parts = new Set<string>();
+  constructor(n: number) {
+    super();
+    while (this.parts.size < n) for (const h of randomHashParts(n - this.parts.size)) this.parts.add(h);
+  }
+  hashParts(): Iterable<string> {
+    return this.parts.values();
+  }
+  change(c: StoreChange): void {
+    for (const h of c.removed) this.parts.delete(h);
+    for (const h of c.added) this.parts.add(h);
+    this.emit("change", c);
+  }
+}
+
+test("a subscriber learns a real store's paths, then only what changes", async (t) => {
+  if (!(await needNix(t))) return;
+  const tmp = tempDir();
+  cleanups.push(tmp.cleanup);
+  const root = join(tmp.dir, "store");
+  const file = (name: string) => {
+    const p = join(tmp.dir, name);
+    writeFileSync(p, `${name}\n`);
+    return p;
+  };
+  // 200 paths in one nix-store call.
+  const files = Array.from({ length: 200 }, (_, i) => file(`f${i}`));
+  const paths = (await run("nix-store", ["--store", root, "--add", ...files])).trim().split("\n");
+  assert.equal(paths.length, 200);
+
+  const db = new NixDb(root);
+  const watcher = new StoreWatcher(db, 100).start();
+  cleanups.push(() => (watcher.stop(), db.close()));
+  const { a, b, aId } = await pair();
+  const publisher = new SummaryPublisher(a, watcher, log);
+  await publisher.start();
+  const table = new SummaryTable(b, log);
+  cleanups.push(() => table.stop());
+  const changes: string[] = [];
+  table.on("change", (id) => changes.push(id));
+
+  table.subscribe(aId);
+  await waitFor(() => table.pathCount(aId) !== undefined, "A's snapshot");
+  assert.equal(table.pathCount(aId), 200);
+  assert.deepEqual(table.peers(), [aId]);
+  assert.ok(changes.includes(aId), "a 'change' event for the snapshot");
+  for (const p of paths) assert.deepEqual(table.holders(hashOf(p)), [aId], p);
+  for (let i = 0; i < 100; i++) assert.deepEqual(table.holders(randomHashPart()), []);
+  assert.deepEqual(table.holders("not a hash part"), []);
+  assert.deepEqual(publisher.subscribers(), [b.peerId.toString()]);
+
+  const atSnapshot = { ...table.traffic(aId)! };
+  assert.equal(atSnapshot.snapshots, 1);
+  assert.equal(atSnapshot.frames, 1);
+  t.diagnostic(`snapshot of 200 paths: ${atSnapshot.bytes} bytes`);
+
+  // A new path arrives as a delta.
+  const added = await addToStore(root, file("late-arrival"));
+  await waitFor(() => table.holders(hashOf(added)).includes(aId), "the added path at B");
+  assert.equal(table.pathCount(aId), 201);
+  const afterAdd = { ...table.traffic(aId)! };
+  assert.equal(afterAdd.snapshots, 1, "no new snapshot for one path");
+  assert.equal(afterAdd.deltas, 1);
+  const deltaBytes = afterAdd.bytes - atSnapshot.bytes;
+  t.diagnostic(`one-path delta: ${deltaBytes} bytes`);
+  assert.ok(deltaBytes > 0 && deltaBytes * 20 < atSnapshot.bytes, `delta ${deltaBytes} B vs snapshot ${atSnapshot.bytes} B`);
+
+  // A deleted path disappears, again incrementally.
+  const gone = paths[17]!;
+  await run("nix-store", ["--store", root, "--delete", gone]);
+  await waitFor(() => table.holders(hashOf(gone)).length === 0, "the deleted path to leave B");
+  assert.equal(table.pathCount(aId), 200);
+  const afterDelete = table.traffic(aId)!;
+  assert.equal(afterDelete.snapshots, 1);
+  assert.equal(afterDelete.deltas, 2);
+  assert.ok((afterDelete.bytes - afterAdd.bytes) * 20 < atSnapshot.bytes);
+  assert.deepEqual(table.holders(hashOf(added)), [aId]);
+  assert.deepEqual(table.holders(hashOf(paths[18]!)), [aId]);
+
+  // The publisher stops while the connection stays: its summary is dropped at B.
+  changes.length = 0;
+  publisher.stop();
+  await waitFor(() => table.pathCount(aId) === undefined, "B to drop A's summary");
+  assert.deepEqual(table.holders(hashOf(added)), []);
+  assert.deepEqual(table.peers(), []);
+  assert.ok(changes.includes(aId));
+});
+
+test("a snapshot spanning several chunks, a change spanning several deltas", async (t) => {
+  const { a, b, aId } = await pair();
+  const store = new FakeStore(20_000);
+  const publisher = new SummaryPublisher(a, store, log);
+  await publisher.start();
+  cleanups.push(() => publisher.stop());
+  const table = new SummaryTable(b, log);
+  cleanups.push(() => table.stop());
+
+  table.subscribe(aId);
+  await waitFor(() => table.pathCount(aId) !== undefined, "the snapshot");
+  assert.equal(table.pathCount(aId), 20_000);
+  const tr = table.traffic(aId)!;
+  assert.equal(tr.frames, 3, "20,000 keys = 8,192 + 8,192 + 3,616");
+  assert.equal(tr.snapshots, 1);
+  const t0 = performance.now();
+  for (const h of store.parts) assert.deepEqual(table.holders(h), [aId]);
+  t.diagnostic(`holders(): ${(((performance.now() - t0) / 20_000) * 1000).toFixed(2)} µs per lookup (with the assertion)`);
+  for (let i = 0; i < 1000; i++) assert.deepEqual(table.holders(randomHashPart()), []);
+
+  // 15,000 keys changed at once: more than one delta can carry, so consecutive deltas.
+  const removed = [...store.parts].slice(0, 10_000);
+  const added = Array.from({ length: 5_000 }, randomHashPart);
+  store.change({ added, removed });
+  await waitFor(() => table.pathCount(aId) === 15_000, "the big change");
+  assert.equal(table.traffic(aId)!.deltas, 2);
+  assert.equal(table.traffic(aId)!.snapshots, 1);
+  for (const h of removed) assert.deepEqual(table.holders(h), []);
+  for (const h of store.parts) assert.deepEqual(table.holders(h), [aId]);
+
+  // A path removed and re-added between two polls is a no-op; nothing is sent.
+  const same = added[0]!;
+  const gen = publisher.generation;
+  store.change({ added: [same], removed: [same] });
+  assert.equal(publisher.generation, gen);
+  assert.deepEqual(table.holders(same), [aId]);
+});
+
+test("a subscriber that reads nothing is reset", async () => {
+  // A snapshot of ~5.6 MB: more than a yamux stream window can ever hold (4 MiB, see node.ts).
+  const store = new FakeStore(800_000);
+  const { a, b } = await pair();
+  // A short stall timeout, for this publisher only: with a busy event loop it could trip on
+  // healthy subscribers too, which is why the real one is 60 s. A long Subscribe deadline, so
+  // that only the stall can explain a reset.
+  const publisher = new SummaryPublisher(a, store, log, { stallTimeoutMs: 300, subscribeTimeoutMs: 600_000 });
+  await publisher.start();
+  cleanups.push(() => publisher.stop());
+
+  // A reader that never reads: the stream paused, so its window is never granted again.
+  const stalled = await b.libp2p.dialProtocol(a.peerId, PROTOCOL_SUMMARY);
+  stalled.pause();
+  stalled.send(frameOf(encodeSummarySubscribe({ epoch: 0n, generation: 0 })));
+  await waitFor(() => publisher.subscribers().length === 1 || stalled.status !== "open", "the subscription");
+  await waitFor(() => stalled.status !== "open", "the stalled stream to end");
+  assert.equal(stalled.status, "reset", "the publisher reset the stalled stream");
+  await waitFor(() => publisher.subscribers().length === 0, "the stalled subscription to end");
+});
+
+test("a newer subscription replaces the old stream; a resume gets only the deltas", async () => {
+  const store = new FakeStore(20_000);
+  const { a, b } = await pair();
+  const publisher = new SummaryPublisher(a, store, log);
+  await publisher.start();
+  cleanups.push(() => publisher.stop());
+
+  const first = await b.open(a.peerId, PROTOCOL_SUMMARY);
+  await writeFrame(first.stream, encodeSummarySubscribe({ epoch: 0n, generation: 0 }));
+  const keys = await readSnapshot(first.reader);
+  assert.deepEqual(keys, sortedKeys(store.parts));
+  const second = await b.open(a.peerId, PROTOCOL_SUMMARY);
+  await writeFrame(second.stream, encodeSummarySubscribe({ epoch: 0n, generation: 0 }));
+  assert.deepEqual(await readSnapshot(second.reader), keys);
+  await assert.rejects(first.reader.readFrame(MAX_FRAME_BYTES.summary), "the replaced stream is reset");
+  assert.deepEqual(publisher.subscribers(), [b.peerId.toString()]);
+
+  // The second one gets deltas.
+  const h = randomHashPart();
+  store.change({ added: [h], removed: [] });
+  const d = decodeSummaryMessage((await second.reader.readFrame(MAX_FRAME_BYTES.summary))!);
+  assert.deepEqual(d.type === "delta" && [d.fromGeneration, d.toGeneration, d.total, [...d.added]], [0, 1, 20_001, [...sortedKeys([h])]]);
+
+  // A resume within the epoch gets just the deltas since, not a snapshot; another epoch, a snapshot.
+  const third = await b.open(a.peerId, PROTOCOL_SUMMARY);
+  await writeFrame(third.stream, encodeSummarySubscribe({ epoch: publisher.epoch, generation: 0 }));
+  const r = decodeSummaryMessage((await third.reader.readFrame(MAX_FRAME_BYTES.summary))!);
+  assert.deepEqual(r.type === "delta" && [r.fromGeneration, r.toGeneration, r.total], [0, 1, 20_001]);
+  const fourth = await b.open(a.peerId, PROTOCOL_SUMMARY);
+  await writeFrame(fourth.stream, encodeSummarySubscribe({ epoch: publisher.epoch ^ 1n, generation: 0 }));
+  assert.equal((await readSnapshot(fourth.reader)).length, 20_001);
+  await fourth.stream.close();
+});
+
+function frameOf(payload: Uint8Array): Uint8Array {
+  assert.ok(payload.length < 128);
+  return Uint8Array.from([payload.length, ...payload]);
+}
+
+async function readSnapshot(reader: StreamReader): Promise<BigUint64Array> {
+  const parts: bigint[] = [];
+  for (;;) {
+    const m = decodeSummaryMessage((await reader.readFrame(MAX_FRAME_BYTES.summary))!);
+    assert.equal(m.type, "snapshot");
+    if (m.type !== "snapshot") throw new Error("unreachable");
+    parts.push(...m.keys);
+    if (m.offset + m.keys.length === m.total) return BigUint64Array.from(parts);
+  }
+}
+
+test("a hostile publisher: garbage, oversized frames, gaps and early deltas reset and resubscribe", async () => {
+  const { a: m, b, aId: mId } = await pair();
+  const [h1, h2, h3, h4] = [randomHashPart(), randomHashPart(), randomHashPart(), randomHashPart()];
+  const epoch = 42n;
+  const snapshot = (gen: number, parts: string[]) => snapshotChunks(epoch, gen, sortedKeys(parts)).map(encodeSummaryMessage);
+  let proceed: () => void = () => {};
+  const gate = () => new Promise<void>((resolve) => (proceed = resolve));
+
+  // What the n-th subscription gets, one script per stream; each then waits for B to reset it.
+  const scripts: ((s: Stream) => Promise<void>)[] = [
+    async (s) => writeFrame(s, Uint8Array.from([0x7f, 1, 2, 3])), // unknown tag
+    async (s) => {
+      for (const f of snapshot(5, [h1, h2, h3])) await writeFrame(s, f);
+      await gate(); // the test looks at B's table first
+      const gap = { type: "delta" as const, fromGeneration: 7, toGeneration: 8, total: 3, added: sortedKeys([h4]), removed: sortedKeys([h1]) };
+      await writeFrame(s, encodeSummaryMessage(gap));
+    },
+    async (s) => {
+      for (const f of snapshot(1, [h1, h4])) await writeFrame(s, f);
+      await gate();
+      s.send(Uint8Array.from([0x80, 0x80, 0x10])); // a 256 KiB frame header
+    },
+    async (s) => {
+      // A delta before any snapshot on this stream (even one matching the stale generation).
+      const early = { type: "delta" as const, fromGeneration: 1, toGeneration: 2, total: 1, added: new BigUint64Array(0), removed: sortedKeys([h1]) };
+      await writeFrame(s, encodeSummaryMessage(early));
+    },
+    async (s) => {
+      for (const f of snapshot(9, [h2, h3])) await writeFrame(s, f);
+    },
+  ];
+  const subscribes: bigint[] = [];
+  const resetSeen: boolean[] = [];
+  await m.handle(PROTOCOL_SUMMARY, async ({ stream, reader }) => {
+    const sub = decodeSummarySubscribe((await reader.readFrame(MAX_FRAME_BYTES.summary))!);
+    const n = subscribes.push(sub.epoch) - 1;
+    await scripts[n]?.(stream);
+    // Hold the stream open; B resetting it ends the read with an error.
+    const reset = await reader.readFrame(MAX_FRAME_BYTES.summary).then(() => false, () => true);
+    resetSeen[n] = reset;
+  });
+
+  const table = new SummaryTable(b, log, { retryMinMs: 50, retryMaxMs: 200 });
+  cleanups.push(() => table.stop());
+  table.subscribe(mId);
+
+  // 1: garbage -> reset, no summary, resubscribe.
+  // 2: a good snapshot, then a gap.
+  await waitFor(() => table.pathCount(mId) === 3, "the second stream's snapshot");
+  assert.equal(subscribes.length, 2);
+  assert.equal(table.traffic(mId)!.resets, 1);
+  assert.deepEqual(table.holders(h1), [mId]);
+  assert.deepEqual(table.holders(h4), []);
+  proceed();
+  // 3: resubscribed after the gap; a good snapshot replaces the stale one, then an oversized frame.
+  await waitFor(() => table.holders(h4).length === 1, "the third stream's snapshot");
+  assert.equal(table.pathCount(mId), 2);
+  assert.deepEqual(table.holders(h2), []);
+  assert.equal(table.traffic(mId)!.resets, 2);
+  proceed();
+  // 4: a delta before its snapshot; the stale hint from 3 does not survive a second failure.
+  // 5: a good snapshot at last, and B stays subscribed.
+  await waitFor(() => subscribes.length === 5 && table.pathCount(mId) === 2 && table.holders(h2).length === 1, "the fifth stream's snapshot");
+  assert.deepEqual(table.holders(h1), []);
+  assert.deepEqual(table.holders(h4), []);
+  assert.deepEqual(table.holders(h3), [mId]);
+  assert.equal(table.traffic(mId)!.resets, 4);
+  assert.ok(subscribes.every((e) => e === 0n), "every resubscription starts from scratch");
+  await waitFor(() => resetSeen.filter(Boolean).length === 4, "the publisher to see four resets");
+  assert.deepEqual(resetSeen.slice(0, 4), [true, true, true, true]);
+  await sleep(300); // longer than the backoff: a healthy stream is not resubscribed
+  assert.equal(subscribes.length, 5);
+});
+
+test("a peer that stops is dropped from lookups", async () => {
+  const { a, b, aId } = await pair();
+  const store = new FakeStore(50);
+  const publisher = new SummaryPublisher(a, store, log);
+  await publisher.start();
+  const table = new SummaryTable(b, log);
+  cleanups.push(() => table.stop());
+  const h = [...store.parts][0]!;
+
+  table.subscribe(aId);
+  await waitFor(() => table.holders(h).length === 1, "A's snapshot");
+  const dropped = new Promise<void>((resolve) => table.on("change", (id) => id === aId && table.pathCount(aId) === undefined && resolve()));
+  await a.stop();
+  await waitFor(() => table.holders(h).length === 0, "B to forget A");
+  await dropped;
+  assert.equal(table.pathCount(aId), undefined);
+  assert.deepEqual(table.peers(), []);
+
+  // And unsubscribing a peer that was never reachable is harmless.
+  const stranger = peerIdOf(generateKeyPair("host-z-1")).toString();
+  table.subscribe(stranger);
+  table.unsubscribe(stranger);
+  publisher.stop();
+});

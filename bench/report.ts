@@ -8,7 +8,7 @@ const DEFAULT_INTRO = `# Benchmarks
 
 \`npm run bench\` (bench/run.ts) compares the fleetcache agent with nginx serving the same store
 contents as a static binary cache, on one machine, over 127.0.0.1. It takes about 3.5 minutes
-and about 10 GiB of temporary disk space (\`--nar-gib\` sets the big path's size, \`--quick\`
+on an idle machine and about 10 GiB of temporary disk space (\`--nar-gib\` sets the big path's size, \`--quick\`
 does a 45-second smoke run that leaves this file alone unless \`--write\` is given;
 \`--help\` lists the rest). It is not part of \`npm test\`.
 
@@ -46,7 +46,8 @@ Method, in one run:
 - **Fairness**: the two servers alternate measurement by measurement. Other work on the machine
   spoils a run, so before each measurement the benchmark waits (up to 60 s) until the CPUs are
   idle, and it accounts for all CPU time used during the run: a run during which anything
-  other than the server and the load generator used more than 20 % of a CPU is marked ⚠.
+  other than the server and the load generator used more than 20 % of a CPU is repeated (up to
+  twice, \`--retries\`) and, if still disturbed, marked ⚠.
 `;
 
 export function writeBenchmarksMd(file: string, results: string): void {

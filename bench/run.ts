@@ -40,6 +40,7 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
                      and server both on CPU 0), "cross" (client CPU 0, server CPU 1) or "none"
   --idle-wait S      before each measurement, wait up to S seconds for other work on the machine
                      to stop (more than 10 % CPU busy counts as busy; default 60, --quick: 5)
+  --retries N        measure again, up to N times, when other work disturbed a run (default 2)
   --repeat N         repeat every measurement N times (servers alternating), report the median
   --agent-arg ARG    pass ARG to the agent as well (repeatable); by default the agent gets
                      --p2p-listen off --no-mdns --no-tailscale when it knows them
@@ -71,6 +72,7 @@ interface Options {
   candidate: "agent" | "nginx";
   pin1: keyof typeof PIN_MODES;
   repeat: number;
+  retries: number;
   idleWait: number;
   cpuProfDir?: string;
   agentArgs: string[];
@@ -91,6 +93,7 @@ function parseOptions(): Options {
       pin1: { type: "string", default: "same" },
       repeat: { type: "string" },
       "idle-wait": { type: "string" },
+      retries: { type: "string" },
       "agent-cpu-prof": { type: "string" },
       "agent-arg": { type: "string", multiple: true },
       tmpdir: { type: "string" },
@@ -124,6 +127,7 @@ function parseOptions(): Options {
     candidate,
     pin1: pin1 as keyof typeof PIN_MODES,
     repeat: Math.round(num(values.repeat, 1, "repeat")),
+    retries: values.retries === "0" ? 0 : Math.round(num(values.retries, 2, "retries")),
     idleWait: values["idle-wait"] === "0" ? 0 : num(values["idle-wait"], quick ? 5 : 60, "idle-wait"),
     cpuProfDir: values["agent-cpu-prof"] ? resolve(values["agent-cpu-prof"]) : undefined,
     agentArgs: values["agent-arg"] ?? [],
@@ -287,6 +291,8 @@ interface Outcome {
   cpu?: { serverCpu: number; clientCpu: number; otherCpu: number; wall: number };
   /** Server CPU per unit of work: µs per request (narinfo), s per GB (NAR). */
   cost?: number;
+  /** Runs it took (more than one when other work disturbed the earlier ones). */
+  attempts?: number;
   wrk?: WrkResult;
   nar?: NarThroughput;
   error?: string;
@@ -432,7 +438,8 @@ async function main(): Promise<void> {
     m.set(s, [...(m.get(s) ?? []), o]);
   };
 
-  const measure = async (row: (typeof ROWS)[number], s: Server): Promise<void> => {
+  const measureOnce = async (row: (typeof ROWS)[number], s: Server): Promise<Outcome> => {
+    let outcome: Outcome;
     // Pinning matters for narinfo ping-pong on one connection; bulk NAR transfers are left free.
     const pin = row.conns === 1 && row.kind !== "nar" ? pin1 : undefined;
     if (pin) {
@@ -458,7 +465,7 @@ async function main(): Promise<void> {
         if (r.failed > 0) problems.push(`${r.failed} failed downloads: ${r.failures.join("; ")}`);
         if (r.bytes === 0) problems.push("no bytes received");
         problems.push(...cpuProblems(acc));
-        record(row.key, s, { value: r.mbPerSec, nar: r, problems, busy, cpu: acc, cost: r.bytes > 0 ? acc.serverCpu / (r.bytes / 1e9) : undefined });
+        outcome = { value: r.mbPerSec, nar: r, problems, busy, cpu: acc, cost: r.bytes > 0 ? acc.serverCpu / (r.bytes / 1e9) : undefined };
         log(`${s.name}: ${row.label}: ${fmtNum(r.mbPerSec)} (${r.complete} complete, ${r.cutOff} cut off at the deadline)${problems.length ? ` PROBLEMS: ${problems.join("; ")}` : ""}`);
       } else {
         const script = row.kind === "hit" ? hitScript : missScript;
@@ -469,11 +476,11 @@ async function main(): Promise<void> {
         );
         const r = acc.result;
         problems.push(...wrkProblems(r, row.kind), ...cpuProblems(acc));
-        record(row.key, s, { value: r.reqPerSec, wrk: r, problems, busy, cpu: acc, cost: r.requests > 0 ? (acc.serverCpu / r.requests) * 1e6 : undefined });
+        outcome = { value: r.reqPerSec, wrk: r, problems, busy, cpu: acc, cost: r.requests > 0 ? (acc.serverCpu / r.requests) * 1e6 : undefined };
         log(`${s.name}: ${row.label}: ${fmtNum(r.reqPerSec)} (p50 ${r.latencyUs.p50} µs, p99 ${r.latencyUs.p99} µs)${problems.length ? ` PROBLEMS: ${problems.join("; ")}` : ""}`);
       }
     } catch (e) {
-      record(row.key, s, { error: (e as Error).message, problems, busy });
+      outcome = { error: (e as Error).message, problems, busy };
       log(`${s.name}: ${row.label}: ERROR ${(e as Error).message}`);
     } finally {
       sampler.endPhase();
@@ -481,6 +488,20 @@ async function main(): Promise<void> {
         logCommand("taskset", ["-a", "-p", "-c", allCpus, "<each server process>"]);
         await pinTree(s.pid, allCpus);
       }
+    }
+    return outcome;
+  };
+
+  /** Measures, and measures again (up to --retries times) when other work disturbed the run. */
+  const measure = async (row: (typeof ROWS)[number], s: Server): Promise<void> => {
+    for (let attempt = 0; ; attempt++) {
+      const o = await measureOnce(row, s);
+      const disturbed = o.problems.some((p) => p.includes("other work"));
+      if (!disturbed || attempt >= opts.retries) {
+        record(row.key, s, { ...o, attempts: attempt + 1 });
+        return;
+      }
+      log(`${s.name}: ${row.label}: disturbed by other work, measuring again (${attempt + 1} of ${opts.retries})`);
     }
   };
 
@@ -663,6 +684,7 @@ function renderResults(r: {
         const c = o.cpu;
         detail += `; CPU s: server ${c.serverCpu.toFixed(2)}, wrk/curl ${c.clientCpu.toFixed(2)}, other ${c.otherCpu.toFixed(2)}`;
       }
+      if ((o.attempts ?? 1) > 1) detail += `; run ${o.attempts} times (other work disturbed the earlier runs)`;
       if (o.values.length > 1) detail += `; all runs: ${o.values.map((v) => fmtNum(v)).join(", ")}`;
       if (o.busy > 0.02) detail += `; machine ${(o.busy * 100).toFixed(0)} % busy before`;
       if (o.problems.length) detail += `; ⚠ ${o.problems.join("; ")}`;

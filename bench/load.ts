@@ -1,6 +1,7 @@
 // Load generators: wrk (with a Lua script cycling over a URL list) for narinfo requests, and
 // parallel curl processes for NAR throughput. Plus a /proc sampler for a server's memory.
 import { readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { open } from "node:fs/promises";
 import { join } from "node:path";
 import { logCommand, run } from "./proc.js";
 
@@ -343,4 +344,34 @@ export async function machineBusy(ms = 300): Promise<number> {
   await new Promise((r) => setTimeout(r, ms));
   const b = cpuTimes();
   return b.total > a.total ? (b.busy - a.busy) / (b.total - a.total) : 0;
+}
+
+/** Fraction of `file` in the page cache (from util-linux fincore), or undefined without it. */
+export async function pageCacheResidency(file: string): Promise<number | undefined> {
+  try {
+    const r = await run("fincore", ["--bytes", "--noheadings", "--output", "RES,SIZE", file], { log: false, allowFail: true });
+    const [res, size] = r.stdout.trim().split(/\s+/).map(Number);
+    return r.code === 0 && size ? (res ?? 0) / size : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Reads `file` once from start to end (into one reused buffer) so that it is in the page cache;
+ *  returns the seconds it took. This VM pages out file data left untouched for about 30 s. */
+export async function warmFile(file: string): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  const fh = await open(file, "r");
+  try {
+    const buf = Buffer.allocUnsafe(8 << 20);
+    let pos = 0;
+    for (;;) {
+      const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
+      if (bytesRead === 0) break;
+      pos += bytesRead;
+    }
+  } finally {
+    await fh.close();
+  }
+  return Number(process.hrtime.bigint() - t0) / 1e9;
 }

@@ -36,7 +36,10 @@ Method, in one run:
 - **NAR MB/s** (10^6 bytes/s): 1 or 4 parallel \`curl -o /dev/null\` processes downloading the big
   NAR again and again for the run's duration, unpinned; bytes received / wall time (a download
   still running at the deadline is cut off and its bytes counted). wrk's Transfer/sec is not
-  used for multi-GiB bodies.
+  used for multi-GiB bodies. Right before each NAR run the file the server reads (nginx: the
+  .nar in the cache; agent: the store path's file) is read once into the page cache: this VM
+  pages out file data left untouched for about 30 s (DAMON reclaim), and a run from disk would
+  measure the disk. The details say how much of it was still cached.
 - **Server CPU per unit of work**: user + system time of the server's processes (from /proc)
   during each run, per request or per GB. Unlike the rates, it does not depend on scheduling.
 - **Memory**: the agent's VmRSS every 100 ms from /proc throughout, per phase, and VmHWM (reset

@@ -10,8 +10,8 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { fmtBytes, hashPart, makeFixture, type Fixture } from "./fixture.js";
 import {
-  MemSampler, machineBusy, narThroughput, openFds, pinTree, readStatus, resetPeakRss, runWrk, withCpuAccounting,
-  writeWrkScript,
+  MemSampler, machineBusy, narThroughput, openFds, pageCacheResidency, pinTree, readStatus, resetPeakRss, runWrk,
+  warmFile, withCpuAccounting, writeWrkScript,
   type NarThroughput, type WrkResult,
 } from "./load.js";
 import { nix32Encode, randomHashParts } from "./nix32.js";
@@ -172,6 +172,8 @@ interface NarTarget {
   url: string;
   size: number;
   narHash: string;
+  /** The file the server reads the NAR's bytes from (warmed before each NAR run). */
+  file?: string;
 }
 
 /** Downloads a NAR with a Node client, hashing it; returns bytes, seconds and nix32 sha256. */
@@ -293,6 +295,8 @@ interface Outcome {
   cost?: number;
   /** Runs it took (more than one when other work disturbed the earlier ones). */
   attempts?: number;
+  /** NAR runs: share of the NAR's file in the page cache before it was read once to warm it. */
+  warm?: { residency?: number; seconds: number };
   wrk?: WrkResult;
   nar?: NarThroughput;
   error?: string;
@@ -391,6 +395,9 @@ async function main(): Promise<void> {
 
   const nginxNar = await checkServer(nginx, nginx, fx, missHashes, undefined, warnings);
   const candNar = await checkServer(cand, nginx, fx, missHashes, publicKey, warnings);
+  nginxNar.file = join(fx.cacheDir, decodeURIComponent(new URL(nginxNar.url).pathname));
+  // The big path is a single file, so its NAR's contents are that file (the agent reads it).
+  candNar.file = opts.candidate === "agent" ? join(fx.storeRoot, fx.bigPath) : nginxNar.file;
   const targets = new Map<Server, NarTarget>([[nginx, nginxNar], [cand, candNar]]);
   log(`big NAR: ${fmtBytes(nginxNar.size)}; nginx ${nginxNar.url.replace(nginx.baseUrl, "")}, ${cand.name} ${candNar.url.replace(cand.baseUrl, "")}`);
 
@@ -446,6 +453,14 @@ async function main(): Promise<void> {
       logCommand("taskset", ["-a", "-p", "-c", pin.server, "<each server process>"]);
       await pinTree(s.pid, pin.server);
     }
+    let warm: { residency?: number; seconds: number } | undefined;
+    const file = row.kind === "nar" ? targets.get(s)?.file : undefined;
+    if (file) {
+      // Bring the NAR's file back into the page cache: this VM pages out data left unread for
+      // about 30 s, and a run reading from disk measures the disk, not the server.
+      const residency = await pageCacheResidency(file);
+      warm = { residency, seconds: await warmFile(file) };
+    }
     let busy = await machineBusy(300);
     const waitUntil = Date.now() + opts.idleWait * 1000;
     if (busy > BUSY && opts.idleWait > 0) {
@@ -465,7 +480,7 @@ async function main(): Promise<void> {
         if (r.failed > 0) problems.push(`${r.failed} failed downloads: ${r.failures.join("; ")}`);
         if (r.bytes === 0) problems.push("no bytes received");
         problems.push(...cpuProblems(acc));
-        outcome = { value: r.mbPerSec, nar: r, problems, busy, cpu: acc, cost: r.bytes > 0 ? acc.serverCpu / (r.bytes / 1e9) : undefined };
+        outcome = { value: r.mbPerSec, nar: r, problems, busy, cpu: acc, cost: r.bytes > 0 ? acc.serverCpu / (r.bytes / 1e9) : undefined, warm };
         log(`${s.name}: ${row.label}: ${fmtNum(r.mbPerSec)} (${r.complete} complete, ${r.cutOff} cut off at the deadline)${problems.length ? ` PROBLEMS: ${problems.join("; ")}` : ""}`);
       } else {
         const script = row.kind === "hit" ? hitScript : missScript;
@@ -515,6 +530,7 @@ async function main(): Promise<void> {
   }
 
   // A slow client: a server without backpressure would buffer the NAR in memory here.
+  if (candNar.file) await warmFile(candNar.file);
   sampler.phase("NAR: slow client (curl --limit-rate 50M)");
   const slowSecs = Math.min(6, opts.duration);
   let slow: NarThroughput | undefined;
@@ -679,6 +695,10 @@ function renderResults(r: {
       } else if (o.nar) {
         const n = o.nar;
         detail = `${fmtBytes(n.bytes)} in ${n.seconds.toFixed(1)} s; downloads complete ${n.complete}, cut off at the deadline ${n.cutOff}, failed ${n.failed}`;
+        if (o.warm) {
+          const res = o.warm.residency === undefined ? "" : `${(o.warm.residency * 100).toFixed(0)} % in page cache, `;
+          detail += `; file ${res}read in ${o.warm.seconds.toFixed(1)} s to warm it`;
+        }
       }
       if (o.cpu) {
         const c = o.cpu;

@@ -23,7 +23,9 @@ export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv =
     ...(args.includes("--p2p-listen") ? [] : ["--p2p-listen", "off"]),
     ...(args.includes("--mdns") ? [] : ["--no-mdns"]),
   ];
-  const [cmd, ...pre] = wrap.length > 0 ? [...wrap, process.execPath] : [process.execPath];
+  // FLEETCACHE_TEST_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the agents of a test.
+  const nodeArgs = (process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  const [cmd, ...pre] = [...wrap, process.execPath, ...nodeArgs];
   const child = spawn(cmd!, [...pre, CLI, "agent", ...defaults, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, FLEETCACHE_LOG_LEVEL: "debug", ...env },

@@ -48,7 +48,7 @@ export async function meshCase(opts: { mib?: number; count?: number; log?: (s: s
     const cache = join(A.dir, "cache");
     await run("nix", [...NIX_FLAGS, "copy", "--from", A.storeRoot, "--to", `file://${cache}?compression=none`, ...paths]);
     const conf = join(A.dir, "nginx.conf");
-    writeFileSync(conf, `daemon off; worker_processes auto; pid ${A.dir}/nginx.pid; error_log ${A.dir}/nginx.err;
+    writeFileSync(conf, `daemon off; user root; worker_processes auto; pid ${A.dir}/nginx.pid; error_log ${A.dir}/nginx.err;
 events { worker_connections 768; }
 http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
   server { listen ${A.net.ip}:${NGINX_PORT}; root ${cache}; } }

@@ -32,6 +32,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   } catch (e) {
     throw new Error(`cannot open the Nix database under ${config.storeRoot} (is this a Nix store root, and readable?): ${(e as Error).message}`);
   }
+  store.watch().on("error", (err) => log.warn({ err: err.message }, "polling the Nix database failed; will retry"));
   let mesh: Mesh | undefined;
   if (config.p2pListen) {
     mesh = await Mesh.start({

@@ -32,11 +32,13 @@ test("additions, deletions and re-additions are reported, with the full set kept
     await run("nix-store", ["--store", root, "--delete", b]);
     const d = await addToStore(root, file("d"));
     assert.deepEqual(watcher.poll(), { added: [hashOf(d)], removed: [hashOf(b)] });
+    assert.ok(!watcher.has(hashOf(b)) && watcher.has(hashOf(d)) && watcher.has(hashOf(a)));
 
     // Re-added: a new row, so reported as added again.
     await addToStore(root, file("b"));
     assert.deepEqual(watcher.poll(), { added: [hashOf(b)], removed: [] });
     assert.deepEqual(new Set(watcher.hashParts()), new Set([a, b, c, d].map(hashOf)));
+    assert.ok(watcher.has(hashOf(b)), "re-added");
 
     // Polling on a timer emits the same changes.
     watcher.start();

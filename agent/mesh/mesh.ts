@@ -3,7 +3,7 @@
 import { parsePublicKey, type PublicKey, type SecretKey } from "../../protocol/keys.js";
 import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
-import { StoreWatcher } from "../store/watch.js";
+import type { StoreWatcher } from "../store/watch.js";
 import { FleetSource } from "./fleet-source.js";
 import { openNar } from "./nar-service.js";
 import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
@@ -46,8 +46,7 @@ export class Mesh {
     const trusted: PublicKey[] = opts.trustedKeys.map(parsePublicKey);
     const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns });
     try {
-      const watcher = new StoreWatcher(local.db).start();
-      watcher.on("error", (err) => log.warn({ err: err.message }, "watching the store failed; will retry"));
+      const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
       await publisher.start();
       await serveNarinfo(node, local, log);
@@ -84,7 +83,6 @@ export class Mesh {
   }
 
   async stop(): Promise<void> {
-    this.watcher.stop();
     this.publisher.stop();
     this.summaries.stop();
     await this.manager.stop();

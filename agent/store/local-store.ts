@@ -7,6 +7,7 @@ import type { Listing } from "../../protocol/listing.js";
 import type { PathSource } from "../source.js";
 import type { Signer } from "../signer.js";
 import { NixDb, type DbPathRow } from "./db.js";
+import { StoreWatcher } from "./watch.js";
 import { narListing, narStream } from "./nar-dump.js";
 
 /** A row's PathInfo stays valid while the row (id) and its signatures are unchanged. */
@@ -24,11 +25,24 @@ export class LocalStore implements PathSource {
   // (references, hash conversion, our signature) is kept, since it cannot change for that row.
   private readonly infos = new Map<string, CachedInfo>();
 
+  /** Set by watch(): the store's valid paths as of the last poll. */
+  watcher: StoreWatcher | undefined;
+
   constructor(
     readonly root: string,
     private readonly signer: Signer,
   ) {
     this.db = new NixDb(root);
+  }
+
+  /**
+   * Starts polling the database for changes. From then on a path the watcher has not seen is a
+   * miss without a database query (misses are most of what Nix asks); a path added to the store
+   * becomes visible within one interval. Hits still read the row, so GC shows at once.
+   */
+  watch(intervalMs = 250): StoreWatcher {
+    this.watcher ??= new StoreWatcher(this.db, intervalMs).start();
+    return this.watcher;
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
@@ -37,6 +51,7 @@ export class LocalStore implements PathSource {
 
   /** The same PathInfo object is returned while the path is unchanged (callers may cache by it). */
   pathInfoSync(hashPart: string): PathInfo | undefined {
+    if (this.watcher?.running && !this.watcher.has(hashPart)) return undefined;
     const row = this.db.pathByHashPart(hashPart);
     if (!row) return undefined;
     const cached = this.infos.get(hashPart);
@@ -74,6 +89,7 @@ export class LocalStore implements PathSource {
   }
 
   close(): void {
+    this.watcher?.stop();
     this.db.close();
   }
 

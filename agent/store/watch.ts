@@ -15,6 +15,7 @@ const hashPartOf = (path: string) => path.slice("/nix/store/".length, "/nix/stor
 
 export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [Error] }> {
   private readonly byId = new Map<number, string>();
+  private readonly hashes = new Set<string>();
   private maxId = 0;
   private timer: NodeJS.Timeout | undefined;
 
@@ -33,6 +34,15 @@ export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [
 
   get size(): number {
     return this.byId.size;
+  }
+
+  /** Whether the path was valid at the last poll (at most one interval ago, while running). */
+  has(hashPart: string): boolean {
+    return this.hashes.has(hashPart);
+  }
+
+  get running(): boolean {
+    return this.timer !== undefined;
   }
 
   start(): this {
@@ -58,6 +68,7 @@ export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [
     for (const row of this.db.pathsAfter(this.maxId)) {
       const hash = hashPartOf(row.path);
       this.byId.set(row.id, hash);
+      this.hashes.add(hash);
       this.maxId = row.id;
       change.added.push(hash);
     }
@@ -69,6 +80,9 @@ export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [
           change.removed.push(hash);
         }
       }
+      // A hash part is gone only if no live row has it (a re-added path has a new row).
+      for (const hash of change.removed) this.hashes.delete(hash);
+      for (const hash of this.byId.values()) this.hashes.add(hash);
     }
     if (change.added.length > 0 || change.removed.length > 0) this.emit("change", change);
     return change;

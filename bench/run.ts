@@ -14,11 +14,13 @@ import {
   warmFile, withCpuAccounting, writeWrkScript,
   type NarThroughput, type WrkResult,
 } from "./load.js";
-import { nix32Encode, randomHashParts } from "./nix32.js";
+import { encodeNix32 } from "../protocol/nix32.js";
+import { randomHashParts } from "./nix32.js";
 import {
   cleanup, commandLog, installSignalHandlers, interrupted, logCommand, registerTempDir, run, setRepoRoot, setTmpRoot,
 } from "./proc.js";
 import { fmtNum, fmtRatio, table, writeBenchmarksMd } from "./report.js";
+import { meshCase, type MeshResult } from "./mesh.js";
 import {
   agentBuilt, httpGet, parseNarinfo, startAgent, startNginx, type Server,
 } from "./servers.js";
@@ -42,6 +44,9 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
                      to stop (more than 10 % CPU busy counts as busy; default 60, --quick: 5)
   --retries N        measure again, up to N times, when other work disturbed a run (default 2)
   --repeat N         repeat every measurement N times (servers alternating), report the median
+  --mesh-mib N       the mesh case: Nix on one host copies N MiB held by a peer, through the two
+                     agents vs from nginx on that peer (default 400; --quick: 64)
+  --no-mesh          skip the mesh case (it needs root for network namespaces)
   --agent-arg ARG    pass ARG to the agent as well (repeatable); by default the agent gets
                      --p2p-listen off --no-mdns --no-tailscale when it knows them
   --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
@@ -76,6 +81,7 @@ interface Options {
   idleWait: number;
   cpuProfDir?: string;
   agentArgs: string[];
+  meshMib: number;
   tmpBase: string;
   keep: boolean;
 }
@@ -96,6 +102,8 @@ function parseOptions(): Options {
       retries: { type: "string" },
       "agent-cpu-prof": { type: "string" },
       "agent-arg": { type: "string", multiple: true },
+      "mesh-mib": { type: "string" },
+      "no-mesh": { type: "boolean", default: false },
       tmpdir: { type: "string" },
       keep: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -131,6 +139,7 @@ function parseOptions(): Options {
     idleWait: values["idle-wait"] === "0" ? 0 : num(values["idle-wait"], quick ? 5 : 60, "idle-wait"),
     cpuProfDir: values["agent-cpu-prof"] ? resolve(values["agent-cpu-prof"]) : undefined,
     agentArgs: values["agent-arg"] ?? [],
+    meshMib: values["no-mesh"] || candidate !== "agent" ? 0 : num(values["mesh-mib"], quick ? 64 : 400, "mesh-mib"),
     tmpBase: values.tmpdir ? resolve(values.tmpdir) : tmpdir(),
     keep: values.keep ?? false,
   };
@@ -190,7 +199,7 @@ function downloadAndHash(url: string): Promise<{ bytes: number; seconds: number;
       res.on("end", () =>
         resolvePromise({
           bytes, status: res.statusCode ?? 0, seconds: Number(process.hrtime.bigint() - start) / 1e9,
-          hash: `sha256:${nix32Encode(h.digest())}`,
+          hash: `sha256:${encodeNix32(h.digest())}`,
         }),
       );
       res.on("error", reject);
@@ -568,10 +577,22 @@ async function main(): Promise<void> {
   log(`${cand.name} memory: RSS before ${fmtKiB(memory.beforeRssKiB)}, peak during NAR downloads ${fmtKiB(memory.peakNarRssKiB)}, VmHWM ${fmtKiB(memory.hwmAfterKiB)}${hwmReset ? " (reset before the downloads)" : ""}; NAR ${fmtBytes(memory.narBytes)}`);
   if (fdsAfter > fdsBefore + 2) warnings.push(`${cand.name}: open file descriptors grew from ${fdsBefore} to ${fdsAfter} after the NAR downloads`);
 
+  // Mesh ----------------------------------------------------------------------------------------
+  let meshMd = "";
+  if (opts.meshMib > 0) {
+    try {
+      const m = await meshCase({ mib: opts.meshMib, log });
+      meshMd = renderMesh(m);
+    } catch (e) {
+      warnings.push(`mesh case failed: ${(e as Error).message}`);
+    }
+  }
+
   // Report ------------------------------------------------------------------------------------
   const totalSecs = (Date.now() - t0) / 1000;
   const md = renderResults({
     opts, facts, fx, fixtureSecs, nginx, cand, results, memory, warnings, totalSecs, nginxNar, candNar,
+    meshMd,
   });
   process.stdout.write(`\n${md}\n`);
   if (opts.write) {
@@ -582,11 +603,29 @@ async function main(): Promise<void> {
   }
 }
 
+function renderMesh(m: MeshResult): string {
+  const mb = m.narBytes / 1e6;
+  return `### Mesh: Nix on one host copying a closure held by a peer
+
+Two hosts in network namespaces on a private bridge. Host A holds ${m.paths} paths (${fmtBytes(m.narBytes)} of NARs);
+Nix on host B copies them with \`nix copy --from URL\` into an empty store, either through B's
+agent (which fetches them from A's agent over the mesh; signatures required) or from nginx on A
+serving the same closure as a static cache (unsigned, \`require-sigs false\`). Best of two runs each.
+
+${table(["", "nginx on the peer", "through the agents", "agents/nginx"], [
+    ["seconds", m.nginxSeconds.toFixed(2), m.agentSeconds.toFixed(2), ""],
+    ["MB/s", fmtNum(mb / m.nginxSeconds), fmtNum(mb / m.agentSeconds), m.ratio.toFixed(2) + "×"],
+  ])}
+
+`;
+}
+
 function fmtKiB(k: number): string {
   return fmtBytes(k * 1024);
 }
 
 function renderResults(r: {
+  meshMd: string;
   opts: Options;
   facts: Array<[string, string]>;
   fx: Fixture;
@@ -652,6 +691,7 @@ function renderResults(r: {
 
   // Memory.
   const m = memory;
+  if (r.meshMd) out.push(r.meshMd);
   out.push(`### ${cand.name} memory while serving the ${fmtBytes(m.narBytes)} NAR`, "");
   out.push(
     table(

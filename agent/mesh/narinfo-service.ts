@@ -108,23 +108,31 @@ export async function fetchNarinfo(node: MeshNode, peerId: string, hashPart: str
     opts.log?.debug({ peer: peerId, hashPart, reason, err: err instanceof Error ? err.message : err }, "mesh: narinfo from peer not used");
     return undefined;
   };
-  let ms: MeshStream | undefined;
-  let release = () => {};
-  let res: NarinfoResponse;
-  try {
-    ms = await node.open(peerId, PROTOCOL_NARINFO, { signal });
-    release = resetOnAbort(ms.stream, signal);
-    await writeFrame(ms.stream, encodeNarinfoRequest(hashPart), { signal });
-    const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.narinfo);
-    if (frame === undefined) throw new Error("stream ended without an answer");
-    res = decodeNarinfoResponse(frame);
-    // One request per stream: our FIN ends the responder's loop. Nothing to wait for.
-    ms.stream.close().catch(() => {});
-  } catch (err) {
-    ms?.stream.abort(err instanceof Error ? err : new Error(String(err)));
-    return why(signal.aborted ? "timeout or aborted" : "exchange failed", err);
-  } finally {
-    release();
+  let res: NarinfoResponse | undefined;
+  // A pooled stream may have been closed by the responder (idle timeout) just as we reused it:
+  // then ask once more on a fresh one, within the same deadline.
+  for (let attempt = 0; res === undefined; attempt++) {
+    let ms: MeshStream | undefined;
+    let reused = false;
+    let release = () => {};
+    try {
+      ({ ms, reused } = await narinfoStreams(node).take(peerId, signal));
+      release = resetOnAbort(ms.stream, signal);
+      await writeFrame(ms.stream, encodeNarinfoRequest(hashPart), { signal });
+      const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.narinfo);
+      if (frame === undefined) throw new Error("stream ended without an answer");
+      res = decodeNarinfoResponse(frame);
+      release();
+      release = () => {};
+      narinfoStreams(node).give(peerId, ms);
+    } catch (err) {
+      // Never reuse a stream that failed: it may still carry a late answer.
+      ms?.stream.abort(err instanceof Error ? err : new Error(String(err)));
+      if (reused && attempt === 0 && !signal.aborted) continue;
+      return why(signal.aborted ? "timeout or aborted" : "exchange failed", err);
+    } finally {
+      release();
+    }
   }
   if (res.type === "not-found") return why("not-found");
   let info: Narinfo;
@@ -137,6 +145,71 @@ export async function fetchNarinfo(node: MeshNode, peerId: string, hashPart: str
   const fp = fingerprint(info);
   if (!info.sigs.some((sig) => verify(opts.trusted, fp, sig))) return why("no signature by a trusted key");
   return info;
+}
+
+// --- requester stream pool -----------------------------------------------------------------------
+
+/** Idle narinfo streams kept per peer; concurrent requests beyond this open (then close) their own. */
+export const NARINFO_POOL_PER_PEER = 4;
+/** An idle pooled stream is closed well before the responder's idle timeout (30 s) would. */
+const NARINFO_POOL_IDLE_MS = 20_000;
+
+interface Pooled {
+  ms: MeshStream;
+  timer: NodeJS.Timeout;
+}
+
+/**
+ * Reusable narinfo streams per peer (the protocol allows requests one after another on a stream):
+ * opening a stream costs a yamux round trip and a multistream-select, several ms, against about
+ * one ms for the exchange itself. A stream is only ever used by one request at a time, returned
+ * only after a complete answer, and dropped on any failure.
+ */
+class NarinfoStreamPool {
+  readonly #idle = new Map<string, Pooled[]>();
+  constructor(readonly node: MeshNode) {}
+
+  async take(peerId: string, signal: AbortSignal): Promise<{ ms: MeshStream; reused: boolean }> {
+    const list = this.#idle.get(peerId);
+    while (list && list.length > 0) {
+      const { ms, timer } = list.pop()!;
+      clearTimeout(timer);
+      if (list.length === 0) this.#idle.delete(peerId);
+      const s = ms.stream;
+      if (s.status === "open" && s.writeStatus === "writable" && s.remoteWriteStatus === "writable" && ms.reader.buffered === 0) {
+        return { ms, reused: true };
+      }
+      s.abort(new Error("stale pooled narinfo stream"));
+    }
+    return { ms: await this.node.open(peerId, PROTOCOL_NARINFO, { signal }), reused: false };
+  }
+
+  give(peerId: string, ms: MeshStream): void {
+    const list = this.#idle.get(peerId) ?? [];
+    if (list.length >= NARINFO_POOL_PER_PEER || ms.stream.status !== "open") {
+      ms.stream.close().catch(() => {}); // our FIN ends the responder's loop
+      return;
+    }
+    const entry: Pooled = {
+      ms,
+      timer: setTimeout(() => {
+        const i = list.indexOf(entry);
+        if (i >= 0) list.splice(i, 1);
+        if (list.length === 0 && this.#idle.get(peerId) === list) this.#idle.delete(peerId);
+        ms.stream.close().catch(() => {});
+      }, NARINFO_POOL_IDLE_MS),
+    };
+    entry.timer.unref();
+    list.push(entry);
+    this.#idle.set(peerId, list);
+  }
+}
+
+const pools = new WeakMap<MeshNode, NarinfoStreamPool>();
+function narinfoStreams(node: MeshNode): NarinfoStreamPool {
+  let pool = pools.get(node);
+  if (!pool) pools.set(node, (pool = new NarinfoStreamPool(node)));
+  return pool;
 }
 
 // --- helpers shared with nar-service.ts ---------------------------------------------------------

@@ -1,9 +1,14 @@
 #!/usr/bin/env node
-// The fleetcache command: `agent` runs the daemon, `keygen` makes a signing key.
+// The fleetcache command: `agent` runs the daemon, `keygen` makes a signing key, and `status`,
+// `doctor` and `prefetch` are the operator's tools that talk to a running agent.
 import { writeFileSync } from "node:fs";
 import { Command } from "commander";
 import { formatPublicKey, generateKeyPair } from "../protocol/keys.js";
 import { startAgent } from "./agent.js";
+import { UsageError } from "./commands/agent-client.js";
+import { runDoctor } from "./commands/doctor.js";
+import { runPrefetch } from "./commands/prefetch.js";
+import { runStatus } from "./commands/status.js";
 import { ConfigError, DEFAULT_P2P_PORT, DEFAULT_PORT, loadConfig } from "./config.js";
 import { readSecretKeyFile, writeSecretKeyFile } from "./keys-file.js";
 import { createLogger } from "./log.js";
@@ -116,5 +121,62 @@ program
     }
     process.stdout.write(formatPublicKey(key) + "\n");
   });
+
+/** Runs an operator command: its result is the exit code, and a UsageError exits 2. */
+async function exitWith(name: string, run: () => Promise<number>): Promise<void> {
+  try {
+    process.exitCode = await run();
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    process.stderr.write(`fleetcache ${name}: ${e.message}\n`);
+    process.exitCode = EXIT_USAGE;
+  }
+}
+
+const AGENT_OPTION = "the agent's HTTP URL (env FLEETCACHE_AGENT; default http://127.0.0.1:37515)";
+
+program
+  .command("status")
+  .description("Show what the local agent sees: this host, its peers (connected, round-trip time, paths, traffic), lookup counters and recent errors")
+  .option("--agent <url>", AGENT_OPTION)
+  .option("--json", "print the agent's status document (GET /api/v1/status) as JSON")
+  .addHelpText("after", "\nExit status: 0 the agent answered, 1 it did not (the message says what to check), 2 usage error.")
+  .action((opts: { agent?: string; json?: boolean }) => exitWith("status", () => runStatus(opts)));
+
+program
+  .command("doctor")
+  .description("Check that the agent works and that Nix uses it: one line per check, ok / warn / FAIL, with the fix")
+  .option("--agent <url>", AGENT_OPTION)
+  .option("--config <file>", "the agent's TOML config file, for its sign keys and fleet (env FLEETCACHE_CONFIG; FLEETCACHE_* variables apply too)")
+  .option("--nix-conf <file>", "check this nix.conf alone instead of Nix's effective configuration (nix show-config)")
+  .option("--store-root <dir>", "check read access to the Nix database under DIR directly instead of asking the agent")
+  .option("--json", "print the checks as JSON")
+  .addHelpText("after", `
+Checks: the agent answers (/health, /nix-cache-info); the store is readable; Nix lists the agent
+among its substituters with a priority below cache.nixos.org's 40; Nix trusts this host's and
+every fleet member's key, and no trusted key has a fleet member's name with other bytes (a
+rotated key); narinfo-cache-negative-ttl is at most 60 s; the sign key files are not readable by
+group or others; each known peer is connected. Nix's configuration is read with
+\`nix show-config\`, so NIX_CONF_DIR, NIX_USER_CONF_FILES and NIX_CONFIG apply.
+
+Exit status: 0 no check failed (warnings allowed), 1 a check failed, 2 usage error.`)
+  .action((opts: { agent?: string; config?: string; nixConf?: string; storeRoot?: string; json?: boolean }) => exitWith("doctor", () => runDoctor(opts)));
+
+program
+  .command("prefetch")
+  .description("Bring store paths and their closures into the local store from the fleet, ahead of a deployment")
+  .argument("<paths...>", "store paths (/nix/store/<hash>-<name>, optionally with a file inside), <hash>-<name>, or 32-character hash parts")
+  .option("--agent <url>", AGENT_OPTION)
+  .option("--store <store>", "the store to fill: a Nix store URI or a chroot store directory (default: Nix's default store)")
+  .addHelpText("after", `
+The agent resolves the closure (asking its peers), paths already present are skipped, and
+\`nix copy --from <agent>\` brings in the rest. Nix checks signatures as its configuration says:
+the fleet's keys must be in trusted-public-keys (for a one-off run, e.g.
+NIX_CONFIG="extra-trusted-public-keys = host-1:BASE64..."). Progress goes to stderr: a bar on a
+terminal, otherwise a line at each change (at least every 10 s) and a final "prefetch: done" line.
+
+Exit status: 0 the closure is in the store, 1 a path is not in the fleet or nix copy failed,
+2 usage error.`)
+  .action((paths: string[], opts: { agent?: string; store?: string }) => exitWith("prefetch", () => runPrefetch(paths, opts)));
 
 await program.parseAsync(process.argv);

@@ -1,0 +1,115 @@
+// A tolerant reading of GET /api/v1/status. The document grows (traffic per peer, counters,
+// recent errors); older and newer agents must both be readable, so every field is optional here
+// and counters are looked up under their current and earlier names.
+
+export interface StatusPeer {
+  name: string;
+  publicKey?: string;
+  peerId?: string;
+  addresses: string[];
+  connected: boolean;
+  rttMs?: number;
+  pathCount?: number;
+  lastSeen?: unknown;
+  bytesSent?: number;
+  bytesReceived?: number;
+}
+
+export interface StatusView {
+  self: {
+    name?: string;
+    publicKey?: string;
+    peerId?: string | null;
+    listen: string[];
+    addresses: string[];
+    paths?: number;
+    version?: string;
+    uptimeSeconds?: number;
+  };
+  peers: StatusPeer[];
+  counters: {
+    narinfoHitsLocal?: number;
+    narinfoHitsPeer?: number;
+    narinfoMisses?: number;
+    narBytesServed?: number;
+    narBytesFromPeers?: number;
+    peerQueries?: number;
+    failovers?: number;
+    transferFailures?: number;
+  };
+  recentErrors: string[];
+}
+
+type Obj = Record<string, unknown>;
+const obj = (v: unknown): Obj => (v && typeof v === "object" && !Array.isArray(v) ? (v as Obj) : {});
+const num = (v: unknown): number | undefined => (typeof v === "number" && Number.isFinite(v) ? v : undefined);
+const str = (v: unknown): string | undefined => (typeof v === "string" ? v : undefined);
+const strs = (v: unknown): string[] => (Array.isArray(v) ? v.filter((x): x is string => typeof x === "string") : typeof v === "string" ? [v] : []);
+
+/** The first of several names a counter has had. */
+function counter(c: Obj, ...names: string[]): number | undefined {
+  for (const n of names) if (num(c[n]) !== undefined) return num(c[n]);
+  return undefined;
+}
+
+export function readStatus(doc: unknown): StatusView {
+  const d = obj(doc);
+  const self = obj(d.self);
+  const c = obj(d.counters);
+  const listen = self.listen;
+  return {
+    self: {
+      name: str(self.name),
+      publicKey: str(self.publicKey),
+      peerId: str(self.peerId) ?? null,
+      // listen may be "host:port", a list, or {host, port}.
+      listen: typeof listen === "object" && listen && !Array.isArray(listen)
+        ? [`${String(obj(listen).host)}:${String(obj(listen).port)}`]
+        : strs(listen),
+      addresses: strs(self.addresses),
+      paths: num(self.paths) ?? num(self.pathCount),
+      version: str(self.version),
+      uptimeSeconds: num(self.uptimeSeconds),
+    },
+    peers: (Array.isArray(d.peers) ? d.peers : []).map((p) => {
+      const q = obj(p);
+      const publicKey = str(q.publicKey);
+      return {
+        name: str(q.name) ?? publicKey?.split(":")[0] ?? str(q.peerId) ?? "?",
+        publicKey,
+        peerId: str(q.peerId),
+        addresses: strs(q.addresses),
+        connected: q.connected === true,
+        rttMs: num(q.rttMs),
+        pathCount: num(q.pathCount),
+        lastSeen: q.lastSeen,
+        bytesSent: num(q.bytesSent),
+        bytesReceived: num(q.bytesReceived),
+      };
+    }),
+    counters: {
+      narinfoHitsLocal: counter(c, "narinfoHitsLocal", "localHits"),
+      narinfoHitsPeer: counter(c, "narinfoHitsPeer", "peerHits"),
+      narinfoMisses: counter(c, "narinfoMisses", "misses"),
+      narBytesServed: counter(c, "narBytesServed"),
+      narBytesFromPeers: counter(c, "narBytesFromPeers", "bytesFromPeers"),
+      peerQueries: counter(c, "peerQueries"),
+      failovers: counter(c, "failovers"),
+      transferFailures: counter(c, "transferFailures"),
+    },
+    recentErrors: (Array.isArray(d.recentErrors) ? d.recentErrors : []).map(describeError),
+  };
+}
+
+/** One recent error as a line: its time, then what it says (strings or {time, message, ...}). */
+function describeError(e: unknown): string {
+  if (typeof e === "string") return e;
+  const o = obj(e);
+  const t = o.time ?? o.at ?? o.ts ?? o.timestamp;
+  const time = typeof t === "number" ? new Date(t).toISOString() : str(t);
+  const msg = str(o.message) ?? str(o.msg) ?? str(o.error) ?? str(o.err);
+  const rest = Object.entries(o)
+    .filter(([k, v]) => !["time", "at", "ts", "timestamp", "message", "msg", "error", "err"].includes(k) && v !== undefined && v !== null)
+    .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`);
+  return [time, msg ?? (rest.length ? "" : JSON.stringify(e)), ...rest].filter(Boolean).join("  ");
+}

@@ -3,11 +3,13 @@ import type { Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { formatPublicKey, type SecretKey } from "../protocol/keys.js";
 import type { AgentConfig } from "./config.js";
+import type { StatusDocument } from "./http/admin-routes.js";
 import { createHttpServer } from "./http/server.js";
 import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
 import { Signer } from "./signer.js";
 import { LocalStore } from "./store/local-store.js";
+import { AgentMetrics } from "./metrics.js";
 import { Mesh } from "./mesh/mesh.js";
 import type { PathSource } from "./source.js";
 import { VERSION } from "./version.js";
@@ -16,6 +18,7 @@ export interface RunningAgent {
   server: Server;
   store: LocalStore;
   mesh: Mesh | undefined;
+  metrics: AgentMetrics;
   keys: SecretKey[];
   /** The address actually bound (the port may have been 0). */
   address: AddressInfo;
@@ -34,6 +37,11 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   }
   store.watch().on("error", (err) => log.warn({ err: err.message }, "polling the Nix database failed; will retry"));
   let mesh: Mesh | undefined;
+  const metrics = new AgentMetrics({
+    storePaths: () => store.pathCount(),
+    peers: () => mesh?.peerGauges() ?? [],
+    mesh: () => mesh?.tallies(),
+  });
   if (config.p2pListen) {
     mesh = await Mesh.start({
       key: keys[0]!, // the first signing key is also this host's identity in the mesh
@@ -44,6 +52,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       ...(config.tailscale ? { tailscale: { port: meshPort(config.p2pListen), ...(config.tailscaleStatusFile ? { statusFile: config.tailscaleStatusFile } : {}) } } : {}),
       local: store,
       log,
+      onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();
       throw new Error(`cannot start the mesh on ${config.p2pListen}: ${e.message}`);
@@ -51,20 +60,46 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   }
   const source: PathSource = mesh?.source ?? store;
   const startedAt = Date.now();
-  const status = () => ({
-    self: {
-      name: keys[0]!.name,
-      publicKey: formatPublicKey(keys[0]!),
-      peerId: mesh?.node.peerId.toString() ?? null,
-      addresses: mesh?.node.addresses().map(String) ?? [],
-      paths: store.pathCount(),
-      version: VERSION,
-      uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
-    },
-    peers: mesh?.status().peers ?? [],
-    counters: mesh ? { ...mesh.source.counters } : {},
+  let listen = "";
+  const status = (): StatusDocument => {
+    const c = mesh?.source.counters;
+    const served = metrics.narBytesServed;
+    return {
+      self: {
+        name: keys[0]!.name,
+        publicKey: formatPublicKey(keys[0]!),
+        peerId: mesh?.node.peerId.toString() ?? null,
+        addresses: mesh?.node.addresses().map(String) ?? [],
+        listen,
+        paths: store.pathCount(),
+        version: VERSION,
+        uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
+      },
+      peers: mesh?.status().peers ?? [],
+      counters: {
+        // The router's own counters (lookups of narinfos and NARs alike) under their old names.
+        ...(c ?? {}),
+        narinfoHitsLocal: metrics.narinfo.hitsLocal,
+        narinfoHitsPeer: metrics.narinfo.hitsPeer,
+        narinfoMisses: metrics.narinfo.misses,
+        narBytesServed: served.local + served.peer,
+        narBytesFromPeers: c?.bytesFromPeers ?? 0,
+        peerQueries: c?.peerQueries ?? 0,
+        failovers: c?.failovers ?? 0,
+        transferFailures: c?.transferFailures ?? 0,
+      },
+      recentErrors: metrics.errors.list(),
+    };
+  };
+  const server = createHttpServer({
+    source,
+    local: store,
+    priority: config.priority,
+    log,
+    status,
+    metrics,
+    ...(mesh ? { fromPeer: mesh.source.fromPeer.bind(mesh.source) } : {}),
   });
-  const server = createHttpServer({ source, local: store, priority: config.priority, log, status });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(config.listen.port, config.listen.host, () => {
@@ -73,6 +108,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     });
   });
   const address = server.address() as AddressInfo;
+  listen = address.family === "IPv6" ? `[${address.address}]:${address.port}` : `${address.address}:${address.port}`;
   log.info(
     {
       listen: `${address.address}:${address.port}`,
@@ -87,6 +123,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     server,
     store,
     mesh,
+    metrics,
     keys,
     address,
     async stop() {

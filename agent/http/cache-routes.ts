@@ -10,6 +10,7 @@ import type { LocalStore } from "../store/local-store.js";
 import { parseRange } from "./range.js";
 import { HttpError, send, sendError } from "./respond.js";
 import type { Logger } from "../log.js";
+import type { AgentMetrics, Outcome } from "../metrics.js";
 
 export interface CacheContext {
   /** Where narinfo and NAR requests are answered from. */
@@ -20,6 +21,12 @@ export interface CacheContext {
   log: Logger;
   /** The agent's status document (self, peers, counters) for operators. */
   status?: () => unknown;
+  /** Request counts, latencies, bytes served, recent errors. */
+  metrics?: AgentMetrics;
+  /** Whether a PathInfo the source returned came from a peer (else from this host's store). */
+  fromPeer?: (info: PathInfo) => boolean;
+  /** The operators' dashboard (GET / and /dashboard/...), when one is installed. */
+  dashboard?: (req: IncomingMessage, res: ServerResponse, path: string) => void | Promise<void>;
 }
 
 // Rendered narinfos, by the PathInfo they came from (sources reuse the object while the path is
@@ -32,10 +39,13 @@ export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: Se
   send(req, res, 200, nixCacheInfo(ctx.priority), { "Content-Type": "text/x-nix-cache-info" });
 }
 
-export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string): Promise<void> {
+export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string): Promise<Outcome> {
   if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
   const info = await ctx.source.pathInfo(hashPart);
-  if (!info) return send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+  if (!info) {
+    send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+    return "miss";
+  }
   let body = rendered.get(info);
   if (!body) {
     body = Buffer.from(renderNarinfo(info, narUrl(hashPart, info.narHash)));
@@ -43,9 +53,10 @@ export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res
   }
   // Short-lived: a garbage-collected path must not linger in an intermediate cache.
   send(req, res, 200, body, { "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60" });
+  return ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
 }
 
-export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string): Promise<void> {
+export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string): Promise<Outcome> {
   const ref = parseNarUrl(path, query);
   if (!ref) throw new HttpError(400, "malformed NAR URL: expected /nar/<store hash>-<nar hash>.nar");
   let info: PathInfo | undefined;
@@ -53,12 +64,13 @@ export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: Se
   else if (ref.narHash) info = ctx.local.pathInfoByNarHash("sha256:" + ref.narHash);
   // A URL naming a NAR hash must get exactly those bytes: a path rebuilt with other content is a 404.
   if (!info || (ref.narHash && info.narHash !== "sha256:" + ref.narHash)) {
-    return send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+    send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+    return "miss";
   }
-  await sendNar(ctx, req, res, info);
+  return sendNar(ctx, req, res, info);
 }
 
-async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo): Promise<void> {
+async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo): Promise<Outcome> {
   const size = info.narSize;
   const etag = `"${info.narHash.replace(/^sha256:/, "")}"`;
   const headers = {
@@ -71,7 +83,8 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const ifRange = req.headers["if-range"];
   const range = ifRange !== undefined && ifRange !== etag ? { kind: "full" as const } : parseRange(req.headers.range, size);
   if (range.kind === "unsatisfiable") {
-    return sendError(req, res, 416, "range not satisfiable", { "Content-Range": `bytes */${size}` });
+    sendError(req, res, 416, "range not satisfiable", { "Content-Range": `bytes */${size}` });
+    return "client_error";
   }
   const [start, end] = range.kind === "partial" ? [range.start, range.end] : [0, size];
   if (range.kind === "partial") {
@@ -79,23 +92,37 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   } else {
     res.writeHead(200, { ...headers, "Content-Length": size });
   }
-  if (req.method === "HEAD") return void res.end();
+  const outcome = ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
+  if (req.method === "HEAD") {
+    res.end();
+    return outcome;
+  }
+  // Counted as they go, so a scrape during a long transfer sees progress.
+  const served = ctx.metrics?.narBytesServed;
+  const key = outcome === "hit_peer" ? "peer" : "local";
+  const count = served ? (n: number) => void (served[key] += n) : undefined;
   try {
-    await pipeline(checkedLength(ctx.source.narStream(info, start, end), end - start), res);
+    await pipeline(checkedLength(ctx.source.narStream(info, start, end), end - start, count), res);
+    return outcome;
   } catch (e) {
     // pipeline has destroyed the socket, so the client sees a short body against Content-Length,
     // never a complete-looking one. A client hanging up is not worth more than a debug line.
     const gone = (e as NodeJS.ErrnoException).code === "ERR_STREAM_PREMATURE_CLOSE";
-    ctx.log[gone ? "debug" : "warn"]({ path: info.storePath, start, end, err: (e as Error).message }, "NAR transfer aborted");
+    const message = (e as Error).message;
+    ctx.log[gone ? "debug" : "warn"]({ path: info.storePath, start, end, err: message }, "NAR transfer aborted");
+    if (gone) return "aborted";
+    ctx.metrics?.errors.add({ message: `NAR transfer to the client failed: ${message}`, path: info.storePath });
+    return "server_error";
   }
 }
 
 /** Passes chunks through, and fails unless exactly `expected` bytes went by. */
-async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number): AsyncGenerator<Buffer> {
+async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number, count?: (n: number) => void): AsyncGenerator<Buffer> {
   let seen = 0;
   for await (const chunk of chunks) {
     seen += chunk.length;
     if (seen > expected) throw new Error(`NAR is longer than the ${expected} bytes announced`);
+    count?.(chunk.length);
     yield chunk;
   }
   if (seen !== expected) throw new Error(`NAR ended after ${seen} of ${expected} bytes`);

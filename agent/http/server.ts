@@ -3,6 +3,8 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { VERSION } from "../version.js";
 import { handleCacheInfo, handleNar, handleNarinfo, type CacheContext } from "./cache-routes.js";
+import type { Outcome, Route } from "../metrics.js";
+import { handleMetrics, handleStatus, requireLoopback } from "./admin-routes.js";
 import { HttpError, sendError, sendJson } from "./respond.js";
 import { handleListing, handleLog, handleServe } from "./store-routes.js";
 
@@ -32,7 +34,16 @@ export function createHttpServer(ctx: CacheContext): Server {
   return server;
 }
 
+/** What a request turned out to be, for the metrics. */
+interface Exchange {
+  route: Route;
+  /** Set by handlers that know better than the status code (hits, misses, failed transfers). */
+  outcome: Outcome | undefined;
+}
+
 async function route(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const start = ctx.metrics ? process.hrtime.bigint() : 0n;
+  const ex: Exchange = { route: "other", outcome: undefined };
   try {
     const url = req.url ?? "";
     if (url.length > MAX_URL_LENGTH) throw new HttpError(414, "URL too long");
@@ -41,39 +52,76 @@ async function route(ctx: CacheContext, req: IncomingMessage, res: ServerRespons
     const q = url.indexOf("?");
     const path = q === -1 ? url : url.slice(0, q);
     const query = q === -1 ? "" : url.slice(q + 1);
-    await dispatch(ctx, req, res, path, query);
+    await dispatch(ctx, req, res, path, query, ex);
   } catch (e) {
+    ex.outcome = undefined; // the status code says it
     if (res.headersSent) {
       res.destroy();
     } else if (e instanceof HttpError) {
       sendError(req, res, e.status, e.message, e.status === 405 ? { Allow: "GET, HEAD" } : {});
     } else {
       ctx.log.error({ url: req.url, err: e }, "internal error");
+      ctx.metrics?.errors.add({ message: `internal error answering ${ex.route} request: ${(e as Error).message}` });
       sendError(req, res, 500, "internal error");
     }
   }
+  ctx.metrics?.request(ex.route, req.method, ex.outcome ?? outcomeOf(res), start);
 }
 
-async function dispatch(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string): Promise<void> {
-  if (path.endsWith(".narinfo") && path.lastIndexOf("/") === 0) return handleNarinfo(ctx, req, res, path.slice(1, -8));
-  if (path.startsWith("/nar/")) return handleNar(ctx, req, res, path, query);
-  if (path === "/nix-cache-info") return handleCacheInfo(ctx, req, res);
-  if (path.endsWith(".ls") && path.lastIndexOf("/") === 0) return handleListing(ctx, req, res, path.slice(1, -3));
-  if (path.startsWith("/log/")) return handleLog(ctx, req, res, path.slice(5));
+function outcomeOf(res: ServerResponse): Outcome {
+  if (!res.writableEnded) return "aborted"; // destroyed before the answer was complete
+  const s = res.statusCode;
+  return s >= 500 ? "server_error" : s >= 400 ? "client_error" : "ok";
+}
+
+async function dispatch(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string, ex: Exchange): Promise<void> {
+  if (path.endsWith(".narinfo") && path.lastIndexOf("/") === 0) {
+    ex.route = "narinfo";
+    ex.outcome = await handleNarinfo(ctx, req, res, path.slice(1, -8));
+    return;
+  }
+  if (path.startsWith("/nar/")) {
+    ex.route = "nar";
+    ex.outcome = await handleNar(ctx, req, res, path, query);
+    return;
+  }
+  if (path === "/nix-cache-info") {
+    ex.route = "nix-cache-info";
+    return handleCacheInfo(ctx, req, res);
+  }
+  if (path.endsWith(".ls") && path.lastIndexOf("/") === 0) {
+    ex.route = "ls";
+    return handleListing(ctx, req, res, path.slice(1, -3));
+  }
+  if (path.startsWith("/log/")) {
+    ex.route = "log";
+    return handleLog(ctx, req, res, path.slice(5));
+  }
   if (path.startsWith("/serve/")) {
+    ex.route = "serve";
     const slash = path.indexOf("/", 7);
     return handleServe(ctx, req, res, slash === -1 ? path.slice(7) : path.slice(7, slash), slash === -1 ? "" : path.slice(slash));
   }
-  if (path === "/health") return sendJson(req, res, 200, { status: "ok" }, { "Cache-Control": "no-store" });
-  if (path === "/version") return sendJson(req, res, 200, { name: "fleetcache", version: VERSION });
-  if (path === "/api/v1/status" && ctx.status) {
-    // Operator data (peers, addresses): for this host only, whatever address the agent listens on.
-    if (!isLoopback(req.socket.remoteAddress)) throw new HttpError(403, "the admin API answers only on loopback");
-    return sendJson(req, res, 200, ctx.status(), { "Cache-Control": "no-store" });
+  if (path === "/health") {
+    ex.route = "health";
+    return sendJson(req, res, 200, { status: "ok" }, { "Cache-Control": "no-store" });
+  }
+  if (path === "/version") {
+    ex.route = "version";
+    return sendJson(req, res, 200, { name: "fleetcache", version: VERSION });
+  }
+  if (path === "/api/v1/status") {
+    ex.route = "status";
+    return handleStatus(ctx, req, res);
+  }
+  if (path === "/metrics") {
+    ex.route = "metrics";
+    return handleMetrics(ctx, req, res);
+  }
+  if ((path === "/" || path.startsWith("/dashboard/")) && ctx.dashboard) {
+    ex.route = "dashboard";
+    requireLoopback(req);
+    return ctx.dashboard(req, res, path);
   }
   throw new HttpError(404, "not found");
-}
-
-function isLoopback(addr: string | undefined): boolean {
-  return addr !== undefined && (addr.startsWith("127.") || addr === "::1" || addr.startsWith("::ffff:127."));
 }

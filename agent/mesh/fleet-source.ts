@@ -41,6 +41,8 @@ export interface FleetSourceOptions {
   hedgeAfterMs?: number;
   /** How long an answer from a peer is reused. */
   cacheTtlMs?: number;
+  /** Told of failures operators should see (a peer's NAR transfer or narinfo answer failing). */
+  onError?: (e: { message: string; path?: string; peer: string }) => void;
 }
 
 /** Counters the operator tools read; the router only increments them. */
@@ -65,6 +67,11 @@ const MAX_CACHED = 50_000;
 
 export class FleetSource implements PathSource {
   readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0 };
+  /** NAR bytes received, by peer ID. */
+  readonly bytesFromPeer = new Map<string, number>();
+  /** PathInfos made from peers' narinfos (the HTTP side labels hits by source). */
+  readonly #fromPeers = new WeakSet<PathInfo>();
+  readonly #onError: NonNullable<FleetSourceOptions["onError"]>;
   private readonly cache = new Map<string, Cached>();
   private readonly inflight = new Map<string, Promise<PathInfo | undefined>>();
   private readonly deadlineMs: number;
@@ -82,6 +89,12 @@ export class FleetSource implements PathSource {
     this.deadlineMs = opts.narinfoDeadlineMs ?? 2000;
     this.hedgeMs = opts.hedgeAfterMs ?? 250;
     this.ttlMs = opts.cacheTtlMs ?? 30_000;
+    this.#onError = opts.onError ?? (() => {});
+  }
+
+  /** Whether `info` came from a peer rather than this host's store. */
+  fromPeer(info: PathInfo): boolean {
+    return this.#fromPeers.has(info);
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
@@ -163,6 +176,7 @@ export class FleetSource implements PathSource {
             outstanding--;
             if (narinfo) {
               const info = toPathInfo(narinfo);
+              this.#fromPeers.add(info);
               this.remember(hashPart, info, peer);
               finish(info);
             } else askNext();
@@ -170,6 +184,8 @@ export class FleetSource implements PathSource {
           (err: unknown) => {
             outstanding--;
             this.log.debug({ peer, hashPart, err }, "narinfo request to peer failed");
+            // Cancelled because another peer answered first, or the deadline passed: not the peer's fault.
+            if (!controller.signal.aborted) this.#onError({ message: `narinfo request failed: ${(err as Error).message ?? String(err)}`, path: hashPart, peer });
             askNext();
           },
         );
@@ -208,6 +224,7 @@ export class FleetSource implements PathSource {
           const chunk = Buffer.from(c.buffer, c.byteOffset, Math.min(c.length, end - offset));
           offset += chunk.length;
           this.counters.bytesFromPeers += chunk.length;
+          this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + chunk.length);
           hash?.update(chunk);
           if (held) yield held;
           held = Buffer.from(chunk); // a copy: the reader may reuse its buffers
@@ -216,6 +233,7 @@ export class FleetSource implements PathSource {
       } catch (err) {
         this.counters.transferFailures++;
         this.log.warn({ peer, path: info.storePath, offset, err: (err as Error).message }, "NAR transfer from peer failed; trying the next holder");
+        this.#onError({ message: `NAR transfer failed at byte ${offset}: ${(err as Error).message}`, path: info.storePath, peer });
       } finally {
         controller.abort();
       }

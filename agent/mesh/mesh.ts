@@ -1,7 +1,10 @@
 // The mesh, assembled: the libp2p node, what we announce and serve to peers, what we learn from
 // them, and the FleetSource through which the HTTP side reaches all of it.
+import { AsyncLocalStorage } from "node:async_hooks";
 import { parsePublicKey, type PublicKey, type SecretKey } from "../../protocol/keys.js";
+import type { PathInfo } from "../../protocol/path-info.js";
 import type { Logger } from "../log.js";
+import type { MeshTallies } from "../metrics.js";
 import type { LocalStore } from "../store/local-store.js";
 import type { StoreWatcher } from "../store/watch.js";
 import { FleetSource } from "./fleet-source.js";
@@ -23,12 +26,14 @@ export interface MeshOptions {
   tailscale?: { statusFile?: string; port: number };
   local: LocalStore;
   log: Logger;
+  /** Told of failures operators should see; `peer` is the peer's key name. */
+  onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
 
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & { pathCount?: number })[];
+  peers: (PeerInfo & { pathCount?: number; bytesSent: number; bytesReceived: number })[];
 }
 
 export class Mesh {
@@ -39,6 +44,7 @@ export class Mesh {
     private readonly publisher: SummaryPublisher,
     private readonly summaries: SummaryTable,
     private readonly manager: PeerManager,
+    private readonly sent: SentBytes,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -50,7 +56,8 @@ export class Mesh {
       const publisher = new SummaryPublisher(node, watcher, log);
       await publisher.start();
       await serveNarinfo(node, local, log);
-      await serveNar(node, local, log);
+      const sent = new SentBytes();
+      await serveNar(sent.countingNode(node), sent.countingStore(local), log);
       const summaries = new SummaryTable(node, log);
       const manager = new PeerManager(node, {
         staticPeers: opts.peers,
@@ -62,12 +69,14 @@ export class Mesh {
       const source = new FleetSource(local, manager, summaries, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
         nar: (peer, req, signal) => openNar(node, peer, req, { signal, log }),
-      }, log);
+      }, log, {
+        onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
+      });
       // Every fleet member we connect to tells us what it holds (the table resubscribes by itself
       // after a reconnect, and drops the summary of a peer that is gone).
       manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, watcher, publisher, summaries, manager);
+      return new Mesh(node, source, watcher, publisher, summaries, manager, sent);
     } catch (e) {
       await node.stop();
       throw e;
@@ -78,7 +87,28 @@ export class Mesh {
     return {
       peerId: this.node.peerId.toString(),
       addresses: this.node.addresses().map(String),
-      peers: this.manager.peers().map((p) => ({ ...p, pathCount: this.summaries.pathCount(p.peerId) })),
+      peers: this.manager.peers().map((p) => ({
+        ...p,
+        pathCount: this.summaries.pathCount(p.peerId),
+        bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
+        bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
+      })),
+    };
+  }
+
+  /** Known peers, for gauges (cheaper than status(): no addresses). */
+  peerGauges(): { connected: boolean; pathCount: number | undefined }[] {
+    return this.manager.peers().map((p) => ({ connected: p.connected, pathCount: this.summaries.pathCount(p.peerId) }));
+  }
+
+  tallies(): MeshTallies {
+    const c = this.source.counters;
+    return {
+      peerQueries: c.peerQueries,
+      failovers: c.failovers,
+      transferFailures: c.transferFailures,
+      bytesFromPeers: c.bytesFromPeers,
+      bytesToPeers: this.sent.total,
     };
   }
 
@@ -87,5 +117,40 @@ export class Mesh {
     this.summaries.stop();
     await this.manager.stop();
     await this.node.stop();
+  }
+}
+
+/**
+ * NAR bytes sent to each peer. The NAR service reads the store without knowing who asked, so the
+ * service is given a node whose handlers run with the caller's peer ID in async context, and a
+ * store whose NAR streams count what they hand over under that ID.
+ */
+class SentBytes {
+  readonly byPeer = new Map<string, number>();
+  total = 0;
+  readonly #caller = new AsyncLocalStorage<string>();
+
+  countingNode(node: MeshNode): MeshNode {
+    return { ...node, handle: (protocol, handler, o) => node.handle(protocol, (req) => this.#caller.run(req.peerId, () => handler(req)), o) };
+  }
+
+  countingStore(local: LocalStore): LocalStore {
+    const narStream = (info: PathInfo, start: number, end: number) => this.#count(local.narStream(info, start, end), this.#caller.getStore());
+    // Everything else is the store itself, methods bound to it.
+    return new Proxy(local, {
+      get: (target, prop) => {
+        if (prop === "narStream") return narStream;
+        const v: unknown = Reflect.get(target, prop, target);
+        return typeof v === "function" ? v.bind(target) : v;
+      },
+    });
+  }
+
+  async *#count(chunks: AsyncIterable<Buffer>, peer: string | undefined): AsyncGenerator<Buffer> {
+    for await (const chunk of chunks) {
+      this.total += chunk.length;
+      if (peer !== undefined) this.byPeer.set(peer, (this.byPeer.get(peer) ?? 0) + chunk.length);
+      yield chunk;
+    }
   }
 }

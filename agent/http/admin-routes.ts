@@ -1,0 +1,90 @@
+// The local admin API: the status document (GET /api/v1/status) and Prometheus metrics
+// (GET /metrics). Both describe this host and its fleet (peers, addresses, traffic), so they
+// answer loopback clients only, whatever address the agent listens on.
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { RecentError } from "../metrics.js";
+import type { CacheContext } from "./cache-routes.js";
+import { HttpError, send, sendJson } from "./respond.js";
+
+/** GET /api/v1/status. Times are ms since the epoch unless named *Seconds; bytes are NAR bytes. */
+export interface StatusDocument {
+  self: {
+    name: string;
+    publicKey: string;
+    /** null without the mesh. */
+    peerId: string | null;
+    /** Mesh multiaddrs (with /p2p/<peerId>). */
+    addresses: string[];
+    /** The HTTP listener, "host:port". */
+    listen: string;
+    /** Valid paths in this host's store. */
+    paths: number;
+    version: string;
+    uptimeSeconds: number;
+  };
+  /** Every known fleet peer, connected or not. */
+  peers: StatusPeer[];
+  counters: StatusCounters & Record<string, number>;
+  /** The last few errors (NAR transfer failures, peer errors), oldest first. */
+  recentErrors: RecentError[];
+}
+
+export interface StatusPeer {
+  name: string;
+  publicKey: string;
+  peerId: string;
+  addresses: string[];
+  connected: boolean;
+  /** Smoothed ping round-trip time; absent until measured, and while disconnected. */
+  rttMs?: number;
+  /** Paths the peer announces. */
+  pathCount?: number;
+  /** When a connection to the peer last opened or answered a ping (ms since the epoch). */
+  lastSeen?: number;
+  /** NAR bytes this host sent to the peer from its store. */
+  bytesSent: number;
+  /** NAR bytes received from the peer. */
+  bytesReceived: number;
+  /** How we learned of it: static, mdns, px (peer exchange), tailscale, inbound. */
+  sources: string[];
+  /** Failed dials since the last successful connection. */
+  failures: number;
+  /** When the next redial is due, while disconnected (ms since the epoch). */
+  nextDialAt?: number;
+}
+
+export interface StatusCounters {
+  /** Narinfo requests (GET/HEAD) answered from this host's store, from a peer, or 404. */
+  narinfoHitsLocal: number;
+  narinfoHitsPeer: number;
+  narinfoMisses: number;
+  /** NAR bytes sent to HTTP clients, whatever their source. */
+  narBytesServed: number;
+  /** NAR bytes received from peers. */
+  narBytesFromPeers: number;
+  peerQueries: number;
+  failovers: number;
+  transferFailures: number;
+}
+
+/** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */
+export function isLoopback(addr: string | undefined): boolean {
+  return addr !== undefined && (addr.startsWith("127.") || addr === "::1" || addr.startsWith("::ffff:127."));
+}
+
+export function requireLoopback(req: IncomingMessage): void {
+  if (!isLoopback(req.socket.remoteAddress)) throw new HttpError(403, "the admin API answers only on loopback");
+}
+
+export function handleStatus(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): void {
+  if (!ctx.status) throw new HttpError(404, "not found");
+  requireLoopback(req);
+  sendJson(req, res, 200, ctx.status(), { "Cache-Control": "no-store" });
+}
+
+export async function handleMetrics(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  if (!ctx.metrics) throw new HttpError(404, "not found");
+  requireLoopback(req);
+  const text = await ctx.metrics.text();
+  send(req, res, 200, text, { "Content-Type": ctx.metrics.contentType, "Cache-Control": "no-store" });
+}

@@ -1,0 +1,174 @@
+// What the agent counts, for Prometheus (GET /metrics) and the status document. Each agent has
+// its own Registry (never prom-client's global one), so several agents in one process (tests)
+// keep separate books. Counters of things the mesh already tallies as plain numbers are mirrored
+// into Prometheus when scraped; the HTTP side increments its own, with children resolved once.
+// Labels are bounded sets only: never a path, a hash or a peer in a label.
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+
+export const ROUTES = ["narinfo", "nar", "nix-cache-info", "ls", "log", "serve", "health", "version", "status", "metrics", "dashboard", "other"] as const;
+export type Route = (typeof ROUTES)[number];
+export const OUTCOMES = ["hit_local", "hit_peer", "miss", "ok", "client_error", "server_error", "aborted"] as const;
+export type Outcome = (typeof OUTCOMES)[number];
+const METHODS = ["GET", "HEAD", "other"] as const;
+type Method = (typeof METHODS)[number];
+
+/** Seconds; from a cached narinfo (~50 µs) to a multi-GiB NAR. */
+const DURATION_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+
+/** Mesh-side tallies (FleetSource's counters and the mesh's byte counts), read on scrape. */
+export interface MeshTallies {
+  peerQueries: number;
+  failovers: number;
+  transferFailures: number;
+  bytesFromPeers: number;
+  bytesToPeers: number;
+}
+
+/** What gauges and mirrored counters read when Prometheus scrapes. */
+export interface MetricsSources {
+  storePaths(): number;
+  /** Known peers (empty without the mesh). */
+  peers(): readonly { connected: boolean; pathCount?: number | undefined }[];
+  mesh(): MeshTallies | undefined;
+}
+
+export interface RecentError {
+  /** ISO 8601. */
+  time: string;
+  message: string;
+  /** The store path concerned, if any. */
+  path?: string;
+  /** The peer concerned (its key name), if any. */
+  peer?: string;
+}
+
+/** The last few errors operators should see (transfer failures, peer errors), oldest first. */
+export class RecentErrors {
+  readonly #items: RecentError[] = [];
+  constructor(readonly limit = 20) {}
+
+  add(e: Omit<RecentError, "time">): void {
+    const item: RecentError = { time: new Date().toISOString(), message: e.message };
+    if (e.path !== undefined) item.path = e.path;
+    if (e.peer !== undefined) item.peer = e.peer;
+    this.#items.push(item);
+    if (this.#items.length > this.limit) this.#items.shift();
+  }
+
+  list(): RecentError[] {
+    return this.#items.map((e) => ({ ...e }));
+  }
+}
+
+interface RequestSeries {
+  labels: { route: Route; method: Method; outcome: Outcome };
+  /** Requests so far: a plain number on the hot path, handed to prom-client when scraped. */
+  count: number;
+  duration: { observe(value: number): void };
+}
+
+export class AgentMetrics {
+  readonly registry = new Registry();
+  readonly errors = new RecentErrors();
+  /** Narinfo lookups answered over HTTP (GET and HEAD), for the status document. */
+  readonly narinfo = { hitsLocal: 0, hitsPeer: 0, misses: 0 };
+  /** NAR bytes sent to HTTP clients, by where they came from. */
+  readonly narBytesServed = { local: 0, peer: 0 };
+  /** "route method outcome" -> its series, made on first use. */
+  readonly #series = new Map<string, RequestSeries>();
+  readonly #duration: Histogram<"route" | "outcome">;
+
+  constructor(sources: MetricsSources) {
+    const registers = [this.registry];
+    collectDefaultMetrics({ register: this.registry, prefix: "fleetcache_" });
+    const series = this.#series;
+    new Counter({
+      name: "fleetcache_http_requests_total",
+      help: "HTTP requests answered, by route, method and outcome.",
+      labelNames: ["route", "method", "outcome"],
+      registers,
+      collect() {
+        this.reset();
+        for (const s of series.values()) this.inc(s.labels, s.count);
+      },
+    });
+    this.#duration = new Histogram({
+      name: "fleetcache_http_request_duration_seconds",
+      help: "Time from receiving an HTTP request to the end of its answer (NARs: the whole transfer).",
+      labelNames: ["route", "outcome"],
+      buckets: DURATION_BUCKETS,
+      registers,
+    });
+    const served = this.narBytesServed;
+    new Counter({
+      name: "fleetcache_nar_bytes_served_total",
+      help: "NAR bytes sent to HTTP clients, by source: this host's store (local) or streamed from a peer (peer).",
+      labelNames: ["source"],
+      registers,
+      collect() {
+        this.reset();
+        this.inc({ source: "local" }, served.local);
+        this.inc({ source: "peer" }, served.peer);
+      },
+    });
+    const mirror = (name: string, help: string, read: (t: MeshTallies) => number) =>
+      new Counter({
+        name,
+        help,
+        registers,
+        collect() {
+          const t = sources.mesh();
+          this.reset();
+          this.inc(t ? read(t) : 0);
+        },
+      });
+    mirror("fleetcache_peer_bytes_received_total", "NAR bytes received from peers.", (t) => t.bytesFromPeers);
+    mirror("fleetcache_peer_bytes_sent_total", "NAR bytes sent to peers from this host's store.", (t) => t.bytesToPeers);
+    mirror("fleetcache_nar_transfer_failures_total", "NAR transfers from a peer that failed part-way or could not start.", (t) => t.transferFailures);
+    mirror("fleetcache_nar_failovers_total", "NAR transfers taken over by another holder after one failed.", (t) => t.failovers);
+    mirror("fleetcache_peer_queries_total", "Narinfo questions asked of peers.", (t) => t.peerQueries);
+    const gauge = (name: string, help: string, read: () => number) =>
+      new Gauge({
+        name,
+        help,
+        registers,
+        collect() {
+          this.set(read());
+        },
+      });
+    gauge("fleetcache_peers_connected", "Fleet peers with a live mesh connection.", () => sources.peers().filter((p) => p.connected).length);
+    gauge("fleetcache_peers_known", "Fleet peers known (connected or not).", () => sources.peers().length);
+    gauge("fleetcache_store_paths", "Valid paths in this host's Nix store.", () => sources.storePaths());
+    gauge("fleetcache_peer_paths_announced", "Store paths announced by peers, summed over peers (a path two peers hold counts twice).", () =>
+      sources.peers().reduce((n, p) => n + (p.pathCount ?? 0), 0),
+    );
+  }
+
+  /** Records one answered request; `start` is process.hrtime.bigint() when it arrived. */
+  request(route: Route, method: string | undefined, outcome: Outcome, start: bigint): void {
+    const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+    const m: Method = method === "GET" || method === "HEAD" ? method : "other";
+    const key = route + " " + m + " " + outcome;
+    let s = this.#series.get(key);
+    if (!s) {
+      s = { labels: { route, method: m, outcome }, count: 0, duration: this.#duration.labels(route, outcome) };
+      this.#series.set(key, s);
+    }
+    s.count++;
+    s.duration.observe(seconds);
+    if (route === "narinfo") {
+      if (outcome === "hit_local") this.narinfo.hitsLocal++;
+      else if (outcome === "hit_peer") this.narinfo.hitsPeer++;
+      else if (outcome === "miss") this.narinfo.misses++;
+    }
+  }
+
+  /** The Prometheus text exposition. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+}

@@ -1,0 +1,155 @@
+// The status document and metrics after a real transfer between two agents meshed over
+// 127.0.0.1: host B fetches, through its own agent, a path only host A holds.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash, randomBytes } from "node:crypto";
+import { writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { join } from "node:path";
+import { parseHash } from "../protocol/hash.js";
+import { parseNarinfo } from "../protocol/narinfo.js";
+import type { StatusDocument } from "../agent/http/admin-routes.js";
+import { CLI, startAgentProcess, type AgentProcess } from "./helpers/agent.js";
+import { eventually } from "./helpers/fleet.js";
+import { addToStore, needNix, run, tempDir } from "./helpers/nix.js";
+
+/** A TCP port free on 127.0.0.1 right now. */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as { port: number };
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** A sample's value from a Prometheus exposition (labels exactly as given, in order). */
+function metric(text: string, sample: string): number | undefined {
+  const line = text.split("\n").find((l) => l.startsWith(sample + " "));
+  return line === undefined ? undefined : Number(line.slice(sample.length + 1));
+}
+
+test("after B fetches a path held only by A, both status documents and B's metrics show the transfer; a failed one shows as an error", async (t) => {
+  if (!(await needNix(t))) return;
+  const tmp = tempDir();
+  t.after(tmp.cleanup);
+  const hosts = ["a", "b"].map((name) => ({ name, dir: join(tmp.dir, name), store: join(tmp.dir, name, "store"), key: join(tmp.dir, `${name}.sec`) }));
+  const [a, b] = hosts as [(typeof hosts)[number], (typeof hosts)[number]];
+  const pub: Record<string, string> = {};
+  for (const h of hosts) pub[h.name] = (await run(process.execPath, [CLI, "keygen", `${h.name}-1`, "--out", h.key])).trim();
+
+  // Several NAR chunks' worth, held only by A; B's store holds something else.
+  writeFileSync(join(tmp.dir, "payload"), randomBytes(3 << 20));
+  const path = await addToStore(a.store, join(tmp.dir, "payload"));
+  // Large enough that a slow reader holds most of it back (the mesh and HTTP windows are bounded).
+  writeFileSync(join(tmp.dir, "large"), randomBytes(48 << 20));
+  const large = await addToStore(a.store, join(tmp.dir, "large"));
+  writeFileSync(join(tmp.dir, "other"), "b\n");
+  await addToStore(b.store, join(tmp.dir, "other"));
+
+  const [portA, portB] = [await freePort(), await freePort()];
+  const start = (h: typeof a, port: number, other: string, otherPort: number) =>
+    startAgentProcess([
+      "--store-root", h.store, "--sign-key", h.key, "--state-dir", join(h.dir, "state"),
+      "--p2p-listen", `127.0.0.1:${port}`, "--peer", `127.0.0.1:${otherPort}`, "--trusted-key", pub[other]!,
+    ]);
+  const agents: AgentProcess[] = [];
+  t.after(() => Promise.all(agents.map((x) => x.stop())));
+  const A = await start(a, portA, "b", portB);
+  agents.push(A);
+  const B = await start(b, portB, "a", portA);
+  agents.push(B);
+  const status = async (x: AgentProcess) => (await (await fetch(`${x.url}/api/v1/status`)).json()) as StatusDocument;
+
+  // B learns from A's summary that A holds the path, then answers its narinfo from A.
+  const hash = path.slice(11, 43);
+  const narinfoText = await eventually("B answers the narinfo from A", async () => {
+    const res = await fetch(`${B.url}/${hash}.narinfo`);
+    return res.status === 200 ? res.text() : undefined;
+  });
+  const narinfo = parseNarinfo(narinfoText);
+  const nar = Buffer.from(await (await fetch(`${B.url}/${narinfo.url}`)).arrayBuffer());
+  assert.equal(nar.length, narinfo.narSize);
+  assert.ok(createHash("sha256").update(nar).digest().equals(Buffer.from(parseHash(narinfo.narHash))), "the NAR checks out");
+
+  // RTT comes from a ping shortly after connecting: wait for it, bounded.
+  const sB = await eventually("B has measured its RTT to A", async () => {
+    const s = await status(B);
+    return s.peers.find((p) => p.name === "a-1")?.rttMs !== undefined ? s : undefined;
+  });
+  const peerA = sB.peers.find((p) => p.name === "a-1")!;
+  assert.equal(sB.peers.length, 1);
+  assert.equal(peerA.connected, true);
+  assert.equal(peerA.publicKey, pub.a);
+  assert.ok(peerA.rttMs! >= 0);
+  assert.equal(peerA.pathCount, 2);
+  assert.equal(typeof peerA.lastSeen, "number");
+  assert.equal(peerA.bytesReceived, narinfo.narSize);
+  assert.equal(peerA.bytesSent, 0);
+  assert.ok(peerA.addresses.includes(`/ip4/127.0.0.1/tcp/${portA}`), peerA.addresses.join(" "));
+  assert.ok(sB.counters.narinfoHitsPeer >= 1);
+  assert.equal(sB.counters.narBytesFromPeers, narinfo.narSize);
+  assert.equal(sB.counters.narBytesServed, narinfo.narSize);
+  assert.ok(sB.counters.peerQueries >= 1);
+  assert.equal(sB.counters.transferFailures, 0);
+  assert.equal(sB.self.name, "b-1");
+  assert.equal(sB.self.listen, `127.0.0.1:${B.port}`);
+  assert.equal(sB.self.paths, 1);
+  assert.ok(sB.self.addresses.some((x) => x.startsWith(`/ip4/127.0.0.1/tcp/${portB}/p2p/`)));
+  assert.deepEqual(sB.recentErrors, []);
+
+  const sA = await status(A);
+  const peerB = sA.peers.find((p) => p.name === "b-1");
+  assert.ok(peerB?.connected);
+  assert.equal(peerB.bytesSent, narinfo.narSize);
+  assert.equal(peerB.bytesReceived, 0);
+  assert.equal(sA.counters.narBytesServed, 0, "A served nothing over HTTP");
+
+  const metricsB = await (await fetch(`${B.url}/metrics`)).text();
+  assert.equal(metric(metricsB, 'fleetcache_nar_bytes_served_total{source="peer"}'), narinfo.narSize);
+  assert.equal(metric(metricsB, 'fleetcache_nar_bytes_served_total{source="local"}'), 0);
+  assert.equal(metric(metricsB, "fleetcache_peers_connected"), 1);
+  assert.equal(metric(metricsB, "fleetcache_peers_known"), 1);
+  assert.equal(metric(metricsB, "fleetcache_peer_paths_announced"), 2);
+  assert.equal(metric(metricsB, "fleetcache_peer_bytes_received_total"), narinfo.narSize);
+  assert.ok(metric(metricsB, 'fleetcache_http_requests_total{route="narinfo",method="GET",outcome="hit_peer"}')! >= 1);
+  assert.equal(metric(metricsB, 'fleetcache_http_requests_total{route="nar",method="GET",outcome="hit_peer"}'), 1);
+  const metricsA = await (await fetch(`${A.url}/metrics`)).text();
+  assert.equal(metric(metricsA, "fleetcache_peer_bytes_sent_total"), narinfo.narSize);
+
+  // A dies in the middle of a NAR B is streaming: B has no other holder, so the client gets a short
+  // body, and B's status says what failed, where.
+  const largeInfo = parseNarinfo(await (await fetch(`${B.url}/${large.slice(11, 43)}.narinfo`)).text());
+  const res = await fetch(`${B.url}/${largeInfo.url}`);
+  assert.equal(res.status, 200);
+  const reader = res.body!.getReader();
+  let received = (await reader.read()).value?.length ?? 0;
+  A.child.kill("SIGKILL");
+  await new Promise((resolve) => A.child.once("exit", resolve));
+  agents.splice(agents.indexOf(A), 1);
+  let failed = false;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      received += value.length;
+    }
+  } catch {
+    failed = true;
+  }
+  assert.ok(failed && received < largeInfo.narSize, `short body (${received} of ${largeInfo.narSize} bytes), never a complete one`);
+  const after = await eventually("B records the failed transfer", async () => {
+    const s = await status(B);
+    return s.counters.transferFailures >= 1 && s.recentErrors.length >= 1 ? s : undefined;
+  });
+  const error = after.recentErrors.find((e) => e.peer === "a-1");
+  assert.ok(error, JSON.stringify(after.recentErrors));
+  assert.equal(error.path, large);
+  assert.ok(!Number.isNaN(Date.parse(error.time)));
+  assert.ok(after.recentErrors.some((e) => e.path === large && e.peer === undefined), "and the failed answer to the client");
+  const metricsAfter = await (await fetch(`${B.url}/metrics`)).text();
+  assert.equal(metric(metricsAfter, "fleetcache_nar_transfer_failures_total"), after.counters.transferFailures);
+  assert.equal(metric(metricsAfter, 'fleetcache_http_requests_total{route="nar",method="GET",outcome="server_error"}'), 1);
+});

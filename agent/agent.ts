@@ -5,6 +5,7 @@ import { formatPublicKey, type SecretKey } from "../protocol/keys.js";
 import type { AgentConfig } from "./config.js";
 import type { StatusDocument } from "./http/admin-routes.js";
 import { createHttpServer } from "./http/server.js";
+import { handleDashboard } from "./http/dashboard.js";
 import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
 import { Signer } from "./signer.js";
@@ -98,6 +99,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     log,
     status,
     metrics,
+    dashboard: handleDashboard,
     ...(mesh ? { fromPeer: mesh.source.fromPeer.bind(mesh.source) } : {}),
   });
   await new Promise<void>((resolve, reject) => {

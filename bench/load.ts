@@ -2,7 +2,6 @@
 // parallel curl processes for NAR throughput. Plus a /proc sampler for a server's memory.
 import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { open } from "node:fs/promises";
-import { join } from "node:path";
 import { logCommand, run } from "./proc.js";
 
 export interface WrkResult {

@@ -288,16 +288,9 @@ test("B's dashboard in Chromium shows A as a connected peer, follows A's new pat
     const agentB = await startAgentProcess(agentArgs(B, portB, portA, pubA));
     agents.push(agentB);
 
-    // Until server.ts routes GET / to the dashboard, serve it beside B and pass B's status through.
-    let base = agentB.url;
-    let proxy: Server | undefined;
-    if ((await httpGet(agentB.url + "/")).status !== 200) {
-      ({ url: base, server: proxy } = await dashboardServer(async () => {
-        const r = await httpGet(agentB.url + "/api/v1/status");
-        return { code: r.status, body: r.body };
-      }));
-      t.after(() => proxy?.close());
-    }
+    // The agent itself serves the dashboard.
+    const base = agentB.url;
+    assert.equal((await httpGet(base + "/")).status, 200, "GET / on the agent serves the dashboard");
 
     browser = await launch();
     const { page, errors, requests, navigations } = await openPage(browser);

@@ -14,7 +14,6 @@ import { fingerprint, parseNarinfo, renderNarinfo } from "../protocol/narinfo.js
 import { narUrl } from "../protocol/nar-url.js";
 import { encodeNix32 } from "../protocol/nix32.js";
 import {
-  NAR_ERROR,
   PROTOCOL_NAR,
   PROTOCOL_NARINFO,
   encodeNarRequest,

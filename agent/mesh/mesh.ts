@@ -6,7 +6,6 @@ import type { PathInfo } from "../../protocol/path-info.js";
 import type { Logger } from "../log.js";
 import type { MeshTallies } from "../metrics.js";
 import type { LocalStore } from "../store/local-store.js";
-import type { StoreWatcher } from "../store/watch.js";
 import { FleetSource } from "./fleet-source.js";
 import { openNar } from "./nar-service.js";
 import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
@@ -40,7 +39,6 @@ export class Mesh {
   private constructor(
     readonly node: MeshNode,
     readonly source: FleetSource,
-    private readonly watcher: StoreWatcher,
     private readonly publisher: SummaryPublisher,
     private readonly summaries: SummaryTable,
     private readonly manager: PeerManager,
@@ -76,7 +74,7 @@ export class Mesh {
       // after a reconnect, and drops the summary of a peer that is gone).
       manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, watcher, publisher, summaries, manager, sent);
+      return new Mesh(node, source, publisher, summaries, manager, sent);
     } catch (e) {
       await node.stop();
       throw e;

@@ -2,39 +2,15 @@
 // to the other; and `doctor`'s per-peer check once a peer is gone.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
-import { createServer } from "node:net";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { promisify } from "node:util";
-import { startAgentProcess, CLI, type AgentProcess } from "./helpers/agent.js";
+import { startAgentProcess, type AgentProcess, runCli as fleetcache, freePort } from "./helpers/agent.js";
 import { makeShapesClosure } from "./helpers/fixtures.js";
 import { eventually } from "./helpers/fleet.js";
 import { addToStore, needNix, pathInfo, tempDir } from "./helpers/nix.js";
 
-const execFileP = promisify(execFile);
 
-async function fleetcache(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  const base = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("FLEETCACHE_") && k !== "NIX_CONFIG"));
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [CLI, ...args], { env: { ...base, ...env } });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 interface Peer {
   name: string;

@@ -1,26 +1,14 @@
 // The fleetcache command as a user runs it: keygen, configuration precedence, host key creation.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { promisify } from "node:util";
 import { parsePublicKey, verify } from "../protocol/keys.js";
 import { fingerprint, parseNarinfo } from "../protocol/narinfo.js";
-import { startAgentProcess, CLI } from "./helpers/agent.js";
+import { startAgentProcess, runCli as fleetcache } from "./helpers/agent.js";
 import { addToStore, needNix, nix, pathInfo, run, tempDir } from "./helpers/nix.js";
 
-const execFileP = promisify(execFile);
 
-async function fleetcache(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [CLI, ...args], { env: { ...process.env, ...env } });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
 
 test("keygen writes a 0600 Nix secret key that nix store sign accepts, and prints the public key", async (t) => {
   if (!(await needNix(t))) return;

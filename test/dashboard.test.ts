@@ -2,18 +2,16 @@
 // against hostile and partial status documents, and against a real two-agent mesh on loopback.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { createServer, request, type Server } from "node:http";
-import { createServer as createTcpServer, type AddressInfo } from "node:net";
+import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { promisify } from "node:util";
 import { inflateSync } from "node:zlib";
 import type { TestContext } from "node:test";
 import { chromium, type Browser, type Page } from "playwright-core";
 import { handleDashboard, isDashboardPath } from "../agent/http/dashboard.js";
-import { CLI, startAgentProcess, type AgentProcess } from "./helpers/agent.js";
+import { startAgentProcess, type AgentProcess, freePort, keygen } from "./helpers/agent.js";
 import { eventually } from "./helpers/fleet.js";
 import { addToStore, needNix, tempDir } from "./helpers/nix.js";
 
@@ -250,18 +248,7 @@ test("the page renders hostile and partial status documents as text, and says wh
   }
 });
 
-async function freePort(): Promise<number> {
-  const srv = createTcpServer();
-  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
-  const port = (srv.address() as AddressInfo).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
-async function keygen(name: string, out: string): Promise<string> {
-  const { stdout } = await promisify(execFile)(process.execPath, [CLI, "keygen", name, "--out", out]);
-  return stdout.trim();
-}
 
 test("B's dashboard in Chromium shows A as a connected peer, follows A's new paths by itself, and draws it", async (t) => {
   if (!(await needNix(t))) return;

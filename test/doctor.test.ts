@@ -2,39 +2,14 @@
 // one way each: every variation must turn exactly the expected checks to FAIL or warn.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { chmodSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { promisify } from "node:util";
-import { startAgentProcess, CLI } from "./helpers/agent.js";
+import { startAgentProcess, runCli as fleetcache, keygen } from "./helpers/agent.js";
 import { addToStore, needNix, tempDir } from "./helpers/nix.js";
 
-const execFileP = promisify(execFile);
 const NIXOS_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
-async function fleetcache(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Run> {
-  // Nothing of the test runner's own Nix or fleetcache configuration may leak in.
-  const base = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("FLEETCACHE_") && k !== "NIX_CONFIG"));
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [CLI, ...args], { env: { ...base, ...env } });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as Run;
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
-
-const keygen = async (name: string, out: string) => {
-  const r = await fleetcache(["keygen", name, "--out", out]);
-  assert.equal(r.code, 0, r.stderr);
-  return r.stdout.trim();
-};
 
 test("doctor: all ok against a right configuration, and each mistake fails or warns exactly its check", async (t) => {
   if (!(await needNix(t))) return;

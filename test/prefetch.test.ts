@@ -3,27 +3,14 @@
 // the fleet lacks is named.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { join } from "node:path";
 import { PassThrough } from "node:stream";
-import { promisify } from "node:util";
 import { Progress } from "../agent/commands/progress.js";
-import { CLI } from "./helpers/agent.js";
+import { runCli as fleetcache } from "./helpers/agent.js";
 import { startShapesAgent } from "./helpers/fixtures.js";
 import { NIX_FLAGS, needNix, pathInfo, run, tempDir } from "./helpers/nix.js";
 
-const execFileP = promisify(execFile);
 
-async function fleetcache(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  const base = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("FLEETCACHE_") && k !== "NIX_CONFIG"));
-  try {
-    const { stdout, stderr } = await execFileP(process.execPath, [CLI, ...args], { env: { ...base, ...env } });
-    return { code: 0, stdout, stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
 
 test("prefetch brings a closure from the agent into an empty store, signed and verified, with plain progress lines", async (t) => {
   if (!(await needNix(t))) return;

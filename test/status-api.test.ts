@@ -4,26 +4,15 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { join } from "node:path";
 import { parseHash } from "../protocol/hash.js";
 import { parseNarinfo } from "../protocol/narinfo.js";
 import type { StatusDocument } from "../agent/http/admin-routes.js";
-import { CLI, startAgentProcess, type AgentProcess } from "./helpers/agent.js";
+import { startAgentProcess, type AgentProcess, freePort, keygen } from "./helpers/agent.js";
 import { eventually } from "./helpers/fleet.js";
-import { addToStore, needNix, run, tempDir } from "./helpers/nix.js";
+import { addToStore, needNix, tempDir } from "./helpers/nix.js";
 
 /** A TCP port free on 127.0.0.1 right now. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 /** A sample's value from a Prometheus exposition (labels exactly as given, in order). */
 function metric(text: string, sample: string): number | undefined {
@@ -38,7 +27,7 @@ test("after B fetches a path held only by A, both status documents and B's metri
   const hosts = ["a", "b"].map((name) => ({ name, dir: join(tmp.dir, name), store: join(tmp.dir, name, "store"), key: join(tmp.dir, `${name}.sec`) }));
   const [a, b] = hosts as [(typeof hosts)[number], (typeof hosts)[number]];
   const pub: Record<string, string> = {};
-  for (const h of hosts) pub[h.name] = (await run(process.execPath, [CLI, "keygen", `${h.name}-1`, "--out", h.key])).trim();
+  for (const h of hosts) pub[h.name] = await keygen(`${h.name}-1`, h.key);
 
   // Several NAR chunks' worth, held only by A; B's store holds something else.
   writeFileSync(join(tmp.dir, "payload"), randomBytes(3 << 20));

@@ -1,6 +1,10 @@
 // Runs the real `fleetcache agent` CLI as a child process for tests, on a free port.
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { createServer, type AddressInfo } from "node:net";
+import { promisify } from "node:util";
 import { fileURLToPath } from "node:url";
+
+const execFileP = promisify(execFile);
 
 export const CLI = fileURLToPath(new URL("../../agent/cli.js", import.meta.url));
 
@@ -59,4 +63,41 @@ export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv =
         child.kill("SIGTERM");
       }),
   };
+}
+
+export interface CliRun {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the fleetcache CLI. None of the test runner's own FLEETCACHE_* or NIX_CONFIG leaks in. */
+export async function runCli(args: string[], env: NodeJS.ProcessEnv = {}): Promise<CliRun> {
+  const base = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("FLEETCACHE_") && k !== "NIX_CONFIG"));
+  try {
+    const { stdout, stderr } = await execFileP(process.execPath, [CLI, ...args], { env: { ...base, ...env } });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as CliRun;
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+/** Writes a new secret key with `fleetcache keygen` and returns its public key. */
+export async function keygen(name: string, out: string): Promise<string> {
+  const r = await runCli(["keygen", name, "--out", out]);
+  if (r.code !== 0) throw new Error(`keygen ${name}: ${r.stderr}`);
+  return r.stdout.trim();
+}
+
+/** A TCP port free on 127.0.0.1 right now (for mesh listeners, which need a known port). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
 }

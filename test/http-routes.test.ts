@@ -251,3 +251,15 @@ test("a path deleted by GC disappears within a second, and comes back when re-ad
   assert.equal(await within(1000, 200), 200, "re-added path is served again within a second");
   assert.ok(Buffer.from(await (await get(narUrl)).arrayBuffer()).equals(await fullNar(path)));
 });
+
+test("a signature added to a path in the store (nix store sign) shows in its narinfo within a second", async (t) => {
+  if (!ready(t)) return;
+  const url = `/${hashOf(closure.built)}.narinfo`;
+  assert.doesNotMatch(await (await get(url)).text(), /^Sig: resigned-1:/m);
+  await run("nix-store", ["--generate-binary-cache-key", "resigned-1", join(tmp.dir, "re.sec"), join(tmp.dir, "re.pub")]);
+  await nix(["store", "sign", "--store", storeRoot, "--key-file", join(tmp.dir, "re.sec"), closure.built]);
+  const since = Date.now();
+  let text = "";
+  while (Date.now() - since < 1000 && !/^Sig: resigned-1:/m.test(text)) text = await (await get(url)).text();
+  assert.match(text, /^Sig: resigned-1:/m);
+});

@@ -15,9 +15,18 @@ interface CachedInfo {
   id: number;
   sigs: string | null;
   info: PathInfo;
+  /** When the row was last read. */
+  checkedAt: number;
 }
 
 const MAX_CACHED = 100_000;
+/**
+ * While the watcher runs, a cached path whose row id it still sees is served without reading the
+ * row again for this long: each read is a WAL read transaction (file locks, ~20 us), more than
+ * the rest of a narinfo answer. Deletions are seen by the watcher's poll, re-signing by the next
+ * read: both within a second.
+ */
+const FRESH_MS = 1000;
 
 export class LocalStore implements PathSource {
   readonly db: NixDb;
@@ -51,15 +60,21 @@ export class LocalStore implements PathSource {
 
   /** The same PathInfo object is returned while the path is unchanged (callers may cache by it). */
   pathInfoSync(hashPart: string): PathInfo | undefined {
-    if (this.watcher?.running && !this.watcher.has(hashPart)) return undefined;
+    const watcher = this.watcher?.running ? this.watcher : undefined;
+    if (watcher && !watcher.has(hashPart)) return undefined;
+    const cached = this.infos.get(hashPart);
+    const now = Date.now();
+    if (watcher && cached && cached.id === watcher.idOf(hashPart) && now - cached.checkedAt < FRESH_MS) return cached.info;
     const row = this.db.pathByHashPart(hashPart);
     if (!row) return undefined;
-    const cached = this.infos.get(hashPart);
-    if (cached && cached.id === row.id && cached.sigs === row.sigs) return cached.info;
+    if (cached && cached.id === row.id && cached.sigs === row.sigs) {
+      cached.checkedAt = now;
+      return cached.info;
+    }
     const info = this.toPathInfo(row);
     if (info) {
       if (this.infos.size >= MAX_CACHED) this.infos.delete(this.infos.keys().next().value!);
-      this.infos.set(hashPart, { id: row.id, sigs: row.sigs, info });
+      this.infos.set(hashPart, { id: row.id, sigs: row.sigs, info, checkedAt: now });
     }
     return info;
   }

@@ -15,7 +15,8 @@ const hashPartOf = (path: string) => path.slice("/nix/store/".length, "/nix/stor
 
 export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [Error] }> {
   private readonly byId = new Map<number, string>();
-  private readonly hashes = new Set<string>();
+  /** Hash part -> row id of the valid path. */
+  private readonly ids = new Map<string, number>();
   private maxId = 0;
   private timer: NodeJS.Timeout | undefined;
 
@@ -38,7 +39,12 @@ export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [
 
   /** Whether the path was valid at the last poll (at most one interval ago, while running). */
   has(hashPart: string): boolean {
-    return this.hashes.has(hashPart);
+    return this.ids.has(hashPart);
+  }
+
+  /** The database row id of the valid path with this hash part, as of the last poll. */
+  idOf(hashPart: string): number | undefined {
+    return this.ids.get(hashPart);
   }
 
   get running(): boolean {
@@ -68,7 +74,7 @@ export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [
     for (const row of this.db.pathsAfter(this.maxId)) {
       const hash = hashPartOf(row.path);
       this.byId.set(row.id, hash);
-      this.hashes.add(hash);
+      this.ids.set(hash, row.id);
       this.maxId = row.id;
       change.added.push(hash);
     }
@@ -81,8 +87,8 @@ export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [
         }
       }
       // A hash part is gone only if no live row has it (a re-added path has a new row).
-      for (const hash of change.removed) this.hashes.delete(hash);
-      for (const hash of this.byId.values()) this.hashes.add(hash);
+      for (const hash of change.removed) this.ids.delete(hash);
+      for (const [id, hash] of this.byId) this.ids.set(hash, id);
     }
     if (change.added.length > 0 || change.removed.length > 0) this.emit("change", change);
     return change;

@@ -14,7 +14,8 @@ import {
   type SecretKey,
 } from "../protocol/keys.js";
 import { fingerprint } from "../protocol/narinfo.js";
-import { addToStore, buildInStore, needNix, nix, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
+import { plainAndBuiltPaths } from "./helpers/fixtures.js";
+import { needNix, nix, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
 
 // RFC 8032 section 7.1, test 1 (empty message).
 const RFC_SEED = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
@@ -25,20 +26,6 @@ const RFC_SIG =
 const hex = (s: string) => new Uint8Array(Buffer.from(s, "hex"));
 const b64 = (b: Uint8Array) => Buffer.from(b).toString("base64");
 
-/** A chroot store with a plain file (no references) and a built path referring to two others and itself. */
-async function storeWithPaths(dir: string): Promise<{ root: string; paths: string[] }> {
-  const root = join(dir, "store");
-  writeFileSync(join(dir, "plain.txt"), "plain\n");
-  const plain = await addToStore(root, join(dir, "plain.txt"));
-  writeFileSync(
-    join(dir, "refs.nix"),
-    `let a = builtins.toFile "dep-a" "a"; b = builtins.toFile "dep-b" "b"; in
-     derivation { name = "with-refs"; system = builtins.currentSystem; builder = "/bin/sh";
-       args = [ "-c" "echo \${b} \${a} > $out; echo $out >> $out" ]; }`,
-  );
-  const [built] = await buildInStore(root, join(dir, "refs.nix"));
-  return { root, paths: [plain, built!] };
-}
 
 async function nixSign(root: string, keyFile: string, paths: string[]): Promise<void> {
   await nix(["store", "sign", "--store", root, "--key-file", keyFile, ...paths]);
@@ -117,7 +104,7 @@ test("Nix-generated key: we parse it, and our signature equals the one `nix stor
     assert.equal(formatPublicKey(key), pubText);
     const pubKey = parsePublicKey(pubText);
 
-    const { root, paths } = await storeWithPaths(dir);
+    const { root, paths } = await plainAndBuiltPaths(dir);
     await nixSign(root, sec, paths);
     const infos = await pathInfo(root, paths);
     assert.equal(infos.length, 2);
@@ -142,7 +129,7 @@ test("our generated key works in Nix: `nix store sign` with it gives our signatu
     const key: SecretKey = generateKeyPair("fleetcache-test-1");
     const sec = join(dir, "ours.sec");
     writeFileSync(sec, formatSecretKey(key), { mode: 0o600 });
-    const { root, paths } = await storeWithPaths(dir);
+    const { root, paths } = await plainAndBuiltPaths(dir);
     await nixSign(root, sec, paths);
     for (const j of await pathInfo(root, paths)) {
       const sigs = (j.signatures ?? []).filter((s) => s.startsWith("fleetcache-test-1:"));

@@ -8,7 +8,8 @@ import { fingerprint, nixCacheInfo, parseNarinfo, renderNarinfo, type Narinfo } 
 import { formatPublicKey, formatSecretKey, generateKeyPair, sign } from "../protocol/keys.js";
 import { parseHash, toBase16Hash, toSri } from "../protocol/hash.js";
 import type { PathInfo } from "../protocol/path-info.js";
-import { addToStore, buildInStore, needNix, nix, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
+import { plainAndBuiltPaths } from "./helpers/fixtures.js";
+import { needNix, nix, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
 
 const A = "/nix/store/p66ad5ml4vn3a1hxqf78j0446n0pxai6-dep-one";
 const S = "/nix/store/sm9wwqr6q9ig0f4h7312mljx7m2vqmh5-with-refs";
@@ -146,24 +147,16 @@ test("agrees with Nix: our narinfo equals the one `nix copy` writes, and Nix sub
   const { dir, cleanup } = tempDir();
   try {
     // A store with a plain CA file and a built, input-addressed path with a deriver and references.
-    const root = join(dir, "store");
-    writeFileSync(join(dir, "plain.txt"), "plain\n");
-    const plain = await addToStore(root, join(dir, "plain.txt"));
-    writeFileSync(
-      join(dir, "refs.nix"),
-      `let a = builtins.toFile "dep-a" "a"; b = builtins.toFile "dep-b" "b"; in
-       derivation { name = "with-refs"; system = builtins.currentSystem; builder = "/bin/sh";
-         args = [ "-c" "echo \${b} \${a} > $out; echo $out >> $out" ]; }`,
-    );
-    const [built] = await buildInStore(root, join(dir, "refs.nix"));
+    const { root, paths } = await plainAndBuiltPaths(dir);
+    const [plain, built] = paths as [string, string];
     // Give the built path a signature so Nix's narinfo carries a Sig line too.
     const sec = join(dir, "nix.sec");
     await run("nix-store", ["--generate-binary-cache-key", "nix-side-1", sec, join(dir, "nix.pub")]);
-    await nix(["store", "sign", "--store", root, "--key-file", sec, built!]);
+    await nix(["store", "sign", "--store", root, "--key-file", sec, built]);
 
     const nixCache = join(dir, "nix-cache");
-    await nix(["copy", "--store", root, "--to", `file://${nixCache}?compression=none`, plain, built!]);
-    const infos = (await pathInfo(root, [plain, built!], true)).map(toPathInfo);
+    await nix(["copy", "--store", root, "--to", `file://${nixCache}?compression=none`, plain, built]);
+    const infos = (await pathInfo(root, [plain, built], true)).map(toPathInfo);
     assert.equal(infos.length, 4, "plain, built and its two dependencies");
     const builtInfo = infos.find((i) => i.storePath === built)!;
     assert.ok(builtInfo.deriver && builtInfo.references.length === 3 && builtInfo.sigs.length === 1);

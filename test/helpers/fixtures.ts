@@ -116,3 +116,18 @@ export async function startShapesAgent(): Promise<ShapesAgent | undefined> {
     },
   };
 }
+
+/** A chroot store with a plain file (no references) and a built path referring to two others and itself. */
+export async function plainAndBuiltPaths(dir: string): Promise<{ root: string; paths: string[] }> {
+  const root = join(dir, "store");
+  writeFileSync(join(dir, "plain.txt"), "plain\n");
+  const plain = await addToStore(root, join(dir, "plain.txt"));
+  writeFileSync(
+    join(dir, "refs.nix"),
+    `let a = builtins.toFile "dep-a" "a"; b = builtins.toFile "dep-b" "b"; in
+     derivation { name = "with-refs"; system = builtins.currentSystem; builder = "/bin/sh";
+       args = [ "-c" "echo \${b} \${a} > $out; echo $out >> $out" ]; }`,
+  );
+  const [built] = await buildInStore(root, join(dir, "refs.nix"));
+  return { root, paths: [plain, built!] };
+}

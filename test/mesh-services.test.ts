@@ -144,6 +144,13 @@ async function rejectsWith(p: Promise<unknown>, reason: NarFetchReason): Promise
 
 const keys = () => ({ a: generateKeyPair("host-a-1"), b: generateKeyPair("host-b-1"), c: generateKeyPair("host-c-1") });
 
+/** Hosts A, B and C serving their stores, all trusting each other. */
+async function threeServers(f: { rootA: string; rootB: string; rootC: string }) {
+  const k = keys();
+  const all = [k.a, k.b, k.c];
+  return { k, all, a: await server(k.a, all, f.rootA), b: await server(k.b, all, f.rootB), c: await server(k.c, all, f.rootC) };
+}
+
 test("narinfo: B gets each of A's paths as Nix describes them, verified; unknown paths are undefined", async (t) => {
   const f = await ready(t);
   if (!f) return;
@@ -512,11 +519,7 @@ test("malformed frames reset only their own stream; the responders keep serving"
 test("responders never forward: a path only C holds is not-found from B, even while B talks to C", async (t) => {
   const f = await ready(t);
   if (!f) return;
-  const k = keys();
-  const all = [k.a, k.b, k.c];
-  const a = await server(k.a, all, f.rootA);
-  const b = await server(k.b, all, f.rootB);
-  const c = await server(k.c, all, f.rootC);
+  const { all, a, b, c } = await threeServers(f);
   const cFromB = await connect(b.node, c.node);
   const bId = await connect(a.node, b.node);
   const cId = await connect(a.node, c.node);
@@ -535,11 +538,7 @@ test("responders never forward: a path only C holds is not-found from B, even wh
 test("per-peer limits: a ninth NAR transfer is busy, a 65th narinfo stream is reset; other peers are unaffected", async (t) => {
   const f = await ready(t);
   if (!f) return;
-  const k = keys();
-  const all = [k.a, k.b, k.c];
-  const a = await server(k.a, all, f.rootA);
-  const b = await server(k.b, all, f.rootB);
-  const c = await server(k.c, all, f.rootC);
+  const { all, a, b, c } = await threeServers(f);
   const aId = await connect(b.node, a.node);
   const aFromC = await connect(c.node, a.node);
   const info = a.local.pathInfoSync(hp(f.bigFile))!;

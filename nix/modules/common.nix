@@ -1,0 +1,156 @@
+# Options and configuration shared by the NixOS and nix-darwin modules: what the agent is told
+# (its TOML configuration) and how this host's Nix is pointed at it. How the agent runs (systemd
+# or launchd, which user) is in nixos.nix and darwin.nix.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkDefault mkIf mkOption types;
+  cfg = config.services.fleetcache;
+  toTOML = import ../lib/to-toml.nix;
+
+  # The URL Nix uses: the agent's own listen address, with a wildcard host reached on loopback.
+  substituterUrl =
+    let
+      listen = cfg.settings.listen;
+      bracketed = builtins.match "[[](.*)[]]:([0-9]+)" listen;
+      plain = builtins.match "(.*):([0-9]+)" listen;
+      host = if bracketed != null then builtins.elemAt bracketed 0 else builtins.elemAt plain 0;
+      port = if bracketed != null then builtins.elemAt bracketed 1 else builtins.elemAt plain 1;
+      reachable = { "0.0.0.0" = "127.0.0.1"; "::" = "::1"; }.${host} or host;
+    in
+    if bracketed == null && plain == null then throw "services.fleetcache.listen: expected HOST:PORT, got ${listen}"
+    else if lib.hasInfix ":" reachable then "http://[${reachable}]:${port}"
+    else "http://${reachable}:${port}";
+
+  settingValue = types.nullOr (types.oneOf [ types.bool types.int types.str (types.listOf types.str) ]);
+in
+{
+  options.services.fleetcache = {
+    enable = lib.mkEnableOption "the fleetcache agent, which serves this host's Nix store as a binary cache on localhost and fetches what the fleet's other hosts hold";
+
+    package = lib.mkPackageOption pkgs "fleetcache" { };
+
+    listen = mkOption {
+      type = types.str;
+      default = "127.0.0.1:37515";
+      description = ''
+        Address and port of the binary cache that this host's Nix uses (HTTP). Keep it on
+        loopback: every host runs its own agent, and hosts reach each other through the mesh
+        port, which only lets in the fleet's keys.
+      '';
+    };
+
+    p2pPort = mkOption {
+      type = types.port;
+      default = 37516;
+      description = "TCP port, on every interface, where the fleet's agents connect to each other (libp2p, encrypted, keys checked).";
+    };
+
+    signKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/agenix/fleetcache-signing-key";
+      description = ''
+        Nix secret key file (NAME:BASE64, as written by `nix-store --generate-binary-cache-key`
+        or `fleetcache keygen`) that the agent signs narinfos with and that is its identity in
+        the mesh. Give a string path (an agenix or sops-nix secret) so the key never enters the
+        Nix store. null: the agent creates a host key in its state directory on first start
+        (its public key is then in `/var/lib/fleetcache/host-key.pub`).
+      '';
+    };
+
+    trustedKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "web1:9yoAa4M8zgNU5jDhC5Q3xXn2x8L0O9CVd0cTq4HGyyY=" ];
+      description = ''
+        Public keys (NAME:BASE64) of the fleet's agents: the only peers let into the mesh, and
+        the signatures a peer's narinfo must carry. Use the same list on every host, this host's
+        own key included; with `configureNix`, Nix trusts these keys too.
+      '';
+    };
+
+    peers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "build1.example.org:37516" "10.0.0.7:37516" ];
+      description = "Agents to dial at start (HOST:PORT or multiaddrs). Others are found by mDNS, peer exchange and Tailscale.";
+    };
+
+    mdns = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Find the fleet's agents on the local network by multicast DNS.";
+    };
+
+    tailscale = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Dial the online peers that `tailscale status --json` lists (tailnets have no multicast).";
+    };
+
+    priority = mkOption {
+      type = types.ints.between 0 10000;
+      default = 30;
+      description = "Priority announced in /nix-cache-info; Nix asks caches with lower numbers first (cache.nixos.org has 40).";
+    };
+
+    settings = mkOption {
+      type = types.submodule { freeformType = types.attrsOf settingValue; };
+      default = { };
+      example = { state_dir = "/var/lib/fleetcache"; };
+      description = ''
+        The agent's configuration file, as TOML keys (see the configuration table in the README).
+        The options above fill in their keys; a key set here wins over them. null leaves a key out.
+      '';
+    };
+
+    configureNix = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Point this host's Nix at the agent: add it to `nix.settings.substituters`, the
+        `trustedKeys` to `trusted-public-keys`, and set `narinfo-cache-negative-ttl = 0`, so a
+        path that a peer gains is not hidden behind a cached miss (the agent answers misses from
+        memory, so asking again costs little).
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.path;
+      readOnly = true;
+      description = "The generated TOML configuration (read-only).";
+    };
+
+    substituterUrl = mkOption {
+      type = types.str;
+      readOnly = true;
+      description = "The URL this host's Nix reaches the agent at (read-only).";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    services.fleetcache.settings = {
+      listen = mkDefault cfg.listen;
+      p2p_listen = mkDefault "0.0.0.0:${toString cfg.p2pPort}";
+      state_dir = mkDefault "/var/lib/fleetcache";
+      peers = mkDefault cfg.peers;
+      trusted_keys = mkDefault cfg.trustedKeys;
+      mdns = mkDefault cfg.mdns;
+      tailscale = mkDefault cfg.tailscale;
+      priority = mkDefault cfg.priority;
+    };
+
+    # Built by evaluation alone (no builder), so `nix eval` shows it and tests can read it.
+    services.fleetcache.configFile = builtins.toFile "fleetcache.toml" (toTOML cfg.settings);
+    services.fleetcache.substituterUrl = substituterUrl;
+
+    nix.settings = mkIf cfg.configureNix {
+      substituters = [ substituterUrl ];
+      trusted-public-keys = cfg.trustedKeys;
+      narinfo-cache-negative-ttl = 0;
+    };
+
+    # `fleetcache status`, `doctor` and `prefetch` for operators.
+    environment.systemPackages = [ cfg.package ];
+  };
+}

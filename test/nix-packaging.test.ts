@@ -89,7 +89,7 @@ test("the plain systemd unit passes systemd-analyze verify", async (t) => {
   const unit = readFileSync(join(ROOT, "nix/systemd/fleetcache.service"), "utf8");
   const exec = /^ExecStart=(\S+) agent --config (\S+)$/m.exec(unit);
   assert.ok(exec, "ExecStart runs `fleetcache agent --config FILE`");
-  assert.equal(exec[2], "/etc/fleetcache/fleetcache.toml");
+  assert.equal(exec[2], "/etc/fleetcache/config.toml");
   for (const line of ["DynamicUser=yes", "StateDirectory=fleetcache", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict"]) {
     assert.match(unit, new RegExp(`^${line}$`, "m"));
   }

@@ -55,7 +55,7 @@ in
         WorkingDirectory = "/var/lib/fleetcache";
         Restart = "on-failure";
         RestartSec = "2s";
-        # Logs are JSON lines on stdout: the journal keeps them.
+        # Logs are JSON lines on stderr: the journal keeps them.
         StandardOutput = "journal";
         StandardError = "journal";
         LimitNOFILE = 65536;

@@ -176,7 +176,7 @@ test("narinfo: B gets each of A's paths as Nix describes them, verified; unknown
     assert.equal(got.url, narUrl(hashPart, want.narHash));
     assert.ok(got.sigs.includes(sign(k.a, fingerprint(want))), "signed by A");
     // Exactly what A's HTTP cache would serve for /<hash>.narinfo.
-    const http = renderNarinfo(a.local.pathInfoSync(hashPart)!, narUrl(hashPart, want.narHash));
+    const http = renderNarinfo((await a.local.pathInfo(hashPart))!, narUrl(hashPart, want.narHash));
     assert.deepEqual(got, parseNarinfo(http));
   }
   assert.ok(withDeriver >= 2, "built paths with derivers were covered");
@@ -192,7 +192,7 @@ test("narinfo: B gets each of A's paths as Nix describes them, verified; unknown
     await writeFrame(stream, encodeNarinfoRequest(hashPart));
     const res = decodeNarinfoResponse((await reader.readFrame(MAX_FRAME_BYTES.narinfo))!);
     if (res.type === "found") assert.equal(hp(parseNarinfo(res.narinfo).storePath), hashPart);
-    else assert.equal(a.local.pathInfoSync(hashPart), undefined, "not-found only for an unknown path");
+    else assert.equal((await a.local.pathInfo(hashPart)), undefined, "not-found only for an unknown path");
   }
   await stream.close();
   assert.equal(await reader.readFrame(MAX_FRAME_BYTES.narinfo), undefined, "the responder closes after our FIN");
@@ -234,7 +234,7 @@ test("narinfo: a peer that lies, sends junk, stalls or resets gives undefined, n
   const cId = await connect(b.node, liar);
   // The liar's answers are A's real, validly signed narinfo of `built`, whatever is asked.
   const builtHp = hp(f.closure.built);
-  const genuine = renderNarinfo(a.local.pathInfoSync(builtHp)!, "nar/x.nar");
+  const genuine = renderNarinfo((await a.local.pathInfo(builtHp))!, "nar/x.nar");
   let mode: "other-path" | "junk" | "empty-close" | "silent" | "reset" = "other-path";
   await liar.handle(PROTOCOL_NARINFO, async ({ stream, reader }) => {
     await reader.readFrame(MAX_FRAME_BYTES.narinfo);
@@ -261,7 +261,7 @@ test("NAR: every NAR streams byte-identical to nix store dump-path, whole and fr
   const b = await server(k.b, [k.a], f.rootB);
   const aId = await connect(b.node, a.node);
   for (const p of f.closure.paths) {
-    const info = a.local.pathInfoSync(hp(p))!;
+    const info = (await a.local.pathInfo(hp(p)))!;
     const nar = await dump(f.rootA, p);
     assert.equal(nar.length, info.narSize);
     const req = { hashPart: hp(p), narHash: info.narHash, narSize: info.narSize };
@@ -293,7 +293,7 @@ test("NAR: a transfer broken off at one holder continues from another at the sam
   const b = await server(k.b, [k.a, k.c], f.rootB);
   const aId = await connect(b.node, a.node);
   const a2Id = await connect(b.node, a2.node);
-  const info = a.local.pathInfoSync(hp(f.bigDir))!;
+  const info = (await a.local.pathInfo(hp(f.bigDir)))!;
   const req = { hashPart: hp(f.bigDir), narHash: info.narHash, narSize: info.narSize };
   const verifier = new NarVerifier(info.narHash, info.narSize);
   for await (const chunk of await openNar(b.node, aId, { ...req, offset: 0 })) {
@@ -312,8 +312,8 @@ test("NAR: wrong NAR hash, unknown path, offset past the end and a size disagree
   const a = await server(k.a, [k.b], f.rootA);
   const b = await server(k.b, [k.a], f.rootB);
   const aId = await connect(b.node, a.node);
-  const info = a.local.pathInfoSync(hp(f.closure.tree))!;
-  const other = a.local.pathInfoSync(hp(f.closure.singleFile))!;
+  const info = (await a.local.pathInfo(hp(f.closure.tree)))!;
+  const other = (await a.local.pathInfo(hp(f.closure.singleFile)))!;
   const req = { hashPart: hp(f.closure.tree), narHash: info.narHash, offset: 0, narSize: info.narSize };
 
   await rejectsWith(openNar(b.node, aId, { ...req, narHash: other.narHash }), "not-found");
@@ -373,7 +373,7 @@ test("a path collected between narinfo and NAR, or while its NAR streams, is an 
   // A's reads within a few MiB of ours, so most of the 64 files are still to be opened.
   // At the wire: after NarOk, A resets the stream rather than end it cleanly...
   const [raw, viaOpenNar] = f.gcDirs;
-  const rawInfo = a.local.pathInfoSync(hp(raw))!;
+  const rawInfo = (await a.local.pathInfo(hp(raw)))!;
   const { stream, reader } = await b.node.open(aId, PROTOCOL_NAR);
   await writeFrame(stream, encodeNarRequest({ hashPart: hp(raw), narHash: rawInfo.narHash.slice(7), offset: 0 }));
   assert.deepEqual(decodeNarResponseHeader((await reader.readFrame(MAX_FRAME_BYTES.nar))!), { type: "ok", narSize: rawInfo.narSize });
@@ -387,7 +387,7 @@ test("a path collected between narinfo and NAR, or while its NAR streams, is an 
   assert.ok(reader.bytesRead < rawInfo.narSize);
 
   // ...and openNar's iterator throws.
-  const info = a.local.pathInfoSync(hp(viaOpenNar))!;
+  const info = (await a.local.pathInfo(hp(viaOpenNar)))!;
   let received = 0;
   const outcome = await (async () => {
     for await (const chunk of await openNar(b.node, aId, { hashPart: hp(viaOpenNar), narHash: info.narHash, offset: 0, narSize: info.narSize })) {
@@ -408,7 +408,7 @@ test("stopping the responder in the middle of a 64 MiB NAR makes the iterator th
   const a = await server(k.a, [k.b], f.rootA);
   const b = await server(k.b, [k.a], f.rootB);
   const aId = await connect(b.node, a.node);
-  const info = a.local.pathInfoSync(hp(f.bigFile))!;
+  const info = (await a.local.pathInfo(hp(f.bigFile)))!;
   let received = 0;
   let stopping: Promise<void> | undefined;
   const outcome = await (async () => {
@@ -468,7 +468,7 @@ test("malformed frames reset only their own stream; the responders keep serving"
   const b = await server(k.b, [k.a], f.rootB);
   const aId = await connect(b.node, a.node);
   const hashPart = hp(f.closure.built);
-  const info = a.local.pathInfoSync(hashPart)!;
+  const info = (await a.local.pathInfo(hashPart))!;
   const narReq = encodeNarRequest({ hashPart, narHash: info.narHash.slice(7), offset: 0 });
 
   // A narinfo stream kept open across the bad ones.
@@ -541,7 +541,7 @@ test("per-peer limits: a ninth NAR transfer is busy, a 65th narinfo stream is re
   const { all, a, b, c } = await threeServers(f);
   const aId = await connect(b.node, a.node);
   const aFromC = await connect(c.node, a.node);
-  const info = a.local.pathInfoSync(hp(f.bigFile))!;
+  const info = (await a.local.pathInfo(hp(f.bigFile)))!;
   const req = { hashPart: hp(f.bigFile), narHash: info.narHash, offset: 0, narSize: info.narSize };
 
   // Eight transfers B does not read: each holds A's slot, held back by backpressure.
@@ -549,7 +549,7 @@ test("per-peer limits: a ninth NAR transfer is busy, a 65th narinfo stream is re
   for (const h of holds) await openNar(b.node, aId, req, { signal: h.signal });
   await rejectsWith(openNar(b.node, aId, req), "busy");
   // C is another peer, with its own eight.
-  const small = a.local.pathInfoSync(hp(f.closure.tree))!;
+  const small = (await a.local.pathInfo(hp(f.closure.tree)))!;
   const smallReq = { hashPart: hp(f.closure.tree), narHash: small.narHash, offset: 0, narSize: small.narSize };
   assert.equal((await collect(await openNar(c.node, aFromC, smallReq))).length, small.narSize);
   // Aborting one frees its slot once A sees the reset.
@@ -614,7 +614,7 @@ test("responder timeouts: no request resets the stream, an idle narinfo stream i
   assert.equal(await reader.readFrame(MAX_FRAME_BYTES.narinfo), undefined, "idle stream closed cleanly");
 
   // Nobody reads a 64 MiB NAR for a while: A gives up and resets rather than wait forever.
-  const info = local.pathInfoSync(hp(f.bigFile))!;
+  const info = (await local.pathInfo(hp(f.bigFile)))!;
   const nar = await openNar(b.node, aId, { hashPart: hp(f.bigFile), narHash: info.narHash, offset: 0, narSize: info.narSize });
   await sleep(1500);
   await rejectsWith(collect(nar), "interrupted");

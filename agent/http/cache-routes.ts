@@ -7,6 +7,7 @@ import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
 import type { PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
+import { StoreUnavailableError } from "../store/daemon-client.js";
 import { parseRange } from "./range.js";
 import { HttpError, send, sendError } from "./respond.js";
 import type { Logger } from "../log.js";
@@ -41,7 +42,7 @@ export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: Se
 
 export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string): Promise<Outcome> {
   if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
-  const info = await ctx.source.pathInfo(hashPart);
+  const info = await ctx.source.pathInfo(hashPart).catch(storeUnavailable);
   if (!info) {
     send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
     return "miss";
@@ -60,14 +61,22 @@ export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: Se
   const ref = parseNarUrl(path, query);
   if (!ref) throw new HttpError(400, "malformed NAR URL: expected /nar/<store hash>-<nar hash>.nar");
   let info: PathInfo | undefined;
-  if (ref.hashPart) info = await ctx.source.pathInfo(ref.hashPart);
-  else if (ref.narHash) info = ctx.local.pathInfoByNarHash("sha256:" + ref.narHash);
+  if (ref.hashPart) info = await ctx.source.pathInfo(ref.hashPart).catch(storeUnavailable);
+  // With the daemon backend this form (harmonia's nar/<narhash>.nar) is always a 404: the daemon
+  // cannot look a path up by its NAR hash. The forms carrying the hash part work.
+  else if (ref.narHash) info = await ctx.local.pathInfoByNarHash("sha256:" + ref.narHash).catch(storeUnavailable);
   // A URL naming a NAR hash must get exactly those bytes: a path rebuilt with other content is a 404.
   if (!info || (ref.narHash && info.narHash !== "sha256:" + ref.narHash)) {
     send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
     return "miss";
   }
   return sendNar(ctx, req, res, info);
+}
+
+/** For a failed store lookup: a store that cannot answer now (the daemon is gone) is a 503, not a 404. */
+export function storeUnavailable(e: unknown): never {
+  if (e instanceof StoreUnavailableError) throw new HttpError(503, `the Nix store cannot be asked right now: ${e.message}`);
+  throw e;
 }
 
 async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo): Promise<Outcome> {

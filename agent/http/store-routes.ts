@@ -9,13 +9,13 @@ import { serializeListing } from "../../protocol/listing.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart, isValidName } from "../../protocol/store-path.js";
 import { resolveInStore } from "../store/store-files.js";
-import type { CacheContext } from "./cache-routes.js";
+import { storeUnavailable, type CacheContext } from "./cache-routes.js";
 import { parseRange } from "./range.js";
 import { HttpError, send, sendError } from "./respond.js";
 
 async function requireLocalPath(ctx: CacheContext, hashPart: string): Promise<PathInfo> {
   if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
-  const info = ctx.local.pathInfoSync(hashPart);
+  const info = await ctx.local.pathInfo(hashPart).catch(storeUnavailable);
   if (!info) throw new HttpError(404, "not found");
   return info;
 }
@@ -61,10 +61,9 @@ export async function handleServe(ctx: CacheContext, req: IncomingMessage, res: 
   const info = await requireLocalPath(ctx, hashPart);
   const components = decodeComponents(rest);
   const basename = info.storePath.slice("/nix/store/".length);
-  const found = await resolveInStore(ctx.local.root, basename, components, (b) => {
-    const row = isValidHashPart(b.slice(0, 32)) ? ctx.local.db.pathByHashPart(b.slice(0, 32)) : undefined;
-    return row?.path === "/nix/store/" + b;
-  });
+  const found = await resolveInStore(ctx.local.root, basename, components, (b) =>
+    isValidHashPart(b.slice(0, 32)) ? ctx.local.isValidPath("/nix/store/" + b).catch(storeUnavailable) : Promise.resolve(false),
+  );
   if (found.kind === "not-found") throw new HttpError(404, found.reason);
   if (found.kind === "forbidden") throw new HttpError(403, found.reason);
   const { stat: st, realPath } = found;

@@ -98,7 +98,7 @@ export class FleetSource implements PathSource {
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
-    const local = this.local.pathInfoSync(hashPart);
+    const local = await this.local.pathInfo(hashPart);
     if (local) {
       this.counters.localHits++;
       return local;
@@ -125,11 +125,11 @@ export class FleetSource implements PathSource {
     return info;
   }
 
-  narStream(info: PathInfo, start: number, end: number): AsyncIterable<Buffer> {
+  async *narStream(info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
     const hashPart = info.storePath.slice("/nix/store/".length, "/nix/store/".length + 32);
-    const local = this.local.pathInfoSync(hashPart);
-    if (local && local.narHash === info.narHash) return this.local.narStream(local, start, end);
-    return this.remoteNar(hashPart, info, start, end);
+    const local = await this.local.pathInfo(hashPart);
+    if (local && local.narHash === info.narHash) yield* this.local.narStream(local, start, end);
+    else yield* this.remoteNar(hashPart, info, start, end);
   }
 
   /** Connected peers announcing the path, fastest first. */

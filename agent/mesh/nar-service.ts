@@ -51,7 +51,7 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
       if (frame === TIMED_OUT) throw new Error(`no NAR request within ${firstMs} ms`);
       if (frame === undefined) return; // opened and closed without asking
       const req = decodeNarRequest(frame); // malformed: throws, the stream is reset
-      const found = lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
+      const found = await lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
       if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
       if (!slots.tryAcquire(peerId)) {
         return writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.busy, `more than ${slots.limit} transfers`)));
@@ -77,10 +77,10 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
   );
 }
 
-function lookup(local: LocalStore, hashPart: string, narHash: string, offset: number, log: Logger): PathInfo | NarResponseHeader {
+async function lookup(local: LocalStore, hashPart: string, narHash: string, offset: number, log: Logger): Promise<PathInfo | NarResponseHeader> {
   let info: PathInfo | undefined;
   try {
-    info = local.pathInfoSync(hashPart);
+    info = await local.pathInfo(hashPart);
   } catch (err) {
     log.warn({ hashPart, err: (err as Error).message }, "mesh: store lookup failed");
     return narError(NAR_ERROR.internal, "store lookup failed");

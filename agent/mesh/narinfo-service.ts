@@ -60,7 +60,7 @@ export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logge
           }
           if (frame === undefined) return; // the requester is done
           const hashPart = decodeNarinfoRequest(frame); // malformed: throws, the stream is reset
-          await writeFrame(stream, localAnswer(local, hashPart, log));
+          await writeFrame(stream, await localAnswer(local, hashPart, log));
         }
       } finally {
         slots.release(peerId);
@@ -73,8 +73,9 @@ export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logge
 }
 
 /** The encoded answer for one hash part, from the local store only. */
-function localAnswer(local: LocalStore, hashPart: string, log: Logger): Uint8Array {
-  const info = local.pathInfoSync(hashPart);
+async function localAnswer(local: LocalStore, hashPart: string, log: Logger): Promise<Uint8Array> {
+  // A store that cannot answer (daemon gone) throws: the stream is reset, the peer asks elsewhere.
+  const info = await local.pathInfo(hashPart);
   let res: NarinfoResponse = { type: "not-found" };
   if (info) res = { type: "found", narinfo: renderNarinfo(info, narUrl(hashPart, info.narHash)) };
   try {

@@ -1,89 +1,87 @@
-// This host's Nix store as a PathSource: metadata from the database, NARs from the filesystem.
+// This host's Nix store as a PathSource: metadata from the database or the daemon (see
+// metadata.ts), NARs from the filesystem (store files are world-readable either way).
+import { accessSync, constants } from "node:fs";
 import { join } from "node:path";
-import { parseHash, toNix32Hash } from "../../protocol/hash.js";
-import { fingerprint } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Listing } from "../../protocol/listing.js";
 import type { PathSource } from "../source.js";
 import type { Signer } from "../signer.js";
-import { NixDb, type DbPathRow } from "./db.js";
-import { StoreWatcher } from "./watch.js";
+import { DaemonClient } from "./daemon-client.js";
+import { DaemonMetadata } from "./daemon-metadata.js";
+import { DatabaseMetadata } from "./db-metadata.js";
+import type { PathWatcher, StoreBackend, StoreMetadata } from "./metadata.js";
 import { narListing, narStream } from "./nar-dump.js";
 
-/** A row's PathInfo stays valid while the row (id) and its signatures are unchanged. */
-interface CachedInfo {
-  id: number;
-  sigs: string | null;
-  info: PathInfo;
-  /** When the row was last read. */
-  checkedAt: number;
+export type { StoreBackend } from "./metadata.js";
+
+export interface OpenStoreOptions {
+  backend: StoreBackend;
+  /** The daemon's socket (daemon backend); default <root>/nix/var/nix/daemon-socket/socket. */
+  daemonSocket?: string | null;
 }
 
-const MAX_CACHED = 100_000;
 /**
- * While the watcher runs, a cached path whose row id it still sees is served without reading the
- * row again for this long: each read is a WAL read transaction (file locks, ~20 us), more than
- * the rest of a narinfo answer. Deletions are seen by the watcher's poll, re-signing by the next
- * read: both within a second.
+ * "auto": the database when this process may write its directory (SQLite in WAL mode cannot be
+ * opened read-only by others once Nix has removed the -wal and -shm files), else the daemon.
  */
-const FRESH_MS = 1000;
+export function chooseBackend(root: string, wanted: StoreBackend | "auto"): StoreBackend {
+  if (wanted !== "auto") return wanted;
+  try {
+    accessSync(join(root, "nix/var/nix/db"), constants.W_OK);
+    return "database";
+  } catch {
+    return "daemon";
+  }
+}
+
+export const defaultDaemonSocket = (root: string) => join(root, "nix/var/nix/daemon-socket/socket");
 
 export class LocalStore implements PathSource {
-  readonly db: NixDb;
-  // The database is asked on every lookup (so GC shows at once); what is derived from a row
-  // (references, hash conversion, our signature) is kept, since it cannot change for that row.
-  private readonly infos = new Map<string, CachedInfo>();
+  private readonly meta: StoreMetadata;
 
-  /** Set by watch(): the store's valid paths as of the last poll. */
-  watcher: StoreWatcher | undefined;
-
+  /** Opens the database backend, or wraps a daemon backend made by open(). */
   constructor(
     readonly root: string,
-    private readonly signer: Signer,
+    signer: Signer,
+    meta?: StoreMetadata,
   ) {
-    this.db = new NixDb(root);
+    this.meta = meta ?? new DatabaseMetadata(root, signer);
   }
 
-  /**
-   * Starts polling the database for changes. From then on a path the watcher has not seen is a
-   * miss without a database query (misses are most of what Nix asks); a path added to the store
-   * becomes visible within one interval. Hits still read the row, so GC shows at once.
-   */
-  watch(intervalMs = 250): StoreWatcher {
-    this.watcher ??= new StoreWatcher(this.db, intervalMs).start();
-    return this.watcher;
+  /** Opens the store with either backend; for the daemon, connects and lists the store first. */
+  static async open(root: string, signer: Signer, opts: OpenStoreOptions): Promise<LocalStore> {
+    if (opts.backend === "database") return new LocalStore(root, signer);
+    const meta = new DaemonMetadata(root, new DaemonClient(opts.daemonSocket ?? defaultDaemonSocket(root)), signer);
+    try {
+      await meta.load();
+    } catch (e) {
+      meta.close();
+      throw e;
+    }
+    return new LocalStore(root, signer, meta);
   }
 
-  async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
-    return this.pathInfoSync(hashPart);
+  get backend(): StoreBackend {
+    return this.meta.backend;
+  }
+
+  /** Starts watching the store for changes (once); the mesh summary follows its events. */
+  watch(): PathWatcher {
+    return this.meta.watch();
   }
 
   /** The same PathInfo object is returned while the path is unchanged (callers may cache by it). */
-  pathInfoSync(hashPart: string): PathInfo | undefined {
-    const watcher = this.watcher?.running ? this.watcher : undefined;
-    if (watcher && !watcher.has(hashPart)) return undefined;
-    const cached = this.infos.get(hashPart);
-    const now = Date.now();
-    if (watcher && cached && cached.id === watcher.idOf(hashPart) && now - cached.checkedAt < FRESH_MS) return cached.info;
-    const row = this.db.pathByHashPart(hashPart);
-    if (!row) return undefined;
-    if (cached && cached.id === row.id && cached.sigs === row.sigs) {
-      cached.checkedAt = now;
-      return cached.info;
-    }
-    const info = this.toPathInfo(row);
-    if (info) {
-      if (this.infos.size >= MAX_CACHED) this.infos.delete(this.infos.keys().next().value!);
-      this.infos.set(hashPart, { id: row.id, sigs: row.sigs, info, checkedAt: now });
-    }
-    return info;
+  pathInfo(hashPart: string): Promise<PathInfo | undefined> {
+    return this.meta.pathInfo(hashPart);
   }
 
-  /** Lookup by NAR hash ("sha256:..." in any encoding): a table scan, for legacy NAR URLs only. */
-  pathInfoByNarHash(narHash: string): PathInfo | undefined {
-    const base16 = "sha256:" + Buffer.from(parseHash(narHash)).toString("hex");
-    const row = this.db.pathByNarHash(base16);
-    return row && this.toPathInfo(row);
+  /** Lookup by NAR hash ("sha256:..." in any encoding), for legacy NAR URLs; the daemon backend has none. */
+  pathInfoByNarHash(narHash: string): Promise<PathInfo | undefined> {
+    return this.meta.pathInfoByNarHash(narHash);
+  }
+
+  isValidPath(storePath: string): Promise<boolean> {
+    return this.meta.isValidPath(storePath);
   }
 
   /** Where a store path's files are on this machine (differs from the logical path in a chroot store). */
@@ -100,33 +98,10 @@ export class LocalStore implements PathSource {
   }
 
   pathCount(): number {
-    return this.db.pathCount();
+    return this.meta.pathCount();
   }
 
   close(): void {
-    this.watcher?.stop();
-    this.db.close();
+    this.meta.close();
   }
-
-  private toPathInfo(row: DbPathRow): PathInfo | undefined {
-    if (row.narSize === null) return undefined; // registered by a very old Nix without a size
-    const info: PathInfo = {
-      storePath: row.path,
-      narHash: toNix32Hash(parseHash(row.hash)),
-      narSize: row.narSize,
-      references: this.db.references(row.id).sort(byteOrder),
-      sigs: row.sigs ? row.sigs.split(" ").filter(Boolean) : [],
-    };
-    if (row.deriver) info.deriver = row.deriver;
-    if (row.ca) info.ca = row.ca;
-    for (const sig of this.signer.signatures(fingerprint(info))) {
-      if (!info.sigs.includes(sig)) info.sigs.push(sig);
-    }
-    return info;
-  }
-}
-
-/** Store paths are ASCII, so UTF-16 code unit order equals byte order. */
-function byteOrder(a: string, b: string): number {
-  return a < b ? -1 : a > b ? 1 : 0;
 }

@@ -21,7 +21,7 @@ export async function resolveInStore(
   root: string,
   basename: string,
   components: string[],
-  isValidBasename: (basename: string) => boolean,
+  isValidBasename: (basename: string) => Promise<boolean>,
 ): Promise<Resolved> {
   const realStore = join(root, STORE_DIR);
   const resolved: string[] = [];
@@ -36,7 +36,7 @@ export async function resolveInStore(
       continue;
     }
     resolved.push(c);
-    if (resolved.length === 1 && !isValidBasename(c)) return { kind: "not-found", reason: `${STORE_DIR}/${c} is not a valid store path` };
+    if (resolved.length === 1 && !(await isValidBasename(c))) return { kind: "not-found", reason: `${STORE_DIR}/${c} is not a valid store path` };
     const real = join(realStore, ...resolved);
     let st: Stats;
     try {

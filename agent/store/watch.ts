@@ -3,6 +3,7 @@
 // deleted, which a rescan of the ids finds. Cheap enough to run every half second.
 import { EventEmitter } from "node:events";
 import type { NixDb } from "./db.js";
+import { hashPartOf } from "./metadata.js";
 
 export interface StoreChange {
   /** Hash parts (32 nix32 characters) of paths that became valid. */
@@ -10,8 +11,6 @@ export interface StoreChange {
   /** Hash parts of paths that are no longer valid. */
   removed: string[];
 }
-
-const hashPartOf = (path: string) => path.slice("/nix/store/".length, "/nix/store/".length + 32);
 
 export class StoreWatcher extends EventEmitter<{ change: [StoreChange]; error: [Error] }> {
   private readonly byId = new Map<number, string>();

@@ -9,7 +9,7 @@ import { handleDashboard } from "./http/dashboard.js";
 import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
 import { Signer } from "./signer.js";
-import { LocalStore } from "./store/local-store.js";
+import { chooseBackend, defaultDaemonSocket, LocalStore } from "./store/local-store.js";
 import { AgentMetrics } from "./metrics.js";
 import { Mesh } from "./mesh/mesh.js";
 import type { PathSource } from "./source.js";
@@ -30,13 +30,21 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   const keys = config.signKeyFiles.length > 0
     ? config.signKeyFiles.map((f) => readSecretKeyFile(f, log))
     : [ensureHostKey(config.stateDir, log)];
+  const backend = chooseBackend(config.storeRoot, config.storeBackend);
+  const daemonSocket = config.daemonSocket ?? defaultDaemonSocket(config.storeRoot);
   let store: LocalStore;
   try {
-    store = new LocalStore(config.storeRoot, new Signer(keys));
+    store = await LocalStore.open(config.storeRoot, new Signer(keys), { backend, daemonSocket });
   } catch (e) {
-    throw new Error(`cannot open the Nix database under ${config.storeRoot} (is this a Nix store root, and readable?): ${(e as Error).message}`);
+    throw new Error(backend === "database"
+      ? `cannot open the Nix database under ${config.storeRoot} (is this a Nix store root, and readable?): ${(e as Error).message}`
+      : `cannot reach the Nix daemon at ${daemonSocket} (is nix-daemon running, and this user allowed?): ${(e as Error).message}`);
   }
-  store.watch().on("error", (err) => log.warn({ err: err.message }, "polling the Nix database failed; will retry"));
+  log.info(
+    { storeBackend: backend, ...(backend === "daemon" ? { daemonSocket } : {}), configured: config.storeBackend },
+    backend === "database" ? "store metadata from the Nix database" : "store metadata from the Nix daemon",
+  );
+  store.watch().on("error", (err) => log.warn({ err: err.message }, `watching the store (${backend}) failed; will retry`));
   let mesh: Mesh | undefined;
   const metrics = new AgentMetrics({
     storePaths: () => store.pathCount(),
@@ -73,6 +81,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         addresses: mesh?.node.addresses().map(String) ?? [],
         listen,
         paths: store.pathCount(),
+        storeBackend: store.backend,
         version: VERSION,
         uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
       },

@@ -44,6 +44,8 @@ program
   .option("--tailscale", "dial the online peers listed by `tailscale status --json` (env FLEETCACHE_TAILSCALE; default off)")
   .option("--no-tailscale", "do not use Tailscale discovery")
   .option("--tailscale-status-file <file>", "read the Tailscale status from this file instead of running tailscale (env FLEETCACHE_TAILSCALE_STATUS_FILE)")
+  .option("--store-backend <backend>", "where store metadata comes from: database (Nix's SQLite, needs write access to its directory: root), daemon (the Nix daemon's socket, for an unprivileged agent) or auto (database when its directory is writable, else daemon) (env FLEETCACHE_STORE_BACKEND; default auto)")
+  .option("--daemon-socket <path>", "the Nix daemon's socket for the daemon backend (env FLEETCACHE_DAEMON_SOCKET; default <store-root>/nix/var/nix/daemon-socket/socket)")
   .option("--check-config", "validate the configuration and key files, print the result as JSON, and exit")
   .action(async (opts: Record<string, unknown>) => {
     const log = createLogger();
@@ -63,6 +65,8 @@ program
           mdns: opts.mdns,
           tailscale: opts.tailscale,
           tailscaleStatusFile: opts.tailscaleStatusFile,
+          storeBackend: opts.storeBackend,
+          daemonSocket: opts.daemonSocket,
         },
       });
     } catch (e) {

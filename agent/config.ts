@@ -28,6 +28,10 @@ export interface AgentConfig {
   tailscale: boolean;
   /** Read the Tailscale status from this file instead of running `tailscale status --json`. */
   tailscaleStatusFile: string | null;
+  /** Where store metadata comes from: "auto" picks the database when its directory is writable. */
+  storeBackend: "auto" | "database" | "daemon";
+  /** The Nix daemon's socket; null: <storeRoot>/nix/var/nix/daemon-socket/socket. */
+  daemonSocket: string | null;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -72,6 +76,12 @@ function optionalPath(raw: unknown, from: string): string | null {
   return raw === "" ? null : str(raw, from);
 }
 
+function storeBackend(raw: unknown, from: string): AgentConfig["storeBackend"] {
+  const s = str(raw, from);
+  if (s !== "auto" && s !== "database" && s !== "daemon") throw new ConfigError(`${from}: expected auto, database or daemon, got ${JSON.stringify(s)}`);
+  return s;
+}
+
 function trustedKeys(raw: unknown, from: string): string[] {
   const keys = list(raw, from).map((k) => k.trim());
   for (const k of keys) {
@@ -110,6 +120,8 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   mdns: { key: "mdns", toml: "mdns", env: "FLEETCACHE_MDNS", parse: bool },
   tailscale: { key: "tailscale", toml: "tailscale", env: "FLEETCACHE_TAILSCALE", parse: bool },
   tailscaleStatusFile: { key: "tailscaleStatusFile", toml: "tailscale_status_file", env: "FLEETCACHE_TAILSCALE_STATUS_FILE", parse: optionalPath },
+  storeBackend: { key: "storeBackend", toml: "store_backend", env: "FLEETCACHE_STORE_BACKEND", parse: storeBackend },
+  daemonSocket: { key: "daemonSocket", toml: "daemon_socket", env: "FLEETCACHE_DAEMON_SOCKET", parse: optionalPath },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -124,6 +136,8 @@ export const DEFAULTS: AgentConfig = {
   mdns: true,
   tailscale: false,
   tailscaleStatusFile: null,
+  storeBackend: "auto",
+  daemonSocket: null,
 };
 
 export class ConfigError extends Error {}

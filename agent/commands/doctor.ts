@@ -53,10 +53,13 @@ export async function doctor(opts: DoctorOptions): Promise<CheckResult[]> {
   const agent = await checkAgent(url);
   results.push(agent.result);
   let status: StatusView | undefined;
+  let storeBackend: unknown;
   let statusProblem = "the agent does not answer";
   if (agent.ok) {
     try {
-      status = readStatus(await agentJson(url, "/api/v1/status"));
+      const doc = await agentJson(url, "/api/v1/status");
+      status = readStatus(doc);
+      storeBackend = (doc as { self?: { storeBackend?: unknown } } | null)?.self?.storeBackend;
     } catch (e) {
       statusProblem = `its status is unavailable (${(e as Error).message})`;
     }
@@ -78,6 +81,12 @@ export async function doctor(opts: DoctorOptions): Promise<CheckResult[]> {
     add("store", "ok", `the agent reads the store: ${status.self.paths} valid paths`);
   } else {
     add("store", "warn", "the agent's store has no valid paths (wrong --store-root?)", "point --store-root at the root of the store Nix uses (/ for the system store).");
+  }
+
+  if (storeBackend === "database" || storeBackend === "daemon") {
+    add("store-backend", "ok", storeBackend === "database"
+      ? "the agent reads store metadata from the Nix database"
+      : "the agent asks the Nix daemon for store metadata (it runs unprivileged; the database would be faster)");
   }
 
   // Nix's configuration.

@@ -19,6 +19,8 @@ export interface StatusDocument {
     listen: string;
     /** Valid paths in this host's store. */
     paths: number;
+    /** Where store metadata comes from: "database" or "daemon". */
+    storeBackend: string;
     version: string;
     uptimeSeconds: number;
   };

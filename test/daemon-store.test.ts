@@ -1,0 +1,181 @@
+// The daemon backend against a real nix-daemon serving a chroot store: the client's answers equal
+// Nix's own, and an agent running as an unprivileged user (which cannot open the database) serves
+// the store through the daemon, never stale, with 503 while the daemon is gone.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { Signer } from "../agent/signer.js";
+import { DaemonClient } from "../agent/store/daemon-client.js";
+import { DaemonWatcher } from "../agent/store/daemon-watch.js";
+import { LocalStore } from "../agent/store/local-store.js";
+import type { StoreChange } from "../agent/store/watch.js";
+import { runCli, startAgentProcess } from "./helpers/agent.js";
+import { plainAndBuiltPaths } from "./helpers/fixtures.js";
+import { addToStore, needNix, nix, NIX_FLAGS, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
+
+const NOBODY = 65534;
+const hp = (p: string) => p.slice(11, 43);
+
+/** A nix-daemon for the chroot store at `root`, on its own socket. */
+class Daemon {
+  child: ChildProcess | undefined;
+  constructor(readonly root: string) {}
+  get socket(): string {
+    return join(this.root, "nix/var/nix/daemon-socket/socket");
+  }
+  async start(): Promise<void> {
+    mkdirSync(join(this.root, "nix/var/nix/daemon-socket"), { recursive: true, mode: 0o755 });
+    rmSync(this.socket, { force: true });
+    this.child = spawn("nix-daemon", ["--store", this.root], {
+      stdio: "ignore",
+      env: { ...process.env, NIX_DAEMON_SOCKET_PATH: this.socket, NIX_CONFIG: "sandbox = false\nsubstituters =" },
+    });
+    for (let i = 0; i < 200 && !existsSync(this.socket); i++) await sleep(25);
+    assert.ok(existsSync(this.socket), "nix-daemon made its socket");
+  }
+  /** Kills the daemon and the per-connection processes it forked (ours, by their ids). */
+  async stop(): Promise<void> {
+    const child = this.child;
+    if (!child || child.exitCode !== null) return;
+    const kids = (await run("pgrep", ["-P", String(child.pid)]).catch(() => "")).split("\n").filter(Boolean).map(Number);
+    for (const pid of kids) process.kill(pid, "SIGKILL");
+    const exited = new Promise((resolve) => child.once("exit", resolve));
+    child.kill("SIGKILL");
+    await exited;
+  }
+}
+
+/** A chroot store with a plain path, a signed built path with references and a deriver, and its daemon. */
+async function fixture() {
+  const tmp = tempDir();
+  chmodSync(tmp.dir, 0o755); // the unprivileged agent must reach the store
+  const { root, paths } = await plainAndBuiltPaths(tmp.dir);
+  const [plain, built] = paths as [string, string];
+  await run("nix-store", ["--generate-binary-cache-key", "daemon-test-1", join(tmp.dir, "sec"), join(tmp.dir, "pub")]);
+  await nix(["store", "sign", "--store", root, "--key-file", join(tmp.dir, "sec"), built]);
+  for (const d of ["", "nix", "nix/var", "nix/var/nix"]) chmodSync(join(root, d), 0o755);
+  const daemon = new Daemon(root);
+  await daemon.start();
+  return { tmp, root, plain, built, daemon, publicKey: readFileSync(join(tmp.dir, "pub"), "utf8").trim() };
+}
+
+test("the daemon client's path infos equal `nix path-info --json` (deriver, references, signatures, CA)", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  const store = await LocalStore.open(f.root, new Signer([]), { backend: "daemon", daemonSocket: f.daemon.socket });
+  try {
+    assert.equal(store.backend, "daemon");
+    const expected = await pathInfo(f.root, [f.built], true);
+    assert.ok(expected.length >= 3, "the built path and its references");
+    assert.ok(expected.some((j) => j.ca) && expected.some((j) => j.deriver) && expected.some((j) => (j.signatures ?? []).length > 0));
+    for (const j of expected) assert.deepEqual(await store.pathInfo(hp(j.path)), toPathInfo(j), j.path);
+    assert.equal(store.pathCount(), (await nix(["path-info", "--store", f.root, "--all"])).trim().split("\n").length);
+    assert.equal(await store.pathInfo("0".repeat(32)), undefined);
+    assert.equal(await store.isValidPath(f.plain), true);
+    assert.equal(await store.isValidPath(f.plain + "x"), false);
+    // Raw answers: registration time and the not-valid reply of QueryPathInfo.
+    const client = new DaemonClient(f.daemon.socket);
+    const raw = await client.queryPathInfo(f.built);
+    assert.equal(raw?.registrationTime, expected.find((j) => j.path === f.built)!.registrationTime);
+    assert.equal(await client.queryPathInfo(`/nix/store/${"0".repeat(32)}-gone`), undefined);
+    await assert.rejects(client.queryPathInfo("/tmp/not-in-store"), /is not in the Nix store/, "Nix's message");
+    assert.equal(await client.queryPathFromHashPart(hp(f.plain)), f.plain, "the connection pool recovers after an error");
+    client.close();
+  } finally {
+    store.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("the daemon watcher reports paths added and removed", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  const client = new DaemonClient(f.daemon.socket);
+  const watcher = new DaemonWatcher(client, join(f.root, "nix/store"), { minGapMs: 200 });
+  try {
+    await watcher.refresh();
+    assert.ok(watcher.has(hp(f.plain)) && watcher.has(hp(f.built)));
+    watcher.start();
+    const changes: StoreChange[] = [];
+    watcher.on("change", (c) => changes.push(c));
+    writeFileSync(join(f.tmp.dir, "new.txt"), "new\n");
+    const added = await addToStore(f.root, join(f.tmp.dir, "new.txt"));
+    // The directory watch prompts a listing (no timing asserted: wait for the event however long).
+    const keepAlive = setTimeout(() => {}, 60_000);
+    while (!changes.some((c) => c.added.includes(hp(added)))) await new Promise((r) => watcher.once("change", r));
+    clearTimeout(keepAlive);
+    assert.ok(watcher.has(hp(added)));
+    await run("nix-store", ["--store", f.root, "--delete", added]);
+    assert.deepEqual(await watcher.refresh(), { added: [], removed: [hp(added)] });
+  } finally {
+    watcher.stop();
+    client.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("an unprivileged agent picks the daemon and serves Nix: nix copy, live additions and deletions, 503 without a daemon", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  const state = join(f.tmp.dir, "state");
+  mkdirSync(state);
+  chownSync(state, NOBODY, NOBODY);
+  chownSync(join(f.tmp.dir, "sec"), NOBODY, NOBODY);
+  const asNobody = ["setpriv", `--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups"];
+  const agent = await startAgentProcess(["--store-root", f.root, "--sign-key", join(f.tmp.dir, "sec"), "--state-dir", state, "--store-backend", "auto"], {}, asNobody);
+  const get = async (path: string) => (await fetch(agent.url + path)).status;
+  try {
+    const status = (await (await fetch(agent.url + "/api/v1/status")).json()) as { self: { storeBackend: string; paths: number } };
+    assert.equal(status.self.storeBackend, "daemon", "auto chose the daemon: the database directory is not writable");
+    assert.ok(status.self.paths >= 4);
+
+    const dest = join(f.tmp.dir, "dest");
+    await run("nix", [...NIX_FLAGS, "copy", "--from", agent.url, "--to", dest, "--option", "require-sigs", "true",
+      "--option", "trusted-public-keys", f.publicKey, "--option", "substituters", "", f.built]);
+    await run("nix", [...NIX_FLAGS, "store", "verify", "--store", dest, "-r", "--option", "trusted-public-keys", f.publicKey, f.built]);
+    assert.deepEqual((await pathInfo(dest, [f.built], true)).map(toPathInfo).map((i) => i.narHash), (await pathInfo(f.root, [f.built], true)).map(toPathInfo).map((i) => i.narHash));
+
+    // Answers are live: a path added now is served, a deleted one is a miss at once.
+    writeFileSync(join(f.tmp.dir, "later.txt"), "later\n");
+    const later = await addToStore(f.root, join(f.tmp.dir, "later.txt"));
+    assert.equal(await get(`/${hp(later)}.narinfo`), 200);
+    const narinfo = await (await fetch(`${agent.url}/${hp(later)}.narinfo`)).text();
+    const url = /^URL: (.*)$/m.exec(narinfo)![1]!;
+    assert.equal(await get("/" + url), 200, "its NAR too");
+    await run("nix-store", ["--store", f.root, "--delete", later]);
+    assert.equal(await get(`/${hp(later)}.narinfo`), 404, "deleted: not stale");
+    assert.equal(await get(`/${"0".repeat(32)}.narinfo`), 404);
+    // The legacy NAR URL carrying only the NAR hash cannot be answered by the daemon (documented).
+    const narHash = /^NarHash: sha256:(.*)$/m.exec(narinfo)![1]!;
+    assert.equal(await get(`/nar/${narHash}.nar`), 404);
+
+    await f.daemon.stop();
+    assert.equal(await get(`/${hp(f.plain)}.narinfo`), 503, "no daemon: unavailable, not absent");
+    assert.equal(await get(`/${hp(f.plain)}.ls`), 503);
+    await f.daemon.start();
+    assert.equal(await get(`/${hp(f.plain)}.narinfo`), 200, "reconnected");
+    assert.equal(agent.child.exitCode, null, "the agent lived through it");
+  } finally {
+    await agent.stop();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("with the daemon backend, an unreachable daemon is a start-up error", async (t) => {
+  if (!(await needNix(t))) return;
+  const tmp = tempDir();
+  try {
+    const r = await runCli(["agent", "--store-root", tmp.dir, "--state-dir", join(tmp.dir, "state"), "--store-backend", "daemon",
+      "--daemon-socket", join(tmp.dir, "no-socket"), "--listen", "127.0.0.1:0", "--p2p-listen", "off", "--no-mdns"]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /cannot reach the Nix daemon/);
+  } finally {
+    tmp.cleanup();
+  }
+});

@@ -5,6 +5,7 @@
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
 import { chmodSync, existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -75,6 +76,25 @@ test("to-toml.nix renders settings the agent reads back exactly", async (t) => {
   assert.ok(!text.includes("state_dir"), "null leaves a key out");
   await assert.rejects(evalJson(`import ${toToml} { x = { nested = 1; }; }`), /expected a string, integer, boolean or list/);
   await assert.rejects(evalJson(`import ${toToml} { x = 1.5; }`), /x is a float/);
+});
+
+test("package.nix's npmDepsHash belongs to this package-lock.json, whose entries Nix can fetch", () => {
+  const packageNix = readFileSync(join(ROOT, "nix/package.nix"), "utf8");
+  const lockText = readFileSync(join(ROOT, "package-lock.json"));
+  // The hash can only be computed by nixpkgs' prefetch-npm-deps, which is not here: package.nix
+  // records which lock file it was computed for, so a changed lock file cannot go unnoticed.
+  const recorded = /package-lock\.json with\s+#\s+sha256 ([0-9a-f]{64})/.exec(packageNix)?.[1];
+  assert.ok(recorded, "package.nix names the sha256 of the lock file its npmDepsHash is for");
+  assert.equal(createHash("sha256").update(lockText).digest("hex"), recorded, "package-lock.json changed: recompute npmDepsHash (see nix/package.nix)");
+  assert.match(packageNix, /npmDepsHash = "sha256-[A-Za-z0-9+/]{43}=";/);
+  // fetchNpmDeps downloads only entries with a registry URL and an integrity hash.
+  const lock = JSON.parse(lockText.toString("utf8")) as { packages: Record<string, { resolved?: string; integrity?: string; link?: boolean }> };
+  const entries = Object.entries(lock.packages).filter(([path, p]) => path !== "" && !p.link);
+  assert.ok(entries.length > 100);
+  for (const [path, p] of entries) {
+    assert.match(p.resolved ?? "", /^https:\/\/registry\.npmjs\.org\//, `${path} has a registry URL`);
+    assert.match(p.integrity ?? "", /^sha512-/, `${path} has an integrity hash`);
+  }
 });
 
 test("the example configuration is accepted by the agent", async () => {

@@ -246,6 +246,30 @@ test("NixOS module: defaults give a hardened service and Nix pointed at the agen
   assert.deepEqual(svc.RestrictAddressFamilies, ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]);
 });
 
+test("NixOS module: the same hardening as the plain unit that test/systemd-unit runs under systemd", async (t) => {
+  const lib = await nixpkgsLib(t);
+  if (!lib) return;
+  const svc = (await evalModule(lib, "nixos", "{ }")).systemd!.serviceConfig;
+  const unit = readFileSync(join(ROOT, "nix/systemd/fleetcache.service"), "utf8");
+  const service = unit.slice(unit.indexOf("[Service]"), unit.indexOf("[Install]"));
+  const directives = new Map<string, string[]>();
+  for (const line of service.split("\n")) {
+    const m = /^([A-Za-z]+)=(.*)$/.exec(line);
+    if (m) directives.set(m[1]!, [...(directives.get(m[1]!) ?? []), m[2]!]);
+  }
+  // The unit makes its user on the fly; the module has a named one. Both run `agent --config`.
+  const differ = new Set(["ExecStart", "DynamicUser"]);
+  const asModule = (v: unknown): string[] =>
+    (Array.isArray(v) ? v : [v]).map((x) => (x === true ? "yes" : x === false ? "no" : String(x)));
+  assert.ok(directives.size > 25);
+  for (const [key, values] of directives) {
+    if (differ.has(key)) continue;
+    const expected = key === "RestrictAddressFamilies" ? values.flatMap((v) => v.split(" ")) : values;
+    assert.deepEqual(asModule(svc[key]), expected, key);
+  }
+  assert.equal(svc.User, "fleetcache");
+});
+
 test("NixOS module: options reach the agent's configuration and the system", async (t) => {
   const lib = await nixpkgsLib(t);
   if (!lib) return;

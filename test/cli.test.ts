@@ -78,6 +78,8 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       mdns: true,
       tailscale: false,
       tailscaleStatusFile: null,
+      storeBackend: "auto",
+      daemonSocket: null,
     });
     const fromFile = await cfg(["--config", toml]);
     assert.equal(fromFile.code, 2, "sign key files that don't exist are a configuration error");

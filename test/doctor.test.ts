@@ -45,7 +45,7 @@ test("doctor: all ok against a right configuration, and each mistake fails or wa
       return { code: r.code, checks, verdicts: Object.fromEntries(checks.map((c) => [c.check, c.verdict])) };
     };
     const ALL_OK = {
-      agent: "ok", store: "ok", substituters: "ok", priority: "ok", "trusted-keys": "ok", "stale-keys": "ok",
+      agent: "ok", store: "ok", "store-backend": "ok", substituters: "ok", priority: "ok", "trusted-keys": "ok", "stale-keys": "ok",
       "negative-ttl": "ok", "sign-key": "ok", peers: "ok",
     };
 

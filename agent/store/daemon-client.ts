@@ -43,7 +43,7 @@ export interface DaemonClientOptions {
 
 export class DaemonClient {
   private readonly idle: DaemonConnection[] = [];
-  private readonly waiters: ((c: DaemonConnection | undefined) => void)[] = [];
+  private readonly waiters: ((c: DaemonConnection | Error) => void)[] = [];
   private open = 0;
   private closed = false;
   private readonly max: number;
@@ -82,7 +82,7 @@ export class DaemonClient {
   close(): void {
     this.closed = true;
     for (const c of this.idle.splice(0)) c.destroy();
-    for (const w of this.waiters.splice(0)) w(undefined);
+    for (const w of this.waiters.splice(0)) w(new StoreUnavailableError("the daemon client is closed"));
   }
 
   private async request<T>(payload: Buffer, reply: (q: ByteQueue, version: number) => Decoder<T>, timeoutMs = this.timeoutMs): Promise<T> {
@@ -123,8 +123,8 @@ export class DaemonClient {
       this.open--;
     }
     if (this.open >= this.max && !fresh) {
-      const c = await new Promise<DaemonConnection | undefined>((resolve) => this.waiters.push(resolve));
-      if (!c) throw new StoreUnavailableError("the daemon client is closed");
+      const c = await new Promise<DaemonConnection | Error>((resolve) => this.waiters.push(resolve));
+      if (c instanceof Error) throw c;
       return c;
     }
     this.open++;
@@ -155,10 +155,8 @@ export class DaemonClient {
   private wakeWaiter(): void {
     const waiter = this.waiters.shift();
     if (!waiter) return;
-    this.acquire().then(waiter, () => {
-      // Could not connect: the waiter's request fails like any other on a dead daemon.
-      waiter(undefined);
-    });
+    // Could not connect: the waiter's request fails like any other on a dead daemon.
+    this.acquire().then(waiter, (e: Error) => waiter(e));
   }
 }
 

@@ -22,15 +22,16 @@ export interface OpenStoreOptions {
 
 /**
  * "auto": the database when this process may write its directory (SQLite in WAL mode cannot be
- * opened read-only by others once Nix has removed the -wal and -shm files), else the daemon.
+ * opened read-only by others once Nix has removed the -wal and -shm files), else the daemon. A
+ * missing directory is no store at all: the database backend's error says so best.
  */
 export function chooseBackend(root: string, wanted: StoreBackend | "auto"): StoreBackend {
   if (wanted !== "auto") return wanted;
   try {
     accessSync(join(root, "nix/var/nix/db"), constants.W_OK);
     return "database";
-  } catch {
-    return "daemon";
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "ENOENT" ? "database" : "daemon";
   }
 }
 

@@ -35,8 +35,9 @@ export interface DaemonClientOptions {
   /** Per request, from being sent to the whole reply (default 10 s; QueryAllValidPaths 60 s). */
   timeoutMs?: number;
   /**
-   * A connection is retired after this long (default 60 s): the daemon process behind it keeps
-   * path infos in memory, which would otherwise hide re-registrations and new signatures.
+   * A connection is retired after this long (default 60 s): the daemon process behind it has
+   * Nix's in-memory path info cache. Nix 2.8 showed a new signature at once on the same
+   * connection, but bounding what any daemon could hold back costs a handshake a minute.
    */
   maxAgeMs?: number;
 }

@@ -90,6 +90,11 @@ test("the daemon client's path infos equal `nix path-info --json` (deriver, refe
     await assert.rejects(client.queryPathInfo("/tmp/not-in-store"), /is not in the Nix store/, "Nix's message");
     assert.equal(await client.queryPathFromHashPart(hp(f.plain)), f.plain, "the connection pool recovers after an error");
     client.close();
+    // Many requests at once over two connections: each gets its own answer.
+    const pooled = new DaemonClient(f.daemon.socket, { maxConnections: 2 });
+    const want = Array.from({ length: 60 }, (_, i) => expected[i % expected.length]!.path);
+    assert.deepEqual(await Promise.all(want.map((p) => pooled.queryPathFromHashPart(hp(p)))), want);
+    pooled.close();
   } finally {
     store.close();
     await f.daemon.stop();

@@ -9,7 +9,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import { CLI, freePort, keygen } from "./helpers/agent.js";
 import { makeShapesClosure } from "./helpers/fixtures.js";
@@ -21,6 +21,9 @@ const SHIPPED_PROGRAM = "/nix/var/nix/profiles/fleetcache/bin/fleetcache";
 const SHIPPED_CONFIG = "--config /etc/fleetcache/config.toml";
 /** Where the test's directory appears inside the namespace (outside /tmp: the unit has PrivateTmp). */
 const NS_DIR = "/var/lib/fleetcache-systemd-test";
+/** The repository (dist/, node_modules/), wherever it is checked out, appears read-only here. */
+const REPO = fileURLToPath(new URL("../..", import.meta.url));
+const NS_REPO = "/var/lib/fleetcache-systemd-test-repo";
 
 /** The shipped unit with only the program and the configuration path replaced. */
 function unitText(shipped: string, opts: { credential?: string } = {}): string {
@@ -81,9 +84,9 @@ test("the shipped systemd unit, hardening intact, runs the agent as a dynamic us
   if (!(await needNix(t))) return;
   const missing = await systemdMissing();
   if (missing) return skipOrThrow(t, missing);
-  for (const p of [process.execPath, CLI]) {
-    // ProtectHome=yes hides these from the service: the agent could not start.
-    if (/^\/(home|root|run\/user)\//.test(p)) return skipOrThrow(t, `${p} is under a directory the unit's ProtectHome=yes hides`);
+  // The repository is shown to the service at NS_REPO; node itself must be where it can see it.
+  if (/^\/(home|root|run\/user|tmp|var\/tmp)\//.test(process.execPath)) {
+    return skipOrThrow(t, `${process.execPath} is under a directory the unit's ProtectHome=yes or PrivateTmp=yes hides`);
   }
 
   const tmp = tempDir("fleetcache-systemd-test-");
@@ -103,7 +106,7 @@ test("the shipped systemd unit, hardening intact, runs the agent as a dynamic us
 
   // The program the unit starts: node with the agent built in this repository.
   mkdirSync(join(tmp.dir, "bin"));
-  writeFileSync(join(tmp.dir, "bin/fleetcache"), `#!/bin/sh\nexec ${process.execPath} ${CLI} "$@"\n`, { mode: 0o755 });
+  writeFileSync(join(tmp.dir, "bin/fleetcache"), `#!/bin/sh\nexec ${process.execPath} ${join(NS_REPO, relative(REPO, CLI))} "$@"\n`, { mode: 0o755 });
   writeConfig();
   mkdirSync(join(tmp.dir, "nix-conf"));
   mkdirSync(join(tmp.dir, "daemon-home"));
@@ -131,7 +134,7 @@ test("the shipped systemd unit, hardening intact, runs the agent as a dynamic us
   const started = Date.now();
   try {
     try {
-      sd = await SystemdNamespace.boot({ hostDir: tmp.dir, nsDir: NS_DIR, units });
+      sd = await SystemdNamespace.boot({ hostDir: tmp.dir, nsDir: NS_DIR, units, hostReadOnly: REPO, nsReadOnly: NS_REPO });
     } catch (e) {
       if (e instanceof SystemdUnavailableError) return skipOrThrow(t, e.message);
       throw e;

@@ -24,14 +24,16 @@ import { run } from "./nix.js";
 const SETUP = String.raw`#!/bin/bash
 # PID 1 of the new PID namespace, in new mount/UTS/IPC/cgroup namespaces; ends by exec'ing systemd.
 set -euo pipefail
-host_dir=$1 ns_dir=$2 units=$3 systemd=$4
+host_dir=$1 ns_dir=$2 units=$3 systemd=$4 host_ro=$5 ns_ro=$6
 mount --make-rprivate /
 # Writable places of our own first, then the host's tree read-only (MS_REMOUNT|MS_BIND: the
 # flags of this namespace's mounts only).
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /var/lib
-mkdir -p "$ns_dir"
+mkdir -p "$ns_dir" "$ns_ro"
 mount --bind "$host_dir" "$ns_dir"
+mount --bind "$host_ro" "$ns_ro"
+mount -o remount,bind,ro "$ns_ro"
 mount -o remount,bind,ro /
 mount -o remount,bind,ro /sys
 mount --bind /proc/sys /proc/sys
@@ -132,6 +134,12 @@ export interface BootOptions {
   nsDir: string;
   /** Unit files by name, written to hostDir/units; fleetcache-test.target is the boot target. */
   units: Record<string, string>;
+  /**
+   * A host directory shown read-only at nsReadOnly (/var/lib/NAME): the code under test, which may
+   * live where services cannot see it (/tmp with PrivateTmp, /home or /root with ProtectHome).
+   */
+  hostReadOnly: string;
+  nsReadOnly: string;
 }
 
 export class SystemdNamespace {
@@ -166,7 +174,9 @@ export class SystemdNamespace {
   static async boot(opts: BootOptions): Promise<SystemdNamespace> {
     // The mount point is made inside the namespace's /var/lib tmpfs; anywhere else, mkdir would
     // write to the host's root before it is made read-only.
-    if (!/^\/var\/lib\/[^/]+$/.test(opts.nsDir)) throw new Error(`nsDir must be /var/lib/NAME, not ${opts.nsDir}`);
+    for (const dir of [opts.nsDir, opts.nsReadOnly]) {
+      if (!/^\/var\/lib\/[^/]+$/.test(dir)) throw new Error(`namespace directories must be /var/lib/NAME, not ${dir}`);
+    }
     const systemd = systemdBinary()!;
     const unitDir = systemUnitDir()!;
     const units = join(opts.hostDir, "units");
@@ -190,7 +200,7 @@ export class SystemdNamespace {
     const bootLog = join(opts.hostDir, "boot.log");
     const log = openSync(bootLog, "a");
     const cg = `${basename(opts.hostDir)}`;
-    const supervisor = spawn("bash", ["-c", SUPERVISOR, "supervisor", cg, "bash", setup, opts.hostDir, opts.nsDir, join(opts.nsDir, "units"), systemd], {
+    const supervisor = spawn("bash", ["-c", SUPERVISOR, "supervisor", cg, "bash", setup, opts.hostDir, opts.nsDir, join(opts.nsDir, "units"), systemd, opts.hostReadOnly, opts.nsReadOnly], {
       stdio: ["pipe", "pipe", log],
       cwd: "/",
       // Its own process group: a ^C to the test's group reaches the test, whose exit closes the

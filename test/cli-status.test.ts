@@ -80,6 +80,7 @@ test("status shows this host, the peer, and the lookups after a transfer between
     assert.equal(text.code, 0, text.stderr);
     assert.match(text.stdout, new RegExp(`^fleetcache agent ${b.url} \\(version `));
     assert.match(text.stdout, /\n {2}host {5}status-b-1\n/);
+    assert.match(text.stdout, /\n {2}store {4}\d+ paths \(metadata from the Nix database\)\n/, "root: the database backend");
     assert.match(text.stdout, /\npeers: 1 known, 1 connected\n {2}status-a-1 {2}connected, (rtt [\d.]+ ms, )?\d+ paths/);
     assert.match(text.stdout, new RegExp(`narinfo: \\d+ from this host, ${c("narinfoHitsPeer", "peerHits")} from peers, \\d+ misses`));
     assert.match(text.stdout, /NAR: .* served, [\d.]+ kB from peers/);

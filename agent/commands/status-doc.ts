@@ -23,6 +23,8 @@ export interface StatusView {
     listen: string[];
     addresses: string[];
     paths?: number;
+    /** Where the agent reads store metadata: "database" or "daemon". */
+    storeBackend?: string;
     version?: string;
     uptimeSeconds?: number;
   };
@@ -68,6 +70,7 @@ export function readStatus(doc: unknown): StatusView {
         : strs(listen),
       addresses: strs(self.addresses),
       paths: num(self.paths) ?? num(self.pathCount),
+      storeBackend: str(self.storeBackend),
       version: str(self.version),
       uptimeSeconds: num(self.uptimeSeconds),
     },

@@ -36,7 +36,7 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
   lines.push(`fleetcache agent ${url}${self.version ? ` (version ${self.version}` + (self.uptimeSeconds !== undefined ? `, up ${formatDuration(self.uptimeSeconds)})` : ")") : ""}`);
   lines.push(`  host     ${self.name ?? "?"}`);
   if (self.publicKey) lines.push(`  key      ${self.publicKey}`);
-  lines.push(`  store    ${self.paths ?? "?"} paths`);
+  lines.push(`  store    ${self.paths ?? "?"} paths${self.storeBackend ? ` (metadata from the Nix ${self.storeBackend})` : ""}`);
   if (self.listen.length) lines.push(`  listen   ${self.listen.join(", ")}`);
   lines.push(`  mesh     ${self.peerId ? `${self.peerId}${self.addresses.length ? ` on ${self.addresses.join(", ")}` : ""}` : "off (single-host cache)"}`);
 

@@ -305,6 +305,10 @@ test("NixOS module: options reach the agent's configuration and the system", asy
   assert.deepEqual(svc.LoadCredential, ["sign-key:/run/agenix/fleet key"]);
   assert.match(String(svc.ExecStart), / --sign-key %d\/sign-key$/);
 
+  // A path literal (not a string) is copied to the store, so the unit names a file that exists.
+  const literal = await evalModule(lib, "nixos", `{ signKeyFile = ${join(ROOT, "nix/tests/keys/a.sec")}; }`);
+  assert.match(String((literal.systemd!.serviceConfig.LoadCredential as string[])[0]), /^sign-key:\/nix\/store\/[a-z0-9]{32}-a\.sec$/);
+
   const v6 = await evalModule(lib, "nixos", `{ listen = "[::]:4000"; mdns = true; openFirewall = true; }`);
   assert.equal(v6.substituterUrl, "http://[::1]:4000");
   assert.deepEqual(v6.firewall?.allowedUDPPorts, [5353], "mDNS port opened when mdns is on");
@@ -342,6 +346,8 @@ test("nix-darwin module: a launchd daemon under its own user, logging to /var/lo
   assert.deepEqual(args.slice(1, 3), ["agent", "--config"]);
   assert.match(args[3]!, /-fleetcache\.toml$/);
   assert.deepEqual(args.slice(4), ["--sign-key", "/run/agenix/k"]);
+  const literal = await evalModule(lib, "darwin", `{ signKeyFile = ${join(ROOT, "nix/tests/keys/a.sec")}; }`);
+  assert.match((literal.launchd!.serviceConfig.ProgramArguments as string[])[5]!, /^\/nix\/store\/[a-z0-9]{32}-a\.sec$/);
   assert.equal(sc.UserName, "_fleetcache");
   assert.equal(sc.RunAtLoad, true);
   assert.deepEqual(sc.KeepAlive, { SuccessfulExit: false });

@@ -65,7 +65,7 @@ in
       Label = "org.fleetcache.agent";
       ProgramArguments =
         [ "${cfg.package}/bin/fleetcache" "agent" "--config" "${cfg.configFile}" ]
-        ++ optionals (cfg.signKeyFile != null) [ "--sign-key" (toString cfg.signKeyFile) ];
+        ++ optionals (cfg.signKeyFile != null) [ "--sign-key" "${cfg.signKeyFile}" ];
       UserName = user;
       GroupName = user;
       WorkingDirectory = stateDir;

@@ -47,7 +47,7 @@ in
           # itself can stay readable by root only.
           ++ optionals (cfg.signKeyFile != null) [ "--sign-key" "%d/sign-key" ]
         );
-        LoadCredential = optional (cfg.signKeyFile != null) "sign-key:${toString cfg.signKeyFile}";
+        LoadCredential = optional (cfg.signKeyFile != null) "sign-key:${cfg.signKeyFile}";
         User = "fleetcache";
         Group = "fleetcache";
         StateDirectory = "fleetcache";

@@ -1,4 +1,5 @@
 // Runs the real `fleetcache agent` CLI as a child process for tests, on a free port.
+import "./nix-cache.js";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createServer, type AddressInfo } from "node:net";
 import { promisify } from "node:util";

@@ -1,5 +1,6 @@
 // Real Nix for tests: chroot stores, paths added to them, and the reference tools.
 // When Nix is missing, tests skip locally but fail under CI=true (CI must prove the real thing).
+import "./nix-cache.js";
 import { execFile, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";

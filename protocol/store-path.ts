@@ -67,6 +67,11 @@ export function storePathFromBaseName(baseName: string): string {
   return PREFIX + baseName;
 }
 
+/** The hash part of a store path Nix itself gave us (not validated: for hot loops over its lists). */
+export function hashPartOf(path: string): string {
+  return path.slice(PREFIX.length, PREFIX.length + HASH_PART_LENGTH);
+}
+
 /** The 32-character hash part of a valid store path. */
 export function storePathHashPart(path: string): string {
   return parseStorePath(path).hashPart;

@@ -5,6 +5,7 @@ import { createHash } from "node:crypto";
 import { parseHash } from "../../protocol/hash.js";
 import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
+import { hashPartOf } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
 import type { PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
@@ -126,7 +127,7 @@ export class FleetSource implements PathSource {
   }
 
   async *narStream(info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
-    const hashPart = info.storePath.slice("/nix/store/".length, "/nix/store/".length + 32);
+    const hashPart = hashPartOf(info.storePath);
     const local = await this.local.pathInfo(hashPart);
     if (local && local.narHash === info.narHash) yield* this.local.narStream(local, start, end);
     else yield* this.remoteNar(hashPart, info, start, end);

@@ -4,6 +4,7 @@
 // its NAR hash, so the legacy NAR URL that carries nothing else is a miss with this backend.
 import { join } from "node:path";
 import { STORE_DIR, type PathInfo } from "../../protocol/path-info.js";
+import { hashPartOf } from "../../protocol/store-path.js";
 import type { DaemonPathInfo } from "../../protocol/daemon-wire.js";
 import type { Signer } from "../signer.js";
 import type { DaemonClient } from "./daemon-client.js";
@@ -62,7 +63,7 @@ export class DaemonMetadata implements StoreMetadata {
   }
 
   async isValidPath(storePath: string): Promise<boolean> {
-    return (await this.client.queryPathFromHashPart(storePath.slice(STORE_DIR.length + 1, STORE_DIR.length + 33))) === storePath;
+    return (await this.client.queryPathFromHashPart(hashPartOf(storePath))) === storePath;
   }
 
   pathCount(): number {

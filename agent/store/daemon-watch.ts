@@ -4,7 +4,8 @@
 import { EventEmitter } from "node:events";
 import { watch, type FSWatcher } from "node:fs";
 import type { DaemonClient } from "./daemon-client.js";
-import { hashPartOf, type PathWatcher } from "./metadata.js";
+import { hashPartOf } from "../../protocol/store-path.js";
+import type { PathWatcher } from "./metadata.js";
 import type { StoreChange } from "./watch.js";
 
 export interface DaemonWatcherOptions {

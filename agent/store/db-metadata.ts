@@ -1,7 +1,8 @@
 // Store metadata read straight from Nix's database (needs write access to its directory, i.e.
 // root, because of WAL mode): two indexed queries a lookup, and none for a hit the watcher vouches for.
 import { parseHash } from "../../protocol/hash.js";
-import { STORE_DIR, type PathInfo } from "../../protocol/path-info.js";
+import type { PathInfo } from "../../protocol/path-info.js";
+import { hashPartOf } from "../../protocol/store-path.js";
 import type { Signer } from "../signer.js";
 import { NixDb, type DbPathRow } from "./db.js";
 import { toPathInfo, type StoreMetadata } from "./metadata.js";
@@ -84,7 +85,7 @@ export class DatabaseMetadata implements StoreMetadata {
   }
 
   async isValidPath(storePath: string): Promise<boolean> {
-    return this.db.pathByHashPart(storePath.slice(STORE_DIR.length + 1, STORE_DIR.length + 33))?.path === storePath;
+    return this.db.pathByHashPart(hashPartOf(storePath))?.path === storePath;
   }
 
   pathCount(): number {

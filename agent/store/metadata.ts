@@ -68,6 +68,3 @@ export function toPathInfo(raw: RawPathInfo, signer: Signer): PathInfo {
 function byteOrder(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
 }
-
-/** The 32-character hash part of a full store path. */
-export const hashPartOf = (path: string) => path.slice("/nix/store/".length, "/nix/store/".length + 32);

@@ -3,7 +3,7 @@
 // deleted, which a rescan of the ids finds. Cheap enough to run every half second.
 import { EventEmitter } from "node:events";
 import type { NixDb } from "./db.js";
-import { hashPartOf } from "./metadata.js";
+import { hashPartOf } from "../../protocol/store-path.js";
 
 export interface StoreChange {
   /** Hash parts (32 nix32 characters) of paths that became valid. */

@@ -34,7 +34,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   const daemonSocket = config.daemonSocket ?? defaultDaemonSocket(config.storeRoot);
   let store: LocalStore;
   try {
-    store = await LocalStore.open(config.storeRoot, new Signer(keys), { backend, daemonSocket });
+    store = await LocalStore.open(config.storeRoot, new Signer(keys), { backend, daemonSocket, caseHack: config.useCaseHack });
   } catch (e) {
     throw new Error(backend === "database"
       ? `cannot open the Nix database under ${config.storeRoot} (is this a Nix store root, and readable?): ${(e as Error).message}`
@@ -124,6 +124,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     {
       listen: `${address.address}:${address.port}`,
       storeRoot: config.storeRoot,
+      useCaseHack: config.useCaseHack,
       paths: store.pathCount(),
       publicKeys: keys.map(formatPublicKey),
       version: VERSION,

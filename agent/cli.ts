@@ -46,6 +46,8 @@ program
   .option("--tailscale-status-file <file>", "read the Tailscale status from this file instead of running tailscale (env FLEETCACHE_TAILSCALE_STATUS_FILE)")
   .option("--store-backend <backend>", "where store metadata comes from: database (Nix's SQLite, needs write access to its directory: root), daemon (the Nix daemon's socket, for an unprivileged agent) or auto (database when its directory is writable, else daemon) (env FLEETCACHE_STORE_BACKEND; default auto)")
   .option("--daemon-socket <path>", "the Nix daemon's socket for the daemon backend (env FLEETCACHE_DAEMON_SOCKET; default <store-root>/nix/var/nix/daemon-socket/socket)")
+  .option("--use-case-hack", "the store was written with Nix's use-case-hack (names on disk may end in ~nix~case~hack~N): serve the names Nix's NARs have (env FLEETCACHE_USE_CASE_HACK; default as Nix: on for macOS, off elsewhere)")
+  .option("--no-use-case-hack", "serve the names on disk as they are")
   .option("--check-config", "validate the configuration and key files, print the result as JSON, and exit")
   .action(async (opts: Record<string, unknown>) => {
     const log = createLogger();
@@ -67,6 +69,7 @@ program
           tailscaleStatusFile: opts.tailscaleStatusFile,
           storeBackend: opts.storeBackend,
           daemonSocket: opts.daemonSocket,
+          useCaseHack: opts.useCaseHack,
         },
       });
     } catch (e) {

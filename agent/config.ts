@@ -32,6 +32,8 @@ export interface AgentConfig {
   storeBackend: "auto" | "database" | "daemon";
   /** The Nix daemon's socket; null: <storeRoot>/nix/var/nix/daemon-socket/socket. */
   daemonSocket: string | null;
+  /** Undo Nix's case hack (`use-case-hack`) when reading the store; as Nix: on for macOS. */
+  useCaseHack: boolean;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -122,6 +124,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   tailscaleStatusFile: { key: "tailscaleStatusFile", toml: "tailscale_status_file", env: "FLEETCACHE_TAILSCALE_STATUS_FILE", parse: optionalPath },
   storeBackend: { key: "storeBackend", toml: "store_backend", env: "FLEETCACHE_STORE_BACKEND", parse: storeBackend },
   daemonSocket: { key: "daemonSocket", toml: "daemon_socket", env: "FLEETCACHE_DAEMON_SOCKET", parse: optionalPath },
+  useCaseHack: { key: "useCaseHack", toml: "use_case_hack", env: "FLEETCACHE_USE_CASE_HACK", parse: bool },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -138,6 +141,7 @@ export const DEFAULTS: AgentConfig = {
   tailscaleStatusFile: null,
   storeBackend: "auto",
   daemonSocket: null,
+  useCaseHack: process.platform === "darwin",
 };
 
 export class ConfigError extends Error {}

@@ -80,6 +80,7 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       tailscaleStatusFile: null,
       storeBackend: "auto",
       daemonSocket: null,
+      useCaseHack: process.platform === "darwin",
     });
     const fromFile = await cfg(["--config", toml]);
     assert.equal(fromFile.code, 2, "sign key files that don't exist are a configuration error");

@@ -8,6 +8,7 @@ import bz2 from "unbzip2-stream";
 import { serializeListing } from "../../protocol/listing.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart, isValidName } from "../../protocol/store-path.js";
+import { narEntries } from "../store/case-hack.js";
 import { resolveInStore } from "../store/store-files.js";
 import { storeUnavailable, type CacheContext } from "./cache-routes.js";
 import { parseRange } from "./range.js";
@@ -63,7 +64,7 @@ export async function handleServe(ctx: CacheContext, req: IncomingMessage, res: 
   const basename = info.storePath.slice("/nix/store/".length);
   const found = await resolveInStore(ctx.local.root, basename, components, (b) =>
     isValidHashPart(b.slice(0, 32)) ? ctx.local.isValidPath("/nix/store/" + b).catch(storeUnavailable) : Promise.resolve(false),
-  );
+  ctx.local.caseHack);
   if (found.kind === "not-found") throw new HttpError(404, found.reason);
   if (found.kind === "forbidden") throw new HttpError(403, found.reason);
   const { stat: st, realPath } = found;
@@ -73,10 +74,10 @@ export async function handleServe(ctx: CacheContext, req: IncomingMessage, res: 
       res.writeHead(301, { Location: `/serve/${hashPart}${rest}/`, "Content-Length": 0 });
       return void res.end();
     }
-    return sendDirectory(req, res, realPath, found.logicalPath);
+    return sendDirectory(req, res, realPath, found.logicalPath, ctx.local.caseHack);
   }
   if (!st.isFile()) throw new HttpError(404, "not a regular file");
-  const ext = /\.([A-Za-z0-9]+)$/.exec(realPath)?.[1]?.toLowerCase() ?? "";
+  const ext = /\.([A-Za-z0-9]+)$/.exec(found.logicalPath)?.[1]?.toLowerCase() ?? ""; // the name on disk may end in a case-hack suffix
   const headers = {
     "Content-Type": CONTENT_TYPES[ext] ?? "application/octet-stream",
     "Accept-Ranges": "bytes",
@@ -118,13 +119,14 @@ function decodeComponents(rest: string): string[] {
   return out;
 }
 
-async function sendDirectory(req: IncomingMessage, res: ServerResponse, realPath: string, logicalPath: string): Promise<void> {
-  const entries = await readdir(realPath, { withFileTypes: true });
-  entries.sort((a, b) => Buffer.compare(Buffer.from(a.name), Buffer.from(b.name)));
+/** A directory's page: its entries by their NAR names, in NAR order. */
+async function sendDirectory(req: IncomingMessage, res: ServerResponse, realPath: string, logicalPath: string, caseHack: boolean): Promise<void> {
+  const entries = narEntries(await readdir(realPath, { withFileTypes: true, encoding: "buffer" }), (e) => e.name, caseHack, realPath);
   const rows = entries
-    .map((e) => {
-      const name = e.name + (e.isDirectory() ? "/" : "");
-      return `<li><a href="${escapeHtml(encodeURIComponent(e.name))}${e.isDirectory() ? "/" : ""}">${escapeHtml(name)}</a>${e.isSymbolicLink() ? " (symlink)" : ""}</li>`;
+    .map(({ name: raw, onDisk: e }) => {
+      const n = raw.toString();
+      const name = n + (e.isDirectory() ? "/" : "");
+      return `<li><a href="${escapeHtml(encodeURIComponent(n))}${e.isDirectory() ? "/" : ""}">${escapeHtml(name)}</a>${e.isSymbolicLink() ? " (symlink)" : ""}</li>`;
     })
     .join("\n");
   const title = escapeHtml(logicalPath);

@@ -18,6 +18,8 @@ export interface OpenStoreOptions {
   backend: StoreBackend;
   /** The daemon's socket (daemon backend); default <root>/nix/var/nix/daemon-socket/socket. */
   daemonSocket?: string | null;
+  /** The store was written with Nix's case hack (macOS): see case-hack.ts. */
+  caseHack?: boolean;
 }
 
 /**
@@ -39,19 +41,24 @@ export const defaultDaemonSocket = (root: string) => join(root, "nix/var/nix/dae
 
 export class LocalStore implements PathSource {
   private readonly meta: StoreMetadata;
+  /** Names on disk may carry Nix's case-hack suffix, which NARs, listings and /serve leave out. */
+  readonly caseHack: boolean;
 
   /** Opens the database backend, or wraps a daemon backend made by open(). */
   constructor(
     readonly root: string,
     signer: Signer,
     meta?: StoreMetadata,
+    opts: { caseHack?: boolean } = {},
   ) {
     this.meta = meta ?? new DatabaseMetadata(root, signer);
+    this.caseHack = opts.caseHack ?? false;
   }
 
   /** Opens the store with either backend; for the daemon, connects and lists the store first. */
   static async open(root: string, signer: Signer, opts: OpenStoreOptions): Promise<LocalStore> {
-    if (opts.backend === "database") return new LocalStore(root, signer);
+    const caseHack = { caseHack: opts.caseHack ?? false };
+    if (opts.backend === "database") return new LocalStore(root, signer, undefined, caseHack);
     const meta = new DaemonMetadata(root, new DaemonClient(opts.daemonSocket ?? defaultDaemonSocket(root)), signer);
     try {
       await meta.load();
@@ -59,7 +66,7 @@ export class LocalStore implements PathSource {
       meta.close();
       throw e;
     }
-    return new LocalStore(root, signer, meta);
+    return new LocalStore(root, signer, meta, caseHack);
   }
 
   get backend(): StoreBackend {
@@ -91,11 +98,11 @@ export class LocalStore implements PathSource {
   }
 
   narStream(info: PathInfo, start: number, end: number): AsyncIterable<Buffer> {
-    return narStream(this.realPath(info.storePath), { start, end });
+    return narStream(this.realPath(info.storePath), { start, end, caseHack: this.caseHack });
   }
 
   listing(info: PathInfo): Promise<Listing> {
-    return narListing(this.realPath(info.storePath));
+    return narListing(this.realPath(info.storePath), { caseHack: this.caseHack });
   }
 
   pathCount(): number {

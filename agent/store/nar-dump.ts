@@ -3,6 +3,7 @@
 // of files that lie wholly before it.
 //
 // Paths are Buffers throughout: store paths may contain names that are not valid UTF-8.
+// With the case hack (macOS), entries are named and ordered as Nix dumps them (case-hack.ts).
 import { constants } from "node:fs";
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import type { FileHandle } from "node:fs/promises";
@@ -12,12 +13,12 @@ import {
   ENTRY_CLOSE,
   NAR_MAGIC,
   NODE_CLOSE,
-  compareNames,
   entryHead,
   regularHead,
   regularTail,
   symlinkNode,
 } from "../../protocol/nar.js";
+import { narEntries, type NarEntry } from "./case-hack.js";
 
 /**
  * One walk of the tree, in NAR order. `bytes` events are literal NAR bytes; a `regular` event
@@ -35,13 +36,14 @@ const SLASH = Buffer.from("/");
 
 interface Frame {
   dir: Buffer;
-  names: Buffer[];
+  /** NAR names, in NAR order, with the names on disk. */
+  entries: NarEntry<Buffer>[];
   next: number;
   isEntry: boolean; // the root directory has no enclosing "entry" to close
 }
 
 /** Events for one node; a directory also pushes a frame whose entries the caller walks. */
-async function visit(path: Buffer, name: Buffer | null, stack: Frame[]): Promise<WalkEvent[]> {
+async function visit(path: Buffer, name: Buffer | null, stack: Frame[], caseHack: boolean): Promise<WalkEvent[]> {
   const st = await lstat(path);
   const head = name === null ? [] : [entryHead(name)];
   const tail = name === null ? [] : [ENTRY_CLOSE];
@@ -62,9 +64,9 @@ async function visit(path: Buffer, name: Buffer | null, stack: Frame[]): Promise
     ];
   }
   if (st.isDirectory()) {
-    const names = await readdir(path, { encoding: "buffer" });
-    names.sort(compareNames);
-    stack.push({ dir: path, names, next: 0, isEntry: name !== null });
+    const onDisk = await readdir(path, { encoding: "buffer" });
+    const entries = narEntries(onDisk, (n) => n, caseHack, path.toString());
+    stack.push({ dir: path, entries, next: 0, isEntry: name !== null });
     return [
       { kind: "dirOpen", name },
       { kind: "bytes", bytes: Buffer.concat([...head, DIRECTORY_OPEN]) },
@@ -74,15 +76,15 @@ async function visit(path: Buffer, name: Buffer | null, stack: Frame[]): Promise
 }
 
 /** The tree at `root` in NAR order. An explicit stack, so deep trees cost no recursion. */
-async function* walk(root: Buffer): AsyncGenerator<WalkEvent> {
+async function* walk(root: Buffer, caseHack: boolean): AsyncGenerator<WalkEvent> {
   yield { kind: "bytes", bytes: NAR_MAGIC };
   const stack: Frame[] = [];
-  yield* await visit(root, null, stack);
+  yield* await visit(root, null, stack, caseHack);
   while (stack.length > 0) {
     const top = stack[stack.length - 1]!;
-    const name = top.names[top.next++];
-    if (name !== undefined) {
-      yield* await visit(Buffer.concat([top.dir, SLASH, name]), name, stack);
+    const entry = top.entries[top.next++];
+    if (entry !== undefined) {
+      yield* await visit(Buffer.concat([top.dir, SLASH, entry.onDisk]), entry.name, stack, caseHack);
     } else {
       stack.pop();
       yield { kind: "bytes", bytes: top.isEntry ? Buffer.concat([NODE_CLOSE, ENTRY_CLOSE]) : NODE_CLOSE };
@@ -91,7 +93,12 @@ async function* walk(root: Buffer): AsyncGenerator<WalkEvent> {
   }
 }
 
-export interface NarStreamOptions {
+export interface WalkOptions {
+  /** Undo Nix's case hack (`use-case-hack`): names on disk may carry ~nix~case~hack~N. */
+  caseHack?: boolean;
+}
+
+export interface NarStreamOptions extends WalkOptions {
   /** First NAR byte to produce (default 0). */
   start?: number;
   /** One past the last NAR byte to produce (default: the end of the NAR). */
@@ -163,7 +170,7 @@ export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): A
 
   const gather = new Gather();
   let pos = 0; // NAR offset of the next byte the walk produces
-  for await (const ev of walk(Buffer.from(fsPath))) {
+  for await (const ev of walk(Buffer.from(fsPath), opts.caseHack ?? false)) {
     if (pos >= end) break;
     if (ev.kind === "bytes") {
       const b = ev.bytes;
@@ -216,9 +223,9 @@ export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): A
 }
 
 /** Total NAR size of `fsPath`, from metadata only (no file contents are read). */
-export async function narLength(fsPath: string): Promise<number> {
+export async function narLength(fsPath: string, opts: WalkOptions = {}): Promise<number> {
   let len = 0;
-  for await (const ev of walk(Buffer.from(fsPath))) {
+  for await (const ev of walk(Buffer.from(fsPath), opts.caseHack ?? false)) {
     if (ev.kind === "bytes") len += ev.bytes.length;
     else if (ev.kind === "regular") len += ev.size;
   }
@@ -226,7 +233,7 @@ export async function narLength(fsPath: string): Promise<number> {
 }
 
 /** Nix's NAR listing of `fsPath` (metadata only), with each regular file's narOffset. */
-export async function narListing(fsPath: string): Promise<Listing> {
+export async function narListing(fsPath: string, opts: WalkOptions = {}): Promise<Listing> {
   let root: ListingNode | undefined;
   const dirs: ListingDirectory[] = [];
   const place = (name: Buffer | null, node: ListingNode): void => {
@@ -234,7 +241,7 @@ export async function narListing(fsPath: string): Promise<Listing> {
     else dirs[dirs.length - 1]!.entries.push({ name, node });
   };
   let pos = 0;
-  for await (const ev of walk(Buffer.from(fsPath))) {
+  for await (const ev of walk(Buffer.from(fsPath), opts.caseHack ?? false)) {
     switch (ev.kind) {
       case "bytes":
         pos += ev.bytes.length;

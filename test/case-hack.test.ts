@@ -210,6 +210,8 @@ test(".ls equals the listing Nix writes for the path's NAR, and /serve uses the 
     await ok("dir/sub/f", "small-f\n");
     await ok("dir/sub/F", "big-f\n");
     await ok("run.sh", "#!/bin/sh\necho run\n");
+    // The type comes from the NAR name (on disk it is run.sh~nix~case~hack~1).
+    assert.equal((await get(`/serve/${h}/run.sh`, { method: "HEAD" })).headers.get("content-type"), "text/x-shellscript");
     // Symlinks resolve by the NAR's names too: "link" points to "Foo", "Link" to "foo".
     await ok("link", "upper\n");
     await ok("Link", "lower\n");

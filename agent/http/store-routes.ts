@@ -62,9 +62,9 @@ export async function handleServe(ctx: CacheContext, req: IncomingMessage, res: 
   const info = await requireLocalPath(ctx, hashPart);
   const components = decodeComponents(rest);
   const basename = info.storePath.slice("/nix/store/".length);
-  const found = await resolveInStore(ctx.local.root, basename, components, (b) =>
-    isValidHashPart(b.slice(0, 32)) ? ctx.local.isValidPath("/nix/store/" + b).catch(storeUnavailable) : Promise.resolve(false),
-  ctx.local.caseHack);
+  const isValid = (b: string) =>
+    isValidHashPart(b.slice(0, 32)) ? ctx.local.isValidPath("/nix/store/" + b).catch(storeUnavailable) : Promise.resolve(false);
+  const found = await resolveInStore(ctx.local.root, basename, components, isValid, ctx.local.caseHack);
   if (found.kind === "not-found") throw new HttpError(404, found.reason);
   if (found.kind === "forbidden") throw new HttpError(403, found.reason);
   const { stat: st, realPath } = found;

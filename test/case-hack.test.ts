@@ -267,6 +267,18 @@ test("two agents meshed on loopback: Nix copies the case-hacked holder's path th
     assert.equal(readFileSync(join(dest, f.tree, "dir/sub/F"), "utf8"), "big-f\n");
     // B really got it from A (its own store has no such path).
     assert.ok(!existsSync(join(rootB, f.tree)));
+
+    // The same holder without the hack sends the names on disk: B's agent finds the NAR wrong and
+    // Nix gets no complete NAR (so this test can fail).
+    await a.stop();
+    a = await startAgent(f, ["--no-use-case-hack", ...mesh(portA, portB, pubB)]);
+    await eventually("B knows A's paths again", async () => (await fetch(`${b!.url}/${hashOf(f.tree)}.narinfo`)).status === 200);
+    await assert.rejects(nix([
+      "copy", "--from", b.url, "--to", join(f.dir, "dest-mesh-nohack"),
+      "--option", "trusted-public-keys", `${f.publicKey} ${pubB}`, "--option", "require-sigs", "true",
+      "--option", "narinfo-cache-negative-ttl", "0", f.tree,
+    ]));
+    assert.match(b.logs(), /from peers does not match its NarHash/);
   } finally {
     await a?.stop();
     await b?.stop();

@@ -131,6 +131,8 @@ test("with --use-case-hack: NARs equal nix-store --dump --option use-case-hack t
       assert.equal(sha256(nar), Buffer.from(parseHash(narinfo.narHash)).toString("hex"), `${storePath}: NarHash`);
     }
     assert.ok(!(await referenceDump(f, f.tree, false)).equals(await referenceDump(f, f.tree)), "the hack changes the dump");
+    const viaStore = await bytesOf("nix", [...NIX_FLAGS, "store", "dump-path", "--store", f.root, "--option", "use-case-hack", "true", f.tree]);
+    assert.ok(viaStore.equals(await referenceDump(f, f.tree)), "nix store dump-path agrees with nix-store --dump");
     // A range inside the tree's NAR is the same slice of the reference.
     const reference = await referenceDump(f, f.tree);
     const part = await narOf(agent, f.tree, { headers: { Range: "bytes=1000-2999" } });

@@ -1,5 +1,6 @@
-// NAR dumping checked against real Nix: whole streams, byte ranges and listings must be
-// byte-identical to what `nix store dump-path` and `nix copy ...?write-nar-listing=true` produce.
+// NAR dumping checked against real Nix: whole streams and byte ranges must be byte-identical to
+// what `nix store dump-path` produces, listings to what `nix copy ...?write-nar-listing=true`
+// writes (Nix 2.26 orders the keys of the same JSON differently: see assertSameListing).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -7,7 +8,7 @@ import { createServer } from "node:net";
 import { createHash, randomBytes } from "node:crypto";
 import { chmodSync, mkdirSync, readFileSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, appendFileSync } from "node:fs";
 import { join } from "node:path";
-import { addToStore, dumpPath, needNix, nix, run, tempDir } from "./helpers/nix.js";
+import { addToStore, assertSameListing, dumpPath, listingRefusal, needNix, nixListing, pathInfo, run, tempDir } from "./helpers/nix.js";
 import { narLength, narListing, narStream } from "../agent/store/nar-dump.js";
 import { serializeListing } from "../protocol/listing.js";
 import type { ListingNode } from "../protocol/listing.js";
@@ -78,8 +79,11 @@ function regulars(node: ListingNode, out: { narOffset: number; size: number }[] 
 
 const BIG_SIZE = 3 * (1 << 20) + 5; // several read chunks, size not a multiple of 8
 
-/** Directory with every kind of node and tricky names. */
-function buildTree(dir: Buffer): void {
+/**
+ * Directory with every kind of node and tricky names; `utf8Only` leaves out the names and the
+ * symlink target that are not UTF-8, for Nix versions that cannot list those (see nixListing).
+ */
+function buildTree(dir: Buffer, utf8Only = false): void {
   mkdirSync(dir);
   writeFileSync(pj(dir, "exe"), "#!/bin/sh\necho hi\n", { mode: 0o755 });
   writeFileSync(pj(dir, "empty"), "");
@@ -93,11 +97,11 @@ function buildTree(dir: Buffer): void {
   symlinkSync("/nix/store/00000000000000000000000000000000-absent/bin/x", pj(links, "abs"));
   symlinkSync("nowhere/at/all", pj(links, "dangling"));
   symlinkSync("../emptydir", pj(links, "todir"));
-  symlinkSync(b([0xfe, 0x01, 0x22, 0x5c, 0x0a]), pj(links, "oddtarget")); // target bytes needing escapes
+  symlinkSync(b([...(utf8Only ? [] : [0xfe]), 0x01, 0x22, 0x5c, 0x0a]), pj(links, "oddtarget")); // target bytes needing escapes
   const sort = pj(dir, "sort");
   mkdirSync(sort);
   const names = ["B", "a", "_", "Z", "a.b", "a-b", "a~", "aa", "é", "日本", "e"].map((n) => b(n));
-  names.push(b([0xff, 0xfe]), b([0x80]), b([0xc3])); // not UTF-8
+  if (!utf8Only) names.push(b([0xff, 0xfe]), b([0x80]), b([0xc3])); // not UTF-8
   names.push(b("nl\nx"), b("tab\tx"), b("cr\rx"), b("ctl\x01x"), b("esc\x1bx"), b("del\x7fx"), b('quo"te'), b("back\\slash"));
   names.forEach((n, i) => writeFileSync(pj(sort, n), `file ${i}\n`));
   mkdirSync(pj(sort, "sub"));
@@ -131,13 +135,14 @@ function getShapes(): Promise<Shapes> {
     mkdirSync(src);
     const S = b(src);
     buildTree(pj(S, "tree"));
+    buildTree(pj(S, "tree-utf8"), true);
     buildDeep(pj(S, "deep"), 100);
     writeFileSync(join(src, "single"), "just one file, 29 bytes long\n");
     writeFileSync(join(src, "single-exe"), "#!/bin/sh\n", { mode: 0o700 });
     symlinkSync("/nix/store/11111111111111111111111111111111-target", join(src, "link"));
     const root = join(t.dir, "store");
     const paths: Record<string, string> = {};
-    for (const name of ["tree", "deep", "single", "single-exe", "link"]) {
+    for (const name of ["tree", "tree-utf8", "deep", "single", "single-exe", "link"]) {
       paths[name] = await addToStore(root, join(src, name));
     }
     return { root, paths, src };
@@ -185,8 +190,8 @@ test("narStream is byte-identical to nix store dump-path for every shape", async
     assert.equal(await narLength(root + storePath), theirs.length, `narLength ${name}`);
   }
   // Nix's own hash of the same path agrees with what both produced.
-  const [info] = JSON.parse(await nix(["path-info", "--store", root, "--json", paths.tree!]));
-  assert.equal(info.narSize, await narLength(root + paths.tree!));
+  const [info] = await pathInfo(root, [paths.tree!]);
+  assert.equal(info!.narSize, await narLength(root + paths.tree!));
 });
 
 test("executable means the owner's x bit only, as nix-store --dump of an unstored tree", async (t) => {
@@ -303,18 +308,25 @@ test("bytes outside the range are never read from files", async () => {
 
 // ---------- listing ----------
 
-test("narListing serializes byte-identical to the .ls Nix writes", async (t) => {
+test("narListing serializes as Nix writes .ls: the bytes of Nix 2.8, the JSON of Nix 2.26", async (t) => {
   if (!(await needNix(t))) return;
   const { root, paths } = await getShapes();
   const { dir: cache, cleanup } = tempDir();
   try {
-    await nix(["copy", "--to", `file://${cache}?compression=none&write-nar-listing=true`, "--from", root, ...Object.values(paths)]);
+    const compared = [];
     for (const [name, storePath] of Object.entries(paths)) {
-      const hash = storePath.slice("/nix/store/".length, "/nix/store/".length + 32);
-      const theirs = readFileSync(join(cache, `${hash}.ls`));
       const ours = serializeListing(await narListing(root + storePath));
-      assert.equal(ours.toString("latin1"), theirs.toString("latin1"), name);
+      const theirs = await nixListing(root, storePath, cache);
+      if (typeof theirs === "string") {
+        // Nix 2.26 refuses some paths (see nixListing): only for the reason the path gives it.
+        assert.equal(theirs, listingRefusal(ours), `${name}: Nix refused its listing`);
+        t.diagnostic(`${name}: this Nix writes no listing (${theirs})`);
+        continue;
+      }
+      assertSameListing(ours, theirs, name);
+      compared.push(name);
     }
+    assert.ok(compared.includes("tree-utf8") && compared.length >= 4, `compared with Nix: ${compared.join(", ")}`);
   } finally {
     cleanup();
   }

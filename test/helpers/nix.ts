@@ -1,8 +1,10 @@
 // Real Nix for tests: chroot stores, paths added to them, and the reference tools.
 // When Nix is missing, tests skip locally but fail under CI=true (CI must prove the real thing).
 import "./nix-cache.js";
+import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { isUtf8 } from "node:buffer";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -13,6 +15,8 @@ import type { PathInfo } from "../../protocol/path-info.js";
 const execFileP = promisify(execFile);
 
 export const NIX_FLAGS = ["--extra-experimental-features", "nix-command"];
+/** Nix refusing a path without a signature by a trusted key (2.8: "lacks a valid signature"; 2.26: "lacks a signature by a trusted key"). */
+export const UNSIGNED_REFUSED = /lacks a valid signature|lacks a signature by a trusted key/;
 /** Options that keep test Nix commands offline and able to build in a chroot store. */
 export const OFFLINE = ["--option", "substituters", "", "--option", "sandbox-paths", "/bin /lib /lib64 /usr"];
 
@@ -66,7 +70,27 @@ export async function buildInStore(root: string, exprFile: string): Promise<stri
 
 /** `nix path-info --json` for paths in the store at `root`. */
 export async function pathInfo(root: string, paths: string[], recursive = false): Promise<NixPathInfoJson[]> {
-  return JSON.parse(await nix(["path-info", "--store", root, "--json", ...(recursive ? ["-r"] : []), ...paths]));
+  return parsePathInfoJson(await nix(["path-info", "--store", root, "--json", ...(recursive ? ["-r"] : []), ...paths]));
+}
+
+/**
+ * `nix path-info --json` output of any Nix we test against, as Nix 2.8 writes it: an array of
+ * objects with a `path` and only the fields that are set. Nix 2.19 and later write an object
+ * keyed by path, with `null` for a missing deriver or CA and `[]` for no signatures.
+ */
+export function parsePathInfoJson(text: string): NixPathInfoJson[] {
+  const parsed = JSON.parse(text) as NixPathInfoJson[] | Record<string, Omit<NixPathInfoJson, "path"> | null>;
+  const list = Array.isArray(parsed)
+    ? parsed
+    : Object.entries(parsed).map(([path, info]) => {
+        if (!info) throw new Error(`nix path-info: ${path} is not valid`);
+        return { path, ...info } as NixPathInfoJson;
+      });
+  return list.map((info) => {
+    const out = Object.fromEntries(Object.entries(info).filter(([, v]) => v !== null)) as unknown as NixPathInfoJson;
+    if (out.signatures?.length === 0) delete out.signatures;
+    return out;
+  });
 }
 
 export interface NixPathInfoJson {
@@ -106,4 +130,40 @@ export function toPathInfo(j: NixPathInfoJson): PathInfo {
   if (j.deriver) info.deriver = j.deriver;
   if (j.ca) info.ca = j.ca;
   return info;
+}
+
+/**
+ * The `.ls` listing Nix writes for a path (`nix copy` to a file:// cache with write-nar-listing),
+ * or why Nix would not write one. Nix 2.8 writes any path. Nix 2.26 refuses names or symlink
+ * targets that are not valid UTF-8 (its JSON library throws "invalid UTF-8 byte") and directories
+ * nested deeper than about 70 ("stack overflow": it recurses on a small coroutine stack).
+ */
+export async function nixListing(root: string, storePath: string, cacheDir: string): Promise<Buffer | "not UTF-8" | "too deep"> {
+  try {
+    await nix(["copy", "--from", root, "--to", `file://${cacheDir}?compression=none&write-nar-listing=true`, storePath]);
+  } catch (e) {
+    const message = (e as Error).message;
+    if (/invalid UTF-8 byte/.test(message)) return "not UTF-8";
+    if (/stack overflow/.test(message)) return "too deep";
+    throw e;
+  }
+  return readFileSync(join(cacheDir, `${storePath.slice(11, 43)}.ls`));
+}
+
+/** Why Nix 2.26 cannot write this listing of ours (see nixListing), if it has a reason to refuse. */
+export function listingRefusal(ours: Buffer): "not UTF-8" | "too deep" | undefined {
+  if (!isUtf8(ours)) return "not UTF-8";
+  type Node = { entries?: Record<string, Node> };
+  const depth = (n: Node): number => 1 + Math.max(0, ...Object.values(n.entries ?? {}).map(depth));
+  return depth((JSON.parse(ours.toString("latin1")) as { root: Node }).root) > 60 ? "too deep" : undefined;
+}
+
+/**
+ * Asserts that our listing is Nix's: the same JSON value (read as latin1, so that names which are
+ * not UTF-8 compare too), and the same bytes when Nix orders the keys as Nix 2.8 and the agent
+ * do ("version" first, "type" first); Nix 2.26 writes them in alphabetical order.
+ */
+export function assertSameListing(ours: Buffer, theirs: Buffer, message: string): void {
+  assert.deepEqual(JSON.parse(ours.toString("latin1")), JSON.parse(theirs.toString("latin1")), message);
+  if (theirs.toString("latin1").startsWith('{"version":1,')) assert.ok(ours.equals(theirs), `${message}: bytes differ from Nix's`);
 }

@@ -178,6 +178,7 @@ interface Evaluated {
   activation: string | null;
   systemPackages: string[];
   etc: string[];
+  failedAssertions: string[];
 }
 
 /** Evaluates nix/modules/<module>.nix with `config` (Nix text for services.fleetcache). */
@@ -305,9 +306,6 @@ test("NixOS module: options reach the agent's configuration and the system", asy
   assert.deepEqual(svc.LoadCredential, ["sign-key:/run/agenix/fleet key"]);
   assert.match(String(svc.ExecStart), / --sign-key %d\/sign-key$/);
 
-  // A path literal (not a string) is copied to the store, so the unit names a file that exists.
-  const literal = await evalModule(lib, "nixos", `{ signKeyFile = ${join(ROOT, "nix/tests/keys/a.sec")}; }`);
-  assert.match(String((literal.systemd!.serviceConfig.LoadCredential as string[])[0]), /^sign-key:\/nix\/store\/[a-z0-9]{32}-a\.sec$/);
 
   const v6 = await evalModule(lib, "nixos", `{ listen = "[::]:4000"; mdns = true; openFirewall = true; }`);
   assert.equal(v6.substituterUrl, "http://[::1]:4000");
@@ -346,8 +344,6 @@ test("nix-darwin module: a launchd daemon under its own user, logging to /var/lo
   assert.deepEqual(args.slice(1, 3), ["agent", "--config"]);
   assert.match(args[3]!, /-fleetcache\.toml$/);
   assert.deepEqual(args.slice(4), ["--sign-key", "/run/agenix/k"]);
-  const literal = await evalModule(lib, "darwin", `{ signKeyFile = ${join(ROOT, "nix/tests/keys/a.sec")}; }`);
-  assert.match((literal.launchd!.serviceConfig.ProgramArguments as string[])[5]!, /^\/nix\/store\/[a-z0-9]{32}-a\.sec$/);
   assert.equal(sc.UserName, "_fleetcache");
   assert.equal(sc.RunAtLoad, true);
   assert.deepEqual(sc.KeepAlive, { SuccessfulExit: false });
@@ -367,6 +363,31 @@ test("nix-darwin module: a launchd daemon under its own user, logging to /var/lo
     "extra-allowed-users": ["_fleetcache"],
   });
   assert.equal(e.systemd, null);
+});
+
+test("both modules refuse a signKeyFile in the Nix store, naming the fix", async (t) => {
+  const lib = await nixpkgsLib(t);
+  if (!lib) return;
+  const keyFile = join(ROOT, "nix/tests/keys/a.sec");
+  // A path literal, or a string that names (or was interpolated from) a file in the store: the
+  // store is world-readable, so every user on the host, and the agent's own /serve route, could
+  // hand the fleet's secret key to anyone.
+  const inStore = [keyFile, `"\${${keyFile}}"`, `"/nix/store/${"0".repeat(32)}-key.sec"`];
+  for (const module of ["nixos", "darwin"] as const) {
+    for (const value of inStore) {
+      const e = await evalModule(lib, module, `{ signKeyFile = ${value}; }`);
+      assert.equal(e.failedAssertions.length, 1, `${module}, signKeyFile = ${value}: ${JSON.stringify(e.failedAssertions)}`);
+      const message = e.failedAssertions[0]!;
+      assert.match(message, /services\.fleetcache\.signKeyFile/);
+      assert.match(message, /world-readable/);
+      assert.match(message, /string path/);
+      assert.match(message, /agenix|sops-nix/);
+    }
+    for (const fine of [`"/run/agenix/fleetcache-key"`, "null"]) {
+      const e = await evalModule(lib, module, `{ signKeyFile = ${fine}; }`);
+      assert.deepEqual(e.failedAssertions, [], `${module}, signKeyFile = ${fine}`);
+    }
+  }
 });
 
 test("a disabled module defines nothing", async (t) => {

@@ -22,6 +22,12 @@ let
     else "http://${reachable}:${port}";
 
   settingValue = types.nullOr (types.oneOf [ types.bool types.int types.str (types.listOf types.str) ]);
+
+  # A key in the Nix store is readable by every user of the host, and the agent serves store
+  # paths to the fleet: a path literal is copied there, and so is a string made from one.
+  keyInStore =
+    let k = cfg.signKeyFile;
+    in k != null && (builtins.isPath k || builtins.hasContext k || lib.hasPrefix "${builtins.storeDir}/" k);
 in
 {
   options.services.fleetcache = {
@@ -52,9 +58,11 @@ in
       description = ''
         Nix secret key file (NAME:BASE64, as written by `nix-store --generate-binary-cache-key`
         or `fleetcache keygen`) that the agent signs narinfos with and that is its identity in
-        the mesh. Give a string path (an agenix or sops-nix secret) so the key never enters the
-        Nix store. null: the agent creates a host key in its state directory on first start
-        (its public key is then in `/var/lib/fleetcache/host-key.pub`).
+        the mesh. It must be a string path outside the Nix store (an agenix or sops-nix
+        secret, e.g. `config.age.secrets.fleetcache-key.path`): a path literal such as
+        `./fleetcache.sec`, or a string made from one, would be copied into the world-readable
+        store, and an assertion refuses it. null: the agent creates a host key in its state
+        directory on first start (its public key is then in `/var/lib/fleetcache/host-key.pub`).
       '';
     };
 
@@ -129,6 +137,18 @@ in
   };
 
   config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !keyInStore;
+        message = ''
+          services.fleetcache.signKeyFile is in the Nix store (${toString cfg.signKeyFile}), where
+          every user can read it (a path literal such as ./key.sec is copied there): the fleet's
+          secret key would be world-readable. Give a string path outside the store instead, such as
+          an agenix or sops-nix secret: signKeyFile = config.age.secrets.fleetcache-key.path; (or
+          config.sops.secrets.fleetcache-key.path), or leave it null for a host key.'';
+      }
+    ];
+
     services.fleetcache.settings = {
       listen = mkDefault cfg.listen;
       p2p_listen = mkDefault "0.0.0.0:${toString cfg.p2pPort}";

@@ -248,15 +248,21 @@ test("Tailscale: an online peer in the status is dialed at the mesh port; an off
       Peer: { "nodekey:01": peer("host-x", "127.0.0.1", true), "nodekey:02": peer("host-y", "127.0.0.2", false) },
     }),
   );
+  const polls: number[] = [];
   const ma = await manager(a, { tailscale: { statusFile, port, intervalMs: 100 } });
+  ma.on("tailscale", (targets) => polls.push(targets));
   await waitFor("A connected to X via Tailscale", () => info(ma, x)?.connected === true);
   assert.deepEqual(info(ma, x)?.sources, ["tailscale"]);
   assert.ok(info(ma, x)?.addresses.includes(`/ip4/127.0.0.1/tcp/${port}`));
-  // Let a few more polls run: the offline peer and Self never become candidates.
-  await sleep(500);
+  // Three more polls of the same status, each acted on (and each a chance to dial Y): the
+  // offline peer and Self never become candidates, and Y is never dialed.
+  const seen = polls.length;
+  await waitFor("three more Tailscale polls", () => polls.length >= seen + 3);
+  assert.ok(polls.slice(seen).every((n) => n === 1), `each poll found one online peer: ${polls}`);
   assert.deepEqual(ma.addressCandidates().map((c) => c.addrs), [[`/ip4/127.0.0.1/tcp/${port}`]]);
   assert.deepEqual(ma.connectedPeers(), [id(x)]);
   assert.equal(a.libp2p.getConnections(y.peerId).length, 0);
+  assert.equal(y.libp2p.getConnections().length, 0, "Y never saw a connection");
 });
 
 test("connectedPeers() is ordered by measured RTT", async () => {

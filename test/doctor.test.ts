@@ -130,7 +130,16 @@ describe("doctor against a real agent", { concurrency: false }, () => {
     if (!skipUnlessReady(t)) return;
     writeConf({ ...good, "narinfo-cache-negative-ttl": "3600" });
     const checks = await expectOnly("negative TTL 3600", { "negative-ttl": "warn" }, 0);
-    assert.match(find(checks, "negative-ttl").fix!, /narinfo-cache-negative-ttl = 0/);
+    // The fix is the value the modules set: short enough for the fleet, long enough that one
+    // Nix run asks upstream once per missing path (README, "Pointing Nix at it").
+    assert.match(find(checks, "negative-ttl").fix!, /narinfo-cache-negative-ttl = 30/);
+    assert.doesNotMatch(find(checks, "negative-ttl").fix!, /from memory/);
+  });
+
+  test("a negative TTL of 30 s (the modules' default) is ok", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    writeConf({ ...good, "narinfo-cache-negative-ttl": "30" });
+    await expectOnly("negative TTL 30", {}, 0);
   });
 
   test("--nix-conf checks that file alone, whatever NIX_CONF_DIR holds", async (t) => {

@@ -215,7 +215,7 @@ test("NixOS module: defaults give a hardened service and Nix pointed at the agen
   assert.deepEqual(e.nix.settings, {
     substituters: ["http://127.0.0.1:37515"],
     "trusted-public-keys": [KEY_A, KEY_B],
-    "narinfo-cache-negative-ttl": 0,
+    "narinfo-cache-negative-ttl": 30,
     "extra-allowed-users": ["fleetcache"],
   });
   assert.equal(e.firewall, null, "firewall untouched unless openFirewall");
@@ -312,6 +312,10 @@ test("NixOS module: options reach the agent's configuration and the system", asy
   assert.deepEqual(v6.firewall?.allowedUDPPorts, [5353], "mDNS port opened when mdns is on");
   assert.equal((await checkConfig(v6.configText)).code, 0);
 
+  // The negative TTL is the operator's choice (bench/negative-ttl.ts measures what it costs).
+  const fresh = await evalModule(lib, "nixos", `{ narinfoCacheNegativeTtl = 0; }`);
+  assert.equal(fresh.nix.settings?.["narinfo-cache-negative-ttl"], 0);
+
   const off = await evalModule(lib, "nixos", `{ configureNix = false; }`);
   assert.deepEqual(off.nix.settings, { "extra-allowed-users": ["fleetcache"] }, "configureNix = false leaves Nix's substituters alone");
 });
@@ -359,7 +363,7 @@ test("nix-darwin module: a launchd daemon under its own user, logging to /var/lo
   assert.deepEqual(e.nix.settings, {
     substituters: ["http://127.0.0.1:37515"],
     "trusted-public-keys": [KEY_A],
-    "narinfo-cache-negative-ttl": 0,
+    "narinfo-cache-negative-ttl": 30,
     "extra-allowed-users": ["_fleetcache"],
   });
   assert.equal(e.systemd, null);

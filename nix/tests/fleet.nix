@@ -76,7 +76,7 @@ in
         # The key comes from outside the store (the module names the file, not a copy of it).
         a.succeed("grep -q 'LoadCredential=sign-key:/etc/fleetcache-test/sign-key' /etc/systemd/system/fleetcache.service")
         a.succeed("grep -E '^substituters = http://127.0.0.1:37515$' /etc/nix/nix.conf")
-        a.succeed("grep -E '^narinfo-cache-negative-ttl = 0$' /etc/nix/nix.conf")
+        a.succeed("grep -E '^narinfo-cache-negative-ttl = 30$' /etc/nix/nix.conf")
         a.succeed("grep -q fleetcache-test-b: /etc/nix/nix.conf")
         # HTTP is on loopback only: other hosts cannot reach it.
         b.fail("curl --fail --max-time 5 http://a:37515/nix-cache-info")

@@ -144,11 +144,14 @@ test("a node whose key is not trusted is refused, in both directions", async () 
   assert.equal(t.libp2p.getConnections().length, 0);
   assert.equal(u.libp2p.getConnections(t.peerId).length, 0);
 
-  // Claiming a trusted peer's ID does not help: noise proves the key behind it.
+  // An address claiming a trusted peer's ID does not make it that peer: noise proves the key
+  // behind it. (u's own gater would refuse to dial f, whom it does not trust: a second node with
+  // u's key that trusts f makes the dial, so that the handshake really happens.)
   const f = await node(kf, [kt]);
   const spoofed = bareAddr(t).encapsulate(`/p2p/${f.peerId.toString()}`);
-  await assert.rejects(echo(u, spoofed, "i am friend"));
-  // u's dialer notices the mismatch first (it expected f) or t's gater refuses u's key.
+  await assert.rejects(echo(u, spoofed, "i am friend"), isDialDenied);
+  const u2 = await node(ku, [kt, kf]);
+  await assert.rejects(echo(u2, spoofed, "i am friend"), (err: Error) => err.name === "EncryptionFailedError" && /does not match expected remote identity/.test(err.message));
   assert.equal(tStats.calls, 0);
   assert.equal(tRefused.filter((r) => r.peerId !== u.peerId.toString()).length, 0, "only u was ever refused");
   // ...while the real friend gets in.

@@ -97,6 +97,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         peerQueries: c?.peerQueries ?? 0,
         failovers: c?.failovers ?? 0,
         transferFailures: c?.transferFailures ?? 0,
+        refusedConnections: mesh?.tallies().refusedConnections ?? 0,
       },
       recentErrors: metrics.errors.list(),
     };

@@ -22,6 +22,7 @@ export interface MeshTallies {
   transferFailures: number;
   bytesFromPeers: number;
   bytesToPeers: number;
+  refusedConnections: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -127,6 +128,7 @@ export class AgentMetrics {
     mirror("fleetcache_nar_transfer_failures_total", "NAR transfers from a peer that failed part-way or could not start.", (t) => t.transferFailures);
     mirror("fleetcache_nar_failovers_total", "NAR transfers taken over by another holder after one failed.", (t) => t.failovers);
     mirror("fleetcache_peer_queries_total", "Narinfo questions asked of peers.", (t) => t.peerQueries);
+    mirror("fleetcache_peer_connections_refused_total", "Mesh connections refused after the handshake because the peer's key is not trusted.", (t) => t.refusedConnections);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({
         name,

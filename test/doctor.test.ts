@@ -1,114 +1,176 @@
 // `fleetcache doctor` against a real agent and Nix configurations that are right, and wrong in
 // one way each: every variation must turn exactly the expected checks to FAIL or warn.
-import { test } from "node:test";
+import { after, before, describe, test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { chmodSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { startAgentProcess, runCli as fleetcache, keygen } from "./helpers/agent.js";
-import { addToStore, needNix, tempDir } from "./helpers/nix.js";
+import { startAgentProcess, runCli as fleetcache, keygen, type AgentProcess } from "./helpers/agent.js";
+import { addToStore, hasNix, tempDir } from "./helpers/nix.js";
 
 const NIXOS_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
+type Check = { check: string; verdict: string; message: string; fix?: string };
 
+const ALL_OK = {
+  agent: "ok", store: "ok", "store-backend": "ok", substituters: "ok", priority: "ok", "trusted-keys": "ok", "stale-keys": "ok",
+  "negative-ttl": "ok", "sign-key": "ok", peers: "ok",
+};
 
-test("doctor: all ok against a right configuration, and each mistake fails or warns exactly its check", async (t) => {
-  if (!(await needNix(t))) return;
-  const tmp = tempDir();
-  let agent;
-  try {
-    const hostSec = join(tmp.dir, "host.sec");
-    const hostPub = await keygen("host-a-1", hostSec);
-    const memberPub = await keygen("host-b-1", join(tmp.dir, "member.sec"));
-    const rotatedPub = await keygen("host-a-1", join(tmp.dir, "old-host.sec")); // same name, other bytes
-    assert.notEqual(rotatedPub, hostPub);
+// One agent and one key set for every case; each case writes the nix.conf it checks.
+describe("doctor against a real agent", { concurrency: false }, () => {
+  let ready = false;
+  let tmp: ReturnType<typeof tempDir>;
+  let agent: AgentProcess | undefined;
+  let hostSec: string, hostPub: string, memberPub: string, rotatedPub: string, toml: string, confDir: string;
+  let good: Record<string, string>;
+  let nixEnv: Record<string, string>;
+
+  before(async () => {
+    if (!(await hasNix())) {
+      if (process.env.CI === "true") throw new Error("real Nix is required under CI=true but `nix` was not found");
+      return;
+    }
+    tmp = tempDir();
+    hostSec = join(tmp.dir, "host.sec");
+    hostPub = await keygen("host-a-1", hostSec);
+    memberPub = await keygen("host-b-1", join(tmp.dir, "member.sec"));
+    rotatedPub = await keygen("host-a-1", join(tmp.dir, "old-host.sec")); // same name, other bytes
     const root = join(tmp.dir, "store");
     writeFileSync(join(tmp.dir, "file"), "doctor\n");
     await addToStore(root, join(tmp.dir, "file"));
-    const toml = join(tmp.dir, "agent.toml");
+    toml = join(tmp.dir, "agent.toml");
     writeFileSync(toml, `sign_key = [${JSON.stringify(hostSec)}]\ntrusted_keys = [${JSON.stringify(memberPub)}]\nstore_root = ${JSON.stringify(root)}\n`);
     agent = await startAgentProcess(["--config", toml]);
-
-    const confDir = join(tmp.dir, "nixconf");
+    confDir = join(tmp.dir, "nixconf");
     mkdirSync(confDir);
-    const nixEnv = { NIX_CONF_DIR: confDir, NIX_USER_CONF_FILES: join(confDir, "no-user.conf") };
-    const good = {
+    nixEnv = { NIX_CONF_DIR: confDir, NIX_USER_CONF_FILES: join(confDir, "no-user.conf") };
+    good = {
       substituters: `${agent.url} https://cache.nixos.org`,
       "trusted-public-keys": `${hostPub} ${memberPub} ${NIXOS_KEY}`,
       "narinfo-cache-negative-ttl": "0",
     };
-    const writeConf = (settings: Record<string, string>) =>
-      writeFileSync(join(confDir, "nix.conf"), Object.entries(settings).map(([k, v]) => `${k} = ${v}\n`).join(""));
-    const doctor = async (extra: string[] = []) => {
-      const r = await fleetcache(["doctor", "--agent", agent!.url, "--config", toml, "--json", ...extra], nixEnv);
-      assert.ok(r.stdout.startsWith("["), `doctor printed no JSON (exit ${r.code}): ${r.stderr}`);
-      const checks = JSON.parse(r.stdout) as { check: string; verdict: string; message: string; fix?: string }[];
-      return { code: r.code, checks, verdicts: Object.fromEntries(checks.map((c) => [c.check, c.verdict])) };
-    };
-    const ALL_OK = {
-      agent: "ok", store: "ok", "store-backend": "ok", substituters: "ok", priority: "ok", "trusted-keys": "ok", "stale-keys": "ok",
-      "negative-ttl": "ok", "sign-key": "ok", peers: "ok",
-    };
+    ready = true;
+  });
 
-    // Right: everything ok, exit 0; the text form says so line by line.
+  after(async () => {
+    await agent?.stop();
+    tmp?.cleanup();
+  });
+
+  function skipUnlessReady(t: TestContext): boolean {
+    if (!ready) t.skip("nix not installed");
+    return ready;
+  }
+  const writeConf = (settings: Record<string, string>) =>
+    writeFileSync(join(confDir, "nix.conf"), Object.entries(settings).map(([k, v]) => `${k} = ${v}\n`).join(""));
+  const doctor = async (extra: string[] = []) => {
+    const r = await fleetcache(["doctor", "--agent", agent!.url, "--config", toml, "--json", ...extra], nixEnv);
+    assert.ok(r.stdout.startsWith("["), `doctor printed no JSON (exit ${r.code}): ${r.stderr}`);
+    const checks = JSON.parse(r.stdout) as Check[];
+    return { code: r.code, checks, verdicts: Object.fromEntries(checks.map((c) => [c.check, c.verdict])) };
+  };
+  const expectOnly = async (what: string, changed: Record<string, string>, code: number, extra: string[] = []) => {
+    const r = await doctor(extra);
+    assert.deepEqual(r.verdicts, { ...ALL_OK, ...changed }, `${what}: ${JSON.stringify(r.checks, null, 2)}`);
+    assert.equal(r.code, code, what);
+    for (const c of r.checks) if (c.verdict === "FAIL" || c.verdict === "warn") assert.ok(c.fix, `${what}: ${c.check} names a fix`);
+    return r.checks;
+  };
+  const find = (checks: Check[], name: string) => checks.find((c) => c.check === name)!;
+
+  test("a right configuration: every check ok, exit 0, one ok line per check", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    assert.notEqual(rotatedPub, hostPub);
     writeConf(good);
     const right = await doctor();
     assert.deepEqual(right.verdicts, ALL_OK, JSON.stringify(right.checks, null, 2));
     assert.equal(right.code, 0);
-    const text = await fleetcache(["doctor", "--agent", agent.url, "--config", toml], nixEnv);
+    const text = await fleetcache(["doctor", "--agent", agent!.url, "--config", toml], nixEnv);
     assert.equal(text.code, 0, text.stdout + text.stderr);
     const lines = text.stdout.trim().split("\n");
     assert.equal(lines.length, Object.keys(ALL_OK).length + 1); // one per check, then the summary
     for (const l of lines.slice(0, -1)) assert.match(l, /^ok {4}\S/);
     assert.match(lines.at(-1)!, /^doctor: 0 failed, 0 warnings/);
+  });
 
-    const expectOnly = async (what: string, changed: Record<string, string>, code: number, extra: string[] = []) => {
-      const r = await doctor(extra);
-      assert.deepEqual(r.verdicts, { ...ALL_OK, ...changed }, `${what}: ${JSON.stringify(r.checks, null, 2)}`);
-      assert.equal(r.code, code, what);
-      for (const c of r.checks) if (c.verdict === "FAIL" || c.verdict === "warn") assert.ok(c.fix, `${what}: ${c.check} names a fix`);
-      return r.checks;
-    };
-
+  test("the agent not among the substituters fails", async (t) => {
+    if (!skipUnlessReady(t)) return;
     writeConf({ ...good, substituters: "https://cache.nixos.org" });
     await expectOnly("agent not a substituter", { substituters: "FAIL", priority: "skip" }, 1);
+  });
 
-    writeConf({ ...good, substituters: `${agent.url}?priority=50 https://cache.nixos.org` });
+  test("the agent after cache.nixos.org warns", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    writeConf({ ...good, substituters: `${agent!.url}?priority=50 https://cache.nixos.org` });
     await expectOnly("priority after cache.nixos.org", { priority: "warn" }, 0);
+  });
 
+  test("this host's key not trusted fails, naming the key", async (t) => {
+    if (!skipUnlessReady(t)) return;
     writeConf({ ...good, "trusted-public-keys": `${memberPub} ${NIXOS_KEY}` });
-    let checks = await expectOnly("host key not trusted", { "trusted-keys": "FAIL" }, 1);
-    assert.match(checks.find((c) => c.check === "trusted-keys")!.message, /host-a-1 \(this host\)/);
-    assert.ok(checks.find((c) => c.check === "trusted-keys")!.fix!.includes(hostPub));
+    const checks = await expectOnly("host key not trusted", { "trusted-keys": "FAIL" }, 1);
+    assert.match(find(checks, "trusted-keys").message, /host-a-1 \(this host\)/);
+    assert.ok(find(checks, "trusted-keys").fix!.includes(hostPub));
+  });
 
-    writeConf({ ...good, "trusted-public-keys": `${memberPub} ${NIXOS_KEY}`.replace(memberPub, `${memberPub} ${rotatedPub}`) });
-    checks = await expectOnly("rotated host key trusted instead of the current one", { "trusted-keys": "FAIL", "stale-keys": "warn" }, 1);
-    assert.ok(checks.find((c) => c.check === "stale-keys")!.message.includes(rotatedPub));
+  test("a rotated key trusted instead of the current one fails, and warns of the stale key", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    writeConf({ ...good, "trusted-public-keys": `${memberPub} ${rotatedPub} ${NIXOS_KEY}` });
+    const checks = await expectOnly("rotated host key trusted instead of the current one", { "trusted-keys": "FAIL", "stale-keys": "warn" }, 1);
+    assert.ok(find(checks, "stale-keys").message.includes(rotatedPub));
+  });
+
+  test("a rotated key still trusted besides the current one warns", async (t) => {
+    if (!skipUnlessReady(t)) return;
     writeConf({ ...good, "trusted-public-keys": `${good["trusted-public-keys"]} ${rotatedPub}` });
     await expectOnly("rotated key still trusted besides the current one", { "stale-keys": "warn" }, 0);
+  });
 
+  test("a negative TTL of an hour warns", async (t) => {
+    if (!skipUnlessReady(t)) return;
     writeConf({ ...good, "narinfo-cache-negative-ttl": "3600" });
-    checks = await expectOnly("negative TTL 3600", { "negative-ttl": "warn" }, 0);
-    assert.match(checks.find((c) => c.check === "negative-ttl")!.fix!, /narinfo-cache-negative-ttl = 0/);
+    const checks = await expectOnly("negative TTL 3600", { "negative-ttl": "warn" }, 0);
+    // The fix is the value the modules set: short enough for the fleet, long enough that one
+    // Nix run asks upstream once per missing path (README, "Pointing Nix at it").
+    assert.match(find(checks, "negative-ttl").fix!, /narinfo-cache-negative-ttl = 30/);
+    assert.doesNotMatch(find(checks, "negative-ttl").fix!, /from memory/);
+  });
 
-    // --nix-conf checks that file alone, whatever NIX_CONF_DIR holds.
+  test("a negative TTL of 30 s (the modules' default) is ok", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    writeConf({ ...good, "narinfo-cache-negative-ttl": "30" });
+    await expectOnly("negative TTL 30", {}, 0);
+  });
+
+  test("--nix-conf checks that file alone, whatever NIX_CONF_DIR holds", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    writeConf({ ...good, substituters: "https://cache.nixos.org" });
     const goodFile = join(tmp.dir, "good-nix.conf");
     writeFileSync(goodFile, Object.entries(good).map(([k, v]) => `${k} = ${v}\n`).join(""));
     await expectOnly("--nix-conf with a right file", {}, 0, ["--nix-conf", goodFile]);
+  });
 
+  test("a sign key readable by others fails, with the chmod that fixes it", async (t) => {
+    if (!skipUnlessReady(t)) return;
     writeConf(good);
     chmodSync(hostSec, 0o644);
-    checks = await expectOnly("sign key mode 0644", { "sign-key": "FAIL" }, 1);
-    assert.equal(checks.find((c) => c.check === "sign-key")!.fix, `chmod 600 ${hostSec}`);
-    chmodSync(hostSec, 0o600);
+    try {
+      const checks = await expectOnly("sign key mode 0644", { "sign-key": "FAIL" }, 1);
+      assert.equal(find(checks, "sign-key").fix, `chmod 600 ${hostSec}`);
+    } finally {
+      chmodSync(hostSec, 0o600);
+    }
+  });
 
-    await agent.stop();
+  // Last: it stops the agent.
+  test("an agent that does not answer fails first", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    writeConf(good);
+    await agent!.stop();
     const down = await doctor();
     assert.equal(down.code, 1);
     assert.deepEqual(down.checks[0]!.check, "agent");
     assert.equal(down.checks[0]!.verdict, "FAIL");
     assert.match(down.checks[0]!.message, /cannot reach the fleetcache agent/);
-  } finally {
-    await agent?.stop();
-    tmp.cleanup();
-  }
+  });
 });

@@ -25,8 +25,9 @@ after(async () => {
   await Promise.allSettled(nodes.map((n) => n.stop()));
 });
 
-async function node(key: SecretKey, trusted: SecretKey[], listen = "/ip4/127.0.0.1/tcp/0"): Promise<MeshNode> {
-  const n = await createMeshNode({ key, trusted, listen, log });
+async function node(key: SecretKey, trusted: SecretKey[], listen = "/ip4/127.0.0.1/tcp/0", refused?: string[]): Promise<MeshNode> {
+  // `refused` collects the peer IDs the node's gater refused after a handshake.
+  const n = await createMeshNode({ key, trusted, listen, log, onRefused: (peerId) => refused?.push(peerId) });
   nodes.push(n);
   return n;
 }
@@ -159,7 +160,8 @@ test("an untrusted node given as a static peer is never connected", async () => 
   const kt = generateKeyPair("trusting-1");
   const kf = generateKeyPair("friend-1");
   const ku = generateKeyPair("untrusted-1");
-  const t = await node(kt, [kf]);
+  const refused: string[] = [];
+  const t = await node(kt, [kf], undefined, refused);
   const f = await node(kf, [kt]);
   const u = await node(ku, [kt]); // u would happily talk to t
   let connects = 0;
@@ -167,7 +169,11 @@ test("an untrusted node given as a static peer is never connected", async () => 
   const mt = await manager(t, { staticPeers: [hostPort(u), hostPort(f), hostPort(t)] });
   mt.on("connected", () => connects++);
   const candidateU = () => mt.addressCandidates().find((c) => c.addrs[0] === `/ip4/127.0.0.1/tcp/${portOf(u)}`);
-  await waitFor("the friend connected and the untrusted node refused twice", () => info(mt, f)?.connected === true && (candidateU()?.failures ?? 0) >= 2);
+  // Twice dialed, and each time refused by t's gater once the handshake showed u's key (not a
+  // dial that failed for another reason).
+  const refusedU = () => refused.filter((p) => p === id(u)).length;
+  await waitFor("the friend connected and the untrusted node refused twice", () => info(mt, f)?.connected === true && refusedU() >= 2 && (candidateU()?.failures ?? 0) >= 2);
+  assert.deepEqual([...new Set(refused)], [id(u)], "only u was refused");
   assert.deepEqual(mt.connectedPeers(), [id(f)]);
   assert.equal(info(mt, u), undefined, "never listed");
   assert.equal(candidateU()?.peerId, undefined);
@@ -248,15 +254,21 @@ test("Tailscale: an online peer in the status is dialed at the mesh port; an off
       Peer: { "nodekey:01": peer("host-x", "127.0.0.1", true), "nodekey:02": peer("host-y", "127.0.0.2", false) },
     }),
   );
+  const polls: number[] = [];
   const ma = await manager(a, { tailscale: { statusFile, port, intervalMs: 100 } });
+  ma.on("tailscale", (targets) => polls.push(targets));
   await waitFor("A connected to X via Tailscale", () => info(ma, x)?.connected === true);
   assert.deepEqual(info(ma, x)?.sources, ["tailscale"]);
   assert.ok(info(ma, x)?.addresses.includes(`/ip4/127.0.0.1/tcp/${port}`));
-  // Let a few more polls run: the offline peer and Self never become candidates.
-  await sleep(500);
+  // Three more polls of the same status, each acted on (and each a chance to dial Y): the
+  // offline peer and Self never become candidates, and Y is never dialed.
+  const seen = polls.length;
+  await waitFor("three more Tailscale polls", () => polls.length >= seen + 3);
+  assert.ok(polls.slice(seen).every((n) => n === 1), `each poll found one online peer: ${polls}`);
   assert.deepEqual(ma.addressCandidates().map((c) => c.addrs), [[`/ip4/127.0.0.1/tcp/${port}`]]);
   assert.deepEqual(ma.connectedPeers(), [id(x)]);
   assert.equal(a.libp2p.getConnections(y.peerId).length, 0);
+  assert.equal(y.libp2p.getConnections().length, 0, "Y never saw a connection");
 });
 
 test("connectedPeers() is ordered by measured RTT", async () => {

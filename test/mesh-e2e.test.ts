@@ -163,10 +163,12 @@ test("an agent whose key is not trusted is refused, and its paths are never offe
   // D trusts the fleet and dials C, but nobody in the fleet trusts D's key.
   writeFileSync(join(D.dir, "secret-of-d"), "d only\n");
   const dPath = await addToStore(D.storeRoot, join(D.dir, "secret-of-d"));
+  const refusedBefore = (await C.status()).counters.refusedConnections!;
   await D.start(["--peer", `${C.net.ip}:${P2P_PORT}`], [...fleetKeys, D.publicKey]);
-  await eventually("D has tried to dial C", async () => (await D.status()).peers.some((p) => p.addresses.length > 0 || p.name === "c-1"), 10_000).catch(() => {});
-  await new Promise((r) => setTimeout(r, 2000));
+  // The proof that D really dialed: C completed a handshake with it and refused its key.
+  await eventually("C to refuse D's connection", async () => (await C.status()).counters.refusedConnections! > refusedBefore);
   const s = await C.status();
+  assert.match((await C.http("/metrics")).body, /^fleetcache_peer_connections_refused_total [1-9]/m, "operators see the refusal");
   assert.ok(!s.peers.some((p) => p.name === "d-1"), "C does not list D as a peer");
   assert.equal((await C.http(`/${hashOf(dPath)}.narinfo`)).status, 404, "D's path is not offered");
   const d = await D.status();

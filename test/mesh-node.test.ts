@@ -30,11 +30,26 @@ after(async () => {
   await Promise.allSettled(nodes.map((n) => n.stop()));
 });
 
-async function node(key: SecretKey, trusted: SecretKey[]): Promise<MeshNode> {
-  const n = await createMeshNode({ key, trusted, listen: "/ip4/127.0.0.1/tcp/0", log });
+/** Connections a node refused after the handshake (its gater's report), by direction. */
+type Refusals = { peerId: string; direction: "inbound" | "outbound" }[];
+
+async function node(key: SecretKey, trusted: SecretKey[], refusals?: Refusals): Promise<MeshNode> {
+  const onRefused = (peerId: string, direction: "inbound" | "outbound") => refusals?.push({ peerId, direction });
+  const n = await createMeshNode({ key, trusted, listen: "/ip4/127.0.0.1/tcp/0", log, onRefused });
   nodes.push(n);
   return n;
 }
+
+/** Polls until `cond` holds; fails after a generous bound (never a timing assertion). */
+async function waitFor(what: string, cond: () => boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+const isDialDenied = (err: Error) => err.name === "DialDeniedError";
 
 const addr = (n: MeshNode) => n.addresses()[0]!;
 /** The same address without /p2p/<id>: the dialer learns who answered only from the handshake. */
@@ -104,30 +119,41 @@ test("a node whose key is not trusted is refused, in both directions", async () 
   const kt = generateKeyPair("trusting-1");
   const ku = generateKeyPair("untrusted-1");
   const kf = generateKeyPair("friend-1");
-  const t = await node(kt, [kf]); // does not trust u
+  const tRefused: Refusals = [];
+  const t = await node(kt, [kf], tRefused); // does not trust u
   const u = await node(ku, [kt]); // would happily talk to t
   const tStats = await serveEcho(t);
   const uStats = await serveEcho(u);
+  const fromU = (direction: string) => tRefused.filter((r) => r.peerId === u.peerId.toString() && r.direction === direction).length;
 
-  // u -> t: t refuses the inbound connection once noise has shown it u's key.
-  for (const target of [addr(t), bareAddr(t)]) {
+  // u -> t: t refuses the inbound connection once noise has shown it u's key. Each attempt must
+  // reach t's gater: a dial that failed for any other reason would prove nothing.
+  for (const [i, target] of [addr(t), bareAddr(t)].entries()) {
     await assert.rejects(echo(u, target, "let me in"));
+    await waitFor(`t to refuse u's connection #${i + 1}`, () => fromU("inbound") >= i + 1);
   }
-  // t -> u: refused before connecting when the address names u, after the handshake when not.
-  for (const target of [addr(u), bareAddr(u), u.peerId]) {
-    await assert.rejects(echo(t, target, "hello?"));
+  // t -> u: refused before connecting when the dial names u (the peer ID, or an address ending
+  // in it: libp2p's DialDeniedError, nothing sent), after the handshake when the address is bare.
+  for (const target of [addr(u), u.peerId]) {
+    await assert.rejects(echo(t, target, "hello?"), isDialDenied);
   }
-  await sleep(200);
+  await assert.rejects(echo(t, bareAddr(u), "hello?"), (err: Error) => !isDialDenied(err));
+  await waitFor("t to refuse its own outbound connection to u", () => fromU("outbound") === 1);
   assert.equal(tStats.calls, 0, "the trusting side never ran its handler");
   assert.equal(uStats.calls, 0);
   assert.equal(t.libp2p.getConnections().length, 0);
   assert.equal(u.libp2p.getConnections(t.peerId).length, 0);
 
-  // Claiming a trusted peer's ID does not help: noise proves the key behind it.
+  // An address claiming a trusted peer's ID does not make it that peer: noise proves the key
+  // behind it. (u's own gater would refuse to dial f, whom it does not trust: a second node with
+  // u's key that trusts f makes the dial, so that the handshake really happens.)
   const f = await node(kf, [kt]);
   const spoofed = bareAddr(t).encapsulate(`/p2p/${f.peerId.toString()}`);
-  await assert.rejects(echo(u, spoofed, "i am friend"));
+  await assert.rejects(echo(u, spoofed, "i am friend"), isDialDenied);
+  const u2 = await node(ku, [kt, kf]);
+  await assert.rejects(echo(u2, spoofed, "i am friend"), (err: Error) => err.name === "EncryptionFailedError" && /does not match expected remote identity/.test(err.message));
   assert.equal(tStats.calls, 0);
+  assert.equal(tRefused.filter((r) => r.peerId !== u.peerId.toString()).length, 0, "only u was ever refused");
   // ...while the real friend gets in.
   assert.equal(await echo(f, addr(t), "hi"), "friend-1:HI");
 });

@@ -95,8 +95,8 @@ async function ready(t: Parameters<typeof needNix>[0]): Promise<Fixture | undefi
   return fx;
 }
 
-async function meshNode(key: SecretKey, trusted: readonly PublicKey[]): Promise<MeshNode> {
-  const n = await createMeshNode({ key, trusted, listen: "/ip4/127.0.0.1/tcp/0", log });
+async function meshNode(key: SecretKey, trusted: readonly PublicKey[], nodeLog = log): Promise<MeshNode> {
+  const n = await createMeshNode({ key, trusted, listen: "/ip4/127.0.0.1/tcp/0", log: nodeLog });
   nodes.push(n);
   return n;
 }
@@ -596,7 +596,9 @@ test("responder timeouts: no request resets the stream, an idle narinfo stream i
   const f = await ready(t);
   if (!f) return;
   const k = keys();
-  const a = await meshNode(k.a, [k.b]);
+  // A's log: the signal that its watchdog gave up on a reader (the stream reset that follows).
+  const aLog: { protocol?: string; msg: string; err?: { message?: string } }[] = [];
+  const a = await meshNode(k.a, [k.b], pino({ level: "debug" }, { write: (line: string) => void aLog.push(JSON.parse(line)) }));
   const local = new LocalStore(f.rootA, new Signer([k.a]));
   stores.push(local);
   await serveNarinfo(a, local, log, { firstRequestMs: 200, idleMs: 200 });
@@ -616,6 +618,8 @@ test("responder timeouts: no request resets the stream, an idle narinfo stream i
   // Nobody reads a 64 MiB NAR for a while: A gives up and resets rather than wait forever.
   const info = (await local.pathInfo(hp(f.bigFile)))!;
   const nar = await openNar(b.node, aId, { hashPart: hp(f.bigFile), narHash: info.narHash, offset: 0, narSize: info.narSize });
-  await sleep(1500);
+  const stalled = () => aLog.some((l) => l.protocol === PROTOCOL_NAR && l.msg === "mesh: handler failed; resetting stream" && /no progress for 200 ms/.test(l.err?.message ?? ""));
+  for (let i = 0; i < 200 && !stalled(); i++) await sleep(50);
+  assert.ok(stalled(), "A's watchdog reset the NAR stream nobody read");
   await rejectsWith(collect(nar), "interrupted");
 });

@@ -280,6 +280,8 @@ test("a hostile publisher: garbage, oversized frames, gaps and early deltas rese
   const snapshot = (gen: number, parts: string[]) => snapshotChunks(epoch, gen, sortedKeys(parts)).map(encodeSummaryMessage);
   let proceed: () => void = () => {};
   const gate = () => new Promise<void>((resolve) => (proceed = resolve));
+  let deltasAsked = 0;
+  let askDelta: () => void = () => {};
 
   // What the n-th subscription gets, one script per stream; each then waits for B to reset it.
   const scripts: ((s: Stream) => Promise<void>)[] = [
@@ -302,6 +304,12 @@ test("a hostile publisher: garbage, oversized frames, gaps and early deltas rese
     },
     async (s) => {
       for (const f of snapshot(9, [h2, h3])) await writeFrame(s, f);
+      // Then a delta each time the test asks: h4 in, h4 out, ...
+      for (let gen = 9; ; gen++) {
+        while (gen - 9 >= deltasAsked) await new Promise<void>((resolve) => (askDelta = resolve));
+        const [added, removed] = gen % 2 === 1 ? [[h4], []] : [[], [h4]];
+        await writeFrame(s, encodeSummaryMessage({ type: "delta", fromGeneration: gen, toGeneration: gen + 1, total: 2 + added.length, added: sortedKeys(added), removed: sortedKeys(removed) }));
+      }
     },
   ];
   const subscribes: bigint[] = [];
@@ -343,8 +351,18 @@ test("a hostile publisher: garbage, oversized frames, gaps and early deltas rese
   assert.ok(subscribes.every((e) => e === 0n), "every resubscription starts from scratch");
   await waitFor(() => resetSeen.filter(Boolean).length === 4, "the publisher to see four resets");
   assert.deepEqual(resetSeen.slice(0, 4), [true, true, true, true]);
-  await sleep(300); // longer than the backoff: a healthy stream is not resubscribed
+  // A healthy stream is not resubscribed: B goes on applying deltas from the fifth stream for
+  // longer than its longest backoff (200 ms), and it opens no sixth.
+  const start = Date.now();
+  for (let n = 1; n <= 3 || Date.now() - start < 2 * 200; n++) {
+    deltasAsked = n;
+    askDelta();
+    await waitFor(() => table.traffic(mId)!.deltas === n, `delta ${n} on the fifth stream`);
+    assert.deepEqual(table.holders(h4), n % 2 === 1 ? [mId] : []);
+  }
   assert.equal(subscribes.length, 5);
+  assert.equal(table.traffic(mId)!.streams, 5);
+  assert.equal(resetSeen[4], undefined, "the fifth stream was never reset");
 });
 
 test("a peer that stops is dropped from lookups", async () => {

@@ -67,6 +67,8 @@ export interface StatusCounters {
   peerQueries: number;
   failovers: number;
   transferFailures: number;
+  /** Mesh connections refused after the handshake: the peer's key is not in the fleet. */
+  refusedConnections: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

@@ -1,6 +1,7 @@
 // The PathSource the HTTP side uses when the mesh is on: this host's store first, then the peers
 // whose summaries say they may hold the path. A path no connected peer announces is a miss
-// answered from memory; otherwise the closest holders are asked, with a short deadline.
+// without a question to any peer (the summaries are in memory); otherwise the closest holders
+// are asked, with a short deadline.
 import { createHash } from "node:crypto";
 import { parseHash } from "../../protocol/hash.js";
 import type { Narinfo } from "../../protocol/narinfo.js";

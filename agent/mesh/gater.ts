@@ -5,11 +5,19 @@ import "./polyfill.js";
 import type { ConnectionGater, PeerId } from "@libp2p/interface";
 import type { Multiaddr } from "@multiformats/multiaddr";
 
-export function meshGater(self: string, trusted: ReadonlySet<string> | ReadonlyMap<string, unknown>): ConnectionGater {
-  const refuse = (peer: PeerId): boolean => !trusted.has(peer.toString());
+/** A connection refused after the handshake: the remote holds a key that is not in the fleet. */
+export type RefusedPeer = (peerId: string, direction: "inbound" | "outbound") => void;
+
+export function meshGater(self: string, trusted: ReadonlySet<string> | ReadonlyMap<string, unknown>, onRefused?: RefusedPeer): ConnectionGater {
+  const refuse = (direction: "inbound" | "outbound") => (peer: PeerId): boolean => {
+    const refused = !trusted.has(peer.toString());
+    if (refused) onRefused?.(peer.toString(), direction);
+    return refused;
+  };
   return {
     // libp2p refuses self-dials anyway; saying so here keeps our own key out of every dial path.
-    denyDialPeer: (peer) => peer.toString() === self || refuse(peer),
+    // Neither dial hook reports a refusal: nothing was sent, no connection was made.
+    denyDialPeer: (peer) => peer.toString() === self || !trusted.has(peer.toString()),
     // A multiaddr naming its peer (/p2p/<id>) can be judged before connecting. Everything else
     // is allowed, including private, loopback and CGNAT (tailnet 100.64.0.0/10) addresses: the
     // fleet lives on LANs and tailnets (libp2p's browser default would refuse private ranges).
@@ -18,11 +26,12 @@ export function meshGater(self: string, trusted: ReadonlySet<string> | ReadonlyM
       return id !== undefined && (id === self || !trusted.has(id));
     },
     filterMultiaddrForPeer: () => true,
-    denyInboundEncryptedConnection: refuse,
-    denyOutboundEncryptedConnection: refuse,
-    // Same check again once upgraded: cheap, and catches any path that skips the one above.
-    denyInboundUpgradedConnection: refuse,
-    denyOutboundUpgradedConnection: refuse,
+    denyInboundEncryptedConnection: refuse("inbound"),
+    denyOutboundEncryptedConnection: refuse("outbound"),
+    // Same check again once upgraded: cheap, and catches any path that skips the one above (a
+    // connection refused there never gets here, so none is reported twice).
+    denyInboundUpgradedConnection: refuse("inbound"),
+    denyOutboundUpgradedConnection: refuse("outbound"),
   };
 }
 

@@ -43,12 +43,19 @@ export class Mesh {
     private readonly summaries: SummaryTable,
     private readonly manager: PeerManager,
     private readonly sent: SentBytes,
+    /** Connections refused after the handshake: the remote's key is not in the fleet. */
+    private readonly refused: { connections: number },
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
     const { log, local } = opts;
     const trusted: PublicKey[] = opts.trustedKeys.map(parsePublicKey);
-    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns });
+    const refused = { connections: 0 };
+    const onRefused = (peerId: string, direction: "inbound" | "outbound") => {
+      refused.connections++;
+      log.debug({ peerId, direction }, "mesh: refused a connection: the peer's key is not trusted");
+    };
+    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused });
     try {
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
@@ -74,7 +81,7 @@ export class Mesh {
       // after a reconnect, and drops the summary of a peer that is gone).
       manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, sent);
+      return new Mesh(node, source, publisher, summaries, manager, sent, refused);
     } catch (e) {
       await node.stop();
       throw e;
@@ -107,6 +114,7 @@ export class Mesh {
       transferFailures: c.transferFailures,
       bytesFromPeers: c.bytesFromPeers,
       bytesToPeers: this.sent.total,
+      refusedConnections: this.refused.connections,
     };
   }
 

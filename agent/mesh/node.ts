@@ -15,7 +15,7 @@ import type { AbortOptions, Connection, PeerId, Stream, StreamHandlerOptions } f
 import type { Logger } from "pino";
 import type { PublicKey, SecretKey } from "../../protocol/keys.js";
 import { libp2pPrivateKey, trustedPeers } from "./identity.js";
-import { meshGater } from "./gater.js";
+import { meshGater, type RefusedPeer } from "./gater.js";
 import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
 
 export interface MeshNodeOptions {
@@ -28,6 +28,8 @@ export interface MeshNodeOptions {
   log: Logger;
   /** Discover peers by multicast DNS and dial the trusted ones (default off). */
   mdns?: boolean;
+  /** Told of every connection refused after the handshake because the remote's key is not trusted. */
+  onRefused?: RefusedPeer;
 }
 
 export type MeshServices = { identify: Identify; ping: Ping };
@@ -79,7 +81,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     connectionEncrypters: [noise()],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
-    connectionGater: meshGater(self, trusted),
+    connectionGater: meshGater(self, trusted, opts.onRefused),
     peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
     services: { identify: identify(), ping: ping() },
   });

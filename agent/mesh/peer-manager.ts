@@ -107,7 +107,12 @@ interface Candidate extends Omit<AddressCandidate, "addrs"> {
   dialing: boolean;
 }
 
-export class PeerManager extends EventEmitter<{ connected: [peerId: string]; disconnected: [peerId: string] }> {
+export class PeerManager extends EventEmitter<{
+  connected: [peerId: string];
+  disconnected: [peerId: string];
+  /** A Tailscale status was read and its online hosts taken as dial targets. */
+  tailscale: [targets: number];
+}> {
   readonly #node: MeshNode;
   readonly #opts: PeerManagerOptions;
   readonly #log: Logger;
@@ -518,6 +523,7 @@ export class PeerManager extends EventEmitter<{ connected: [peerId: string]; dis
     }
     for (const [key, c] of this.#candidates) if (c.source === "tailscale" && !keys.has(key)) this.#candidates.delete(key);
     this.#kick();
+    this.emit("tailscale", targets.length);
   }
 }
 

@@ -65,7 +65,8 @@ in
       Label = "org.fleetcache.agent";
       ProgramArguments =
         [ "${cfg.package}/bin/fleetcache" "agent" "--config" "${cfg.configFile}" ]
-        ++ optionals (cfg.signKeyFile != null) [ "--sign-key" "${cfg.signKeyFile}" ];
+        # toString: a path literal (refused by an assertion) is not copied into the store.
+        ++ optionals (cfg.signKeyFile != null) [ "--sign-key" (toString cfg.signKeyFile) ];
       UserName = user;
       GroupName = user;
       WorkingDirectory = stateDir;

@@ -47,7 +47,9 @@ in
           # itself can stay readable by root only.
           ++ optionals (cfg.signKeyFile != null) [ "--sign-key" "%d/sign-key" ]
         );
-        LoadCredential = optional (cfg.signKeyFile != null) "sign-key:${cfg.signKeyFile}";
+        # toString, not interpolation: a path literal (refused by an assertion) must not be
+        # copied into the store while the unit is evaluated.
+        LoadCredential = optional (cfg.signKeyFile != null) "sign-key:${toString cfg.signKeyFile}";
         User = "fleetcache";
         Group = "fleetcache";
         StateDirectory = "fleetcache";

@@ -21,7 +21,9 @@ in
 
       services.fleetcache = {
         enable = true;
-        signKeyFile = ./keys + "/${name}.sec";
+        # A string path outside the store, as agenix or sops-nix would give (the module refuses
+        # a path literal): the file is put there below.
+        signKeyFile = "/etc/fleetcache-test/sign-key";
         trustedKeys = map publicKey names;
         # Static peers by address; mDNS is left on as it would be on a LAN.
         peers = map (n: "${nodes.${n}.networking.primaryIPAddress}:37516") (lib.remove name names);
@@ -31,6 +33,14 @@ in
       # The test network has no Internet: the agent is the only substituter.
       nix.settings.substituters = lib.mkForce [ config.services.fleetcache.substituterUrl ];
       nix.settings.experimental-features = [ "nix-command" ];
+
+      # A test key, public anyway: here it may pass through the store. With a mode set, NixOS
+      # copies the file into /etc (root-only) instead of linking to the store; systemd's
+      # LoadCredential hands it to the agent.
+      environment.etc."fleetcache-test/sign-key" = {
+        source = ./keys + "/${name}.sec";
+        mode = "0400";
+      };
 
       environment.systemPackages = [ pkgs.jq pkgs.curl ];
       environment.etc."fleetcache-test/built.nix".text = ''
@@ -63,8 +73,10 @@ in
 
     with subtest("the agent runs as its own user and Nix points at it"):
         a.succeed("test \"$(systemctl show -p User --value fleetcache.service)\" = fleetcache")
+        # The key comes from outside the store (the module names the file, not a copy of it).
+        a.succeed("grep -q 'LoadCredential=sign-key:/etc/fleetcache-test/sign-key' /etc/systemd/system/fleetcache.service")
         a.succeed("grep -E '^substituters = http://127.0.0.1:37515$' /etc/nix/nix.conf")
-        a.succeed("grep -E '^narinfo-cache-negative-ttl = 0$' /etc/nix/nix.conf")
+        a.succeed("grep -E '^narinfo-cache-negative-ttl = 30$' /etc/nix/nix.conf")
         a.succeed("grep -q fleetcache-test-b: /etc/nix/nix.conf")
         # HTTP is on loopback only: other hosts cannot reach it.
         b.fail("curl --fail --max-time 5 http://a:37515/nix-cache-info")

@@ -9,6 +9,8 @@ let
     modules = [
       module
       { freeformType = lib.types.lazyAttrsOf lib.types.anything; }
+      # Declared as NixOS and nix-darwin declare it, so the module's entries are merged as there.
+      { options.assertions = lib.mkOption { type = lib.types.listOf lib.types.unspecified; default = [ ]; }; }
       # No package set: tests give services.fleetcache.package (a derivation never built).
       { _module.args.pkgs = { }; }
       configuration
@@ -34,4 +36,6 @@ in
   activation = get [ "system" "activationScripts" "postActivation" "text" ] null;
   systemPackages = map (p: p.name) (get [ "environment" "systemPackages" ] [ ]);
   etc = builtins.attrNames (get [ "environment" "etc" ] { });
+  # What the system would refuse to build with ("Failed assertions: ...").
+  failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
 }

@@ -112,3 +112,62 @@ test("doctor: all ok against a right configuration, and each mistake fails or wa
     tmp.cleanup();
   }
 });
+
+/** One agent (started with `agentArgs`) with a store, its keys, and a nix.conf that is right for it. */
+async function doctorFixture(agentArgs: string[] = []) {
+  const tmp = tempDir();
+  const hostSec = join(tmp.dir, "host.sec");
+  const hostPub = await keygen("host-a-1", hostSec);
+  const root = join(tmp.dir, "store");
+  writeFileSync(join(tmp.dir, "file"), "doctor\n");
+  await addToStore(root, join(tmp.dir, "file"));
+  const toml = join(tmp.dir, "agent.toml");
+  writeFileSync(toml, `sign_key = [${JSON.stringify(hostSec)}]\nstore_root = ${JSON.stringify(root)}\n`);
+  const agent = await startAgentProcess(["--config", toml, ...agentArgs]);
+  const confDir = join(tmp.dir, "nixconf");
+  mkdirSync(confDir);
+  const nixEnv = { NIX_CONF_DIR: confDir, NIX_USER_CONF_FILES: join(confDir, "no-user.conf") };
+  const good: Record<string, string> = {
+    substituters: `${agent.url} https://cache.nixos.org`,
+    "trusted-public-keys": `${hostPub} ${NIXOS_KEY}`,
+    "narinfo-cache-negative-ttl": "0",
+  };
+  return {
+    agent,
+    good,
+    writeConf: (settings: Record<string, string>) =>
+      writeFileSync(join(confDir, "nix.conf"), Object.entries(settings).map(([k, v]) => `${k} = ${v}\n`).join("")),
+    /** Doctor's JSON, and the checks that are not ok (skips included) by name. */
+    doctor: async () => {
+      const r = await fleetcache(["doctor", "--agent", agent.url, "--config", toml, "--json"], nixEnv);
+      assert.ok(r.stdout.startsWith("["), `doctor printed no JSON (exit ${r.code}): ${r.stderr}`);
+      const checks = JSON.parse(r.stdout) as { check: string; verdict: string; message: string; fix?: string }[];
+      const notOk = Object.fromEntries(checks.filter((c) => c.verdict !== "ok").map((c) => [c.check, c.verdict]));
+      return { code: r.code, checks, notOk, find: (name: string) => checks.find((c) => c.check === name) };
+    },
+    async cleanup() {
+      await agent.stop();
+      tmp.cleanup();
+    },
+  };
+}
+
+test("doctor: a setting Nix does not know warns, naming it; Nix's own warnings about a right configuration stay out", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await doctorFixture();
+  try {
+    f.writeConf(f.good);
+    const right = await f.doctor();
+    assert.deepEqual(right.notOk, {}, JSON.stringify(right.checks, null, 2)); // no nix-config line at all
+    assert.equal(right.code, 0);
+
+    f.writeConf({ ...f.good, "narinfo-cache-negativ-ttl": "0" }); // misspelled: Nix ignores it
+    const typo = await f.doctor();
+    assert.deepEqual(typo.notOk, { "nix-config": "warn" }, JSON.stringify(typo.checks, null, 2));
+    assert.equal(typo.code, 0);
+    assert.match(typo.find("nix-config")!.message, /unknown setting 'narinfo-cache-negativ-ttl'/);
+    assert.ok(typo.find("nix-config")!.fix);
+  } finally {
+    await f.cleanup();
+  }
+});

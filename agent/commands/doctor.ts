@@ -92,9 +92,15 @@ export async function doctor(opts: DoctorOptions): Promise<CheckResult[]> {
   // Nix's configuration.
   let nix: NixSettings | undefined;
   try {
-    nix = await readNixConfig(opts.nixConf);
+    const read = await readNixConfig(opts.nixConf);
+    nix = read.settings;
+    // Only shown when Nix complains: a misspelled setting is ignored by Nix with just a warning.
+    if (read.warnings.length) {
+      add("nix-config", "warn", `Nix warns about its configuration: ${read.warnings.join("; ")}`,
+        "correct or remove what Nix names in nix.conf (an unknown setting has no effect).");
+    }
   } catch (e) {
-    add("nix-config", "FAIL", `cannot read Nix's configuration: ${(e as Error).message}`, "install Nix (or put `nix` on PATH) and run `nix show-config` to see the problem.");
+    add("nix-config", "FAIL", `cannot read Nix's configuration: ${(e as Error).message}`, "install Nix (or put `nix` on PATH) and run `nix config show` (`nix show-config` on Nix 2.8) to see the problem.");
   }
   if (nix) {
     checkSubstituters(nix, url, agent.priority, add);

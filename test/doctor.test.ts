@@ -46,7 +46,7 @@ test("doctor: all ok against a right configuration, and each mistake fails or wa
     };
     const ALL_OK = {
       agent: "ok", store: "ok", "store-backend": "ok", substituters: "ok", priority: "ok", "trusted-keys": "ok", "stale-keys": "ok",
-      "negative-ttl": "ok", "sign-key": "ok", peers: "ok",
+      "negative-ttl": "ok", "case-hack": "ok", "sign-key": "ok", peers: "ok",
     };
 
     // Right: everything ok, exit 0; the text form says so line by line.
@@ -169,5 +169,43 @@ test("doctor: a setting Nix does not know warns, naming it; Nix's own warnings a
     assert.ok(typo.find("nix-config")!.fix);
   } finally {
     await f.cleanup();
+  }
+});
+
+test("doctor: the agent's use_case_hack must be Nix's use-case-hack, else FAIL naming the agent's flag", async (t) => {
+  if (!(await needNix(t))) return;
+  const status = async (url: string) => ((await (await fetch(`${url}/api/v1/status`)).json()) as { self: { useCaseHack?: unknown } }).self;
+  const off = await doctorFixture(); // the default on Linux, as Nix's
+  try {
+    assert.equal((await status(off.agent.url)).useCaseHack, false);
+    off.writeConf(off.good);
+    const same = await off.doctor();
+    assert.deepEqual(same.notOk, {}, JSON.stringify(same.checks, null, 2));
+    assert.equal(same.find("case-hack")?.verdict, "ok");
+
+    off.writeConf({ ...off.good, "use-case-hack": "true" });
+    const differ = await off.doctor();
+    assert.deepEqual(differ.notOk, { "case-hack": "FAIL" }, JSON.stringify(differ.checks, null, 2));
+    assert.equal(differ.code, 1);
+    assert.match(differ.find("case-hack")!.fix!, /(^|[^-])--use-case-hack\b/);
+  } finally {
+    await off.cleanup();
+  }
+  const on = await doctorFixture(["--use-case-hack"]);
+  try {
+    assert.equal((await status(on.agent.url)).useCaseHack, true);
+    on.writeConf({ ...on.good, "use-case-hack": "true" });
+    const same = await on.doctor();
+    assert.deepEqual(same.notOk, {}, JSON.stringify(same.checks, null, 2));
+    assert.equal(same.find("case-hack")?.verdict, "ok");
+    assert.equal(same.code, 0);
+
+    on.writeConf(on.good); // Nix's default on Linux: off
+    const differ = await on.doctor();
+    assert.deepEqual(differ.notOk, { "case-hack": "FAIL" }, JSON.stringify(differ.checks, null, 2));
+    assert.equal(differ.code, 1);
+    assert.match(differ.find("case-hack")!.fix!, /--no-use-case-hack\b/);
+  } finally {
+    await on.cleanup();
   }
 });

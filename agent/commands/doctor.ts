@@ -4,7 +4,7 @@ import { accessSync, constants, statSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError, loadConfig, type AgentConfig } from "../config.js";
 import { AgentError, agentGet, agentJson, agentUrl, parseCacheInfo } from "./agent-client.js";
-import { listSetting, numberSetting, readNixConfig, type NixSettings } from "./nix-config.js";
+import { boolSetting, listSetting, numberSetting, readNixConfig, type NixSettings } from "./nix-config.js";
 import { readStatus, type StatusView } from "./status-doc.js";
 
 export type Verdict = "ok" | "warn" | "FAIL" | "skip";
@@ -124,6 +124,8 @@ export async function doctor(opts: DoctorOptions): Promise<CheckResult[]> {
     } else add("negative-ttl", "ok", `narinfo-cache-negative-ttl is ${ttl} s`);
   }
 
+  if (nix) checkCaseHack(nix, status, statusProblem, add);
+
   if (config) checkSignKeys(config, add);
 
   // Peers.
@@ -235,6 +237,28 @@ function checkKeys(nix: NixSettings, status: StatusView | undefined, statusProbl
   else {
     add("stale-keys", "warn", `Nix trusts ${stale.map((t) => `${t.name}:${t.bytes}`).join(", ")}, but that fleet member now signs with ${stale.map((t) => fleetByName.get(t.name)!.join(" or ")).join(", ")} (a rotated key?)`,
       "replace the old key with the current one in trusted-public-keys.");
+  }
+}
+
+/**
+ * The agent must undo the case hack exactly when Nix does it: otherwise the names in the agent's
+ * NARs differ from those Nix hashed (a suffix kept, or one cut that belongs to the name), and Nix
+ * refuses every path that has such a name (NAR hash mismatch).
+ */
+function checkCaseHack(nix: NixSettings, status: StatusView | undefined, statusProblem: string, add: (c: string, v: Verdict, m: string, f?: string) => void): void {
+  const nixHack = boolSetting(nix, "use-case-hack");
+  const agentHack = status?.self.useCaseHack;
+  const on = (b: boolean) => (b ? "on" : "off");
+  if (nixHack === undefined) add("case-hack", "skip", "Nix does not report use-case-hack");
+  else if (!status) add("case-hack", "skip", `cannot tell: ${statusProblem}.`);
+  else if (agentHack === undefined) add("case-hack", "skip", "the agent does not report its use_case_hack (an older agent)");
+  else if (agentHack === nixHack) add("case-hack", "ok", `use-case-hack is ${on(nixHack)} for Nix and the agent`);
+  else {
+    const harm = nixHack
+      ? "names Nix stored with a ~nix~case~hack~N suffix (Foo beside foo) keep it in the agent's NARs"
+      : "the agent cuts ~nix~case~hack~ from names that really contain it";
+    add("case-hack", "FAIL", `Nix's use-case-hack is ${on(nixHack)} but the agent's use_case_hack is ${on(agentHack)}: ${harm}, and such NARs do not match their NarHash`,
+      `run the agent with ${nixHack ? "--use-case-hack" : "--no-use-case-hack"} (use_case_hack = ${nixHack} in its TOML, or FLEETCACHE_USE_CASE_HACK=${nixHack}), as Nix writes the store.`);
   }
 }
 

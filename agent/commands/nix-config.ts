@@ -81,6 +81,12 @@ export function listSetting(s: NixSettings, name: string): string[] {
   return [];
 }
 
+/** A boolean setting (Nix gives true/false; nix.conf spells them "true"/"false"). */
+export function boolSetting(s: NixSettings, name: string): boolean | undefined {
+  const v = s.get(name);
+  return typeof v === "boolean" ? v : v === "true" ? true : v === "false" ? false : undefined;
+}
+
 export function numberSetting(s: NixSettings, name: string): number | undefined {
   const v = s.get(name);
   const n = typeof v === "number" ? v : typeof v === "string" && /^\d+$/.test(v) ? Number(v) : NaN;

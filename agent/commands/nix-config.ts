@@ -55,7 +55,7 @@ async function runNix(command: string[], env: NodeJS.ProcessEnv): Promise<{ stdo
   }
 }
 
-/** Nix 2.8+ writes {name: {value, defaultValue, ...}}; older Nix wrote {name: value}. */
+/** Nix 2.8 to 2.26 write {name: {value, defaultValue, ...}} (2.26 adds experimentalFeature); older Nix wrote {name: value}. */
 export function parseShowConfig(json: string): NixSettings {
   const doc = JSON.parse(json) as Record<string, unknown>;
   const settings: NixSettings = new Map();

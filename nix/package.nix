@@ -3,7 +3,7 @@
   lib,
   stdenv,
   buildNpmPackage,
-  nodejs_22,
+  nodejs_24,
   xcbuild,
 }:
 let
@@ -26,13 +26,13 @@ buildNpmPackage {
   };
 
   # The hash of the npm dependencies in package-lock.json, for package-lock.json with
-  # sha256 7aa7f95ebc823e54b9f7dcd7b1355722ea905a71ab5a7f83d4f0839d2588f610 (a test compares).
+  # sha256 816c9079445f9b124de0ae7cd3a4a21b45f229aaa61804a291957794f6b5bef5 (a test compares).
   # After changing the lock file, set it to lib.fakeHash, build, copy the hash Nix reports, and
   # update the sha256 above. The lock file must keep its "resolved" URLs (see .npmrc).
-  npmDepsHash = "sha256-pI/wdWKbsa1ZHPj4eiyNSU3tVtZ6273iMdS8FHuRYz0=";
+  npmDepsHash = "sha256-+TJlZHP+PbsMV2djXTh8FyBfM37fQd0uQ4oere8HlZM=";
 
-  # Node 20 is end-of-life (nixpkgs marks it insecure), and a libp2p dependency asks for 22.
-  nodejs = nodejs_22;
+  # The active LTS line, the one the tests run on (.ci/run) and package.json's engines name.
+  nodejs = nodejs_24;
 
   # better-sqlite3 is a native addon: npm rebuild compiles it with node-gyp from its source (no
   # prebuilt binary is downloaded in the sandbox). buildNpmPackage brings node-gyp's Python (and

@@ -97,6 +97,20 @@ test("package.nix's npmDepsHash belongs to this package-lock.json, whose entries
   }
 });
 
+test("one Node line: engines, @types/node, the Node CI installs, package.nix's nodejs and the Node running this", () => {
+  const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { engines: { node: string }; devDependencies: Record<string, string> };
+  const major = Number(/^>=(\d+)$/.exec(pkg.engines.node)?.[1]);
+  assert.ok(major >= 22, `engines.node is ">=N" for a supported Node line (got ${pkg.engines.node})`);
+  assert.equal(Number(/^\^(\d+)\./.exec(pkg.devDependencies["@types/node"] ?? "")?.[1]), major, "@types/node has the same major");
+  const ci = readFileSync(join(ROOT, ".ci/run"), "utf8");
+  assert.equal(Number(/^NODE_MAJOR=(\d+)$/m.exec(ci)?.[1]), major, ".ci/run installs that Node line");
+  const packageNix = readFileSync(join(ROOT, "nix/package.nix"), "utf8");
+  assert.deepEqual([...new Set(packageNix.match(/nodejs_\d+/g))], [`nodejs_${major}`], "package.nix builds with that Node line");
+  const running = Number(process.versions.node.split(".")[0]);
+  assert.ok(running >= major, `Node ${process.version} satisfies engines ${pkg.engines.node}`);
+  if (process.env.CI === "true") assert.equal(running, major, "CI tests the Node line the package ships");
+});
+
 test("the example configuration is accepted by the agent", async () => {
   const r = await checkConfig(readFileSync(join(ROOT, "nix/fleetcache.example.toml"), "utf8"));
   assert.equal(r.code, 0, r.stderr);

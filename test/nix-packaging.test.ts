@@ -82,7 +82,9 @@ test("package.nix's npmDepsHash belongs to this package-lock.json, whose entries
   const packageNix = readFileSync(join(ROOT, "nix/package.nix"), "utf8");
   const lockText = readFileSync(join(ROOT, "package-lock.json"));
   // The hash can only be computed by nixpkgs' prefetch-npm-deps, which is not here: package.nix
-  // records which lock file it was computed for, so a changed lock file cannot go unnoticed.
+  // records which lock file it was computed for, so a changed lock file cannot go unnoticed. The
+  // whole file, not only the entries fetched: prefetch-npm-deps puts package-lock.json itself in
+  // its output (npmConfigHook compares it with the source's), so any byte of it changes the hash.
   const recorded = /package-lock\.json with\s+#\s+sha256 ([0-9a-f]{64})/.exec(packageNix)?.[1];
   assert.ok(recorded, "package.nix names the sha256 of the lock file its npmDepsHash is for");
   assert.equal(createHash("sha256").update(lockText).digest("hex"), recorded, "package-lock.json changed: recompute npmDepsHash (see nix/package.nix)");

@@ -1,7 +1,6 @@
 // A libp2p node for the fleet mesh: TCP + noise + yamux, identity = the host's Nix key, and a
 // gater that admits only trusted keys. Protocol handlers get a bounded StreamReader and the
 // caller's Nix public key.
-import "./polyfill.js";
 import { createLibp2p, type Libp2p } from "libp2p";
 import { tcp } from "@libp2p/tcp";
 import { noise } from "@chainsafe/libp2p-noise";

@@ -30,6 +30,12 @@ export function createHttpServer(ctx: CacheContext, opts: HttpServerOptions = {}
     (req, res) => void route(ctx, req, res),
   );
   limitConnections(server, opts.maxConnections ?? MAX_CONNECTIONS);
+  // A client may send its request and then close its side (FIN, as `nc -N` or a shutdown()
+  // after writing do). Node otherwise ends the socket at that FIN, dropping every answer not yet
+  // written, which is every answer that waits on the store. With this it answers what was
+  // asked, then closes. (Node's http.Server has this flag on Node 20, 22 and 24 but does not
+  // declare it in its types; test/http-failures.test.ts fails if it ever stops working.)
+  (server as Server & { httpAllowHalfOpen: boolean }).httpAllowHalfOpen = true;
   server.on("clientError", (err: NodeJS.ErrnoException, socket) => {
     // Malformed HTTP: answer if the socket is still usable, then close it.
     if (socket.writable && !(err.code === "ECONNRESET")) {

@@ -59,7 +59,7 @@ export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res
 
 export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string): Promise<Outcome> {
   const ref = parseNarUrl(path, query);
-  if (!ref) throw new HttpError(400, "malformed NAR URL: expected /nar/<store hash>-<nar hash>.nar");
+  if (!ref) throw new HttpError(400, "malformed NAR URL: expected /nar/<store hash>-<nar hash>.nar, both canonical nix32");
   let info: PathInfo | undefined;
   if (ref.hashPart) info = await ctx.source.pathInfo(ref.hashPart).catch(storeUnavailable);
   // With the daemon backend this form (harmonia's nar/<narhash>.nar) is always a 404: the daemon

@@ -5,7 +5,7 @@ import { narUrl, parseNarUrl } from "../../protocol/nar-url.js";
 import { nixCacheInfo, renderNarinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
-import type { PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { StoreUnavailableError } from "../store/daemon-client.js";
 import { parseRange } from "./range.js";
@@ -96,13 +96,12 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
     return "client_error";
   }
   const [start, end] = range.kind === "partial" ? [range.start, range.end] : [0, size];
-  if (range.kind === "partial") {
-    res.writeHead(206, { ...headers, "Content-Length": end - start, "Content-Range": `bytes ${start}-${end - 1}/${size}` });
-  } else {
-    res.writeHead(200, { ...headers, "Content-Length": size });
-  }
+  const status = range.kind === "partial" ? 206 : 200;
+  const head = { ...headers, "Content-Length": end - start, ...(status === 206 ? { "Content-Range": `bytes ${start}-${end - 1}/${size}` } : {}) };
   const outcome = ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
   if (req.method === "HEAD") {
+    // HEAD needs no bytes: it is answered from the path's metadata, without asking a source.
+    res.writeHead(status, head);
     res.end();
     return outcome;
   }
@@ -110,8 +109,18 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const served = ctx.metrics?.narBytesServed;
   const key = outcome === "hit_peer" ? "peer" : "local";
   const count = served ? (n: number) => void (served[key] += n) : undefined;
+  const chunks = checkedLength(ctx.source.narStream(info, start, end), end - start, count);
+  // The status goes out only once a source has produced the first chunk: a source failing before
+  // that gets a real error status, not a 200 followed by a dropped connection.
+  let first: IteratorResult<Buffer>;
   try {
-    await pipeline(checkedLength(ctx.source.narStream(info, start, end), end - start, count), res);
+    first = await chunks.next();
+  } catch (e) {
+    return failedBeforeFirstByte(ctx, req, res, info, e);
+  }
+  res.writeHead(status, head);
+  try {
+    await pipeline(resume(first, chunks), res);
     return outcome;
   } catch (e) {
     // pipeline has destroyed the socket, so the client sees a short body against Content-Length,
@@ -122,6 +131,42 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
     if (gone) return "aborted";
     ctx.metrics?.errors.add({ message: `NAR transfer to the client failed: ${message}`, path: info.storePath });
     return "server_error";
+  }
+}
+
+/**
+ * The answer when no byte could be had. Nix (2.8 to 2.26, filetransfer.cc) takes a 404 as "not in
+ * this cache" (no retry; the next substituter is tried, or the path built); it retries a 5xx
+ * other than 501/505/511 up to download-attempts times (5), with backoff, then fails the
+ * substitution. So: 404 when the path is gone everywhere, 502 when holders exist but failed (a
+ * peer restarting may be back by the retry), 503 when the store cannot be asked, 500 otherwise.
+ */
+function failedBeforeFirstByte(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo, e: unknown): Outcome {
+  const message = (e as Error).message;
+  if (e instanceof NarGoneError) {
+    ctx.log.info({ path: info.storePath, err: message }, "NAR gone before its first byte");
+    send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+    return "miss";
+  }
+  if (e instanceof StoreUnavailableError) {
+    sendError(req, res, 503, `the Nix store cannot be asked right now: ${message}`);
+    return "server_error";
+  }
+  const status = e instanceof NarUnavailableError ? 502 : 500;
+  ctx.log[status === 502 ? "warn" : "error"]({ path: info.storePath, err: message }, "NAR source failed before its first byte");
+  ctx.metrics?.errors.add({ message: `NAR source failed before its first byte: ${message}`, path: info.storePath });
+  sendError(req, res, status, status === 502 ? "no holder of this path could send it" : "reading the NAR failed");
+  return "server_error";
+}
+
+/** The first result, then the rest; returning early closes the rest (its files, its peer stream). */
+async function* resume(first: IteratorResult<Buffer>, rest: AsyncGenerator<Buffer>): AsyncGenerator<Buffer> {
+  try {
+    if (first.done) return;
+    yield first.value;
+    yield* rest;
+  } finally {
+    await rest.return(undefined);
   }
 }
 

@@ -10,8 +10,9 @@ export interface PathSource {
    * path disappears or changes while streaming, so that a truncated body is never passed off
    * as complete. Before its first chunk it throws NarGoneError or NarUnavailableError when it
    * can say why there are no bytes (the HTTP side answers 404 or 502 then, instead of a 200).
+   * `readSize`, asked before each read from the local store, bounds what one read holds in memory.
    */
-  narStream(info: PathInfo, start: number, end: number): AsyncIterable<Buffer>;
+  narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncIterable<Buffer>;
 }
 
 /** The path's bytes are no longer anywhere the source can reach (collected here, no peer holds it). */

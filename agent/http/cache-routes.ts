@@ -9,6 +9,7 @@ import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js
 import type { LocalStore } from "../store/local-store.js";
 import { StoreUnavailableError } from "../store/daemon-client.js";
 import { parseRange } from "./range.js";
+import { ReadPace } from "./read-pace.js";
 import { HttpError, send, sendError } from "./respond.js";
 import type { Logger } from "../log.js";
 import type { AgentMetrics, Outcome } from "../metrics.js";
@@ -109,7 +110,9 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const served = ctx.metrics?.narBytesServed;
   const key = outcome === "hit_peer" ? "peer" : "local";
   const count = served ? (n: number) => void (served[key] += n) : undefined;
-  const chunks = checkedLength(ctx.source.narStream(info, start, end), end - start, count);
+  // Reads follow the client's pace, so a slow client holds a small read, not a 1 MiB one.
+  const pace = new ReadPace();
+  const chunks = checkedLength(ctx.source.narStream(info, start, end, () => pace.size), end - start, count, pace);
   // The status goes out only once a source has produced the first chunk: a source failing before
   // that gets a real error status, not a 200 followed by a dropped connection.
   let first: IteratorResult<Buffer>;
@@ -170,14 +173,15 @@ async function* resume(first: IteratorResult<Buffer>, rest: AsyncGenerator<Buffe
   }
 }
 
-/** Passes chunks through, and fails unless exactly `expected` bytes went by. */
-async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number, count?: (n: number) => void): AsyncGenerator<Buffer> {
+/** Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each was taken. */
+async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number, count?: (n: number) => void, pace?: ReadPace): AsyncGenerator<Buffer> {
   let seen = 0;
   for await (const chunk of chunks) {
     seen += chunk.length;
     if (seen > expected) throw new Error(`NAR is longer than the ${expected} bytes announced`);
     count?.(chunk.length);
     yield chunk;
+    pace?.took(chunk.length); // resumed: the response has taken the chunk (or buffered under its limit)
   }
   if (seen !== expected) throw new Error(`NAR ended after ${seen} of ${expected} bytes`);
 }

@@ -126,13 +126,13 @@ export class FleetSource implements PathSource {
     return info;
   }
 
-  async *narStream(info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
+  async *narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
     const hashPart = hashPartOf(info.storePath);
     const local = await this.local.pathInfo(hashPart);
     if (local && local.narHash === info.narHash) {
       let sent = false;
       try {
-        for await (const chunk of this.local.narStream(local, start, end)) {
+        for await (const chunk of this.local.narStream(local, start, end, readSize)) {
           sent = true;
           yield chunk;
         }

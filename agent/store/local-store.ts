@@ -91,9 +91,9 @@ export class LocalStore implements PathSource {
   }
 
   /** A path whose files are gone (a GC between lookup and read) throws NarGoneError. */
-  async *narStream(info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
+  async *narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
     try {
-      yield* narStream(this.realPath(info.storePath), { start, end });
+      yield* narStream(this.realPath(info.storePath), readSize ? { start, end, chunkSize: readSize } : { start, end });
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new NarGoneError(`${info.storePath} is gone from the store`, { cause: e });
       throw e;

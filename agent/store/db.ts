@@ -22,7 +22,10 @@ export class NixDb {
   private readonly byNarHash: Database.Statement<[string], DbPathRow>;
   private readonly refs: Database.Statement<[number], { path: string }>;
   private readonly count: Database.Statement<[], { n: number }>;
-  private readonly after: Database.Statement<[number], { id: number; path: string }>;
+  private readonly after: Database.Statement<[number, number], { id: number; path: string }>;
+  private readonly version: Database.Statement<[], number>;
+  private readonly countRange: Database.Statement<[number, number], number>;
+  private readonly idsRange: Database.Statement<[number, number], number>;
 
   constructor(storeRoot: string) {
     const file = join(storeRoot, "nix/var/nix/db/db.sqlite");
@@ -38,7 +41,12 @@ export class NixDb {
       "SELECT p.path AS path FROM Refs r JOIN ValidPaths p ON p.id = r.reference WHERE r.referrer = ?",
     );
     this.count = this.db.prepare("SELECT count(*) AS n FROM ValidPaths");
-    this.after = this.db.prepare("SELECT id, path FROM ValidPaths WHERE id > ? ORDER BY id");
+    this.after = this.db.prepare("SELECT id, path FROM ValidPaths WHERE id > ? ORDER BY id LIMIT ?");
+    // Changes when another connection commits: one integer, no table read (a count of 1M rows is ~50-100 ms).
+    this.version = this.db.prepare("PRAGMA data_version").pluck() as Database.Statement<[], number>;
+    // Ranges of the primary key: a count of 16k ids is ~0.5 ms.
+    this.countRange = this.db.prepare("SELECT count(*) FROM ValidPaths WHERE id >= ? AND id < ?").pluck() as Database.Statement<[number, number], number>;
+    this.idsRange = this.db.prepare("SELECT id FROM ValidPaths WHERE id >= ? AND id < ? ORDER BY id").pluck() as Database.Statement<[number, number], number>;
   }
 
   /** The valid path whose hash part is `hashPart` (already validated by the caller). */
@@ -60,9 +68,27 @@ export class NixDb {
     return this.count.get()!.n;
   }
 
-  /** Paths registered after row `id` (ids only grow: a re-added path gets a new one). */
-  pathsAfter(id: number): { id: number; path: string }[] {
-    return this.after.all(id);
+  /**
+   * Up to `limit` paths registered after row `id`, by id. Ids only grow (AUTOINCREMENT): a
+   * re-added path gets a new one, and no row ever appears below an id already seen.
+   */
+  pathsAfter(id: number, limit = -1): { id: number; path: string }[] {
+    return this.after.all(id, limit);
+  }
+
+  /** A number that changes whenever another connection (Nix) has committed to the database. */
+  dataVersion(): number {
+    return this.version.get()!;
+  }
+
+  /** Valid paths with row ids in [from, to). */
+  countIds(from: number, to: number): number {
+    return this.countRange.get(from, to)!;
+  }
+
+  /** The row ids in [from, to), ascending. */
+  idsBetween(from: number, to: number): number[] {
+    return this.idsRange.all(from, to);
   }
 
   close(): void {

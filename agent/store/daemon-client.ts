@@ -14,7 +14,7 @@ import {
   encodeQueryAllValidPaths,
   encodeQueryPathFromHashPart,
   encodeQueryPathInfo,
-  queryAllValidPathsReply,
+  queryAllValidPathHashParts,
   queryPathFromHashPartReply,
   queryPathInfoReply,
   serverHello,
@@ -76,8 +76,9 @@ export class DaemonClient {
     return this.request(encodeQueryPathInfo(storePath), (q, v) => queryPathInfoReply(q, v));
   }
 
-  async queryAllValidPaths(): Promise<string[]> {
-    return this.request(encodeQueryAllValidPaths(), queryAllValidPathsReply, Math.max(this.timeoutMs, 60_000));
+  /** The hash parts of all valid paths (QueryAllValidPaths), packed: 32 bytes each, in the daemon's order. */
+  async queryAllValidHashParts(): Promise<Buffer> {
+    return this.request(encodeQueryAllValidPaths(), (q) => queryAllValidPathHashParts(q), Math.max(this.timeoutMs, 60_000));
   }
 
   close(): void {

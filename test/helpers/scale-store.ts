@@ -5,8 +5,6 @@
 import { run } from "./nix.js";
 import { join } from "node:path";
 
-export const NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz";
-
 export const dbFile = (root: string) => join(root, "nix/var/nix/db/db.sqlite");
 
 /** Runs SQL against the store's database with the sqlite3 CLI (Nix's own retry-free way aside). */
@@ -16,12 +14,14 @@ export function sql(root: string, script: string): Promise<string> {
 
 /**
  * Adds `count` rows named `/nix/store/<random hash part>-scale-<n>` (n from `first`), in one
- * transaction. Hash parts come from SQLite's random(): 32 nix32 characters, 160 bits.
+ * transaction. Hash parts are 32 hex digits of randomblob() with 'e' (not in nix32) made 'z':
+ * valid nix32, 128 random bits less the e/z merge.
  */
 export async function addSyntheticPaths(root: string, count: number, first = 0): Promise<void> {
-  const ch = `substr('${NIX32_ALPHABET}', (random() & 31) + 1, 1)`;
-  const hashPart = Array.from({ length: 32 }, () => ch).join(" || ");
+  const hashPart = "replace(lower(hex(randomblob(16))), 'e', 'z')";
+  // A big page cache keeps the random inserts into the path index off the disk (3x faster).
   await sql(root, `
+    PRAGMA cache_size = -262144;
     BEGIN;
     WITH RECURSIVE n(i) AS (SELECT ${first} UNION ALL SELECT i + 1 FROM n WHERE i < ${first + count - 1})
     INSERT INTO ValidPaths (path, hash, registrationTime, narSize)

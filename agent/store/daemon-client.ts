@@ -238,6 +238,12 @@ class DaemonConnection {
     if (!cur) return;
     try {
       if (cur.decoder.push(chunk)) cur.settle();
+      else if (chunk && !this.socket.isPaused()) {
+        // A long reply (a store listing is ~70 MB per million paths): libuv reads up to 32
+        // chunks in one turn of the event loop, ~30 ms of decoding; take one chunk a turn.
+        this.socket.pause();
+        setImmediate(() => this.broken || this.socket.resume());
+      }
     } catch (e) {
       // Whatever it was, the connection is not reused: after a daemon error some daemons close
       // it (an error before the operation started), and anything else means we lost the framing.

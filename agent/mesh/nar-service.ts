@@ -23,7 +23,8 @@ import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
 import type { MeshNode, MeshStream } from "./node.js";
 import { writeAll, writeFrame } from "./stream-io.js";
-import { FIRST_REQUEST_MS, PeerSlots, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
+import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
+import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
 
 export const MAX_NAR_TRANSFERS_PER_PEER = 8;
 /** A NAR stream whose reader takes nothing for this long is reset (spec: 60 s). */
@@ -31,19 +32,27 @@ export const NAR_SEND_STALL_MS = 60_000;
 /** Requester deadlines (spec recommendations): the header, then progress during the bytes. */
 export const NAR_HEADER_DEADLINE_MS = 5_000;
 export const NAR_RECEIVE_STALL_MS = 30_000;
+/**
+ * How long a request past the limit waits for a slot before the answer is "busy": a requester
+ * that keeps to the limit may open its next transfer a moment before our side of the last one
+ * ends. Well under the requester's header deadline.
+ */
+export const NAR_SLOT_WAIT_MS = 2_000;
 
 export interface NarServeOptions {
   firstRequestMs?: number;
   sendStallMs?: number;
-  /** Concurrent transfers per peer (spec: 8); more are answered busy. */
+  /** Concurrent transfers per peer (spec: 8); more wait up to slotWaitMs, then are answered busy. */
   maxTransfersPerPeer?: number;
+  slotWaitMs?: number;
 }
 
 /** Serves NARs of `local` only; never asks another peer. */
 export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, opts: NarServeOptions = {}): Promise<void> {
   const firstMs = opts.firstRequestMs ?? FIRST_REQUEST_MS;
   const stallMs = opts.sendStallMs ?? NAR_SEND_STALL_MS;
-  const slots = new PeerSlots(opts.maxTransfersPerPeer ?? MAX_NAR_TRANSFERS_PER_PEER);
+  const slots = new TransferSlots(opts.maxTransfersPerPeer ?? MAX_NAR_TRANSFERS_PER_PEER);
+  const slotWaitMs = opts.slotWaitMs ?? NAR_SLOT_WAIT_MS;
   await node.handle(
     PROTOCOL_NAR,
     async ({ stream, reader, peerId, peer }) => {
@@ -53,7 +62,10 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
       const req = decodeNarRequest(frame); // malformed: throws, the stream is reset
       const found = await lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
       if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
-      if (!slots.tryAcquire(peerId)) {
+      try {
+        await slots.acquire(peerId, slotWaitMs);
+      } catch (err) {
+        if (!(err instanceof SlotTimeoutError)) throw err;
         return writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.busy, `more than ${slots.limit} transfers`)));
       }
       try {

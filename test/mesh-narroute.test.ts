@@ -10,6 +10,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseHash } from "../protocol/hash.js";
 import { parseNarinfo, type Narinfo } from "../protocol/narinfo.js";
+import { CLI } from "./helpers/agent.js";
 import { createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns } from "./helpers/netns.js";
 import { addToStore, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
@@ -173,6 +174,8 @@ test("a holder serving corrupted bytes next to an intact holder: nix copy succee
   assert.equal(a?.badNars, 1, "A is penalised, and shown so in the status");
   const metrics = await C.http("/metrics");
   assert.match(metrics.body, /^fleetcache_nar_verify_failures_total [1-9]/m);
+  const text = await C.exec(process.execPath, [CLI, "status", "--agent", C.agent!.url]);
+  assert.match(text, /\n {2}a-1 {2}connected, .*1 wrong NARs/);
   // A Range of that path (Nix resuming) comes from B, verified: the right bytes.
   const range = await download(narinfo.url, join(C.dir, "rot-range.nar"), ["Range: bytes=1000000-"]);
   assert.equal(range.status, 206);
@@ -203,4 +206,29 @@ test("a 206 from peer data is never wrong: the only holder's corrupted bytes giv
   // And the whole NAR is no better: nothing of it goes out.
   const whole = await download(narinfo2.url, join(C.dir, "whole-bad.nar"));
   assert.ok(whole.status === 502 || whole.status === 404, `whole NAR of a corrupted sole holder: ${whole.status}`);
+});
+
+test("what verifying a Range from peer data costs: the whole NAR is fetched and hashed", async (t) => {
+  if (!ready(t)) return;
+  const f = join(A.dir, "range-cost");
+  writeFileSync(f, payload("range-cost", 64 << 20));
+  const path = await addToStore(A.storeRoot, f);
+  await cSeesAllOf(A);
+  const narinfo = await narinfoOn(C, path);
+  const time = async (headers: string[]) => {
+    const before = (await C.status()).counters.bytesFromPeers!;
+    const t0 = performance.now();
+    const r = await download(narinfo.url, join(C.dir, "range-cost.nar"), headers);
+    return { ...r, ms: Math.round(performance.now() - t0), fromPeers: (await C.status()).counters.bytesFromPeers! - before };
+  };
+  const whole = await time([]);
+  const tail = await time([`Range: bytes=${narinfo.narSize - (1 << 20)}-`]);
+  const head = await time(["Range: bytes=0-1048575"]);
+  assert.equal(whole.status, 200);
+  assert.ok(whole.sha256.equals(Buffer.from(parseHash(narinfo.narHash))));
+  assert.equal(tail.status, 206);
+  assert.equal(tail.bytes, 1 << 20);
+  assert.equal(head.status, 206);
+  t.diagnostic(`FIGURE 64 MiB NAR from a peer: whole ${whole.ms} ms (${whole.fromPeers} B from the peer); last 1 MiB ${tail.ms} ms (${tail.fromPeers} B from the peer); first 1 MiB ${head.ms} ms (${head.fromPeers} B from the peer)`);
+  assert.equal(tail.fromPeers, narinfo.narSize, "a Range costs the whole NAR from the peer");
 });

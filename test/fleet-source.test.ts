@@ -276,3 +276,72 @@ test("transfer slots: waiters are served in arrival order", async () => {
   slots.release("p");
   assert.equal(slots.inUse("p"), 0);
 });
+
+// --- narinfo lookups: hedging, deadline, in-flight sharing, reuse ---------------------------------
+
+type Answer = "yes" | "no" | "never" | "error";
+
+/** A FleetSource whose holders answer narinfo questions as told; records who was asked. */
+function lookupFleet(answers: Record<string, Answer>, opts: ConstructorParameters<typeof FleetSource>[5] = {}) {
+  const { narinfo } = nar(100);
+  const asked: string[] = [];
+  const order = Object.keys(answers);
+  const requests: PeerRequests = {
+    narinfo: (peer, _hashPart, signal) => {
+      asked.push(peer);
+      const a = answers[peer]!;
+      if (a === "yes") return Promise.resolve(narinfo);
+      if (a === "no") return Promise.resolve(undefined);
+      if (a === "error") return Promise.reject(new Error("reset"));
+      return new Promise((_, reject) => signal.addEventListener("abort", () => reject(new Error("aborted")))); // never answers
+    },
+    nar: () => Promise.reject(new Error("not used")),
+  };
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const source = new FleetSource(local, { connectedPeers: () => order }, { holders: () => order }, requests, log, opts);
+  return { source, asked };
+}
+
+test("narinfo: a silent first holder is hedged: the next is asked too, and its answer wins", async () => {
+  const { source, asked } = lookupFleet({ slow: "never", fast: "yes" }, { hedgeAfterMs: 1, narinfoDeadlineMs: 60_000 });
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["slow", "fast"]);
+  assert.ok(source.fromPeer((await source.pathInfo(HASH_PART))!));
+});
+
+test("narinfo: a 'no' or an error moves on to the next holder at once, in order", async () => {
+  const { source, asked } = lookupFleet({ a: "no", b: "error", c: "yes" }, { hedgeAfterMs: 60_000 });
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["a", "b", "c"]);
+});
+
+test("narinfo: when no holder answers, the deadline ends the lookup as a miss", async () => {
+  const { source, asked } = lookupFleet({ a: "never", b: "never" }, { hedgeAfterMs: 1, narinfoDeadlineMs: 30 });
+  assert.equal(await source.pathInfo(HASH_PART), undefined);
+  assert.deepEqual(asked, ["a", "b"]);
+  assert.equal(source.counters.misses, 1);
+});
+
+test("narinfo: concurrent lookups share one round of questions, and an answer is reused within its TTL", async () => {
+  const { source, asked } = lookupFleet({ a: "yes" }, { cacheTtlMs: 60_000 });
+  const [x, y] = await Promise.all([source.pathInfo(HASH_PART), source.pathInfo(HASH_PART)]);
+  assert.equal(x, y);
+  await source.pathInfo(HASH_PART);
+  assert.deepEqual(asked, ["a"], "one question for three lookups");
+  const expired = lookupFleet({ a: "yes" }, { cacheTtlMs: 0 });
+  await expired.source.pathInfo(HASH_PART);
+  await sleep(2);
+  await expired.source.pathInfo(HASH_PART);
+  assert.deepEqual(expired.asked, ["a", "a"], "asked again once the TTL passed");
+});
+
+test("narinfo: a holder barred for the path (wrong bytes) is not asked; with none left it is a miss", async () => {
+  const { source, asked } = lookupFleet({ bad: "yes", good: "yes" });
+  source.penalties.wrongBytes("bad", HASH_PART);
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["good"]);
+  const only = lookupFleet({ bad: "yes" });
+  only.source.penalties.wrongBytes("bad", HASH_PART);
+  assert.equal(await only.source.pathInfo(HASH_PART), undefined);
+  assert.deepEqual(only.asked, []);
+});

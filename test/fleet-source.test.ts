@@ -345,3 +345,18 @@ test("narinfo: a holder barred for the path (wrong bytes) is not asked; with non
   assert.equal(await only.source.pathInfo(HASH_PART), undefined);
   assert.deepEqual(only.asked, []);
 });
+
+test("every holder answers not-found (collected since announcing it): NarGoneError, a 404 Nix does not retry", async () => {
+  const { bytes, info, narinfo } = nar(1000);
+  const source = fleet({ a: holder(bytes), b: holder(bytes) }, narinfo);
+  const inner = (source as unknown as { requests: PeerRequests }).requests;
+  inner.nar = async () => {
+    throw new NarFetchError("not-found", "peer: no such path with that NAR hash");
+  };
+  const { NarGoneError, NarUnavailableError } = await import("../agent/source.js");
+  await assert.rejects(collect(source.narStream(info, 0, info.narSize)), NarGoneError);
+  inner.nar = async (peer) => {
+    throw new NarFetchError(peer === "a" ? "not-found" : "interrupted", "x");
+  };
+  await assert.rejects(collect(source.narStream(info, 0, info.narSize)), NarUnavailableError);
+});

@@ -260,6 +260,7 @@ export class FleetSource implements PathSource {
     let sent = false;
     let busy = 0;
     let attempts = 0;
+    let allGone = true; // every holder asked answered "not-found" (collected since it announced it)
     for (;;) {
       const peer = await this.holderSlot(hashPart, skip, info.storePath);
       if (peer === undefined) break;
@@ -298,12 +299,14 @@ export class FleetSource implements PathSource {
           continue;
         }
         if (reason !== "size-mismatch" && reason !== "hash-mismatch") {
+          if (reason !== "not-found") allGone = false;
           this.counters.transferFailures++;
           skip.add(peer);
           this.log.warn({ peer, path: info.storePath, offset: verifier.bytes, err: (err as Error).message }, "NAR transfer from peer failed; trying the next holder");
           this.#onError({ message: `NAR transfer failed at byte ${verifier.bytes}: ${(err as Error).message}`, path: info.storePath, peer });
           continue;
         }
+        allGone = false;
         // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
         // hash (or runs long) may have been stitched from several holders: each is barred from
         // this path, and only a sole sender earns a strike as a peer.
@@ -329,7 +332,8 @@ export class FleetSource implements PathSource {
       for (const out of held) yield out;
       return;
     }
-    if (attempts === 0 && !sent) throw new NarGoneError(`no connected peer holds ${info.storePath} any more`);
+    // Nix takes a 404 as "not in this cache" and moves on; a 502 it retries.
+    if (!sent && allGone) throw new NarGoneError(`no connected peer holds ${info.storePath} any more`);
     throw new NarUnavailableError(`no peer could send ${info.storePath} (got ${verifier.bytes} of ${info.narSize} bytes)`);
   }
 

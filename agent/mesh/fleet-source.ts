@@ -1,7 +1,9 @@
 // The PathSource the HTTP side uses when the mesh is on: this host's store first, then the peers
 // whose summaries say they may hold the path. A path no connected peer announces is a miss
 // without a question to any peer (the summaries are in memory); otherwise the closest holders
-// are asked, with a short deadline.
+// are asked, with a short deadline. NARs come from the fastest holder with a free transfer slot
+// (or wait in a queue for one), are verified whole against the narinfo, and a holder whose bytes
+// are wrong is passed over (penalties.ts).
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
@@ -261,7 +263,10 @@ export class FleetSource implements PathSource {
     let busy = 0;
     let attempts = 0;
     let allGone = true; // every holder asked answered "not-found" (collected since it announced it)
+    let pause = 0; // before asking again after "busy" (with no slot of ours held meanwhile)
     for (;;) {
+      if (pause) await sleep(pause);
+      pause = 0;
       const peer = await this.holderSlot(hashPart, skip, info.storePath);
       if (peer === undefined) break;
       if (attempts++ > 0) this.counters.failovers++;
@@ -295,7 +300,7 @@ export class FleetSource implements PathSource {
           // Its last transfer has not quite ended on its side: ask again shortly, not a failure.
           if (++busy > MAX_BUSY_RETRIES) skip.add(peer);
           attempts--;
-          await sleep(BUSY_RETRY_MS * busy);
+          pause = BUSY_RETRY_MS * busy;
           continue;
         }
         if (reason !== "size-mismatch" && reason !== "hash-mismatch") {

@@ -136,7 +136,10 @@ test("when the only holder fails before the first byte, C answers 502 (no 200 an
   const path = await addToStore(A.storeRoot, join(A.dir, "lost-on-a"));
   await eventually("C sees the new path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 200);
   const narUrl = "/" + parseNarinfo((await C.http(`/${hashOf(path)}.narinfo`)).body).url;
-  await vanish(A, path); // A still announces it, and fails when asked for the NAR
+  // A still announces it, and fails when asked for the NAR: its file is now a FIFO, which no NAR
+  // can hold (a read error; a path whose files are simply gone is "not-found", a 404).
+  await run("rm", ["-f", join(A.storeRoot, path)]);
+  await run("mkfifo", [join(A.storeRoot, path)]);
   const nar = await C.http(narUrl);
   assert.equal(nar.status, 502, "a holder failed: a 5xx before any header, which Nix retries");
   // Nix 2.8 retries a 502 (up to download-attempts, 5 by default) and then fails the copy with it.

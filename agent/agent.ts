@@ -100,6 +100,8 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         peerQueries: c?.peerQueries ?? 0,
         failovers: c?.failovers ?? 0,
         transferFailures: c?.transferFailures ?? 0,
+        verifyFailures: c?.verifyFailures ?? 0,
+        queuedTransfers: c?.queuedTransfers ?? 0,
         refusedConnections: mesh?.tallies().refusedConnections ?? 0,
       },
       recentErrors: metrics.errors.list(),

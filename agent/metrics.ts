@@ -27,6 +27,12 @@ export interface MeshTallies {
   bytesFromPeers: number;
   bytesToPeers: number;
   refusedConnections: number;
+  /** NARs from peers that failed NarSize or NarHash. */
+  verifyFailures: number;
+  /** NAR requests that waited for a slot because every holder was at its transfer limit. */
+  queuedTransfers: number;
+  /** Peers asked last for every path after repeated wrong NARs (a gauge). */
+  peersPenalised: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -152,6 +158,8 @@ export class AgentMetrics {
     mirror("fleetcache_peer_bytes_sent_total", "NAR bytes sent to peers from this host's store.", (t) => t.bytesToPeers);
     mirror("fleetcache_nar_transfer_failures_total", "NAR transfers from a peer that failed part-way or could not start.", (t) => t.transferFailures);
     mirror("fleetcache_nar_failovers_total", "NAR transfers taken over by another holder after one failed.", (t) => t.failovers);
+    mirror("fleetcache_nar_verify_failures_total", "NARs from peers that failed their NarSize or NarHash (the holder is penalised).", (t) => t.verifyFailures);
+    mirror("fleetcache_nar_transfers_queued_total", "NAR requests that waited for a transfer slot because every holder was at its limit.", (t) => t.queuedTransfers);
     mirror("fleetcache_peer_queries_total", "Narinfo questions asked of peers.", (t) => t.peerQueries);
     mirror("fleetcache_peer_connections_refused_total", "Mesh connections refused after the handshake because the peer's key is not trusted.", (t) => t.refusedConnections);
     const gauge = (name: string, help: string, read: () => number) =>
@@ -164,6 +172,7 @@ export class AgentMetrics {
         },
       });
     gauge("fleetcache_peers_connected", "Fleet peers with a live mesh connection.", () => sources.peers().filter((p) => p.connected).length);
+    gauge("fleetcache_peers_penalised", "Peers asked last for every path after repeated wrong NAR bytes.", () => sources.mesh()?.peersPenalised ?? 0);
     gauge("fleetcache_peers_known", "Fleet peers known (connected or not).", () => sources.peers().length);
     gauge("fleetcache_store_paths", "Valid paths in this host's Nix store.", () => sources.storePaths());
     gauge("fleetcache_peer_paths_announced", "Store paths announced by peers, summed over peers (a path two peers hold counts twice).", () =>

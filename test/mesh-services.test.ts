@@ -566,6 +566,14 @@ test("per-peer limits: a ninth NAR transfer is busy, a 65th narinfo stream is re
     throw new Error("the slot was never freed");
   };
   assert.equal((await collect(await retry())).length, small.narSize);
+  // Eight held again; a ninth request waits (up to 2 s) for a slot: one freed meanwhile serves it.
+  const h9 = new AbortController();
+  holds.push(h9);
+  await openNar(b.node, aId, req, { signal: h9.signal });
+  const ninth = openNar(b.node, aId, smallReq);
+  await sleep(100); // the request has reached A and waits there
+  holds[1]!.abort();
+  assert.equal((await collect(await ninth)).length, small.narSize, "served once a slot freed, not busy");
   for (const h of holds) h.abort();
 
   // Narinfo: 64 open streams, each with an answered request so its handler surely runs.

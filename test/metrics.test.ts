@@ -112,7 +112,7 @@ test("GET /metrics counts hits, misses, NAR bytes and client errors, in Promethe
   assert.equal(value(e, "fleetcache_store_paths"), 1);
   assert.equal(value(e, "fleetcache_peers_connected"), 0);
   assert.equal(value(e, "fleetcache_peers_known"), 0);
-  for (const n of ["fleetcache_peer_bytes_received_total", "fleetcache_peer_bytes_sent_total", "fleetcache_nar_transfer_failures_total", "fleetcache_nar_failovers_total", "fleetcache_peer_queries_total", "fleetcache_peer_connections_refused_total", "fleetcache_peer_paths_announced"]) {
+  for (const n of ["fleetcache_peer_bytes_received_total", "fleetcache_peer_bytes_sent_total", "fleetcache_nar_transfer_failures_total", "fleetcache_nar_failovers_total", "fleetcache_peer_queries_total", "fleetcache_peer_connections_refused_total", "fleetcache_peer_paths_announced", "fleetcache_nar_verify_failures_total", "fleetcache_nar_transfers_queued_total", "fleetcache_peers_penalised"]) {
     assert.equal(value(e, n), 0, n);
   }
   assert.ok(value(e, "fleetcache_process_cpu_seconds_total")! > 0, "default process metrics, prefixed");

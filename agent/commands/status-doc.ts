@@ -13,6 +13,10 @@ export interface StatusPeer {
   lastSeen?: unknown;
   bytesSent?: number;
   bytesReceived?: number;
+  /** NARs from the peer that failed NarSize or NarHash. */
+  badNars?: number;
+  /** While set, the peer is asked last for every path (ms since the epoch). */
+  penalisedUntil?: number;
 }
 
 export interface StatusView {
@@ -40,6 +44,8 @@ export interface StatusView {
     peerQueries?: number;
     failovers?: number;
     transferFailures?: number;
+    verifyFailures?: number;
+    queuedTransfers?: number;
   };
   recentErrors: string[];
 }
@@ -91,6 +97,8 @@ export function readStatus(doc: unknown): StatusView {
         lastSeen: q.lastSeen,
         bytesSent: num(q.bytesSent),
         bytesReceived: num(q.bytesReceived),
+        badNars: num(q.badNars),
+        penalisedUntil: num(q.penalisedUntil),
       };
     }),
     counters: {
@@ -102,6 +110,8 @@ export function readStatus(doc: unknown): StatusView {
       peerQueries: counter(c, "peerQueries"),
       failovers: counter(c, "failovers"),
       transferFailures: counter(c, "transferFailures"),
+      verifyFailures: counter(c, "verifyFailures"),
+      queuedTransfers: counter(c, "queuedTransfers"),
     },
     recentErrors: (Array.isArray(d.recentErrors) ? d.recentErrors : []).map(describeError),
   };

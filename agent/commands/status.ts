@@ -50,6 +50,8 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
       p.bytesReceived !== undefined ? `received ${formatBytes(p.bytesReceived)}` : undefined,
       p.bytesSent !== undefined ? `sent ${formatBytes(p.bytesSent)}` : undefined,
       p.lastSeen !== undefined && formatAgo(p.lastSeen, now) ? `seen ${formatAgo(p.lastSeen, now)}` : undefined,
+      p.badNars ? `${p.badNars} wrong NARs` : undefined,
+      p.penalisedUntil !== undefined && p.penalisedUntil > now ? `PENALISED (asked last) for ${formatDuration(Math.ceil((p.penalisedUntil - now) / 1000))}` : undefined,
     ].filter(Boolean);
     lines.push(`  ${p.name}  ${facts.join(", ")}`);
     if (p.addresses.length) lines.push(`      ${p.addresses.join(" ")}`);
@@ -67,7 +69,8 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
     lines.push(`  narinfo: ${n(c.narinfoHitsLocal)} from this host, ${n(c.narinfoHitsPeer)} from peers, ${n(c.narinfoMisses)} misses` +
       (lookups > 0 ? ` (hit rate ${Math.round((100 * hits) / lookups)} %)` : ""));
     lines.push(`  NAR: ${b(c.narBytesServed)} served, ${b(c.narBytesFromPeers)} from peers`);
-    lines.push(`  peer queries ${n(c.peerQueries)}, failovers ${n(c.failovers)}, transfer failures ${n(c.transferFailures)}`);
+    lines.push(`  peer queries ${n(c.peerQueries)}, failovers ${n(c.failovers)}, transfer failures ${n(c.transferFailures)}` +
+      (c.verifyFailures !== undefined ? `, wrong NARs ${n(c.verifyFailures)}, queued ${n(c.queuedTransfers)}` : ""));
   }
 
   lines.push("", `recent errors: ${s.recentErrors.length ? "" : "none"}`);

@@ -49,6 +49,10 @@ export interface StatusPeer {
   bytesSent: number;
   /** NAR bytes received from the peer. */
   bytesReceived: number;
+  /** NARs from the peer that failed NarSize or NarHash (each bars it from that path for 10 min). */
+  badNars: number;
+  /** While set (ms since the epoch): asked last for every path, after 3 wrong NARs within 10 min. */
+  penalisedUntil?: number;
   /** How we learned of it: static, mdns, px (peer exchange), tailscale, inbound. */
   sources: string[];
   /** Failed dials since the last successful connection. */
@@ -69,6 +73,10 @@ export interface StatusCounters {
   peerQueries: number;
   failovers: number;
   transferFailures: number;
+  /** NARs from peers that failed NarSize or NarHash. */
+  verifyFailures: number;
+  /** NAR requests that waited for a transfer slot (every holder at its limit). */
+  queuedTransfers: number;
   /** Mesh connections refused after the handshake: the peer's key is not in the fleet. */
   refusedConnections: number;
 }

@@ -1,16 +1,19 @@
 // The PathSource the HTTP side uses when the mesh is on: this host's store first, then the peers
 // whose summaries say they may hold the path. A path no connected peer announces is a miss
 // without a question to any peer (the summaries are in memory); otherwise the closest holders
-// are asked, with a short deadline.
-import { createHash } from "node:crypto";
-import { parseHash } from "../../protocol/hash.js";
+// are asked, with a short deadline. NARs come from the fastest holder with a free transfer slot
+// (or wait in a queue for one), are verified whole against the narinfo, and a holder whose bytes
+// are wrong is passed over (penalties.ts).
+import { setTimeout as sleep } from "node:timers/promises";
 import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
 import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
-import { NarFetchError } from "./nar-service.js";
+import { MAX_NAR_TRANSFERS_PER_PEER, NarFetchError, NarVerifier } from "./nar-service.js";
+import { HolderPenalties, type PenaltyOptions } from "./penalties.js";
+import { TransferSlots } from "./transfer-slots.js";
 
 /** Which connected peers there are, fastest first (the peer manager). */
 export interface PeerDirectory {
@@ -37,13 +40,19 @@ export interface PeerRequests {
   nar(peerId: string, req: NarRequestFromPeer, signal: AbortSignal): Promise<AsyncIterable<Uint8Array>>;
 }
 
-export interface FleetSourceOptions {
+export interface FleetSourceOptions extends PenaltyOptions {
   /** How long a narinfo lookup may wait on peers in all. */
   narinfoDeadlineMs?: number;
   /** After this long without an answer, the next holder is asked as well. */
   hedgeAfterMs?: number;
   /** How long an answer from a peer is reused. */
   cacheTtlMs?: number;
+  /** Concurrent NAR transfers asked of one holder (its NAR service answers "busy" past 8). */
+  transfersPerHolder?: number;
+  /** Longest wait in a holder's queue for a transfer slot before the request fails (a 502). */
+  queueDeadlineMs?: number;
+  /** A peer NAR answer is held back until verified up to this many bytes (beyond: all but the last chunk flow). */
+  holdBytes?: number;
   /** Told of failures operators should see (a peer's NAR transfer or narinfo answer failing). */
   onError?: (e: { message: string; path?: string; peer: string }) => void;
 }
@@ -57,6 +66,10 @@ export interface FleetCounters {
   failovers: number;
   transferFailures: number;
   bytesFromPeers: number;
+  /** NARs from peers that failed NarSize or NarHash. */
+  verifyFailures: number;
+  /** NAR requests that waited for a slot because every holder was at its transfer limit. */
+  queuedTransfers: number;
 }
 
 interface Cached {
@@ -67,9 +80,18 @@ interface Cached {
 }
 
 const MAX_CACHED = 50_000;
+/** Nix waits for a response up to stalled-download-timeout (300 s) before giving up. */
+const QUEUE_DEADLINE_MS = 120_000;
+/** What one answer holds back until verified: most store paths' NARs fit whole. */
+const HOLD_BYTES = 8 * 1024 * 1024;
+/** A holder may still count a transfer that has ended on our side: how often to ask again. */
+const MAX_BUSY_RETRIES = 20;
+const BUSY_RETRY_MS = 25;
 
 export class FleetSource implements PathSource {
-  readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0 };
+  readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0, verifyFailures: 0, queuedTransfers: 0 };
+  /** Holders whose bytes failed verification (read by the status document and metrics). */
+  readonly penalties: HolderPenalties;
   /** NAR bytes received, by peer ID. */
   readonly bytesFromPeer = new Map<string, number>();
   /** PathInfos made from peers' narinfos (the HTTP side labels hits by source). */
@@ -80,6 +102,9 @@ export class FleetSource implements PathSource {
   private readonly deadlineMs: number;
   private readonly hedgeMs: number;
   private readonly ttlMs: number;
+  private readonly queueMs: number;
+  private readonly holdBytes: number;
+  private readonly slots: TransferSlots;
 
   constructor(
     private readonly local: LocalStore,
@@ -93,6 +118,10 @@ export class FleetSource implements PathSource {
     this.hedgeMs = opts.hedgeAfterMs ?? 250;
     this.ttlMs = opts.cacheTtlMs ?? 30_000;
     this.#onError = opts.onError ?? (() => {});
+    this.queueMs = opts.queueDeadlineMs ?? QUEUE_DEADLINE_MS;
+    this.holdBytes = opts.holdBytes ?? HOLD_BYTES;
+    this.slots = new TransferSlots(opts.transfersPerHolder ?? MAX_NAR_TRANSFERS_PER_PEER);
+    this.penalties = new HolderPenalties(opts);
   }
 
   /** Whether `info` came from a peer rather than this host's store. */
@@ -147,12 +176,12 @@ export class FleetSource implements PathSource {
     yield* this.remoteNar(hashPart, info, start, end);
   }
 
-  /** Connected peers announcing the path, fastest first. */
+  /** Connected peers announcing the path, fastest first; penalised ones last, barred ones left out. */
   private holders(hashPart: string): string[] {
     const announced = this.index.holders(hashPart);
     if (announced.length === 0) return announced;
     const set = new Set(announced);
-    return this.peers.connectedPeers().filter((p) => set.has(p));
+    return this.penalties.order(this.peers.connectedPeers().filter((p) => set.has(p)), hashPart);
   }
 
   /**
@@ -217,55 +246,121 @@ export class FleetSource implements PathSource {
   }
 
   /**
-   * NAR bytes from peers. A peer failing mid-way is replaced by the next holder at the byte
-   * offset reached (NAR bytes are canonical). A whole NAR is hashed as it goes, and its last chunk
-   * is held back until size and hash check out, so a corrupt NAR never reaches Nix complete.
+   * NAR bytes from peers, always verified: the whole NAR goes through one NarVerifier (from byte
+   * 0 even for a Range, whose bytes before `start` are hashed and dropped), and what the client
+   * gets is held back until the hash checks out, up to `holdBytes`; past that, all but the last
+   * chunk flow on, so a wrong NAR is still never complete. A holder failing mid-way is replaced
+   * at the byte reached (NAR bytes are canonical). Wrong bytes penalise their holders and, while
+   * nothing has gone out, the NAR starts over from another holder.
    */
   private async *remoteNar(hashPart: string, info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
-    const cachedFrom = this.cache.get(hashPart)?.from;
-    const holders = this.holders(hashPart);
-    const order = cachedFrom && holders.includes(cachedFrom) ? [cachedFrom, ...holders.filter((p) => p !== cachedFrom)] : holders;
-    if (order.length === 0) throw new NarGoneError(`no connected peer holds ${info.storePath} any more`);
-    const whole = start === 0 && end === info.narSize;
-    const hash = whole ? createHash("sha256") : undefined;
-    let offset = start;
-    let held: Buffer | undefined;
-    // Holders that answer "not found" have lost the path since they announced it (a GC racing
-    // its summary delta): if all of them do, the path is gone, not unavailable.
-    let allNotFound = true;
-    for (const [i, peer] of order.entries()) {
-      if (offset >= end) break;
-      if (i > 0) this.counters.failovers++;
+    const skip = new Set<string>(); // holders that failed this request
+    let verifier = new NarVerifier(info.narHash, info.narSize);
+    let contributors = new Set<string>();
+    let held: Buffer[] = [];
+    let heldBytes = 0;
+    let sent = false;
+    let busy = 0;
+    let attempts = 0;
+    let allGone = true; // every holder asked answered "not-found" (collected since it announced it)
+    let pause = 0; // before asking again after "busy" (with no slot of ours held meanwhile)
+    for (;;) {
+      if (pause) await sleep(pause);
+      pause = 0;
+      const peer = await this.holderSlot(hashPart, skip, info.storePath);
+      if (peer === undefined) break;
+      if (attempts++ > 0) this.counters.failovers++;
       const controller = new AbortController();
+      let body = false; // whether the header came and bytes are the peer's
       try {
-        const chunks = await this.requests.nar(peer, { hashPart, narHash: info.narHash, offset, narSize: info.narSize }, controller.signal);
+        const chunks = await this.requests.nar(peer, { hashPart, narHash: info.narHash, offset: verifier.bytes, narSize: info.narSize }, controller.signal);
+        body = true;
+        contributors.add(peer);
         for await (const c of chunks) {
-          const chunk = Buffer.from(c.buffer, c.byteOffset, Math.min(c.length, end - offset));
-          offset += chunk.length;
-          this.counters.bytesFromPeers += chunk.length;
-          this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + chunk.length);
-          hash?.update(chunk);
-          if (held) yield held;
-          held = Buffer.from(chunk); // a copy: the reader may reuse its buffers
-          if (offset >= end) break;
+          const from = verifier.bytes;
+          verifier.update(c);
+          this.counters.bytesFromPeers += c.length;
+          this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + c.length);
+          const [s, e] = [Math.max(from, start), Math.min(verifier.bytes, end)];
+          if (e > s) {
+            held.push(Buffer.from(c.subarray(s - from, e - from))); // a copy: the reader may reuse its buffers
+            heldBytes += e - s;
+          }
+          while (heldBytes > this.holdBytes && held.length > 1) {
+            const out = held.shift()!;
+            heldBytes -= out.length;
+            sent = true;
+            yield out;
+          }
         }
+        verifier.finish();
       } catch (err) {
-        if (!(err instanceof NarFetchError && err.reason === "not-found")) allNotFound = false;
-        this.counters.transferFailures++;
-        this.log.warn({ peer, path: info.storePath, offset, err: (err as Error).message }, "NAR transfer from peer failed; trying the next holder");
-        this.#onError({ message: `NAR transfer failed at byte ${offset}: ${(err as Error).message}`, path: info.storePath, peer });
+        const reason = err instanceof NarFetchError ? err.reason : undefined;
+        if (reason === "busy") {
+          // Its last transfer has not quite ended on its side: ask again shortly, not a failure.
+          if (++busy > MAX_BUSY_RETRIES) skip.add(peer);
+          attempts--;
+          pause = BUSY_RETRY_MS * busy;
+          continue;
+        }
+        if (reason !== "size-mismatch" && reason !== "hash-mismatch") {
+          if (reason !== "not-found") allGone = false;
+          this.counters.transferFailures++;
+          skip.add(peer);
+          this.log.warn({ peer, path: info.storePath, offset: verifier.bytes, err: (err as Error).message }, "NAR transfer from peer failed; trying the next holder");
+          this.#onError({ message: `NAR transfer failed at byte ${verifier.bytes}: ${(err as Error).message}`, path: info.storePath, peer });
+          continue;
+        }
+        allGone = false;
+        // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
+        // hash (or runs long) may have been stitched from several holders: each is barred from
+        // this path, and only a sole sender earns a strike as a peer.
+        const blamed = body ? [...contributors] : [peer];
+        this.counters.verifyFailures++;
+        for (const p of blamed) {
+          this.penalties.wrongBytes(p, hashPart, blamed.length === 1);
+          skip.add(p);
+          this.#onError({ message: `wrong NAR bytes (${reason}): ${(err as Error).message}`, path: info.storePath, peer: p });
+        }
+        this.log.warn({ peers: blamed, path: info.storePath, err: (err as Error).message }, "NAR from peers failed verification; penalised");
+        if (!body) continue;
+        if (sent) throw new NarUnavailableError(`NAR of ${info.storePath} from peers does not match its NarHash`);
+        verifier = new NarVerifier(info.narHash, info.narSize); // start over, nothing went out
+        contributors = new Set();
+        held = [];
+        heldBytes = 0;
+        continue;
       } finally {
         controller.abort();
+        this.slots.release(peer);
       }
+      for (const out of held) yield out;
+      return;
     }
-    if (offset === start && allNotFound) throw new NarGoneError(`every holder of ${info.storePath} has lost it`);
-    if (offset < end) {
-      throw new NarUnavailableError(`no peer could send ${info.storePath} (got ${offset - start} of ${end - start} bytes)`);
+    // Nix takes a 404 as "not in this cache" and moves on; a 502 it retries.
+    if (!sent && allGone) throw new NarGoneError(`no connected peer holds ${info.storePath} any more`);
+    throw new NarUnavailableError(`no peer could send ${info.storePath} (got ${verifier.bytes} of ${info.narSize} bytes)`);
+  }
+
+  /**
+   * The holder to ask next, with a transfer slot taken on it: the first (fastest, not penalised)
+   * one with room; if all are at their limit, a place in the first one's queue. Undefined when no
+   * holder is left; NarUnavailableError when the queue's deadline passes.
+   */
+  private async holderSlot(hashPart: string, skip: Set<string>, storePath: string): Promise<string | undefined> {
+    const cachedFrom = this.cache.get(hashPart)?.from;
+    const holders = this.holders(hashPart).filter((p) => !skip.has(p));
+    const order = cachedFrom && holders.includes(cachedFrom) ? [cachedFrom, ...holders.filter((p) => p !== cachedFrom)] : holders;
+    if (order.length === 0) return undefined;
+    const free = order.find((p) => this.slots.tryAcquire(p));
+    if (free !== undefined) return free;
+    this.counters.queuedTransfers++;
+    try {
+      await this.slots.acquire(order[0]!, this.queueMs);
+    } catch (err) {
+      throw new NarUnavailableError(`${storePath}: ${(err as Error).message} on ${order.length} busy holder(s)`);
     }
-    if (hash && !Buffer.from(parseHash(info.narHash)).equals(hash.digest())) {
-      throw new NarUnavailableError(`NAR of ${info.storePath} from peers does not match its NarHash`);
-    }
-    if (held) yield held;
+    return order[0]!;
   }
 }
 

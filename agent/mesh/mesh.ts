@@ -11,6 +11,7 @@ import { openNar } from "./nar-service.js";
 import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
+import type { PeerPenaltyStatus } from "./penalties.js";
 import { PeerManager, type PeerInfo } from "./peer-manager.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
@@ -32,7 +33,7 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & { pathCount?: number; bytesSent: number; bytesReceived: number })[];
+  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number })[];
 }
 
 export class Mesh {
@@ -97,6 +98,7 @@ export class Mesh {
         pathCount: this.summaries.pathCount(p.peerId),
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
+        ...this.source.penalties.status(p.peerId),
       })),
     };
   }
@@ -115,6 +117,9 @@ export class Mesh {
       bytesFromPeers: c.bytesFromPeers,
       bytesToPeers: this.sent.total,
       refusedConnections: this.refused.connections,
+      verifyFailures: c.verifyFailures,
+      queuedTransfers: c.queuedTransfers,
+      peersPenalised: this.source.penalties.peersPenalised(),
     };
   }
 

@@ -20,11 +20,12 @@ import { encodeNix32 } from "../../protocol/nix32.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
-import { NarGoneError, primed } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
+import { NarGoneError } from "../source.js";
 import type { MeshNode, MeshStream } from "./node.js";
 import { writeAll, writeFrame } from "./stream-io.js";
-import { FIRST_REQUEST_MS, PeerSlots, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
+import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
+import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
 
 export const MAX_NAR_TRANSFERS_PER_PEER = 8;
 /** A NAR stream whose reader takes nothing for this long is reset (spec: 60 s). */
@@ -32,19 +33,27 @@ export const NAR_SEND_STALL_MS = 60_000;
 /** Requester deadlines (spec recommendations): the header, then progress during the bytes. */
 export const NAR_HEADER_DEADLINE_MS = 5_000;
 export const NAR_RECEIVE_STALL_MS = 30_000;
+/**
+ * How long a request past the limit waits for a slot before the answer is "busy": a requester
+ * that keeps to the limit may open its next transfer a moment before our side of the last one
+ * ends. Well under the requester's header deadline.
+ */
+export const NAR_SLOT_WAIT_MS = 2_000;
 
 export interface NarServeOptions {
   firstRequestMs?: number;
   sendStallMs?: number;
-  /** Concurrent transfers per peer (spec: 8); more are answered busy. */
+  /** Concurrent transfers per peer (spec: 8); more wait up to slotWaitMs, then are answered busy. */
   maxTransfersPerPeer?: number;
+  slotWaitMs?: number;
 }
 
 /** Serves NARs of `local` only; never asks another peer. */
 export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, opts: NarServeOptions = {}): Promise<void> {
   const firstMs = opts.firstRequestMs ?? FIRST_REQUEST_MS;
   const stallMs = opts.sendStallMs ?? NAR_SEND_STALL_MS;
-  const slots = new PeerSlots(opts.maxTransfersPerPeer ?? MAX_NAR_TRANSFERS_PER_PEER);
+  const slots = new TransferSlots(opts.maxTransfersPerPeer ?? MAX_NAR_TRANSFERS_PER_PEER);
+  const slotWaitMs = opts.slotWaitMs ?? NAR_SLOT_WAIT_MS;
   await node.handle(
     PROTOCOL_NAR,
     async ({ stream, reader, peerId, peer }) => {
@@ -54,23 +63,27 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
       const req = decodeNarRequest(frame); // malformed: throws, the stream is reset
       const found = await lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
       if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
-      if (!slots.tryAcquire(peerId)) {
+      try {
+        await slots.acquire(peerId, slotWaitMs);
+      } catch (err) {
+        if (!(err instanceof SlotTimeoutError)) throw err;
         return writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.busy, `more than ${slots.limit} transfers`)));
       }
       try {
-        // "ok" only once the store has produced the first bytes: a path collected since the lookup
-        // (a GC racing the summary delta) is "not found", which tells the requester it is gone.
-        let bytes: AsyncGenerator<Buffer>;
+        // The header only once the first bytes are read: a path collected since the lookup is
+        // "not-found" (the requester then knows it is gone), not NarOk and a reset.
+        const bytes = local.narStream(found, req.offset, found.narSize)[Symbol.asyncIterator]();
+        let first: IteratorResult<Buffer>;
         try {
-          bytes = await primed(local.narStream(found, req.offset, found.narSize));
+          first = await bytes.next();
         } catch (err) {
           if (!(err instanceof NarGoneError)) throw err;
-          return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "the path is gone from the store")));
+          return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "collected since the lookup")));
         }
         await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize }));
         const watchdog = new Watchdog(stallMs, `no progress for ${stallMs} ms`);
         try {
-          const sent = await writeAll(stream, watchdog.feed(bytes), { signal: watchdog.signal });
+          const sent = await writeAll(stream, watchdog.feed(prepend(first, bytes)), { signal: watchdog.signal });
           // narStream throws rather than end early; this only guards against a bug there.
           if (sent !== found.narSize - req.offset) throw new Error(`sent ${sent} of ${found.narSize - req.offset} NAR bytes`);
         } finally {
@@ -98,6 +111,17 @@ async function lookup(local: LocalStore, hashPart: string, narHash: string, offs
   if (!info || info.narHash !== narHash) return narError(NAR_ERROR.notFound, "no such path with that NAR hash");
   if (offset > info.narSize) return narError(NAR_ERROR.badOffset, `offset ${offset} beyond NAR size ${info.narSize}`);
   return info;
+}
+
+/** The first result, then the rest of the iterator; returning early closes the rest. */
+async function* prepend<T>(first: IteratorResult<T>, rest: AsyncIterator<T>): AsyncGenerator<T> {
+  try {
+    if (first.done) return;
+    yield first.value;
+    for (let r = await rest.next(); !r.done; r = await rest.next()) yield r.value;
+  } finally {
+    await rest.return?.();
+  }
 }
 
 function narError(code: number, message: string): NarResponseHeader {

@@ -30,7 +30,7 @@ export interface FleetHost {
 
 export interface AgentStatus {
   self: { peerId: string; publicKey: string; paths: number };
-  peers: { peerId: string; name: string; connected: boolean; pathCount?: number; addresses: string[] }[];
+  peers: { peerId: string; name: string; publicKey: string; connected: boolean; pathCount?: number; addresses: string[] }[];
   counters: Record<string, number>;
 }
 
@@ -114,6 +114,22 @@ function makeHost(name: string, net: NetHost, dir: string, keyFile: string, publ
 }
 
 /** Waits until `check` returns a truthy value (polling), or fails after `ms`. */
+/**
+ * Waits until `viewer` holds `holder`'s whole current summary: the holder's agent counts every
+ * path Nix has in its store (its watcher polls, so it lags an addition by up to a poll) and the
+ * viewer has that many from it. Comparing with the agent's own count alone could pass before
+ * the holder has seen a path just added. Counts only: a deletion and an addition together look
+ * like no change, so tests must not delete on the holder right before adding.
+ */
+export async function announcedTo(viewer: FleetHost, holder: FleetHost): Promise<void> {
+  const inStore = (await run("nix", [...NIX_FLAGS, "path-info", "--store", holder.storeRoot, "--all"])).trim().split("\n").filter(Boolean).length;
+  await eventually(`${viewer.name} has ${holder.name}'s whole summary (${inStore} paths)`, async () => {
+    const paths = (await holder.status()).self.paths;
+    const p = (await viewer.status()).peers.find((x) => x.publicKey === holder.publicKey);
+    return paths === inStore && p?.connected && p.pathCount === inStore;
+  });
+}
+
 export async function eventually<T>(what: string, check: () => Promise<T | undefined | false>, ms = 20_000): Promise<T> {
   const until = Date.now() + ms;
   let last: unknown;

@@ -1,0 +1,362 @@
+// FleetSource, the router, against a fake fleet: holders are plain objects that serve a NAR's
+// bytes (or wrong ones, or "busy" past their transfer limit, as the real NAR service does), so
+// failover order, queueing, penalties and verification can be checked without a network.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash, randomBytes } from "node:crypto";
+import { setTimeout as sleep } from "node:timers/promises";
+import { createLogger } from "../agent/log.js";
+import { FleetSource, type NarRequestFromPeer, type PeerRequests } from "../agent/mesh/fleet-source.js";
+import { NarFetchError } from "../agent/mesh/nar-service.js";
+import type { LocalStore } from "../agent/store/local-store.js";
+import type { Narinfo } from "../protocol/narinfo.js";
+import { encodeNix32 } from "../protocol/nix32.js";
+import type { PathInfo } from "../protocol/path-info.js";
+
+const HASH_PART = "0".repeat(31) + "1";
+const log = createLogger({ level: "silent", pretty: false });
+
+interface FakeHolder {
+  /** The bytes it serves (may differ from the real NAR). */
+  bytes: Buffer;
+  /** Concurrent transfers it allows; more are answered "busy" (the NAR service's limit). */
+  limit: number;
+  active: number;
+  maxActive: number;
+  requests: NarRequestFromPeer[];
+  /** Chunks it sends, and a pause between them so transfers overlap. */
+  chunk: number;
+  delayMs: number;
+  busyAnswers: number;
+}
+
+function holder(bytes: Buffer, opts: Partial<FakeHolder> = {}): FakeHolder {
+  return { bytes, limit: 8, active: 0, maxActive: 0, requests: [], chunk: 4096, delayMs: 0, busyAnswers: 0, ...opts };
+}
+
+function nar(size: number): { bytes: Buffer; info: PathInfo; narinfo: Narinfo } {
+  const bytes = randomBytes(size);
+  const narHash = "sha256:" + encodeNix32(createHash("sha256").update(bytes).digest());
+  const storePath = `/nix/store/${HASH_PART}-test`;
+  const info: PathInfo = { storePath, narHash, narSize: size, references: [], sigs: [] };
+  const narinfo = { ...info, url: "nar/x.nar", compression: "none" } as unknown as Narinfo;
+  return { bytes, info, narinfo };
+}
+
+/** A FleetSource over fake holders (peer IDs are their keys, in "fastest first" order). */
+function fleet(holders: Record<string, FakeHolder>, narinfo: Narinfo, opts: ConstructorParameters<typeof FleetSource>[5] = {}) {
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const order = Object.keys(holders);
+  const requests: PeerRequests = {
+    narinfo: async () => narinfo,
+    async nar(peer, req, signal) {
+      const h = holders[peer]!;
+      h.requests.push(req);
+      if (h.active >= h.limit) {
+        h.busyAnswers++;
+        throw new NarFetchError("busy", `peer: more than ${h.limit} transfers`);
+      }
+      if (h.bytes.length !== req.narSize) throw new NarFetchError("size-mismatch", `peer announced ${h.bytes.length} bytes`);
+      h.active++;
+      h.maxActive = Math.max(h.maxActive, h.active);
+      return (async function* () {
+        try {
+          for (let o = req.offset; o < h.bytes.length; o += h.chunk) {
+            if (h.delayMs) await sleep(h.delayMs);
+            signal.throwIfAborted();
+            yield h.bytes.subarray(o, Math.min(o + h.chunk, h.bytes.length));
+          }
+        } finally {
+          h.active--;
+        }
+      })();
+    },
+  };
+  const source = new FleetSource(local, { connectedPeers: () => order }, { holders: () => order }, requests, log, opts);
+  return source;
+}
+
+async function collect(chunks: AsyncIterable<Buffer>): Promise<Buffer> {
+  const out: Buffer[] = [];
+  for await (const c of chunks) out.push(Buffer.from(c));
+  return Buffer.concat(out);
+}
+
+function corrupt(bytes: Buffer, at: number): Buffer {
+  const bad = Buffer.from(bytes);
+  bad[at] = bad[at]! ^ 0xff;
+  return bad;
+}
+
+test("16 parallel downloads from one holder that allows 8 transfers: all 16 complete, never more than 8 at once", async () => {
+  const { bytes, info, narinfo } = nar(64 * 1024);
+  const a = holder(bytes, { limit: 8, delayMs: 2 });
+  const source = fleet({ a }, narinfo);
+  const got = await Promise.allSettled(Array.from({ length: 16 }, () => collect(source.narStream(info, 0, info.narSize))));
+  const ok = got.filter((r) => r.status === "fulfilled" && r.value.equals(bytes)).length;
+  assert.equal(ok, 16, got.map((r) => (r.status === "rejected" ? (r.reason as Error).message : "ok")).join("; "));
+  assert.ok(a.maxActive <= 8, `at most 8 transfers at once (saw ${a.maxActive})`);
+  assert.ok(source.counters.queuedTransfers > 0, "the requests past the limit waited in the queue");
+});
+
+test("past one holder's limit, a request goes to another holder that has room", async () => {
+  const { bytes, info, narinfo } = nar(32 * 1024);
+  const a = holder(bytes, { limit: 2, delayMs: 5 });
+  const b = holder(bytes, { limit: 2, delayMs: 5 });
+  const source = fleet({ a, b }, narinfo, { transfersPerHolder: 2 });
+  const got = await Promise.all(Array.from({ length: 4 }, () => collect(source.narStream(info, 0, info.narSize))));
+  for (const g of got) assert.ok(g.equals(bytes));
+  assert.equal(a.requests.length, 2, "the fastest holder took what it could");
+  assert.equal(b.requests.length, 2, "the rest went to the other holder rather than wait");
+  assert.equal(a.busyAnswers + b.busyAnswers, 0, "no holder was asked past its limit");
+});
+
+test("a queued request gives up at its deadline with NarUnavailableError (a 502 Nix retries), not a hang", async () => {
+  const { bytes, info, narinfo } = nar(16 * 1024);
+  const a = holder(bytes, { limit: 1, delayMs: 50 });
+  const source = fleet({ a }, narinfo, { transfersPerHolder: 1, queueDeadlineMs: 20 });
+  const first = collect(source.narStream(info, 0, info.narSize));
+  await assert.rejects(collect(source.narStream(info, 0, info.narSize)), /waited .* for a transfer slot/);
+  assert.ok((await first).equals(bytes));
+});
+
+test("a holder answering busy anyway (its slot not yet freed) is asked again, not counted as failed", async () => {
+  const { bytes, info, narinfo } = nar(8 * 1024);
+  const a = holder(bytes, { limit: 1 });
+  let refusals = 2;
+  const source = fleet({ a }, narinfo);
+  const orig = a.limit;
+  a.limit = 0; // refuses until we reopen it
+  const reopen = setInterval(() => {
+    if (--refusals <= 0) {
+      a.limit = orig;
+      clearInterval(reopen);
+    }
+  }, 5);
+  assert.ok((await collect(source.narStream(info, 0, info.narSize))).equals(bytes));
+  assert.ok(a.busyAnswers >= 1);
+  assert.equal(source.counters.transferFailures, 0);
+});
+
+test("wrong bytes from the first holder: the answer comes from the next one, and the first is penalised for the path", async () => {
+  const { bytes, info, narinfo } = nar(20_000);
+  const bad = holder(corrupt(bytes, 12_345));
+  const good = holder(bytes);
+  const source = fleet({ bad, good }, narinfo);
+  const got = await collect(source.narStream(info, 0, info.narSize));
+  assert.ok(got.equals(bytes), "the client got the right bytes");
+  // The next request does not go to the bad holder at all.
+  const before = bad.requests.length;
+  assert.ok((await collect(source.narStream(info, 0, info.narSize))).equals(bytes));
+  assert.equal(bad.requests.length, before, "the bad holder was not asked again for this path");
+  const p = source.penalties.status("bad");
+  assert.equal(p.badNars, 1);
+  assert.equal(source.penalties.status("good").badNars, 0);
+  assert.equal(source.counters.verifyFailures, 1);
+});
+
+test("a holder announcing the wrong NarSize is penalised and passed over", async () => {
+  const { bytes, info, narinfo } = nar(10_000);
+  const bad = holder(Buffer.concat([bytes, Buffer.from("x")]));
+  const good = holder(bytes);
+  const source = fleet({ bad, good }, narinfo);
+  assert.ok((await collect(source.narStream(info, 0, info.narSize))).equals(bytes));
+  assert.equal(source.penalties.status("bad").badNars, 1);
+});
+
+test("after repeated wrong bytes a holder is penalised as a peer: asked last for other paths too", async () => {
+  const { bytes, info, narinfo } = nar(4096);
+  const bad = holder(corrupt(bytes, 7));
+  const good = holder(bytes);
+  const source = fleet({ bad, good }, narinfo, { strikesBeforePeerPenalty: 1 });
+  assert.ok((await collect(source.narStream(info, 0, info.narSize))).equals(bytes));
+  const status = source.penalties.status("bad");
+  assert.ok(status.penalisedUntil && status.penalisedUntil > Date.now(), "penalised as a peer");
+  assert.equal(source.penalties.peersPenalised(), 1);
+});
+
+test("the only holder serves wrong bytes: NarUnavailableError before any byte, and no complete wrong NAR ever", async () => {
+  const { bytes, info, narinfo } = nar(30_000);
+  const bad = holder(corrupt(bytes, 29_999));
+  const source = fleet({ bad }, narinfo);
+  const out: Buffer[] = [];
+  await assert.rejects(
+    (async () => {
+      for await (const c of source.narStream(info, 0, info.narSize)) out.push(c);
+    })(),
+    /NarHash|no peer could send/,
+  );
+  assert.equal(Buffer.concat(out).length, 0, "nothing of a wrong NAR reached the client");
+});
+
+test("Range from peer data: the bytes are verified against the whole NAR's hash before any is sent", async () => {
+  const { bytes, info, narinfo } = nar(50_000);
+  // The wrong byte lies inside the range asked for.
+  const bad = holder(corrupt(bytes, 40_000));
+  const source = fleet({ bad }, narinfo);
+  const out: Buffer[] = [];
+  await assert.rejects(
+    (async () => {
+      for await (const c of source.narStream(info, 30_000, 50_000)) out.push(c);
+    })(),
+  );
+  assert.equal(Buffer.concat(out).length, 0, "no unverified byte of a 206");
+  // With an intact holder the range is right.
+  const good = holder(bytes);
+  const source2 = fleet({ bad: holder(corrupt(bytes, 40_000)), good }, narinfo);
+  assert.ok((await collect(source2.narStream(info, 30_000, 50_000))).equals(bytes.subarray(30_000, 50_000)));
+  assert.ok((await collect(source2.narStream(info, 100, 200))).equals(bytes.subarray(100, 200)));
+});
+
+test("a wrong byte before the range start is caught too (the whole NAR is hashed)", async () => {
+  const { bytes, info, narinfo } = nar(50_000);
+  const bad = holder(corrupt(bytes, 5));
+  const good = holder(bytes);
+  const source = fleet({ bad, good }, narinfo);
+  assert.ok((await collect(source.narStream(info, 30_000, 50_000))).equals(bytes.subarray(30_000, 50_000)));
+  assert.equal(source.penalties.status("bad").badNars, 1);
+});
+
+test("a holder failing mid-way is replaced at the byte reached, and the stitched NAR is verified", async () => {
+  const { bytes, info, narinfo } = nar(40_000);
+  const flaky = holder(bytes);
+  const good = holder(bytes);
+  const source = fleet({ flaky, good }, narinfo);
+  // flaky stops after 3 chunks.
+  const inner = (source as unknown as { requests: PeerRequests }).requests;
+  const orig = inner.nar.bind(inner);
+  inner.nar = async (peer, req, signal) => {
+    const it = await orig(peer, req, signal);
+    if (peer !== "flaky") return it;
+    return (async function* () {
+      let n = 0;
+      for await (const c of it) {
+        if (n++ === 3) throw new NarFetchError("interrupted", "cut");
+        yield c;
+      }
+    })();
+  };
+  assert.ok((await collect(source.narStream(info, 0, info.narSize))).equals(bytes));
+  assert.equal(good.requests[0]?.offset, 3 * 4096, "the next holder continued at the byte reached");
+  assert.equal(source.counters.failovers, 1);
+  assert.equal(source.penalties.status("flaky").badNars, 0, "an interrupted transfer is not a wrong NAR");
+});
+
+test("a NAR larger than what is held back: bytes flow before the end, but a wrong one never arrives complete", async () => {
+  const { bytes, info, narinfo } = nar(64 * 1024);
+  const bad = holder(corrupt(bytes, 60_000));
+  const source = fleet({ bad }, narinfo, { holdBytes: 8192 });
+  const out: Buffer[] = [];
+  await assert.rejects(
+    (async () => {
+      for await (const c of source.narStream(info, 0, info.narSize)) out.push(c);
+    })(),
+    /does not match its NarHash/,
+  );
+  const got = Buffer.concat(out).length;
+  assert.ok(got > 0 && got < info.narSize, `cut short (${got} of ${info.narSize} bytes)`);
+  // The right bytes from an intact holder stream the same way and arrive whole.
+  const good = fleet({ good: holder(bytes) }, narinfo, { holdBytes: 8192 });
+  assert.ok((await collect(good.narStream(info, 0, info.narSize))).equals(bytes));
+});
+
+test("transfer slots: waiters are served in arrival order", async () => {
+  const { TransferSlots } = await import("../agent/mesh/transfer-slots.js");
+  const slots = new TransferSlots(1);
+  assert.ok(slots.tryAcquire("p"));
+  const order: number[] = [];
+  const waits = [1, 2, 3].map((i) => slots.acquire("p", 10_000).then(() => order.push(i)));
+  assert.equal(slots.tryAcquire("p"), false, "no jumping the queue");
+  for (let i = 0; i < 3; i++) {
+    slots.release("p");
+    await new Promise((r) => setImmediate(r));
+  }
+  await Promise.all(waits);
+  assert.deepEqual(order, [1, 2, 3]);
+  slots.release("p");
+  assert.equal(slots.inUse("p"), 0);
+});
+
+// --- narinfo lookups: hedging, deadline, in-flight sharing, reuse ---------------------------------
+
+type Answer = "yes" | "no" | "never" | "error";
+
+/** A FleetSource whose holders answer narinfo questions as told; records who was asked. */
+function lookupFleet(answers: Record<string, Answer>, opts: ConstructorParameters<typeof FleetSource>[5] = {}) {
+  const { narinfo } = nar(100);
+  const asked: string[] = [];
+  const order = Object.keys(answers);
+  const requests: PeerRequests = {
+    narinfo: (peer, _hashPart, signal) => {
+      asked.push(peer);
+      const a = answers[peer]!;
+      if (a === "yes") return Promise.resolve(narinfo);
+      if (a === "no") return Promise.resolve(undefined);
+      if (a === "error") return Promise.reject(new Error("reset"));
+      return new Promise((_, reject) => signal.addEventListener("abort", () => reject(new Error("aborted")))); // never answers
+    },
+    nar: () => Promise.reject(new Error("not used")),
+  };
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const source = new FleetSource(local, { connectedPeers: () => order }, { holders: () => order }, requests, log, opts);
+  return { source, asked };
+}
+
+test("narinfo: a silent first holder is hedged: the next is asked too, and its answer wins", async () => {
+  const { source, asked } = lookupFleet({ slow: "never", fast: "yes" }, { hedgeAfterMs: 1, narinfoDeadlineMs: 60_000 });
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["slow", "fast"]);
+  assert.ok(source.fromPeer((await source.pathInfo(HASH_PART))!));
+});
+
+test("narinfo: a 'no' or an error moves on to the next holder at once, in order", async () => {
+  const { source, asked } = lookupFleet({ a: "no", b: "error", c: "yes" }, { hedgeAfterMs: 60_000 });
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["a", "b", "c"]);
+});
+
+test("narinfo: when no holder answers, the deadline ends the lookup as a miss", async () => {
+  const { source, asked } = lookupFleet({ a: "never", b: "never" }, { hedgeAfterMs: 1, narinfoDeadlineMs: 30 });
+  assert.equal(await source.pathInfo(HASH_PART), undefined);
+  assert.deepEqual(asked, ["a", "b"]);
+  assert.equal(source.counters.misses, 1);
+});
+
+test("narinfo: concurrent lookups share one round of questions, and an answer is reused within its TTL", async () => {
+  const { source, asked } = lookupFleet({ a: "yes" }, { cacheTtlMs: 60_000 });
+  const [x, y] = await Promise.all([source.pathInfo(HASH_PART), source.pathInfo(HASH_PART)]);
+  assert.equal(x, y);
+  await source.pathInfo(HASH_PART);
+  assert.deepEqual(asked, ["a"], "one question for three lookups");
+  const expired = lookupFleet({ a: "yes" }, { cacheTtlMs: 0 });
+  await expired.source.pathInfo(HASH_PART);
+  await sleep(2);
+  await expired.source.pathInfo(HASH_PART);
+  assert.deepEqual(expired.asked, ["a", "a"], "asked again once the TTL passed");
+});
+
+test("narinfo: a holder barred for the path (wrong bytes) is not asked; with none left it is a miss", async () => {
+  const { source, asked } = lookupFleet({ bad: "yes", good: "yes" });
+  source.penalties.wrongBytes("bad", HASH_PART);
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["good"]);
+  const only = lookupFleet({ bad: "yes" });
+  only.source.penalties.wrongBytes("bad", HASH_PART);
+  assert.equal(await only.source.pathInfo(HASH_PART), undefined);
+  assert.deepEqual(only.asked, []);
+});
+
+test("every holder answers not-found (collected since announcing it): NarGoneError, a 404 Nix does not retry", async () => {
+  const { bytes, info, narinfo } = nar(1000);
+  const source = fleet({ a: holder(bytes), b: holder(bytes) }, narinfo);
+  const inner = (source as unknown as { requests: PeerRequests }).requests;
+  inner.nar = async () => {
+    throw new NarFetchError("not-found", "peer: no such path with that NAR hash");
+  };
+  const { NarGoneError, NarUnavailableError } = await import("../agent/source.js");
+  await assert.rejects(collect(source.narStream(info, 0, info.narSize)), NarGoneError);
+  inner.nar = async (peer) => {
+    throw new NarFetchError(peer === "a" ? "not-found" : "interrupted", "x");
+  };
+  await assert.rejects(collect(source.narStream(info, 0, info.narSize)), NarUnavailableError);
+});

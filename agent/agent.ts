@@ -100,6 +100,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         failovers: c?.failovers ?? 0,
         transferFailures: c?.transferFailures ?? 0,
         refusedConnections: mesh?.tallies().refusedConnections ?? 0,
+        peerPenalties: mesh?.tallies().penalties ?? 0,
       },
       recentErrors: metrics.errors.list(),
     };

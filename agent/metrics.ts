@@ -23,6 +23,10 @@ export interface MeshTallies {
   bytesFromPeers: number;
   bytesToPeers: number;
   refusedConnections: number;
+  /** Times a trusted peer went over a per-peer limit and was disconnected. */
+  penalties: number;
+  /** Peers refused right now for that. */
+  peersPenalised: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -129,6 +133,7 @@ export class AgentMetrics {
     mirror("fleetcache_nar_failovers_total", "NAR transfers taken over by another holder after one failed.", (t) => t.failovers);
     mirror("fleetcache_peer_queries_total", "Narinfo questions asked of peers.", (t) => t.peerQueries);
     mirror("fleetcache_peer_connections_refused_total", "Mesh connections refused after the handshake because the peer's key is not trusted.", (t) => t.refusedConnections);
+    mirror("fleetcache_peer_penalties_total", "Times a fleet peer went over a per-peer limit (summary work) and was disconnected and refused for a backoff.", (t) => t.penalties);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({
         name,
@@ -140,6 +145,7 @@ export class AgentMetrics {
       });
     gauge("fleetcache_peers_connected", "Fleet peers with a live mesh connection.", () => sources.peers().filter((p) => p.connected).length);
     gauge("fleetcache_peers_known", "Fleet peers known (connected or not).", () => sources.peers().length);
+    gauge("fleetcache_peers_penalised", "Fleet peers refused right now for going over a per-peer limit.", () => sources.mesh()?.peersPenalised ?? 0);
     gauge("fleetcache_store_paths", "Valid paths in this host's Nix store.", () => sources.storePaths());
     gauge("fleetcache_peer_paths_announced", "Store paths announced by peers, summed over peers (a path two peers hold counts twice).", () =>
       sources.peers().reduce((n, p) => n + (p.pathCount ?? 0), 0),

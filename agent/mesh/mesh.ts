@@ -12,6 +12,7 @@ import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
 import { PeerManager, type PeerInfo } from "./peer-manager.js";
+import { PeerPenalties, type Penalty } from "./penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
 
@@ -32,7 +33,7 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & { pathCount?: number; bytesSent: number; bytesReceived: number })[];
+  peers: (PeerInfo & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty })[];
 }
 
 export class Mesh {
@@ -45,6 +46,8 @@ export class Mesh {
     private readonly sent: SentBytes,
     /** Connections refused after the handshake: the remote's key is not in the fleet. */
     private readonly refused: { connections: number },
+    /** Trusted peers that went over a per-peer limit, refused for a backoff. */
+    private readonly penalties: PeerPenalties,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -55,7 +58,9 @@ export class Mesh {
       refused.connections++;
       log.debug({ peerId, direction }, "mesh: refused a connection: the peer's key is not trusted");
     };
-    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused });
+    const penalties = new PeerPenalties();
+    const denied = (peerId: string) => penalties.isPenalised(peerId);
+    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused, denied });
     try {
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
@@ -63,7 +68,8 @@ export class Mesh {
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
       await serveNar(sent.countingNode(node), sent.countingStore(local), log);
-      const summaries = new SummaryTable(node, log);
+      const summaries = new SummaryTable(node, log, { penalties });
+      summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
         staticPeers: opts.peers,
         log,
@@ -81,7 +87,7 @@ export class Mesh {
       // after a reconnect, and drops the summary of a peer that is gone).
       manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, sent, refused);
+      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties);
     } catch (e) {
       await node.stop();
       throw e;
@@ -97,6 +103,7 @@ export class Mesh {
         pathCount: this.summaries.pathCount(p.peerId),
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
+        ...(this.penalties.get(p.peerId) && { penalty: { ...this.penalties.get(p.peerId)! } }),
       })),
     };
   }
@@ -115,6 +122,8 @@ export class Mesh {
       bytesFromPeers: c.bytesFromPeers,
       bytesToPeers: this.sent.total,
       refusedConnections: this.refused.connections,
+      penalties: this.penalties.total,
+      peersPenalised: this.penalties.active(),
     };
   }
 

@@ -6,6 +6,14 @@ import { NIX32_ALPHABET } from "./nix32.js";
 import { isValidHashPart } from "./store-path.js";
 import { PeerProtocolError, Reader, Writer } from "./peer-wire.js";
 
+/** Where each key's high and low 32-bit halves sit in a Uint32Array view of a BigUint64Array. */
+const HI = new Uint8Array(Uint32Array.of(1).buffer)[0] === 1 ? 1 : 0;
+const LO = 1 - HI;
+
+function halves(keys: BigUint64Array): Uint32Array {
+  return new Uint32Array(keys.buffer, keys.byteOffset, keys.length * 2);
+}
+
 export const TAG_SUMMARY_SUBSCRIBE = 0x01;
 export const TAG_SUMMARY_SNAPSHOT = 0x02;
 export const TAG_SUMMARY_DELTA = 0x03;
@@ -106,16 +114,23 @@ function readKeys(r: Reader, field: string, count: number): BigUint64Array {
   // Each key takes at least one byte: refuse counts the payload cannot hold before allocating.
   if (count > r.remaining) r.fail(`${field}: ${count} keys cannot fit in ${r.remaining} bytes`);
   const keys = new BigUint64Array(count);
-  let prev = 0n;
+  // In 32-bit halves, as numbers: a BigInt per key made this the bulk of a summary's cost.
+  const k32 = halves(keys);
+  let hi = 0;
+  let lo = 0;
   for (let i = 0; i < count; i++) {
-    const v = r.u64(field);
-    if (i === 0) prev = v;
+    const gapLo = r.u64Split(field);
+    const gapHi = r.hi32;
+    if (i === 0) (hi = gapHi), (lo = gapLo);
     else {
-      if (v === 0n) r.fail(`${field}: duplicate key`);
-      prev += v;
-      if (prev > 0xffffffffffffffffn) r.fail(`${field}: keys overflow 64 bits`);
+      if (gapLo === 0 && gapHi === 0) r.fail(`${field}: duplicate key`);
+      lo += gapLo;
+      hi += gapHi;
+      if (lo >= 2 ** 32) (lo -= 2 ** 32), hi++;
+      if (hi >= 2 ** 32) r.fail(`${field}: keys overflow 64 bits`);
     }
-    keys[i] = prev;
+    k32[2 * i + HI] = hi;
+    k32[2 * i + LO] = lo;
   }
   return keys;
 }
@@ -274,7 +289,8 @@ export function splitSummaryDelta(
  */
 export class SnapshotAssembler {
   private head: SummarySnapshotChunk | undefined;
-  private parts: BigUint64Array[] = [];
+  /** The whole snapshot, filled chunk by chunk (no copy of everything at the end). */
+  private keys = new BigUint64Array(0);
   private received = 0;
   private last: bigint | undefined;
 
@@ -288,14 +304,14 @@ export class SnapshotAssembler {
   push(c: SummarySnapshotChunk): SummarySnapshot | undefined {
     const fail = (reason: string): never => {
       this.head = undefined;
-      this.parts = [];
+      this.keys = new BigUint64Array(0);
       throw new PeerProtocolError(`summary snapshot: ${reason}`);
     };
     if (!this.head) {
       if (c.offset !== 0) fail(`first chunk starts at offset ${c.offset}`);
       if (c.total > this.maxKeys) fail(`${c.total} keys exceed the limit ${this.maxKeys}`);
       this.head = c;
-      this.parts = [];
+      this.keys = new BigUint64Array(c.total);
       this.received = 0;
       this.last = undefined;
     } else if (c.epoch !== this.head.epoch || c.generation !== this.head.generation || c.total !== this.head.total) {
@@ -304,25 +320,14 @@ export class SnapshotAssembler {
     if (c.offset !== this.received) fail(`chunk at offset ${c.offset}, expected ${this.received}`);
     if (c.keys.length > 0 && this.last !== undefined && c.keys[0]! <= this.last) fail("keys not ascending across chunks");
     if (c.keys.length > 0) this.last = c.keys[c.keys.length - 1]!;
-    this.parts.push(c.keys);
+    this.keys.set(c.keys, this.received);
     this.received += c.keys.length;
     if (this.received < c.total) return undefined;
-    const keys = new BigUint64Array(this.received);
-    let at = 0;
-    for (const p of this.parts) (keys.set(p, at), (at += p.length));
-    const snap = { epoch: c.epoch, generation: c.generation, keys };
+    const snap = { epoch: c.epoch, generation: c.generation, keys: this.keys };
     this.head = undefined;
-    this.parts = [];
+    this.keys = new BigUint64Array(0);
     return snap;
   }
-}
-
-/** Where each key's high and low 32-bit halves sit in a Uint32Array view of a BigUint64Array. */
-const HI = new Uint8Array(Uint32Array.of(1).buffer)[0] === 1 ? 1 : 0;
-const LO = 1 - HI;
-
-function halves(keys: BigUint64Array): Uint32Array {
-  return new Uint32Array(keys.buffer, keys.byteOffset, keys.length * 2);
 }
 
 /** -1, 0 or 1 as key i of `a` is below, equal to or above key j of `b` (both halves views). */
@@ -369,10 +374,13 @@ export class PathSummary {
     return this.base.length + this.added.size - this.removed.size;
   }
 
-  /** Replaces everything. The keys must be sorted and unique (as SnapshotAssembler gives them). */
-  applySnapshot(s: SummarySnapshot): void {
+  /**
+   * Replaces everything. The keys must be sorted and unique: checked, unless `sorted` says the
+   * caller knows (SnapshotAssembler checks every chunk as it arrives).
+   */
+  applySnapshot(s: SummarySnapshot, sorted = false): void {
     const k32 = halves(s.keys);
-    for (let i = 1; i < s.keys.length; i++) {
+    for (let i = 1; !sorted && i < s.keys.length; i++) {
       if (cmp(k32, i, k32, i - 1) <= 0) throw new PeerProtocolError("summary snapshot: keys not strictly ascending");
     }
     this.setBase(s.keys);
@@ -388,18 +396,47 @@ export class PathSummary {
    * delta's total: either way the subscriber needs a fresh snapshot.
    */
   applyDelta(d: SummaryDelta): boolean {
+    const steps = this.applyDeltaSteps(d, Infinity);
+    for (;;) {
+      const r = steps.next();
+      if (r.done) return r.value;
+    }
+  }
+
+  /**
+   * applyDelta a slice of `slice` keys per step, so the caller can yield to the event loop in
+   * between (a delta of 8,192 keys costs milliseconds). While it runs, lookups see the old set,
+   * then part of the change: a routing hint either way. Stopped half-way (the stream failed), it
+   * leaves the generation as it was, and applying the same delta again gives the same set (adding
+   * a present key or removing an absent one changes nothing).
+   */
+  *applyDeltaSteps(d: SummaryDelta, slice = 1024): Generator<void, boolean, void> {
     if (this._generation === undefined || d.fromGeneration !== this._generation) return false;
+    const generation = this._generation;
+    const version = this.version;
     let size = this.size;
-    for (const k of d.added) if (!this.hasKey(k)) size++;
-    for (const k of d.removed) if (this.hasKey(k)) size--;
+    let n = 0;
+    const check = () => {
+      if (this.version !== version || this._generation !== generation) throw new PeerProtocolError("summary changed while a delta was applied");
+    };
+    for (const k of d.added) {
+      if (!this.hasKey(k)) size++;
+      if (++n % slice === 0) (yield, check());
+    }
+    for (const k of d.removed) {
+      if (this.hasKey(k)) size--;
+      if (++n % slice === 0) (yield, check());
+    }
     if (size !== d.total) return false;
     for (const k of d.added) {
       if (this.removed.has(k)) this.removed.delete(k);
       else if (!this.inBase(k)) this.added.add(k);
+      if (++n % slice === 0) (yield, check());
     }
     for (const k of d.removed) {
       if (this.added.has(k)) this.added.delete(k);
       else if (this.inBase(k)) this.removed.add(k);
+      if (++n % slice === 0) (yield, check());
     }
     this._generation = d.toGeneration;
     this.version++;
@@ -441,7 +478,7 @@ export class PathSummary {
    * the merged base in. If the summary changes between steps the merge is abandoned: nothing is
    * lost, the overlays are still there.
    */
-  *compactionSteps(slice = 1 << 16): Generator<void, void, void> {
+  *compactionSteps(slice = 1 << 15): Generator<void, void, void> {
     if (this.added.size === 0 && this.removed.size === 0) return;
     const version = this.version;
     const base = this.base32;

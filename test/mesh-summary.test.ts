@@ -1,6 +1,8 @@
 // Content routing summaries between in-process mesh nodes: a real store's paths reach a
 // subscriber and stay current incrementally, large snapshots span chunks, hostile publishers are
-// survived, stalled subscribers are reset, and a peer that goes away is forgotten.
+// survived, stalled subscribers are reset, and a peer that goes away is forgotten; a reconnecting
+// subscriber resumes with the deltas only; a peer flooding summary work is cut off at its budget,
+// disconnected and refused, and a real agent shows that in its status and metrics.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { EventEmitter } from "node:events";
@@ -10,7 +12,10 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import type { Stream } from "@libp2p/interface";
-import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
+import { multiaddr } from "@multiformats/multiaddr";
+import { formatPublicKey, generateKeyPair, parsePublicKey, type SecretKey } from "../protocol/keys.js";
+import type { StatusDocument } from "../agent/http/admin-routes.js";
+import { freePort, keygen, startAgentProcess } from "./helpers/agent.js";
 import { NIX32_ALPHABET } from "../protocol/nix32.js";
 import {
   MAX_FRAME_BYTES,
@@ -491,4 +496,51 @@ test("a peer flooding summary deltas is cut off at its budget, disconnected and 
   const subscribes = flooder.stats.subscribes;
   await sleep(300);
   assert.equal(flooder.stats.subscribes, subscribes, "no new subscription to a penalised peer");
+});
+
+test("a real agent disconnects a peer over its summary budget, and says so in status and metrics", async (t) => {
+  if (!(await needNix(t))) return;
+  const tmp = tempDir();
+  cleanups.push(tmp.cleanup);
+  writeFileSync(join(tmp.dir, "f"), "local\n");
+  const local = await addToStore(join(tmp.dir, "store"), join(tmp.dir, "f"));
+  const agentPub = await keygen("agent-1", join(tmp.dir, "agent.sec"));
+  const floodKey = generateKeyPair("flood-1");
+  const flooder = await startSummaryFlooder({ key: floodKey, trusted: [parsePublicKey(agentPub)], mode: "deltas", snapshotKeys: 10_000 });
+  nodes.push(flooder.node);
+  const port = await freePort();
+  const agent = await startAgentProcess([
+    "--store-root", join(tmp.dir, "store"), "--sign-key", join(tmp.dir, "agent.sec"), "--state-dir", join(tmp.dir, "state"),
+    "--p2p-listen", `127.0.0.1:${port}`, "--trusted-key", formatPublicKey(floodKey), "--summary-budget", "60000",
+  ]);
+  cleanups.push(() => void agent.stop());
+  await flooder.node.libp2p.dial(multiaddr(`/ip4/127.0.0.1/tcp/${port}`));
+
+  const status = async () => (await (await fetch(`${agent.url}/api/v1/status`)).json()) as StatusDocument;
+  await waitFor(() => flooder.stats.subscribes > 0, "the agent's subscription");
+  let doc: StatusDocument | undefined;
+  for (const end = Date.now() + 60_000; !doc?.peers[0]?.penalty; ) {
+    if (Date.now() > end) assert.fail("no penalty in the status document");
+    await sleep(100);
+    doc = await status();
+  }
+  const peer = doc.peers[0]!;
+  assert.equal(peer.name, "flood-1");
+  assert.match(peer.penalty!.reason, /summary work over budget: \d+ keys in \d+ frames \(budget 60000 keys/);
+  assert.equal(peer.penalty!.count, 1);
+  assert.ok(peer.penalty!.until > Date.now() + 30_000, "refused for a while");
+  assert.equal(doc.counters.peerPenalties, 1);
+  assert.ok(doc.recentErrors.some((e) => e.peer === "flood-1" && /over budget/.test(e.message)));
+  await waitFor(() => flooder.node.libp2p.getConnections().length === 0, "the flooder to be disconnected");
+  assert.equal((await status()).peers[0]!.connected, false);
+  // It cannot come back while penalised: the handshake is refused.
+  await flooder.node.libp2p.dial(multiaddr(`/ip4/127.0.0.1/tcp/${port}`)).then(() => {}, () => {});
+  await sleep(300);
+  assert.equal(flooder.node.libp2p.getConnections().length, 0);
+  assert.equal(flooder.stats.subscribes, 1);
+  const metrics = await (await fetch(`${agent.url}/metrics`)).text();
+  assert.match(metrics, /^fleetcache_peer_penalties_total 1$/m);
+  assert.match(metrics, /^fleetcache_peers_penalised 1$/m);
+  // The agent still serves its own store.
+  assert.equal((await fetch(`${agent.url}/${hashOf(local)}.narinfo`)).status, 200);
 });

@@ -26,6 +26,8 @@ export interface MeshOptions {
   tailscale?: { statusFile?: string; port: number };
   local: LocalStore;
   log: Logger;
+  /** Summary keys a peer may send in a burst (SummaryBudget.burstKeys). */
+  summaryBudget?: number;
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -68,7 +70,7 @@ export class Mesh {
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
       await serveNar(sent.countingNode(node), sent.countingStore(local), log);
-      const summaries = new SummaryTable(node, log, { penalties });
+      const summaries = new SummaryTable(node, log, { penalties, ...(opts.summaryBudget ? { budget: { burstKeys: opts.summaryBudget } } : {}) });
       summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
         staticPeers: opts.peers,

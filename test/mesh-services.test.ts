@@ -26,7 +26,7 @@ import {
 } from "../protocol/peer-codec.js";
 import { storePathHashPart } from "../protocol/store-path.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
-import { writeAll, writeFrame } from "../agent/mesh/stream-io.js";
+import { send, writeAll, writeFrame } from "../agent/mesh/stream-io.js";
 import { fetchNarinfo, serveNarinfo } from "../agent/mesh/narinfo-service.js";
 import { NarFetchError, NarVerifier, openNar, serveNar, type NarFetchReason } from "../agent/mesh/nar-service.js";
 import { Signer } from "../agent/signer.js";
@@ -622,4 +622,31 @@ test("responder timeouts: no request resets the stream, an idle narinfo stream i
   for (let i = 0; i < 200 && !stalled(); i++) await sleep(50);
   assert.ok(stalled(), "A's watchdog reset the NAR stream nobody read");
   await rejectsWith(collect(nar), "interrupted");
+});
+
+test("narinfo: a peer pipelining requests gets one answer per event-loop turn, so local work runs in between", async (t) => {
+  const f = await ready(t);
+  if (!f) return;
+  const k = keys();
+  const a = await server(k.a, [k.b], f.rootA);
+  const b = await meshNode(k.b, [k.a]);
+  const aId = await connect(b, a.node);
+  const n = 2000;
+  const s = await b.open(aId, PROTOCOL_NARINFO);
+  // Turns of the event loop while A answers: each is a chance for A's local lookups.
+  let turns = 0;
+  let ticking = true;
+  const tick = () => {
+    turns++;
+    if (ticking) setImmediate(tick);
+  };
+  const request = encodeNarinfoRequest(hp(f.closure.built));
+  const burst = Buffer.concat(Array.from({ length: n }, () => Buffer.concat([Buffer.from([request.length]), request])));
+  await send(s.stream, burst); // all at once: the requests sit in A's buffer together
+  setImmediate(tick);
+  for (let i = 0; i < n; i++) assert.equal(decodeNarinfoResponse((await s.reader.readFrame(MAX_FRAME_BYTES.narinfo))!).type, "found");
+  ticking = false;
+  t.diagnostic(`${n} pipelined requests answered over ${turns} event-loop turns`);
+  assert.ok(turns >= n / 2, `${turns} turns for ${n} answers`);
+  await s.stream.close();
 });

@@ -5,6 +5,7 @@
 //
 // Also home to the small helpers the NAR service shares (per-peer slots, timed frame reads,
 // deadlines that reset a stream).
+import { setImmediate as nextTurn } from "node:timers/promises";
 import type { Stream } from "@libp2p/interface";
 import {
   MAX_FRAME_BYTES,
@@ -61,6 +62,9 @@ export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logge
           if (frame === undefined) return; // the requester is done
           const hashPart = decodeNarinfoRequest(frame); // malformed: throws, the stream is reset
           await writeFrame(stream, await localAnswer(local, hashPart, log));
+          // A peer may pipeline thousands of requests into our buffer; without a turn of the
+          // event loop between answers they would all be answered before any local lookup.
+          await nextTurn();
         }
       } finally {
         slots.release(peerId);

@@ -15,7 +15,7 @@ import type { Stream } from "@libp2p/interface";
 import { multiaddr } from "@multiformats/multiaddr";
 import { formatPublicKey, generateKeyPair, parsePublicKey, type SecretKey } from "../protocol/keys.js";
 import type { StatusDocument } from "../agent/http/admin-routes.js";
-import { freePort, keygen, startAgentProcess } from "./helpers/agent.js";
+import { freePort, keygen, runCli, startAgentProcess } from "./helpers/agent.js";
 import { NIX32_ALPHABET } from "../protocol/nix32.js";
 import {
   MAX_FRAME_BYTES,
@@ -541,6 +541,9 @@ test("a real agent disconnects a peer over its summary budget, and says so in st
   const metrics = await (await fetch(`${agent.url}/metrics`)).text();
   assert.match(metrics, /^fleetcache_peer_penalties_total 1$/m);
   assert.match(metrics, /^fleetcache_peers_penalised 1$/m);
+  const cli = await runCli(["status", "--agent", agent.url]);
+  assert.match(cli.stdout, /flood-1 {2}DISCONNECTED/);
+  assert.match(cli.stdout, /REFUSED until \S+ \(offence 1\): summary work over budget/);
   // The agent still serves its own store.
   assert.equal((await fetch(`${agent.url}/${hashOf(local)}.narinfo`)).status, 200);
 });

@@ -13,6 +13,8 @@ export interface StatusPeer {
   lastSeen?: unknown;
   bytesSent?: number;
   bytesReceived?: number;
+  /** Set once the peer went over a per-peer limit. */
+  penalty?: { reason: string; count?: number; until?: number };
 }
 
 export interface StatusView {
@@ -91,6 +93,9 @@ export function readStatus(doc: unknown): StatusView {
         lastSeen: q.lastSeen,
         bytesSent: num(q.bytesSent),
         bytesReceived: num(q.bytesReceived),
+        ...(str(obj(q.penalty).reason) !== undefined && {
+          penalty: { reason: str(obj(q.penalty).reason)!, count: num(obj(q.penalty).count), until: num(obj(q.penalty).until) },
+        }),
       };
     }),
     counters: {

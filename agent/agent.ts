@@ -62,6 +62,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       ...(config.tailscale ? { tailscale: { port: meshListenPort(config.p2pListen), ...(config.tailscaleStatusFile ? { statusFile: config.tailscaleStatusFile } : {}) } } : {}),
       local: store,
       log,
+      summaryBudget: config.summaryBudget,
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();
@@ -103,6 +104,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         verifyFailures: c?.verifyFailures ?? 0,
         queuedTransfers: c?.queuedTransfers ?? 0,
         refusedConnections: mesh?.tallies().refusedConnections ?? 0,
+        peerPenalties: mesh?.tallies().penalties ?? 0,
       },
       recentErrors: metrics.errors.list(),
     };

@@ -35,6 +35,8 @@ export interface AgentConfig {
   daemonSocket: string | null;
   /** Undo Nix's case hack (`use-case-hack`) when reading the store; as Nix: on for macOS. */
   useCaseHack: boolean;
+  /** Summary keys a peer may send in a burst (then 20,000 a second) before it is disconnected. */
+  summaryBudget: number;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -118,6 +120,12 @@ function priority(raw: unknown, from: string): number {
   return n;
 }
 
+function summaryBudget(raw: unknown, from: string): number {
+  const n = typeof raw === "number" ? raw : typeof raw === "string" && /^\d+$/.test(raw) ? Number(raw) : NaN;
+  if (!Number.isInteger(n) || n < 1_000 || n > 1_000_000_000) throw new ConfigError(`${from}: expected a number of keys between 1000 and 1000000000`);
+  return n;
+}
+
 export function parseListen(raw: unknown, from = "listen"): ListenAddress {
   const { host, port } = address(parseHostPort, str(raw, from), from);
   return { host, port };
@@ -138,6 +146,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   storeBackend: { key: "storeBackend", toml: "store_backend", env: "FLEETCACHE_STORE_BACKEND", parse: storeBackend },
   daemonSocket: { key: "daemonSocket", toml: "daemon_socket", env: "FLEETCACHE_DAEMON_SOCKET", parse: optionalPath },
   useCaseHack: { key: "useCaseHack", toml: "use_case_hack", env: "FLEETCACHE_USE_CASE_HACK", parse: bool },
+  summaryBudget: { key: "summaryBudget", toml: "summary_budget", env: "FLEETCACHE_SUMMARY_BUDGET", parse: summaryBudget },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -155,6 +164,7 @@ export const DEFAULTS: AgentConfig = {
   storeBackend: "auto",
   daemonSocket: null,
   useCaseHack: process.platform === "darwin",
+  summaryBudget: 2 * (1 << 22) + 65_536, // two snapshots of the largest summary (DEFAULT_SUMMARY_BUDGET)
 };
 
 export class ConfigError extends Error {}

@@ -33,6 +33,10 @@ export interface MeshTallies {
   queuedTransfers: number;
   /** Peers asked last for every path after repeated wrong NARs (a gauge). */
   peersPenalised: number;
+  /** Times a trusted peer went over a per-peer limit and was disconnected. */
+  penalties: number;
+  /** Peers refused right now for that (a gauge). */
+  peersRefused: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -162,6 +166,7 @@ export class AgentMetrics {
     mirror("fleetcache_nar_transfers_queued_total", "NAR requests that waited for a transfer slot because every holder was at its limit.", (t) => t.queuedTransfers);
     mirror("fleetcache_peer_queries_total", "Narinfo questions asked of peers.", (t) => t.peerQueries);
     mirror("fleetcache_peer_connections_refused_total", "Mesh connections refused after the handshake because the peer's key is not trusted.", (t) => t.refusedConnections);
+    mirror("fleetcache_peer_penalties_total", "Times a fleet peer went over a per-peer limit (summary work) and was disconnected and refused for a backoff.", (t) => t.penalties);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({
         name,
@@ -174,6 +179,7 @@ export class AgentMetrics {
     gauge("fleetcache_peers_connected", "Fleet peers with a live mesh connection.", () => sources.peers().filter((p) => p.connected).length);
     gauge("fleetcache_peers_penalised", "Peers asked last for every path after repeated wrong NAR bytes.", () => sources.mesh()?.peersPenalised ?? 0);
     gauge("fleetcache_peers_known", "Fleet peers known (connected or not).", () => sources.peers().length);
+    gauge("fleetcache_peers_refused", "Fleet peers refused right now for going over a per-peer limit.", () => sources.mesh()?.peersRefused ?? 0);
     gauge("fleetcache_store_paths", "Valid paths in this host's Nix store.", () => sources.storePaths());
     gauge("fleetcache_peer_paths_announced", "Store paths announced by peers, summed over peers (a path two peers hold counts twice).", () =>
       sources.peers().reduce((n, p) => n + (p.pathCount ?? 0), 0),

@@ -52,7 +52,19 @@ export class Reader {
 
   /** A varint holding an unsigned 64-bit integer (at most 10 bytes). */
   u64(field: string): bigint {
-    // Two number accumulators (28 + 36 bits) keep BigInt work to once per value: hot in summaries.
+    const lo = this.u64Split(field);
+    return this.hi32 === 0 ? BigInt(lo) : (BigInt(this.hi32) << 32n) | BigInt(lo);
+  }
+
+  /** The high 32 bits of the last u64Split value. */
+  hi32 = 0;
+
+  /**
+   * u64 without a BigInt: returns the low 32 bits and leaves the high 32 in hi32. Summary keys
+   * are decoded this way, 8,192 to a frame.
+   */
+  u64Split(field: string): number {
+    // Two number accumulators (28 + 36 bits), exact in a double.
     let lo = 0;
     let hi = 0;
     for (let i = 0; ; i++) {
@@ -69,8 +81,10 @@ export class Reader {
         break;
       }
     }
-    return hi === 0 ? BigInt(lo) : (BigInt(hi) << 28n) | BigInt(lo);
+    this.hi32 = Math.floor(hi / 16);
+    return lo + (hi % 16) * 2 ** 28;
   }
+
 
   fixed(field: string, n: number): Uint8Array {
     if (this.remaining < n) this.fail(`${field}: truncated`);

@@ -81,7 +81,10 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       storeBackend: "auto",
       daemonSocket: null,
       useCaseHack: process.platform === "darwin",
+      summaryBudget: 8_454_144,
     });
+    assert.equal((await cfg(["--summary-budget", "50000"], { FLEETCACHE_CONFIG: "" })).config.summaryBudget, 50_000);
+    assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);
     assert.equal(fromFile.code, 2, "sign key files that don't exist are a configuration error");
     writeFileSync(toml, 'listen = "[::1]:4000"\npriority = 41\nstore_root = "/srv/store"\n');

@@ -1,6 +1,8 @@
 // Content routing summaries between in-process mesh nodes: a real store's paths reach a
 // subscriber and stay current incrementally, large snapshots span chunks, hostile publishers are
-// survived, stalled subscribers are reset, and a peer that goes away is forgotten.
+// survived, stalled subscribers are reset, and a peer that goes away is forgotten; a reconnecting
+// subscriber resumes with the deltas only; a peer flooding summary work is cut off at its budget,
+// disconnected and refused, and a real agent shows that in its status and metrics.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { EventEmitter } from "node:events";
@@ -10,10 +12,14 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import type { Stream } from "@libp2p/interface";
-import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
+import { multiaddr } from "@multiformats/multiaddr";
+import { formatPublicKey, generateKeyPair, parsePublicKey, type SecretKey } from "../protocol/keys.js";
+import type { StatusDocument } from "../agent/http/admin-routes.js";
+import { freePort, keygen, runCli, startAgentProcess } from "./helpers/agent.js";
 import { NIX32_ALPHABET } from "../protocol/nix32.js";
 import {
   MAX_FRAME_BYTES,
+  MAX_KEYS_PER_FRAME,
   PROTOCOL_SUMMARY,
   decodeSummaryMessage,
   decodeSummarySubscribe,
@@ -26,6 +32,9 @@ import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { peerIdOf } from "../agent/mesh/identity.js";
 import { StreamReader, writeFrame } from "../agent/mesh/stream-io.js";
 import { SummaryPublisher, SummaryTable, type StoreChanges } from "../agent/mesh/summary-service.js";
+import { FRAME_COST } from "../agent/mesh/summary-table.js";
+import { PeerPenalties } from "../agent/mesh/peer-penalties.js";
+import { startSummaryFlooder } from "./helpers/summary-flood.js";
 import { NixDb } from "../agent/store/db.js";
 import { StoreWatcher, type StoreChange } from "../agent/store/watch.js";
 import { addToStore, needNix, run, tempDir } from "./helpers/nix.js";
@@ -388,4 +397,153 @@ test("a peer that stops is dropped from lookups", async () => {
   table.subscribe(stranger);
   table.unsubscribe(stranger);
   publisher.stop();
+});
+
+test("a reconnecting subscriber resumes from its epoch and generation: only the delta crosses", async (t) => {
+  const { a, b, aId } = await pair();
+  const store = new FakeStore(100_000);
+  const publisher = new SummaryPublisher(a, store, log);
+  await publisher.start();
+  cleanups.push(() => publisher.stop());
+  const table = new SummaryTable(b, log, { retryMinMs: 50, retryMaxMs: 200 });
+  cleanups.push(() => table.stop());
+
+  table.subscribe(aId);
+  await waitFor(() => table.pathCount(aId) === 100_000, "the snapshot");
+  const before = { ...table.traffic(aId)! };
+  t.diagnostic(`snapshot of 100,000 paths: ${before.bytes} bytes`);
+
+  // The connection goes; lookups stop naming A at once.
+  await b.libp2p.hangUp(a.peerId);
+  await waitFor(() => table.pathCount(aId) === undefined, "A to leave lookups");
+  assert.deepEqual(table.holders([...store.parts][0]!), []);
+  // A's store changes while B is away; then B is back.
+  const h = randomHashPart();
+  store.change({ added: [h], removed: [] });
+  await b.libp2p.dial(a.addresses()[0]!);
+  await waitFor(() => table.holders(h).includes(aId), "the path added while away");
+
+  const now = table.traffic(aId)!;
+  const resync = now.bytes - before.bytes;
+  t.diagnostic(`resync after the reconnect: ${resync} bytes (${now.frames - before.frames} frames)`);
+  assert.equal(table.pathCount(aId), 100_001);
+  assert.equal(now.snapshots, 1, "no second snapshot");
+  assert.equal(now.deltas, before.deltas + 1);
+  assert.equal(now.resumes, 1);
+  assert.ok(resync < 100, `${resync} bytes for a one-path change`);
+  for (const p of [...store.parts].slice(0, 1000)) assert.deepEqual(table.holders(p), [aId]);
+});
+
+test("a resume the publisher cannot serve (it restarted) gets a whole snapshot", async () => {
+  const { a, b, aId } = await pair();
+  const store = new FakeStore(1_000);
+  let publisher = new SummaryPublisher(a, store, log);
+  await publisher.start();
+  const table = new SummaryTable(b, log, { retryMinMs: 50, retryMaxMs: 200 });
+  cleanups.push(() => table.stop());
+  table.subscribe(aId);
+  await waitFor(() => table.pathCount(aId) === 1_000, "the snapshot");
+  await b.libp2p.hangUp(a.peerId);
+  await waitFor(() => table.pathCount(aId) === undefined, "A to leave lookups");
+  // A new publisher is a new epoch: B asks to resume, A answers with a snapshot.
+  publisher.stop();
+  const gone = [...store.parts].slice(0, 10);
+  store.change({ added: [], removed: gone });
+  publisher = new SummaryPublisher(a, store, log);
+  await publisher.start();
+  cleanups.push(() => publisher.stop());
+  await b.libp2p.dial(a.addresses()[0]!);
+  await waitFor(() => table.traffic(aId)!.snapshots === 2 && table.pathCount(aId) === 990, "the new snapshot");
+  assert.equal(table.traffic(aId)!.resumes, 1);
+  for (const p of gone) assert.deepEqual(table.holders(p), []);
+});
+
+test("a peer flooding summary deltas is cut off at its budget, disconnected and refused", async () => {
+  const ka = generateKeyPair("host-flood-1");
+  const kb = generateKeyPair("host-b-1");
+  const penalties = new PeerPenalties({ baseMs: 600_000 });
+  const flooder = await startSummaryFlooder({ key: ka, trusted: [kb], mode: "deltas", snapshotKeys: 20_000 });
+  nodes.push(flooder.node);
+  const b = await createMeshNode({ key: kb, trusted: [ka], listen: "/ip4/127.0.0.1/tcp/0", log, denied: (id) => penalties.isPenalised(id) });
+  nodes.push(b);
+  const mId = flooder.node.peerId.toString();
+  const budget = { burstKeys: 100_000, keysPerSecond: 0 };
+  const table = new SummaryTable(b, log, { budget, penalties });
+  cleanups.push(() => table.stop());
+  const told: string[] = [];
+  table.on("overBudget", (id, reason) => told.push(`${id} ${reason}`));
+  await b.libp2p.dial(flooder.node.addresses()[0]!);
+  table.subscribe(mId);
+
+  await waitFor(() => penalties.get(mId) !== undefined, "the flooder's penalty", 60_000);
+  const tr = table.traffic(mId)!;
+  // The work done: the budget, plus the one frame that overdrew it.
+  assert.ok(tr.keys + tr.frames * FRAME_COST <= budget.burstKeys + MAX_KEYS_PER_FRAME + FRAME_COST, `${tr.keys} keys in ${tr.frames} frames`);
+  assert.ok(tr.keys > budget.burstKeys - MAX_KEYS_PER_FRAME - tr.frames * FRAME_COST, "it did get its budget");
+  assert.equal(tr.overBudget, 1);
+  assert.match(penalties.get(mId)!.reason, /summary work over budget/);
+  assert.equal(penalties.get(mId)!.count, 1);
+  assert.deepEqual(told.map((s) => s.split(" ")[0]), [mId]);
+  await waitFor(() => b.libp2p.getConnections(flooder.node.peerId).length === 0, "the flooder to be disconnected");
+  assert.equal(table.pathCount(mId), undefined, "nothing it sent is used");
+  // Refused both ways while penalised.
+  await assert.rejects(b.libp2p.dial(flooder.node.addresses()[0]!));
+  await assert.rejects(flooder.node.libp2p.dial(b.addresses()[0]!).then(async (c) => {
+    // The remote's gater closes it right after the handshake; a stream on it cannot open.
+    await flooder.node.libp2p.dialProtocol(b.peerId, PROTOCOL_SUMMARY).then((s) => s.abort(new Error("unexpected")));
+    return c;
+  }));
+  const subscribes = flooder.stats.subscribes;
+  await sleep(300);
+  assert.equal(flooder.stats.subscribes, subscribes, "no new subscription to a penalised peer");
+});
+
+test("a real agent disconnects a peer over its summary budget, and says so in status and metrics", async (t) => {
+  if (!(await needNix(t))) return;
+  const tmp = tempDir();
+  cleanups.push(tmp.cleanup);
+  writeFileSync(join(tmp.dir, "f"), "local\n");
+  const local = await addToStore(join(tmp.dir, "store"), join(tmp.dir, "f"));
+  const agentPub = await keygen("agent-1", join(tmp.dir, "agent.sec"));
+  const floodKey = generateKeyPair("flood-1");
+  const flooder = await startSummaryFlooder({ key: floodKey, trusted: [parsePublicKey(agentPub)], mode: "deltas", snapshotKeys: 10_000 });
+  nodes.push(flooder.node);
+  const port = await freePort();
+  const agent = await startAgentProcess([
+    "--store-root", join(tmp.dir, "store"), "--sign-key", join(tmp.dir, "agent.sec"), "--state-dir", join(tmp.dir, "state"),
+    "--p2p-listen", `127.0.0.1:${port}`, "--trusted-key", formatPublicKey(floodKey), "--summary-budget", "60000",
+  ]);
+  cleanups.push(() => void agent.stop());
+  await flooder.node.libp2p.dial(multiaddr(`/ip4/127.0.0.1/tcp/${port}`));
+
+  const status = async () => (await (await fetch(`${agent.url}/api/v1/status`)).json()) as StatusDocument;
+  await waitFor(() => flooder.stats.subscribes > 0, "the agent's subscription");
+  let doc: StatusDocument | undefined;
+  for (const end = Date.now() + 60_000; !doc?.peers[0]?.penalty; ) {
+    if (Date.now() > end) assert.fail("no penalty in the status document");
+    await sleep(100);
+    doc = await status();
+  }
+  const peer = doc.peers[0]!;
+  assert.equal(peer.name, "flood-1");
+  assert.match(peer.penalty!.reason, /summary work over budget: \d+ keys in \d+ frames \(budget 60000 keys/);
+  assert.equal(peer.penalty!.count, 1);
+  assert.ok(peer.penalty!.until > Date.now() + 30_000, "refused for a while");
+  assert.equal(doc.counters.peerPenalties, 1);
+  assert.ok(doc.recentErrors.some((e) => e.peer === "flood-1" && /over budget/.test(e.message)));
+  await waitFor(() => flooder.node.libp2p.getConnections().length === 0, "the flooder to be disconnected");
+  assert.equal((await status()).peers[0]!.connected, false);
+  // It cannot come back while penalised: the handshake is refused.
+  await flooder.node.libp2p.dial(multiaddr(`/ip4/127.0.0.1/tcp/${port}`)).then(() => {}, () => {});
+  await sleep(300);
+  assert.equal(flooder.node.libp2p.getConnections().length, 0);
+  assert.equal(flooder.stats.subscribes, 1);
+  const metrics = await (await fetch(`${agent.url}/metrics`)).text();
+  assert.match(metrics, /^fleetcache_peer_penalties_total 1$/m);
+  assert.match(metrics, /^fleetcache_peers_refused 1$/m);
+  const cli = await runCli(["status", "--agent", agent.url]);
+  assert.match(cli.stdout, /flood-1 {2}DISCONNECTED/);
+  assert.match(cli.stdout, /REFUSED until \S+ \(offence 1\): summary work over budget/);
+  // The agent still serves its own store.
+  assert.equal((await fetch(`${agent.url}/${hashOf(local)}.narinfo`)).status, 200);
 });

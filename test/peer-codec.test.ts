@@ -299,6 +299,56 @@ test("PathSummary follows a long random history exactly (overlay merges included
   assert.ok(pool.every((k) => ps.hasKey(k) === truth.has(k)));
 });
 
+test("PathSummary: a large summary merges in slices, lookups exact throughout; a change abandons the merge", () => {
+  // Above INLINE_COMPACTION_KEYS, applyDelta leaves the merge to compactionSteps.
+  const n = PathSummary.INLINE_COMPACTION_KEYS + 10_000;
+  const truth = new Set<bigint>();
+  while (truth.size < n + 20_000) truth.add(randomBytes(8).readBigUInt64BE());
+  const pool = [...truth];
+  const base = sortedKeys(pool.slice(0, n));
+  const inBase = new Set(base);
+  const ps = new PathSummary();
+  ps.applySnapshot({ epoch: 1n, generation: 1, keys: base });
+  // Keys both above and below 2^32 in either half exercise the 32-bit comparisons.
+  const edge = [0n, 1n, 0xffffffffn, 0x100000000n, 0xffffffff00000000n, 0xffffffffffffffffn].filter((k) => !inBase.has(k));
+  const added = sortedKeys([...pool.slice(n, n + 9_000), ...edge]);
+  const removed = sortedKeys(pool.slice(0, 8_000));
+  let gen = 1;
+  let total = n;
+  for (const d of splitSummaryDelta(gen, total, added, removed)) {
+    assert.equal(ps.applyDelta(d), true);
+    gen = d.toGeneration;
+    total = d.total;
+  }
+  assert.equal(ps.compactionDue, true, "the overlays wait for a sliced merge");
+  const expect = (k: bigint) => (inBase.has(k) || added.includes(k)) && !removed.includes(k);
+  const check = () => {
+    for (const k of [...pool.slice(0, 100), ...pool.slice(n - 50, n + 50), ...edge, ...removed.slice(0, 50)]) assert.equal(ps.hasKey(k), expect(k), String(k));
+  };
+  // A change between two steps: the merge is dropped, nothing is lost.
+  const steps = ps.compactionSteps(10_000);
+  steps.next();
+  check();
+  const one = pool[n + 19_000]!;
+  assert.equal(ps.applyDelta({ type: "delta", fromGeneration: gen, toGeneration: gen + 1, total: total + 1, added: keysOf(one), removed: keysOf() }), true);
+  added.sort();
+  for (;;) if (steps.next().done) break;
+  assert.equal(ps.compactionDue, true);
+  assert.equal(ps.hasKey(one), true);
+  // Undisturbed, it takes several steps and ends with the exact set.
+  let count = 0;
+  for (const _ of ps.compactionSteps(10_000)) {
+    count++;
+    check();
+  }
+  assert.ok(count >= 5, `${count} steps`);
+  assert.equal(ps.compactionDue, false);
+  assert.equal(ps.size, total + 1);
+  const want = sortedKeys([...[...inBase].filter((k) => !removed.includes(k)), ...added, one]);
+  assert.deepEqual(ps.keys(), want);
+  check();
+});
+
 test("diffSummaryKeys and splitSummaryDelta", () => {
   assert.deepEqual(diffSummaryKeys(keysOf(1n, 3n, 5n), keysOf(2n, 3n, 6n)), { added: keysOf(2n, 6n), removed: keysOf(1n, 5n) });
   assert.deepEqual(diffSummaryKeys(keysOf(), keysOf()), { added: keysOf(), removed: keysOf() });

@@ -17,6 +17,8 @@ export interface StatusPeer {
   badNars?: number;
   /** While set, the peer is asked last for every path (ms since the epoch). */
   penalisedUntil?: number;
+  /** Set once the peer went over a per-peer limit. */
+  penalty?: { reason: string; count?: number; until?: number };
 }
 
 export interface StatusView {
@@ -99,6 +101,9 @@ export function readStatus(doc: unknown): StatusView {
         bytesReceived: num(q.bytesReceived),
         badNars: num(q.badNars),
         penalisedUntil: num(q.penalisedUntil),
+        ...(str(obj(q.penalty).reason) !== undefined && {
+          penalty: { reason: str(obj(q.penalty).reason)!, count: num(obj(q.penalty).count), until: num(obj(q.penalty).until) },
+        }),
       };
     }),
     counters: {

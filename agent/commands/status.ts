@@ -55,6 +55,10 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
     ].filter(Boolean);
     lines.push(`  ${p.name}  ${facts.join(", ")}`);
     if (p.addresses.length) lines.push(`      ${p.addresses.join(" ")}`);
+    const pen = p.penalty;
+    if (pen && pen.until !== undefined && pen.until > now) {
+      lines.push(`      REFUSED until ${new Date(pen.until).toISOString()} (offence ${pen.count ?? "?"}): ${pen.reason}`);
+    }
   }
 
   const c = s.counters;

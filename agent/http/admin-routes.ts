@@ -59,6 +59,11 @@ export interface StatusPeer {
   failures: number;
   /** When the next redial is due, while disconnected (ms since the epoch). */
   nextDialAt?: number;
+  /**
+   * Set once the peer went over a per-peer limit (its summary traffic): why, how often, and until
+   * when it is refused (ms since the epoch; past once it may connect again).
+   */
+  penalty?: { reason: string; count: number; until: number };
 }
 
 export interface StatusCounters {
@@ -79,6 +84,8 @@ export interface StatusCounters {
   queuedTransfers: number;
   /** Mesh connections refused after the handshake: the peer's key is not in the fleet. */
   refusedConnections: number;
+  /** Times a fleet peer went over a per-peer limit and was disconnected. */
+  peerPenalties: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

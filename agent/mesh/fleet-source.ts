@@ -12,7 +12,7 @@ import type { Logger } from "../log.js";
 import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { MAX_NAR_TRANSFERS_PER_PEER, NarFetchError, NarVerifier } from "./nar-service.js";
-import { HolderPenalties, type PenaltyOptions } from "./penalties.js";
+import { HolderPenalties, type PenaltyOptions } from "./holder-penalties.js";
 import { TransferSlots } from "./transfer-slots.js";
 
 /** Which connected peers there are, fastest first (the peer manager). */

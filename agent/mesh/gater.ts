@@ -7,22 +7,31 @@ import type { Multiaddr } from "@multiformats/multiaddr";
 /** A connection refused after the handshake: the remote holds a key that is not in the fleet. */
 export type RefusedPeer = (peerId: string, direction: "inbound" | "outbound") => void;
 
-export function meshGater(self: string, trusted: ReadonlySet<string> | ReadonlyMap<string, unknown>, onRefused?: RefusedPeer): ConnectionGater {
+/** A trusted peer refused for now (over a per-peer limit, see penalties.ts). */
+export type DeniedPeer = (peerId: string) => boolean;
+
+export function meshGater(
+  self: string,
+  trusted: ReadonlySet<string> | ReadonlyMap<string, unknown>,
+  onRefused?: RefusedPeer,
+  denied: DeniedPeer = () => false,
+): ConnectionGater {
   const refuse = (direction: "inbound" | "outbound") => (peer: PeerId): boolean => {
-    const refused = !trusted.has(peer.toString());
-    if (refused) onRefused?.(peer.toString(), direction);
-    return refused;
+    const id = peer.toString();
+    const refused = !trusted.has(id);
+    if (refused) onRefused?.(id, direction);
+    return refused || denied(id);
   };
   return {
     // libp2p refuses self-dials anyway; saying so here keeps our own key out of every dial path.
     // Neither dial hook reports a refusal: nothing was sent, no connection was made.
-    denyDialPeer: (peer) => peer.toString() === self || !trusted.has(peer.toString()),
+    denyDialPeer: (peer) => peer.toString() === self || !trusted.has(peer.toString()) || denied(peer.toString()),
     // A multiaddr naming its peer (/p2p/<id>) can be judged before connecting. Everything else
     // is allowed, including private, loopback and CGNAT (tailnet 100.64.0.0/10) addresses: the
     // fleet lives on LANs and tailnets (libp2p's browser default would refuse private ranges).
     denyDialMultiaddr: (ma: Multiaddr) => {
       const id = peerIdIn(ma);
-      return id !== undefined && (id === self || !trusted.has(id));
+      return id !== undefined && (id === self || !trusted.has(id) || denied(id));
     },
     filterMultiaddrForPeer: () => true,
     denyInboundEncryptedConnection: refuse("inbound"),

@@ -11,8 +11,9 @@ import { openNar } from "./nar-service.js";
 import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
-import type { PeerPenaltyStatus } from "./penalties.js";
+import type { PeerPenaltyStatus } from "./holder-penalties.js";
 import { PeerManager, type PeerInfo } from "./peer-manager.js";
+import { PeerPenalties, type Penalty } from "./peer-penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
 
@@ -26,6 +27,8 @@ export interface MeshOptions {
   tailscale?: { statusFile?: string; port: number };
   local: LocalStore;
   log: Logger;
+  /** Summary keys a peer may send in a burst (SummaryBudget.burstKeys). */
+  summaryBudget?: number;
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -33,7 +36,7 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number })[];
+  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty })[];
 }
 
 export class Mesh {
@@ -46,6 +49,8 @@ export class Mesh {
     private readonly sent: SentBytes,
     /** Connections refused after the handshake: the remote's key is not in the fleet. */
     private readonly refused: { connections: number },
+    /** Trusted peers that went over a per-peer limit, refused for a backoff. */
+    private readonly penalties: PeerPenalties,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -56,7 +61,9 @@ export class Mesh {
       refused.connections++;
       log.debug({ peerId, direction }, "mesh: refused a connection: the peer's key is not trusted");
     };
-    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused });
+    const penalties = new PeerPenalties();
+    const denied = (peerId: string) => penalties.isPenalised(peerId);
+    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused, denied });
     try {
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
@@ -64,7 +71,8 @@ export class Mesh {
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
       await serveNar(sent.countingNode(node), sent.countingStore(local), log);
-      const summaries = new SummaryTable(node, log);
+      const summaries = new SummaryTable(node, log, { penalties, ...(opts.summaryBudget ? { budget: { burstKeys: opts.summaryBudget } } : {}) });
+      summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
         staticPeers: opts.peers,
         log,
@@ -82,7 +90,7 @@ export class Mesh {
       // after a reconnect, and drops the summary of a peer that is gone).
       manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, sent, refused);
+      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties);
     } catch (e) {
       await node.stop();
       throw e;
@@ -99,6 +107,7 @@ export class Mesh {
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
         ...this.source.penalties.status(p.peerId),
+        ...(this.penalties.get(p.peerId) && { penalty: { ...this.penalties.get(p.peerId)! } }),
       })),
     };
   }
@@ -120,6 +129,8 @@ export class Mesh {
       verifyFailures: c.verifyFailures,
       queuedTransfers: c.queuedTransfers,
       peersPenalised: this.source.penalties.peersPenalised(),
+      penalties: this.penalties.total,
+      peersRefused: this.penalties.active(),
     };
   }
 

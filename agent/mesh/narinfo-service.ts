@@ -5,6 +5,7 @@
 //
 // Also home to the small helpers the NAR service shares (per-peer slots, timed frame reads,
 // deadlines that reset a stream).
+import { setImmediate as nextTurn } from "node:timers/promises";
 import type { Stream } from "@libp2p/interface";
 import {
   MAX_FRAME_BYTES,
@@ -33,11 +34,14 @@ export interface NarinfoServeOptions {
   idleMs?: number;
   /** Concurrent inbound narinfo streams per peer (spec: 64); more are reset. */
   maxStreamsPerPeer?: number;
+  /** Requests answered per peer per turn of the event loop, over all its streams (default 4). */
+  perTurn?: number;
 }
 
 export const FIRST_REQUEST_MS = 10_000;
 export const NARINFO_IDLE_MS = 30_000;
 export const MAX_NARINFO_STREAMS_PER_PEER = 64;
+export const NARINFO_PER_TURN = 4;
 /** Requester deadline for an answer (spec recommendation). */
 export const NARINFO_DEADLINE_MS = 2_000;
 
@@ -46,6 +50,7 @@ export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logge
   const firstMs = opts.firstRequestMs ?? FIRST_REQUEST_MS;
   const idleMs = opts.idleMs ?? NARINFO_IDLE_MS;
   const slots = new PeerSlots(opts.maxStreamsPerPeer ?? MAX_NARINFO_STREAMS_PER_PEER);
+  const share = new TurnShare(opts.perTurn ?? NARINFO_PER_TURN);
   await node.handle(
     PROTOCOL_NARINFO,
     async ({ stream, reader, peerId, peer }) => {
@@ -60,6 +65,9 @@ export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logge
           }
           if (frame === undefined) return; // the requester is done
           const hashPart = decodeNarinfoRequest(frame); // malformed: throws, the stream is reset
+          // A peer may pipeline thousands of requests into our buffers, on up to 64 streams:
+          // a few of its requests per turn of the event loop, so local lookups run in between.
+          await share.take(peerId);
           await writeFrame(stream, await localAnswer(local, hashPart, log));
         }
       } finally {
@@ -214,6 +222,34 @@ function narinfoStreams(node: MeshNode): NarinfoStreamPool {
 }
 
 // --- helpers shared with nar-service.ts ---------------------------------------------------------
+
+/**
+ * At most `perTurn` units of work per peer in one turn of the event loop: take() resolves at once
+ * while the peer has some left this turn, else on a later turn.
+ */
+export class TurnShare {
+  readonly #used = new Map<string, number>();
+  #resetting = false;
+  constructor(readonly perTurn: number) {}
+
+  async take(peer: string): Promise<void> {
+    for (;;) {
+      const n = this.#used.get(peer) ?? 0;
+      if (n < this.perTurn) {
+        this.#used.set(peer, n + 1);
+        if (!this.#resetting) {
+          this.#resetting = true;
+          setImmediate(() => {
+            this.#used.clear();
+            this.#resetting = false;
+          });
+        }
+        return;
+      }
+      await nextTurn();
+    }
+  }
+}
 
 /** Counts concurrent streams per peer against a limit. */
 export class PeerSlots {

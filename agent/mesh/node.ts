@@ -14,7 +14,7 @@ import type { AbortOptions, Connection, PeerId, Stream, StreamHandlerOptions } f
 import type { Logger } from "pino";
 import type { PublicKey, SecretKey } from "../../protocol/keys.js";
 import { libp2pPrivateKey, trustedPeers } from "./identity.js";
-import { meshGater, type RefusedPeer } from "./gater.js";
+import { meshGater, type DeniedPeer, type RefusedPeer } from "./gater.js";
 import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
 import { meshListenAddr } from "../address.js";
 
@@ -30,6 +30,8 @@ export interface MeshNodeOptions {
   mdns?: boolean;
   /** Told of every connection refused after the handshake because the remote's key is not trusted. */
   onRefused?: RefusedPeer;
+  /** Trusted peers to refuse for now (penalised: over a per-peer limit). */
+  denied?: DeniedPeer;
 }
 
 export type MeshServices = { identify: Identify; ping: Ping };
@@ -81,7 +83,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     connectionEncrypters: [noise()],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
-    connectionGater: meshGater(self, trusted, opts.onRefused),
+    connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
     peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
     services: { identify: identify(), ping: ping() },
   });

@@ -4,14 +4,23 @@
 // Per peer: one stream at a time. A protocol error (bad frame, gap, total mismatch) resets the
 // stream and resubscribes from scratch after a backoff, keeping the old summary as a stale hint
 // until the new snapshot replaces it (dropped if that attempt fails too). A stream that ends or a
-// connection that closes drops the summary at once: lookups never name a peer we cannot reach.
+// connection that closes takes the summary out of lookups at once (lookups never name a peer we
+// cannot reach) but keeps it for a while, so the next subscription resumes from its epoch and
+// generation and the publisher sends only what changed meanwhile, not a whole snapshot.
 // Without a connection we wait for the peer to come back (dialing is discovery's job) rather than
 // redial a dead peer on our own.
+//
+// Fair share: a peer's summary frames are decoded and applied one at a time with a turn of the
+// event loop between them (and large merges in slices), so local lookups never wait behind a
+// peer's burst; and each peer has a budget of keys (a token bucket: a burst, then a rate). A peer
+// over budget is disconnected and penalised (PeerPenalties: refused with a growing backoff).
 import { EventEmitter } from "node:events";
+import { setImmediate as nextTurn } from "node:timers/promises";
 import type { PeerId } from "@libp2p/interface";
 import type { Logger } from "pino";
 import {
   MAX_FRAME_BYTES,
+  MAX_SUMMARY_KEYS,
   PROTOCOL_SUMMARY,
   PathSummary,
   PeerProtocolError,
@@ -22,7 +31,9 @@ import {
 } from "../../protocol/peer-codec.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
 import type { MeshNode } from "./node.js";
+import type { PeerPenalties } from "./peer-penalties.js";
 import { FrameTooLargeError, writeFrame, type StreamReader } from "./stream-io.js";
+import { peerIdFromString as peerIdOf } from "@libp2p/peer-id";
 
 export interface SummaryTableOptions {
   /** First retry delay after a failed stream; doubles up to retryMaxMs. */
@@ -30,7 +41,28 @@ export interface SummaryTableOptions {
   retryMaxMs?: number;
   /** A snapshot that makes no progress for this long is given up (reset, retried). */
   snapshotStallMs?: number;
+  /** How long a disconnected peer's summary is kept to resume from (default 10 min). */
+  resumeGraceMs?: number;
+  /** Work each peer may cause, in keys; see SummaryBudget. */
+  budget?: Partial<SummaryBudget>;
+  /** Where a peer over budget is recorded (the gater then refuses it for a backoff). */
+  penalties?: PeerPenalties;
 }
+
+/**
+ * A token bucket of keys per peer: every frame costs its keys plus FRAME_COST (a flood of tiny
+ * frames is work too). The default burst takes two full snapshots of the largest summary back to
+ * back (a reconnect and a restarted publisher); the rate, a store changing by a million paths a
+ * minute. A peer that overdraws it is disconnected.
+ */
+export interface SummaryBudget {
+  burstKeys: number;
+  keysPerSecond: number;
+}
+
+export const DEFAULT_SUMMARY_BUDGET: SummaryBudget = { burstKeys: 2 * MAX_SUMMARY_KEYS + 65_536, keysPerSecond: 20_000 };
+/** What a frame costs besides its keys. */
+export const FRAME_COST = 64;
 
 /** Cumulative per-peer counters (all streams), for metrics and tests. */
 export interface SummaryTraffic {
@@ -42,6 +74,12 @@ export interface SummaryTraffic {
   deltas: number;
   /** Streams we reset for a protocol error (gap, total mismatch, malformed frame). */
   resets: number;
+  /** Keys received (snapshot chunks and deltas): what the budget counts, with FRAME_COST a frame. */
+  keys: number;
+  /** Subscriptions that asked to resume from a summary we kept. */
+  resumes: number;
+  /** Times the peer went over its budget. */
+  overBudget: number;
 }
 
 interface PeerEntry {
@@ -55,12 +93,22 @@ interface PeerEntry {
   timer: NodeJS.Timeout | undefined;
   backoff: number;
   traffic: SummaryTraffic;
+  /** Budget left (keys) as of `refilledAt` (performance.now()). */
+  tokens: number;
+  refilledAt: number;
+  /** Frees a kept summary after the resume grace period. */
+  keepTimer: NodeJS.Timeout | undefined;
 }
 
 /** A delta that does not apply (gap or total mismatch): a protocol error like any other. */
 class SummaryGapError extends PeerProtocolError {}
 
-export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
+/** The peer went over its summary budget. */
+export class SummaryBudgetError extends Error {
+  override name = "SummaryBudgetError";
+}
+
+export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overBudget: [peerId: string, reason: string] }> {
   #entries = new Map<string, PeerEntry>();
   /** Peers with a complete summary: what holders() scans. */
   #ready = new Map<string, PathSummary>();
@@ -68,6 +116,9 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
   readonly #retryMin: number;
   readonly #retryMax: number;
   readonly #stallMs: number;
+  readonly #graceMs: number;
+  readonly #budget: SummaryBudget;
+  readonly #penalties: PeerPenalties | undefined;
 
   constructor(
     private readonly node: MeshNode,
@@ -78,6 +129,9 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
     this.#retryMin = opts.retryMinMs ?? 1_000;
     this.#retryMax = opts.retryMaxMs ?? 30_000;
     this.#stallMs = opts.snapshotStallMs ?? 60_000;
+    this.#graceMs = opts.resumeGraceMs ?? 600_000;
+    this.#budget = { ...DEFAULT_SUMMARY_BUDGET, ...opts.budget };
+    this.#penalties = opts.penalties;
     node.libp2p.addEventListener("peer:connect", this.#onConnect);
     node.libp2p.addEventListener("peer:disconnect", this.#onDisconnect);
   }
@@ -91,7 +145,10 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
       ctl: undefined,
       timer: undefined,
       backoff: this.#retryMin,
-      traffic: { streams: 0, frames: 0, bytes: 0, snapshots: 0, deltas: 0, resets: 0 },
+      traffic: { streams: 0, frames: 0, bytes: 0, snapshots: 0, deltas: 0, resets: 0, keys: 0, resumes: 0, overBudget: 0 },
+      tokens: this.#budget.burstKeys,
+      refilledAt: performance.now(),
+      keepTimer: undefined,
     };
     this.#entries.set(peerId, e);
     void this.#run(e);
@@ -104,6 +161,7 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
     clearTimeout(e.timer);
     e.ctl?.abort(new Error("unsubscribed"));
     this.#drop(e);
+    clearTimeout(e.keepTimer);
   }
 
   /** Peer IDs whose complete summary has this path's key (a hint: the narinfo request confirms). */
@@ -150,7 +208,7 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
   readonly #onDisconnect = (evt: CustomEvent<PeerId>): void => {
     const e = this.#entries.get(evt.detail.toString());
     if (!e) return;
-    this.#drop(e);
+    this.#park(e);
     e.ctl?.abort(new Error("peer disconnected"));
   };
 
@@ -172,8 +230,20 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
       if (ctl.signal.aborted) onAbort();
       ctl.signal.addEventListener("abort", onAbort, { once: true });
       try {
-        await writeFrame(stream, encodeSummarySubscribe({ epoch: 0n, generation: 0 }), { signal: ctl.signal });
-        await this.#consume(e, reader, ctl, () => (synced = true));
+        // A summary kept from an earlier stream (not one a protocol error made stale) is resumed
+        // from: the publisher sends the deltas since, or a snapshot if it cannot.
+        const kept = !e.stale ? e.summary : undefined;
+        const from = kept?.epoch !== undefined && kept.generation !== undefined ? { epoch: kept.epoch, generation: kept.generation } : undefined;
+        await writeFrame(stream, encodeSummarySubscribe(from ?? { epoch: 0n, generation: 0 }), { signal: ctl.signal });
+        if (from && kept) {
+          // Connected again: the kept summary counts for lookups (a hint, as ever) while the
+          // publisher catches it up. Nothing may come if nothing changed.
+          e.traffic.resumes++;
+          clearTimeout(e.keepTimer);
+          this.#ready.set(e.peerId, kept);
+          this.emit("change", e.peerId);
+        }
+        await this.#consume(e, reader, ctl, from !== undefined, () => (synced = true));
         await stream.close().catch(() => {});
       } catch (err) {
         // Reset, so a publisher that misbehaved sees us give up on this stream.
@@ -188,6 +258,19 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
     }
     if (this.#entries.get(e.peerId) !== e) return; // unsubscribed meanwhile
 
+    if (failure instanceof SummaryBudgetError) {
+      // Nothing it sent is kept, and it is disconnected (refused for a while with penalties).
+      e.traffic.overBudget++;
+      e.tokens = this.#budget.burstKeys; // a fresh budget once the penalty is over
+      this.#drop(e);
+      const reason = failure.message;
+      this.log.warn({ peer: e.peerId, reason }, "summary: peer over its budget; disconnecting it");
+      const p = this.#penalties?.penalise(e.peerId, reason);
+      this.emit("overBudget", e.peerId, reason);
+      if (p) this.log.warn({ peer: e.peerId, until: new Date(p.until).toISOString(), offences: p.count }, "summary: peer refused until then");
+      await this.node.libp2p.hangUp(peerIdOf(e.peerId)).catch(() => {});
+      return; // #onConnect resumes when the peer is back
+    }
     const protocolError = failure instanceof PeerProtocolError || failure instanceof FrameTooLargeError;
     if (protocolError) {
       e.traffic.resets++;
@@ -196,9 +279,11 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
       this.log.debug({ peer: e.peerId, err: failure }, "summary: stream ended");
     }
     const connected = this.#connected(e.peerId);
-    // A stale hint survives one protocol error while the peer is still there, not two.
+    // A stale hint survives one protocol error while the peer is still there, not two. A stream
+    // that just ended keeps its summary out of lookups, to resume from.
     if (protocolError && connected && !e.stale && e.summary) e.stale = true;
-    else this.#drop(e);
+    else if (protocolError) this.#drop(e);
+    else this.#park(e);
     if (!connected) return; // #onConnect resumes when the peer is back
     // A healthy stream that ended (publisher restarted) retries soon; misbehaviour backs off.
     if (synced && !protocolError) e.backoff = this.#retryMin;
@@ -211,9 +296,9 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
   }
 
   /** Reads snapshots and deltas until the stream ends (returns) or fails (throws). */
-  async #consume(e: PeerEntry, reader: StreamReader, ctl: AbortController, onSynced: () => void): Promise<void> {
+  async #consume(e: PeerEntry, reader: StreamReader, ctl: AbortController, resumed: boolean, onSynced: () => void): Promise<void> {
     const assembler = new SnapshotAssembler();
-    let synced = false; // a snapshot completed on this stream: deltas may follow
+    let synced = resumed; // a snapshot completed on this stream (or we resumed): deltas may follow
     let stall: NodeJS.Timeout | undefined;
     // Until a snapshot completes, the publisher owes us frames; afterwards deltas may be rare.
     const arm = () => {
@@ -232,36 +317,81 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string] }> {
         e.traffic.frames++;
         e.traffic.bytes += reader.bytesRead - before;
         const msg = decodeSummaryMessage(frame);
+        const keys = msg.type === "snapshot" ? msg.keys.length : msg.added.length + msg.removed.length;
+        e.traffic.keys += keys;
+        this.#charge(e, keys);
         if (msg.type === "snapshot") {
           const snap = assembler.push(msg);
           if (snap) {
             // Replaces the previous (maybe stale) summary in one step: lookups never see a mix.
             const summary = e.summary ?? new PathSummary();
-            summary.applySnapshot(snap);
+            summary.applySnapshot(snap, true); // the assembler checked the order
             e.summary = summary;
             e.stale = false;
             this.#ready.set(e.peerId, summary);
             e.traffic.snapshots++;
-            if (!synced) onSynced();
+            onSynced();
             synced = true;
             this.emit("change", e.peerId);
           }
         } else {
           if (!synced || assembler.pending || !e.summary) throw new PeerProtocolError("summary delta before a complete snapshot");
-          if (!e.summary.applyDelta(msg)) {
+          // In slices: a delta of 8,192 keys on a large summary costs milliseconds.
+          const steps = e.summary.applyDeltaSteps(msg);
+          let r = steps.next();
+          for (; !r.done; r = steps.next()) {
+            await nextTurn();
+            ctl.signal.throwIfAborted();
+          }
+          if (!r.value) {
             throw new SummaryGapError(`summary delta ${msg.fromGeneration}->${msg.toGeneration} (total ${msg.total}) does not apply at generation ${e.summary.generation}`);
           }
           e.traffic.deltas++;
+          onSynced();
           this.emit("change", e.peerId);
+          // A large summary merges its overlays in slices, between which lookups run.
+          if (e.summary.compactionDue) {
+            for (const _ of e.summary.compactionSteps()) {
+              await nextTurn();
+              ctl.signal.throwIfAborted();
+            }
+          }
         }
         arm();
+        // One frame at a time: whatever else is waiting (local lookups) runs before the next.
+        await nextTurn();
+        ctl.signal.throwIfAborted();
       }
     } finally {
       clearTimeout(stall);
     }
   }
 
+  /** Charges a frame of `keys` keys to the peer's budget; throws when it is overdrawn. */
+  #charge(e: PeerEntry, keys: number): void {
+    const now = performance.now();
+    const { burstKeys, keysPerSecond } = this.#budget;
+    e.tokens = Math.min(burstKeys, e.tokens + ((now - e.refilledAt) / 1000) * keysPerSecond);
+    e.refilledAt = now;
+    e.tokens -= keys + FRAME_COST;
+    if (e.tokens < 0) {
+      throw new SummaryBudgetError(`summary work over budget: ${e.traffic.keys} keys in ${e.traffic.frames} frames (budget ${burstKeys} keys, then ${keysPerSecond} a second)`);
+    }
+  }
+
+  /** Out of lookups, but kept for a while to resume from (unless it is only a stale hint). */
+  #park(e: PeerEntry): void {
+    if (!e.summary || e.stale) return this.#drop(e);
+    if (this.#ready.delete(e.peerId)) this.emit("change", e.peerId);
+    clearTimeout(e.keepTimer);
+    e.keepTimer = setTimeout(() => {
+      if (!this.#ready.has(e.peerId)) e.summary = undefined;
+    }, this.#graceMs);
+    e.keepTimer.unref();
+  }
+
   #drop(e: PeerEntry): void {
+    clearTimeout(e.keepTimer);
     e.stale = false;
     if (!e.summary) return;
     e.summary = undefined;

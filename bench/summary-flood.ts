@@ -1,0 +1,172 @@
+// A trusted peer floods the agent with summary traffic while a client measures the agent's local
+// narinfo latency: one real agent process (chroot store, mesh on loopback), one flooder process
+// (a real libp2p node with a fleet key, test/helpers/summary-flood.ts), and sequential
+// keep-alive `GET /<hash>.narinfo` hits from this process.
+//
+//   npx tsc -p . && node dist/bench/summary-flood.js [--mode deltas,snapshots] [--seconds 20]
+//     [--delta-base 1000000] [--snapshot-keys 4194304] [--nice 0]
+//
+// deltas: a snapshot of --delta-base keys, then deltas of 8,192 keys as fast as the agent takes
+// them. snapshots: the same snapshot of --snapshot-keys keys, back to back. Figures: latency
+// before the flood (baseline), while the flooder is connected, and over the whole run; what the
+// agent's status says about the peer. The flooder runs at full speed on the same CPUs as the
+// agent (on a fleet it is another host); `--nice 19` makes it yield them, but then on a busy
+// machine it sends far less, and the old agent, taking frames one or two at a time, looks fine.
+// Needs Nix (nix-store); everything stays on loopback.
+import { spawn, execFileSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import http from "node:http";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { multiaddr } from "@multiformats/multiaddr";
+import { formatPublicKey, formatSecretKey, generateKeyPair, parsePublicKey, parseSecretKey } from "../protocol/keys.js";
+import { startSummaryFlooder, type FloodMode } from "../test/helpers/summary-flood.js";
+
+const CLI = fileURLToPath(new URL("../agent/cli.js", import.meta.url));
+const SELF = fileURLToPath(import.meta.url);
+const { values: opt } = parseArgs({
+  options: {
+    mode: { type: "string", default: "deltas,snapshots" },
+    seconds: { type: "string", default: "20" },
+    "delta-base": { type: "string", default: "1000000" },
+    "snapshot-keys": { type: "string", default: String(1 << 22) },
+    nice: { type: "string", default: "0" },
+    // Internal: run as the flooder.
+    role: { type: "string" },
+    key: { type: "string" },
+    trust: { type: "string" },
+    dial: { type: "string" },
+    keys: { type: "string" },
+  },
+});
+
+async function flooder(): Promise<void> {
+  const f = await startSummaryFlooder({
+    key: parseSecretKey(opt.key!),
+    trusted: [parsePublicKey(opt.trust!)],
+    mode: opt.mode as FloodMode,
+    snapshotKeys: Number(opt.keys),
+  });
+  process.stdout.write("ready\n");
+  await f.node.libp2p.dial(multiaddr(opt.dial!));
+  process.on("SIGTERM", () => {
+    process.stdout.write(JSON.stringify(f.stats) + "\n");
+    void f.stop().finally(() => process.exit(0));
+  });
+}
+
+const children: ChildProcess[] = [];
+
+async function startAgent(args: string[]): Promise<string> {
+  const child = spawn(process.execPath, [CLI, "agent", "--listen", "127.0.0.1:0", "--no-mdns", ...args], { stdio: ["ignore", "ignore", "pipe"] });
+  children.push(child);
+  let stderr = "";
+  const port = await new Promise<number>((resolve, reject) => {
+    child.stderr!.on("data", (d: Buffer) => {
+      stderr += d.toString();
+      const m = /"listen":"[^"]*:(\d+)"/.exec(stderr);
+      if (m) resolve(Number(m[1]));
+    });
+    child.on("exit", (code) => reject(new Error(`agent exited with ${code}: ${stderr}`)));
+  });
+  return `http://127.0.0.1:${port}`;
+}
+
+function getJson(url: string): Promise<any> {
+  return new Promise((resolve, reject) => {
+    http.get(url, (res) => {
+      let body = "";
+      res.on("data", (d) => (body += d));
+      res.on("end", () => resolve(JSON.parse(body)));
+    }).on("error", reject);
+  });
+}
+
+/** Sequential keep-alive requests until `until()`; each one's start time and latency (ms). */
+async function measure(url: string, until: () => boolean): Promise<{ at: number; ms: number }[]> {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  const out: { at: number; ms: number }[] = [];
+  while (!until()) {
+    const at = performance.now();
+    await new Promise<void>((resolve, reject) => {
+      http.get(url, { agent }, (res) => {
+        res.resume();
+        res.on("end", () => (res.statusCode === 200 ? resolve() : reject(new Error(`narinfo: ${res.statusCode}`))));
+      }).on("error", reject);
+    });
+    out.push({ at, ms: performance.now() - at });
+  }
+  agent.destroy();
+  return out;
+}
+
+function figures(xs: number[]): string {
+  if (xs.length === 0) return "no requests";
+  const s = [...xs].sort((a, b) => a - b);
+  const q = (p: number) => s[Math.min(s.length - 1, Math.floor(p * s.length))]!;
+  return `n ${s.length}, p50 ${q(0.5).toFixed(2)} ms, p99 ${q(0.99).toFixed(2)} ms, max ${s[s.length - 1]!.toFixed(1)} ms`;
+}
+
+async function scenario(mode: FloodMode, tmp: string, store: string, hashPart: string): Promise<void> {
+  const agentKeyFile = join(tmp, `${mode}-agent.sec`);
+  const agentKey = generateKeyPair("bench-agent-1");
+  writeFileSync(agentKeyFile, formatSecretKey(agentKey), { mode: 0o600 });
+  const floodKey = generateKeyPair("bench-flooder-1");
+  const meshPort = 20_000 + Math.floor(Math.random() * 20_000);
+  const url = await startAgent([
+    "--store-root", store, "--state-dir", join(tmp, `${mode}-state`), "--sign-key", agentKeyFile,
+    "--p2p-listen", `127.0.0.1:${meshPort}`, "--trusted-key", formatPublicKey(floodKey),
+  ]);
+  const narinfo = `${url}/${hashPart}.narinfo`;
+  const baseline = await measure(narinfo, ((end) => () => performance.now() > end)(performance.now() + 3000));
+  const keys = mode === "deltas" ? opt["delta-base"]! : opt["snapshot-keys"]!;
+  // On a fleet the flooder is another host; here it shares the CPUs (--nice to make it yield them).
+  const child = spawn("nice", ["-n", opt.nice!, process.execPath, SELF, "--role", "flooder", "--mode", mode, "--keys", keys, "--key", formatSecretKey(floodKey), "--trust", formatPublicKey(agentKey), "--dial", `/ip4/127.0.0.1/tcp/${meshPort}`], { stdio: ["ignore", "pipe", "inherit"] });
+  children.push(child);
+  let out = "";
+  child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+  while (!out.includes("ready")) await new Promise((r) => setTimeout(r, 50)); // the flooder encodes its snapshot first
+  const t0 = performance.now();
+  const end = t0 + Number(opt.seconds) * 1000;
+  const run = measure(narinfo, () => performance.now() > end);
+  // When the flooder was last seen connected, from the agent's own status.
+  let connectedUntil = t0;
+  while (performance.now() < end) {
+    const st = await getJson(`${url}/api/v1/status`);
+    if (st.peers.some((p: { connected: boolean }) => p.connected)) connectedUntil = performance.now();
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const samples = await run;
+  const status = await getJson(`${url}/api/v1/status`);
+  child.kill("SIGTERM");
+  await new Promise((r) => child.once("exit", r));
+  const peer = status.peers[0] ?? {};
+  console.log(`\n${mode}: ${mode === "deltas" ? `a snapshot of ${keys} keys, then 8,192-key deltas` : `snapshots of ${keys} keys back to back`}, ${opt.seconds} s`);
+  console.log(`  baseline (no peer)        ${figures(baseline.map((s) => s.ms))}`);
+  console.log(`  while the flooder was on  ${figures(samples.filter((s) => s.at <= connectedUntil).map((s) => s.ms))} (${((connectedUntil - t0) / 1000).toFixed(1)} s)`);
+  console.log(`  whole run                 ${figures(samples.map((s) => s.ms))}`);
+  console.log(`  flooder sent              ${out.split("\n").find((l) => l.startsWith("{")) ?? "?"}`);
+  console.log(`  agent: peer connected ${peer.connected}, pathCount ${peer.pathCount}, penalty ${JSON.stringify(peer.penalty ?? null)}, counters.peerPenalties ${status.counters.peerPenalties}`);
+}
+
+async function main(): Promise<void> {
+  if (opt.role === "flooder") return flooder();
+  const tmp = mkdtempSync(join(tmpdir(), "fleetcache-flood-"));
+  try {
+    const store = join(tmp, "store");
+    writeFileSync(join(tmp, "hit.txt"), "a path in the store\n");
+    const hit = execFileSync("nix-store", ["--store", store, "--add", join(tmp, "hit.txt")], { encoding: "utf8" }).trim();
+    for (const mode of opt.mode!.split(",")) await scenario(mode as FloodMode, tmp, store, hit.slice(11, 43));
+  } finally {
+    for (const c of children) c.kill("SIGTERM");
+    await new Promise((r) => setTimeout(r, 300));
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exitCode = 1;
+});

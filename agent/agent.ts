@@ -82,6 +82,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         listen,
         paths: store.pathCount(),
         storeBackend: store.backend,
+        useCaseHack: config.useCaseHack,
         version: VERSION,
         uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
       },

@@ -155,16 +155,18 @@ program
   .description("Check that the agent works and that Nix uses it: one line per check, ok / warn / FAIL, with the fix")
   .option("--agent <url>", AGENT_OPTION)
   .option("--config <file>", "the agent's TOML config file, for its sign keys and fleet (env FLEETCACHE_CONFIG; FLEETCACHE_* variables apply too)")
-  .option("--nix-conf <file>", "check this nix.conf alone instead of Nix's effective configuration (nix show-config)")
+  .option("--nix-conf <file>", "check this nix.conf alone instead of Nix's effective configuration (nix config show)")
   .option("--store-root <dir>", "check read access to the Nix database under DIR directly instead of asking the agent")
   .option("--json", "print the checks as JSON")
   .addHelpText("after", `
 Checks: the agent answers (/health, /nix-cache-info); the store is readable; Nix lists the agent
 among its substituters with a priority below cache.nixos.org's 40; Nix trusts this host's and
 every fleet member's key, and no trusted key has a fleet member's name with other bytes (a
-rotated key); narinfo-cache-negative-ttl is at most 60 s; the sign key files are not readable by
-group or others; each known peer is connected. Nix's configuration is read with
-\`nix show-config\`, so NIX_CONF_DIR, NIX_USER_CONF_FILES and NIX_CONFIG apply.
+rotated key); narinfo-cache-negative-ttl is at most 60 s; the agent's use_case_hack equals Nix's
+use-case-hack; the sign key files are not readable by group or others; each known peer is
+connected. Nix's configuration is read with \`nix config show\` (\`nix show-config\` on Nix 2.8),
+so NIX_CONF_DIR, NIX_USER_CONF_FILES and NIX_CONFIG apply; Nix's warnings about it (an unknown
+setting) are shown as a nix-config warning.
 
 Exit status: 0 no check failed (warnings allowed), 1 a check failed, 2 usage error.`)
   .action((opts: { agent?: string; config?: string; nixConf?: string; storeRoot?: string; json?: boolean }) => exitWith("doctor", () => runDoctor(opts)));

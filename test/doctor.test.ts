@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { chmodSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { startAgentProcess, runCli as fleetcache, keygen, type AgentProcess } from "./helpers/agent.js";
-import { addToStore, hasNix, tempDir } from "./helpers/nix.js";
+import { addToStore, hasNix, needNix, tempDir } from "./helpers/nix.js";
 
 const NIXOS_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
@@ -13,7 +13,7 @@ type Check = { check: string; verdict: string; message: string; fix?: string };
 
 const ALL_OK = {
   agent: "ok", store: "ok", "store-backend": "ok", substituters: "ok", priority: "ok", "trusted-keys": "ok", "stale-keys": "ok",
-  "negative-ttl": "ok", "sign-key": "ok", peers: "ok",
+  "negative-ttl": "ok", "case-hack": "ok", "sign-key": "ok", peers: "ok",
 };
 
 // One agent and one key set for every case; each case writes the nix.conf it checks.
@@ -173,4 +173,101 @@ describe("doctor against a real agent", { concurrency: false }, () => {
     assert.equal(down.checks[0]!.verdict, "FAIL");
     assert.match(down.checks[0]!.message, /cannot reach the fleetcache agent/);
   });
+});
+
+/** One agent (started with `agentArgs`) with a store, its keys, and a nix.conf that is right for it. */
+async function doctorFixture(agentArgs: string[] = []) {
+  const tmp = tempDir();
+  const hostSec = join(tmp.dir, "host.sec");
+  const hostPub = await keygen("host-a-1", hostSec);
+  const root = join(tmp.dir, "store");
+  writeFileSync(join(tmp.dir, "file"), "doctor\n");
+  await addToStore(root, join(tmp.dir, "file"));
+  const toml = join(tmp.dir, "agent.toml");
+  writeFileSync(toml, `sign_key = [${JSON.stringify(hostSec)}]\nstore_root = ${JSON.stringify(root)}\n`);
+  const agent = await startAgentProcess(["--config", toml, ...agentArgs]);
+  const confDir = join(tmp.dir, "nixconf");
+  mkdirSync(confDir);
+  const nixEnv = { NIX_CONF_DIR: confDir, NIX_USER_CONF_FILES: join(confDir, "no-user.conf") };
+  const good: Record<string, string> = {
+    substituters: `${agent.url} https://cache.nixos.org`,
+    "trusted-public-keys": `${hostPub} ${NIXOS_KEY}`,
+    "narinfo-cache-negative-ttl": "0",
+  };
+  return {
+    agent,
+    good,
+    writeConf: (settings: Record<string, string>) =>
+      writeFileSync(join(confDir, "nix.conf"), Object.entries(settings).map(([k, v]) => `${k} = ${v}\n`).join("")),
+    /** Doctor's JSON, and the checks that are not ok (skips included) by name. */
+    doctor: async () => {
+      const r = await fleetcache(["doctor", "--agent", agent.url, "--config", toml, "--json"], nixEnv);
+      assert.ok(r.stdout.startsWith("["), `doctor printed no JSON (exit ${r.code}): ${r.stderr}`);
+      const checks = JSON.parse(r.stdout) as { check: string; verdict: string; message: string; fix?: string }[];
+      const notOk = Object.fromEntries(checks.filter((c) => c.verdict !== "ok").map((c) => [c.check, c.verdict]));
+      return { code: r.code, checks, notOk, find: (name: string) => checks.find((c) => c.check === name) };
+    },
+    async cleanup() {
+      await agent.stop();
+      tmp.cleanup();
+    },
+  };
+}
+
+test("doctor: a setting Nix does not know warns, naming it; Nix's own warnings about a right configuration stay out", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await doctorFixture();
+  try {
+    f.writeConf(f.good);
+    const right = await f.doctor();
+    assert.deepEqual(right.notOk, {}, JSON.stringify(right.checks, null, 2)); // no nix-config line at all
+    assert.equal(right.code, 0);
+
+    f.writeConf({ ...f.good, "narinfo-cache-negativ-ttl": "0" }); // misspelled: Nix ignores it
+    const typo = await f.doctor();
+    assert.deepEqual(typo.notOk, { "nix-config": "warn" }, JSON.stringify(typo.checks, null, 2));
+    assert.equal(typo.code, 0);
+    assert.match(typo.find("nix-config")!.message, /unknown setting 'narinfo-cache-negativ-ttl'/);
+    assert.ok(typo.find("nix-config")!.fix);
+  } finally {
+    await f.cleanup();
+  }
+});
+
+test("doctor: the agent's use_case_hack must be Nix's use-case-hack, else FAIL naming the agent's flag", async (t) => {
+  if (!(await needNix(t))) return;
+  const status = async (url: string) => ((await (await fetch(`${url}/api/v1/status`)).json()) as { self: { useCaseHack?: unknown } }).self;
+  const off = await doctorFixture(); // the default on Linux, as Nix's
+  try {
+    assert.equal((await status(off.agent.url)).useCaseHack, false);
+    off.writeConf(off.good);
+    const same = await off.doctor();
+    assert.deepEqual(same.notOk, {}, JSON.stringify(same.checks, null, 2));
+    assert.equal(same.find("case-hack")?.verdict, "ok");
+
+    off.writeConf({ ...off.good, "use-case-hack": "true" });
+    const differ = await off.doctor();
+    assert.deepEqual(differ.notOk, { "case-hack": "FAIL" }, JSON.stringify(differ.checks, null, 2));
+    assert.equal(differ.code, 1);
+    assert.match(differ.find("case-hack")!.fix!, /(^|[^-])--use-case-hack\b/);
+  } finally {
+    await off.cleanup();
+  }
+  const on = await doctorFixture(["--use-case-hack"]);
+  try {
+    assert.equal((await status(on.agent.url)).useCaseHack, true);
+    on.writeConf({ ...on.good, "use-case-hack": "true" });
+    const same = await on.doctor();
+    assert.deepEqual(same.notOk, {}, JSON.stringify(same.checks, null, 2));
+    assert.equal(same.find("case-hack")?.verdict, "ok");
+    assert.equal(same.code, 0);
+
+    on.writeConf(on.good); // Nix's default on Linux: off
+    const differ = await on.doctor();
+    assert.deepEqual(differ.notOk, { "case-hack": "FAIL" }, JSON.stringify(differ.checks, null, 2));
+    assert.equal(differ.code, 1);
+    assert.match(differ.find("case-hack")!.fix!, /--no-use-case-hack\b/);
+  } finally {
+    await on.cleanup();
+  }
 });

@@ -4,7 +4,7 @@ import { accessSync, constants, statSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError, loadConfig, type AgentConfig } from "../config.js";
 import { AgentError, agentGet, agentJson, agentUrl, parseCacheInfo } from "./agent-client.js";
-import { listSetting, numberSetting, readNixConfig, type NixSettings } from "./nix-config.js";
+import { boolSetting, listSetting, numberSetting, readNixConfig, type NixSettings } from "./nix-config.js";
 import { readStatus, type StatusView } from "./status-doc.js";
 
 export type Verdict = "ok" | "warn" | "FAIL" | "skip";
@@ -93,9 +93,15 @@ export async function doctor(opts: DoctorOptions): Promise<CheckResult[]> {
   // Nix's configuration.
   let nix: NixSettings | undefined;
   try {
-    nix = await readNixConfig(opts.nixConf);
+    const read = await readNixConfig(opts.nixConf);
+    nix = read.settings;
+    // Only shown when Nix complains: a misspelled setting is ignored by Nix with just a warning.
+    if (read.warnings.length) {
+      add("nix-config", "warn", `Nix warns about its configuration: ${read.warnings.join("; ")}`,
+        "correct or remove what Nix names in nix.conf (an unknown setting has no effect).");
+    }
   } catch (e) {
-    add("nix-config", "FAIL", `cannot read Nix's configuration: ${(e as Error).message}`, "install Nix (or put `nix` on PATH) and run `nix show-config` to see the problem.");
+    add("nix-config", "FAIL", `cannot read Nix's configuration: ${(e as Error).message}`, "install Nix (or put `nix` on PATH) and run `nix config show` (`nix show-config` on Nix 2.8) to see the problem.");
   }
   if (nix) {
     checkSubstituters(nix, url, agent.priority, add);
@@ -118,6 +124,8 @@ export async function doctor(opts: DoctorOptions): Promise<CheckResult[]> {
         `${NEGATIVE_TTL_FIX} (what the modules set: Nix then asks each cache once per missing path in a run, and sees what a peer gains within half a minute; 0 asks every time, about three times as many questions to cache.nixos.org).`);
     } else add("negative-ttl", "ok", `narinfo-cache-negative-ttl is ${ttl} s`);
   }
+
+  if (nix) checkCaseHack(nix, status, statusProblem, add);
 
   if (config) checkSignKeys(config, add);
 
@@ -230,6 +238,28 @@ function checkKeys(nix: NixSettings, status: StatusView | undefined, statusProbl
   else {
     add("stale-keys", "warn", `Nix trusts ${stale.map((t) => `${t.name}:${t.bytes}`).join(", ")}, but that fleet member now signs with ${stale.map((t) => fleetByName.get(t.name)!.join(" or ")).join(", ")} (a rotated key?)`,
       "replace the old key with the current one in trusted-public-keys.");
+  }
+}
+
+/**
+ * The agent must undo the case hack exactly when Nix does it: otherwise the names in the agent's
+ * NARs differ from those Nix hashed (a suffix kept, or one cut that belongs to the name), and Nix
+ * refuses every path that has such a name (NAR hash mismatch).
+ */
+function checkCaseHack(nix: NixSettings, status: StatusView | undefined, statusProblem: string, add: (c: string, v: Verdict, m: string, f?: string) => void): void {
+  const nixHack = boolSetting(nix, "use-case-hack");
+  const agentHack = status?.self.useCaseHack;
+  const on = (b: boolean) => (b ? "on" : "off");
+  if (nixHack === undefined) add("case-hack", "skip", "Nix does not report use-case-hack");
+  else if (!status) add("case-hack", "skip", `cannot tell: ${statusProblem}.`);
+  else if (agentHack === undefined) add("case-hack", "skip", "the agent does not report its use_case_hack (an older agent)");
+  else if (agentHack === nixHack) add("case-hack", "ok", `use-case-hack is ${on(nixHack)} for Nix and the agent`);
+  else {
+    const harm = nixHack
+      ? "names Nix stored with a ~nix~case~hack~N suffix (Foo beside foo) keep it in the agent's NARs"
+      : "the agent cuts ~nix~case~hack~ from names that really contain it";
+    add("case-hack", "FAIL", `Nix's use-case-hack is ${on(nixHack)} but the agent's use_case_hack is ${on(agentHack)}: ${harm}, and such NARs do not match their NarHash`,
+      `run the agent with ${nixHack ? "--use-case-hack" : "--no-use-case-hack"} (use_case_hack = ${nixHack} in its TOML, or FLEETCACHE_USE_CASE_HACK=${nixHack}), as Nix writes the store.`);
   }
 }
 

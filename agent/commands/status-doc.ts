@@ -25,6 +25,8 @@ export interface StatusView {
     paths?: number;
     /** Where the agent reads store metadata: "database" or "daemon". */
     storeBackend?: string;
+    /** The agent's use_case_hack; absent from agents older than the setting's report. */
+    useCaseHack?: boolean;
     version?: string;
     uptimeSeconds?: number;
   };
@@ -71,6 +73,7 @@ export function readStatus(doc: unknown): StatusView {
       addresses: strs(self.addresses),
       paths: num(self.paths) ?? num(self.pathCount),
       storeBackend: str(self.storeBackend),
+      useCaseHack: typeof self.useCaseHack === "boolean" ? self.useCaseHack : undefined,
       version: str(self.version),
       uptimeSeconds: num(self.uptimeSeconds),
     },

@@ -21,6 +21,8 @@ export interface StatusDocument {
     paths: number;
     /** Where store metadata comes from: "database" or "daemon". */
     storeBackend: string;
+    /** Whether the agent undoes Nix's case hack (`use_case_hack`); must equal Nix's `use-case-hack`. */
+    useCaseHack: boolean;
     version: string;
     uptimeSeconds: number;
   };

@@ -6,8 +6,10 @@ import { canUseNetns } from "../test/helpers/netns.js";
 import { hasNix } from "../test/helpers/nix.js";
 import type { Scenario } from "./scenario.js";
 import { wanLatency } from "./scenarios/wan-latency.js";
+import { busyHolder } from "./scenarios/busy-holder.js";
+import { silentPeer } from "./scenarios/silent-peer.js";
 
-const SCENARIOS: Scenario[] = [wanLatency];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
@@ -15,7 +17,10 @@ const { values, positionals } = parseArgs({
 });
 
 if (values.list) {
-  for (const s of SCENARIOS) console.log(`${s.name.padEnd(16)} ${s.title} (${s.defaultMinutes} min). Goal: ${s.goal}`);
+  for (const s of SCENARIOS) {
+    const timed = s.defaultMinutes === undefined ? "" : ` (${s.defaultMinutes} min)`;
+    console.log(`${s.name.padEnd(16)} ${s.title}${timed}. Goal: ${s.goal}`);
+  }
   process.exit(0);
 }
 const unknown = positionals.filter((n) => !SCENARIOS.some((s) => s.name === n));
@@ -35,7 +40,7 @@ if (!(await canUseNetns()) || !(await hasNix())) {
 
 let failed = 0;
 for (const s of SCENARIOS.filter((s) => positionals.length === 0 || positionals.includes(s.name))) {
-  const durationMs = (minutes ?? s.defaultMinutes) * 60_000;
+  const durationMs = s.defaultMinutes === undefined ? 0 : (minutes ?? s.defaultMinutes) * 60_000;
   console.log(`\n## ${s.name}: ${s.title}\ngoal: ${s.goal}`);
   const t0 = Date.now();
   let ok = false;

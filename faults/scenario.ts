@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import type { AgentProcess } from "../test/helpers/agent.js";
 
 export interface ScenarioContext {
-  /** How long the scenario's main phase runs, in ms (its default, or --minutes). */
+  /** How long a timed scenario's main phase runs, in ms (its default, or --minutes); 0 for the others. */
   durationMs: number;
   /** Progress lines for the operator (stderr). */
   log(line: string): void;
@@ -22,7 +22,8 @@ export interface Scenario {
   title: string;
   /** The goal, as the table states it. */
   goal: string;
-  defaultMinutes: number;
+  /** For timed scenarios (soaks, long runs): how long they run unless --minutes says otherwise. */
+  defaultMinutes?: number;
   run(ctx: ScenarioContext): Promise<ScenarioResult>;
 }
 

@@ -10,8 +10,8 @@ import { logLines, percentiles, ProcessMeter, type Scenario } from "../scenario.
 
 const PATHS = 16;
 const SIZE = 8 << 20;
-/** Slow enough that all 16 transfers are open at the holder at once. */
-const DOWNLOAD_RATE = "4M";
+/** Slow enough (8 s each) that all 16 transfers are open at the holder at once. */
+const DOWNLOAD_RATE = "1M";
 
 export const busyHolder: Scenario = {
   name: "busy-holder",
@@ -49,7 +49,7 @@ export const busyHolder: Scenario = {
         .catch((e: Error) => (copyError = e.message.split("\n").find((l) => /error/.test(l)) ?? e.message));
       const copyMs = performance.now() - t0;
 
-      const busy = logLines(b.agent, /.*/).filter((r) => /busy/.test(JSON.stringify(r))).length;
+      const busy = logLines(b.agent, /.*/).filter((r) => /busy/.test(JSON.stringify(r)));
       const ok = failed.length === 0 && copyError === undefined;
       return {
         ok,
@@ -59,7 +59,8 @@ export const busyHolder: Scenario = {
           ["download time (complete ones)", percentiles(downloads.filter((d) => d.ok).map((d) => d.ms))],
           ["download time (failed ones)", percentiles(failed.map((d) => d.ms))],
           ["nix copy of the 16 paths", copyError === undefined ? `succeeded in ${(copyMs / 1000).toFixed(1)} s` : `FAILED in ${(copyMs / 1000).toFixed(1)} s: ${copyError}`],
-          ["B log lines mentioning busy", busy],
+          ["B log lines mentioning busy", busy.length],
+          ...(busy.length > 0 ? [["first of them", `${busy[0]!.msg}: ${String(busy[0]!.err ?? "")}`] as [string, string]] : []),
           ["agent A", meters.a.summary()],
           ["agent B", meters.b.summary()],
         ],

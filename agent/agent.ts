@@ -12,6 +12,7 @@ import { Signer } from "./signer.js";
 import { chooseBackend, defaultDaemonSocket, LocalStore } from "./store/local-store.js";
 import { AgentMetrics } from "./metrics.js";
 import { Mesh } from "./mesh/mesh.js";
+import { meshListenPort } from "./address.js";
 import type { PathSource } from "./source.js";
 import { VERSION } from "./version.js";
 
@@ -58,7 +59,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       listen: config.p2pListen,
       peers: config.peers,
       mdns: config.mdns,
-      ...(config.tailscale ? { tailscale: { port: meshPort(config.p2pListen), ...(config.tailscaleStatusFile ? { statusFile: config.tailscaleStatusFile } : {}) } } : {}),
+      ...(config.tailscale ? { tailscale: { port: meshListenPort(config.p2pListen), ...(config.tailscaleStatusFile ? { statusFile: config.tailscaleStatusFile } : {}) } } : {}),
       local: store,
       log,
       onError: (e) => metrics.errors.add(e),
@@ -153,8 +154,3 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   };
 }
 
-/** The TCP port of a mesh listen address ("ADDR:PORT" or a multiaddr with /tcp/PORT). */
-function meshPort(listen: string): number {
-  const m = /(?::|\/tcp\/)(\d+)(?:\/|$)/.exec(listen);
-  return m ? Number(m[1]) : 37516;
-}

@@ -36,7 +36,7 @@ program
   .option("--sign-key <file>", "secret key file to sign with, repeatable (env FLEETCACHE_SIGN_KEY, comma-separated; default: the host key in the state directory)", collect)
   .option("--state-dir <dir>", "state directory (env FLEETCACHE_STATE_DIR; default /var/lib/fleetcache)")
   .option("--priority <n>", "cache priority announced to Nix; lower is asked first (env FLEETCACHE_PRIORITY; default 30)")
-  .option("--p2p-listen <addr:port>", `mesh (libp2p) listen address, a multiaddr, or "off" (env FLEETCACHE_P2P_LISTEN; default 0.0.0.0:${DEFAULT_P2P_PORT})`)
+  .option("--p2p-listen <addr:port>", `mesh (libp2p) listen address: IP:PORT ([::]:PORT for IPv6), a TCP multiaddr, or "off" (env FLEETCACHE_P2P_LISTEN; default 0.0.0.0:${DEFAULT_P2P_PORT})`)
   .option("--peer <addr:port>", "a peer agent to dial (its mesh address or multiaddr), repeatable (env FLEETCACHE_PEERS, comma-separated)", collect)
   .option("--trusted-key <name:base64>", "Nix public key of a fleet member, repeatable (env FLEETCACHE_TRUSTED_KEYS, comma-separated)", collect)
   .option("--mdns", "find peers on the LAN by multicast DNS (env FLEETCACHE_MDNS; default on)")

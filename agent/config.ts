@@ -4,6 +4,7 @@
 import { readFileSync } from "node:fs";
 import { parse as parseToml } from "smol-toml";
 import { parsePublicKey } from "../protocol/keys.js";
+import { AddressError, meshListenAddr, parseHostPort, peerAddr } from "./address.js";
 
 export interface ListenAddress {
   host: string;
@@ -66,12 +67,27 @@ function bool(raw: unknown, from: string): boolean {
   throw new ConfigError(`${from}: expected true or false`);
 }
 
+/** Runs one of the address parsers (address.ts, shared with the mesh), as a configuration error. */
+function address<T>(parse: (s: string) => T, s: string, from: string): T {
+  try {
+    return parse(s);
+  } catch (e) {
+    if (e instanceof AddressError) throw new ConfigError(`${from}: ${e.message}`);
+    throw e;
+  }
+}
+
 function p2pListen(raw: unknown, from: string): string | null {
   const s = str(raw, from);
   if (s === "off") return null;
-  if (s.startsWith("/")) return s; // a multiaddr, checked when the node starts
-  parseListen(s, from);
+  address(meshListenAddr, s, from); // exactly what the mesh will accept at start
   return s;
+}
+
+function peers(raw: unknown, from: string): string[] {
+  const items = list(raw, from);
+  for (const p of items) address(peerAddr, p, from);
+  return items;
 }
 
 function optionalPath(raw: unknown, from: string): string | null {
@@ -103,11 +119,8 @@ function priority(raw: unknown, from: string): number {
 }
 
 export function parseListen(raw: unknown, from = "listen"): ListenAddress {
-  const s = str(raw, from);
-  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]+)):(\d{1,5})$/.exec(s);
-  const port = m ? Number(m[3]) : NaN;
-  if (!m || port > 65535) throw new ConfigError(`${from}: expected ADDR:PORT (e.g. 127.0.0.1:${DEFAULT_PORT} or [::1]:${DEFAULT_PORT}), got ${JSON.stringify(s)}`);
-  return { host: (m[1] ?? m[2])!, port };
+  const { host, port } = address(parseHostPort, str(raw, from), from);
+  return { host, port };
 }
 
 const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
@@ -117,7 +130,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   stateDir: { key: "stateDir", toml: "state_dir", env: "FLEETCACHE_STATE_DIR", parse: str },
   priority: { key: "priority", toml: "priority", env: "FLEETCACHE_PRIORITY", parse: priority },
   p2pListen: { key: "p2pListen", toml: "p2p_listen", env: "FLEETCACHE_P2P_LISTEN", parse: p2pListen },
-  peers: { key: "peers", toml: "peers", env: "FLEETCACHE_PEERS", parse: list },
+  peers: { key: "peers", toml: "peers", env: "FLEETCACHE_PEERS", parse: peers },
   trustedKeys: { key: "trustedKeys", toml: "trusted_keys", env: "FLEETCACHE_TRUSTED_KEYS", parse: trustedKeys },
   mdns: { key: "mdns", toml: "mdns", env: "FLEETCACHE_MDNS", parse: bool },
   tailscale: { key: "tailscale", toml: "tailscale", env: "FLEETCACHE_TAILSCALE", parse: bool },

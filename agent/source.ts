@@ -8,7 +8,15 @@ export interface PathSource {
   /**
    * NAR bytes [start, end) of a path that pathInfo returned. Throws (never ends early) if the
    * path disappears or changes while streaming, so that a truncated body is never passed off
-   * as complete.
+   * as complete. Before its first chunk it throws NarGoneError or NarUnavailableError when it
+   * can say why there are no bytes (the HTTP side answers 404 or 502 then, instead of a 200).
+   * `readSize`, asked before each read from the local store, bounds what one read holds in memory.
    */
-  narStream(info: PathInfo, start: number, end: number): AsyncIterable<Buffer>;
+  narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncIterable<Buffer>;
 }
+
+/** The path's bytes are no longer anywhere the source can reach (collected here, no peer holds it). */
+export class NarGoneError extends Error {}
+
+/** Holders of the path were asked and all of them failed (unreachable, errors, wrong bytes). */
+export class NarUnavailableError extends Error {}

@@ -7,12 +7,15 @@ import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { createFleet, eventually, P2P_PORT, type Fleet } from "../test/helpers/fleet.js";
 import { addToStore, NIX_FLAGS, pathInfo, run } from "../test/helpers/nix.js";
+import { treeCpuSeconds } from "./load.js";
 
 export interface MeshResult {
   paths: number;
   narBytes: number;
   agentSeconds: number;
   nginxSeconds: number;
+  /** CPU seconds both agents (A serving, B fetching) used per GB of NAR, in the fastest agent run. */
+  agentCpuPerGb: number;
   /** agent MB/s ÷ nginx MB/s (equal bytes, so nginx time ÷ agent time). */
   ratio: number;
 }
@@ -68,11 +71,15 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     };
     // Alternate, twice each, and keep the faster of each (the first may pay for cold caches).
     const agentRuns: number[] = [];
+    const agentCpu: number[] = [];
     const nginxRuns: number[] = [];
+    const agentsCpu = () => treeCpuSeconds(A.agent!.child.pid!) + treeCpuSeconds(B.agent!.child.pid!);
     for (let round = 0; round < 2; round++) {
       const trust = ["--option", "trusted-public-keys", fleet.trustedKeys.join(" "), "--option", "require-sigs", "true"];
+      const cpu0 = agentsCpu();
       agentRuns.push(await copy(B.agent!.url, join(B.dir, `dest-agent-${round}`), trust));
-      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s`);
+      agentCpu.push(agentsCpu() - cpu0);
+      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${agentCpu.at(-1)!.toFixed(2)} s`);
       // The static cache holds unsigned paths (they were added, not built by a signer).
       nginxRuns.push(await copy(`http://${A.net.ip}:${NGINX_PORT}`, join(B.dir, `dest-nginx-${round}`), ["--option", "require-sigs", "false"]));
       log(`mesh: from nginx ${nginxRuns.at(-1)!.toFixed(2)} s`);
@@ -81,7 +88,8 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     }
     const agentSeconds = Math.min(...agentRuns);
     const nginxSeconds = Math.min(...nginxRuns);
-    return { paths: count, narBytes, agentSeconds, nginxSeconds, ratio: nginxSeconds / agentSeconds };
+    const agentCpuPerGb = agentCpu[agentRuns.indexOf(agentSeconds)]! / (narBytes / 1e9);
+    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, ratio: nginxSeconds / agentSeconds };
   } finally {
     nginx?.kill();
     await fleet.destroy();

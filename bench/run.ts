@@ -615,6 +615,7 @@ serving the same closure as a static cache (unsigned, \`require-sigs false\`). B
 ${table(["", "nginx on the peer", "through the agents", "agents/nginx"], [
     ["seconds", m.nginxSeconds.toFixed(2), m.agentSeconds.toFixed(2), ""],
     ["MB/s", fmtNum(mb / m.nginxSeconds), fmtNum(mb / m.agentSeconds), m.ratio.toFixed(2) + "×"],
+    ["agents' CPU s/GB (both hosts)", "", m.agentCpuPerGb.toFixed(2), ""],
   ])}
 
 `;

@@ -1,10 +1,8 @@
 # The fleetcache agent and CLI, built from this repository with nixpkgs' buildNpmPackage.
 {
   lib,
-  stdenv,
   buildNpmPackage,
-  nodejs_22,
-  xcbuild,
+  nodejs_24,
 }:
 let
   packageJson = lib.importJSON ../package.json;
@@ -26,18 +24,16 @@ buildNpmPackage {
   };
 
   # The hash of the npm dependencies in package-lock.json, for package-lock.json with
-  # sha256 7aa7f95ebc823e54b9f7dcd7b1355722ea905a71ab5a7f83d4f0839d2588f610 (a test compares).
+  # sha256 c2cdb1a0c543757be8d234e6620273646bc59696bc212c66e414fc56be4db1c2 (a test compares).
   # After changing the lock file, set it to lib.fakeHash, build, copy the hash Nix reports, and
   # update the sha256 above. The lock file must keep its "resolved" URLs (see .npmrc).
-  npmDepsHash = "sha256-pI/wdWKbsa1ZHPj4eiyNSU3tVtZ6273iMdS8FHuRYz0=";
+  npmDepsHash = "sha256-u0Ec3iARV3k8ODAmDAqXlE4AaP49e5MMMJay/ZHpysU=";
 
-  # Node 20 is end-of-life (nixpkgs marks it insecure), and a libp2p dependency asks for 22.
-  nodejs = nodejs_22;
+  # The active LTS line, the one the tests run on (.ci/run) and package.json's engines name.
+  nodejs = nodejs_24;
 
-  # better-sqlite3 is a native addon: npm rebuild compiles it with node-gyp from its source (no
-  # prebuilt binary is downloaded in the sandbox). buildNpmPackage brings node-gyp's Python (and
-  # cctools on macOS); gyp also calls xcrun on macOS.
-  nativeBuildInputs = lib.optionals stdenv.hostPlatform.isDarwin [ xcbuild ];
+  # No native addons: the agent reads Nix's database with Node's own node:sqlite, so nothing is
+  # compiled and the build is the same on Linux and macOS.
 
   # `npm run build` (tsc) is the build phase. The install phase keeps the files that package.json
   # lists, prunes dev dependencies and links bin/fleetcache; its `npm pack` would run the

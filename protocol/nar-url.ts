@@ -9,6 +9,8 @@
 //   nar/<narHash nix32>.nar                 harmonia's, without the query
 //   nar/<hashPart>.nar                      early nix-serve
 
+import { decodeNix32 } from "./nix32.js";
+
 const NIX32 = "[0-9a-df-np-sv-z]";
 const CANONICAL = new RegExp(`^/nar/(${NIX32}{32})-(${NIX32}{52})\\.nar$`);
 const BY_NAR_HASH = new RegExp(`^/nar/(${NIX32}{52})\\.nar$`);
@@ -26,8 +28,17 @@ export function narUrl(hashPart: string, narHash: string): string {
   return `nar/${hashPart}-${narHash.replace(/^sha256:/, "")}.nar`;
 }
 
-/** Parses a request path (and query, without "?") under /nar/; undefined if it is not a NAR URL we know. */
+/**
+ * Parses a request path (and query, without "?") under /nar/; undefined if it is not a NAR URL we
+ * know. A NAR hash must be canonical nix32: 52 characters hold 260 bits, and a SHA-256 whose four
+ * spare bits are set names no NAR (only the canonical form can equal a narinfo's NarHash).
+ */
 export function parseNarUrl(path: string, query: string): NarRef | undefined {
+  const ref = matchNarUrl(path, query);
+  return ref?.narHash !== undefined && !isCanonicalSha256(ref.narHash) ? undefined : ref;
+}
+
+function matchNarUrl(path: string, query: string): NarRef | undefined {
   let m = CANONICAL.exec(path);
   if (m) return { hashPart: m[1]!, narHash: m[2]! };
   m = BY_NAR_HASH.exec(path);
@@ -38,4 +49,13 @@ export function parseNarUrl(path: string, query: string): NarRef | undefined {
   m = BY_HASH_PART.exec(path);
   if (m) return { hashPart: m[1]! };
   return undefined;
+}
+
+function isCanonicalSha256(nix32: string): boolean {
+  try {
+    decodeNix32(nix32, 32);
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -99,6 +99,13 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       ['trusted_keys = ["nokey"]', /not a Nix public key/],
       ['mdns = "maybe"', /true or false/],
       ['p2p_listen = "nowhere"', /ADDR:PORT/],
+      // What the mesh would refuse at start must fail the check too (one parser for both).
+      ['p2p_listen = "localhost:37599"', /IP address/],
+      ['p2p_listen = "300.1.2.3:37516"', /IP address/],
+      ['p2p_listen = "/ip4/127.0.0.1/udp/1"', /TCP multiaddr/],
+      ['p2p_listen = "/not/a/multiaddr"', /TCP multiaddr/],
+      ['peers = ["bad host:1"]', /not an IP address or a host name/],
+      ['peers = ["10.0.0.5:99999"]', /ADDR:PORT/],
     ] as const) {
       writeFileSync(toml, bad + "\n");
       const r = await cfg(["--config", toml]);
@@ -111,6 +118,10 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
     assert.deepEqual((await cfg([], { FLEETCACHE_TRUSTED_KEYS: `${key}, ${key}`, FLEETCACHE_MDNS: "no" })).config.trustedKeys, [key, key]);
     assert.equal((await cfg(["--config", join(tmp.dir, "missing.toml")])).code, 2);
     assert.equal((await cfg(["--priority", "x"])).code, 2);
+    const localhost = await cfg(["--p2p-listen", "localhost:37599"]);
+    assert.equal(localhost.code, 2, "--p2p-listen localhost:37599 is refused by the check, as the mesh would refuse it");
+    assert.match(localhost.stderr, /--p2p-listen/);
+    assert.deepEqual((await cfg(["--p2p-listen", "[::1]:37599", "--peer", "builder-1.ts.net:37516"])).config.p2pListen, "[::1]:37599");
   } finally {
     tmp.cleanup();
   }

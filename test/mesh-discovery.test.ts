@@ -9,7 +9,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
-import { PeerManager, parsePeerAddress, type PeerInfo, type PeerManagerOptions } from "../agent/mesh/peer-manager.js";
+import { PeerManager, type PeerInfo, type PeerManagerOptions } from "../agent/mesh/peer-manager.js";
 import { fetchPeers, peersFor } from "../agent/mesh/peer-exchange.js";
 import { parseTailscaleStatus, readTailscaleStatus, tailscaleDialTargets } from "../agent/mesh/tailscale.js";
 import { tempDir } from "./helpers/nix.js";
@@ -60,16 +60,6 @@ async function waitFor(what: string, cond: () => boolean, timeoutMs = 30_000): P
     await sleep(20);
   }
 }
-
-test("static peer addresses: host:port, [v6]:port, hostname:port, multiaddr", () => {
-  assert.equal(parsePeerAddress("10.0.0.5:37516").toString(), "/ip4/10.0.0.5/tcp/37516");
-  assert.equal(parsePeerAddress("[fd7a:115c:a1e0::1]:37516").toString(), "/ip6/fd7a:115c:a1e0::1/tcp/37516");
-  assert.equal(parsePeerAddress("builder-1.tail4c2d9.ts.net:37516").toString(), "/dns/builder-1.tail4c2d9.ts.net/tcp/37516");
-  assert.equal(parsePeerAddress("/ip4/10.0.0.5/tcp/1").toString(), "/ip4/10.0.0.5/tcp/1");
-  assert.throws(() => parsePeerAddress("builder-1"));
-  assert.throws(() => parsePeerAddress("10.0.0.5:99999"));
-  assert.throws(() => parsePeerAddress("bad host:1"));
-});
 
 test("peer exchange answer: connected fleet peers only, loopback addresses only for a local requester", () => {
   const peer = (peerId: string, connected: boolean) => ({ peerId, connected, addresses: ["/ip4/10.0.0.2/tcp/37516", "/ip4/127.0.0.1/tcp/37516"] });

@@ -124,6 +124,49 @@ test("a path GC'd on its only holder after being announced falls back cleanly to
   await eventually("C forgets the collected path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 404);
 });
 
+/** Removes a path's files from a host's store and leaves its database row: the moment inside a GC. */
+async function vanish(host: FleetHost, path: string): Promise<void> {
+  await run("chmod", ["-R", "u+w", join(host.storeRoot, path)]);
+  await run("rm", ["-rf", join(host.storeRoot, path)]);
+}
+
+test("when the only holder fails before the first byte, C answers 502 (no 200 and a dropped connection), and Nix retries then says so", async (t) => {
+  if (!ready(t)) return;
+  writeFileSync(join(A.dir, "lost-on-a"), "A will lose these bytes\n".repeat(100));
+  const path = await addToStore(A.storeRoot, join(A.dir, "lost-on-a"));
+  await eventually("C sees the new path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 200);
+  const narUrl = "/" + parseNarinfo((await C.http(`/${hashOf(path)}.narinfo`)).body).url;
+  await vanish(A, path); // A still announces it, and fails when asked for the NAR
+  const nar = await C.http(narUrl);
+  assert.equal(nar.status, 502, "a holder failed: a 5xx before any header, which Nix retries");
+  // Nix 2.8 retries a 502 (up to download-attempts, 5 by default) and then fails the copy with it.
+  await assert.rejects(
+    C.nix(["copy", "--from", C.agent!.url, "--to", join(C.dir, "dest-502"), "--option", "require-sigs", "false", "--option", "narinfo-cache-negative-ttl", "0", "--option", "download-attempts", "2", path]),
+    /HTTP error 502/,
+  );
+});
+
+test("a path collected on C before its first byte is sent from a peer that still holds it", async (t) => {
+  if (!ready(t)) return;
+  const file = join(A.dir, "on-a-and-c");
+  writeFileSync(file, "both hold this\n".repeat(100));
+  const path = await addToStore(A.storeRoot, file);
+  assert.equal(await addToStore(C.storeRoot, file), path);
+  await eventually("C has A's summary with the path in it", async () => {
+    const paths = (await A.status()).self.paths;
+    const a = (await C.status()).peers.find((p) => p.name === "a-1");
+    return a?.connected && a.pathCount === paths;
+  });
+  const narUrl = "/" + parseNarinfo((await C.http(`/${hashOf(path)}.narinfo`)).body).url;
+  await vanish(C, path);
+  const out = join(C.dir, "fallback.nar");
+  const status = await C.exec("curl", ["-sS", "-o", out, "-w", "%{http_code}", `${C.agent!.url}${narUrl}`]);
+  assert.equal(status.trim(), "200");
+  const [info] = await pathInfo(A.storeRoot, [path]);
+  const got = createHash("sha256").update(readFileSync(out)).digest();
+  assert.ok(got.equals(Buffer.from(parseHash(info!.narHash))), "C served A's bytes");
+});
+
 test("a peer killed in the middle of a large NAR: the transfer completes from another holder", async (t) => {
   if (!ready(t)) return;
   const big = join(A.dir, "big.bin");

@@ -82,7 +82,9 @@ test("package.nix's npmDepsHash belongs to this package-lock.json, whose entries
   const packageNix = readFileSync(join(ROOT, "nix/package.nix"), "utf8");
   const lockText = readFileSync(join(ROOT, "package-lock.json"));
   // The hash can only be computed by nixpkgs' prefetch-npm-deps, which is not here: package.nix
-  // records which lock file it was computed for, so a changed lock file cannot go unnoticed.
+  // records which lock file it was computed for, so a changed lock file cannot go unnoticed. The
+  // whole file, not only the entries fetched: prefetch-npm-deps puts package-lock.json itself in
+  // its output (npmConfigHook compares it with the source's), so any byte of it changes the hash.
   const recorded = /package-lock\.json with\s+#\s+sha256 ([0-9a-f]{64})/.exec(packageNix)?.[1];
   assert.ok(recorded, "package.nix names the sha256 of the lock file its npmDepsHash is for");
   assert.equal(createHash("sha256").update(lockText).digest("hex"), recorded, "package-lock.json changed: recompute npmDepsHash (see nix/package.nix)");
@@ -95,6 +97,20 @@ test("package.nix's npmDepsHash belongs to this package-lock.json, whose entries
     assert.match(p.resolved ?? "", /^https:\/\/registry\.npmjs\.org\//, `${path} has a registry URL`);
     assert.match(p.integrity ?? "", /^sha512-/, `${path} has an integrity hash`);
   }
+});
+
+test("one Node line: engines, @types/node, the Node CI installs, package.nix's nodejs and the Node running this", () => {
+  const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { engines: { node: string }; devDependencies: Record<string, string> };
+  const major = Number(/^>=(\d+)$/.exec(pkg.engines.node)?.[1]);
+  assert.ok(major >= 22, `engines.node is ">=N" for a supported Node line (got ${pkg.engines.node})`);
+  assert.equal(Number(/^\^(\d+)\./.exec(pkg.devDependencies["@types/node"] ?? "")?.[1]), major, "@types/node has the same major");
+  const ci = readFileSync(join(ROOT, ".ci/run"), "utf8");
+  assert.equal(Number(/^NODE_MAJOR=(\d+)$/m.exec(ci)?.[1]), major, ".ci/run installs that Node line");
+  const packageNix = readFileSync(join(ROOT, "nix/package.nix"), "utf8");
+  assert.deepEqual([...new Set(packageNix.match(/nodejs_\d+/g))], [`nodejs_${major}`], "package.nix builds with that Node line");
+  const running = Number(process.versions.node.split(".")[0]);
+  assert.ok(running >= major, `Node ${process.version} satisfies engines ${pkg.engines.node}`);
+  if (process.env.CI === "true") assert.equal(running, major, "CI tests the Node line the package ships");
 });
 
 test("the example configuration is accepted by the agent", async () => {

@@ -5,10 +5,11 @@ import { narUrl, parseNarUrl } from "../../protocol/nar-url.js";
 import { nixCacheInfo, renderNarinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
-import type { PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { StoreUnavailableError } from "../store/daemon-client.js";
 import { parseRange } from "./range.js";
+import { ReadPace } from "./read-pace.js";
 import { HttpError, send, sendError } from "./respond.js";
 import type { Logger } from "../log.js";
 import type { AgentMetrics, Outcome } from "../metrics.js";
@@ -59,7 +60,7 @@ export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res
 
 export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string): Promise<Outcome> {
   const ref = parseNarUrl(path, query);
-  if (!ref) throw new HttpError(400, "malformed NAR URL: expected /nar/<store hash>-<nar hash>.nar");
+  if (!ref) throw new HttpError(400, "malformed NAR URL: expected /nar/<store hash>-<nar hash>.nar, both canonical nix32");
   let info: PathInfo | undefined;
   if (ref.hashPart) info = await ctx.source.pathInfo(ref.hashPart).catch(storeUnavailable);
   // With the daemon backend this form (harmonia's nar/<narhash>.nar) is always a 404: the daemon
@@ -96,13 +97,12 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
     return "client_error";
   }
   const [start, end] = range.kind === "partial" ? [range.start, range.end] : [0, size];
-  if (range.kind === "partial") {
-    res.writeHead(206, { ...headers, "Content-Length": end - start, "Content-Range": `bytes ${start}-${end - 1}/${size}` });
-  } else {
-    res.writeHead(200, { ...headers, "Content-Length": size });
-  }
+  const status = range.kind === "partial" ? 206 : 200;
+  const head = { ...headers, "Content-Length": end - start, ...(status === 206 ? { "Content-Range": `bytes ${start}-${end - 1}/${size}` } : {}) };
   const outcome = ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
   if (req.method === "HEAD") {
+    // HEAD needs no bytes: it is answered from the path's metadata, without asking a source.
+    res.writeHead(status, head);
     res.end();
     return outcome;
   }
@@ -110,8 +110,20 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const served = ctx.metrics?.narBytesServed;
   const key = outcome === "hit_peer" ? "peer" : "local";
   const count = served ? (n: number) => void (served[key] += n) : undefined;
+  // Reads follow the client's pace, so a slow client holds a small read, not a 1 MiB one.
+  const pace = new ReadPace();
+  const chunks = checkedLength(ctx.source.narStream(info, start, end, () => pace.size), end - start, count, pace);
+  // The status goes out only once a source has produced the first chunk: a source failing before
+  // that gets a real error status, not a 200 followed by a dropped connection.
+  let first: IteratorResult<Buffer>;
   try {
-    await pipeline(checkedLength(ctx.source.narStream(info, start, end), end - start, count), res);
+    first = await chunks.next();
+  } catch (e) {
+    return failedBeforeFirstByte(ctx, req, res, info, e);
+  }
+  res.writeHead(status, head);
+  try {
+    await pipeline(resume(first, chunks), res);
     return outcome;
   } catch (e) {
     // pipeline has destroyed the socket, so the client sees a short body against Content-Length,
@@ -125,14 +137,51 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   }
 }
 
-/** Passes chunks through, and fails unless exactly `expected` bytes went by. */
-async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number, count?: (n: number) => void): AsyncGenerator<Buffer> {
+/**
+ * The answer when no byte could be had. Nix (2.8 to 2.26, filetransfer.cc) takes a 404 as "not in
+ * this cache" (no retry; the next substituter is tried, or the path built); it retries a 5xx
+ * other than 501/505/511 up to download-attempts times (5), with backoff, then fails the
+ * substitution. So: 404 when the path is gone everywhere, 502 when holders exist but failed (a
+ * peer restarting may be back by the retry), 503 when the store cannot be asked, 500 otherwise.
+ */
+function failedBeforeFirstByte(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo, e: unknown): Outcome {
+  const message = (e as Error).message;
+  if (e instanceof NarGoneError) {
+    ctx.log.info({ path: info.storePath, err: message }, "NAR gone before its first byte");
+    send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+    return "miss";
+  }
+  if (e instanceof StoreUnavailableError) {
+    sendError(req, res, 503, `the Nix store cannot be asked right now: ${message}`);
+    return "server_error";
+  }
+  const status = e instanceof NarUnavailableError ? 502 : 500;
+  ctx.log[status === 502 ? "warn" : "error"]({ path: info.storePath, err: message }, "NAR source failed before its first byte");
+  ctx.metrics?.errors.add({ message: `NAR source failed before its first byte: ${message}`, path: info.storePath });
+  sendError(req, res, status, status === 502 ? "no holder of this path could send it" : "reading the NAR failed");
+  return "server_error";
+}
+
+/** The first result, then the rest; returning early closes the rest (its files, its peer stream). */
+async function* resume(first: IteratorResult<Buffer>, rest: AsyncGenerator<Buffer>): AsyncGenerator<Buffer> {
+  try {
+    if (first.done) return;
+    yield first.value;
+    yield* rest;
+  } finally {
+    await rest.return(undefined);
+  }
+}
+
+/** Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each was taken. */
+async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number, count?: (n: number) => void, pace?: ReadPace): AsyncGenerator<Buffer> {
   let seen = 0;
   for await (const chunk of chunks) {
     seen += chunk.length;
     if (seen > expected) throw new Error(`NAR is longer than the ${expected} bytes announced`);
     count?.(chunk.length);
     yield chunk;
+    pace?.took(chunk.length); // resumed: the response has taken the chunk (or buffered under its limit)
   }
   if (seen !== expected) throw new Error(`NAR ended after ${seen} of ${expected} bytes`);
 }

@@ -5,13 +5,21 @@ import { VERSION } from "../version.js";
 import { handleCacheInfo, handleNar, handleNarinfo, type CacheContext } from "./cache-routes.js";
 import type { Outcome, Route } from "../metrics.js";
 import { handleMetrics, handleStatus, requireLoopback } from "./admin-routes.js";
+import { limitConnections } from "./connections.js";
 import { HttpError, sendError, sendJson } from "./respond.js";
 import { handleListing, handleLog, handleServe } from "./store-routes.js";
 
 const MAX_URL_LENGTH = 4096;
 const MAX_HEADER_BYTES = 16 * 1024;
+/** Open connections; past this the longest-idle ones are closed (connections.ts). */
+const MAX_CONNECTIONS = 4096;
 
-export function createHttpServer(ctx: CacheContext): Server {
+export interface HttpServerOptions {
+  /** Open connections allowed (default 4096); tests use fewer. */
+  maxConnections?: number;
+}
+
+export function createHttpServer(ctx: CacheContext, opts: HttpServerOptions = {}): Server {
   const server = createServer(
     {
       maxHeaderSize: MAX_HEADER_BYTES, // larger headers are answered 431 by Node itself
@@ -21,7 +29,13 @@ export function createHttpServer(ctx: CacheContext): Server {
     },
     (req, res) => void route(ctx, req, res),
   );
-  server.maxConnections = 4096;
+  limitConnections(server, opts.maxConnections ?? MAX_CONNECTIONS);
+  // A client may send its request and then close its side (FIN, as `nc -N` or a shutdown()
+  // after writing do). Node otherwise ends the socket at that FIN, dropping every answer not yet
+  // written, which is every answer that waits on the store. With this it answers what was
+  // asked, then closes. (Node's http.Server has this flag on Node 20, 22 and 24 but does not
+  // declare it in its types; test/http-failures.test.ts fails if it ever stops working.)
+  (server as Server & { httpAllowHalfOpen: boolean }).httpAllowHalfOpen = true;
   server.on("clientError", (err: NodeJS.ErrnoException, socket) => {
     // Malformed HTTP: answer if the socket is still usable, then close it.
     if (socket.writable && !(err.code === "ECONNRESET")) {

@@ -8,7 +8,7 @@ import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
-import type { PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 
 /** Which connected peers there are, fastest first (the peer manager). */
@@ -127,11 +127,23 @@ export class FleetSource implements PathSource {
     return info;
   }
 
-  async *narStream(info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
+  async *narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
     const hashPart = hashPartOf(info.storePath);
     const local = await this.local.pathInfo(hashPart);
-    if (local && local.narHash === info.narHash) yield* this.local.narStream(local, start, end);
-    else yield* this.remoteNar(hashPart, info, start, end);
+    if (local && local.narHash === info.narHash) {
+      let sent = false;
+      try {
+        for await (const chunk of this.local.narStream(local, start, end, readSize)) {
+          sent = true;
+          yield chunk;
+        }
+        return;
+      } catch (e) {
+        // Collected here before its first byte went out: a peer may still hold it.
+        if (sent || !(e instanceof NarGoneError)) throw e;
+      }
+    }
+    yield* this.remoteNar(hashPart, info, start, end);
   }
 
   /** Connected peers announcing the path, fastest first. */
@@ -212,6 +224,7 @@ export class FleetSource implements PathSource {
     const cachedFrom = this.cache.get(hashPart)?.from;
     const holders = this.holders(hashPart);
     const order = cachedFrom && holders.includes(cachedFrom) ? [cachedFrom, ...holders.filter((p) => p !== cachedFrom)] : holders;
+    if (order.length === 0) throw new NarGoneError(`no connected peer holds ${info.storePath} any more`);
     const whole = start === 0 && end === info.narSize;
     const hash = whole ? createHash("sha256") : undefined;
     let offset = start;
@@ -241,10 +254,10 @@ export class FleetSource implements PathSource {
       }
     }
     if (offset < end) {
-      throw new Error(`no peer could send ${info.storePath} (got ${offset - start} of ${end - start} bytes)`);
+      throw new NarUnavailableError(`no peer could send ${info.storePath} (got ${offset - start} of ${end - start} bytes)`);
     }
     if (hash && !Buffer.from(parseHash(info.narHash)).equals(hash.digest())) {
-      throw new Error(`NAR of ${info.storePath} from peers does not match its NarHash`);
+      throw new NarUnavailableError(`NAR of ${info.storePath} from peers does not match its NarHash`);
     }
     if (held) yield held;
   }

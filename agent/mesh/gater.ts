@@ -1,7 +1,6 @@
 // Admits only peers whose peer ID derives from a trusted Nix key. The encrypted-connection hooks
 // run after the noise handshake, which proves the remote holds that key, so a peer cannot claim
 // someone else's ID; the dial hooks save a pointless handshake with a known-untrusted peer.
-import "./polyfill.js";
 import type { ConnectionGater, PeerId } from "@libp2p/interface";
 import type { Multiaddr } from "@multiformats/multiaddr";
 

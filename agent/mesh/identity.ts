@@ -1,6 +1,5 @@
 // One Ed25519 key per host is both its Nix signing key and its libp2p identity, so the list of
 // trusted Nix public keys is also the list of peers allowed to connect.
-import "./polyfill.js";
 import { generateKeyPairFromSeed, publicKeyFromRaw } from "@libp2p/crypto/keys";
 import { peerIdFromPublicKey } from "@libp2p/peer-id";
 import type { Ed25519PrivateKey, PeerId } from "@libp2p/interface";

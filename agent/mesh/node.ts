@@ -1,7 +1,6 @@
 // A libp2p node for the fleet mesh: TCP + noise + yamux, identity = the host's Nix key, and a
 // gater that admits only trusted keys. Protocol handlers get a bounded StreamReader and the
 // caller's Nix public key.
-import "./polyfill.js";
 import { createLibp2p, type Libp2p } from "libp2p";
 import { tcp } from "@libp2p/tcp";
 import { noise } from "@chainsafe/libp2p-noise";
@@ -17,6 +16,7 @@ import type { PublicKey, SecretKey } from "../../protocol/keys.js";
 import { libp2pPrivateKey, trustedPeers } from "./identity.js";
 import { meshGater, type RefusedPeer } from "./gater.js";
 import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
+import { meshListenAddr } from "../address.js";
 
 export interface MeshNodeOptions {
   /** This host's Nix signing key, also its libp2p identity. */
@@ -96,7 +96,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
 
   const libp2p = await createLibp2p<MeshServices>({
     privateKey,
-    addresses: { listen: [listenAddr(opts.listen).toString()] },
+    addresses: { listen: [meshListenAddr(opts.listen).toString()] },
     transports: [tcp()],
     connectionEncrypters: [noise()],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
@@ -160,15 +160,6 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
       await libp2p.stop();
     },
   };
-}
-
-/** "host:port" (IPv6 in brackets) or a multiaddr, as a TCP multiaddr. */
-export function listenAddr(listen: string): Multiaddr {
-  if (listen.startsWith("/")) return multiaddr(listen);
-  const m = /^(?:\[([0-9a-fA-F:.]+)\]|(\d{1,3}(?:\.\d{1,3}){3})):(\d{1,5})$/.exec(listen);
-  const port = Number(m?.[3]);
-  if (!m || port > 65535) throw new Error(`invalid listen address "${listen}": expected IPv4:PORT, [IPv6]:PORT or a multiaddr`);
-  return m[1] !== undefined ? multiaddr(`/ip6/${m[1]}/tcp/${port}`) : multiaddr(`/ip4/${m[2]}/tcp/${port}`);
 }
 
 function multiaddrOrPeer(s: string): Multiaddr | PeerId {

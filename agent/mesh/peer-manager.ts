@@ -12,7 +12,8 @@ import type { IdentifyResult, PeerId, PeerInfo as Libp2pPeerInfo } from "@libp2p
 import type { Logger } from "../log.js";
 import { formatPublicKey, type PublicKey } from "../../protocol/keys.js";
 import { PROTOCOL_PEERS, type PeerRecord } from "../../protocol/peer-codec.js";
-import { listenAddr, type MeshNode } from "./node.js";
+import type { MeshNode } from "./node.js";
+import { peerAddr } from "../address.js";
 import { fetchPeers, isLoopback, servePeerExchange } from "./peer-exchange.js";
 import { readTailscaleStatus, tailscaleDialTargets } from "./tailscale.js";
 
@@ -277,7 +278,7 @@ export class PeerManager extends EventEmitter<{
   #addStatic(spec: string): void {
     let ma: Multiaddr;
     try {
-      ma = parsePeerAddress(spec);
+      ma = peerAddr(spec);
     } catch (err) {
       this.#log.warn({ peer: spec, err }, "mesh: ignoring invalid static peer");
       return;
@@ -510,14 +511,6 @@ export class PeerManager extends EventEmitter<{
     this.#kick();
     this.emit("tailscale", targets.length);
   }
-}
-
-/** A static peer: "IPv4:port", "[IPv6]:port", "hostname:port" or a multiaddr. */
-export function parsePeerAddress(spec: string): Multiaddr {
-  if (spec.startsWith("/")) return multiaddr(spec);
-  const host = /^([A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?):(\d{1,5})$/.exec(spec);
-  if (host && !/^[\d.]+$/.test(host[1]!) && Number(host[5]) <= 65535) return multiaddr(`/dns/${host[1]}/tcp/${Number(host[5])}`);
-  return listenAddr(spec);
 }
 
 /** The multiaddr as a dialable TCP address without /p2p/, or undefined (other peer, other transport, unspecified host). */

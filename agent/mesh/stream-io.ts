@@ -15,7 +15,6 @@
 // that closes under the stream without a FIN throws TruncatedStreamError. A peer that shuts down
 // gracefully may still FIN a half-sent stream, so callers must know how many bytes to expect
 // (readExactly, chunks(limit)) rather than trust an end.
-import "./polyfill.js";
 import type { AbortOptions, Stream, StreamCloseEvent, StreamMessageEvent } from "@libp2p/interface";
 
 /** Largest yamux receive window we configure (see node.ts); in flight when we pause. */

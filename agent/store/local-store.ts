@@ -4,7 +4,7 @@ import { accessSync, constants } from "node:fs";
 import { join } from "node:path";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Listing } from "../../protocol/listing.js";
-import type { PathSource } from "../source.js";
+import { NarGoneError, type PathSource } from "../source.js";
 import type { Signer } from "../signer.js";
 import { DaemonClient } from "./daemon-client.js";
 import { DaemonMetadata } from "./daemon-metadata.js";
@@ -97,8 +97,14 @@ export class LocalStore implements PathSource {
     return join(this.root, storePath);
   }
 
-  narStream(info: PathInfo, start: number, end: number): AsyncIterable<Buffer> {
-    return narStream(this.realPath(info.storePath), { start, end, caseHack: this.caseHack });
+  /** A path whose files are gone (a GC between lookup and read) throws NarGoneError. */
+  async *narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
+    try {
+      yield* narStream(this.realPath(info.storePath), { start, end, caseHack: this.caseHack, ...(readSize ? { chunkSize: readSize } : {}) });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new NarGoneError(`${info.storePath} is gone from the store`, { cause: e });
+      throw e;
+    }
   }
 
   listing(info: PathInfo): Promise<Listing> {

@@ -103,27 +103,36 @@ export interface NarStreamOptions extends WalkOptions {
   start?: number;
   /** One past the last NAR byte to produce (default: the end of the NAR). */
   end?: number;
-  /** Read size for file contents. 1 MiB measured best here (see the large test). */
-  chunkSize?: number;
+  /**
+   * Read size for file contents: a number, or a function asked before each read (the HTTP side
+   * follows the client's pace with it). 1 MiB measured best here (see the large test).
+   */
+  chunkSize?: number | (() => number);
 }
 
 const DEFAULT_CHUNK = 1 << 20;
 /** Headers and small files are gathered into buffers of this size before being yielded. */
 const COALESCE = 64 << 10;
 
-/** Gathers small pieces into one buffer; take() hands it out and starts a fresh one. */
+/**
+ * Gathers small pieces into one buffer; take() hands it out. The next buffer is allocated only
+ * when something is added: a stream of large files (or a slow client's) holds no idle one.
+ */
 class Gather {
-  buf = Buffer.allocUnsafe(COALESCE);
+  #buf: Buffer | undefined;
   len = 0;
+  get buf(): Buffer {
+    return (this.#buf ??= Buffer.allocUnsafe(COALESCE));
+  }
   room(): number {
-    return this.buf.length - this.len;
+    return COALESCE - this.len;
   }
   add(b: Buffer): void {
     this.len += b.copy(this.buf, this.len);
   }
   take(): Buffer {
     const out = this.buf.subarray(0, this.len);
-    this.buf = Buffer.allocUnsafe(COALESCE);
+    this.#buf = undefined;
     this.len = 0;
     return out;
   }
@@ -161,11 +170,16 @@ async function readExact(
 export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): AsyncGenerator<Buffer> {
   const start = opts.start ?? 0;
   const end = opts.end ?? Number.MAX_SAFE_INTEGER;
-  const chunk = opts.chunkSize ?? DEFAULT_CHUNK;
+  const sizing = opts.chunkSize ?? DEFAULT_CHUNK;
+  const chunkSize = (): number => {
+    const n = typeof sizing === "number" ? sizing : sizing();
+    if (!Number.isSafeInteger(n) || n < 1) throw new RangeError(`bad chunk size ${n}`);
+    return n;
+  };
   if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end < start) {
     throw new RangeError(`bad NAR range [${start}, ${end})`);
   }
-  if (!Number.isSafeInteger(chunk) || chunk < 1) throw new RangeError(`bad chunk size ${chunk}`);
+  chunkSize();
   if (start === end) return;
 
   const gather = new Gather();
@@ -194,7 +208,7 @@ export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): A
         if (!st.isFile() || st.size !== ev.size) throw changed(ev.path, "changed");
         const toEof = hi === ev.size;
         for (let at = lo; at < hi; ) {
-          const n = Math.min(chunk, hi - at);
+          const n = Math.min(chunkSize(), hi - at);
           const last = at + n === hi;
           const probe = last && toEof;
           if (n + 1 <= gather.room()) {

@@ -1,0 +1,48 @@
+// A cap on open connections that idle sockets cannot exhaust. Node's own server.maxConnections
+// refuses every newcomer once the cap is reached, and idle keep-alive sockets hold their slots
+// until keepAliveTimeout (30 s): a client holding thousands of them locks everyone out. Here a
+// newcomer over the cap makes room by closing the longest-idle sockets (keep-alive ones between
+// requests, and ones that never sent a request); only when every socket is busy with a request is
+// the newcomer refused.
+import type { Server } from "node:http";
+import type { Socket } from "node:net";
+
+export function limitConnections(server: Server, limit: number): void {
+  const live = new Set<Socket>();
+  // Sockets with no request in progress, longest idle first (a Set keeps insertion order).
+  const idle = new Set<Socket>();
+  const busy = new WeakMap<Socket, number>();
+
+  server.on("connection", (socket: Socket) => {
+    live.add(socket);
+    idle.add(socket);
+    socket.once("close", () => {
+      live.delete(socket);
+      idle.delete(socket);
+    });
+    // Make room before refusing; the newcomer itself is the newest idle socket, reaped last.
+    for (const victim of idle) {
+      if (live.size <= limit) break;
+      if (victim === socket) continue;
+      idle.delete(victim);
+      live.delete(victim); // gone now, though its "close" event comes later
+      victim.destroy();
+    }
+    if (live.size > limit) {
+      live.delete(socket);
+      socket.destroy();
+    }
+  });
+
+  server.on("request", (req, res) => {
+    const socket = req.socket;
+    busy.set(socket, (busy.get(socket) ?? 0) + 1);
+    idle.delete(socket);
+    res.once("close", () => {
+      const n = (busy.get(socket) ?? 1) - 1;
+      busy.set(socket, n);
+      // Re-inserted at the end: it has been idle for the shortest time.
+      if (n === 0 && !socket.destroyed) idle.add(socket);
+    });
+  });
+}

@@ -1,0 +1,93 @@
+// Raw throughput of one mesh stream (TCP + noise + yamux, the agent's own node and writer) against
+// plain TCP, both on loopback in this one process, so the figures compare Node versions and
+// libp2p releases without Nix or HTTP in the way. Prints MB/s and CPU seconds per GB.
+//   node dist/bench/stream.js [MiB, default 512] [rounds, default 3]
+import { createConnection, createServer, type AddressInfo } from "node:net";
+import { pino } from "pino";
+import { generateKeyPair } from "../protocol/keys.js";
+import { createMeshNode } from "../agent/mesh/node.js";
+import { StreamReader, writeAll } from "../agent/mesh/stream-io.js";
+
+const CHUNK = 64 * 1024;
+const mib = Number(process.argv[2] ?? 512);
+const rounds = Number(process.argv[3] ?? 3);
+const total = mib * 1024 * 1024;
+const payload = new Uint8Array(CHUNK).fill(7);
+
+function* chunks(): Generator<Uint8Array> {
+  for (let sent = 0; sent < total; sent += CHUNK) yield payload;
+}
+
+interface Figure {
+  mbps: number;
+  cpuPerGb: number;
+}
+
+/** Wall time and CPU (user + system, whole process) of one transfer of `total` bytes. */
+async function measure(transfer: () => Promise<number>): Promise<Figure> {
+  const cpu0 = process.cpuUsage();
+  const t0 = process.hrtime.bigint();
+  const n = await transfer();
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const cpu = process.cpuUsage(cpu0);
+  if (n !== total) throw new Error(`received ${n} of ${total} bytes`);
+  return { mbps: total / 1e6 / secs, cpuPerGb: (cpu.user + cpu.system) / 1e6 / (total / 1e9) };
+}
+
+async function tcpRound(): Promise<Figure> {
+  let received = 0;
+  let done!: () => void;
+  const finished = new Promise<void>((r) => (done = r));
+  const server = createServer((sock) => {
+    sock.on("data", (b: Buffer) => (received += b.length));
+    sock.on("end", done);
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const port = (server.address() as AddressInfo).port;
+  try {
+    return await measure(async () => {
+      const sock = createConnection(port, "127.0.0.1");
+      await new Promise<void>((r) => sock.once("connect", r));
+      for (const c of chunks()) if (!sock.write(c)) await new Promise((r) => sock.once("drain", r));
+      sock.end();
+      await finished;
+      return received;
+    });
+  } finally {
+    server.close();
+  }
+}
+
+async function main(): Promise<void> {
+  const log = pino({ level: "silent" });
+  const ka = generateKeyPair("bench-a");
+  const kb = generateKeyPair("bench-b");
+  const a = await createMeshNode({ key: ka, trusted: [kb], listen: "/ip4/127.0.0.1/tcp/0", log });
+  const b = await createMeshNode({ key: kb, trusted: [ka], listen: "/ip4/127.0.0.1/tcp/0", log });
+  const PROTOCOL = "/fleetcache-bench/stream/1";
+  await a.handle(PROTOCOL, async ({ stream }) => {
+    await writeAll(stream, chunks());
+  });
+  const meshRound = () =>
+    measure(async () => {
+      const { reader } = await b.open(a.addresses()[0]!, PROTOCOL);
+      let n = 0;
+      for await (const c of (reader as StreamReader).chunks()) n += c.length;
+      return n;
+    });
+  const fmt = (f: Figure) => `${f.mbps.toFixed(0)} MB/s, ${f.cpuPerGb.toFixed(2)} CPU s/GB`;
+  console.log(`node ${process.version}, ${mib} MiB a round, ${rounds} rounds (best shown last)`);
+  const best = (fs: Figure[]) => fs.reduce((x, y) => (y.mbps > x.mbps ? y : x));
+  const mesh: Figure[] = [];
+  const tcp: Figure[] = [];
+  for (let i = 0; i < rounds; i++) {
+    mesh.push(await meshRound());
+    tcp.push(await tcpRound());
+    console.log(`round ${i + 1}: mesh ${fmt(mesh.at(-1)!)}; tcp ${fmt(tcp.at(-1)!)}`);
+  }
+  console.log(`best: mesh ${fmt(best(mesh))}; tcp ${fmt(best(tcp))}`);
+  await a.stop();
+  await b.stop();
+}
+
+await main();

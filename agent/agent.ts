@@ -65,6 +65,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();
+      metrics.close();
       throw new Error(`cannot start the mesh on ${config.p2pListen}: ${e.message}`);
     });
   }
@@ -150,6 +151,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       clearTimeout(timer);
       await mesh?.stop();
       store.close();
+      metrics.close();
     },
   };
 }

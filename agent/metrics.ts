@@ -3,6 +3,7 @@
 // keep separate books. Counters of things the mesh already tallies as plain numbers are mirrored
 // into Prometheus when scraped; the HTTP side increments its own, with children resolved once.
 // Labels are bounded sets only: never a path, a hash or a peer in a label.
+import { monitorEventLoopDelay, type ELDHistogram } from "node:perf_hooks";
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 
 export const ROUTES = ["narinfo", "nar", "nix-cache-info", "ls", "log", "serve", "health", "version", "status", "metrics", "dashboard", "other"] as const;
@@ -14,6 +15,9 @@ type Method = (typeof METHODS)[number];
 
 /** Seconds; from a cached narinfo (~50 µs) to a multi-GiB NAR. */
 const DURATION_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+
+/** Seconds; a healthy loop stays under 10 ms, a blocked one shows in the upper buckets. */
+const LOOP_DELAY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
 /** Mesh-side tallies (FleetSource's counters and the mesh's byte counts), read on scrape. */
 export interface MeshTallies {
@@ -78,10 +82,31 @@ export class AgentMetrics {
   /** "route method outcome" -> its series, made on first use. */
   readonly #series = new Map<string, RequestSeries>();
   readonly #duration: Histogram<"route" | "outcome">;
+  readonly #loopDelay: ELDHistogram;
+  readonly #loopTimer: NodeJS.Timeout;
 
   constructor(sources: MetricsSources) {
     const registers = [this.registry];
+    // The defaults include fleetcache_nodejs_eventloop_lag_{max,p99,...}_seconds: gauges of
+    // monitorEventLoopDelay that every scrape resets (the max since the previous scrape, whoever
+    // scraped) and percentiles of 10 ms samples, mostly idle ones. Operators get, besides them,
+    // a histogram no scrape disturbs: each second's longest delay, so that a stall of N seconds
+    // counts once near N and `increase(..._bucket{le="0.1"}[5m])` against `_count` says how
+    // many seconds of the last five minutes had the loop blocked for more than 100 ms.
     collectDefaultMetrics({ register: this.registry, prefix: "fleetcache_" });
+    const loopDelay = new Histogram({
+      name: "fleetcache_event_loop_delay_seconds",
+      help: "Longest event-loop delay in each second (perf_hooks.monitorEventLoopDelay, 10 ms resolution); a stall observes its length once.",
+      buckets: LOOP_DELAY_BUCKETS,
+      registers,
+    });
+    this.#loopDelay = monitorEventLoopDelay({ resolution: 10 });
+    this.#loopDelay.enable();
+    // A blocked loop delays this timer too: it fires once after the stall and records it whole.
+    this.#loopTimer = setInterval(() => {
+      if (this.#loopDelay.count > 0) loopDelay.observe(this.#loopDelay.max / 1e9);
+      this.#loopDelay.reset();
+    }, 1000).unref();
     const series = this.#series;
     new Counter({
       name: "fleetcache_http_requests_total",
@@ -163,6 +188,12 @@ export class AgentMetrics {
       else if (outcome === "hit_peer") this.narinfo.hitsPeer++;
       else if (outcome === "miss") this.narinfo.misses++;
     }
+  }
+
+  /** Stops the event-loop sampling. */
+  close(): void {
+    clearInterval(this.#loopTimer);
+    this.#loopDelay.disable();
   }
 
   /** The Prometheus text exposition. */

@@ -20,3 +20,22 @@ export class NarGoneError extends Error {}
 
 /** Holders of the path were asked and all of them failed (unreachable, errors, wrong bytes). */
 export class NarUnavailableError extends Error {}
+
+/**
+ * Starts `chunks` and waits for its first result, so that a source failing before its first byte
+ * throws here, before the caller commits to an answer (an HTTP status, a peer's "ok" header).
+ * The generator returned yields every chunk; closing it early closes the source.
+ */
+export async function primed(chunks: AsyncIterable<Buffer>): Promise<AsyncGenerator<Buffer>> {
+  const it = chunks[Symbol.asyncIterator]();
+  const first = await it.next();
+  return (async function* () {
+    try {
+      if (first.done) return;
+      yield first.value;
+      for (let r = await it.next(); !r.done; r = await it.next()) yield r.value;
+    } finally {
+      await it.return?.();
+    }
+  })();
+}

@@ -21,6 +21,7 @@ import {
 } from "./proc.js";
 import { fmtNum, fmtRatio, table, writeBenchmarksMd } from "./report.js";
 import { meshCase, type MeshResult } from "./mesh.js";
+import { gcStallMain } from "./gc-stall.js";
 import {
   agentBuilt, httpGet, parseNarinfo, startAgent, startNginx, type Server,
 } from "./servers.js";
@@ -50,6 +51,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
   --agent-arg ARG    pass ARG to the agent as well (repeatable); by default the agent gets
                      --p2p-listen off --no-mdns --no-tailscale when it knows them
   --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
+  --case gc-stall    instead: lookups while Nix garbage-collects a store of a million paths
+                     (first argument; \`npm run bench -- --case gc-stall --help\`)
   --tmpdir DIR       where to make the temporary directory (default: $TMPDIR or /tmp)
   --keep             keep the temporary directory (store, cache, logs) for inspection
   -h, --help
@@ -358,6 +361,12 @@ interface AgentMemory {
 }
 
 async function main(): Promise<void> {
+  // Other cases have options of their own.
+  if (process.argv[2] === "--case") {
+    const name = process.argv[3];
+    if (name === "gc-stall") return gcStallMain(process.argv.slice(2), repoRoot);
+    throw new Error(`unknown --case ${name} (known: gc-stall)`);
+  }
   const opts = parseOptions();
   if (opts.candidate === "agent" && !agentBuilt(repoRoot)) {
     throw new Error(

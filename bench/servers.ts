@@ -165,7 +165,7 @@ export async function startAgent(
   repoRoot: string,
   storeRoot: string,
   opts: { cpuProfDir?: string; extraArgs?: string[] } = {},
-): Promise<Server & { publicKey: string }> {
+): Promise<Server & { publicKey: string; readyMs: number }> {
   mkdirSync(dir, { recursive: true });
   const stateDir = join(dir, "state");
   mkdirSync(stateDir);
@@ -189,13 +189,17 @@ export async function startAgent(
     ...isolation, ...(opts.extraArgs ?? []),
   ];
   const logFile = join(dir, "agent.log");
+  const spawnedAt = Date.now();
   const child = spawnTracked(process.execPath, args);
   pipeToLog(child, logFile);
   // SIGTERM first so that a --cpu-prof profile gets written, if the agent exits cleanly on it.
   const stop = () => stopChild(child, "SIGTERM", 10_000);
   onCleanup(stop);
-  await waitReady(child, `http://127.0.0.1:${port}/health`, logFile, 30_000);
+  // A store of a million paths takes seconds to load.
+  await waitReady(child, `http://127.0.0.1:${port}/health`, logFile, 120_000);
+  const readyMs = Date.now() - spawnedAt;
   return {
+    readyMs,
     name: "fleetcache", baseUrl: `http://127.0.0.1:${port}`, pid: child.pid ?? 0, child, logFile, stop,
     publicKey: readFileSync(pub, "utf8").trim(),
   };

@@ -4,6 +4,7 @@
 // messages (log lines, activities) that ends in STDERR_LAST, or in STDERR_ERROR instead of the
 // reply. Pure: no I/O. Decoders are generators that consume a ByteQueue and yield whenever they
 // need more bytes, so a reply can be decoded as its bytes trickle in, without re-parsing.
+import { STORE_DIR } from "./path-info.js";
 
 export const WORKER_MAGIC_1 = 0x6e697863;
 export const WORKER_MAGIC_2 = 0x6478696f;
@@ -104,6 +105,34 @@ export class ByteQueue {
 
   get available(): number {
     return this.buf.length - this.pos;
+  }
+
+  // Reads at an offset from the front, without taking and without allocating (for long lists;
+  // the caller has checked the bytes are available).
+  peek(n: number): Buffer {
+    return this.buf.subarray(this.pos, this.pos + n);
+  }
+
+  byteAt(offset: number): number {
+    return this.buf[this.pos + offset]!;
+  }
+
+  /** A u64 length or count (a high word over 2^21 reads as a number past 2^53, which limits refuse). */
+  u64At(offset: number): number {
+    return this.buf.readUInt32LE(this.pos + offset + 4) * 2 ** 32 + this.buf.readUInt32LE(this.pos + offset);
+  }
+
+  matches(offset: number, expected: Buffer): boolean {
+    const at = this.pos + offset;
+    return this.buf.compare(expected, 0, expected.length, at, at + expected.length) === 0;
+  }
+
+  copyOut(target: Buffer, targetStart: number, offset: number, n: number): void {
+    this.buf.copy(target, targetStart, this.pos + offset, this.pos + offset + n);
+  }
+
+  skip(n: number): void {
+    this.pos += n;
   }
 
   /** n bytes, which the caller has checked are available. */
@@ -297,6 +326,43 @@ export function* queryPathFromHashPartReply(q: ByteQueue): Decoder<string | unde
 /** The reply to QueryAllValidPaths: every valid store path. */
 export function* queryAllValidPathsReply(q: ByteQueue): Decoder<string[]> {
   return yield* strings(q);
+}
+
+const STORE_PREFIX = Buffer.from(STORE_DIR + "/", "latin1");
+/** Bytes of a store path's hash part, and of one record of a packed list of them. */
+export const HASH_PART_BYTES = 32;
+
+/**
+ * The reply to QueryAllValidPaths as the paths' hash parts only (all the mesh summary needs),
+ * packed: 32 ASCII bytes per path, in the daemon's order, in one buffer. A 1M-path store is
+ * ~70 MB of reply; a JS string per path would be a million objects for the garbage collector to
+ * promote and trace on every listing (pauses of up to ~90 ms measured here), this is one buffer.
+ */
+export function* queryAllValidPathHashParts(q: ByteQueue, maxCount = LIMITS.list): Decoder<Buffer> {
+  const n = yield* u64(q);
+  if (n > maxCount) throw new ProtocolError(`list of ${n} items exceeds the limit of ${maxCount}`);
+  // Grown as items arrive: a count alone must not make us allocate gigabytes.
+  let out = Buffer.allocUnsafe(Math.min(n, 65_536) * HASH_PART_BYTES);
+  const hashAt = STORE_PREFIX.length;
+  for (let i = 0; i < n; i++) {
+    if (q.available < 8) yield* need(q, 8);
+    const len = q.u64At(0);
+    if (len > LIMITS.string) throw new ProtocolError(`string of ${len} bytes exceeds the limit of ${LIMITS.string}`);
+    const padded = len + padding(len);
+    if (q.available < 8 + padded) yield* need(q, 8 + padded);
+    if (len < hashAt + HASH_PART_BYTES || !q.matches(8, STORE_PREFIX)) {
+      throw new ProtocolError(`not a path in ${STORE_DIR}: ${JSON.stringify(q.peek(8 + Math.min(len, 100)).subarray(8).toString("latin1"))}`);
+    }
+    for (let k = 8 + len; k < 8 + padded; k++) if (q.byteAt(k) !== 0) throw new ProtocolError("non-zero string padding");
+    if ((i + 1) * HASH_PART_BYTES > out.length) {
+      const bigger = Buffer.allocUnsafe(Math.min(n, 2 * (i + 1)) * HASH_PART_BYTES);
+      out.copy(bigger, 0, 0, i * HASH_PART_BYTES);
+      out = bigger;
+    }
+    q.copyOut(out, i * HASH_PART_BYTES, 8 + hashAt, HASH_PART_BYTES);
+    q.skip(8 + padded);
+  }
+  return out;
 }
 
 /** Feeds chunks to one decoder: push() returns true once the decoder has finished. */

@@ -3,10 +3,8 @@
 // the store through the daemon, never stale, with 503 while the daemon is gone.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { setTimeout as sleep } from "node:timers/promises";
 import { Signer } from "../agent/signer.js";
 import { DaemonClient } from "../agent/store/daemon-client.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
@@ -15,44 +13,10 @@ import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
 import { plainAndBuiltPaths } from "./helpers/fixtures.js";
 import { addToStore, needNix, nix, NIX_FLAGS, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
+import { Daemon } from "./helpers/nix-daemon.js";
 
 const NOBODY = 65534;
 const hp = (p: string) => p.slice(11, 43);
-
-/** A nix-daemon for the chroot store at `root`, on its own socket. */
-class Daemon {
-  child: ChildProcess | undefined;
-  constructor(readonly root: string) {}
-  get socket(): string {
-    return join(this.root, "nix/var/nix/daemon-socket/socket");
-  }
-  async start(): Promise<void> {
-    mkdirSync(join(this.root, "nix/var/nix/daemon-socket"), { recursive: true, mode: 0o755 });
-    rmSync(this.socket, { force: true });
-    this.child = spawn("nix-daemon", ["--store", this.root], {
-      stdio: "ignore",
-      env: { ...process.env, NIX_DAEMON_SOCKET_PATH: this.socket, NIX_CONFIG: "sandbox = false\nsubstituters =" },
-    });
-    for (let i = 0; i < 200 && !existsSync(this.socket); i++) await sleep(25);
-    assert.ok(existsSync(this.socket), "nix-daemon made its socket");
-  }
-  /** Kills the daemon and the per-connection processes it forked (ours, by their ids). */
-  async stop(): Promise<void> {
-    const child = this.child;
-    if (!child || child.exitCode !== null) return;
-    const kids = (await run("pgrep", ["-P", String(child.pid)]).catch(() => "")).split("\n").filter(Boolean).map(Number);
-    for (const pid of kids) {
-      try {
-        process.kill(pid, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
-    const exited = new Promise((resolve) => child.once("exit", resolve));
-    child.kill("SIGKILL");
-    await exited;
-  }
-}
 
 /** A chroot store with a plain path, a signed built path with references and a deriver, and its daemon. */
 async function fixture() {

@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   ByteQueue, DaemonError, Incremental, LIMITS, ProtocolError, WireWriter, daemonInfo, encodeClientVersion,
-  encodeQueryPathInfo, protocolVersion, queryAllValidPathsReply, queryPathFromHashPartReply, queryPathInfoReply,
+  encodeQueryPathInfo, protocolVersion, queryAllValidPathHashParts, queryAllValidPathsReply, queryPathFromHashPartReply, queryPathInfoReply,
   serverHello, stderrStream, STDERR_ERROR, STDERR_LAST, STDERR_NEXT, STDERR_READ, STDERR_RESULT, STDERR_START_ACTIVITY,
   STDERR_STOP_ACTIVITY, STDERR_WRITE, WORKER_MAGIC_2, type Decoder,
 } from "../protocol/daemon-wire.js";
@@ -103,6 +103,25 @@ test("QueryPathInfo reply round trip, and the not-valid answer", () => {
   assert.ok(!("deriver" in info) && !("ca" in info));
   assert.equal(decode(new WireWriter().u64(0).build(), (q) => queryPathInfoReply(q, V134)), undefined);
   assert.deepEqual(decode(new WireWriter().strings([P, P]).build(), queryAllValidPathsReply), [P, P]);
+});
+
+test("QueryAllValidPaths as packed hash parts: 32 bytes a path, decoded in pieces; anything but a store path refused", () => {
+  const Q = "/nix/store/00000000000000000000000000000000-a-much-longer-name-than-eight-bytes.drv";
+  const packed = decode(new WireWriter().strings([P, Q, P]).build(), (q) => queryAllValidPathHashParts(q));
+  assert.equal(packed.toString("latin1"), P.slice(11, 43) + Q.slice(11, 43) + P.slice(11, 43));
+  assert.equal(decode(new WireWriter().strings([]).build(), (q) => queryAllValidPathHashParts(q)).length, 0);
+  // More paths than the first allocation holds (65,536): the buffer grows.
+  const many = Array.from({ length: 70_000 }, (_, i) => `/nix/store/${String(i).padStart(32, "0")}-p`);
+  const big = new Incremental(new ByteQueue(), (q) => queryAllValidPathHashParts(q));
+  assert.ok(big.push(new WireWriter().strings(many).build()));
+  assert.equal(big.value.length, 70_000 * 32);
+  assert.equal(big.value.toString("latin1", 69_999 * 32), "00000000000000000000000000069999");
+  const refuse = (items: string[]) => () => new Incremental(new ByteQueue(), (q) => queryAllValidPathHashParts(q)).push(new WireWriter().strings(items).build());
+  assert.throws(refuse(["/nix/store/tooshort"]), /not a path in \/nix\/store/);
+  assert.throws(refuse(["/gnu/store/00000000000000000000000000000000-x"]), /not a path in/);
+  assert.throws(() => new Incremental(new ByteQueue(), (q) => queryAllValidPathHashParts(q)).push(new WireWriter().u64(LIMITS.list + 1).build()), /exceeds the limit/);
+  const badPad = Buffer.concat([new WireWriter().u64(1).u64(P.length).build(), Buffer.from(P), Buffer.from([1, 0, 0, 0, 0, 0, 0, 0].slice(0, (8 - (P.length % 8)) % 8))]);
+  assert.throws(() => new Incremental(new ByteQueue(), (q) => queryAllValidPathHashParts(q)).push(badPad), /padding/);
 });
 
 test("hostile lengths and counts are refused before anything is allocated or awaited", () => {

@@ -130,13 +130,34 @@ async function vanish(host: FleetHost, path: string): Promise<void> {
   await run("rm", ["-rf", join(host.storeRoot, path)]);
 }
 
-test("when the only holder fails before the first byte, C answers 502 (no 200 and a dropped connection), and Nix retries then says so", async (t) => {
+test("when the only holder has lost the path's files (a GC under way), C answers 404 and Nix takes the path as absent", async (t) => {
   if (!ready(t)) return;
   writeFileSync(join(A.dir, "lost-on-a"), "A will lose these bytes\n".repeat(100));
   const path = await addToStore(A.storeRoot, join(A.dir, "lost-on-a"));
   await eventually("C sees the new path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 200);
   const narUrl = "/" + parseNarinfo((await C.http(`/${hashOf(path)}.narinfo`)).body).url;
-  await vanish(A, path); // A still announces it, and fails when asked for the NAR
+  await vanish(A, path); // A still announces it; asked for the NAR, it finds no files and says "not found"
+  const nar = await C.http(narUrl);
+  assert.equal(nar.status, 404, "every holder lost it: gone, not a failure to retry");
+  // A 404 is "not in this cache" to Nix: no retries, the next substituter or a build.
+  await assert.rejects(
+    C.nix(["copy", "--from", C.agent!.url, "--to", join(C.dir, "dest-404"), "--option", "require-sigs", "false", "--option", "narinfo-cache-negative-ttl", "0", path]),
+    /does not exist in binary cache/,
+  );
+});
+
+test("when the only holder sends wrong bytes, C answers 502 before any header (no 200 and a dropped connection), and Nix retries then says so", async (t) => {
+  if (!ready(t)) return;
+  const text = "A will rot these bytes\n".repeat(100);
+  writeFileSync(join(A.dir, "rotten-on-a"), text);
+  const path = await addToStore(A.storeRoot, join(A.dir, "rotten-on-a"));
+  await eventually("C sees the new path", async () => (await C.http(`/${hashOf(path)}.narinfo`)).status === 200);
+  const narUrl = "/" + parseNarinfo((await C.http(`/${hashOf(path)}.narinfo`)).body).url;
+  // Bit rot: same size, other bytes; A's database keeps the old NarHash. The NAR is one chunk,
+  // held back until its hash checks out, so C knows before sending anything.
+  const file = join(A.storeRoot, path);
+  await run("chmod", ["u+w", file]);
+  writeFileSync(file, text.toUpperCase());
   const nar = await C.http(narUrl);
   assert.equal(nar.status, 502, "a holder failed: a 5xx before any header, which Nix retries");
   // Nix 2.8 retries a 502 (up to download-attempts, 5 by default) and then fails the copy with it.
@@ -144,6 +165,7 @@ test("when the only holder fails before the first byte, C answers 502 (no 200 an
     C.nix(["copy", "--from", C.agent!.url, "--to", join(C.dir, "dest-502"), "--option", "require-sigs", "false", "--option", "narinfo-cache-negative-ttl", "0", "--option", "download-attempts", "2", path]),
     /HTTP error 502/,
   );
+  await run("nix-store", ["--store", A.storeRoot, "--delete", path]); // no other test should meet it
 });
 
 test("a path collected on C before its first byte is sent from a peer that still holds it", async (t) => {

@@ -6,7 +6,9 @@ import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
 import { networkInterfaces } from "node:os";
 import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import { isLoopback } from "../agent/http/admin-routes.js";
+import { AgentMetrics } from "../agent/metrics.js";
 import { parseNarinfo } from "../protocol/narinfo.js";
 import { startAgentProcess } from "./helpers/agent.js";
 import { addToStore, needNix, pathInfo, tempDir } from "./helpers/nix.js";
@@ -160,6 +162,34 @@ test("GET /metrics counts hits, misses, NAR bytes and client errors, in Promethe
   assert.equal(status.counters.narinfoHitsPeer, 0);
   assert.equal(status.counters.narBytesServed, info!.narSize);
   assert.deepEqual(status.recentErrors, []);
+});
+
+test("a blocked event loop shows in fleetcache_event_loop_delay_seconds, whoever scraped in between", async () => {
+  const metrics = new AgentMetrics({ storePaths: () => 0, peers: () => [], mesh: () => undefined });
+  try {
+    // Only this family: prom-client's own event-loop gauges read "Nan" when two scrapes come
+    // within its 10 ms sampling interval, as here.
+    const scrape = async () =>
+      parseExposition((await metrics.text()).split("\n").filter((l) => l.includes("fleetcache_event_loop_delay_seconds")).join("\n"));
+    const before = await scrape();
+    assert.equal(before.types.get("fleetcache_event_loop_delay_seconds"), "histogram");
+    const over = (e: Exposition, le: string) =>
+      value(e, "fleetcache_event_loop_delay_seconds_count")! - value(e, "fleetcache_event_loop_delay_seconds_bucket", { le })!;
+    assert.equal(over(before, "0.25"), 0, "no delay over 250 ms yet");
+    // Block the loop for 400 ms (as a synchronous rescan of a big store did), with a scrape in
+    // between that resets prom-client's own max gauge.
+    await sleep(100); // the monitor measures from its first tick on
+    const start = Date.now();
+    while (Date.now() - start < 400);
+    await scrape();
+    await sleep(2200); // the per-second sample, taken after the stall
+    const after = await scrape();
+    assert.equal(over(after, "0.25"), 1, "one second's longest delay was over 250 ms");
+    assert.ok(value(after, "fleetcache_event_loop_delay_seconds_sum")! >= 0.39);
+    assert.ok(value(after, "fleetcache_event_loop_delay_seconds_count")! >= 2, "one sample a second");
+  } finally {
+    metrics.close();
+  }
 });
 
 test("/metrics and /api/v1/status refuse a client that is not on loopback", async (t) => {

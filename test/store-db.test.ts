@@ -39,9 +39,11 @@ test("reads the database read-only while Nix holds it open, and sees Nix's write
   assert.equal(db.pathByHashPart("0".repeat(32)), undefined);
 
   // Another Nix process adds a path: the handle opened before sees it at once.
+  const v0 = db.dataVersion();
   const b = (await run("nix-store", ["--store", root, "--add", file("b")])).trim();
   assert.equal(db.pathCount(), 2);
-  assert.deepEqual(db.pathsAfter(row!.id).map((r) => r.path), [b]);
+  assert.deepEqual(db.hashPartsAfter(row!.id).map((r) => r.hashPart), [hashPartOf(b)]);
+  assert.notEqual(db.dataVersion(), v0, "Nix's commit changes data_version, which the watcher polls");
   assert.equal(db.pathByHashPart(hashPartOf(b))?.path, b);
   assert.ok(existsSync(`${dbFile}-wal`), "Nix still has it open");
 });

@@ -22,21 +22,21 @@ test("additions, deletions and re-additions are reported, with the full set kept
     const db = new NixDb(root);
     const watcher = new StoreWatcher(db);
     assert.deepEqual([...watcher.hashParts()], [hashOf(a)]);
-    assert.deepEqual(watcher.poll(), { added: [], removed: [] });
+    assert.deepEqual(await watcher.poll(), { added: [], removed: [] });
 
     const b = await addToStore(root, file("b"));
     const c = await addToStore(root, file("c"));
-    assert.deepEqual(watcher.poll(), { added: [hashOf(b), hashOf(c)], removed: [] });
+    assert.deepEqual(await watcher.poll(), { added: [hashOf(b), hashOf(c)], removed: [] });
 
     // One deleted and one added between two polls: the count alone would not change.
     await run("nix-store", ["--store", root, "--delete", b]);
     const d = await addToStore(root, file("d"));
-    assert.deepEqual(watcher.poll(), { added: [hashOf(d)], removed: [hashOf(b)] });
+    assert.deepEqual(await watcher.poll(), { added: [hashOf(d)], removed: [hashOf(b)] });
     assert.ok(!watcher.has(hashOf(b)) && watcher.has(hashOf(d)) && watcher.has(hashOf(a)));
 
     // Re-added: a new row, so reported as added again.
     await addToStore(root, file("b"));
-    assert.deepEqual(watcher.poll(), { added: [hashOf(b)], removed: [] });
+    assert.deepEqual(await watcher.poll(), { added: [hashOf(b)], removed: [] });
     assert.deepEqual(new Set(watcher.hashParts()), new Set([a, b, c, d].map(hashOf)));
     assert.ok(watcher.has(hashOf(b)), "re-added");
 

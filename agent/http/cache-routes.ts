@@ -5,7 +5,7 @@ import { narUrl, parseNarUrl } from "../../protocol/nar-url.js";
 import { nixCacheInfo, renderNarinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
-import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, primed, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { StoreUnavailableError } from "../store/daemon-client.js";
 import { parseRange } from "./range.js";
@@ -115,15 +115,15 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const chunks = checkedLength(ctx.source.narStream(info, start, end, () => pace.size), end - start, count, pace);
   // The status goes out only once a source has produced the first chunk: a source failing before
   // that gets a real error status, not a 200 followed by a dropped connection.
-  let first: IteratorResult<Buffer>;
+  let body: AsyncGenerator<Buffer>;
   try {
-    first = await chunks.next();
+    body = await primed(chunks);
   } catch (e) {
     return failedBeforeFirstByte(ctx, req, res, info, e);
   }
   res.writeHead(status, head);
   try {
-    await pipeline(resume(first, chunks), res);
+    await pipeline(body, res);
     return outcome;
   } catch (e) {
     // pipeline has destroyed the socket, so the client sees a short body against Content-Length,
@@ -160,17 +160,6 @@ function failedBeforeFirstByte(ctx: CacheContext, req: IncomingMessage, res: Ser
   ctx.metrics?.errors.add({ message: `NAR source failed before its first byte: ${message}`, path: info.storePath });
   sendError(req, res, status, status === 502 ? "no holder of this path could send it" : "reading the NAR failed");
   return "server_error";
-}
-
-/** The first result, then the rest; returning early closes the rest (its files, its peer stream). */
-async function* resume(first: IteratorResult<Buffer>, rest: AsyncGenerator<Buffer>): AsyncGenerator<Buffer> {
-  try {
-    if (first.done) return;
-    yield first.value;
-    yield* rest;
-  } finally {
-    await rest.return(undefined);
-  }
 }
 
 /** Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each was taken. */

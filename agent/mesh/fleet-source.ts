@@ -10,6 +10,7 @@ import { hashPartOf } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
 import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
+import { NarFetchError } from "./nar-service.js";
 
 /** Which connected peers there are, fastest first (the peer manager). */
 export interface PeerDirectory {
@@ -229,6 +230,9 @@ export class FleetSource implements PathSource {
     const hash = whole ? createHash("sha256") : undefined;
     let offset = start;
     let held: Buffer | undefined;
+    // Holders that answer "not found" have lost the path since they announced it (a GC racing
+    // its summary delta): if all of them do, the path is gone, not unavailable.
+    let allNotFound = true;
     for (const [i, peer] of order.entries()) {
       if (offset >= end) break;
       if (i > 0) this.counters.failovers++;
@@ -246,6 +250,7 @@ export class FleetSource implements PathSource {
           if (offset >= end) break;
         }
       } catch (err) {
+        if (!(err instanceof NarFetchError && err.reason === "not-found")) allNotFound = false;
         this.counters.transferFailures++;
         this.log.warn({ peer, path: info.storePath, offset, err: (err as Error).message }, "NAR transfer from peer failed; trying the next holder");
         this.#onError({ message: `NAR transfer failed at byte ${offset}: ${(err as Error).message}`, path: info.storePath, peer });
@@ -253,6 +258,7 @@ export class FleetSource implements PathSource {
         controller.abort();
       }
     }
+    if (offset === start && allNotFound) throw new NarGoneError(`every holder of ${info.storePath} has lost it`);
     if (offset < end) {
       throw new NarUnavailableError(`no peer could send ${info.storePath} (got ${offset - start} of ${end - start} bytes)`);
     }

@@ -20,6 +20,7 @@ import { encodeNix32 } from "../../protocol/nix32.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
+import { NarGoneError, primed } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import type { MeshNode, MeshStream } from "./node.js";
 import { writeAll, writeFrame } from "./stream-io.js";
@@ -57,10 +58,18 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
         return writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.busy, `more than ${slots.limit} transfers`)));
       }
       try {
+        // "ok" only once the store has produced the first bytes: a path collected since the lookup
+        // (a GC racing the summary delta) is "not found", which tells the requester it is gone.
+        let bytes: AsyncGenerator<Buffer>;
+        try {
+          bytes = await primed(local.narStream(found, req.offset, found.narSize));
+        } catch (err) {
+          if (!(err instanceof NarGoneError)) throw err;
+          return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "the path is gone from the store")));
+        }
         await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize }));
         const watchdog = new Watchdog(stallMs, `no progress for ${stallMs} ms`);
         try {
-          const bytes = local.narStream(found, req.offset, found.narSize);
           const sent = await writeAll(stream, watchdog.feed(bytes), { signal: watchdog.signal });
           // narStream throws rather than end early; this only guards against a bug there.
           if (sent !== found.narSize - req.offset) throw new Error(`sent ${sent} of ${found.narSize - req.offset} NAR bytes`);

@@ -14,7 +14,7 @@ import {
   encodeQueryAllValidPaths,
   encodeQueryPathFromHashPart,
   encodeQueryPathInfo,
-  queryAllValidPathsReply,
+  queryAllValidPathHashParts,
   queryPathFromHashPartReply,
   queryPathInfoReply,
   serverHello,
@@ -76,8 +76,9 @@ export class DaemonClient {
     return this.request(encodeQueryPathInfo(storePath), (q, v) => queryPathInfoReply(q, v));
   }
 
-  async queryAllValidPaths(): Promise<string[]> {
-    return this.request(encodeQueryAllValidPaths(), queryAllValidPathsReply, Math.max(this.timeoutMs, 60_000));
+  /** The hash parts of all valid paths (QueryAllValidPaths), packed: 32 bytes each, in the daemon's order. */
+  async queryAllValidHashParts(): Promise<Buffer> {
+    return this.request(encodeQueryAllValidPaths(), (q) => queryAllValidPathHashParts(q), Math.max(this.timeoutMs, 60_000));
   }
 
   close(): void {
@@ -237,6 +238,12 @@ class DaemonConnection {
     if (!cur) return;
     try {
       if (cur.decoder.push(chunk)) cur.settle();
+      else if (chunk && !this.socket.isPaused()) {
+        // A long reply (a store listing is ~70 MB per million paths): libuv reads up to 32
+        // chunks in one turn of the event loop, ~30 ms of decoding; take one chunk a turn.
+        this.socket.pause();
+        setImmediate(() => this.broken || this.socket.resume());
+      }
     } catch (e) {
       // Whatever it was, the connection is not reused: after a daemon error some daemons close
       // it (an error before the operation started), and anything else means we lost the framing.

@@ -22,7 +22,10 @@ export class NixDb {
   private readonly byNarHash: StatementSync;
   private readonly refs: StatementSync;
   private readonly count: StatementSync;
-  private readonly after: StatementSync;
+  private readonly hashesAfter: StatementSync;
+  private readonly version: StatementSync;
+  private readonly countRange: StatementSync;
+  private readonly idsRange: StatementSync;
 
   constructor(storeRoot: string) {
     const file = join(storeRoot, "nix/var/nix/db/db.sqlite");
@@ -41,7 +44,14 @@ export class NixDb {
       "SELECT p.path AS path FROM Refs r JOIN ValidPaths p ON p.id = r.reference WHERE r.referrer = ?",
     );
     this.count = this.db.prepare("SELECT count(*) AS n FROM ValidPaths");
-    this.after = this.db.prepare("SELECT id, path FROM ValidPaths WHERE id > ? ORDER BY id");
+    // The hash part as a string of its own: a slice of the path would keep the whole path alive
+    // (a million paths: ~60 MB more).
+    this.hashesAfter = this.db.prepare(`SELECT id, substr(path, ${STORE_DIR.length + 2}, 32) AS hashPart FROM ValidPaths WHERE id > ? ORDER BY id LIMIT ?`);
+    // Changes when another connection commits: one integer, no table read (a count of 1M rows is ~50-100 ms).
+    this.version = this.db.prepare("PRAGMA data_version");
+    // Ranges of the primary key: a count of 16k ids is ~0.5 ms.
+    this.countRange = this.db.prepare("SELECT count(*) AS n FROM ValidPaths WHERE id >= ? AND id < ?");
+    this.idsRange = this.db.prepare("SELECT id FROM ValidPaths WHERE id >= ? AND id < ? ORDER BY id");
   }
 
   /** The valid path whose hash part is `hashPart` (already validated by the caller). */
@@ -63,9 +73,27 @@ export class NixDb {
     return (this.count.get() as { n: number }).n;
   }
 
-  /** Paths registered after row `id` (ids only grow: a re-added path gets a new one). */
-  pathsAfter(id: number): { id: number; path: string }[] {
-    return this.after.all(id) as { id: number; path: string }[];
+  /**
+   * Up to `limit` paths registered after row `id`, by id, as their hash parts. Ids only grow
+   * (AUTOINCREMENT): a re-added path gets a new one, and no row ever appears below an id seen.
+   */
+  hashPartsAfter(id: number, limit = -1): { id: number; hashPart: string }[] {
+    return this.hashesAfter.all(id, limit) as { id: number; hashPart: string }[];
+  }
+
+  /** A number that changes whenever another connection (Nix) has committed to the database. */
+  dataVersion(): number {
+    return (this.version.get() as { data_version: number }).data_version;
+  }
+
+  /** Valid paths with row ids in [from, to). */
+  countIds(from: number, to: number): number {
+    return (this.countRange.get(from, to) as { n: number }).n;
+  }
+
+  /** The row ids in [from, to), ascending. */
+  idsBetween(from: number, to: number): number[] {
+    return (this.idsRange.all(from, to) as { id: number }[]).map((r) => r.id);
   }
 
   close(): void {

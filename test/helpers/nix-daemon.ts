@@ -1,0 +1,43 @@
+// A real nix-daemon for a chroot store, on the store's own socket, for tests and benchmarks.
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdirSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { run } from "./nix.js";
+
+/** A nix-daemon for the chroot store at `root`, on its own socket. */
+export class Daemon {
+  child: ChildProcess | undefined;
+  constructor(readonly root: string) {}
+  get socket(): string {
+    return join(this.root, "nix/var/nix/daemon-socket/socket");
+  }
+  async start(): Promise<void> {
+    mkdirSync(join(this.root, "nix/var/nix/daemon-socket"), { recursive: true, mode: 0o755 });
+    rmSync(this.socket, { force: true });
+    this.child = spawn("nix-daemon", ["--store", this.root], {
+      stdio: "ignore",
+      env: { ...process.env, NIX_DAEMON_SOCKET_PATH: this.socket, NIX_CONFIG: "sandbox = false\nsubstituters =" },
+    });
+    for (let i = 0; i < 200 && !existsSync(this.socket); i++) await sleep(25);
+    assert.ok(existsSync(this.socket), "nix-daemon made its socket");
+  }
+  /** Kills the daemon and the per-connection processes it forked (ours, by their ids). */
+  async stop(): Promise<void> {
+    const child = this.child;
+    if (!child || child.exitCode !== null) return;
+    const kids = (await run("pgrep", ["-P", String(child.pid)]).catch(() => "")).split("\n").filter(Boolean).map(Number);
+    for (const pid of kids) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+    const exited = new Promise((resolve) => child.once("exit", resolve));
+    child.kill("SIGKILL");
+    await exited;
+  }
+}
+

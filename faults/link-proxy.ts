@@ -98,9 +98,9 @@ class Pipe {
     readonly count: (n: number) => void,
   ) {
     from.on("data", (chunk: Buffer) => {
-      this.#push({ due: performance.now() + latencyMs, chunk });
       this.#queued += chunk.length;
       if (this.#queued >= highWater) from.pause();
+      this.#push({ due: performance.now() + latencyMs, chunk });
     });
     from.on("end", () => this.#push({ due: performance.now() + latencyMs, end: true }));
     to.on("drain", () => {

@@ -3,18 +3,17 @@
 // fresh GET /health requests. Loopback only; bounded in count and time.
 //
 //   node dist/bench/idle-sockets.js [--sockets 4200] [--tries 5]
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { get } from "node:http";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { startAgentProcess } from "../test/helpers/agent.js";
 
 const { values } = parseArgs({ options: { sockets: { type: "string", default: "4200" }, tries: { type: "string", default: "5" } } });
 const SOCKETS = Number(values.sockets);
-const CLI = fileURLToPath(new URL("../agent/cli.js", import.meta.url));
 
 function idle(port: number): Promise<Socket> {
   return new Promise((resolve) => {
@@ -41,20 +40,9 @@ function timed(port: number): Promise<string> {
 const dir = mkdtempSync(join(tmpdir(), "fleetcache-idle-"));
 writeFileSync(join(dir, "f"), "f\n");
 execFileSync("nix-store", ["--store", join(dir, "store"), "--add", join(dir, "f")]); // a store to serve
-const child = spawn(process.execPath, [CLI, "agent", "--store-root", join(dir, "store"), "--state-dir", join(dir, "state"), "--listen", "127.0.0.1:0", "--p2p-listen", "off", "--no-mdns"], {
-  stdio: ["ignore", "ignore", "pipe"],
-  env: { ...process.env, FLEETCACHE_LOG_LEVEL: "info" },
-});
+const agent = await startAgentProcess(["--store-root", join(dir, "store"), "--state-dir", join(dir, "state")], { FLEETCACHE_LOG_LEVEL: "info" });
 try {
-  let stderr = "";
-  const port = await new Promise<number>((resolve, reject) => {
-    child.stderr!.on("data", (d: Buffer) => {
-      stderr += d.toString();
-      const m = /"listen":"[^"]*:(\d+)"/.exec(stderr);
-      if (m) resolve(Number(m[1]));
-    });
-    child.on("exit", (code) => reject(new Error(`agent exited ${code}: ${stderr}`)));
-  });
+  const { port } = agent;
   const sockets: Socket[] = [];
   for (let i = 0; i < SOCKETS; i++) sockets.push(await idle(port));
   const open = sockets.filter((s) => !s.destroyed).length;
@@ -63,7 +51,7 @@ try {
   console.log(`idle sockets still open: ${sockets.filter((s) => !s.destroyed).length}`);
   for (const s of sockets) s.destroy();
 } finally {
-  child.kill("SIGTERM");
+  await agent.stop();
   execFileSync("chmod", ["-R", "u+w", dir]);
   rmSync(dir, { recursive: true, force: true });
 }

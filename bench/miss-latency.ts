@@ -11,10 +11,9 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:
 import http from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { NIX32_ALPHABET } from "../protocol/nix32.js";
+import { startAgentProcess } from "../test/helpers/agent.js";
 
-const CLI = fileURLToPath(new URL("../agent/cli.js", import.meta.url));
 function arg(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
   return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : fallback;
@@ -25,18 +24,9 @@ const ROUNDS = Number(arg("rounds", "5"));
 const children: ChildProcess[] = [];
 
 async function startAgent(args: string[]): Promise<string> {
-  const child = spawn(process.execPath, [CLI, "agent", "--listen", "127.0.0.1:0", "--p2p-listen", "off", "--no-mdns", ...args], { stdio: ["ignore", "ignore", "pipe"] });
-  children.push(child);
-  let stderr = "";
-  const port = await new Promise<number>((resolve, reject) => {
-    child.stderr!.on("data", (d: Buffer) => {
-      stderr += d.toString();
-      const m = /"listen":"[^"]*:(\d+)"/.exec(stderr);
-      if (m) resolve(Number(m[1]));
-    });
-    child.on("exit", (code) => reject(new Error(`agent exited with ${code}: ${stderr}`)));
-  });
-  return `http://127.0.0.1:${port}`;
+  const agent = await startAgentProcess(args, { FLEETCACHE_LOG_LEVEL: "info" });
+  children.push(agent.child);
+  return agent.url;
 }
 
 /** Microseconds a request over one keep-alive connection, for `paths` asked in turn. */

@@ -11,17 +11,16 @@
 // runs them minutes apart, and only what one invocation asks twice is saved.
 //
 // Needs root and Nix (nix-build, nix-store, nix), like the tests; nothing leaves loopback.
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
+import { startAgentProcess } from "../test/helpers/agent.js";
 
 const execFileP = promisify(execFile);
-const CLI = fileURLToPath(new URL("../agent/cli.js", import.meta.url));
 const NIX_FLAGS = ["--extra-experimental-features", "nix-command"];
 const SANDBOX = ["--option", "sandbox-paths", "/bin /lib /lib64 /usr"];
 
@@ -96,22 +95,6 @@ async function countingCache(dir: string): Promise<{ url: string; counts: Counts
   };
 }
 
-async function startAgent(storeRoot: string, stateDir: string): Promise<{ url: string; stop(): void }> {
-  const child = spawn(process.execPath, [CLI, "agent", "--store-root", storeRoot, "--state-dir", stateDir, "--listen", "127.0.0.1:0", "--p2p-listen", "off", "--no-mdns"], {
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  let stderr = "";
-  const port = await new Promise<number>((resolve, reject) => {
-    child.stderr!.on("data", (d: Buffer) => {
-      stderr += d.toString();
-      const m = /"listen":"[^"]*:(\d+)"/.exec(stderr);
-      if (m) resolve(Number(m[1]));
-    });
-    child.on("exit", (code) => reject(new Error(`agent exited with ${code}: ${stderr}`)));
-  });
-  return { url: `http://127.0.0.1:${port}`, stop: () => child.kill("SIGTERM") };
-}
-
 async function main(): Promise<void> {
   const tmp = mkdtempSync(join(tmpdir(), "fleetcache-negttl-"));
   try {
@@ -148,7 +131,7 @@ async function main(): Promise<void> {
       // The agent needs a store to serve: one unrelated path.
       writeFileSync(join(dir, "seed.txt"), "seed\n");
       await run("nix-store", ["--store", store, "--add", join(dir, "seed.txt")]);
-      const agent = await startAgent(store, join(dir, "state"));
+      const agent = await startAgentProcess(["--store-root", store, "--state-dir", join(dir, "state")], { FLEETCACHE_LOG_LEVEL: "info" });
       const agentPub = readFileSync(join(dir, "state", "host-key.pub"), "utf8").trim();
       const env = { XDG_CACHE_HOME: join(dir, "cache") }; // Nix's narinfo cache, fresh per TTL
       const nixOpts = [
@@ -180,7 +163,7 @@ async function main(): Promise<void> {
         await build(["--argstr", "seed", "3", "--arg", "withBroken", "true"]);
         record("the same build again (nothing to do)", ttl);
       } finally {
-        agent.stop();
+        await agent.stop();
       }
     }
     await upstream.close();

@@ -2,15 +2,14 @@
 // agent's RSS sampled from /proc before, during and after. Loopback only; bounded in time.
 //
 //   node dist/bench/slow-clients.js [--clients 200] [--rate-kib 64] [--seconds 20] [--mib 64]
-import { spawn } from "node:child_process";
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { startAgentProcess, type AgentProcess } from "../test/helpers/agent.js";
 
 const { values } = parseArgs({
   options: {
@@ -24,7 +23,6 @@ const CLIENTS = Number(values.clients);
 const RATE = Number(values["rate-kib"]) * 1024;
 const SECONDS = Number(values.seconds);
 const MIB = Number(values.mib);
-const CLI = fileURLToPath(new URL("../agent/cli.js", import.meta.url));
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const mib = (n: number) => (n / 2 ** 20).toFixed(1);
 
@@ -58,27 +56,14 @@ async function narBytesServed(url: string): Promise<number> {
 
 async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "fleetcache-slow-"));
-  const agent = { pid: 0, kill: () => {} };
+  let agent: AgentProcess | undefined;
   try {
     const root = join(dir, "store");
     writeFileSync(join(dir, "big.bin"), randomBytes(MIB << 20));
     const storePath = execFileSync("nix-store", ["--store", root, "--add", join(dir, "big.bin")], { encoding: "utf8" }).trim();
-    const child = spawn(process.execPath, [CLI, "agent", "--store-root", root, "--state-dir", join(dir, "state"), "--listen", "127.0.0.1:0", "--p2p-listen", "off", "--no-mdns"], {
-      stdio: ["ignore", "ignore", "pipe"],
-      env: { ...process.env, FLEETCACHE_LOG_LEVEL: "info" },
-    });
-    agent.pid = child.pid!;
-    agent.kill = () => child.kill("SIGTERM");
-    let stderr = "";
-    const port = await new Promise<number>((resolve, reject) => {
-      child.stderr!.on("data", (d: Buffer) => {
-        stderr += d.toString();
-        const m = /"listen":"[^"]*:(\d+)"/.exec(stderr);
-        if (m) resolve(Number(m[1]));
-      });
-      child.on("exit", (code) => reject(new Error(`agent exited ${code}: ${stderr}`)));
-    });
-    const url = `http://127.0.0.1:${port}`;
+    agent = await startAgentProcess(["--store-root", root, "--state-dir", join(dir, "state")], { FLEETCACHE_LOG_LEVEL: "info" });
+    const { port, url } = agent;
+    const pid = agent.child.pid!; // the agent's own process: its RSS is what is measured
     for (let i = 0; i < 50; i++) {
       if ((await fetch(`${url}/${storePath.slice(11, 43)}.narinfo`)).status === 200) break;
       await sleep(100);
@@ -87,7 +72,7 @@ async function main(): Promise<void> {
     const narPath = "/" + /^URL: (.*)$/m.exec(narinfo)![1]!;
     await (await fetch(url + narPath)).arrayBuffer(); // one fast download: the file is cached, the code warm
     await sleep(2000);
-    const before = rssOf(agent.pid);
+    const before = rssOf(pid);
     console.error(`agent on ${url}, RSS ${mib(before)} MiB; starting ${CLIENTS} clients`);
 
     const received = { n: 0 };
@@ -99,7 +84,7 @@ async function main(): Promise<void> {
     const t0 = Date.now();
     while (Date.now() - t0 < SECONDS * 1000) {
       await sleep(250);
-      const r = rssOf(agent.pid);
+      const r = rssOf(pid);
       peak = Math.max(peak, r);
       samples.push(r);
     }
@@ -108,14 +93,13 @@ async function main(): Promise<void> {
     const steady = lastHalf.reduce((a, b) => a + b, 0) / lastHalf.length;
     for (const s of sockets) s.destroy();
     await sleep(5000);
-    const afterwards = rssOf(agent.pid);
+    const afterwards = rssOf(pid);
     const rate = received.n / SECONDS / CLIENTS / 1024;
     console.log(`${CLIENTS} clients reading a ${MIB} MiB NAR at ${values["rate-kib"]} KiB/s each (measured ${rate.toFixed(0)} KiB/s each) for ${SECONDS} s`);
     console.log(`agent RSS: before ${mib(before)} MiB, steady ${mib(steady)} MiB (+${mib(steady - before)}), peak ${mib(peak)} MiB (+${mib(peak - before)}), 5 s after the clients left ${mib(afterwards)} MiB (+${mib(afterwards - before)})`);
     console.log(`per client: RSS +${((peak - before) / CLIENTS / 1024).toFixed(0)} KiB at peak; NAR bytes handed to sockets but not yet read by the client ${(((served - received.n) / CLIENTS) / 1024).toFixed(0)} KiB (incl. kernel socket buffers)`);
   } finally {
-    agent.kill();
-    await sleep(500);
+    await agent?.stop();
     execFileSync("chmod", ["-R", "u+w", dir]);
     rmSync(dir, { recursive: true, force: true });
   }

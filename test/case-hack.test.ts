@@ -102,6 +102,14 @@ async function narOf(agent: AgentProcess, storePath: string, init?: RequestInit)
   return { narinfo, nar: Buffer.from(await res.arrayBuffer()), status: res.status };
 }
 
+/** Real Nix copies `storePath` from the cache at `url` into `dest`, requiring a signature by one of `keys`. */
+const nixCopySigned = (url: string, dest: string, keys: string, storePath: string) =>
+  nix([
+    "copy", "--from", url, "--to", dest,
+    "--option", "trusted-public-keys", keys, "--option", "require-sigs", "true",
+    "--option", "narinfo-cache-negative-ttl", "0", storePath,
+  ]);
+
 const sha256 = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
 test("the fixture really is case-hacked on disk", (t) => {
@@ -141,11 +149,7 @@ test("with --use-case-hack: NARs equal nix-store --dump --option use-case-hack t
 
     // Real Nix, signatures required, into an empty store; then its own check of hashes and signatures.
     const dest = join(f.dir, "dest-direct");
-    await nix([
-      "copy", "--from", agent.url, "--to", dest,
-      "--option", "trusted-public-keys", f.publicKey, "--option", "require-sigs", "true",
-      "--option", "narinfo-cache-negative-ttl", "0", f.tree,
-    ]);
+    await nixCopySigned(agent.url, dest, f.publicKey, f.tree);
     await run("nix", [...NIX_FLAGS, "store", "verify", "--store", dest, "--trusted-public-keys", f.publicKey, "--sigs-needed", "1", "-r", f.tree]);
     assert.equal(readFileSync(join(dest, f.tree, "foo"), "utf8"), "lower\n", "real names in the copy");
     assert.equal(readFileSync(join(dest, f.tree, "dir/sub/f"), "utf8"), "small-f\n");
@@ -163,13 +167,7 @@ test("without the case hack the agent serves the names on disk, and Nix refuses 
     // The names on disk make a longer NAR than the NarSize announced: the body is cut there.
     assert.ok((await referenceDump(f, f.tree, false)).subarray(0, nar.length).equals(nar), "the dump of the names on disk");
     assert.notEqual(sha256(nar), Buffer.from(parseHash(narinfo.narHash)).toString("hex"), "NarHash mismatch");
-    await assert.rejects(
-      nix([
-        "copy", "--from", agent.url, "--to", join(f.dir, "dest-nohack"),
-        "--option", "trusted-public-keys", f.publicKey, "--option", "require-sigs", "true",
-        "--option", "narinfo-cache-negative-ttl", "0", f.tree,
-      ]),
-    );
+    await assert.rejects(nixCopySigned(agent.url, join(f.dir, "dest-nohack"), f.publicKey, f.tree));
   } finally {
     await agent.stop();
   }
@@ -260,11 +258,7 @@ test("two agents meshed on loopback: Nix copies the case-hacked holder's path th
     b = await startAgentProcess(["--store-root", rootB, "--sign-key", join(f.dir, "casehack-b-1.sec"), "--state-dir", join(f.dir, "b-state"), ...mesh(portB, portA, f.publicKey)]);
     await eventually("B knows A's paths", async () => (await fetch(`${b!.url}/${hashOf(f.tree)}.narinfo`)).status === 200);
     const dest = join(f.dir, "dest-mesh");
-    await nix([
-      "copy", "--from", b.url, "--to", dest,
-      "--option", "trusted-public-keys", `${f.publicKey} ${pubB}`, "--option", "require-sigs", "true",
-      "--option", "narinfo-cache-negative-ttl", "0", f.tree,
-    ]);
+    await nixCopySigned(b.url, dest, `${f.publicKey} ${pubB}`, f.tree);
     await run("nix", [...NIX_FLAGS, "store", "verify", "--store", dest, "--trusted-public-keys", `${f.publicKey} ${pubB}`, "--sigs-needed", "1", "-r", f.tree]);
     assert.equal(readFileSync(join(dest, f.tree, "dir/sub/F"), "utf8"), "big-f\n");
     // B really got it from A (its own store has no such path).
@@ -275,11 +269,7 @@ test("two agents meshed on loopback: Nix copies the case-hacked holder's path th
     await a.stop();
     a = await startAgent(f, ["--no-use-case-hack", ...mesh(portA, portB, pubB)]);
     await eventually("B knows A's paths again", async () => (await fetch(`${b!.url}/${hashOf(f.tree)}.narinfo`)).status === 200);
-    await assert.rejects(nix([
-      "copy", "--from", b.url, "--to", join(f.dir, "dest-mesh-nohack"),
-      "--option", "trusted-public-keys", `${f.publicKey} ${pubB}`, "--option", "require-sigs", "true",
-      "--option", "narinfo-cache-negative-ttl", "0", f.tree,
-    ]));
+    await assert.rejects(nixCopySigned(b.url, join(f.dir, "dest-mesh-nohack"), `${f.publicKey} ${pubB}`, f.tree));
     assert.match(b.logs(), /from peers does not match its NarHash/);
   } finally {
     await a?.stop();

@@ -5,10 +5,10 @@ import assert from "node:assert/strict";
 import { connect } from "node:net";
 import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { parseNarinfo } from "../protocol/narinfo.js";
+import { hashPartOf } from "../protocol/store-path.js";
 import type { AgentProcess } from "./helpers/agent.js";
-import { startShapesAgent, type ShapesAgent, type ShapesClosure } from "./helpers/fixtures.js";
-import { addToStore, dumpPath, nix, run } from "./helpers/nix.js";
+import { shapesHttp, startShapesAgent, type ShapesAgent, type ShapesClosure } from "./helpers/fixtures.js";
+import { addToStore, nix, run } from "./helpers/nix.js";
 
 let shapes: ShapesAgent | undefined;
 let storeRoot: string;
@@ -23,26 +23,7 @@ before(async () => {
 
 after(() => shapes?.stop());
 
-const hashOf = (storePath: string) => storePath.slice(11, 43);
-const get = (path: string, init?: RequestInit) => fetch(agent.url + path, init);
-
-function ready(t: { skip: (m: string) => void }): boolean {
-  if (agent) return true;
-  t.skip("nix not installed");
-  return false;
-}
-
-async function narUrlOf(storePath: string): Promise<string> {
-  return "/" + parseNarinfo(await (await get(`/${hashOf(storePath)}.narinfo`)).text()).url;
-}
-
-async function fullNar(storePath: string): Promise<Buffer> {
-  const s = dumpPath(storeRoot, storePath);
-  const chunks: Buffer[] = [];
-  for await (const c of s) chunks.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(chunks);
-}
+const { get, ready, narUrlOf, fullNar } = shapesHttp(() => shapes);
 
 /** Writes `request`, then half-closes (FIN) the socket's write side; resolves with every byte the agent sent. */
 function halfClosed(request: string): Promise<Buffer> {
@@ -66,7 +47,7 @@ function parseAnswer(raw: Buffer): { status: number; headers: Map<string, string
 
 test("NAR URLs with 52 nix32 characters that are not a canonical SHA-256 are a 400, never a 500", async (t) => {
   if (!ready(t)) return;
-  const h = hashOf(closure.tree);
+  const h = hashPartOf(closure.tree);
   // 52 nix32 characters carry 260 bits; a SHA-256 has 256, so the first character can only be 0 or 1.
   const nonCanonical = "z" + "0".repeat(51);
   for (const url of [`/nar/${nonCanonical}.nar`, `/nar/${h}-${nonCanonical}.nar`, `/nar/${nonCanonical}.nar?hash=${h}`]) {
@@ -80,7 +61,7 @@ test("NAR URLs with 52 nix32 characters that are not a canonical SHA-256 are a 4
 
 test("a client that half-closes after its request gets the whole answer on the NAR, .ls and /serve routes", async (t) => {
   if (!ready(t)) return;
-  const h = hashOf(closure.tree);
+  const h = hashPartOf(closure.tree);
   const narUrl = await narUrlOf(closure.tree);
   const nar = parseAnswer(await halfClosed(`GET ${narUrl} HTTP/1.1\r\nHost: x\r\n\r\n`));
   assert.equal(nar.status, 200);
@@ -105,12 +86,12 @@ test("a NAR whose files vanished (GC) before the first byte is a 404 before any 
   writeFileSync(join(shapes!.dir, "vanishing.txt"), "here a moment ago\n".repeat(1000));
   const path = await addToStore(storeRoot, join(shapes!.dir, "vanishing.txt"));
   // The agent sees a new path within a quarter of a second (it polls the database).
-  for (let i = 0; i < 100 && (await get(`/${hashOf(path)}.narinfo`)).status !== 200; i++) await new Promise((r) => setTimeout(r, 50));
+  for (let i = 0; i < 100 && (await get(`/${hashPartOf(path)}.narinfo`)).status !== 200; i++) await new Promise((r) => setTimeout(r, 50));
   const narUrl = await narUrlOf(path);
   // The files go, the database row stays: the moment between a GC's unlink and its commit.
   await run("chmod", ["-R", "u+w", join(storeRoot, path)]).catch(() => "");
   rmSync(join(storeRoot, path), { recursive: true, force: true });
-  assert.equal((await get(`/${hashOf(path)}.narinfo`)).status, 200, "the store still lists the path");
+  assert.equal((await get(`/${hashPartOf(path)}.narinfo`)).status, 200, "the store still lists the path");
 
   const res = await get(narUrl);
   assert.equal(res.status, 404, "no 200 with headers followed by a dropped connection");

@@ -5,9 +5,10 @@ import { request } from "node:http";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { parseNarinfo } from "../protocol/narinfo.js";
+import { hashPartOf } from "../protocol/store-path.js";
 import type { AgentProcess } from "./helpers/agent.js";
-import { startShapesAgent, type ShapesAgent, type ShapesClosure } from "./helpers/fixtures.js";
-import { addToStore, assertSameListing, dumpPath, listingRefusal, nix, nixListing, run } from "./helpers/nix.js";
+import { shapesHttp, startShapesAgent, type ShapesAgent, type ShapesClosure } from "./helpers/fixtures.js";
+import { addToStore, assertSameListing, listingRefusal, nix, nixListing, run } from "./helpers/nix.js";
 import { writeFileSync } from "node:fs";
 
 let shapes: ShapesAgent | undefined;
@@ -25,26 +26,7 @@ before(async () => {
 
 after(() => shapes?.stop());
 
-const hashOf = (storePath: string) => storePath.slice(11, 43);
-const get = (path: string, init?: RequestInit) => fetch(agent.url + path, init);
-
-function ready(t: { skip: (m: string) => void }): boolean {
-  if (agent) return true;
-  t.skip("nix not installed");
-  return false;
-}
-
-async function narUrlOf(storePath: string): Promise<string> {
-  return "/" + parseNarinfo(await (await get(`/${hashOf(storePath)}.narinfo`)).text()).url;
-}
-
-async function fullNar(storePath: string): Promise<Buffer> {
-  const s = dumpPath(storeRoot, storePath);
-  const chunks: Buffer[] = [];
-  for await (const c of s) chunks.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(chunks);
-}
+const { get, ready, narUrlOf, fullNar } = shapesHttp(() => shapes);
 
 /** Sends raw bytes and returns the raw answer (for requests fetch() refuses to make). */
 function raw(bytes: string): Promise<string> {
@@ -72,7 +54,7 @@ test("nix-cache-info announces the store, mass query and priority", async (t) =>
 
 test("HEAD narinfo and NAR: headers without a body", async (t) => {
   if (!ready(t)) return;
-  const h = await get(`/${hashOf(closure.tree)}.narinfo`, { method: "HEAD" });
+  const h = await get(`/${hashPartOf(closure.tree)}.narinfo`, { method: "HEAD" });
   assert.equal(h.status, 200);
   assert.equal(await h.text(), "");
   const nar = await get(await narUrlOf(closure.tree), { method: "HEAD" });
@@ -115,9 +97,9 @@ test("Range requests on NARs: 206 slices equal the reference dump, 416 beyond th
 test("NAR URL forms of nix-serve and harmonia lead to the same bytes", async (t) => {
   if (!ready(t)) return;
   const full = await fullNar(closure.built);
-  const narinfo = parseNarinfo(await (await get(`/${hashOf(closure.built)}.narinfo`)).text());
+  const narinfo = parseNarinfo(await (await get(`/${hashPartOf(closure.built)}.narinfo`)).text());
   const narHash32 = narinfo.narHash.replace("sha256:", "");
-  const hash = hashOf(closure.built);
+  const hash = hashPartOf(closure.built);
   for (const url of [`/nar/${hash}-${narHash32}.nar`, `/nar/${narHash32}.nar?hash=${hash}`, `/nar/${narHash32}.nar`, `/nar/${hash}.nar`]) {
     const res = await get(url);
     assert.equal(res.status, 200, url);
@@ -135,7 +117,7 @@ test(".ls listing matches what Nix writes, /serve reads files and follows symlin
   // Names that are not UTF-8 (the tree has one) are written raw by Nix 2.8, and so by us; Nix
   // 2.26 refuses to list them (see nixListing), so the built path's listing is compared too.
   for (const path of [closure.tree, closure.built]) {
-    const res = await get(`/${hashOf(path)}.ls`);
+    const res = await get(`/${hashPartOf(path)}.ls`);
     assert.equal(res.status, 200);
     const ours = Buffer.from(await res.arrayBuffer());
     const theirs = await nixListing(storeRoot, path, cache);
@@ -143,7 +125,7 @@ test(".ls listing matches what Nix writes, /serve reads files and follows symlin
     else assertSameListing(ours, theirs, `.ls of ${path}`);
   }
 
-  const h = hashOf(closure.tree);
+  const h = hashPartOf(closure.tree);
   const file = await get(`/serve/${h}/hello.txt`);
   assert.equal(file.status, 200);
   assert.equal(await file.text(), "hello, fleet\n");
@@ -157,11 +139,11 @@ test(".ls listing matches what Nix writes, /serve reads files and follows symlin
   const redirect = await get(`/serve/${h}/sub`, { redirect: "manual" });
   assert.equal(redirect.status, 301);
   // A built path's symlink into another store path is followed.
-  assert.equal(await (await get(`/serve/${hashOf(closure.builtSymlink)}`)).text(), "dependency\n");
+  assert.equal(await (await get(`/serve/${hashPartOf(closure.builtSymlink)}`)).text(), "dependency\n");
   // Symlinks out of the store or to nowhere are refused.
   assert.equal((await get(`/serve/${h}/abs-link/`)).status, 403);
   assert.equal((await get(`/serve/${h}/dangling`)).status, 404);
-  assert.equal((await get(`/serve/${hashOf(closure.symlinkPath)}`)).status, 404);
+  assert.equal((await get(`/serve/${hashPartOf(closure.symlinkPath)}`)).status, 404);
   const part = await get(`/serve/${h}/hello.txt`, { headers: { Range: "bytes=7-11" } });
   assert.equal(part.status, 206);
   assert.equal(await part.text(), "fleet");
@@ -188,7 +170,7 @@ test("malformed hashes are 400, unknown paths 404 with Cache-Control: no-store",
 
 test("path traversal is refused on every route, and nothing outside the store is served", async (t) => {
   if (!ready(t)) return;
-  const h = hashOf(closure.tree);
+  const h = hashPartOf(closure.tree);
   writeFileSync(join(storeRoot, "secret.txt"), "SECRET");
   const attempts = [
     `/serve/${h}/../../../etc/passwd`,
@@ -238,7 +220,7 @@ test("a path deleted by GC disappears within a second, and comes back when re-ad
   const file = join(tmp.dir, "ephemeral.txt");
   writeFileSync(file, "here today\n");
   const path = await addToStore(storeRoot, file);
-  const url = `/${hashOf(path)}.narinfo`;
+  const url = `/${hashPartOf(path)}.narinfo`;
   const within = async (ms: number, want: number): Promise<number> => {
     const since = Date.now();
     let got = (await get(url)).status;
@@ -258,7 +240,7 @@ test("a path deleted by GC disappears within a second, and comes back when re-ad
 
 test("a signature added to a path in the store (nix store sign) shows in its narinfo within a second", async (t) => {
   if (!ready(t)) return;
-  const url = `/${hashOf(closure.built)}.narinfo`;
+  const url = `/${hashPartOf(closure.built)}.narinfo`;
   assert.doesNotMatch(await (await get(url)).text(), /^Sig: resigned-1:/m);
   await run("nix-store", ["--generate-binary-cache-key", "resigned-1", join(tmp.dir, "re.sec"), join(tmp.dir, "re.pub")]);
   await nix(["store", "sign", "--store", storeRoot, "--key-file", join(tmp.dir, "re.sec"), closure.built]);

@@ -1,8 +1,10 @@
 // Store paths of every shape the cache must serve, made with the real Nix in a chroot store.
 import { chmodSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { parseNarinfo } from "../../protocol/narinfo.js";
+import { hashPartOf } from "../../protocol/store-path.js";
 import { startAgentProcess, type AgentProcess } from "./agent.js";
-import { addToStore, buildInStore, hasNix, run, tempDir } from "./nix.js";
+import { addToStore, buildInStore, dumpPath, hasNix, run, tempDir } from "./nix.js";
 
 export interface ShapesClosure {
   /** Every store path made, the closure's roots and their dependencies. */
@@ -113,6 +115,35 @@ export async function startShapesAgent(): Promise<ShapesAgent | undefined> {
     async stop() {
       await agent.stop();
       tmp.cleanup();
+    },
+  };
+}
+
+/**
+ * What the HTTP tests ask a shapes agent. `current` is read at each call, as the agent is only
+ * started in before() (and is undefined when Nix is missing).
+ */
+export function shapesHttp(current: () => ShapesAgent | undefined) {
+  const get = (path: string, init?: RequestInit) => fetch(current()!.agent.url + path, init);
+  return {
+    get,
+    /** False, with the test skipped, when there is no agent. */
+    ready(t: { skip: (m: string) => void }): boolean {
+      if (current()) return true;
+      t.skip("nix not installed");
+      return false;
+    },
+    /** The NAR URL the agent's narinfo for `storePath` gives, with its leading "/". */
+    async narUrlOf(storePath: string): Promise<string> {
+      return "/" + parseNarinfo(await (await get(`/${hashPartOf(storePath)}.narinfo`)).text()).url;
+    },
+    /** The NAR of `storePath` as nix-store --dump writes it. */
+    async fullNar(storePath: string): Promise<Buffer> {
+      const s = dumpPath(current()!.storeRoot, storePath);
+      const chunks: Buffer[] = [];
+      for await (const c of s) chunks.push(c as Buffer);
+      await s.done;
+      return Buffer.concat(chunks);
     },
   };
 }

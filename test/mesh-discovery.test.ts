@@ -13,6 +13,7 @@ import { PeerManager, type PeerInfo, type PeerManagerOptions } from "../agent/me
 import { fetchPeers, peersFor } from "../agent/mesh/peer-exchange.js";
 import { parseTailscaleStatus, readTailscaleStatus, tailscaleDialTargets } from "../agent/mesh/tailscale.js";
 import { tempDir } from "./helpers/nix.js";
+import { startLinkProxy, type LinkProxy } from "../faults/link-proxy.js";
 
 const log = pino({ level: "silent" });
 // Compiled to dist/test/; the fixture stays in the source tree.
@@ -20,20 +21,25 @@ const FIXTURE = fileURLToPath(new URL("../../test/fixtures/tailscale-status.json
 
 const nodes: MeshNode[] = [];
 const managers: PeerManager[] = [];
+const proxies: LinkProxy[] = [];
 after(async () => {
   await Promise.allSettled(managers.map((m) => m.stop()));
   await Promise.allSettled(nodes.map((n) => n.stop()));
+  await Promise.allSettled(proxies.map((p) => p.close()));
 });
+
+/** The connection monitor's ping interval here: short, yet a ping may take 1.6 s on a busy machine. */
+const PING_MS = 2000;
 
 async function node(key: SecretKey, trusted: SecretKey[], listen = "/ip4/127.0.0.1/tcp/0", refused?: string[]): Promise<MeshNode> {
   // `refused` collects the peer IDs the node's gater refused after a handshake.
-  const n = await createMeshNode({ key, trusted, listen, log, onRefused: (peerId) => refused?.push(peerId) });
+  const n = await createMeshNode({ key, trusted, listen, log, pingIntervalMs: PING_MS, onRefused: (peerId) => refused?.push(peerId) });
   nodes.push(n);
   return n;
 }
 
 async function manager(n: MeshNode, opts: Partial<PeerManagerOptions> = {}): Promise<PeerManager> {
-  const m = new PeerManager(n, { staticPeers: [], log, dialIntervalMs: 100, pingIntervalMs: 300, ...opts });
+  const m = new PeerManager(n, { staticPeers: [], log, dialIntervalMs: 100, ...opts });
   managers.push(m);
   await m.start();
   return m;
@@ -264,7 +270,7 @@ test("Tailscale: an online peer in the status is dialed at the mesh port; an off
 test("connectedPeers() is ordered by measured RTT", async () => {
   const keys = ["host-a-1", "host-b-1", "host-c-1", "host-d-1"].map(generateKeyPair);
   const [a, ...others] = await Promise.all(keys.map((k) => node(k, keys)));
-  const ma = await manager(a!, { staticPeers: others.map(hostPort), pingIntervalMs: 200 });
+  const ma = await manager(a!, { staticPeers: others.map(hostPort) });
   await waitFor("all peers connected with an RTT", () => {
     const ps = ma.peers();
     return ps.length === 3 && ps.every((p) => p.connected && typeof p.rttMs === "number");
@@ -275,4 +281,51 @@ test("connectedPeers() is ordered by measured RTT", async () => {
   const rtts = order.map((p) => rtt.get(p)!);
   assert.deepEqual(rtts, [...rtts].sort((x, y) => x - y), `order ${order} with RTTs ${rtts}`);
   for (const r of rtts) assert.ok(Number.isFinite(r) && r >= 0);
+});
+
+/** A link with `latencyMs` each way in front of the node; dial "127.0.0.1:<port>" to go through it. */
+async function linkTo(n: MeshNode, latencyMs: number): Promise<LinkProxy> {
+  const p = await startLinkProxy({ target: { host: "127.0.0.1", port: portOf(n) }, up: { latencyMs }, down: { latencyMs } });
+  proxies.push(p);
+  return p;
+}
+
+test("one pinger: over a link with 50 ms each way, pings every 2 s for 12 s close no connection", async () => {
+  // Two pingers on one connection (libp2p's monitor and one of our own) collide on the ping
+  // protocol's single outbound stream, and the failed ping closes a healthy connection. With
+  // 50 ms each way a ping takes over 100 ms, so pingers that are not in step collide within 6 s.
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  const link = await linkTo(b, 50);
+  const closed: string[] = [];
+  for (const n of [a, b]) n.libp2p.addEventListener("connection:close", (e) => closed.push(`${e.detail.remotePeer}`));
+  const ma = await manager(a, { staticPeers: [`127.0.0.1:${link.port}`] });
+  await manager(b, {});
+  await waitFor("A connected to B with an RTT measured", () => info(ma, b)?.rttMs !== undefined);
+  const conn = a.libp2p.getConnections(b.peerId)[0]!;
+  await sleep(6 * PING_MS);
+  assert.deepEqual(closed, [], "no connection closed");
+  assert.equal(conn.status, "open");
+  assert.deepEqual(a.libp2p.getConnections(b.peerId).map((c) => c.id), [conn.id], "still the first connection");
+  // Measured through the link: at least the latency of both directions.
+  assert.ok(info(ma, b)!.rttMs! >= 100, `RTT ${info(ma, b)!.rttMs} ms`);
+  assert.equal(link.stats().connections, 1);
+});
+
+test("a peer that goes silent without a FIN is dropped, and reconnected once it answers again", async () => {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  const link = await linkTo(b, 5);
+  const ma = await manager(a, { staticPeers: [`127.0.0.1:${link.port}`] });
+  await waitFor("A connected to B", () => info(ma, b)?.connected === true);
+  // Nothing closes: the link stops carrying anything, as when a host loses power.
+  link.freeze();
+  await waitFor("B marked disconnected", () => info(ma, b)?.connected === false);
+  assert.equal(a.libp2p.getConnections(b.peerId).length, 0);
+  link.thaw();
+  await waitFor("A reconnected to B", () => info(ma, b)?.connected === true);
 });

@@ -39,11 +39,14 @@ export interface StatusPeer {
   peerId: string;
   addresses: string[];
   connected: boolean;
-  /** Smoothed ping round-trip time; absent until measured, and while disconnected. */
+  /** Round trip of libp2p's last connection-monitor ping; absent until measured, and while disconnected. */
   rttMs?: number;
   /** Paths the peer announces. */
   pathCount?: number;
-  /** When a connection to the peer last opened or answered a ping (ms since the epoch). */
+  /**
+   * Now while connected (a connection whose ping fails is closed); when the peer was last
+   * connected otherwise (ms since the epoch).
+   */
   lastSeen?: number;
   /** NAR bytes this host sent to the peer from its store. */
   bytesSent: number;

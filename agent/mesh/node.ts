@@ -32,6 +32,26 @@ export interface MeshNodeOptions {
   onRefused?: RefusedPeer;
   /** Trusted peers to refuse for now (penalised: over a per-peer limit). */
   denied?: DeniedPeer;
+  /**
+   * How often libp2p's connection monitor pings every connection (default 10 s). It is the mesh's
+   * only pinger: it measures each connection's RTT (`Connection.rtt`) and closes a connection
+   * whose ping fails, which is how a peer that vanished without a FIN is dropped.
+   */
+  pingIntervalMs?: number;
+}
+
+export const DEFAULT_PING_INTERVAL_MS = 10_000;
+
+/**
+ * The connection monitor's settings. A ping may take up to 80 % of the interval: long enough that
+ * a slow or saturated link keeps its connection, short enough that one ping always ends before
+ * the next starts (the ping protocol allows one outbound stream per connection; an overlapping
+ * ping fails and the monitor would close a healthy connection). A dead peer is thus dropped
+ * within 1.8 intervals.
+ */
+export function connectionMonitorSettings(pingIntervalMs = DEFAULT_PING_INTERVAL_MS) {
+  const timeout = Math.round(pingIntervalMs * 0.8);
+  return { pingInterval: pingIntervalMs, pingTimeout: { minTimeout: timeout, maxTimeout: timeout }, abortConnectionOnPingFailure: true };
 }
 
 export type MeshServices = { identify: Identify; ping: Ping };
@@ -85,6 +105,8 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
     connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
     peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
+    connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs),
+    // Answers the monitor's pings; nothing else here pings (see connectionMonitorSettings).
     services: { identify: identify(), ping: ping() },
   });
 

@@ -1,6 +1,8 @@
 // Keeps the mesh connected: learns fleet peers from static addresses, mDNS, peer exchange,
 // Tailscale and inbound connections; redials the ones that drop with capped exponential backoff;
-// measures RTT with libp2p ping so lookups can ask the fastest peer first. Nothing here blocks a
+// orders peers by the RTT that libp2p's connection monitor measures, so lookups ask the fastest
+// peer first. Liveness is the monitor's too (node.ts): it pings every connection and closes the
+// ones that stop answering; a second pinger here made the two collide. Nothing here blocks a
 // caller: every dial, ping and exchange runs in the background with a short deadline, and
 // connectedPeers() only ever lists peers with a live connection.
 import { EventEmitter } from "node:events";
@@ -27,8 +29,12 @@ export interface PeerInfo {
   /** Multiaddrs without /p2p/, the likely dialable ones first. */
   addresses: string[];
   connected: boolean;
+  /** The connection monitor's last ping of the peer (the fastest connection's), once it pinged. */
   rttMs?: number;
-  /** When a connection to the peer last opened or answered a ping (ms since the epoch). */
+  /**
+   * Now while connected (the monitor closes a connection whose ping fails, so a connected peer
+   * answered within the last ping interval); when the connection closed otherwise (ms since the epoch).
+   */
   lastSeen?: number;
   sources: PeerSource[];
   /** Failed dials since the last successful connection. */
@@ -70,16 +76,12 @@ export interface PeerManagerOptions {
   dialIntervalMs?: number;
   /** Per-dial deadline (default 5 s). */
   dialTimeoutMs?: number;
-  /** How often connected peers are pinged (default 10 s). */
-  pingIntervalMs?: number;
   /** How often connected peers are asked for their peers, besides once on connecting (default 5 min). */
   exchangeIntervalMs?: number;
 }
 
 const MAX_BACKOFF_MS = 60_000;
 const MAX_ADDRESSES = 16;
-/** Consecutive failed pings after which a connection is taken for dead and closed. */
-const MAX_PING_FAILURES = 3;
 const EXCHANGE_TIMEOUT_MS = 10_000;
 
 interface Entry {
@@ -92,13 +94,11 @@ interface Entry {
   pinned: Set<string>;
   sources: Set<PeerSource>;
   connected: boolean;
-  rttMs?: number;
+  /** When the peer was last connected (ms since the epoch). */
   lastSeen?: number;
   failures: number;
   nextDialAt?: number;
   dialing: boolean;
-  pinging: boolean;
-  pingFailures: number;
   exchanging: boolean;
 }
 
@@ -171,9 +171,6 @@ export class PeerManager extends EventEmitter<{
       t.unref();
       this.#intervals.push(t);
     };
-    every(this.#opts.pingIntervalMs ?? 10_000, () => {
-      for (const e of this.#peers.values()) if (e.connected) void this.#ping(e);
-    });
     every(this.#opts.exchangeIntervalMs ?? 5 * 60_000, () => {
       for (const e of this.#peers.values()) if (e.connected) void this.#exchange(e);
     });
@@ -200,14 +197,15 @@ export class PeerManager extends EventEmitter<{
   }
 
   peers(): PeerInfo[] {
+    const now = Date.now();
     return [...this.#peers.values()].map((e) => ({
       peerId: e.peerId,
       name: e.key.name,
       publicKey: formatPublicKey(e.key),
       addresses: dialableFirst(e.addresses),
       connected: e.connected,
-      ...(e.rttMs !== undefined && { rttMs: e.rttMs }),
-      ...(e.lastSeen !== undefined && { lastSeen: e.lastSeen }),
+      ...this.#rtt(e),
+      ...(e.connected ? { lastSeen: now } : e.lastSeen !== undefined && { lastSeen: e.lastSeen }),
       sources: SOURCE_ORDER.filter((s) => e.sources.has(s)),
       failures: e.failures,
       ...(e.nextDialAt !== undefined && !e.connected && { nextDialAt: e.nextDialAt }),
@@ -216,9 +214,12 @@ export class PeerManager extends EventEmitter<{
 
   /** Connected peer IDs, fastest measured RTT first (unmeasured ones last). */
   connectedPeers(): string[] {
+    const rtt = (e: Entry) => this.#rtt(e).rttMs ?? Infinity;
     return [...this.#peers.values()]
       .filter((e) => e.connected)
-      .sort((a, b) => (a.rttMs ?? Infinity) - (b.rttMs ?? Infinity) || (a.peerId < b.peerId ? -1 : 1))
+      .map((e) => ({ e, rtt: rtt(e) }))
+      .sort((a, b) => a.rtt - b.rtt || (a.e.peerId < b.e.peerId ? -1 : 1))
+      .map(({ e }) => e)
       .map((e) => e.peerId);
   }
 
@@ -252,8 +253,6 @@ export class PeerManager extends EventEmitter<{
         connected: false,
         failures: 0,
         dialing: false,
-        pinging: false,
-        pingFailures: 0,
         exchanging: false,
       };
       this.#peers.set(peerId, e);
@@ -314,13 +313,11 @@ export class PeerManager extends EventEmitter<{
     const wasConnected = e.connected;
     e.connected = true;
     e.failures = 0;
-    e.pingFailures = 0;
     delete e.nextDialAt;
     e.lastSeen = Date.now();
     if (wasConnected) return;
     this.#log.info({ peer: e.key.name, peerId }, "mesh: peer connected");
     this.emit("connected", peerId);
-    void this.#ping(e);
     void this.#exchange(e);
   }
 
@@ -329,7 +326,7 @@ export class PeerManager extends EventEmitter<{
     const e = this.#peers.get(peerId);
     if (!e?.connected) return;
     e.connected = false;
-    delete e.rttMs;
+    e.lastSeen = Date.now();
     e.nextDialAt = Date.now(); // try once right away; failures back off from there
     this.#log.info({ peer: e.key.name, peerId }, "mesh: peer disconnected");
     this.emit("disconnected", peerId);
@@ -391,6 +388,16 @@ export class PeerManager extends EventEmitter<{
       }, Math.max(0, next - now));
       this.#dialTimer.unref();
     }
+  }
+
+  /** The lowest RTT the connection monitor measured on the peer's open connections, if any. */
+  #rtt(e: Entry): { rttMs?: number } {
+    if (!e.connected) return {};
+    let best: number | undefined;
+    for (const c of this.#node.libp2p.getConnections(e.id)) {
+      if (c.status === "open" && c.rtt !== undefined && (best === undefined || c.rtt < best)) best = c.rtt;
+    }
+    return best === undefined ? {} : { rttMs: best };
   }
 
   #signal(timeoutMs: number): AbortSignal {
@@ -467,28 +474,6 @@ export class PeerManager extends EventEmitter<{
     } finally {
       c.dialing = false;
       this.#kick();
-    }
-  }
-
-  async #ping(e: Entry): Promise<void> {
-    if (e.pinging || !this.#running) return;
-    e.pinging = true;
-    try {
-      const ms = await this.#node.libp2p.services.ping.ping(e.id, { signal: this.#signal(5000) });
-      if (!e.connected) return;
-      // Smoothed, so one slow answer does not reorder the fleet.
-      e.rttMs = e.rttMs === undefined ? ms : Math.round((0.7 * e.rttMs + 0.3 * ms) * 100) / 100;
-      e.lastSeen = Date.now();
-      e.pingFailures = 0;
-    } catch (err) {
-      if (!this.#running || !e.connected) return;
-      // TCP may not notice a vanished host for a long time; repeated silence means it is gone.
-      if (++e.pingFailures >= MAX_PING_FAILURES) {
-        this.#log.info({ peer: e.key.name, err }, "mesh: peer stopped answering pings; closing its connections");
-        await this.#node.libp2p.hangUp(e.id).catch(() => {});
-      }
-    } finally {
-      e.pinging = false;
     }
   }
 

@@ -41,8 +41,9 @@ export interface Fleet {
   destroy(): Promise<void>;
 }
 
-export async function createFleet(names: string[]): Promise<Fleet> {
-  const network = await createNetwork(names.length);
+/** One host per name, on one bridge, or on the given hosts (their network is destroyed with the fleet). */
+export async function createFleet(names: string[], on?: { hosts: NetHost[]; destroy(): Promise<void> }): Promise<Fleet> {
+  const network: TestNetwork = on ?? (await createNetwork(names.length));
   const tmp = tempDir("fleetcache-fleet-");
   const hosts: FleetHost[] = [];
   const fleet: Fleet = {

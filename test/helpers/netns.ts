@@ -63,6 +63,70 @@ export async function createNetwork(count: number, subnet = 1 + (randomBytes(1)[
   return { hosts, destroy: cleanup };
 }
 
+export interface TestSites {
+  /** sites[i] are the hosts on bridge i, addressed 10.231.<subnet i>.<1..n>. */
+  sites: NetHost[][];
+  /**
+   * A namespace on every bridge (at .254 of each subnet, `linkIps[i]` on site i) that routes
+   * nothing: sites reach each other only through what runs there, such as a link proxy.
+   */
+  link: NetHost & { linkIps: string[] };
+  destroy(): Promise<void>;
+}
+
+/**
+ * Hosts on separate bridges, one per site, joined only by a `link` namespace with IP forwarding
+ * off (as in every new namespace), so that a userspace proxy there is the only way between sites.
+ */
+export async function createSites(counts: number[]): Promise<TestSites> {
+  const id = randomBytes(3).toString("hex");
+  const first = 1 + (randomBytes(1)[0]! % 200);
+  const bridges = counts.map((_, i) => `fcbr${id}s${i}`);
+  const linkNs = `fc${id}link`;
+  const sites: NetHost[][] = [];
+  const linkIps: string[] = [];
+  const created: string[] = [];
+  const cleanup = async () => {
+    for (const ns of created) await run("ip", ["netns", "del", ns]).catch(() => {});
+    for (const b of bridges) await run("ip", ["link", "del", b]).catch(() => {});
+  };
+  try {
+    await run("ip", ["netns", "add", linkNs]);
+    created.push(linkNs);
+    await run("ip", ["-n", linkNs, "link", "set", "lo", "up"]);
+    for (const [i, count] of counts.entries()) {
+      const bridge = bridges[i]!;
+      const subnet = first + i;
+      await run("ip", ["link", "add", bridge, "type", "bridge", "mcast_snooping", "0"]);
+      await run("ip", ["link", "set", bridge, "up"]);
+      const hosts: NetHost[] = [];
+      for (let h = 1; h <= count; h++) {
+        const ns = `fc${id}s${i}h${h}`;
+        await run("ip", ["netns", "add", ns]);
+        created.push(ns);
+        await attach(ns, bridge, `fc${id}s${i}v${h}`, "eth0", `10.231.${subnet}.${h}`);
+        hosts.push(makeHost(ns, `10.231.${subnet}.${h}`));
+      }
+      sites.push(hosts);
+      linkIps.push(`10.231.${subnet}.254`);
+      await attach(linkNs, bridge, `fc${id}s${i}vl`, `eth${i}`, linkIps[i]!);
+    }
+  } catch (e) {
+    await cleanup();
+    throw e;
+  }
+  return { sites, link: { ...makeHost(linkNs, linkIps[0]!), linkIps }, destroy: cleanup };
+}
+
+/** A veth from `bridge` into namespace `ns` as interface `inner`, addressed `ip`/24. */
+async function attach(ns: string, bridge: string, outer: string, inner: string, ip: string): Promise<void> {
+  await run("ip", ["link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns]);
+  await run("ip", ["link", "set", outer, "master", bridge, "up"]);
+  await run("ip", ["-n", ns, "addr", "add", `${ip}/24`, "dev", inner]);
+  await run("ip", ["-n", ns, "link", "set", inner, "up"]);
+  await run("ip", ["-n", ns, "link", "set", "lo", "up"]);
+}
+
 function makeHost(ns: string, ip: string): NetHost {
   return {
     ns,

@@ -1,0 +1,128 @@
+// Fleets for fault scenarios: hosts in network namespaces (test/helpers), a link proxy between
+// two sites, store contents, and downloads checked against the narinfo's NarHash.
+import { createHash } from "node:crypto";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import type { ChildProcess } from "node:child_process";
+import { createFleet, P2P_PORT, type Fleet, type FleetHost } from "../test/helpers/fleet.js";
+import { createSites, type NetHost } from "../test/helpers/netns.js";
+import { addToStore } from "../test/helpers/nix.js";
+import { parseNarinfo, type Narinfo } from "../protocol/narinfo.js";
+import { normalizeHash } from "../protocol/hash.js";
+
+const PROXY_MAIN = fileURLToPath(new URL("./link-proxy-main.js", import.meta.url));
+
+export interface LinkedFleet {
+  fleet: Fleet;
+  /** On site 0. */
+  a: FleetHost;
+  /** On site 1: reaches A only through the link proxy, at `aViaLink`. */
+  b: FleetHost;
+  /** "ip:port" on B's site that leads to A's mesh port through the proxy. */
+  aViaLink: string;
+  proxy: ChildProcess;
+  destroy(): Promise<void>;
+}
+
+/**
+ * Two hosts on two sites; B's only way to A is a link proxy (latency each way, optional rate) in
+ * the namespace between them. Agents are not started.
+ */
+export async function linkedFleet(link: { latencyMs: number; rate?: string }): Promise<LinkedFleet> {
+  const sites = await createSites([1, 1]);
+  const fleet = await createFleet(["a", "b"], { hosts: [sites.sites[0]![0]!, sites.sites[1]![0]!], destroy: sites.destroy });
+  const [a, b] = fleet.hosts as [FleetHost, FleetHost];
+  const aViaLink = `${sites.link.linkIps[1]}:${P2P_PORT}`;
+  let proxy: ChildProcess | undefined;
+  try {
+    proxy = await startProxy(sites.link, aViaLink, `${a.net.ip}:${P2P_PORT}`, link);
+  } catch (e) {
+    await fleet.destroy();
+    throw e;
+  }
+  return {
+    fleet,
+    a,
+    b,
+    aViaLink,
+    proxy,
+    async destroy() {
+      proxy?.kill("SIGTERM");
+      await fleet.destroy();
+    },
+  };
+}
+
+async function startProxy(on: NetHost, listen: string, target: string, link: { latencyMs: number; rate?: string }): Promise<ChildProcess> {
+  const args = [PROXY_MAIN, "--listen", listen, "--target", target, "--latency-ms", String(link.latencyMs), ...(link.rate ? ["--rate", link.rate] : [])];
+  const child = on.spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+  const lines = createInterface({ input: child.stdout! });
+  await new Promise<void>((resolve, reject) => {
+    child.once("exit", (code) => reject(new Error(`link proxy exited with ${code}`)));
+    lines.once("line", () => resolve());
+  });
+  return child;
+}
+
+/** Adds `size` bytes of incompressible data to the host's store; returns the store path. */
+export async function addBlob(host: FleetHost, name: string, size: number, seed = name): Promise<string> {
+  const buf = Buffer.alloc(size);
+  let block = createHash("sha512").update(seed).digest();
+  for (let i = 0; i < size; i += block.length) {
+    block.copy(buf, i, 0, Math.min(block.length, size - i));
+    block = createHash("sha512").update(block).digest();
+  }
+  const file = join(host.dir, name);
+  writeFileSync(file, buf);
+  return addToStore(host.storeRoot, file);
+}
+
+export const hashPart = (storePath: string) => storePath.slice(11, 43);
+
+/** The narinfo as the host's agent answers it, or undefined for a non-200. */
+export async function narinfoVia(host: FleetHost, storePath: string): Promise<Narinfo | undefined> {
+  const r = await host.http(`/${hashPart(storePath)}.narinfo`);
+  return r.status === 200 ? parseNarinfo(r.body) : undefined;
+}
+
+export interface Download {
+  ok: boolean;
+  ms: number;
+  bytes: number;
+  /** curl's error, or the hash mismatch. */
+  error?: string;
+}
+
+/** GETs the NAR through the host's agent with curl (optionally rate-limited); checks size and NarHash. */
+export async function downloadNar(host: FleetHost, info: Narinfo, limitRate?: string): Promise<Download> {
+  if (info.compression !== "none") throw new Error(`expected an uncompressed NAR, got ${info.compression}`);
+  const t0 = performance.now();
+  const curl = host.net.spawn("curl", ["-sS", "--fail", ...(limitRate ? ["--limit-rate", limitRate] : []), "-o", "-", `${host.agent!.url}/${info.url}`], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const hash = createHash("sha256");
+  let bytes = 0;
+  let stderr = "";
+  curl.stdout!.on("data", (d: Buffer) => {
+    hash.update(d);
+    bytes += d.length;
+  });
+  curl.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+  const code = await new Promise<number | null>((r) => curl.once("close", (c) => r(c)));
+  const ms = performance.now() - t0;
+  if (code !== 0) return { ok: false, ms, bytes, error: stderr.trim() || `curl exited with ${code}` };
+  const got = normalizeHash(`sha256:${hash.digest("hex")}`);
+  if (bytes !== info.narSize || got !== normalizeHash(info.narHash)) {
+    return { ok: false, ms, bytes, error: `got ${bytes} bytes with ${got}, narinfo says ${info.narSize} bytes with ${info.narHash}` };
+  }
+  return { ok: true, ms, bytes };
+}
+
+/** Time of one narinfo GET on the host's own agent, in ms, as curl measures it. */
+export async function narinfoLatencyMs(host: FleetHost, storePath: string): Promise<{ status: number; ms: number }> {
+  const out = await host.exec("curl", ["-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", `${host.agent!.url}/${hashPart(storePath)}.narinfo`]);
+  const [status, secs] = out.trim().split(" ");
+  return { status: Number(status), ms: Number(secs) * 1000 };
+}

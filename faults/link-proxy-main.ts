@@ -1,0 +1,32 @@
+// The link proxy as a process, for running it inside a network namespace:
+//   node dist/faults/link-proxy-main.js --listen IP:PORT --target IP:PORT [--latency-ms N] [--rate 4MiB]
+// Latency and rate apply to each direction. Prints one JSON line when listening; SIGUSR1 freezes
+// the link, SIGUSR2 thaws it; SIGTERM closes it.
+import { parseArgs } from "node:util";
+import { parseRate, startLinkProxy } from "./link-proxy.js";
+
+const { values } = parseArgs({
+  options: {
+    listen: { type: "string" },
+    target: { type: "string" },
+    "latency-ms": { type: "string", default: "0" },
+    rate: { type: "string" },
+  },
+});
+
+function hostPort(text: string | undefined, what: string): { host: string; port: number } {
+  const m = /^(.+):(\d+)$/.exec(text ?? "");
+  if (!m) throw new Error(`--${what} IP:PORT is required`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ""), port: Number(m[2]) };
+}
+
+const listen = hostPort(values.listen, "listen");
+const link = { latencyMs: Number(values["latency-ms"]), ...(values.rate ? { rateBytesPerSec: parseRate(values.rate) } : {}) };
+const proxy = await startLinkProxy({ host: listen.host, port: listen.port, target: hostPort(values.target, "target"), up: link, down: link });
+console.log(JSON.stringify({ listening: `${proxy.host}:${proxy.port}`, ...link }));
+process.on("SIGUSR1", () => proxy.freeze());
+process.on("SIGUSR2", () => proxy.thaw());
+process.on("SIGTERM", () => {
+  console.log(JSON.stringify(proxy.stats()));
+  void proxy.close().then(() => process.exit(0));
+});

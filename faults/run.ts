@@ -1,0 +1,58 @@
+// The fault suite: `npm run faults -- [SCENARIO...] [--minutes N] [--list]`. Runs each scenario
+// (all by default) on real agents in network namespaces, prints its figures, and exits non-zero
+// when any scenario missed its goal. Needs root (namespaces) and Nix; FAULTS.md has the figures.
+import { parseArgs } from "node:util";
+import { canUseNetns } from "../test/helpers/netns.js";
+import { hasNix } from "../test/helpers/nix.js";
+import type { Scenario } from "./scenario.js";
+import { wanLatency } from "./scenarios/wan-latency.js";
+import { busyHolder } from "./scenarios/busy-holder.js";
+import { silentPeer } from "./scenarios/silent-peer.js";
+
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder];
+
+const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: { minutes: { type: "string" }, list: { type: "boolean", default: false } },
+});
+
+if (values.list) {
+  for (const s of SCENARIOS) {
+    const timed = s.defaultMinutes === undefined ? "" : ` (${s.defaultMinutes} min)`;
+    console.log(`${s.name.padEnd(16)} ${s.title}${timed}. Goal: ${s.goal}`);
+  }
+  process.exit(0);
+}
+const unknown = positionals.filter((n) => !SCENARIOS.some((s) => s.name === n));
+if (unknown.length > 0) {
+  console.error(`unknown scenario ${unknown.join(", ")}; known: ${SCENARIOS.map((s) => s.name).join(", ")}`);
+  process.exit(2);
+}
+const minutes = values.minutes === undefined ? undefined : Number(values.minutes);
+if (minutes !== undefined && !(minutes > 0)) {
+  console.error(`--minutes expects a positive number, got "${values.minutes}"`);
+  process.exit(2);
+}
+if (!(await canUseNetns()) || !(await hasNix())) {
+  console.error("the fault suite needs root (network namespaces) and Nix");
+  process.exit(2);
+}
+
+let failed = 0;
+for (const s of SCENARIOS.filter((s) => positionals.length === 0 || positionals.includes(s.name))) {
+  const durationMs = s.defaultMinutes === undefined ? 0 : (minutes ?? s.defaultMinutes) * 60_000;
+  console.log(`\n## ${s.name}: ${s.title}\ngoal: ${s.goal}`);
+  const t0 = Date.now();
+  let ok = false;
+  try {
+    const r = await s.run({ durationMs, log: (line) => console.error(`  [${((Date.now() - t0) / 1000).toFixed(0)} s] ${line}`) });
+    ok = r.ok;
+    const width = Math.max(...r.figures.map(([k]) => k.length));
+    for (const [k, v] of r.figures) console.log(`  ${k.padEnd(width)}  ${v}`);
+  } catch (e) {
+    console.log(`  error: ${(e as Error).stack ?? e}`);
+  }
+  console.log(`result: ${ok ? "GOAL MET" : "GOAL MISSED"} (${s.name}, ${new Date().toISOString()})`);
+  if (!ok) failed++;
+}
+process.exit(failed > 0 ? 1 : 0);

@@ -4,9 +4,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { chmodSync, chownSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { connect, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { Signer } from "../agent/signer.js";
 import { DaemonClient } from "../agent/store/daemon-client.js";
+import { encodeQueryAllValidPaths } from "../protocol/daemon-wire.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import type { StoreChange } from "../agent/store/watch.js";
@@ -92,6 +94,78 @@ test("the daemon watcher reports paths added and removed", async (t) => {
   } finally {
     watcher.stop();
     client.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+/**
+ * A unix-socket relay in front of the real daemon that holds back the daemon's reply on any
+ * connection that asked QueryAllValidPaths until release(): a listing that takes as long as we like.
+ */
+function listingHoldingRelay(daemonSocket: string, path: string) {
+  const held: { to: Socket; chunks: Buffer[] }[] = [];
+  let holding = true;
+  let listingAsked: () => void = () => {};
+  const asked = new Promise<void>((resolve) => (listingAsked = resolve));
+  const server: Server = createServer((client) => {
+    const daemon = connect(daemonSocket);
+    let hold: { to: Socket; chunks: Buffer[] } | undefined;
+    client.on("data", (d: Buffer) => {
+      if (d.equals(encodeQueryAllValidPaths())) {
+        hold = { to: client, chunks: [] };
+        held.push(hold);
+        listingAsked();
+      }
+      daemon.write(d);
+    });
+    daemon.on("data", (d: Buffer) => (hold && holding ? hold.chunks.push(d) : client.write(d)));
+    client.on("close", () => daemon.destroy());
+    daemon.on("close", () => client.destroy());
+    client.on("error", () => {});
+    daemon.on("error", () => {});
+  });
+  return {
+    listen: () => new Promise<void>((resolve) => server.listen(path, resolve)),
+    asked,
+    release(): void {
+      holding = false;
+      for (const h of held) for (const c of h.chunks.splice(0)) h.to.write(c);
+    },
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+}
+
+test("a lookup never waits behind a store listing, even with one pooled connection", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  const relay = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay.sock"));
+  await relay.listen();
+  const client = new DaemonClient(join(f.tmp.dir, "relay.sock"), { maxConnections: 1 });
+  try {
+    assert.equal(await client.queryPathFromHashPart(hp(f.plain)), f.plain, "the pool's one connection is open and idle");
+    let listed = false;
+    const listing = client.queryAllValidHashParts().then((b) => ((listed = true), b));
+    await relay.asked; // the daemon is answering the listing, and its reply is held back
+    // Without its own connection the listing would hold the pool's only one: the lookup would
+    // wait for release(), which comes only after it (or, to end the test, after 30 s).
+    const lookup = client.queryPathFromHashPart(hp(f.built)).then((p) => client.queryPathInfo(p!).then((i) => ({ p, i })));
+    let timer: NodeJS.Timeout | undefined;
+    const first = await Promise.race([lookup.then(() => "lookup"), new Promise((r) => (timer = setTimeout(r, 30_000, "listing held for 30 s")))]);
+    clearTimeout(timer);
+    assert.equal(first, "lookup", "the lookup completed while the listing was under way");
+    assert.equal(listed, false, "the listing was still held");
+    const { p, i } = await lookup;
+    assert.equal(p, f.built);
+    assert.ok(i?.narHash);
+    relay.release();
+    const all = await listing;
+    const expected = (await nix(["path-info", "--store", f.root, "--all"])).trim().split("\n").map(hp).sort();
+    assert.deepEqual(Array.from({ length: all.length / 32 }, (_, k) => all.toString("latin1", k * 32, k * 32 + 32)).sort(), expected);
+  } finally {
+    relay.release();
+    client.close();
+    await relay.close();
     await f.daemon.stop();
     f.tmp.cleanup();
   }

@@ -3,7 +3,7 @@
 // the store through the daemon, never stale, with 503 while the daemon is gone.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, chownSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { Signer } from "../agent/signer.js";
@@ -101,39 +101,44 @@ test("the daemon watcher reports paths added and removed", async (t) => {
 
 /**
  * A unix-socket relay in front of the real daemon that holds back the daemon's reply on any
- * connection that asked QueryAllValidPaths until release(): a listing that takes as long as we like.
+ * connection that asked QueryAllValidPaths: a listing that takes as long as we like (until
+ * release(), or holdMs each when given). Counts the listings asked.
  */
-function listingHoldingRelay(daemonSocket: string, path: string) {
-  const held: { to: Socket; chunks: Buffer[] }[] = [];
-  let holding = true;
+function listingHoldingRelay(daemonSocket: string, path: string, holdMs?: number) {
+  const held: { to: Socket; chunks: Buffer[]; on: boolean }[] = [];
+  const flush = (h: (typeof held)[number]) => {
+    h.on = false;
+    for (const c of h.chunks.splice(0)) h.to.write(c);
+  };
   let listingAsked: () => void = () => {};
   const asked = new Promise<void>((resolve) => (listingAsked = resolve));
+  const relay = {
+    listings: 0,
+    asked,
+    listen: () => new Promise<void>((resolve) => server.listen(path, resolve)),
+    release: () => held.forEach(flush),
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
   const server: Server = createServer((client) => {
     const daemon = connect(daemonSocket);
-    let hold: { to: Socket; chunks: Buffer[] } | undefined;
+    let hold: (typeof held)[number] | undefined;
     client.on("data", (d: Buffer) => {
       if (d.equals(encodeQueryAllValidPaths())) {
-        hold = { to: client, chunks: [] };
+        hold = { to: client, chunks: [], on: true };
         held.push(hold);
+        relay.listings++;
         listingAsked();
+        if (holdMs !== undefined) setTimeout(flush, holdMs, hold);
       }
       daemon.write(d);
     });
-    daemon.on("data", (d: Buffer) => (hold && holding ? hold.chunks.push(d) : client.write(d)));
+    daemon.on("data", (d: Buffer) => (hold?.on ? hold.chunks.push(d) : client.write(d)));
     client.on("close", () => daemon.destroy());
     daemon.on("close", () => client.destroy());
     client.on("error", () => {});
     daemon.on("error", () => {});
   });
-  return {
-    listen: () => new Promise<void>((resolve) => server.listen(path, resolve)),
-    asked,
-    release(): void {
-      holding = false;
-      for (const h of held) for (const c of h.chunks.splice(0)) h.to.write(c);
-    },
-    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
-  };
+  return relay;
 }
 
 test("a lookup never waits behind a store listing, even with one pooled connection", async (t) => {
@@ -164,6 +169,45 @@ test("a lookup never waits behind a store listing, even with one pooled connecti
     assert.deepEqual(Array.from({ length: all.length / 32 }, (_, k) => all.toString("latin1", k * 32, k * 32 + 32)).sort(), expected);
   } finally {
     relay.release();
+    client.close();
+    await relay.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("a storm of store changes is listed once, after it, not over and over during it", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  // Every listing takes at least 1 s (held by the relay), so a storm may hold the next one
+  // back by 10 s or more; 2.5 s of quiet ends the storm (the test's events come every 100 ms).
+  const relay = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay.sock"), 1000);
+  await relay.listen();
+  const client = new DaemonClient(join(f.tmp.dir, "relay.sock"));
+  const watcher = new DaemonWatcher(client, join(f.root, "nix/store"), { minGapMs: 2500, intervalMs: 60_000 });
+  const keepAlive = setInterval(() => {}, 1000);
+  try {
+    await watcher.refresh();
+    watcher.start();
+    const before = relay.listings;
+    const changes: StoreChange[] = [];
+    watcher.on("change", (c) => changes.push(c));
+    // The storm: a path added, entries coming and going in the store directory for 6 s, a path deleted.
+    writeFileSync(join(f.tmp.dir, "storm.txt"), "storm\n");
+    const added = await addToStore(f.root, join(f.tmp.dir, "storm.txt"));
+    for (let i = 0; i < 60; i++) {
+      writeFileSync(join(f.root, "nix/store", `.storm-${i}`), "");
+      rmSync(join(f.root, "nix/store", `.storm-${i}`));
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await run("nix-store", ["--store", f.root, "--delete", f.plain]);
+    assert.equal(relay.listings, before, "no listing while the store kept changing");
+    while (!changes.some((c) => c.added.includes(hp(added)))) await new Promise((r) => watcher.once("change", r));
+    assert.deepEqual(changes, [{ added: [hp(added)], removed: [hp(f.plain)] }], "one listing saw the whole storm");
+    assert.equal(relay.listings, before + 1);
+  } finally {
+    clearInterval(keepAlive);
+    watcher.stop();
     client.close();
     await relay.close();
     await f.daemon.stop();

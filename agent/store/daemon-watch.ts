@@ -3,8 +3,8 @@
 // and every 30 s in any case, since a watch can miss events or fail. A listing costs time in
 // proportion to the store (1M paths: ~70 MB of reply, seconds of the daemon's and our CPU), so
 // after one that took T the next waits at least 2T (and 1 s), counted from its end; and while
-// events keep coming (a GC deletes a path after another for minutes) it waits for 1 s of quiet,
-// up to 10T (at most 30 s): a store that is expensive to list is listed once the storm is over,
+// events keep coming (a GC deletes a path after another for minutes) it waits for T of quiet
+// (and 1 s), up to 10T (at most 30 s): a store that is expensive to list is listed once the storm is over,
 // not over and over during it. Lookups do not depend on the list (they ask the daemon each time),
 // so a deleted path is a miss at once; only the summary and the path count wait. The reply is
 // decoded as it arrives and compared with the last in slices, with the event loop free in between.
@@ -18,7 +18,8 @@ import type { StoreChange } from "./watch.js";
 export interface DaemonWatcherOptions {
   /**
    * Least time between the end of a listing and the next (default 1 s; at least twice the last
-   * listing's time), and the quiet time after a directory event before a listing.
+   * listing's time), and the least quiet time after a directory event before a listing (also at
+   * least the last listing's time).
    */
   minGapMs?: number;
   /** Listing interval without any directory event, and the longest a storm of events holds one back (default 30 s). */
@@ -135,7 +136,8 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
   private due(): number {
     const gap = Math.max(this.minGapMs, 2 * this.lastDuration);
     const latest = this.firstSignal + Math.min(this.intervalMs, Math.max(gap, STORM_WAIT * this.lastDuration));
-    const quiet = this.urgent ? 0 : this.lastSignal + this.minGapMs;
+    // Quiet as long as a listing takes: a pause between two bursts of deletions is no reason to list.
+    const quiet = this.urgent ? 0 : this.lastSignal + Math.max(this.minGapMs, this.lastDuration);
     return Math.max(this.lastRun + gap, Math.min(quiet, latest));
   }
 

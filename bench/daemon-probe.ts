@@ -115,6 +115,7 @@ const daemon = spawnTracked("nix-daemon", ["--store", root], {
   env: { ...process.env, NIX_DAEMON_SOCKET_PATH: socket, NIX_CONFIG: "sandbox = false\nsubstituters =" },
 });
 for (let i = 0; i < 400 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 25));
+process.stderr.write(`nix-daemon pid ${daemon.pid} (e.g. strace -f -p it)\n`);
 
 const phases = new Map<string, number[]>();
 let phase = "idle";

@@ -30,6 +30,7 @@ from a big store, one transaction a path: latency p50/p99/max before and during 
   --agent-dir DIR[=LABEL]  a built checkout whose ${AGENT_CLI} to run (repeatable; default this one)
   --idle S             seconds of lookups before the deletions (default 5)
   --write              record the results in BENCHMARKS.md ("## Store scale" section)
+  --agent-cpu-prof DIR run each agent under node --cpu-prof, profiles written to DIR/<label>-<backend>
   --tmpdir DIR         where to make the temporary directory
   --keep               keep the temporary directory
 `;
@@ -41,6 +42,7 @@ interface Options {
   agents: { dir: string; label: string }[];
   idleS: number;
   write: boolean;
+  cpuProfDir?: string;
   tmpBase: string;
   keep: boolean;
 }
@@ -56,6 +58,7 @@ function parseOptions(argv: string[], repoRoot: string): Options {
       "agent-dir": { type: "string", multiple: true },
       idle: { type: "string" },
       write: { type: "boolean", default: false },
+      "agent-cpu-prof": { type: "string" },
       tmpdir: { type: "string" },
       keep: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -83,6 +86,7 @@ function parseOptions(argv: string[], repoRoot: string): Options {
     agents,
     idleS: Number(values.idle ?? 5),
     write: values.write ?? false,
+    ...(values["agent-cpu-prof"] ? { cpuProfDir: resolve(values["agent-cpu-prof"]) } : {}),
     tmpBase: values.tmpdir ? resolve(values.tmpdir) : tmpdir(),
     keep: values.keep ?? false,
   };
@@ -204,7 +208,8 @@ async function oneRun(
     for (let i = 0; i < 400 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 25));
   }
   const extraArgs = backend === "daemon" ? ["--store-backend", "daemon", "--daemon-socket", socket] : ["--store-backend", "database"];
-  const agent = await startAgent(join(dir, "agent"), agentDir.dir, root, { extraArgs });
+  const cpuProfDir = opts.cpuProfDir && join(opts.cpuProfDir, `${agentDir.label}-${backend}`.replace(/[^\w.-]/g, "_"));
+  const agent = await startAgent(join(dir, "agent"), agentDir.dir, root, { extraArgs, ...(cpuProfDir ? { cpuProfDir } : {}) });
   const readyS = agent.readyMs / 1000;
   const rssStartMiB = (readStatus(agent.pid).get("VmRSS") ?? 0) / 1024;
   log(`${agentDir.label}, ${backend}: serving after ${readyS.toFixed(1)} s, RSS ${rssStartMiB.toFixed(0)} MiB`);

@@ -3,10 +3,12 @@
 // the store through the daemon, never stale, with 503 while the daemon is gone.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, chownSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { connect, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { Signer } from "../agent/signer.js";
 import { DaemonClient } from "../agent/store/daemon-client.js";
+import { encodeQueryAllValidPaths } from "../protocol/daemon-wire.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import type { StoreChange } from "../agent/store/watch.js";
@@ -92,6 +94,122 @@ test("the daemon watcher reports paths added and removed", async (t) => {
   } finally {
     watcher.stop();
     client.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+/**
+ * A unix-socket relay in front of the real daemon that holds back the daemon's reply on any
+ * connection that asked QueryAllValidPaths: a listing that takes as long as we like (until
+ * release(), or holdMs each when given). Counts the listings asked.
+ */
+function listingHoldingRelay(daemonSocket: string, path: string, holdMs?: number) {
+  const held: { to: Socket; chunks: Buffer[]; on: boolean }[] = [];
+  const flush = (h: (typeof held)[number]) => {
+    h.on = false;
+    for (const c of h.chunks.splice(0)) h.to.write(c);
+  };
+  let listingAsked: () => void = () => {};
+  const asked = new Promise<void>((resolve) => (listingAsked = resolve));
+  const relay = {
+    listings: 0,
+    asked,
+    listen: () => new Promise<void>((resolve) => server.listen(path, resolve)),
+    release: () => held.forEach(flush),
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+  const server: Server = createServer((client) => {
+    const daemon = connect(daemonSocket);
+    let hold: (typeof held)[number] | undefined;
+    client.on("data", (d: Buffer) => {
+      if (d.equals(encodeQueryAllValidPaths())) {
+        hold = { to: client, chunks: [], on: true };
+        held.push(hold);
+        relay.listings++;
+        listingAsked();
+        if (holdMs !== undefined) setTimeout(flush, holdMs, hold);
+      }
+      daemon.write(d);
+    });
+    daemon.on("data", (d: Buffer) => (hold?.on ? hold.chunks.push(d) : client.write(d)));
+    client.on("close", () => daemon.destroy());
+    daemon.on("close", () => client.destroy());
+    client.on("error", () => {});
+    daemon.on("error", () => {});
+  });
+  return relay;
+}
+
+test("a lookup never waits behind a store listing, even with one pooled connection", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  const relay = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay.sock"));
+  await relay.listen();
+  const client = new DaemonClient(join(f.tmp.dir, "relay.sock"), { maxConnections: 1 });
+  try {
+    assert.equal(await client.queryPathFromHashPart(hp(f.plain)), f.plain, "the pool's one connection is open and idle");
+    let listed = false;
+    const listing = client.queryAllValidHashParts().then((b) => ((listed = true), b));
+    await relay.asked; // the daemon is answering the listing, and its reply is held back
+    // Without its own connection the listing would hold the pool's only one: the lookup would
+    // wait for release(), which comes only after it (or, to end the test, after 30 s).
+    const lookup = client.queryPathFromHashPart(hp(f.built)).then((p) => client.queryPathInfo(p!).then((i) => ({ p, i })));
+    let timer: NodeJS.Timeout | undefined;
+    const first = await Promise.race([lookup.then(() => "lookup"), new Promise((r) => (timer = setTimeout(r, 30_000, "listing held for 30 s")))]);
+    clearTimeout(timer);
+    assert.equal(first, "lookup", "the lookup completed while the listing was under way");
+    assert.equal(listed, false, "the listing was still held");
+    const { p, i } = await lookup;
+    assert.equal(p, f.built);
+    assert.ok(i?.narHash);
+    relay.release();
+    const all = await listing;
+    const expected = (await nix(["path-info", "--store", f.root, "--all"])).trim().split("\n").map(hp).sort();
+    assert.deepEqual(Array.from({ length: all.length / 32 }, (_, k) => all.toString("latin1", k * 32, k * 32 + 32)).sort(), expected);
+  } finally {
+    relay.release();
+    client.close();
+    await relay.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("a storm of store changes is listed once, after it, not over and over during it", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  // Every listing takes at least 1 s (held by the relay), so a storm may hold the next one
+  // back by 10 s or more; 2.5 s of quiet ends the storm (the test's events come every 100 ms).
+  const relay = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay.sock"), 1000);
+  await relay.listen();
+  const client = new DaemonClient(join(f.tmp.dir, "relay.sock"));
+  const watcher = new DaemonWatcher(client, join(f.root, "nix/store"), { minGapMs: 2500, intervalMs: 60_000 });
+  const keepAlive = setInterval(() => {}, 1000);
+  try {
+    await watcher.refresh();
+    watcher.start();
+    const before = relay.listings;
+    const changes: StoreChange[] = [];
+    watcher.on("change", (c) => changes.push(c));
+    // The storm: a path added, entries coming and going in the store directory for 6 s, a path deleted.
+    writeFileSync(join(f.tmp.dir, "storm.txt"), "storm\n");
+    const added = await addToStore(f.root, join(f.tmp.dir, "storm.txt"));
+    for (let i = 0; i < 60; i++) {
+      writeFileSync(join(f.root, "nix/store", `.storm-${i}`), "");
+      rmSync(join(f.root, "nix/store", `.storm-${i}`));
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await run("nix-store", ["--store", f.root, "--delete", f.plain]);
+    assert.equal(relay.listings, before, "no listing while the store kept changing");
+    while (!changes.some((c) => c.added.includes(hp(added)))) await new Promise((r) => watcher.once("change", r));
+    assert.deepEqual(changes, [{ added: [hp(added)], removed: [hp(f.plain)] }], "one listing saw the whole storm");
+    assert.equal(relay.listings, before + 1);
+  } finally {
+    clearInterval(keepAlive);
+    watcher.stop();
+    client.close();
+    await relay.close();
     await f.daemon.stop();
     f.tmp.cleanup();
   }

@@ -2,6 +2,8 @@
 // unprivileged agent cannot open Nix's database (WAL mode needs a writable directory), but any
 // allowed user may ask the daemon. A few connections are kept open (each daemon connection is a
 // forked process that answers one request at a time); requests on one connection are serialised.
+// A store listing never takes one of them: it holds its connection for seconds (70 MB for a
+// million paths, read at our pace), so it gets a connection of its own, closed after it.
 import { connect, type Socket } from "node:net";
 import {
   ByteQueue,
@@ -30,7 +32,7 @@ export { DaemonError };
 export class StoreUnavailableError extends Error {}
 
 export interface DaemonClientOptions {
-  /** Connections kept at most (default 4). */
+  /** Pooled connections for lookups, at most (default 4; a listing opens one of its own besides). */
   maxConnections?: number;
   /** Per request, from being sent to the whole reply (default 10 s; QueryAllValidPaths 60 s). */
   timeoutMs?: number;
@@ -45,6 +47,8 @@ export interface DaemonClientOptions {
 export class DaemonClient {
   private readonly idle: DaemonConnection[] = [];
   private readonly waiters: ((c: DaemonConnection | Error) => void)[] = [];
+  /** Connections of listings under way (not in the pool; see queryAllValidHashParts). */
+  private readonly listers = new Set<DaemonConnection>();
   private open = 0;
   private closed = false;
   private readonly max: number;
@@ -76,25 +80,40 @@ export class DaemonClient {
     return this.request(encodeQueryPathInfo(storePath), (q, v) => queryPathInfoReply(q, v));
   }
 
-  /** The hash parts of all valid paths (QueryAllValidPaths), packed: 32 bytes each, in the daemon's order. */
+  /**
+   * The hash parts of all valid paths (QueryAllValidPaths), packed: 32 bytes each, in the daemon's
+   * order. On a connection outside the pool, opened for this listing and closed after it, so
+   * lookups never wait behind it and the daemon process that built the reply exits.
+   */
   async queryAllValidHashParts(): Promise<Buffer> {
-    return this.request(encodeQueryAllValidPaths(), (q) => queryAllValidPathHashParts(q), Math.max(this.timeoutMs, 60_000));
+    if (this.closed) throw new StoreUnavailableError("the daemon client is closed");
+    const c = await DaemonConnection.open(this.socketPath, this.timeoutMs);
+    this.listers.add(c);
+    try {
+      return await this.exchangeOn(c, encodeQueryAllValidPaths(), (q) => queryAllValidPathHashParts(q), Math.max(this.timeoutMs, 60_000));
+    } finally {
+      this.listers.delete(c);
+      c.destroy();
+    }
   }
 
   close(): void {
     this.closed = true;
+    for (const c of this.listers) c.destroy();
     for (const c of this.idle.splice(0)) c.destroy();
     for (const w of this.waiters.splice(0)) w(new StoreUnavailableError("the daemon client is closed"));
   }
 
-  private async request<T>(payload: Buffer, reply: (q: ByteQueue, version: number) => Decoder<T>, timeoutMs = this.timeoutMs): Promise<T> {
-    const exchange = (c: DaemonConnection) => {
-      c.exchanges++;
-      return c.exchange(payload, function* (q) {
-        yield* stderrStream(q, c.version);
-        return yield* reply(q, c.version);
-      }, timeoutMs);
-    };
+  private exchangeOn<T>(c: DaemonConnection, payload: Buffer, reply: (q: ByteQueue, version: number) => Decoder<T>, timeoutMs: number): Promise<T> {
+    c.exchanges++;
+    return c.exchange(payload, function* (q) {
+      yield* stderrStream(q, c.version);
+      return yield* reply(q, c.version);
+    }, timeoutMs);
+  }
+
+  private async request<T>(payload: Buffer, reply: (q: ByteQueue, version: number) => Decoder<T>): Promise<T> {
+    const exchange = (c: DaemonConnection) => this.exchangeOn(c, payload, reply, this.timeoutMs);
     try {
       return await this.withConnection(exchange);
     } catch (e) {

@@ -2,8 +2,12 @@
 // summary. The list is fetched again when the store directory gains or loses entries (inotify)
 // and every 30 s in any case, since a watch can miss events or fail. A listing costs time in
 // proportion to the store (1M paths: ~70 MB of reply, seconds of the daemon's and our CPU), so
-// after one that took T the next waits at least 2T (and 1 s), and the reply is decoded as it
-// arrives and compared with the last in slices, with the event loop free in between.
+// after one that took T the next waits at least 2T (and 1 s), counted from its end; and while
+// events keep coming (a GC deletes a path after another for minutes) it waits for T of quiet
+// (and 1 s), up to 10T (at most 30 s): a store that is expensive to list is listed once the storm is over,
+// not over and over during it. Lookups do not depend on the list (they ask the daemon each time),
+// so a deleted path is a miss at once; only the summary and the path count wait. The reply is
+// decoded as it arrives and compared with the last in slices, with the event loop free in between.
 import { EventEmitter } from "node:events";
 import { watch, type FSWatcher } from "node:fs";
 import type { DaemonClient } from "./daemon-client.js";
@@ -12,15 +16,36 @@ import type { PathWatcher } from "./metadata.js";
 import type { StoreChange } from "./watch.js";
 
 export interface DaemonWatcherOptions {
-  /** Least time between two listings prompted by the directory watch (default 1 s; at least twice the last listing's time). */
+  /**
+   * Least time between the end of a listing and the next (default 1 s; at least twice the last
+   * listing's time), and the least quiet time after a directory event before a listing (also at
+   * least the last listing's time).
+   */
   minGapMs?: number;
-  /** Listing interval without any directory event (default 30 s). */
+  /** Listing interval without any directory event, and the longest a storm of events holds one back (default 30 s). */
   intervalMs?: number;
 }
 
-/** Records compared per slice of the diff (a few ms). */
-const SLICE = 50_000;
+/**
+ * The check and the diff of a listing run in slices of about 2 ms (a count of records would be
+ * 5-15 ms a slice on a busy machine: 50,000 records of the diff took that here), looking at the
+ * clock every 1,000 records, and yield to the event loop in between.
+ */
+const SLICE_MS = 2;
+const CHECK_EVERY = 1000;
+/** A storm of directory events holds the next listing back by up to this many listings' time. */
+const STORM_WAIT = 10;
 const nextTick = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/** A pause() that yields to the event loop once SLICE_MS have passed since the last yield. */
+function slicer(): () => Promise<void> {
+  let start = performance.now();
+  return async () => {
+    if (performance.now() - start < SLICE_MS) return;
+    await nextTick();
+    start = performance.now();
+  };
+}
 
 export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: [Error] }> implements PathWatcher {
   /** The last listing, sorted and packed (see packed-hash-parts.ts). */
@@ -30,6 +55,12 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
   /** How long the last listing took, from asking to the end of the diff. */
   private lastDuration = 0;
   private pending: NodeJS.Timeout | undefined;
+  /** The first and the last change signal since the last listing started (0: none). */
+  private firstSignal = 0;
+  private lastSignal = 0;
+  /** A signal from the interval: no need to wait for quiet. */
+  private urgent = false;
+  private busy = false;
   private interval: NodeJS.Timeout | undefined;
   private fsWatcher: FSWatcher | undefined;
   private readonly minGapMs: number;
@@ -65,9 +96,10 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
 
   start(): this {
     if (this.running) return this;
-    this.interval = setInterval(() => this.schedule(0), this.intervalMs).unref();
+    // Without a listing pending or under way (a storm of events has its own bound).
+    this.interval = setInterval(() => this.firstSignal || this.busy || this.signal(true), this.intervalMs).unref();
     try {
-      this.fsWatcher = watch(this.realStoreDir, { persistent: false }, () => this.schedule(this.minGapMs));
+      this.fsWatcher = watch(this.realStoreDir, { persistent: false }, () => this.signal(false));
       this.fsWatcher.on("error", (e) => this.emit("error", e));
     } catch (e) {
       // e.g. out of inotify watches: the interval still keeps the list current.
@@ -91,21 +123,52 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
     return next;
   }
 
-  /** A listing `delayMs` from now, but not sooner than minGapMs after the last one; one at a time. */
-  private schedule(delayMs: number): void {
-    if (this.pending) return;
+  /** The store may have changed: a listing when due() says (one timer, however many signals). */
+  private signal(urgent: boolean): void {
+    const now = Date.now();
+    if (!this.firstSignal) this.firstSignal = now;
+    this.lastSignal = now;
+    this.urgent ||= urgent;
+    if (!this.pending && !this.busy) this.arm();
+  }
+
+  /** When the next listing may start, for the signals so far (see the top of this file). */
+  private due(): number {
     const gap = Math.max(this.minGapMs, 2 * this.lastDuration);
-    const wait = Math.max(delayMs, this.lastRun + gap - Date.now(), 0);
+    const latest = this.firstSignal + Math.min(this.intervalMs, Math.max(gap, STORM_WAIT * this.lastDuration));
+    // Quiet as long as a listing takes: a pause between two bursts of deletions is no reason to list.
+    const quiet = this.urgent ? 0 : this.lastSignal + Math.max(this.minGapMs, this.lastDuration);
+    return Math.max(this.lastRun + gap, Math.min(quiet, latest));
+  }
+
+  private arm(): void {
     this.pending = setTimeout(() => {
       this.pending = undefined;
+      if (this.busy || !this.firstSignal) return; // the listing under way re-arms at its end
+      if (Date.now() < this.due()) return this.arm(); // more signals came: wait on
       this.refresh().catch((e: Error) => this.emit("error", e));
-    }, wait);
+    }, Math.max(0, this.due() - Date.now()));
     this.pending.unref();
   }
 
   private async load(): Promise<StoreChange> {
+    // Signals from now on may not be in this listing: they prompt the next one.
+    this.firstSignal = this.lastSignal = 0;
+    this.urgent = false;
+    this.busy = true;
+    try {
+      return await this.list();
+    } finally {
+      this.busy = false;
+      if (this.firstSignal && !this.pending && this.running) this.arm();
+    }
+  }
+
+  private async list(): Promise<StoreChange> {
     const started = Date.now();
-    const next = await packed.sortedUnique(await this.client.queryAllValidHashParts(), nextTick, SLICE);
+    const listed = await this.client.queryAllValidHashParts();
+    const pause = slicer();
+    const next = await packed.sortedUnique(listed, pause, CHECK_EVERY);
     const change: StoreChange = { added: [], removed: [] };
     // A merge of the two sorted lists, a slice at a time.
     const old = this.current;
@@ -118,7 +181,7 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
         i++;
         j++;
       }
-      if (step % SLICE === SLICE - 1) await nextTick();
+      if (step % CHECK_EVERY === CHECK_EVERY - 1) await pause();
     }
     // Only now: until the comparison is done, has() answers from the last complete listing.
     this.current = next;

@@ -8,8 +8,9 @@ import type { Scenario } from "./scenario.js";
 import { wanLatency } from "./scenarios/wan-latency.js";
 import { busyHolder } from "./scenarios/busy-holder.js";
 import { silentPeer } from "./scenarios/silent-peer.js";
+import { idleFlood } from "./scenarios/idle-flood.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -3,6 +3,7 @@
 // someone else's ID; the dial hooks save a pointless handshake with a known-untrusted peer.
 import type { ConnectionGater, PeerId } from "@libp2p/interface";
 import type { Multiaddr } from "@multiformats/multiaddr";
+import { InboundPerHost } from "./admission.js";
 
 /** A connection refused after the handshake: the remote holds a key that is not in the fleet. */
 export type RefusedPeer = (peerId: string, direction: "inbound" | "outbound") => void;
@@ -15,6 +16,7 @@ export function meshGater(
   trusted: ReadonlySet<string> | ReadonlyMap<string, unknown>,
   onRefused?: RefusedPeer,
   denied: DeniedPeer = () => false,
+  perHost = new InboundPerHost(),
 ): ConnectionGater {
   const refuse = (direction: "inbound" | "outbound") => (peer: PeerId): boolean => {
     const id = peer.toString();
@@ -34,6 +36,9 @@ export function meshGater(
       return id !== undefined && (id === self || !trusted.has(id) || denied(id));
     },
     filterMultiaddrForPeer: () => true,
+    // Before any handshake, by remote address only: a host holding idle sockets keeps a few
+    // pending slots at most (admission.ts).
+    denyInboundConnection: (conn) => perHost.deny(conn),
     denyInboundEncryptedConnection: refuse("inbound"),
     denyOutboundEncryptedConnection: refuse("outbound"),
     // Same check again once upgraded: cheap, and catches any path that skips the one above (a

@@ -17,6 +17,7 @@ import { libp2pPrivateKey, trustedPeers } from "./identity.js";
 import { meshGater, type DeniedPeer, type RefusedPeer } from "./gater.js";
 import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
 import { meshListenAddr } from "../address.js";
+import { INBOUND_CONNECTION_SETTINGS } from "./admission.js";
 
 export interface MeshNodeOptions {
   /** This host's Nix signing key, also its libp2p identity. */
@@ -106,6 +107,9 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
     peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
     connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs),
+    // Short handshake deadline, a pending queue sized for a fleet (admission.ts); the gater
+    // limits sockets per remote host.
+    connectionManager: INBOUND_CONNECTION_SETTINGS,
     // Answers the monitor's pings; nothing else here pings (see connectionMonitorSettings).
     services: { identify: identify(), ping: ping() },
   });

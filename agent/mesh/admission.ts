@@ -1,0 +1,62 @@
+// Admission of inbound connections before any handshake: who may hold a socket on the mesh port.
+// libp2p bounds inbound connections still in their handshake globally (a pending queue) and by
+// rate per remote host, but not by count per remote host: one host holding idle sockets fills
+// the queue and keeps trusted peers out until it lets go (issue 10, scenario 5).
+import type { MultiaddrConnection } from "@libp2p/interface";
+
+/**
+ * The connection manager's settings for inbound connections.
+ * - `maxIncomingPendingConnections`: sockets in their handshake at once, over all hosts (libp2p:
+ *   10). Sized for a fleet rejoining at once (after a restart of the network) while a few hosts
+ *   each hold their MAX_INBOUND_PER_HOST sockets idle.
+ * - `inboundUpgradeTimeout`: a socket must finish noise + yamux within this (libp2p: 10 s). The
+ *   handshake is a few round trips, under 1.5 s on a 300 ms tailnet relay; a silent socket holds
+ *   its slot no longer than this.
+ * - `inboundConnectionThreshold`: new sockets per second per remote host (libp2p's default, 5,
+ *   stated here): a host that reopens faster is refused before anything is read.
+ */
+export const INBOUND_CONNECTION_SETTINGS = {
+  maxIncomingPendingConnections: 128,
+  inboundUpgradeTimeout: 3_000,
+  inboundConnectionThreshold: 5,
+};
+
+/**
+ * Open inbound sockets one remote host may hold, in or past the handshake. A fleet host needs one
+ * (two while a simultaneous dial settles); four leaves room and keeps one host from holding more
+ * than a small share of the pending queue.
+ */
+export const MAX_INBOUND_PER_HOST = 4;
+
+/**
+ * Counts open inbound sockets per remote IP; `deny` refuses one over `max` (for the gater's
+ * `denyInboundConnection`, which runs before the handshake). A socket is counted until it closes.
+ */
+export class InboundPerHost {
+  readonly #open = new Map<string, number>();
+  constructor(readonly max = MAX_INBOUND_PER_HOST) {}
+
+  deny(conn: MultiaddrConnection): boolean {
+    const host = hostOf(conn);
+    if (host === undefined) return false;
+    const n = this.#open.get(host) ?? 0;
+    if (n >= this.max) return true;
+    this.#open.set(host, n + 1);
+    conn.addEventListener("close", () => {
+      const left = (this.#open.get(host) ?? 1) - 1;
+      if (left > 0) this.#open.set(host, left);
+      else this.#open.delete(host);
+    }, { once: true });
+    return false;
+  }
+
+  /** Open inbound sockets counted for a host (for tests and status). */
+  count(host: string): number {
+    return this.#open.get(host) ?? 0;
+  }
+}
+
+function hostOf(conn: MultiaddrConnection): string | undefined {
+  for (const c of conn.remoteAddr.getComponents()) if (c.name === "ip4" || c.name === "ip6") return c.value;
+  return undefined;
+}

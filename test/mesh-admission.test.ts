@@ -9,6 +9,9 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import { generateKeyPair } from "../protocol/keys.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
+import { InboundPerHost } from "../agent/mesh/admission.js";
+import type { MultiaddrConnection } from "@libp2p/interface";
+import { multiaddr } from "@multiformats/multiaddr";
 
 const log = pino({ level: "silent" });
 const IDLE = 30;
@@ -63,4 +66,28 @@ test(`${IDLE} idle sockets from one host, reopened when closed, do not keep a tr
     if (!connected) await sleep(100);
   }
   assert.ok(connected, `B never connected while the idle sockets were held: ${(lastError as Error | undefined)?.message ?? "A never saw the connection"}`);
+});
+
+test("a host's pending sockets are limited, but its admitted connections do not count (hosts behind one NAT address)", () => {
+  const perHost = new InboundPerHost(2);
+  const socket = (ip: string) => {
+    const listeners: (() => void)[] = [];
+    const conn = {
+      remoteAddr: multiaddr(`/ip4/${ip}/tcp/4001`),
+      addEventListener: (_: string, fn: () => void) => void listeners.push(fn),
+    } as unknown as MultiaddrConnection;
+    return { conn, close: () => listeners.forEach((fn) => fn()) };
+  };
+  const [s1, s2, s3] = [socket("10.0.0.9"), socket("10.0.0.9"), socket("10.0.0.9")];
+  assert.equal(perHost.deny(s1.conn), false);
+  assert.equal(perHost.deny(s2.conn), false);
+  assert.equal(perHost.deny(s3.conn), true, "a third socket still in its handshake is refused");
+  assert.equal(perHost.deny(socket("10.0.0.10").conn), false, "other hosts are not affected");
+  perHost.admitted(s1.conn); // a trusted peer's handshake passed
+  perHost.admitted(s1.conn); // once only
+  assert.equal(perHost.count("10.0.0.9"), 1);
+  assert.equal(perHost.deny(s3.conn), false, "an admitted connection frees its host's slot");
+  s1.close(); // closing an admitted connection changes nothing more
+  s2.close();
+  assert.equal(perHost.count("10.0.0.9"), 1);
 });

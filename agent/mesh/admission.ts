@@ -22,18 +22,21 @@ export const INBOUND_CONNECTION_SETTINGS = {
 };
 
 /**
- * Open inbound sockets one remote host may hold, in or past the handshake. A fleet host needs one
+ * Inbound sockets one remote host may hold before their handshake is done. A fleet host needs one
  * (two while a simultaneous dial settles); four leaves room and keeps one host from holding more
- * than a small share of the pending queue.
+ * than a small share of the pending queue. Connections that passed the handshake with a trusted
+ * key no longer count, so hosts behind one NAT address can all be connected.
  */
 export const MAX_INBOUND_PER_HOST = 4;
 
 /**
- * Counts open inbound sockets per remote IP; `deny` refuses one over `max` (for the gater's
- * `denyInboundConnection`, which runs before the handshake). A socket is counted until it closes.
+ * Counts inbound sockets per remote IP that have not finished their handshake; `deny` refuses one
+ * over `max` (for the gater's `denyInboundConnection`, which runs before the handshake). A socket
+ * is counted until it closes or `admitted` is called for it (the gater, once a trusted key passed).
  */
 export class InboundPerHost {
   readonly #open = new Map<string, number>();
+  readonly #counted = new WeakMap<MultiaddrConnection, () => void>();
   constructor(readonly max = MAX_INBOUND_PER_HOST) {}
 
   deny(conn: MultiaddrConnection): boolean {
@@ -42,12 +45,22 @@ export class InboundPerHost {
     const n = this.#open.get(host) ?? 0;
     if (n >= this.max) return true;
     this.#open.set(host, n + 1);
-    conn.addEventListener("close", () => {
+    let counted = true;
+    const uncount = () => {
+      if (!counted) return;
+      counted = false;
       const left = (this.#open.get(host) ?? 1) - 1;
       if (left > 0) this.#open.set(host, left);
       else this.#open.delete(host);
-    }, { once: true });
+    };
+    this.#counted.set(conn, uncount);
+    conn.addEventListener("close", uncount, { once: true });
     return false;
+  }
+
+  /** The socket's handshake is done and its peer let in: it no longer holds a pending slot. */
+  admitted(conn: MultiaddrConnection): void {
+    this.#counted.get(conn)?.();
   }
 
   /** Open inbound sockets counted for a host (for tests and status). */

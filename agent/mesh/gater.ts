@@ -43,7 +43,11 @@ export function meshGater(
     denyOutboundEncryptedConnection: refuse("outbound"),
     // Same check again once upgraded: cheap, and catches any path that skips the one above (a
     // connection refused there never gets here, so none is reported twice).
-    denyInboundUpgradedConnection: refuse("inbound"),
+    denyInboundUpgradedConnection: (peer, conn) => {
+      if (refuse("inbound")(peer)) return true;
+      perHost.admitted(conn); // a trusted peer's connection: no longer a pending slot of its host
+      return false;
+    },
     denyOutboundUpgradedConnection: refuse("outbound"),
   };
 }

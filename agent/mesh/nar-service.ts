@@ -21,7 +21,7 @@ import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
-import { NarGoneError } from "../source.js";
+import { NarGoneError, primed } from "../source.js";
 import type { MeshNode, MeshStream } from "./node.js";
 import { writeAll, writeFrame } from "./stream-io.js";
 import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
@@ -72,10 +72,9 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
       try {
         // The header only once the first bytes are read: a path collected since the lookup is
         // "not-found" (the requester then knows it is gone), not NarOk and a reset.
-        const bytes = local.narStream(found, req.offset, found.narSize)[Symbol.asyncIterator]();
-        let first: IteratorResult<Buffer>;
+        let bytes: AsyncGenerator<Buffer>;
         try {
-          first = await bytes.next();
+          bytes = await primed(local.narStream(found, req.offset, found.narSize));
         } catch (err) {
           if (!(err instanceof NarGoneError)) throw err;
           return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "collected since the lookup")));
@@ -83,7 +82,7 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
         await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize }));
         const watchdog = new Watchdog(stallMs, `no progress for ${stallMs} ms`);
         try {
-          const sent = await writeAll(stream, watchdog.feed(prepend(first, bytes)), { signal: watchdog.signal });
+          const sent = await writeAll(stream, watchdog.feed(bytes), { signal: watchdog.signal });
           // narStream throws rather than end early; this only guards against a bug there.
           if (sent !== found.narSize - req.offset) throw new Error(`sent ${sent} of ${found.narSize - req.offset} NAR bytes`);
         } finally {
@@ -111,17 +110,6 @@ async function lookup(local: LocalStore, hashPart: string, narHash: string, offs
   if (!info || info.narHash !== narHash) return narError(NAR_ERROR.notFound, "no such path with that NAR hash");
   if (offset > info.narSize) return narError(NAR_ERROR.badOffset, `offset ${offset} beyond NAR size ${info.narSize}`);
   return info;
-}
-
-/** The first result, then the rest of the iterator; returning early closes the rest. */
-async function* prepend<T>(first: IteratorResult<T>, rest: AsyncIterator<T>): AsyncGenerator<T> {
-  try {
-    if (first.done) return;
-    yield first.value;
-    for (let r = await rest.next(); !r.done; r = await rest.next()) yield r.value;
-  } finally {
-    await rest.return?.();
-  }
 }
 
 function narError(code: number, message: string): NarResponseHeader {

@@ -14,7 +14,7 @@ import { parseNarinfo } from "../protocol/narinfo.js";
 import { narListing, narStream } from "../agent/store/nar-dump.js";
 import { freePort, runCli, startAgentProcess, type AgentProcess } from "./helpers/agent.js";
 import { eventually } from "./helpers/fleet.js";
-import { addToStore, buildInStore, hasNix, nix, NIX_FLAGS, pathInfo, run, tempDir } from "./helpers/nix.js";
+import { addToStore, assertSameListing, buildInStore, hasNix, nix, NIX_FLAGS, pathInfo, run, tempDir } from "./helpers/nix.js";
 
 const execFileP = promisify(execFile);
 const HACK = "~nix~case~hack~";
@@ -190,7 +190,7 @@ test(".ls equals the listing Nix writes for the path's NAR, and /serve uses the 
     const ls = await get(`/${h}.ls`);
     assert.equal(ls.status, 200);
     const ours = Buffer.from(await ls.arrayBuffer());
-    assert.ok(ours.equals(expected), `.ls differs from Nix's:\n${ours}\n${expected}`);
+    assertSameListing(ours, expected, ".ls differs from Nix's");
     assert.ok(!ours.includes(HACK), "no suffix in the listing");
 
     const text = async (path: string) => {

@@ -11,6 +11,7 @@ import { createSites, type NetHost } from "../test/helpers/netns.js";
 import { addToStore } from "../test/helpers/nix.js";
 import { parseNarinfo, type Narinfo } from "../protocol/narinfo.js";
 import { normalizeHash } from "../protocol/hash.js";
+import type { LinkStats } from "./link-proxy.js";
 
 const PROXY_MAIN = fileURLToPath(new URL("./link-proxy-main.js", import.meta.url));
 
@@ -23,6 +24,8 @@ export interface LinkedFleet {
   /** "ip:port" on B's site that leads to A's mesh port through the proxy. */
   aViaLink: string;
   proxy: ChildProcess;
+  /** The proxy's byte counts so far (both directions, every connection through it). */
+  linkStats(): Promise<LinkStats>;
   destroy(): Promise<void>;
 }
 
@@ -35,35 +38,48 @@ export async function linkedFleet(link: { latencyMs: number; rate?: string }): P
   const fleet = await createFleet(["a", "b"], { hosts: [sites.sites[0]![0]!, sites.sites[1]![0]!], destroy: sites.destroy });
   const [a, b] = fleet.hosts as [FleetHost, FleetHost];
   const aViaLink = `${sites.link.linkIps[1]}:${P2P_PORT}`;
-  let proxy: ChildProcess | undefined;
+  let proxy: { child: ChildProcess; lines: AsyncIterator<string> } | undefined;
   try {
     proxy = await startProxy(sites.link, aViaLink, `${a.net.ip}:${P2P_PORT}`, link);
   } catch (e) {
     await fleet.destroy();
     throw e;
   }
+  const { child, lines } = proxy;
   return {
     fleet,
     a,
     b,
     aViaLink,
-    proxy,
+    proxy: child,
+    async linkStats() {
+      child.kill("SIGHUP");
+      const next = await lines.next();
+      if (next.done) throw new Error("the link proxy is gone");
+      return JSON.parse(next.value) as LinkStats;
+    },
     async destroy() {
-      proxy?.kill("SIGTERM");
+      child.kill("SIGTERM");
       await fleet.destroy();
     },
   };
 }
 
-async function startProxy(on: NetHost, listen: string, target: string, link: { latencyMs: number; rate?: string }): Promise<ChildProcess> {
+/** Starts the proxy and waits for its first line (listening); later lines (stats) come from `lines`. */
+async function startProxy(
+  on: NetHost,
+  listen: string,
+  target: string,
+  link: { latencyMs: number; rate?: string },
+): Promise<{ child: ChildProcess; lines: AsyncIterator<string> }> {
   const args = [PROXY_MAIN, "--listen", listen, "--target", target, "--latency-ms", String(link.latencyMs), ...(link.rate ? ["--rate", link.rate] : [])];
   const child = on.spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
-  const lines = createInterface({ input: child.stdout! });
-  await new Promise<void>((resolve, reject) => {
-    child.once("exit", (code) => reject(new Error(`link proxy exited with ${code}`)));
-    lines.once("line", () => resolve());
-  });
-  return child;
+  const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  const exited = new Promise<never>((_, reject) => child.once("exit", (code) => reject(new Error(`link proxy exited with ${code}`))));
+  exited.catch(() => undefined);
+  const first = await Promise.race([lines.next(), exited]);
+  if (first.done) throw new Error("link proxy closed its output before listening");
+  return { child, lines };
 }
 
 /** Adds `size` bytes of incompressible data to the host's store; returns the store path. */

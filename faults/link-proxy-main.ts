@@ -1,7 +1,7 @@
 // The link proxy as a process, for running it inside a network namespace:
 //   node dist/faults/link-proxy-main.js --listen IP:PORT --target IP:PORT [--latency-ms N] [--rate 4MiB]
 // Latency and rate apply to each direction. Prints one JSON line when listening; SIGUSR1 freezes
-// the link, SIGUSR2 thaws it; SIGTERM closes it.
+// the link, SIGUSR2 thaws it; SIGHUP prints the byte counts so far (one JSON line); SIGTERM closes it.
 import { parseArgs } from "node:util";
 import { parseRate, startLinkProxy } from "./link-proxy.js";
 
@@ -26,6 +26,7 @@ const proxy = await startLinkProxy({ host: listen.host, port: listen.port, targe
 console.log(JSON.stringify({ listening: `${proxy.host}:${proxy.port}`, ...link }));
 process.on("SIGUSR1", () => proxy.freeze());
 process.on("SIGUSR2", () => proxy.thaw());
+process.on("SIGHUP", () => console.log(JSON.stringify(proxy.stats())));
 process.on("SIGTERM", () => {
   console.log(JSON.stringify(proxy.stats()));
   void proxy.close().then(() => process.exit(0));

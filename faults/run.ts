@@ -9,8 +9,9 @@ import { wanLatency } from "./scenarios/wan-latency.js";
 import { busyHolder } from "./scenarios/busy-holder.js";
 import { silentPeer } from "./scenarios/silent-peer.js";
 import { idleFlood } from "./scenarios/idle-flood.js";
+import { partitionHeal } from "./scenarios/partition-heal.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -10,8 +10,9 @@ import { busyHolder } from "./scenarios/busy-holder.js";
 import { silentPeer } from "./scenarios/silent-peer.js";
 import { idleFlood } from "./scenarios/idle-flood.js";
 import { partitionHeal } from "./scenarios/partition-heal.js";
+import { sigstopPeer } from "./scenarios/sigstop-peer.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, sigstopPeer];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -11,8 +11,9 @@ import { silentPeer } from "./scenarios/silent-peer.js";
 import { idleFlood } from "./scenarios/idle-flood.js";
 import { partitionHeal } from "./scenarios/partition-heal.js";
 import { sigstopPeer } from "./scenarios/sigstop-peer.js";
+import { restartUnderLoad } from "./scenarios/restart-under-load.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, sigstopPeer];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, sigstopPeer, restartUnderLoad];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

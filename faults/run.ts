@@ -23,7 +23,7 @@ const { values, positionals } = parseArgs({
 if (values.list) {
   for (const s of SCENARIOS) {
     const timed = s.defaultMinutes === undefined ? "" : ` (${s.defaultMinutes} min)`;
-    console.log(`${s.name.padEnd(16)} ${s.title}${timed}. Goal: ${s.goal}`);
+    console.log(`${s.name.padEnd(18)} ${s.title}${timed}. Goal: ${s.goal}`);
   }
   process.exit(0);
 }

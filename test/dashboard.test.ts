@@ -282,7 +282,8 @@ test("B's dashboard in Chromium shows A as a connected peer, follows A's new pat
     browser = await launch();
     const { page, errors, requests, navigations } = await openPage(browser);
     await page.goto(base + "/");
-    assert.equal(await page.locator("#host-name").textContent(), "host-b-1");
+    // The name arrives with the page's first status poll, which may finish after goto() returns.
+    await eventually("B's name on the page", async () => (await page.locator("#host-name").textContent()) === "host-b-1", WAIT_MS);
 
     // A appears as a connected peer, in the table and in the graph, with its one path.
     const rowA = page.locator('#peers-table tbody tr[data-name="host-a-1"]');

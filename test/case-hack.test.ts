@@ -14,7 +14,7 @@ import { parseNarinfo } from "../protocol/narinfo.js";
 import { narListing, narStream } from "../agent/store/nar-dump.js";
 import { freePort, runCli, startAgentProcess, type AgentProcess } from "./helpers/agent.js";
 import { eventually } from "./helpers/fleet.js";
-import { addToStore, assertSameListing, buildInStore, hasNix, nix, NIX_FLAGS, pathInfo, run, tempDir } from "./helpers/nix.js";
+import { addToStore, assertSameListing, buildInStore, hasNix, needNix, nix, NIX_FLAGS, pathInfo, run, tempDir } from "./helpers/nix.js";
 
 const execFileP = promisify(execFile);
 const HACK = "~nix~case~hack~";
@@ -302,7 +302,7 @@ test("use_case_hack: flag, environment and TOML; off by default on Linux", async
 });
 
 test("a directory Nix cannot dump (two entries with one name after the cut) is refused as Nix refuses it", async (t) => {
-  if (!(await hasNix())) return void t.skip("nix not installed");
+  if (!(await needNix(t))) return;
   const tmp = tempDir();
   try {
     const d = join(tmp.dir, "d");

@@ -29,11 +29,18 @@ export interface LinkedFleet {
   destroy(): Promise<void>;
 }
 
+/** The link between the two sites; `cut` is what the proxy's SIGUSR1 does (link-proxy-main.ts). */
+export interface LinkSpec {
+  latencyMs: number;
+  rate?: string;
+  cut?: "freeze" | "refuse";
+}
+
 /**
  * Two hosts on two sites; B's only way to A is a link proxy (latency each way, optional rate) in
  * the namespace between them. Agents are not started.
  */
-export async function linkedFleet(link: { latencyMs: number; rate?: string }): Promise<LinkedFleet> {
+export async function linkedFleet(link: LinkSpec): Promise<LinkedFleet> {
   const sites = await createSites([1, 1]);
   const fleet = await createFleet(["a", "b"], { hosts: [sites.sites[0]![0]!, sites.sites[1]![0]!], destroy: sites.destroy });
   const [a, b] = fleet.hosts as [FleetHost, FleetHost];
@@ -70,9 +77,12 @@ async function startProxy(
   on: NetHost,
   listen: string,
   target: string,
-  link: { latencyMs: number; rate?: string },
+  link: LinkSpec,
 ): Promise<{ child: ChildProcess; lines: AsyncIterator<string> }> {
-  const args = [PROXY_MAIN, "--listen", listen, "--target", target, "--latency-ms", String(link.latencyMs), ...(link.rate ? ["--rate", link.rate] : [])];
+  const args = [
+    PROXY_MAIN, "--listen", listen, "--target", target, "--latency-ms", String(link.latencyMs),
+    ...(link.rate ? ["--rate", link.rate] : []), ...(link.cut ? ["--cut", link.cut] : []),
+  ];
   const child = on.spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
   const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
   const exited = new Promise<never>((_, reject) => child.once("exit", (code) => reject(new Error(`link proxy exited with ${code}`))));

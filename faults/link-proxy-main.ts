@@ -1,7 +1,8 @@
 // The link proxy as a process, for running it inside a network namespace:
 //   node dist/faults/link-proxy-main.js --listen IP:PORT --target IP:PORT [--latency-ms N] [--rate 4MiB]
-// Latency and rate apply to each direction. Prints one JSON line when listening; SIGUSR1 freezes
-// the link, SIGUSR2 thaws it; SIGHUP prints the byte counts so far (one JSON line); SIGTERM closes it.
+// Latency and rate apply to each direction. Prints one JSON line when listening; SIGUSR1 cuts
+// the link (--cut freeze, the default: silent, nothing closed; --cut refuse: open connections
+// reset, new ones refused), SIGUSR2 heals it; SIGHUP prints the byte counts so far (one JSON line); SIGTERM closes it.
 import { parseArgs } from "node:util";
 import { parseRate, startLinkProxy } from "./link-proxy.js";
 
@@ -11,6 +12,7 @@ const { values } = parseArgs({
     target: { type: "string" },
     "latency-ms": { type: "string", default: "0" },
     rate: { type: "string" },
+    cut: { type: "string", default: "freeze" },
   },
 });
 
@@ -24,8 +26,9 @@ const listen = hostPort(values.listen, "listen");
 const link = { latencyMs: Number(values["latency-ms"]), ...(values.rate ? { rateBytesPerSec: parseRate(values.rate) } : {}) };
 const proxy = await startLinkProxy({ host: listen.host, port: listen.port, target: hostPort(values.target, "target"), up: link, down: link });
 console.log(JSON.stringify({ listening: `${proxy.host}:${proxy.port}`, ...link }));
-process.on("SIGUSR1", () => proxy.freeze());
-process.on("SIGUSR2", () => proxy.thaw());
+if (values.cut !== "freeze" && values.cut !== "refuse") throw new Error(`--cut expects freeze or refuse, got "${values.cut}"`);
+process.on("SIGUSR1", () => (values.cut === "refuse" ? void proxy.refuse() : proxy.freeze()));
+process.on("SIGUSR2", () => void proxy.heal());
 process.on("SIGHUP", () => console.log(JSON.stringify(proxy.stats())));
 process.on("SIGTERM", () => {
   console.log(JSON.stringify(proxy.stats()));

@@ -4,7 +4,9 @@
 // the proxy (one link, one capacity per direction). What a link does to the byte stream is kept:
 // bytes in order, backpressure (a full link stops reading from the sender), half-close (a FIN
 // reaches the other side after the data before it) and reset (an RST reaches it as an RST).
-// freeze() makes the link silent without closing anything, like a host that vanished.
+// freeze() makes the link silent without closing anything, like a host that vanished; refuse()
+// makes it loud: open connections are reset and new ones refused (a firewall rejecting, a host
+// whose port is closed).
 import { createServer, connect, type AddressInfo, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 
@@ -46,6 +48,10 @@ export interface LinkProxy {
   /** Stops delivering and reading in both directions, closing nothing (a silent host). */
   freeze(): void;
   thaw(): void;
+  /** Resets every open connection and stops listening, so the kernel refuses new ones (RST to the SYN). */
+  refuse(): Promise<void>;
+  /** Undoes freeze() or refuse(): listening again and carrying bytes. */
+  heal(): Promise<void>;
   /** Resets every open connection through the proxy. */
   cutAll(): void;
   close(): Promise<void>;
@@ -209,11 +215,34 @@ export async function startLinkProxy(opts: LinkProxyOptions): Promise<LinkProxy>
       upstream.resume();
     });
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(opts.port ?? 0, opts.host ?? "127.0.0.1", () => resolve());
-  });
+  const listen = (port: number) =>
+    new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(port, opts.host ?? "127.0.0.1", () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
+  await listen(opts.port ?? 0);
   const addr = server.address() as AddressInfo;
+  let refusing = false;
+  const cutAll = () => {
+    for (const c of open) {
+      c.client.resetAndDestroy();
+      c.server.resetAndDestroy();
+    }
+  };
+  const thaw = () => {
+    frozen = false;
+    for (const c of open) {
+      for (const p of c.pipes) {
+        p.frozen = false;
+        p.pump();
+      }
+      if (!c.client.connecting) c.client.resume();
+      if (!c.server.connecting) c.server.resume();
+    }
+  };
 
   return {
     host: addr.address,
@@ -227,23 +256,21 @@ export async function startLinkProxy(opts: LinkProxyOptions): Promise<LinkProxy>
         c.server.pause();
       }
     },
-    thaw() {
-      frozen = false;
-      for (const c of open) {
-        for (const p of c.pipes) {
-          p.frozen = false;
-          p.pump();
-        }
-        if (!c.client.connecting) c.client.resume();
-        if (!c.server.connecting) c.server.resume();
-      }
+    thaw,
+    async refuse() {
+      if (refusing) return;
+      refusing = true;
+      // close() stops listening at once (its callback waits for open connections: not awaited).
+      server.close();
+      cutAll();
     },
-    cutAll() {
-      for (const c of open) {
-        c.client.resetAndDestroy();
-        c.server.resetAndDestroy();
-      }
+    async heal() {
+      thaw();
+      if (!refusing) return;
+      refusing = false;
+      await listen(addr.port);
     },
+    cutAll,
     async close() {
       await new Promise<void>((resolve) => {
         server.close(() => resolve());

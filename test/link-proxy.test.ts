@@ -154,6 +154,28 @@ test("a frozen link passes nothing and closes nothing; thawed, it delivers what 
   c.destroy();
 });
 
+test("a refusing link resets open connections and refuses new ones; healed, it carries again", async () => {
+  const { port } = await server((s) => {
+    s.on("error", () => {}); // the proxy resets its side too
+    s.pipe(s);
+  });
+  const p = await proxyTo(port, { up: { latencyMs: 5 }, down: { latencyMs: 5 } });
+  const open = await dial(p);
+  const reset = once(open, "error");
+  await p.refuse();
+  const [e] = (await reset) as [NodeJS.ErrnoException];
+  assert.equal(e.code, "ECONNRESET", "an open connection is reset, not ended");
+  const refused = connect({ host: p.host, port: p.port });
+  const [e2] = (await once(refused, "error")) as [NodeJS.ErrnoException];
+  assert.equal(e2.code, "ECONNREFUSED", "a new connection is refused at once");
+  await p.heal();
+  const c = await dial(p);
+  const got = new Promise<string>((r) => c.once("data", (d: Buffer) => r(d.toString())));
+  c.write("back");
+  assert.equal(await got, "back");
+  c.destroy();
+});
+
 test("rates are parsed strictly", () => {
   assert.equal(parseRate("1MiB"), 1 << 20);
   assert.equal(parseRate("512KiB/s"), 512 << 10);

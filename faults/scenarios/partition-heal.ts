@@ -3,6 +3,7 @@
 // both keep adding paths; then the link comes back. Measured: how long until they are connected
 // again, until each answers the other's new paths through its own agent, and what the resync
 // cost on the wire (the link proxy's byte count from the heal until both have resynced).
+// partition-refuse.ts runs the same with a link that refuses instead (RST, connection refused).
 import { addBlob, linkedFleet, narinfoVia } from "../fleet-tools.js";
 import { eventually, type FleetHost } from "../../test/helpers/fleet.js";
 import { logLines, ProcessMeter, sleep, type Scenario } from "../scenario.js";
@@ -21,12 +22,16 @@ const GOAL_S = 25;
 /** How long to wait after the heal before giving up. */
 const CAP_S = 150;
 
-export const partitionHeal: Scenario = {
-  name: "partition-heal",
-  title: `two sites partitioned for ${PARTITION_S} s while both add paths, then healed`,
+export const partitionHeal: Scenario = partitionScenario("freeze");
+
+/** The scenario with a link that, while cut, freezes (silent) or refuses (resets, connection refused). */
+export function partitionScenario(cut: "freeze" | "refuse"): Scenario {
+  return {
+  name: cut === "freeze" ? "partition-heal" : "partition-refuse",
+  title: `two sites partitioned (the link ${cut === "freeze" ? "silent" : "refusing: RST, connection refused"}) for ${PARTITION_S} s while both add paths, then healed`,
   goal: `after the heal, both reconnected and each sees the other's new paths within ${GOAL_S} s`,
   async run({ log }) {
-    const net = await linkedFleet({ latencyMs: LATENCY_MS });
+    const net = await linkedFleet({ latencyMs: LATENCY_MS, cut });
     const { a, b } = net;
     try {
       const a0 = await addBlob(a, "part-a-0", 4096);
@@ -38,7 +43,7 @@ export const partitionHeal: Scenario = {
       const meters = { a: ProcessMeter.of(a.agent!), b: ProcessMeter.of(b.agent!) };
       const connected = async (viewer: FleetHost, peer: string) => (await viewer.status()).peers.find((p) => p.name === peer)?.connected === true;
 
-      log(`the link is cut (frozen) for ${PARTITION_S} s; both add a path every ${ADD_EVERY_S} s`);
+      log(`the link is cut (${cut === "freeze" ? "frozen" : "refusing"}) for ${PARTITION_S} s; both add a path every ${ADD_EVERY_S} s`);
       const tCut = Date.now();
       net.proxy.kill("SIGUSR1");
       const newA: string[] = [];
@@ -79,7 +84,7 @@ export const partitionHeal: Scenario = {
       return {
         ok: worst <= GOAL_S,
         figures: [
-          ["link", `${LATENCY_MS} ms each way; frozen for ${PARTITION_S} s (no FIN, no RST)`],
+          ["link", `${LATENCY_MS} ms each way; ${cut === "freeze" ? `frozen for ${PARTITION_S} s (no FIN, no RST)` : `refusing for ${PARTITION_S} s (open connections reset, new ones refused)`}`],
           ["dropped the other after the cut", `A ${fmt(dropped.a)}, B ${fmt(dropped.b)}`],
           ["paths added during the cut", `${newA.length} on A, ${newB.length} on B`],
           ["B's failed dials during the cut", dialFailures],
@@ -96,4 +101,5 @@ export const partitionHeal: Scenario = {
       await net.destroy();
     }
   },
-};
+  };
+}

@@ -1,14 +1,14 @@
 // Fleets for fault scenarios: hosts in network namespaces (test/helpers), a link proxy between
 // two sites, store contents, and downloads checked against the narinfo's NarHash.
 import { createHash } from "node:crypto";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import type { ChildProcess } from "node:child_process";
 import { createFleet, P2P_PORT, type Fleet, type FleetHost } from "../test/helpers/fleet.js";
 import { createSites, type NetHost } from "../test/helpers/netns.js";
-import { addToStore } from "../test/helpers/nix.js";
+import { addToStore, run } from "../test/helpers/nix.js";
 import { parseNarinfo, type Narinfo } from "../protocol/narinfo.js";
 import { normalizeHash } from "../protocol/hash.js";
 import type { LinkStats } from "./link-proxy.js";
@@ -103,6 +103,15 @@ export async function addBlob(host: FleetHost, name: string, size: number, seed 
   const file = join(host.dir, name);
   writeFileSync(file, buf);
   return addToStore(host.storeRoot, file);
+}
+
+/** Flips one byte of a store path's file on disk, under the agent (its database keeps the old NarHash: bit rot). */
+export async function corruptOnDisk(host: FleetHost, storePath: string, at: number): Promise<void> {
+  const file = join(host.storeRoot, storePath);
+  await run("chmod", ["u+w", file]);
+  const buf = readFileSync(file);
+  buf[at] = buf[at]! ^ 0xff;
+  writeFileSync(file, buf);
 }
 
 export const hashPart = (storePath: string) => storePath.slice(11, 43);

@@ -30,7 +30,10 @@ if (values.cut !== "freeze" && values.cut !== "refuse") throw new Error(`--cut e
 process.on("SIGUSR1", () => (values.cut === "refuse" ? void proxy.refuse() : proxy.freeze()));
 process.on("SIGUSR2", () => void proxy.heal());
 process.on("SIGHUP", () => console.log(JSON.stringify(proxy.stats())));
+// While refusing nothing else holds the event loop open (signal handlers do not): until SIGTERM.
+const alive = setInterval(() => {}, 1 << 30);
 process.on("SIGTERM", () => {
+  clearInterval(alive);
   console.log(JSON.stringify(proxy.stats()));
   void proxy.close().then(() => process.exit(0));
 });

@@ -13,8 +13,12 @@ import { partitionHeal } from "./scenarios/partition-heal.js";
 import { sigstopPeer } from "./scenarios/sigstop-peer.js";
 import { restartUnderLoad } from "./scenarios/restart-under-load.js";
 import { partitionRefuse } from "./scenarios/partition-refuse.js";
+import { peerKilledMidNar } from "./scenarios/peer-killed-mid-nar.js";
+import { corruptedHolder } from "./scenarios/corrupted-holder.js";
+import { rangeCheck } from "./scenarios/range-check.js";
+import { daemonRestartUnderLoad } from "./scenarios/daemon-restart-under-load.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, partitionRefuse, sigstopPeer, restartUnderLoad];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHolder, rangeCheck, idleFlood, partitionHeal, partitionRefuse, sigstopPeer, peerKilledMidNar, restartUnderLoad, daemonRestartUnderLoad];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
@@ -24,7 +28,7 @@ const { values, positionals } = parseArgs({
 if (values.list) {
   for (const s of SCENARIOS) {
     const timed = s.defaultMinutes === undefined ? "" : ` (${s.defaultMinutes} min)`;
-    console.log(`${s.name.padEnd(18)} ${s.title}${timed}. Goal: ${s.goal}`);
+    console.log(`${s.name.padEnd(20)} ${s.title}${timed}. Goal: ${s.goal}`);
   }
   process.exit(0);
 }

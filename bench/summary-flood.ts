@@ -14,7 +14,7 @@
 // machine it sends far less, and the old agent, taking frames one or two at a time, looks fine.
 // Needs Nix (nix-store); everything stays on loopback.
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -26,23 +26,40 @@ import { startSummaryFlooder, type FloodMode } from "../test/helpers/summary-flo
 
 const CLI = fileURLToPath(new URL("../agent/cli.js", import.meta.url));
 const SELF = fileURLToPath(import.meta.url);
-const { values: opt } = parseArgs({
-  options: {
-    mode: { type: "string", default: "deltas,snapshots" },
-    seconds: { type: "string", default: "20" },
-    "delta-base": { type: "string", default: "1000000" },
-    "snapshot-keys": { type: "string", default: String(1 << 22) },
-    nice: { type: "string", default: "0" },
-    // Internal: run as the flooder.
-    role: { type: "string" },
-    key: { type: "string" },
-    trust: { type: "string" },
-    dial: { type: "string" },
-    keys: { type: "string" },
-  },
-});
 
-async function flooder(): Promise<void> {
+/** The flood's size and length; the defaults are the bench's. */
+export interface FloodOptions {
+  seconds: number;
+  /** deltas: the snapshot sent before the deltas. */
+  deltaBase: number;
+  /** snapshots: the size of each. */
+  snapshotKeys: number;
+  /** Niceness of the flooder process. */
+  nice: number;
+}
+
+export const FLOOD_DEFAULTS: FloodOptions = { seconds: 20, deltaBase: 1_000_000, snapshotKeys: 1 << 22, nice: 0 };
+
+/** The command line (read only when this file is run, not when imported by the fault suite). */
+function options() {
+  return parseArgs({
+    options: {
+      mode: { type: "string", default: "deltas,snapshots" },
+      seconds: { type: "string", default: String(FLOOD_DEFAULTS.seconds) },
+      "delta-base": { type: "string", default: String(FLOOD_DEFAULTS.deltaBase) },
+      "snapshot-keys": { type: "string", default: String(FLOOD_DEFAULTS.snapshotKeys) },
+      nice: { type: "string", default: String(FLOOD_DEFAULTS.nice) },
+      // Internal: run as the flooder.
+      role: { type: "string" },
+      key: { type: "string" },
+      trust: { type: "string" },
+      dial: { type: "string" },
+      keys: { type: "string" },
+    },
+  }).values;
+}
+
+async function flooder(opt: ReturnType<typeof options>): Promise<void> {
   const f = await startSummaryFlooder({
     key: parseSecretKey(opt.key!),
     trusted: [parsePublicKey(opt.trust!)],
@@ -109,7 +126,24 @@ function figures(xs: number[]): string {
   return `n ${s.length}, p50 ${q(0.5).toFixed(2)} ms, p99 ${q(0.99).toFixed(2)} ms, max ${s[s.length - 1]!.toFixed(1)} ms`;
 }
 
-async function scenario(mode: FloodMode, tmp: string, store: string, hashPart: string): Promise<void> {
+export interface FloodResult {
+  mode: FloodMode;
+  /** What was sent, in words. */
+  what: string;
+  /** Local narinfo latencies (ms): before the flood, while the flooder was connected, the whole flood. */
+  baseline: number[];
+  during: number[];
+  whole: number[];
+  /** Seconds the flooder stayed connected (the whole run if never disconnected). */
+  connectedS: number;
+  /** The flooder's own count of what it sent (a JSON line). */
+  sent: string;
+  /** The agent's status of the peer at the end. */
+  peer: string;
+}
+
+/** One flood against a fresh agent serving `store` (which holds the path `hashPart`). */
+export async function runFlood(mode: FloodMode, o: FloodOptions, tmp: string, store: string, hashPart: string): Promise<FloodResult> {
   const agentKeyFile = join(tmp, `${mode}-agent.sec`);
   const agentKey = generateKeyPair("bench-agent-1");
   writeFileSync(agentKeyFile, formatSecretKey(agentKey), { mode: 0o600 });
@@ -121,15 +155,15 @@ async function scenario(mode: FloodMode, tmp: string, store: string, hashPart: s
   ]);
   const narinfo = `${url}/${hashPart}.narinfo`;
   const baseline = await measure(narinfo, ((end) => () => performance.now() > end)(performance.now() + 3000));
-  const keys = mode === "deltas" ? opt["delta-base"]! : opt["snapshot-keys"]!;
+  const keys = String(mode === "deltas" ? o.deltaBase : o.snapshotKeys);
   // On a fleet the flooder is another host; here it shares the CPUs (--nice to make it yield them).
-  const child = spawn("nice", ["-n", opt.nice!, process.execPath, SELF, "--role", "flooder", "--mode", mode, "--keys", keys, "--key", formatSecretKey(floodKey), "--trust", formatPublicKey(agentKey), "--dial", `/ip4/127.0.0.1/tcp/${meshPort}`], { stdio: ["ignore", "pipe", "inherit"] });
+  const child = spawn("nice", ["-n", String(o.nice), process.execPath, SELF, "--role", "flooder", "--mode", mode, "--keys", keys, "--key", formatSecretKey(floodKey), "--trust", formatPublicKey(agentKey), "--dial", `/ip4/127.0.0.1/tcp/${meshPort}`], { stdio: ["ignore", "pipe", "inherit"] });
   children.push(child);
   let out = "";
   child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
   while (!out.includes("ready")) await new Promise((r) => setTimeout(r, 50)); // the flooder encodes its snapshot first
   const t0 = performance.now();
-  const end = t0 + Number(opt.seconds) * 1000;
+  const end = t0 + o.seconds * 1000;
   const run = measure(narinfo, () => performance.now() > end);
   // When the flooder was last seen connected, from the agent's own status.
   let connectedUntil = t0;
@@ -142,31 +176,60 @@ async function scenario(mode: FloodMode, tmp: string, store: string, hashPart: s
   const status = await getJson(`${url}/api/v1/status`);
   child.kill("SIGTERM");
   await new Promise((r) => child.once("exit", r));
+  stopAgents();
   const peer = status.peers[0] ?? {};
-  console.log(`\n${mode}: ${mode === "deltas" ? `a snapshot of ${keys} keys, then 8,192-key deltas` : `snapshots of ${keys} keys back to back`}, ${opt.seconds} s`);
-  console.log(`  baseline (no peer)        ${figures(baseline.map((s) => s.ms))}`);
-  console.log(`  while the flooder was on  ${figures(samples.filter((s) => s.at <= connectedUntil).map((s) => s.ms))} (${((connectedUntil - t0) / 1000).toFixed(1)} s)`);
-  console.log(`  whole run                 ${figures(samples.map((s) => s.ms))}`);
-  console.log(`  flooder sent              ${out.split("\n").find((l) => l.startsWith("{")) ?? "?"}`);
-  console.log(`  agent: peer connected ${peer.connected}, pathCount ${peer.pathCount}, penalty ${JSON.stringify(peer.penalty ?? null)}, counters.peerPenalties ${status.counters.peerPenalties}`);
+  return {
+    mode,
+    what: mode === "deltas" ? `a snapshot of ${keys} keys, then 8,192-key deltas` : `snapshots of ${keys} keys back to back`,
+    baseline: baseline.map((s) => s.ms),
+    during: samples.filter((s) => s.at <= connectedUntil).map((s) => s.ms),
+    whole: samples.map((s) => s.ms),
+    connectedS: (connectedUntil - t0) / 1000,
+    sent: out.split("\n").find((l) => l.startsWith("{")) ?? "?",
+    peer: `connected ${peer.connected}, pathCount ${peer.pathCount}, penalty ${JSON.stringify(peer.penalty ?? null)}, counters.peerPenalties ${status.counters.peerPenalties}`,
+  };
+}
+
+/** A chroot store with one path (the one whose narinfo is timed), in `tmp`; its hash part. */
+export function floodStore(tmp: string): { store: string; hashPart: string } {
+  const store = join(tmp, "store");
+  writeFileSync(join(tmp, "hit.txt"), "a path in the store\n");
+  const hit = execFileSync("nix-store", ["--store", store, "--add", join(tmp, "hit.txt")], { encoding: "utf8" }).trim();
+  return { store, hashPart: hit.slice(11, 43) };
+}
+
+/** Stops the agents (and flooders) this module started. */
+export function stopAgents(): void {
+  for (const c of children.splice(0)) c.kill("SIGTERM");
 }
 
 async function main(): Promise<void> {
-  if (opt.role === "flooder") return flooder();
+  const opt = options();
+  if (opt.role === "flooder") return flooder(opt);
+  const o: FloodOptions = { seconds: Number(opt.seconds), deltaBase: Number(opt["delta-base"]), snapshotKeys: Number(opt["snapshot-keys"]), nice: Number(opt.nice) };
   const tmp = mkdtempSync(join(tmpdir(), "fleetcache-flood-"));
   try {
-    const store = join(tmp, "store");
-    writeFileSync(join(tmp, "hit.txt"), "a path in the store\n");
-    const hit = execFileSync("nix-store", ["--store", store, "--add", join(tmp, "hit.txt")], { encoding: "utf8" }).trim();
-    for (const mode of opt.mode!.split(",")) await scenario(mode as FloodMode, tmp, store, hit.slice(11, 43));
+    const { store, hashPart } = floodStore(tmp);
+    for (const mode of opt.mode!.split(",")) {
+      const r = await runFlood(mode as FloodMode, o, tmp, store, hashPart);
+      console.log(`\n${mode}: ${r.what}, ${o.seconds} s`);
+      console.log(`  baseline (no peer)        ${figures(r.baseline)}`);
+      console.log(`  while the flooder was on  ${figures(r.during)} (${r.connectedS.toFixed(1)} s)`);
+      console.log(`  whole run                 ${figures(r.whole)}`);
+      console.log(`  flooder sent              ${r.sent}`);
+      console.log(`  agent: peer ${r.peer}`);
+    }
   } finally {
-    for (const c of children) c.kill("SIGTERM");
+    stopAgents();
     await new Promise((r) => setTimeout(r, 300));
     rmSync(tmp, { recursive: true, force: true });
   }
 }
 
-main().catch((e) => {
-  console.error(e);
-  process.exitCode = 1;
-});
+// Run as a script (the bench, or a flooder child), not when the fault suite imports it.
+if (process.argv[1] && realpathSync(process.argv[1]) === SELF) {
+  main().catch((e) => {
+    console.error(e);
+    process.exitCode = 1;
+  });
+}

@@ -17,8 +17,9 @@ import { peerKilledMidNar } from "./scenarios/peer-killed-mid-nar.js";
 import { corruptedHolder } from "./scenarios/corrupted-holder.js";
 import { rangeCheck } from "./scenarios/range-check.js";
 import { daemonRestartUnderLoad } from "./scenarios/daemon-restart-under-load.js";
+import { summaryFlood } from "./scenarios/summary-flood.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHolder, rangeCheck, idleFlood, partitionHeal, partitionRefuse, sigstopPeer, peerKilledMidNar, restartUnderLoad, daemonRestartUnderLoad];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHolder, rangeCheck, idleFlood, summaryFlood, partitionHeal, partitionRefuse, sigstopPeer, peerKilledMidNar, restartUnderLoad, daemonRestartUnderLoad];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

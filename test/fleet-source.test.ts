@@ -242,10 +242,30 @@ test("a holder failing mid-way is replaced at the byte reached, and the stitched
   assert.equal(source.penalties.status("flaky").badNars, 0, "an interrupted transfer is not a wrong NAR");
 });
 
-test("a NAR larger than what is held back: bytes flow before the end, but a wrong one never arrives complete", async () => {
+test("a NAR larger than what is held in memory is spooled until verified: a wrong one sends nothing, and the next holder's bytes follow", async () => {
   const { bytes, info, narinfo } = nar(64 * 1024);
-  const bad = holder(corrupt(bytes, 60_000));
-  const source = fleet({ bad }, narinfo, { holdBytes: 8192 });
+  // The only holder is wrong: nothing at all reaches the client (before: all but the last chunk did).
+  const source = fleet({ bad: holder(corrupt(bytes, 60_000)) }, narinfo, { holdBytes: 8192 });
+  const out: Buffer[] = [];
+  await assert.rejects(
+    (async () => {
+      for await (const c of source.narStream(info, 0, info.narSize)) out.push(c);
+    })(),
+    /no peer could send/,
+  );
+  assert.equal(Buffer.concat(out).length, 0, "no byte of a wrong NAR reached the client");
+  // A wrong holder first, an intact one next: the client gets the right NAR on this request (Nix's
+  // first try), whole and a Range of it.
+  const both = fleet({ bad: holder(corrupt(bytes, 60_000)), good: holder(bytes) }, narinfo, { holdBytes: 8192 });
+  assert.ok((await collect(both.narStream(info, 0, info.narSize))).equals(bytes));
+  assert.equal(both.penalties.status("bad").badNars, 1);
+  const ranged = fleet({ bad: holder(corrupt(bytes, 60_000)), good: holder(bytes) }, narinfo, { holdBytes: 8192 });
+  assert.ok((await collect(ranged.narStream(info, 1000, info.narSize))).equals(bytes.subarray(1000)));
+});
+
+test("a NAR larger than the spool limit streams with its last chunk held back: a wrong one never arrives complete", async () => {
+  const { bytes, info, narinfo } = nar(64 * 1024);
+  const source = fleet({ bad: holder(corrupt(bytes, 60_000)) }, narinfo, { holdBytes: 8192, spoolBytes: 32 * 1024 });
   const out: Buffer[] = [];
   await assert.rejects(
     (async () => {
@@ -255,8 +275,7 @@ test("a NAR larger than what is held back: bytes flow before the end, but a wron
   );
   const got = Buffer.concat(out).length;
   assert.ok(got > 0 && got < info.narSize, `cut short (${got} of ${info.narSize} bytes)`);
-  // The right bytes from an intact holder stream the same way and arrive whole.
-  const good = fleet({ good: holder(bytes) }, narinfo, { holdBytes: 8192 });
+  const good = fleet({ good: holder(bytes) }, narinfo, { holdBytes: 8192, spoolBytes: 32 * 1024 });
   assert.ok((await collect(good.narStream(info, 0, info.narSize))).equals(bytes));
 });
 

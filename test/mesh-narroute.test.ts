@@ -231,7 +231,7 @@ test("what verifying a Range from peer data costs: the whole NAR is fetched and 
   assert.equal(tail.fromPeers, narinfo.narSize, "a Range costs the whole NAR from the peer");
 });
 
-test("a corrupted holder of a NAR over 8 MiB (streamed, not held whole): never complete; Nix's rerun succeeds from the intact holder", async (t) => {
+test("a corrupted holder of a NAR over 8 MiB (spooled, not held in memory): Nix's first copy succeeds from the intact holder", async (t) => {
   if (!ready(t)) return;
   const f = join(A.dir, "big-rotting");
   writeFileSync(f, payload("big-rotting", 24 << 20));
@@ -241,18 +241,13 @@ test("a corrupted holder of a NAR over 8 MiB (streamed, not held whole): never c
   assert.equal(await addToStore(B.storeRoot, f), path);
   await cSeesAllOf(B);
   await corruptOnDisk(A, path, 1 << 20);
-  const copy = () =>
-    C.nix([
-      "copy", "--from", C.agent!.url, "--to", join(C.dir, "dest-big-rot"),
-      "--option", "trusted-public-keys", fleet!.trustedKeys.join(" "), "--option", "require-sigs", "true",
-      "--option", "narinfo-cache-negative-ttl", "0", path,
-    ]);
-  const first = await copy().then(() => "ok", (e: Error) => e.message);
-  t.diagnostic(`first nix copy: ${first.split("\n").filter((l) => /error|hash|HTTP/i.test(l)).join(" | ") || first}`);
-  // The cut answer made Nix resume (from B, verified), but the bytes it already had were A's:
-  // Nix's own NarHash check refuses the path, and nothing wrong is installed.
-  assert.match(first, /hash mismatch importing path/);
-  await copy();
+  // Before the spool, the first 16 MiB (all but the 8 MiB held) went out from A, the answer was
+  // cut, Nix resumed from B at the byte reached and refused the mixed NAR (hash mismatch).
+  await C.nix([
+    "copy", "--from", C.agent!.url, "--to", join(C.dir, "dest-big-rot"),
+    "--option", "trusted-public-keys", fleet!.trustedKeys.join(" "), "--option", "require-sigs", "true",
+    "--option", "narinfo-cache-negative-ttl", "0", path,
+  ]);
   const [copied] = await pathInfo(join(C.dir, "dest-big-rot"), [path]);
   assert.equal(copied?.narHash, (await pathInfo(B.storeRoot, [path]))[0]?.narHash);
   const a = (await C.status()).peers.find((p) => p.name === "a-1") as { badNars?: number } | undefined;

@@ -14,6 +14,7 @@ import type { LocalStore } from "../store/local-store.js";
 import { MAX_NAR_TRANSFERS_PER_PEER, NarFetchError, NarVerifier } from "./nar-service.js";
 import { HolderPenalties, type PenaltyOptions } from "./holder-penalties.js";
 import { TransferSlots } from "./transfer-slots.js";
+import { HeldNar } from "./held-nar.js";
 
 /** Which connected peers there are, fastest first (the peer manager). */
 export interface PeerDirectory {
@@ -53,6 +54,11 @@ export interface FleetSourceOptions extends PenaltyOptions {
   queueDeadlineMs?: number;
   /** A peer NAR answer is held back until verified up to this many bytes (beyond: all but the last chunk flow). */
   holdBytes?: number;
+  /**
+   * A NAR up to this size is held whole until verified (past `holdBytes`, in a temporary file),
+   * so no byte of a wrong NAR reaches the client; a larger one streams with its last chunk held.
+   */
+  spoolBytes?: number;
   /** Told of failures operators should see (a peer's NAR transfer or narinfo answer failing). */
   onError?: (e: { message: string; path?: string; peer: string }) => void;
 }
@@ -82,8 +88,14 @@ interface Cached {
 const MAX_CACHED = 50_000;
 /** Nix waits for a response up to stalled-download-timeout (300 s) before giving up. */
 const QUEUE_DEADLINE_MS = 120_000;
-/** What one answer holds back until verified: most store paths' NARs fit whole. */
+/** What one answer holds back in memory until verified: most store paths' NARs fit whole. */
 const HOLD_BYTES = 8 * 1024 * 1024;
+/**
+ * Larger NARs up to this size are held whole in a temporary file until verified. Nix gives a
+ * response 300 s without a byte (stalled-download-timeout), so this is also what a peer must be
+ * able to send in that time; larger NARs stream (see HeldNar).
+ */
+const SPOOL_BYTES = 1024 * 1024 * 1024;
 /** A holder may still count a transfer that has ended on our side: how often to ask again. */
 const MAX_BUSY_RETRIES = 20;
 const BUSY_RETRY_MS = 25;
@@ -104,6 +116,7 @@ export class FleetSource implements PathSource {
   private readonly ttlMs: number;
   private readonly queueMs: number;
   private readonly holdBytes: number;
+  private readonly spoolBytes: number;
   private readonly slots: TransferSlots;
 
   constructor(
@@ -120,6 +133,7 @@ export class FleetSource implements PathSource {
     this.#onError = opts.onError ?? (() => {});
     this.queueMs = opts.queueDeadlineMs ?? QUEUE_DEADLINE_MS;
     this.holdBytes = opts.holdBytes ?? HOLD_BYTES;
+    this.spoolBytes = opts.spoolBytes ?? SPOOL_BYTES;
     this.slots = new TransferSlots(opts.transfersPerHolder ?? MAX_NAR_TRANSFERS_PER_PEER);
     this.penalties = new HolderPenalties(opts);
   }
@@ -248,8 +262,8 @@ export class FleetSource implements PathSource {
   /**
    * NAR bytes from peers, always verified: the whole NAR goes through one NarVerifier (from byte
    * 0 even for a Range, whose bytes before `start` are hashed and dropped), and what the client
-   * gets is held back until the hash checks out, up to `holdBytes`; past that, all but the last
-   * chunk flow on, so a wrong NAR is still never complete. A holder failing mid-way is replaced
+   * gets is held back until the hash checks out (HeldNar: in memory, then in a temporary file; a
+   * NAR over `spoolBytes` streams all but its last chunk, so a wrong one is still never complete). A holder failing mid-way is replaced
    * at the byte reached (NAR bytes are canonical). Wrong bytes penalise their holders and, while
    * nothing has gone out, the NAR starts over from another holder.
    */
@@ -257,85 +271,85 @@ export class FleetSource implements PathSource {
     const skip = new Set<string>(); // holders that failed this request
     let verifier = new NarVerifier(info.narHash, info.narSize);
     let contributors = new Set<string>();
-    let held: Buffer[] = [];
-    let heldBytes = 0;
+    const hold = () => new HeldNar(this.holdBytes, info.narSize <= this.spoolBytes);
+    let held = hold();
     let sent = false;
     let busy = 0;
     let attempts = 0;
     let allGone = true; // every holder asked answered "not-found" (collected since it announced it)
     let pause = 0; // before asking again after "busy" (with no slot of ours held meanwhile)
-    for (;;) {
-      if (pause) await sleep(pause);
-      pause = 0;
-      const peer = await this.holderSlot(hashPart, skip, info.storePath);
-      if (peer === undefined) break;
-      if (attempts++ > 0) this.counters.failovers++;
-      const controller = new AbortController();
-      let body = false; // whether the header came and bytes are the peer's
-      try {
-        const chunks = await this.requests.nar(peer, { hashPart, narHash: info.narHash, offset: verifier.bytes, narSize: info.narSize }, controller.signal);
-        body = true;
-        contributors.add(peer);
-        for await (const c of chunks) {
-          const from = verifier.bytes;
-          verifier.update(c);
-          this.counters.bytesFromPeers += c.length;
-          this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + c.length);
-          const [s, e] = [Math.max(from, start), Math.min(verifier.bytes, end)];
-          if (e > s) {
-            held.push(Buffer.from(c.subarray(s - from, e - from))); // a copy: the reader may reuse its buffers
-            heldBytes += e - s;
+    try {
+      for (;;) {
+        if (pause) await sleep(pause);
+        pause = 0;
+        const peer = await this.holderSlot(hashPart, skip, info.storePath);
+        if (peer === undefined) break;
+        if (attempts++ > 0) this.counters.failovers++;
+        const controller = new AbortController();
+        let body = false; // whether the header came and bytes are the peer's
+        try {
+          const chunks = await this.requests.nar(peer, { hashPart, narHash: info.narHash, offset: verifier.bytes, narSize: info.narSize }, controller.signal);
+          body = true;
+          contributors.add(peer);
+          for await (const c of chunks) {
+            const from = verifier.bytes;
+            verifier.update(c);
+            this.counters.bytesFromPeers += c.length;
+            this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + c.length);
+            const [s, e] = [Math.max(from, start), Math.min(verifier.bytes, end)];
+            if (e > s) {
+              for (const out of await held.push(c.subarray(s - from, e - from))) {
+                sent = true;
+                yield out;
+              }
+            }
           }
-          while (heldBytes > this.holdBytes && held.length > 1) {
-            const out = held.shift()!;
-            heldBytes -= out.length;
-            sent = true;
-            yield out;
+          verifier.finish();
+        } catch (err) {
+          const reason = err instanceof NarFetchError ? err.reason : undefined;
+          if (reason === "busy") {
+            // Its last transfer has not quite ended on its side: ask again shortly, not a failure.
+            if (++busy > MAX_BUSY_RETRIES) skip.add(peer);
+            attempts--;
+            pause = BUSY_RETRY_MS * busy;
+            continue;
           }
-        }
-        verifier.finish();
-      } catch (err) {
-        const reason = err instanceof NarFetchError ? err.reason : undefined;
-        if (reason === "busy") {
-          // Its last transfer has not quite ended on its side: ask again shortly, not a failure.
-          if (++busy > MAX_BUSY_RETRIES) skip.add(peer);
-          attempts--;
-          pause = BUSY_RETRY_MS * busy;
+          if (reason !== "size-mismatch" && reason !== "hash-mismatch") {
+            if (reason !== "not-found") allGone = false;
+            this.counters.transferFailures++;
+            skip.add(peer);
+            this.log.warn({ peer, path: info.storePath, offset: verifier.bytes, err: (err as Error).message }, "NAR transfer from peer failed; trying the next holder");
+            this.#onError({ message: `NAR transfer failed at byte ${verifier.bytes}: ${(err as Error).message}`, path: info.storePath, peer });
+            continue;
+          }
+          allGone = false;
+          // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
+          // hash (or runs long) may have been stitched from several holders: each is barred from
+          // this path, and only a sole sender earns a strike as a peer.
+          const blamed = body ? [...contributors] : [peer];
+          this.counters.verifyFailures++;
+          for (const p of blamed) {
+            this.penalties.wrongBytes(p, hashPart, blamed.length === 1);
+            skip.add(p);
+            this.#onError({ message: `wrong NAR bytes (${reason}): ${(err as Error).message}`, path: info.storePath, peer: p });
+          }
+          this.log.warn({ peers: blamed, path: info.storePath, err: (err as Error).message }, "NAR from peers failed verification; penalised");
+          if (!body) continue;
+          if (sent) throw new NarUnavailableError(`NAR of ${info.storePath} from peers does not match its NarHash`);
+          verifier = new NarVerifier(info.narHash, info.narSize); // start over, nothing went out
+          contributors = new Set();
+          await held.discard();
+          held = hold();
           continue;
+        } finally {
+          controller.abort();
+          this.slots.release(peer);
         }
-        if (reason !== "size-mismatch" && reason !== "hash-mismatch") {
-          if (reason !== "not-found") allGone = false;
-          this.counters.transferFailures++;
-          skip.add(peer);
-          this.log.warn({ peer, path: info.storePath, offset: verifier.bytes, err: (err as Error).message }, "NAR transfer from peer failed; trying the next holder");
-          this.#onError({ message: `NAR transfer failed at byte ${verifier.bytes}: ${(err as Error).message}`, path: info.storePath, peer });
-          continue;
-        }
-        allGone = false;
-        // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
-        // hash (or runs long) may have been stitched from several holders: each is barred from
-        // this path, and only a sole sender earns a strike as a peer.
-        const blamed = body ? [...contributors] : [peer];
-        this.counters.verifyFailures++;
-        for (const p of blamed) {
-          this.penalties.wrongBytes(p, hashPart, blamed.length === 1);
-          skip.add(p);
-          this.#onError({ message: `wrong NAR bytes (${reason}): ${(err as Error).message}`, path: info.storePath, peer: p });
-        }
-        this.log.warn({ peers: blamed, path: info.storePath, err: (err as Error).message }, "NAR from peers failed verification; penalised");
-        if (!body) continue;
-        if (sent) throw new NarUnavailableError(`NAR of ${info.storePath} from peers does not match its NarHash`);
-        verifier = new NarVerifier(info.narHash, info.narSize); // start over, nothing went out
-        contributors = new Set();
-        held = [];
-        heldBytes = 0;
-        continue;
-      } finally {
-        controller.abort();
-        this.slots.release(peer);
+        yield* held.drain();
+        return;
       }
-      for (const out of held) yield out;
-      return;
+    } finally {
+      await held.discard(); // the client gone, or a failure: drop what is held (and its file)
     }
     // Nix takes a 404 as "not in this cache" and moves on; a 502 it retries.
     if (!sent && allGone) throw new NarGoneError(`no connected peer holds ${info.storePath} any more`);

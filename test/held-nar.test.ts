@@ -1,0 +1,55 @@
+// HeldNar: what FleetSource holds back of a peer's NAR until verified, in memory and then in an
+// unlinked temporary file that must not outlive the request.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { readdirSync, readlinkSync } from "node:fs";
+import { HeldNar } from "../agent/mesh/held-nar.js";
+
+/** Spool files this process has open (unlinked: no other way to see them). */
+function openSpools(): number {
+  let n = 0;
+  for (const fd of readdirSync("/proc/self/fd")) {
+    try {
+      if (/fleetcache-nar-/.test(readlinkSync(`/proc/self/fd/${fd}`))) n++;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return n;
+}
+
+async function all(it: AsyncIterable<Buffer>): Promise<Buffer> {
+  const out: Buffer[] = [];
+  for await (const b of it) out.push(Buffer.from(b));
+  return Buffer.concat(out);
+}
+
+test("spooling: nothing flows while held, everything comes back in order, and the file is gone after", async () => {
+  const data = randomBytes(3 << 20);
+  const held = new HeldNar(64 << 10, true);
+  for (let o = 0; o < data.length; o += 50_000) assert.deepEqual(await held.push(data.subarray(o, o + 50_000)), [], "nothing flows");
+  assert.equal(held.size, data.length);
+  assert.equal(openSpools(), 1, "past the memory limit, a spool file");
+  assert.ok((await all(held.drain())).equals(data));
+  assert.equal(openSpools(), 0, "closed after the drain");
+});
+
+test("a discarded spool (a wrong NAR, a client gone) closes its file", async () => {
+  const held = new HeldNar(1024, true);
+  await held.push(randomBytes(10_000));
+  assert.equal(openSpools(), 1);
+  await held.discard();
+  assert.equal(openSpools(), 0);
+  assert.equal(held.size, 0);
+});
+
+test("without a spool, all but the last chunk past the memory limit flow on", async () => {
+  const held = new HeldNar(1000, false);
+  const flowed: Buffer[] = [];
+  for (let i = 0; i < 5; i++) flowed.push(...(await held.push(Buffer.alloc(600, i))));
+  assert.ok(flowed.length > 0 && held.size <= 1000 + 600, `held ${held.size} bytes`);
+  const rest = await all(held.drain());
+  assert.equal(Buffer.concat(flowed).length + rest.length, 3000);
+  assert.equal(openSpools(), 0, "no file without a spool");
+});

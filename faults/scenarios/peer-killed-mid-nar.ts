@@ -113,6 +113,10 @@ export const peerKilledMidNar: Scenario = {
       await eventually("B connected to both", async () => (await b.status()).peers.filter((p) => p.connected).length === 2, 60_000);
       const meterB = ProcessMeter.of(b.agent!);
 
+      // 0. For comparison: the same copy, undisturbed.
+      log("B's Nix copies the shared path, undisturbed");
+      const r0 = await nixCopy(b, fleet.trustedKeys, join(b.dir, "dest-undisturbed"), shared);
+
       // 1. Two holders; the one sending is killed.
       log("B's Nix copies the shared path; the holder sending it is killed mid-NAR");
       const failovers0 = (await b.status()).counters.failovers ?? 0;
@@ -152,6 +156,7 @@ export const peerKilledMidNar: Scenario = {
       return {
         ok,
         figures: [
+          ["undisturbed nix copy of the shared path", r0.ok ? `succeeded in ${(r0.ms / 1000).toFixed(1)} s` : `FAILED: ${r0.error}`],
           ["two holders: killed", k1.killed ? `${k1.killed.name} after it had sent ${k1.sentMiB} MiB of ${NAR_SIZE >> 20} MiB` : "nobody: the transfer ended before a holder had sent 48 MiB"],
           ["two holders: nix copy", r1.ok ? `succeeded in ${(r1.ms / 1000).toFixed(1)} s${r1.retried ? ` (after a Nix retry: ${r1.error})` : " (no Nix retry)"}` : `FAILED in ${(r1.ms / 1000).toFixed(1)} s: ${r1.error}`],
           ["two holders: bytes B took from the survivor", `${fromSurvivor} MiB from ${survivor.name}; B's failovers ${failovers}`],

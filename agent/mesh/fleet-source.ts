@@ -293,16 +293,18 @@ export class FleetSource implements PathSource {
           contributors.add(peer);
           for await (const c of chunks) {
             const from = verifier.bytes;
-            verifier.update(c);
-            this.counters.bytesFromPeers += c.length;
-            this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + c.length);
-            const [s, e] = [Math.max(from, start), Math.min(verifier.bytes, end)];
+            // Held before it is hashed: if holding fails (a full disk), the verifier has not
+            // counted the chunk either, and the next holder resumes where both agree.
+            const [s, e] = [Math.max(from, start), Math.min(from + c.length, end)];
             if (e > s) {
               for (const out of await held.push(c.subarray(s - from, e - from))) {
                 sent = true;
                 yield out;
               }
             }
+            verifier.update(c);
+            this.counters.bytesFromPeers += c.length;
+            this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + c.length);
           }
           verifier.finish();
         } catch (err) {

@@ -62,6 +62,13 @@ export const daemonRestartUnderLoad: Scenario = {
       const expected = new Map<string, string>();
       for (const p of paths) expected.set(p, await (await fetch(`${url}/${p.slice(11, 43)}.narinfo`)).text());
 
+      // The narinfo latency with no load, for comparison with the same under the Nix loops.
+      const idle: number[] = [];
+      for (let i = 0, until = Date.now() + 3000; Date.now() < until; i++) {
+        const t0 = Date.now();
+        await (await fetch(`${url}/${paths[i % PATHS]!.slice(11, 43)}.narinfo`)).text();
+        idle.push(Date.now() - t0);
+      }
       const running = { on: true };
       const probes: Probe[] = [];
       const probe = (async () => {
@@ -129,7 +136,8 @@ export const daemonRestartUnderLoad: Scenario = {
           ["failed substitutions started", failed.length > 0 ? `${failed.length}, from ${s(Math.min(...failed.map((x) => x.at)))} s to ${s(Math.max(...failed.map((x) => x.at)))} s after the kill` : "none"],
           ["failed substitutions started after the agent was back", failedAfterBack.length],
           ["distinct errors", errors.join(" | ") || "none"],
-          ["narinfo latency before the kill", percentiles(probes.filter((p) => p.at < tKill).map((p) => p.ms))],
+          ["narinfo latency, no load (3 s, back to back)", percentiles(idle)],
+          [`narinfo latency under the ${WORKERS} Nix loops, before the kill`, percentiles(probes.filter((p) => p.at < tKill).map((p) => p.ms))],
           ["narinfo latency while 503", percentiles(unavailable.map((p) => p.ms))],
           ["agent", meter.summary()],
         ],

@@ -10,6 +10,7 @@ import { Signer } from "../agent/signer.js";
 import { DaemonClient } from "../agent/store/daemon-client.js";
 import { encodeQueryAllValidPaths } from "../protocol/daemon-wire.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
+import { DbVersion } from "../agent/store/db-version.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
@@ -79,6 +80,13 @@ async function untilCached(store: LocalStore, client: DaemonClient, hashPart: st
   assert.fail(`${hashPart} was never answered from the cache`);
 }
 
+/** Waits until the database's files vouch for a version again (a second after Nix wrote it). */
+async function untilSettled(root: string) {
+  const dbVersion = new DbVersion(join(root, "nix/var/nix/db"));
+  while (dbVersion.current() === undefined) await new Promise((r) => setTimeout(r, 100));
+  dbVersion.close();
+}
+
 test("the daemon backend caches hits, never stale: new signatures, deletions, re-additions and additions show at once", async (t) => {
   if (!(await needNix(t))) return;
   const f = await fixture();
@@ -109,23 +117,70 @@ test("the daemon backend caches hits, never stale: new signatures, deletions, re
     assert.equal(await addToStore(f.root, join(f.tmp.dir, "plain.txt")), f.plain);
     assert.deepEqual(await sigsOf(f.plain), [], "re-added unsigned: no signature from before");
 
-    // The same, with no lookup between deletion and re-addition, after a cached signed answer.
+    // The same, with no lookup between deletion and re-addition, after a cached signed answer,
+    // and asked only once the database's files vouch for a version again (a second after).
     await nix(["store", "sign", "--store", f.root, "--key-file", join(f.tmp.dir, "sec"), f.plain]);
     assert.equal((await untilCached(store, client, hp(f.plain)))?.sigs.length, 1);
     await run("nix-store", ["--store", f.root, "--delete", f.plain]);
     assert.equal(await addToStore(f.root, join(f.tmp.dir, "plain.txt")), f.plain);
+    await untilSettled(f.root);
     assert.deepEqual(await sigsOf(f.plain), [], "deleted and re-added between two lookups: not stale");
 
-    // A path added now is found at once (no listing in between), then cached like the rest.
+    // Misses are answered from the last listing while the database is unchanged since; a path
+    // added then is found at once (no listing in between), then cached like the rest.
     writeFileSync(join(f.tmp.dir, "new.txt"), "new\n");
+    const watcher = (store as unknown as { meta: { watcher: DaemonWatcher } }).meta.watcher;
+    for (let i = 0; ; i++) {
+      await watcher.refresh();
+      const before = client.requests;
+      assert.equal(await store.pathInfo("0".repeat(32)), undefined);
+      assert.equal(await store.pathInfo("v".repeat(32)), undefined);
+      if (client.requests === before) break;
+      assert.ok(i < 100, "a miss was never answered from the listing");
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    watcher.stop(); // no listing from here on
     const added = await addToStore(f.root, join(f.tmp.dir, "new.txt"));
-    assert.equal((await store.pathInfo(hp(added)))?.storePath, added);
+    await untilSettled(f.root); // not only while the write is recent
+    assert.ok(!watcher.has(hp(added)), "not listed yet");
+    assert.equal((await store.pathInfo(hp(added)))?.storePath, added, "added: found at once");
     assert.equal((await untilCached(store, client, hp(added)))?.storePath, added);
     assert.equal(await untilCached(store, client, hp(f.built)), built, "untouched paths keep their answer");
   } finally {
     store.close();
     await f.daemon.stop();
     f.tmp.cleanup();
+  }
+});
+
+test("the database's version changes with every commit, with and without Nix's WAL (use-sqlite-wal)", async (t) => {
+  if (!(await needNix(t))) return;
+  for (const wal of ["true", "false"]) {
+    const tmp = tempDir();
+    try {
+      const root = join(tmp.dir, "store");
+      const opt = ["--option", "use-sqlite-wal", wal];
+      writeFileSync(join(tmp.dir, "a.txt"), "a\n");
+      const a = (await run("nix-store", ["--store", root, ...opt, "--add", join(tmp.dir, "a.txt")])).trim();
+      await run("nix-store", ["--generate-binary-cache-key", "wal-test-1", join(tmp.dir, "sec"), join(tmp.dir, "pub")]);
+      const version = new DbVersion(join(root, "nix/var/nix/db"));
+      const settledVersion = async () => {
+        for (let v = version.current(); ; v = version.current()) {
+          if (v !== undefined) return v;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      };
+      const v0 = await settledVersion();
+      assert.equal(version.current(), v0, "unchanged while Nix writes nothing");
+      await run("nix", [...NIX_FLAGS, "store", "sign", "--store", root, ...opt, "--key-file", join(tmp.dir, "sec"), a]);
+      const v1 = await settledVersion();
+      assert.notEqual(v1, v0, `wal ${wal}: a signature changes the version`);
+      await run("nix-store", ["--store", root, ...opt, "--delete", a]);
+      assert.notEqual(await settledVersion(), v1, `wal ${wal}: a deletion changes the version`);
+      version.close();
+    } finally {
+      tmp.cleanup();
+    }
   }
 });
 

@@ -1,9 +1,10 @@
 // Store metadata from the Nix daemon, for an agent that cannot open the database. A lookup asks
 // the daemon (QueryPathFromHashPart, then QueryPathInfo: two round trips over the socket) unless
-// it has a cached answer given while Nix's database looked as it does now (db-version.ts): a path
-// deleted, re-added or re-signed is a write to the database, so an answer is never staler than
-// the daemon's own and a miss is real. The daemon cannot find a path by its NAR hash, so the
-// legacy NAR URL that carries nothing else is a miss with this backend.
+// Nix's database is unchanged (db-version.ts) since the daemon gave a cached answer for the path,
+// or since it listed the store's paths without it (a miss). A path deleted, re-added or re-signed
+// is a write to the database, so an answer is never staler than the daemon's own. The daemon
+// cannot find a path by its NAR hash, so the legacy NAR URL that carries nothing else is a miss
+// with this backend.
 import { join } from "node:path";
 import { STORE_DIR, type PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
@@ -38,8 +39,8 @@ export class DaemonMetadata implements StoreMetadata {
     readonly client: DaemonClient,
     private readonly signer: Signer,
   ) {
-    this.watcher = new DaemonWatcher(client, join(root, STORE_DIR));
     this.dbVersion = new DbVersion(join(root, "nix/var/nix/db"));
+    this.watcher = new DaemonWatcher(client, join(root, STORE_DIR), { dbVersion: () => this.dbVersion.current() });
   }
 
   /** The first listing of the store (so pathCount and the mesh summary start right). */
@@ -56,9 +57,13 @@ export class DaemonMetadata implements StoreMetadata {
     const dbVersion = this.dbVersion.current();
     const cached = this.infos.get(hashPart);
     if (cached) this.infos.delete(hashPart); // set again below, as the most recent
-    if (cached && dbVersion !== undefined && cached.dbVersion === dbVersion) {
-      this.infos.set(hashPart, cached);
-      return cached.info;
+    if (dbVersion !== undefined) {
+      if (cached?.dbVersion === dbVersion) {
+        this.infos.set(hashPart, cached);
+        return cached.info;
+      }
+      // The last listing is still the store's list: a path not in it is not valid.
+      if (this.watcher.listedVersion === dbVersion && !this.watcher.has(hashPart)) return undefined;
     }
     const storePath = await this.client.queryPathFromHashPart(hashPart);
     if (!storePath) return undefined;
@@ -88,6 +93,7 @@ export class DaemonMetadata implements StoreMetadata {
   close(): void {
     this.watcher.stop();
     this.client.close();
+    this.dbVersion.close();
   }
 
   private toPathInfo(storePath: string, raw: DaemonPathInfo): PathInfo {

@@ -1,23 +1,31 @@
 // Whether Nix's database may have changed, without opening it: the daemon backend's agent may not
-// (see local-store.ts), but it may look at the metadata of the database's files. Every change Nix
-// makes (a path registered or invalidated, a signature added) is a write to `db.sqlite-wal` (WAL
-// mode) or `db.sqlite` (other journal modes, and checkpoints), which changes their size or times,
-// or replaces a file (inode). So an answer the daemon gave while the files looked the same as now
-// is still the daemon's answer now. Two stat calls (a few µs) instead of two daemon round trips.
+// (see local-store.ts), but it may look at the database's files. Every change Nix makes (a path
+// registered or invalidated, a signature added) is a commit, which writes the file `db.sqlite-wal`
+// (WAL mode, Nix's default) or `db.sqlite` (Nix's `use-sqlite-wal = false`), and so changes its
+// size or modification time. So an answer the daemon gave after the files looked as they do now
+// is still its answer now, and a look costs one fstat (~2 µs) instead of two daemon round trips.
 //
-// File times have a granularity (a clock tick, a few ms): a write in the same tick as the last
-// one, leaving the size unchanged, would leave the files looking the same. So a look taken less
-// than SETTLED_MS after the newest time on the files vouches for nothing (as git's "racily
-// clean" index entries): any write after a look that does vouch gets a later time.
-import { statSync } from "node:fs";
+// What a look cannot see, it must not vouch for:
+// - File times have a granularity (a clock tick, a few ms): a second write in the same tick may
+//   leave the times and the size as they were. And in WAL mode a commit is visible to readers
+//   once SQLite has updated the WAL index in shared memory, right after writing the frames (Nix
+//   sets `synchronous = normal` or `off`: no fsync in between). So a look taken less than SETTLED_MS
+//   after the newest time on the file vouches for nothing: a later write gets a later time, and
+//   the index has long caught up with the write we saw (as git's "racily clean" index entries).
+// - SQLite deletes the WAL when the last connection closes (after copying it into db.sqlite) and
+//   makes a new one on the next open: the WAL is kept open, and a deleted one (no links) or none
+//   at all means looking at db.sqlite (by its path) and the WAL's path instead.
+import { closeSync, fstatSync, openSync, statSync, type Stats } from "node:fs";
 import { join } from "node:path";
 
-/** How long after the last write the files' metadata tells every later write apart (ticks are <= 10 ms). */
-export const SETTLED_MS = 250;
+/** How long after the last write a look at the files tells every later write apart. */
+export const SETTLED_MS = 1000;
 
 export class DbVersion {
   private readonly db: string;
   private readonly wal: string;
+  /** The WAL, open while it exists (one fstat a look instead of stats by path). */
+  private walFd: number | undefined;
 
   /** `dbDir`: Nix's database directory, `<root>/nix/var/nix/db`. */
   constructor(dbDir: string) {
@@ -31,15 +39,41 @@ export class DbVersion {
    */
   current(now = Date.now()): string | undefined {
     try {
+      const wal = this.walStats();
+      // WAL mode (a WAL exists only then): every commit writes the WAL, db.sqlite only gets copies.
+      if (wal) return settled(wal, now) ? `wal ${fileVersion(wal)}` : undefined;
       const db = statSync(this.db);
-      // No WAL file: not in WAL mode, or every connection has closed (the WAL was checkpointed).
-      const wal = statSync(this.wal, { throwIfNoEntry: false });
-      const newest = Math.max(db.mtimeMs, db.ctimeMs, wal?.mtimeMs ?? 0, wal?.ctimeMs ?? 0);
-      if (!(now - newest >= SETTLED_MS)) return undefined; // also a file time in the future
-      const w = wal ? `${wal.ino}:${wal.size}:${wal.mtimeMs}:${wal.ctimeMs}` : "-";
-      return `${db.ino}:${db.size}:${db.mtimeMs}:${db.ctimeMs}/${w}`;
+      // Not in WAL mode, or no connection open: commits write db.sqlite (a WAL made since shows above).
+      return settled(db, now) ? `db ${fileVersion(db)}` : undefined;
     } catch {
       return undefined; // no database there, or not allowed to look
     }
   }
+
+  close(): void {
+    if (this.walFd !== undefined) closeSync(this.walFd);
+    this.walFd = undefined;
+  }
+
+  /** The WAL's metadata, or undefined if there is none. */
+  private walStats(): Stats | undefined {
+    if (this.walFd !== undefined) {
+      const st = fstatSync(this.walFd);
+      if (st.nlink > 0) return st;
+      this.close(); // deleted: a new one may have been made under the same name
+    }
+    try {
+      this.walFd = openSync(this.wal, "r");
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw e;
+    }
+    return fstatSync(this.walFd);
+  }
 }
+
+const settled = (st: Stats, now: number) => now - st.mtimeMs >= SETTLED_MS; // false for times in the future too
+
+// Not the change time: each daemon process running as root that opens the WAL changes it (SQLite
+// gives a journal the database's owner), and every write changes the modification time anyway.
+const fileVersion = (st: Stats) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}`;

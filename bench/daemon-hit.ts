@@ -107,24 +107,27 @@ interface Sample {
   wrk1CpuUs: number;
   wrk4: number;
   wrk4CpuUs: number;
+  /** The nix-daemon's share of wrk4CpuUs (daemon backend; 0 for the database). */
+  wrk4DaemonCpuUs: number;
 }
 
 interface Subject {
   label: string;
   backend: "database" | "daemon";
   server: Server;
-  /** Whose CPU time a request costs: the agent, and for the daemon backend the nix-daemon and its workers. */
-  pids: number[];
+  /** For the daemon backend: the nix-daemon, whose CPU time (its workers') a request costs too. */
+  daemonPid?: number;
   samples: Sample[];
 }
 
-async function wrkHits(s: Subject, script: string, connections: number, durationS: number): Promise<{ rps: number; cpuUs: number }> {
-  const cpuTime = () => s.pids.reduce((sum, pid) => sum + treeCpuSeconds(pid), 0);
-  const cpu0 = cpuTime();
+/** Hits a second, and CPU µs a hit: the agent's and the nix-daemon's (with its workers). */
+async function wrkHits(s: Subject, script: string, connections: number, durationS: number): Promise<{ rps: number; cpuUs: number; daemonCpuUs: number }> {
+  const daemonCpu = () => (s.daemonPid ? treeCpuSeconds(s.daemonPid) : 0);
+  const [agent0, daemon0] = [treeCpuSeconds(s.server.pid), daemonCpu()];
   const r = await runWrk(s.server.baseUrl, script, { connections, threads: Math.min(connections, 2), durationSec: durationS });
-  const cpu = cpuTime() - cpu0;
+  const [agent, daemon] = [treeCpuSeconds(s.server.pid) - agent0, daemonCpu() - daemon0];
   if (r.non2xx > 0 || r.requests === 0) throw new Error(`${s.label}, ${s.backend}: ${r.non2xx} non-2xx of ${r.requests} hits`);
-  return { rps: r.reqPerSec, cpuUs: (cpu * 1e6) / r.requests };
+  return { rps: r.reqPerSec, cpuUs: ((agent + daemon) * 1e6) / r.requests, daemonCpuUs: (daemon * 1e6) / r.requests };
 }
 
 const median = (xs: number[]) => {
@@ -148,7 +151,7 @@ function render(opts: Options, subjects: Subject[], argv: string[], load: string
       range(s, "hitUs"), ratio("hitUs"),
       range(s, "missUs"),
       range(s, "wrk1"), ratio("wrk1", true), fmtNum(m(s, "wrk1CpuUs")),
-      range(s, "wrk4"), ratio("wrk4", true), fmtNum(m(s, "wrk4CpuUs")),
+      range(s, "wrk4"), ratio("wrk4", true), fmtNum(m(s, "wrk4CpuUs")), s.backend === "daemon" ? fmtNum(m(s, "wrk4DaemonCpuUs")) : "–",
     ];
   });
   return [
@@ -158,9 +161,9 @@ function render(opts: Options, subjects: Subject[], argv: string[], load: string
     "",
     table(
       ["agent", "backend", "hit µs (sequential)", "hit time / database's", "miss µs (sequential)",
-        "hits/s wrk 1 conn", "time / database's", "CPU µs a hit", "hits/s wrk 4 conns", "time / database's", "CPU µs a hit"],
+        "hits/s wrk 1 conn", "time / database's", "CPU µs a hit", "hits/s wrk 4 conns", "time / database's", "CPU µs a hit", "of which nix-daemon"],
       rows,
-      ["l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r"],
+      ["l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r"],
     ),
   ].join("\n");
 }
@@ -213,8 +216,7 @@ export async function daemonHitMain(argv: string[], repoRoot: string): Promise<v
       for (const backend of ["database", "daemon"] as const) {
         const extraArgs = backend === "daemon" ? ["--store-backend", "daemon", "--daemon-socket", socket] : ["--store-backend", "database"];
         const server = await startAgent(join(tmp, `agent-${subjects.length}`), agentDir.dir, root, { extraArgs });
-        const pids = backend === "daemon" ? [server.pid, daemon.pid!] : [server.pid];
-        subjects.push({ label: agentDir.label, backend, server, pids, samples: [] });
+        subjects.push({ label: agentDir.label, backend, server, ...(backend === "daemon" ? { daemonPid: daemon.pid! } : {}), samples: [] });
       }
     }
     const loadBefore = loadavg()[0]!.toFixed(1);
@@ -226,7 +228,7 @@ export async function daemonHitMain(argv: string[], repoRoot: string): Promise<v
           hitUs: await sequential(s.server.baseUrl, hits, opts.requests, 200),
           missUs: await sequential(s.server.baseUrl, misses, opts.requests, 404),
           ...(await wrkHits(s, script, 1, opts.durationS).then((w) => ({ wrk1: w.rps, wrk1CpuUs: w.cpuUs }))),
-          ...(await wrkHits(s, script, 4, opts.durationS).then((w) => ({ wrk4: w.rps, wrk4CpuUs: w.cpuUs }))),
+          ...(await wrkHits(s, script, 4, opts.durationS).then((w) => ({ wrk4: w.rps, wrk4CpuUs: w.cpuUs, wrk4DaemonCpuUs: w.daemonCpuUs }))),
         };
         s.samples.push(sample);
         log(`round ${r + 1}, ${s.label}, ${s.backend}: ${JSON.stringify(sample, (_, v: unknown) => (typeof v === "number" ? Math.round(v) : v))}`);

@@ -10,7 +10,7 @@ import { Signer } from "../agent/signer.js";
 import { DaemonClient } from "../agent/store/daemon-client.js";
 import { encodeQueryAllValidPaths } from "../protocol/daemon-wire.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
-import { DbVersion } from "../agent/store/db-version.js";
+import { databaseFilesVisible, DbVersion } from "../agent/store/db-version.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
@@ -178,10 +178,14 @@ test("the database's version changes with every commit, with and without Nix's W
       await run("nix-store", ["--store", root, ...opt, "--delete", a]);
       assert.notEqual(await settledVersion(), v1, `wal ${wal}: a deletion changes the version`);
       version.close();
+      assert.equal(databaseFilesVisible(join(root, "nix/var/nix/db")), true);
     } finally {
       tmp.cleanup();
     }
   }
+  const nowhere = "/nonexistent-fleetcache-test/nix/var/nix/db";
+  assert.equal(new DbVersion(nowhere).current(), undefined, "no database: no version");
+  assert.equal(databaseFilesVisible(nowhere), false);
 });
 
 test("the daemon watcher reports paths added and removed", async (t) => {
@@ -344,6 +348,7 @@ test("an unprivileged agent picks the daemon and serves Nix: nix copy, live addi
   try {
     const status = (await (await fetch(agent.url + "/api/v1/status")).json()) as { self: { storeBackend: string; paths: number } };
     assert.equal(status.self.storeBackend, "daemon", "auto chose the daemon: the database directory is not writable");
+    assert.doesNotMatch(agent.logs(), /cannot look at the Nix database/, "but it may look at the database's files");
     assert.ok(status.self.paths >= 4);
 
     const dest = join(f.tmp.dir, "dest");

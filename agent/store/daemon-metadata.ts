@@ -29,8 +29,8 @@ const MAX_CACHED = 100_000;
 export class DaemonMetadata implements StoreMetadata {
   readonly backend = "daemon";
   readonly watcher: DaemonWatcher;
-  // Reusing the PathInfo object lets the HTTP side reuse the rendered narinfo.
-  // In the order of use, least recent first.
+  // Answers by hash part, the least recently used first. Reusing the PathInfo object lets the
+  // HTTP side reuse the rendered narinfo.
   private readonly infos = new Map<string, CachedInfo>();
   private readonly dbVersion: DbVersion;
 

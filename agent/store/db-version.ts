@@ -72,6 +72,17 @@ export class DbVersion {
   }
 }
 
+/** Whether this process may look at the database's files in `dbDir` (else every lookup asks the daemon). */
+export function databaseFilesVisible(dbDir: string): boolean {
+  try {
+    statSync(join(dbDir, "db.sqlite"));
+    closeSync(openSync(join(dbDir, "db.sqlite-wal"), "r"));
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "ENOENT" && (e as NodeJS.ErrnoException).path?.endsWith("-wal") === true;
+  }
+}
+
 const settled = (st: Stats, now: number) => now - st.mtimeMs >= SETTLED_MS; // false for times in the future too
 
 // Not the change time: each daemon process running as root that opens the WAL changes it (SQLite

@@ -1,5 +1,6 @@
 // Starting and stopping the agent for one host: keys, store, HTTP listener.
 import type { Server } from "node:http";
+import { join } from "node:path";
 import type { AddressInfo } from "node:net";
 import { formatPublicKey, type SecretKey } from "../protocol/keys.js";
 import type { AgentConfig } from "./config.js";
@@ -10,6 +11,7 @@ import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
 import { Signer } from "./signer.js";
 import { chooseBackend, defaultDaemonSocket, LocalStore } from "./store/local-store.js";
+import { databaseFilesVisible } from "./store/db-version.js";
 import { AgentMetrics } from "./metrics.js";
 import { Mesh } from "./mesh/mesh.js";
 import { meshListenPort } from "./address.js";
@@ -45,6 +47,10 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     { storeBackend: backend, ...(backend === "daemon" ? { daemonSocket } : {}), configured: config.storeBackend },
     backend === "database" ? "store metadata from the Nix database" : "store metadata from the Nix daemon",
   );
+  const dbDir = join(config.storeRoot, "nix/var/nix/db");
+  if (backend === "daemon" && !databaseFilesVisible(dbDir)) {
+    log.warn({ dbDir }, "cannot look at the Nix database's files: every narinfo lookup asks the daemon (README: Database or daemon)");
+  }
   store.watch().on("error", (err) => log.warn({ err: err.message }, `watching the store (${backend}) failed; will retry`));
   let mesh: Mesh | undefined;
   const metrics = new AgentMetrics({

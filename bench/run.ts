@@ -22,6 +22,7 @@ import {
 import { fmtNum, fmtRatio, table, writeBenchmarksMd } from "./report.js";
 import { meshCase, type MeshResult } from "./mesh.js";
 import { gcStallMain } from "./gc-stall.js";
+import { daemonHitMain } from "./daemon-hit.js";
 import {
   agentBuilt, httpGet, parseNarinfo, startAgent, startNginx, type Server,
 } from "./servers.js";
@@ -53,6 +54,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
   --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
   --case gc-stall    instead: lookups while Nix garbage-collects a store of a million paths
                      (first argument; \`npm run bench -- --case gc-stall --help\`)
+  --case daemon-hit  instead: narinfo hits and misses with the database and the daemon backend
+                     (first argument; \`npm run bench -- --case daemon-hit --help\`)
   --tmpdir DIR       where to make the temporary directory (default: $TMPDIR or /tmp)
   --keep             keep the temporary directory (store, cache, logs) for inspection
   -h, --help
@@ -365,7 +368,8 @@ async function main(): Promise<void> {
   if (process.argv[2] === "--case") {
     const name = process.argv[3];
     if (name === "gc-stall") return gcStallMain(process.argv.slice(2), repoRoot);
-    throw new Error(`unknown --case ${name} (known: gc-stall)`);
+    if (name === "daemon-hit") return daemonHitMain(process.argv.slice(2), repoRoot);
+    throw new Error(`unknown --case ${name} (known: gc-stall, daemon-hit)`);
   }
   const opts = parseOptions();
   if (opts.candidate === "agent" && !agentBuilt(repoRoot)) {

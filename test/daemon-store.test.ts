@@ -3,18 +3,19 @@
 // the store through the daemon, never stale, with 503 while the daemon is gone.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, chownSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { Signer } from "../agent/signer.js";
 import { DaemonClient } from "../agent/store/daemon-client.js";
 import { encodeQueryAllValidPaths } from "../protocol/daemon-wire.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
+import { databaseFilesVisible, DbVersion } from "../agent/store/db-version.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
 import { plainAndBuiltPaths } from "./helpers/fixtures.js";
-import { addToStore, needNix, nix, NIX_FLAGS, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
+import { addToStore, needNix, nix, NIX_FLAGS, pathInfo, run, tempDir, toPathInfo, UNSIGNED_REFUSED } from "./helpers/nix.js";
 import { Daemon } from "./helpers/nix-daemon.js";
 
 const NOBODY = 65534;
@@ -66,6 +67,125 @@ test("the daemon client's path infos equal `nix path-info --json` (deriver, refe
     await f.daemon.stop();
     f.tmp.cleanup();
   }
+});
+
+/** Asks for `hashPart` until an answer costs the daemon no request (cached), at most 20 s; returns it. */
+async function untilCached(store: LocalStore, client: DaemonClient, hashPart: string) {
+  for (let i = 0; i < 200; i++) {
+    const before = client.requests;
+    const info = await store.pathInfo(hashPart);
+    if (client.requests === before) return info;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.fail(`${hashPart} was never answered from the cache`);
+}
+
+/** Waits until the database's files vouch for a version again (a second after Nix wrote it). */
+async function untilSettled(root: string) {
+  const dbVersion = new DbVersion(join(root, "nix/var/nix/db"));
+  while (dbVersion.current() === undefined) await new Promise((r) => setTimeout(r, 100));
+  dbVersion.close();
+}
+
+test("the daemon backend caches hits, never stale: new signatures, deletions, re-additions and additions show at once", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  const store = await LocalStore.open(f.root, new Signer([]), { backend: "daemon", daemonSocket: f.daemon.socket });
+  store.watch();
+  const client = (store as unknown as { meta: { client: DaemonClient } }).meta.client;
+  const sigsOf = async (path: string) => (await store.pathInfo(hp(path)))?.sigs;
+  try {
+    // A hit is answered from the cache once the database has been quiet (a signed path, its references).
+    const built = await untilCached(store, client, hp(f.built));
+    assert.ok(built && built.sigs.length === 1);
+    assert.equal(await store.pathInfo(hp(f.built)), built, "the same object: the HTTP side reuses its narinfo");
+    const plain = await untilCached(store, client, hp(f.plain));
+    assert.deepEqual(plain?.sigs, []);
+
+    // A signature added by Nix shows at the next lookup, however recent the cached answer.
+    await nix(["store", "sign", "--store", f.root, "--key-file", join(f.tmp.dir, "sec"), f.plain]);
+    assert.deepEqual(await sigsOf(f.plain), (await pathInfo(f.root, [f.plain]))[0]!.signatures, "the new signature, at once");
+    assert.equal((await sigsOf(f.plain))?.length, 1);
+
+    // Deleted: a miss at once, with no listing in between.
+    await untilCached(store, client, hp(f.plain));
+    await run("nix-store", ["--store", f.root, "--delete", f.plain]);
+    assert.equal(await store.pathInfo(hp(f.plain)), undefined, "deleted: not stale");
+    // Re-added (same contents, same path: its files are back) without a signature: the cached
+    // signed answer must not come back, though the files exist again.
+    writeFileSync(join(f.tmp.dir, "plain.txt"), "plain\n");
+    assert.equal(await addToStore(f.root, join(f.tmp.dir, "plain.txt")), f.plain);
+    assert.deepEqual(await sigsOf(f.plain), [], "re-added unsigned: no signature from before");
+
+    // The same, with no lookup between deletion and re-addition, after a cached signed answer,
+    // and asked only once the database's files vouch for a version again (a second after).
+    await nix(["store", "sign", "--store", f.root, "--key-file", join(f.tmp.dir, "sec"), f.plain]);
+    assert.equal((await untilCached(store, client, hp(f.plain)))?.sigs.length, 1);
+    await run("nix-store", ["--store", f.root, "--delete", f.plain]);
+    assert.equal(await addToStore(f.root, join(f.tmp.dir, "plain.txt")), f.plain);
+    await untilSettled(f.root);
+    assert.deepEqual(await sigsOf(f.plain), [], "deleted and re-added between two lookups: not stale");
+
+    // Misses are answered from the last listing while the database is unchanged since; a path
+    // added then is found at once (no listing in between), then cached like the rest.
+    writeFileSync(join(f.tmp.dir, "new.txt"), "new\n");
+    const watcher = (store as unknown as { meta: { watcher: DaemonWatcher } }).meta.watcher;
+    for (let i = 0; ; i++) {
+      await watcher.refresh();
+      const before = client.requests;
+      assert.equal(await store.pathInfo("0".repeat(32)), undefined);
+      assert.equal(await store.pathInfo("v".repeat(32)), undefined);
+      if (client.requests === before) break;
+      assert.ok(i < 100, "a miss was never answered from the listing");
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    watcher.stop(); // no listing from here on
+    const added = await addToStore(f.root, join(f.tmp.dir, "new.txt"));
+    await untilSettled(f.root); // not only while the write is recent
+    assert.ok(!watcher.has(hp(added)), "not listed yet");
+    assert.equal((await store.pathInfo(hp(added)))?.storePath, added, "added: found at once");
+    assert.equal((await untilCached(store, client, hp(added)))?.storePath, added);
+    assert.equal(await untilCached(store, client, hp(f.built)), built, "untouched paths keep their answer");
+  } finally {
+    store.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("the database's version changes with every commit, with and without Nix's WAL (use-sqlite-wal)", async (t) => {
+  if (!(await needNix(t))) return;
+  for (const wal of ["true", "false"]) {
+    const tmp = tempDir();
+    try {
+      const root = join(tmp.dir, "store");
+      const opt = ["--option", "use-sqlite-wal", wal];
+      writeFileSync(join(tmp.dir, "a.txt"), "a\n");
+      const a = (await run("nix-store", ["--store", root, ...opt, "--add", join(tmp.dir, "a.txt")])).trim();
+      await run("nix-store", ["--generate-binary-cache-key", "wal-test-1", join(tmp.dir, "sec"), join(tmp.dir, "pub")]);
+      const version = new DbVersion(join(root, "nix/var/nix/db"));
+      const settledVersion = async () => {
+        for (let v = version.current(); ; v = version.current()) {
+          if (v !== undefined) return v;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      };
+      const v0 = await settledVersion();
+      assert.equal(version.current(), v0, "unchanged while Nix writes nothing");
+      await run("nix", [...NIX_FLAGS, "store", "sign", "--store", root, ...opt, "--key-file", join(tmp.dir, "sec"), a]);
+      const v1 = await settledVersion();
+      assert.notEqual(v1, v0, `wal ${wal}: a signature changes the version`);
+      await run("nix-store", ["--store", root, ...opt, "--delete", a]);
+      assert.notEqual(await settledVersion(), v1, `wal ${wal}: a deletion changes the version`);
+      version.close();
+      assert.equal(databaseFilesVisible(join(root, "nix/var/nix/db")), true);
+    } finally {
+      tmp.cleanup();
+    }
+  }
+  const nowhere = "/nonexistent-fleetcache-test/nix/var/nix/db";
+  assert.equal(new DbVersion(nowhere).current(), undefined, "no database: no version");
+  assert.equal(databaseFilesVisible(nowhere), false);
 });
 
 test("the daemon watcher reports paths added and removed", async (t) => {
@@ -228,6 +348,7 @@ test("an unprivileged agent picks the daemon and serves Nix: nix copy, live addi
   try {
     const status = (await (await fetch(agent.url + "/api/v1/status")).json()) as { self: { storeBackend: string; paths: number } };
     assert.equal(status.self.storeBackend, "daemon", "auto chose the daemon: the database directory is not writable");
+    assert.doesNotMatch(agent.logs(), /cannot look at the Nix database/, "but it may look at the database's files");
     assert.ok(status.self.paths >= 4);
 
     const dest = join(f.tmp.dir, "dest");
@@ -236,6 +357,19 @@ test("an unprivileged agent picks the daemon and serves Nix: nix copy, live addi
     await run("nix", [...NIX_FLAGS, "store", "verify", "--store", dest, "-r", "--option", "trusted-public-keys", f.publicKey, f.built]);
     assert.deepEqual((await pathInfo(dest, [f.built], true)).map(toPathInfo).map((i) => i.narHash), (await pathInfo(f.root, [f.built], true)).map(toPathInfo).map((i) => i.narHash));
 
+    // Answers are cached, but a signature added by Nix is served at once: Nix trusting only a
+    // new key refuses the closure just served, and takes it right after `nix store sign`.
+    await run("nix-store", ["--generate-binary-cache-key", "daemon-test-2", join(f.tmp.dir, "sec2"), join(f.tmp.dir, "pub2")]);
+    const copyTrusting2 = (to: string) => run("nix", [...NIX_FLAGS, "copy", "--from", agent.url, "--to", to,
+      "--option", "require-sigs", "true", "--option", "trusted-public-keys", readFileSync(join(f.tmp.dir, "pub2"), "utf8").trim(),
+      "--option", "substituters", "", f.built], { env: { XDG_CACHE_HOME: mkdtempSync(join(f.tmp.dir, "cache-")) } }); // none cached by Nix
+    for (let i = 0; i < 3; i++) await fetch(`${agent.url}/${hp(f.built)}.narinfo`).then((r) => r.text());
+    await assert.rejects(copyTrusting2(join(f.tmp.dir, "dest2")), UNSIGNED_REFUSED);
+    await nix(["store", "sign", "--store", f.root, "--key-file", join(f.tmp.dir, "sec2"), "-r", f.built]);
+    await copyTrusting2(join(f.tmp.dir, "dest3"));
+    await run("nix", [...NIX_FLAGS, "store", "verify", "--store", join(f.tmp.dir, "dest3"), "-r",
+      "--option", "trusted-public-keys", readFileSync(join(f.tmp.dir, "pub2"), "utf8").trim(), f.built]);
+
     // Answers are live: a path added now is served, a deleted one is a miss at once.
     writeFileSync(join(f.tmp.dir, "later.txt"), "later\n");
     const later = await addToStore(f.root, join(f.tmp.dir, "later.txt"));
@@ -243,6 +377,8 @@ test("an unprivileged agent picks the daemon and serves Nix: nix copy, live addi
     const narinfo = await (await fetch(`${agent.url}/${hp(later)}.narinfo`)).text();
     const url = /^URL: (.*)$/m.exec(narinfo)![1]!;
     assert.equal(await get("/" + url), 200, "its NAR too");
+    // Asked again once the database has been quiet for a while: answered from the cache.
+    for (let i = 0; i < 4; i++) await new Promise((r) => setTimeout(r, 300)).then(() => get(`/${hp(later)}.narinfo`));
     await run("nix-store", ["--store", f.root, "--delete", later]);
     assert.equal(await get(`/${hp(later)}.narinfo`), 404, "deleted: not stale");
     assert.equal(await get(`/${"0".repeat(32)}.narinfo`), 404);

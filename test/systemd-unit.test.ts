@@ -293,6 +293,10 @@ describe("the shipped systemd unit, hardening intact, runs the agent as a dynami
     // for a dynamic user, mode 0700.
     const doc = await getJson(`${url}/api/v1/status`);
     assert.equal(doc.self.storeBackend, "daemon");
+    // Under the unit's sandbox it may still look at the database's files (the daemon backend's cache).
+    const journal = await ns.journal("fleetcache.service");
+    assert.match(journal, /store metadata from the Nix daemon/);
+    assert.doesNotMatch(journal, /cannot look at the Nix database/);
     assert.equal(doc.self.paths, allPaths);
     assert.equal(doc.self.publicKey, hostKey);
     const [mode, owner] = (await ns.exec("stat", ["-c", "%a %u", "/var/lib/private/fleetcache/host-key.sec"])).trim().split(" ");

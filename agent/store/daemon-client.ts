@@ -54,6 +54,8 @@ export class DaemonClient {
   private readonly max: number;
   private readonly timeoutMs: number;
   private readonly maxAgeMs: number;
+  /** Requests sent to the daemon so far (listings included; handshakes not). */
+  requests = 0;
   /** From the last handshake. */
   info: (DaemonInfo & { protocol: number }) | undefined;
 
@@ -106,6 +108,7 @@ export class DaemonClient {
 
   private exchangeOn<T>(c: DaemonConnection, payload: Buffer, reply: (q: ByteQueue, version: number) => Decoder<T>, timeoutMs: number): Promise<T> {
     c.exchanges++;
+    this.requests++;
     return c.exchange(payload, function* (q) {
       yield* stderrStream(q, c.version);
       return yield* reply(q, c.version);

@@ -1,7 +1,10 @@
-// Store metadata from the Nix daemon, for an agent that cannot open the database. Every lookup
-// asks the daemon (QueryPathFromHashPart, then QueryPathInfo), so answers are never stale and a
-// miss is real; the cost is two round trips over the socket. The daemon cannot find a path by
-// its NAR hash, so the legacy NAR URL that carries nothing else is a miss with this backend.
+// Store metadata from the Nix daemon, for an agent that cannot open the database. A lookup asks
+// the daemon (QueryPathFromHashPart, then QueryPathInfo: two round trips over the socket) unless
+// Nix's database is unchanged (db-version.ts) since the daemon gave a cached answer for the path,
+// or since it listed the store's paths without it (a miss). A path deleted, re-added or re-signed
+// is a write to the database, so an answer is never staler than the daemon's own. The daemon
+// cannot find a path by its NAR hash, so the legacy NAR URL that carries nothing else is a miss
+// with this backend.
 import { join } from "node:path";
 import { STORE_DIR, type PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
@@ -9,28 +12,35 @@ import type { DaemonPathInfo } from "../../protocol/daemon-wire.js";
 import type { Signer } from "../signer.js";
 import type { DaemonClient } from "./daemon-client.js";
 import { DaemonWatcher } from "./daemon-watch.js";
+import { DbVersion } from "./db-version.js";
 import { toPathInfo, type StoreMetadata } from "./metadata.js";
 
 interface CachedInfo {
   /** What the daemon said, condensed: the PathInfo is reused while this is unchanged. */
   key: string;
   info: PathInfo;
+  /** The database's version (DbVersion) read before the daemon was asked; undefined: none. */
+  dbVersion: string | undefined;
 }
 
+/** Answers kept, the most recently used (a PathInfo with its references: 1.1-3 KB of heap each with 0-20 references). */
 const MAX_CACHED = 100_000;
 
 export class DaemonMetadata implements StoreMetadata {
   readonly backend = "daemon";
   readonly watcher: DaemonWatcher;
-  // Reusing the PathInfo object lets the HTTP side reuse the rendered narinfo.
+  // Answers by hash part, the least recently used first. Reusing the PathInfo object lets the
+  // HTTP side reuse the rendered narinfo.
   private readonly infos = new Map<string, CachedInfo>();
+  private readonly dbVersion: DbVersion;
 
   constructor(
     root: string,
     readonly client: DaemonClient,
     private readonly signer: Signer,
   ) {
-    this.watcher = new DaemonWatcher(client, join(root, STORE_DIR));
+    this.dbVersion = new DbVersion(join(root, "nix/var/nix/db"));
+    this.watcher = new DaemonWatcher(client, join(root, STORE_DIR), { dbVersion: () => this.dbVersion.current() });
   }
 
   /** The first listing of the store (so pathCount and the mesh summary start right). */
@@ -43,17 +53,27 @@ export class DaemonMetadata implements StoreMetadata {
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
+    // Read before asking: the daemon's answer is then at least as new as this version.
+    const dbVersion = this.dbVersion.current();
+    const cached = this.infos.get(hashPart);
+    if (cached) this.infos.delete(hashPart); // set again below, as the most recent
+    if (dbVersion !== undefined) {
+      if (cached?.dbVersion === dbVersion) {
+        this.infos.set(hashPart, cached);
+        return cached.info;
+      }
+      // The last listing is still the store's list: a path not in it is not valid.
+      if (this.watcher.listedVersion === dbVersion && !this.watcher.has(hashPart)) return undefined;
+    }
     const storePath = await this.client.queryPathFromHashPart(hashPart);
     if (!storePath) return undefined;
     // Deleted in between: QueryPathInfo says "not valid" (protocol >= 1.17), also a miss.
     const raw = await this.client.queryPathInfo(storePath);
     if (!raw) return undefined;
     const key = [storePath, raw.narHash, raw.narSize, raw.registrationTime, raw.deriver, raw.ca, ...raw.sigs].join("\n");
-    const cached = this.infos.get(hashPart);
-    if (cached?.key === key) return cached.info;
-    const info = this.toPathInfo(storePath, raw);
+    const info = cached?.key === key ? cached.info : this.toPathInfo(storePath, raw);
     if (this.infos.size >= MAX_CACHED) this.infos.delete(this.infos.keys().next().value!);
-    this.infos.set(hashPart, { key, info });
+    this.infos.set(hashPart, { key, info, dbVersion });
     return info;
   }
 
@@ -73,6 +93,7 @@ export class DaemonMetadata implements StoreMetadata {
   close(): void {
     this.watcher.stop();
     this.client.close();
+    this.dbVersion.close();
   }
 
   private toPathInfo(storePath: string, raw: DaemonPathInfo): PathInfo {

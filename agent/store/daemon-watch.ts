@@ -5,9 +5,10 @@
 // after one that took T the next waits at least 2T (and 1 s), counted from its end; and while
 // events keep coming (a GC deletes a path after another for minutes) it waits for T of quiet
 // (and 1 s), up to 10T (at most 30 s): a store that is expensive to list is listed once the storm is over,
-// not over and over during it. Lookups do not depend on the list (they ask the daemon each time),
-// so a deleted path is a miss at once; only the summary and the path count wait. The reply is
-// decoded as it arrives and compared with the last in slices, with the event loop free in between.
+// not over and over during it. Lookups use the list only while Nix's database is unchanged since
+// it was asked for (see listedVersion), so a deleted path is a miss at once; only the summary and
+// the path count wait. The reply is decoded as it arrives and compared with the last in slices,
+// with the event loop free in between.
 import { EventEmitter } from "node:events";
 import { watch, type FSWatcher } from "node:fs";
 import type { DaemonClient } from "./daemon-client.js";
@@ -24,6 +25,8 @@ export interface DaemonWatcherOptions {
   minGapMs?: number;
   /** Listing interval without any directory event, and the longest a storm of events holds one back (default 30 s). */
   intervalMs?: number;
+  /** The database's version (db-version.ts), read before each listing is asked for: see listedVersion. */
+  dbVersion?: () => string | undefined;
 }
 
 /**
@@ -65,6 +68,12 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
   private fsWatcher: FSWatcher | undefined;
   private readonly minGapMs: number;
   private readonly intervalMs: number;
+  private readonly dbVersion: () => string | undefined;
+  /**
+   * The database's version before the last complete listing was asked for (undefined: unknown).
+   * While the database still has that version, the listing is exactly the store's valid paths.
+   */
+  listedVersion: string | undefined;
 
   constructor(
     private readonly client: DaemonClient,
@@ -75,6 +84,7 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
     super();
     this.minGapMs = opts.minGapMs ?? 1000;
     this.intervalMs = opts.intervalMs ?? 30_000;
+    this.dbVersion = opts.dbVersion ?? (() => undefined);
   }
 
   *hashParts(): IterableIterator<string> {
@@ -166,6 +176,7 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
 
   private async list(): Promise<StoreChange> {
     const started = Date.now();
+    const version = this.dbVersion();
     const listed = await this.client.queryAllValidHashParts();
     const pause = slicer();
     const next = await packed.sortedUnique(listed, pause, CHECK_EVERY);
@@ -185,6 +196,7 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
     }
     // Only now: until the comparison is done, has() answers from the last complete listing.
     this.current = next;
+    this.listedVersion = version;
     this.lastRun = Date.now();
     this.lastDuration = this.lastRun - started;
     if (change.added.length > 0 || change.removed.length > 0) this.emit("change", change);

@@ -16,6 +16,7 @@ import type { MeshNode } from "./node.js";
 import { peerAddr } from "../address.js";
 import { fetchPeers, isLoopback, servePeerExchange } from "./peer-exchange.js";
 import { readTailscaleStatus, tailscaleDialTargets } from "./tailscale.js";
+import { DIAL_TIMEOUT_MS, redialDelay } from "./redial.js";
 
 export type PeerSource = "static" | "mdns" | "px" | "tailscale" | "inbound";
 const SOURCE_ORDER: readonly PeerSource[] = ["static", "mdns", "px", "tailscale", "inbound"];
@@ -80,7 +81,6 @@ export interface PeerManagerOptions {
   exchangeIntervalMs?: number;
 }
 
-const MAX_BACKOFF_MS = 60_000;
 const MAX_ADDRESSES = 16;
 const EXCHANGE_TIMEOUT_MS = 10_000;
 
@@ -405,16 +405,14 @@ export class PeerManager extends EventEmitter<{
   }
 
   #backoff(failures: number): number {
-    const base = this.#opts.dialIntervalMs ?? 1000;
-    const delay = Math.min(MAX_BACKOFF_MS, base * 2 ** Math.min(failures - 1, 30));
-    return Math.round(delay * (0.75 + Math.random() * 0.5));
+    return redialDelay(failures, this.#opts.dialIntervalMs ?? 1000);
   }
 
   async #dialPeer(e: Entry): Promise<void> {
     e.dialing = true;
     const target = e.addresses.length > 0 ? dialableFirst(e.addresses).map((a) => multiaddr(`${a}/p2p/${e.peerId}`)) : e.id;
     try {
-      await this.#node.libp2p.dial(target, { signal: this.#signal(this.#opts.dialTimeoutMs ?? 5000) });
+      await this.#node.libp2p.dial(target, { signal: this.#signal(this.#opts.dialTimeoutMs ?? DIAL_TIMEOUT_MS) });
       // peer:connect does the bookkeeping (it may already have).
     } catch (err) {
       if (!this.#running) return;
@@ -452,7 +450,7 @@ export class PeerManager extends EventEmitter<{
   async #dialCandidate(c: Candidate): Promise<void> {
     c.dialing = true;
     try {
-      const conn = await this.#node.libp2p.dial(c.addrs, { signal: this.#signal(this.#opts.dialTimeoutMs ?? 5000) });
+      const conn = await this.#node.libp2p.dial(c.addrs, { signal: this.#signal(this.#opts.dialTimeoutMs ?? DIAL_TIMEOUT_MS) });
       if (!this.#running) return;
       // The gater let it through, so it is a trusted peer: its entry takes over redialing.
       const e = this.#entry(conn.remotePeer.toString(), c.source);

@@ -14,6 +14,7 @@ import { fetchPeers, peersFor } from "../agent/mesh/peer-exchange.js";
 import { parseTailscaleStatus, readTailscaleStatus, tailscaleDialTargets } from "../agent/mesh/tailscale.js";
 import { tempDir } from "./helpers/nix.js";
 import { startLinkProxy, type LinkProxy } from "../faults/link-proxy.js";
+import * as redial from "../agent/mesh/redial.js";
 
 const log = pino({ level: "silent" });
 // Compiled to dist/test/; the fixture stays in the source tree.
@@ -328,4 +329,19 @@ test("a peer that goes silent without a FIN is dropped, and reconnected once it 
   assert.equal(a.libp2p.getConnections(b.peerId).length, 0);
   link.thaw();
   await waitFor("A reconnected to B", () => info(ma, b)?.connected === true);
+});
+
+test("redial schedule: after any number of failed dials, a healed link is redialed in time to resync within 25 s", () => {
+  // The worst case after a partition heals: a dial into the dead link started just before the
+  // heal fails only at its deadline, then the longest redial delay (jitter at its top) passes.
+  // What follows (handshake, summary resume) needs a few seconds more; the goal is 25 s in all.
+  const { DIAL_TIMEOUT_MS, redialDelay } = redial;
+  const HEAL_GOAL_MS = 25_000;
+  const AFTER_CONNECT_MS = 3_000;
+  let worst = 0;
+  for (let failures = 1; failures <= 100; failures++) worst = Math.max(worst, redialDelay(failures, 1000, undefined, () => 0.999_999));
+  assert.ok(DIAL_TIMEOUT_MS + worst + AFTER_CONNECT_MS <= HEAL_GOAL_MS, `a heal may wait ${DIAL_TIMEOUT_MS} + ${worst} ms before the redial`);
+  // Still a backoff: the first redials come quickly, later ones further apart, never below the base.
+  const mid = (f: number) => redialDelay(f, 1000, undefined, () => 0.5);
+  assert.deepEqual([1, 2, 3, 4].map(mid), [1000, 2000, 4000, 8000]);
 });

@@ -16,7 +16,7 @@ import type { MeshNode } from "./node.js";
 import { peerAddr } from "../address.js";
 import { fetchPeers, isLoopback, servePeerExchange } from "./peer-exchange.js";
 import { readTailscaleStatus, tailscaleDialTargets } from "./tailscale.js";
-import { DIAL_TIMEOUT_MS, redialDelay } from "./redial.js";
+import { DIAL_TIMEOUT_MS, MAX_BLIND_REDIAL_MS, MAX_REDIAL_MS, redialDelay } from "./redial.js";
 
 export type PeerSource = "static" | "mdns" | "px" | "tailscale" | "inbound";
 const SOURCE_ORDER: readonly PeerSource[] = ["static", "mdns", "px", "tailscale", "inbound"];
@@ -73,7 +73,7 @@ export interface PeerManagerOptions {
   staticPeers: string[];
   tailscale?: TailscaleOptions;
   log: Logger;
-  /** First redial delay; it doubles per failure up to 60 s, with ±25 % jitter (default 1 s). */
+  /** First redial delay; it doubles per failure up to 10 s (60 s for Tailscale hosts not yet known), with ±25 % jitter (default 1 s). */
   dialIntervalMs?: number;
   /** Per-dial deadline (default 5 s). */
   dialTimeoutMs?: number;
@@ -404,8 +404,8 @@ export class PeerManager extends EventEmitter<{
     return AbortSignal.any([this.#stop.signal, AbortSignal.timeout(timeoutMs)]);
   }
 
-  #backoff(failures: number): number {
-    return redialDelay(failures, this.#opts.dialIntervalMs ?? 1000);
+  #backoff(failures: number, maxMs = MAX_REDIAL_MS): number {
+    return redialDelay(failures, this.#opts.dialIntervalMs ?? 1000, maxMs);
   }
 
   async #dialPeer(e: Entry): Promise<void> {
@@ -467,7 +467,7 @@ export class PeerManager extends EventEmitter<{
         return;
       }
       c.failures++;
-      c.nextDialAt = Date.now() + this.#backoff(c.failures);
+      c.nextDialAt = Date.now() + this.#backoff(c.failures, c.source === "tailscale" ? MAX_BLIND_REDIAL_MS : MAX_REDIAL_MS);
       this.#log.debug({ addrs: c.addrs.map(String), failures: c.failures, err }, "mesh: dial failed");
     } finally {
       c.dialing = false;

@@ -11,9 +11,9 @@ import { openNar } from "./nar-service.js";
 import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
-import type { PeerPenaltyStatus } from "./holder-penalties.js";
-import { PeerManager, type PeerInfo } from "./peer-manager.js";
-import { PeerPenalties, type Penalty } from "./peer-penalties.js";
+import { FleetTable, type FleetRow } from "./fleet-table.js";
+import { PeerManager } from "./peer-manager.js";
+import { PeerPenalties } from "./peer-penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
 
@@ -36,7 +36,7 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty })[];
+  peers: (FleetRow & { bytesSent: number; bytesReceived: number })[];
 }
 
 export class Mesh {
@@ -46,6 +46,7 @@ export class Mesh {
     private readonly publisher: SummaryPublisher,
     private readonly summaries: SummaryTable,
     private readonly manager: PeerManager,
+    private readonly fleet: FleetTable,
     private readonly sent: SentBytes,
     /** Connections refused after the handshake: the remote's key is not in the fleet. */
     private readonly refused: { connections: number },
@@ -78,19 +79,17 @@ export class Mesh {
         log,
         ...(opts.tailscale ? { tailscale: opts.tailscale } : {}),
       });
+      const fleet = new FleetTable(manager, summaries, penalties);
       // Our own signatures count too: a path this host signed, held by a peer, is acceptable.
       const keys = [...trusted, { name: opts.key.name, publicKey: opts.key.publicKey }];
-      const source = new FleetSource(local, manager, summaries, {
+      const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
         nar: (peer, req, signal) => openNar(node, peer, req, { signal, log }),
       }, log, {
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
       });
-      // Every fleet member we connect to tells us what it holds (the table resubscribes by itself
-      // after a reconnect, and drops the summary of a peer that is gone).
-      manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties);
+      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties);
     } catch (e) {
       await node.stop();
       throw e;
@@ -101,20 +100,17 @@ export class Mesh {
     return {
       peerId: this.node.peerId.toString(),
       addresses: this.node.addresses().map(String),
-      peers: this.manager.peers().map((p) => ({
+      peers: this.fleet.rows().map((p) => ({
         ...p,
-        pathCount: this.summaries.pathCount(p.peerId),
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
-        ...this.source.penalties.status(p.peerId),
-        ...(this.penalties.get(p.peerId) && { penalty: { ...this.penalties.get(p.peerId)! } }),
       })),
     };
   }
 
   /** Known peers, for gauges (cheaper than status(): no addresses). */
   peerGauges(): { connected: boolean; pathCount: number | undefined }[] {
-    return this.manager.peers().map((p) => ({ connected: p.connected, pathCount: this.summaries.pathCount(p.peerId) }));
+    return this.fleet.rows().map((p) => ({ connected: p.connected, pathCount: p.pathCount }));
   }
 
   tallies(): MeshTallies {
@@ -136,6 +132,7 @@ export class Mesh {
 
   async stop(): Promise<void> {
     this.publisher.stop();
+    this.fleet.stop();
     this.summaries.stop();
     await this.manager.stop();
     await this.node.stop();

@@ -74,12 +74,14 @@ test("a holder that does not come back within the grace is forgotten: its paths 
   if (!ready(t)) return;
   await eventually("B has A back", async () => (await B.http(`/${hashPart(paths[3]!)}.narinfo`)).status === 200, 20_000);
   await A.stop();
-  // While it may still come back, B says so; a lookup is held, then answered 404.
+  // While it may still come back, B says so (status, CLI); a lookup is held, then answered 404.
+  const onB = async () => (await B.status()).peers.find((x) => x.publicKey === A.publicKey) as { connected: boolean; reconnecting?: boolean } | undefined;
+  await eventually("A reconnecting on B", async () => (await onB())?.reconnecting === true, 10_000);
   const res = await B.http(`/${hashPart(paths[3]!)}.narinfo`);
   assert.equal(res.status, 404);
   // Once the grace has passed, no lookup waits for it any more, and status no longer lists it as reconnecting.
   await eventually("A no longer reconnecting on B", async () => {
-    const p = (await B.status()).peers.find((x) => x.publicKey === A.publicKey) as { connected: boolean; reconnecting?: boolean } | undefined;
+    const p = await onB();
     return p !== undefined && !p.connected && p.reconnecting !== true;
   }, 90_000);
   assert.equal((await B.http(`/${hashPart(paths[3]!)}.narinfo`)).status, 404);

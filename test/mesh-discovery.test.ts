@@ -10,6 +10,7 @@ import { pino } from "pino";
 import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { PeerManager, type PeerInfo, type PeerManagerOptions } from "../agent/mesh/peer-manager.js";
+import { StaticPeers } from "../agent/mesh/fleet-discovery.js";
 import { fetchPeers, peersFor } from "../agent/mesh/peer-exchange.js";
 import { parseTailscaleStatus, readTailscaleStatus, tailscaleDialTargets } from "../agent/mesh/tailscale.js";
 import { tempDir } from "./helpers/nix.js";
@@ -344,4 +345,25 @@ test("redial schedule: after any number of failed dials, a healed link is redial
   // Still a backoff: the first redials come quickly, later ones further apart, never below the base.
   const mid = (f: number) => redialDelay(f, 1000, undefined, () => 0.5);
   assert.deepEqual([1, 2, 3, 4].map(mid), [1000, 2000, 4000, 8000]);
+});
+
+test("static peers as a libp2p discovery module: libp2p announces them (peer:discovery), with and without a peer ID, labelled static", async () => {
+  const [ka, kb, kc] = ["host-a-1", "host-b-1", "host-c-1"].map(generateKeyPair) as [SecretKey, SecretKey, SecretKey];
+  const b = await node(kb, [ka]);
+  const c = await node(kc, [ka]);
+  // B with its peer ID, C as "host:port" (its ID is learned from a blind dial).
+  const specs = [`/ip4/127.0.0.1/tcp/${portOf(b)}/p2p/${id(b)}`, hostPort(c)];
+  const statics = new StaticPeers(specs, log);
+  const a = await createMeshNode({ key: ka, trusted: [kb, kc], listen: "/ip4/127.0.0.1/tcp/0", log, pingIntervalMs: PING_MS, discovery: [statics] });
+  nodes.push(a);
+  const discovered: string[] = [];
+  a.libp2p.addEventListener("peer:discovery", (e) => discovered.push(e.detail.id.toString()));
+  const ma = await manager(a, { staticPeers: specs, discovery: [statics] });
+  await waitFor("A connected to B and C", () => info(ma, b)?.connected === true && info(ma, c)?.connected === true);
+  await waitFor("libp2p announced both", () => discovered.includes(id(b)) && discovered.includes(id(c)));
+  assert.deepEqual(info(ma, b)?.sources, ["static"]);
+  assert.deepEqual(info(ma, c)?.sources, ["static"], "a static peer is not taken for an mDNS find");
+  const stored = await a.libp2p.peerStore.get(c.peerId);
+  assert.ok(stored.addresses.some((x) => x.multiaddr.toString() === `/ip4/127.0.0.1/tcp/${portOf(c)}`), "libp2p's peer store has the static address");
+  assert.deepEqual(ma.addressCandidates().map((x) => x.peerId), [id(c)], "the host:port resolved to C");
 });

@@ -13,6 +13,7 @@ import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
 import { FleetTable, type FleetRow } from "./fleet-table.js";
 import { PeerManager } from "./peer-manager.js";
+import { StaticPeers, TailscalePeers } from "./fleet-discovery.js";
 import { PeerPenalties } from "./peer-penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
@@ -64,7 +65,12 @@ export class Mesh {
     };
     const penalties = new PeerPenalties();
     const denied = (peerId: string) => penalties.isPenalised(peerId);
-    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused, denied });
+    // Static peers and Tailscale hosts are libp2p discovery modules, as mDNS is.
+    const discovery = [
+      ...(opts.peers.length > 0 ? [new StaticPeers(opts.peers, log)] : []),
+      ...(opts.tailscale ? [new TailscalePeers(opts.tailscale, log)] : []),
+    ];
+    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, discovery, onRefused, denied });
     try {
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
@@ -76,6 +82,7 @@ export class Mesh {
       summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
         staticPeers: opts.peers,
+        discovery,
         log,
         ...(opts.tailscale ? { tailscale: opts.tailscale } : {}),
       });

@@ -26,7 +26,9 @@ before(async () => {
   for (let i = 0; i < 4; i++) paths.push(await addBlob(A, `restart-${i}`, 32 << 10));
   await addBlob(B, "b-own", 1024);
   await A.start();
-  await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`]);
+  // B waits up to 25 s (default 5) for a reconnecting holder: A's restart takes 2-5 s, longer on
+  // a loaded machine, and the test is about the wait, not its default length.
+  await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`, "--reconnect-wait", "25"]);
   await announcedTo(B, A);
 });
 

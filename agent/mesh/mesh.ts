@@ -30,6 +30,8 @@ export interface MeshOptions {
   log: Logger;
   /** Summary keys a peer may send in a burst (SummaryBudget.burstKeys). */
   summaryBudget?: number;
+  /** How long a lookup waits for a reconnecting peer that alone holds the path (FleetSourceOptions.reconnectWaitMs). */
+  reconnectWaitMs?: number;
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -94,6 +96,7 @@ export class Mesh {
         nar: (peer, req, signal) => openNar(node, peer, req, { signal, log }),
       }, log, {
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
+        ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
       await manager.start();
       return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties);

@@ -513,3 +513,10 @@ test("reconnect: a NAR whose only holder stays away is a NarGoneError (404) at t
   const { NarGoneError } = await import("../agent/source.js");
   await assert.rejects(collect(source.narStream(info, 0, info.narSize)), NarGoneError);
 });
+
+test("narinfo: holders are asked in the table's order (fastest first), a peer penalised for wrong bytes last", async () => {
+  const { source, asked } = lookupFleet({ fast: "no", shady: "no", slow: "yes" }, { hedgeAfterMs: 60_000, strikesBeforePeerPenalty: 1 });
+  source.penalties.wrongBytes("shady", "1".repeat(32)); // another path: a strike against the peer as a whole
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["fast", "slow"], "the answer came before the penalised peer was asked");
+});

@@ -367,3 +367,21 @@ test("static peers as a libp2p discovery module: libp2p announces them (peer:dis
   assert.ok(stored.addresses.some((x) => x.multiaddr.toString() === `/ip4/127.0.0.1/tcp/${portOf(c)}`), "libp2p's peer store has the static address");
   assert.deepEqual(ma.addressCandidates().map((x) => x.peerId), [id(c)], "the host:port resolved to C");
 });
+
+test("a peer that just dropped is redialed at most 2 s apart (an agent restarting), whatever the backoff has reached", async () => {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  const ma = await manager(a, { staticPeers: [hostPort(b)], dialIntervalMs: 100 });
+  await waitFor("A connected to B", () => info(ma, b)?.connected === true);
+  await b.stop();
+  // Doubling from 100 ms, failure 7 would wait 6.4 s ± 25 %; within 30 s of the drop it waits at most 2 s ± 25 %.
+  let late: { failures: number; wait: number } | undefined;
+  await waitFor("seven failed redials", () => {
+    const p = info(ma, b)!;
+    if (p.failures >= 7 && p.nextDialAt !== undefined && late === undefined) late = { failures: p.failures, wait: p.nextDialAt - Date.now() };
+    return late !== undefined;
+  });
+  assert.ok(late!.wait <= 1.25 * redial.MAX_QUICK_REDIAL_MS, `redial after failure ${late!.failures} due in ${late!.wait} ms`);
+});

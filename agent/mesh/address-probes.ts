@@ -6,7 +6,7 @@ import type { PeerId } from "@libp2p/interface";
 import type { Multiaddr } from "@multiformats/multiaddr";
 import type { Logger } from "../log.js";
 import { tcpAddress } from "./peer-addresses.js";
-import { DIAL_TIMEOUT_MS, redialDelay } from "./redial.js";
+import { DIAL_TIMEOUT_MS, DialSchedule, type Dialable } from "./redial.js";
 
 /** An address to dial whose peer ID we do not know yet (for diagnostics). */
 export interface AddressCandidate {
@@ -37,21 +37,16 @@ export interface ProbeHost {
   dialTimeoutMs?: number;
 }
 
-interface Candidate {
+interface Candidate extends Dialable {
   addrs: Multiaddr[];
-  failures: number;
-  nextDialAt?: number;
   peerId?: string;
-  dialing: boolean;
 }
 
 export class AddressProbes {
   readonly #candidates = new Map<string, Candidate>();
   readonly #onFound: (peerId: string, addrs: Multiaddr[]) => void;
   #host: ProbeHost | undefined;
-  #stop = new AbortController();
-  #timer: NodeJS.Timeout | undefined;
-  #timerAt = Infinity;
+  #schedule: DialSchedule<Candidate> | undefined;
 
   /**
    * `source` labels the candidates; `maxRedialMs` caps their backoff; `onFound` is told the peer
@@ -67,22 +62,28 @@ export class AddressProbes {
 
   begin(host: ProbeHost): void {
     this.#host = host;
-    this.#stop = new AbortController();
-    this.kick();
+    this.#schedule = new DialSchedule<Candidate>({
+      items: () => this.#candidates.values(),
+      // A candidate whose address turned out to be a known peer's (or ours) needs no blind dial.
+      wanted: (c) => c.peerId === undefined && !this.#resolveByAddress(host, c),
+      dial: (c, signal) => this.#dial(host, c, signal),
+      failed: (c, err) => host.log.debug({ addrs: c.addrs.map(String), failures: c.failures, err }, "mesh: dial failed"),
+      baseMs: host.dialIntervalMs ?? 1000,
+      maxMs: this.maxRedialMs,
+      timeoutMs: host.dialTimeoutMs ?? DIAL_TIMEOUT_MS,
+    });
+    this.#schedule.start();
   }
 
   end(): void {
     this.#host = undefined;
-    this.#stop.abort(new Error("discovery stopped"));
-    clearTimeout(this.#timer);
-    this.#timer = undefined;
-    this.#timerAt = Infinity;
+    this.#schedule?.stop();
   }
 
   add(key: string, addrs: Multiaddr[]): void {
     if (this.#candidates.has(key)) return;
     this.#candidates.set(key, { addrs, failures: 0, dialing: false });
-    this.kick();
+    this.#schedule?.kick();
   }
 
   /** Forgets the candidates not in `keys` (hosts that left the tailnet or went offline). */
@@ -100,31 +101,7 @@ export class AddressProbes {
     }));
   }
 
-  /** Starts due dials and arms the timer for the next one. */
-  kick(): void {
-    const host = this.#host;
-    if (!host) return;
-    const now = Date.now();
-    let next = Infinity;
-    for (const c of this.#candidates.values()) {
-      if (c.dialing || c.peerId !== undefined) continue;
-      if (this.#resolveByAddress(host, c)) continue;
-      const at = c.nextDialAt ?? now;
-      if (at <= now) void this.#dial(host, c);
-      else next = Math.min(next, at);
-    }
-    if (next < this.#timerAt) {
-      clearTimeout(this.#timer);
-      this.#timerAt = next;
-      this.#timer = setTimeout(() => {
-        this.#timerAt = Infinity;
-        this.kick();
-      }, Math.max(0, next - now));
-      this.#timer.unref();
-    }
-  }
-
-  /** A candidate whose address a known peer already has belongs to that peer: no blind dial. One of our own addresses is us. */
+  /** A candidate whose address a known peer already has belongs to that peer. One of our own addresses is us. */
   #resolveByAddress(host: ProbeHost, c: Candidate): boolean {
     const addrs = new Set(c.addrs.map((a) => tcpAddress(a, "")));
     const own = new Set(host.ownAddresses().map((a) => tcpAddress(a, host.self)));
@@ -139,29 +116,22 @@ export class AddressProbes {
     return true;
   }
 
-  async #dial(host: ProbeHost, c: Candidate): Promise<void> {
-    c.dialing = true;
-    const stop = this.#stop.signal;
+  async #dial(host: ProbeHost, c: Candidate, signal: AbortSignal): Promise<void> {
+    let peer: PeerId;
     try {
-      const peer = await host.dial(c.addrs, AbortSignal.any([stop, AbortSignal.timeout(host.dialTimeoutMs ?? DIAL_TIMEOUT_MS)]));
-      if (stop.aborted) return;
-      // The gater let it through, so it is a fleet peer: its entry takes over redialing.
-      c.peerId = peer.toString();
-      c.failures = 0;
-      delete c.nextDialAt;
-      this.#onFound(c.peerId, c.addrs);
+      peer = await host.dial(c.addrs, signal);
     } catch (err) {
-      if (stop.aborted) return;
       if (err instanceof Error && err.name === "InvalidPeerIdError" && /dial self/.test(err.message)) {
         c.peerId = host.self; // another name for one of our addresses
         return;
       }
-      c.failures++;
-      c.nextDialAt = Date.now() + redialDelay(c.failures, host.dialIntervalMs ?? 1000, this.maxRedialMs);
-      host.log.debug({ addrs: c.addrs.map(String), failures: c.failures, err }, "mesh: dial failed");
-    } finally {
-      c.dialing = false;
-      this.kick();
+      throw err;
     }
+    if (this.#host !== host) return; // ended meanwhile
+    // The gater let it through, so it is a fleet peer: its entry takes over redialing.
+    c.peerId = peer.toString();
+    c.failures = 0;
+    delete c.nextDialAt;
+    this.#onFound(c.peerId, c.addrs);
   }
 }

@@ -16,7 +16,7 @@ import { PROTOCOL_PEERS, type PeerRecord } from "../../protocol/peer-codec.js";
 import type { MeshNode } from "./node.js";
 import { fetchPeers, servePeerExchange } from "./peer-exchange.js";
 import { dialableFirst, tcpAddress } from "./peer-addresses.js";
-import { DIAL_TIMEOUT_MS, redialDelay } from "./redial.js";
+import { DialSchedule, MAX_QUICK_REDIAL_MS, MAX_REDIAL_MS, QUICK_REDIAL_WINDOW_MS, type Dialable } from "./redial.js";
 import type { AddressCandidate } from "./address-probes.js";
 import { StaticPeers, TailscalePeers, type FleetDiscovery, type TailscaleOptions } from "./fleet-discovery.js";
 
@@ -59,7 +59,10 @@ export interface PeerManagerOptions {
    */
   discovery?: FleetDiscovery[];
   log: Logger;
-  /** First redial delay; it doubles per failure up to 10 s (60 s for Tailscale hosts not yet known), with ±25 % jitter (default 1 s). */
+  /**
+   * First redial delay; it doubles per failure up to 10 s (2 s in the first 30 s after a drop; 60 s
+   * for Tailscale hosts not yet known), with ±25 % jitter (default 1 s).
+   */
   dialIntervalMs?: number;
   /** Per-dial deadline (default 5 s). */
   dialTimeoutMs?: number;
@@ -70,7 +73,7 @@ export interface PeerManagerOptions {
 const MAX_ADDRESSES = 16;
 const EXCHANGE_TIMEOUT_MS = 10_000;
 
-interface Entry {
+interface Entry extends Dialable {
   peerId: string;
   id: PeerId;
   key: PublicKey;
@@ -82,9 +85,6 @@ interface Entry {
   connected: boolean;
   /** When the peer was last connected (ms since the epoch). */
   lastSeen?: number;
-  failures: number;
-  nextDialAt?: number;
-  dialing: boolean;
   exchanging: boolean;
 }
 
@@ -102,10 +102,9 @@ export class PeerManager extends EventEmitter<{
   readonly #discovery: FleetDiscovery[];
   /** Peers our discovery modules reported (libp2p's peer:discovery for them is not mDNS). */
   readonly #reported = new Set<string>();
+  readonly #redials: DialSchedule<Entry>;
   #stop = new AbortController();
   #running = false;
-  #dialTimer: NodeJS.Timeout | undefined;
-  #dialTimerAt = Infinity;
   #intervals: NodeJS.Timeout[] = [];
   #unlisten: (() => void)[] = [];
 
@@ -119,6 +118,20 @@ export class PeerManager extends EventEmitter<{
       ...(opts.staticPeers.length > 0 ? [new StaticPeers(opts.staticPeers, opts.log)] : []),
       ...(opts.tailscale ? [new TailscalePeers(opts.tailscale, opts.log)] : []),
     ];
+    this.#redials = new DialSchedule<Entry>({
+      items: () => this.#peers.values(),
+      wanted: (e) => !e.connected,
+      // peer:connect does the bookkeeping of a dial that succeeds (it may already have).
+      dial: async (e, signal) => {
+        const target = e.addresses.length > 0 ? dialableFirst(e.addresses).map((a) => multiaddr(`${a}/p2p/${e.peerId}`)) : e.id;
+        await node.libp2p.dial(target, { signal });
+      },
+      failed: (e, err) => this.#log.debug({ peer: e.key.name, failures: e.failures, err }, "mesh: dial failed"),
+      // Just dropped: likely back within seconds (a restart), and lookups may be waiting for it.
+      maxMs: (e) => (e.lastSeen !== undefined && Date.now() - e.lastSeen < QUICK_REDIAL_WINDOW_MS ? MAX_QUICK_REDIAL_MS : MAX_REDIAL_MS),
+      ...(opts.dialIntervalMs !== undefined && { baseMs: opts.dialIntervalMs }),
+      ...(opts.dialTimeoutMs !== undefined && { timeoutMs: opts.dialTimeoutMs }),
+    });
   }
 
   async start(): Promise<void> {
@@ -127,6 +140,7 @@ export class PeerManager extends EventEmitter<{
     await servePeerExchange(this.#node, this);
     this.#running = true;
     this.#stop = new AbortController();
+    this.#redials.start();
 
     const on = <K extends "peer:connect" | "peer:disconnect" | "peer:identify" | "peer:discovery">(
       type: K,
@@ -146,7 +160,7 @@ export class PeerManager extends EventEmitter<{
       if (libp2p.getConnections(p.id).length > 0 || this.#reported.has(p.id.toString())) return;
       const entry = this.#entry(p.id.toString(), "mdns");
       if (entry) for (const ma of p.multiaddrs) this.#addAddress(entry, ma);
-      this.#kick();
+      this.#redials.kick();
     });
 
     for (const d of this.#discovery) {
@@ -176,7 +190,7 @@ export class PeerManager extends EventEmitter<{
     every(this.#opts.exchangeIntervalMs ?? 5 * 60_000, () => {
       for (const e of this.#peers.values()) if (e.connected) void this.#exchange(e);
     });
-    this.#kick();
+    this.#redials.kick();
   }
 
   async stop(): Promise<void> {
@@ -186,9 +200,7 @@ export class PeerManager extends EventEmitter<{
     for (const d of this.#discovery) d.end();
     for (const t of this.#intervals) clearInterval(t);
     this.#intervals = [];
-    clearTimeout(this.#dialTimer);
-    this.#dialTimer = undefined;
-    this.#dialTimerAt = Infinity;
+    this.#redials.stop();
     for (const off of this.#unlisten) off();
     this.#unlisten = [];
     await this.#node.libp2p.unhandle(PROTOCOL_PEERS).catch(() => {}); // the node may be stopping too
@@ -277,7 +289,7 @@ export class PeerManager extends EventEmitter<{
     for (const ma of p.multiaddrs) this.#addAddress(e, ma, true);
     // A blind dial that found it is a connection already.
     if (this.#node.libp2p.getConnections(p.id).length > 0) this.#onConnect(peerId);
-    else this.#kick();
+    else this.#redials.kick();
   }
 
   #onConnect(peerId: string): void {
@@ -309,7 +321,7 @@ export class PeerManager extends EventEmitter<{
     e.nextDialAt = Date.now(); // try once right away; failures back off from there
     this.#log.info({ peer: e.key.name, peerId }, "mesh: peer disconnected");
     this.emit("disconnected", peerId);
-    this.#kick();
+    this.#redials.kick();
   }
 
   #onIdentify(r: IdentifyResult): void {
@@ -335,32 +347,10 @@ export class PeerManager extends EventEmitter<{
       // New addresses are worth a try now, whatever the backoff said.
       if (added && !e.connected && !e.dialing) e.nextDialAt = Math.min(e.nextDialAt ?? 0, Date.now());
     }
-    this.#kick();
+    this.#redials.kick();
   }
 
   // --- background work -------------------------------------------------------------------------
-
-  /** Starts due dials and arms the timer for the next one. */
-  #kick(): void {
-    if (!this.#running) return;
-    const now = Date.now();
-    let next = Infinity;
-    for (const e of this.#peers.values()) {
-      if (e.connected || e.dialing) continue;
-      const at = e.nextDialAt ?? now;
-      if (at <= now) void this.#dialPeer(e);
-      else next = Math.min(next, at);
-    }
-    if (next < this.#dialTimerAt) {
-      clearTimeout(this.#dialTimer);
-      this.#dialTimerAt = next;
-      this.#dialTimer = setTimeout(() => {
-        this.#dialTimerAt = Infinity;
-        this.#kick();
-      }, Math.max(0, next - now));
-      this.#dialTimer.unref();
-    }
-  }
 
   /** The lowest RTT the connection monitor measured on the peer's open connections, if any. */
   #rtt(e: Entry): { rttMs?: number } {
@@ -374,27 +364,6 @@ export class PeerManager extends EventEmitter<{
 
   #signal(timeoutMs: number): AbortSignal {
     return AbortSignal.any([this.#stop.signal, AbortSignal.timeout(timeoutMs)]);
-  }
-
-  #backoff(failures: number): number {
-    return redialDelay(failures, this.#opts.dialIntervalMs ?? 1000);
-  }
-
-  async #dialPeer(e: Entry): Promise<void> {
-    e.dialing = true;
-    const target = e.addresses.length > 0 ? dialableFirst(e.addresses).map((a) => multiaddr(`${a}/p2p/${e.peerId}`)) : e.id;
-    try {
-      await this.#node.libp2p.dial(target, { signal: this.#signal(this.#opts.dialTimeoutMs ?? DIAL_TIMEOUT_MS) });
-      // peer:connect does the bookkeeping (it may already have).
-    } catch (err) {
-      if (!this.#running) return;
-      e.failures++;
-      e.nextDialAt = Date.now() + this.#backoff(e.failures);
-      this.#log.debug({ peer: e.key.name, failures: e.failures, err }, "mesh: dial failed");
-    } finally {
-      e.dialing = false;
-      this.#kick();
-    }
   }
 
   async #exchange(e: Entry): Promise<void> {

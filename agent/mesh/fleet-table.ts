@@ -51,8 +51,13 @@ export class FleetTable implements FleetView {
   readonly #peerPenalties: PeerPenalties | undefined;
   readonly #graceMs: number;
   readonly #events = new EventEmitter<{ change: [] }>();
-  /** Peer ID → when it went away and the timer that ends its grace. */
-  readonly #away = new Map<string, { since: number; timer: NodeJS.Timeout }>();
+  /**
+   * Peer ID → the timer that ends its grace; kept after it reconnects until
+   * its summary counts for lookups again (or the grace ends).
+   */
+  readonly #away = new Map<string, NodeJS.Timeout>();
+  /** Peers whose summary counts for lookups. */
+  readonly #ready = new Set<string>();
 
   constructor(manager: PeerManager, summaries: SummaryTable, peerPenalties: PeerPenalties | undefined, opts: FleetTableOptions = {}) {
     this.#manager = manager;
@@ -64,7 +69,6 @@ export class FleetTable implements FleetView {
     // Every fleet member we connect to tells us what it holds (the summary table resubscribes by
     // itself after a reconnect, resuming from the summary it kept).
     manager.on("connected", (peerId) => {
-      this.#back(peerId);
       summaries.subscribe(peerId);
       this.#changed();
     });
@@ -72,7 +76,17 @@ export class FleetTable implements FleetView {
       this.#gone(peerId);
       this.#changed();
     });
-    summaries.on("change", () => this.#changed());
+    summaries.on("change", (peerId) => {
+      if (summaries.pathCount(peerId) !== undefined) {
+        this.#ready.add(peerId);
+        this.#back(peerId); // resumed: back for lookups
+      } else if (this.#ready.delete(peerId)) {
+        // Its summary left lookups: the stream ended, often a moment before the connection
+        // closes (a publisher stopping first). The grace starts now.
+        this.#gone(peerId);
+      }
+      this.#changed();
+    });
   }
 
   holders(hashPart: string): string[] {
@@ -85,8 +99,8 @@ export class FleetTable implements FleetView {
   reconnectingHolders(hashPart: string): string[] {
     const kept = this.#summaries.keptHolders(hashPart);
     if (kept.length === 0) return kept;
-    const connected = new Set(this.#manager.connectedPeers());
-    return kept.filter((p) => (connected.has(p) || this.#away.has(p)) && !this.#peerPenalties?.isPenalised(p));
+    // Only within the grace: a connected peer whose summary stays out of lookups is not waited for.
+    return kept.filter((p) => this.#away.has(p) && !this.#peerPenalties?.isPenalised(p));
   }
 
   onChange(fn: () => void): () => void {
@@ -109,7 +123,7 @@ export class FleetTable implements FleetView {
   }
 
   stop(): void {
-    for (const a of this.#away.values()) clearTimeout(a.timer);
+    for (const timer of this.#away.values()) clearTimeout(timer);
     this.#away.clear();
     this.#events.removeAllListeners();
   }
@@ -121,13 +135,13 @@ export class FleetTable implements FleetView {
       this.#changed(); // lookups waiting for it give up now
     }, this.#graceMs);
     timer.unref();
-    this.#away.set(peerId, { since: Date.now(), timer });
+    this.#away.set(peerId, timer);
   }
 
   #back(peerId: string): void {
-    const a = this.#away.get(peerId);
-    if (!a) return;
-    clearTimeout(a.timer);
+    const timer = this.#away.get(peerId);
+    if (!timer) return;
+    clearTimeout(timer);
     this.#away.delete(peerId);
   }
 

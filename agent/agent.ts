@@ -69,6 +69,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       local: store,
       log,
       summaryBudget: config.summaryBudget,
+      reconnectWaitMs: config.reconnectWait * 1000,
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();

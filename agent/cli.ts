@@ -49,6 +49,7 @@ program
   .option("--use-case-hack", "the store was written with Nix's use-case-hack (names on disk may end in ~nix~case~hack~N): serve the names Nix's NARs have (env FLEETCACHE_USE_CASE_HACK; default as Nix: on for macOS, off elsewhere)")
   .option("--no-use-case-hack", "serve the names on disk as they are")
   .option("--summary-budget <keys>", "summary keys a peer may send in a burst (then 20,000 a second); a peer over it is disconnected and refused for a while (env FLEETCACHE_SUMMARY_BUDGET; default 8454144: two snapshots of the largest summary)")
+  .option("--reconnect-wait <seconds>", "how long a lookup waits for a peer that just disconnected (an agent restarting) when it alone holds the path, before answering 404 (env FLEETCACHE_RECONNECT_WAIT; default 5; 0: at once)")
   .option("--check-config", "validate the configuration and key files, print the result as JSON, and exit")
   .action(async (opts: Record<string, unknown>) => {
     const log = createLogger();
@@ -72,6 +73,7 @@ program
           daemonSocket: opts.daemonSocket,
           useCaseHack: opts.useCaseHack,
           summaryBudget: opts.summaryBudget,
+          reconnectWait: opts.reconnectWait,
         },
       });
     } catch (e) {

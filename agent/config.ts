@@ -37,6 +37,8 @@ export interface AgentConfig {
   useCaseHack: boolean;
   /** Summary keys a peer may send in a burst (then 20,000 a second) before it is disconnected. */
   summaryBudget: number;
+  /** Seconds a lookup waits for a reconnecting peer that alone holds the path (0: answer 404 at once). */
+  reconnectWait: number;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -126,6 +128,12 @@ function summaryBudget(raw: unknown, from: string): number {
   return n;
 }
 
+function reconnectWait(raw: unknown, from: string): number {
+  const n = typeof raw === "number" ? raw : typeof raw === "string" && /^\d+(\.\d+)?$/.test(raw) ? Number(raw) : NaN;
+  if (!Number.isFinite(n) || n < 0 || n > 60) throw new ConfigError(`${from}: expected a number of seconds between 0 and 60`);
+  return n;
+}
+
 export function parseListen(raw: unknown, from = "listen"): ListenAddress {
   const { host, port } = address(parseHostPort, str(raw, from), from);
   return { host, port };
@@ -147,6 +155,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   daemonSocket: { key: "daemonSocket", toml: "daemon_socket", env: "FLEETCACHE_DAEMON_SOCKET", parse: optionalPath },
   useCaseHack: { key: "useCaseHack", toml: "use_case_hack", env: "FLEETCACHE_USE_CASE_HACK", parse: bool },
   summaryBudget: { key: "summaryBudget", toml: "summary_budget", env: "FLEETCACHE_SUMMARY_BUDGET", parse: summaryBudget },
+  reconnectWait: { key: "reconnectWait", toml: "reconnect_wait", env: "FLEETCACHE_RECONNECT_WAIT", parse: reconnectWait },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -165,6 +174,7 @@ export const DEFAULTS: AgentConfig = {
   daemonSocket: null,
   useCaseHack: process.platform === "darwin",
   summaryBudget: 2 * (1 << 22) + 65_536, // two snapshots of the largest summary (DEFAULT_SUMMARY_BUDGET)
+  reconnectWait: 5, // an agent restart (FAULTS.md, restart-under-load), well under Nix's timeouts
 };
 
 export class ConfigError extends Error {}

@@ -82,7 +82,10 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       daemonSocket: null,
       useCaseHack: process.platform === "darwin",
       summaryBudget: 8_454_144,
+      reconnectWait: 5,
     });
+    assert.equal((await cfg(["--reconnect-wait", "20"], { FLEETCACHE_CONFIG: "" })).config.reconnectWait, 20);
+    assert.equal((await cfg(["--reconnect-wait", "600"], { FLEETCACHE_CONFIG: "" })).code, 2, "longer than Nix should be held");
     assert.equal((await cfg(["--summary-budget", "50000"], { FLEETCACHE_CONFIG: "" })).config.summaryBudget, 50_000);
     assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);

@@ -1,12 +1,17 @@
-// FleetSource, the router, against a fake fleet: holders are plain objects that serve a NAR's
-// bytes (or wrong ones, or "busy" past their transfer limit, as the real NAR service does), so
-// failover order, queueing, penalties and verification can be checked without a network.
+// FleetSource, the router, against a fake fleet: a fake of the fleet table (who is connected,
+// who is reconnecting, in "fastest first" order) and holders that are plain objects serving a
+// NAR's bytes (or wrong ones, or "busy" past their transfer limit, as the real NAR service does),
+// so failover order, queueing, penalties, verification and the wait for a reconnecting holder
+// can be checked without a network.
+import { EventEmitter } from "node:events";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { createLogger } from "../agent/log.js";
-import { FleetSource, type NarRequestFromPeer, type PeerRequests } from "../agent/mesh/fleet-source.js";
+import { FleetSource, type FleetSourceOptions, type NarRequestFromPeer, type PeerRequests } from "../agent/mesh/fleet-source.js";
+import type { FleetView } from "../agent/mesh/fleet-table.js";
+import { HolderPenalties, type PenaltyOptions } from "../agent/mesh/holder-penalties.js";
 import { NarFetchError } from "../agent/mesh/nar-service.js";
 import type { LocalStore } from "../agent/store/local-store.js";
 import type { Narinfo } from "../protocol/narinfo.js";
@@ -15,6 +20,56 @@ import type { PathInfo } from "../protocol/path-info.js";
 
 const HASH_PART = "0".repeat(31) + "1";
 const log = createLogger({ level: "silent", pretty: false });
+
+type Options = FleetSourceOptions & PenaltyOptions;
+
+/**
+ * The fleet table as FleetSource sees it: every peer in `order` (fastest first) announces the
+ * path; each is connected, reconnecting (away, within its grace) or forgotten.
+ */
+class FakeFleet implements FleetView {
+  readonly holderPenalties: HolderPenalties;
+  readonly connected: Set<string>;
+  readonly reconnecting = new Set<string>();
+  readonly #events = new EventEmitter();
+  constructor(
+    readonly order: string[],
+    opts: PenaltyOptions = {},
+  ) {
+    this.connected = new Set(order);
+    this.holderPenalties = new HolderPenalties(opts);
+  }
+  holders(): string[] {
+    return this.order.filter((p) => this.connected.has(p));
+  }
+  reconnectingHolders(): string[] {
+    return this.order.filter((p) => this.reconnecting.has(p));
+  }
+  onChange(fn: () => void): () => void {
+    this.#events.on("change", fn);
+    return () => this.#events.off("change", fn);
+  }
+  listeners(): number {
+    return this.#events.listenerCount("change");
+  }
+  /** The peer's connection closed: it is reconnecting. */
+  leave(peer: string): void {
+    this.connected.delete(peer);
+    this.reconnecting.add(peer);
+    this.#events.emit("change");
+  }
+  /** Connected again, its summary back. */
+  back(peer: string): void {
+    this.reconnecting.delete(peer);
+    this.connected.add(peer);
+    this.#events.emit("change");
+  }
+  /** Its grace is over. */
+  forget(peer: string): void {
+    this.reconnecting.delete(peer);
+    this.#events.emit("change");
+  }
+}
 
 interface FakeHolder {
   /** The bytes it serves (may differ from the real NAR). */
@@ -44,9 +99,8 @@ function nar(size: number): { bytes: Buffer; info: PathInfo; narinfo: Narinfo } 
 }
 
 /** A FleetSource over fake holders (peer IDs are their keys, in "fastest first" order). */
-function fleet(holders: Record<string, FakeHolder>, narinfo: Narinfo, opts: ConstructorParameters<typeof FleetSource>[5] = {}) {
+function fleet(holders: Record<string, FakeHolder>, narinfo: Narinfo, opts: Options = {}, table = new FakeFleet(Object.keys(holders), opts)) {
   const local = { pathInfo: async () => undefined } as unknown as LocalStore;
-  const order = Object.keys(holders);
   const requests: PeerRequests = {
     narinfo: async () => narinfo,
     async nar(peer, req, signal) {
@@ -72,7 +126,7 @@ function fleet(holders: Record<string, FakeHolder>, narinfo: Narinfo, opts: Cons
       })();
     },
   };
-  const source = new FleetSource(local, { connectedPeers: () => order }, { holders: () => order }, requests, log, opts);
+  const source = new FleetSource(local, table, requests, log, opts);
   return source;
 }
 
@@ -301,10 +355,10 @@ test("transfer slots: waiters are served in arrival order", async () => {
 type Answer = "yes" | "no" | "never" | "error";
 
 /** A FleetSource whose holders answer narinfo questions as told; records who was asked. */
-function lookupFleet(answers: Record<string, Answer>, opts: ConstructorParameters<typeof FleetSource>[5] = {}) {
+function lookupFleet(answers: Record<string, Answer>, opts: Options = {}) {
   const { narinfo } = nar(100);
   const asked: string[] = [];
-  const order = Object.keys(answers);
+  const table = new FakeFleet(Object.keys(answers), opts);
   const requests: PeerRequests = {
     narinfo: (peer, _hashPart, signal) => {
       asked.push(peer);
@@ -317,8 +371,8 @@ function lookupFleet(answers: Record<string, Answer>, opts: ConstructorParameter
     nar: () => Promise.reject(new Error("not used")),
   };
   const local = { pathInfo: async () => undefined } as unknown as LocalStore;
-  const source = new FleetSource(local, { connectedPeers: () => order }, { holders: () => order }, requests, log, opts);
-  return { source, asked };
+  const source = new FleetSource(local, table, requests, log, opts);
+  return { source, asked, table };
 }
 
 test("narinfo: a silent first holder is hedged: the next is asked too, and its answer wins", async () => {
@@ -378,4 +432,110 @@ test("every holder answers not-found (collected since announcing it): NarGoneErr
     throw new NarFetchError(peer === "a" ? "not-found" : "interrupted", "x");
   };
   await assert.rejects(collect(source.narStream(info, 0, info.narSize)), NarUnavailableError);
+});
+
+// --- a holder reconnecting (its agent restarting): lookups wait for it, briefly ------------------
+
+/** Whether `p` has settled by the next turns of the event loop. */
+async function settled(p: Promise<unknown>): Promise<boolean> {
+  let done = false;
+  void p.then(() => (done = true), () => (done = true));
+  for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+  return done;
+}
+
+test("reconnect: a lookup for a path whose only holder is reconnecting waits for it, then asks it", async () => {
+  const { source, asked, table } = lookupFleet({ a: "yes" }, { reconnectWaitMs: 60_000 });
+  table.leave("a");
+  const lookup = source.pathInfo(HASH_PART);
+  assert.equal(await settled(lookup), false, "held, not a miss at once");
+  assert.deepEqual(asked, [], "nobody asked while it is away");
+  table.back("a");
+  assert.ok(await lookup, "answered once the holder is back");
+  assert.deepEqual(asked, ["a"]);
+  assert.equal(source.counters.misses, 0);
+  assert.equal(table.listeners(), 0, "the wait left no listener behind");
+});
+
+test("reconnect: a holder that stays away makes the lookup a miss at the wait's end; one forgotten ends it at once", async () => {
+  const short = lookupFleet({ a: "yes" }, { reconnectWaitMs: 20 });
+  short.table.leave("a");
+  assert.equal(await short.source.pathInfo(HASH_PART), undefined);
+  assert.deepEqual(short.asked, []);
+  assert.equal(short.source.counters.misses, 1);
+
+  const long = lookupFleet({ a: "yes" }, { reconnectWaitMs: 600_000 });
+  long.table.leave("a");
+  const lookup = long.source.pathInfo(HASH_PART);
+  assert.equal(await settled(lookup), false);
+  long.table.forget("a"); // its grace ended: no stale answer, no more waiting
+  assert.equal(await lookup, undefined);
+  assert.equal(long.table.listeners(), 0);
+  // With nobody reconnecting a miss is answered at once (the test would time out otherwise).
+  assert.equal(await long.source.pathInfo(HASH_PART), undefined);
+});
+
+test("reconnect: a connected holder is asked at once, even while another holder is reconnecting", async () => {
+  const { source, asked, table } = lookupFleet({ away: "yes", here: "yes" }, { reconnectWaitMs: 600_000 });
+  table.leave("away");
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["here"]);
+});
+
+test("reconnect: a reconnecting holder barred for the path (wrong bytes) is not waited for", async () => {
+  const { source, table } = lookupFleet({ bad: "yes" }, { reconnectWaitMs: 600_000 });
+  source.penalties.wrongBytes("bad", HASH_PART);
+  table.leave("bad");
+  assert.equal(await source.pathInfo(HASH_PART), undefined);
+});
+
+test("reconnect: the holder goes away while being asked: the lookup waits for it and asks again", async () => {
+  const { narinfo } = nar(100);
+  const table = new FakeFleet(["a"]);
+  const asked: string[] = [];
+  const requests: PeerRequests = {
+    narinfo: async (peer) => {
+      asked.push(peer);
+      if (asked.length > 1) return narinfo;
+      table.leave(peer); // its agent stops as our question reaches it: the stream is reset
+      throw new Error("stream reset");
+    },
+    nar: () => Promise.reject(new Error("not used")),
+  };
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const source = new FleetSource(local, table, requests, log, { reconnectWaitMs: 600_000 });
+  const lookup = source.pathInfo(HASH_PART);
+  assert.equal(await settled(lookup), false);
+  table.back("a");
+  assert.ok(await lookup);
+  assert.deepEqual(asked, ["a", "a"]);
+});
+
+test("reconnect: a NAR whose only holder is reconnecting waits for it and arrives whole", async () => {
+  const { bytes, info, narinfo } = nar(10_000);
+  const a = holder(bytes);
+  const table = new FakeFleet(["a"]);
+  const source = fleet({ a }, narinfo, { reconnectWaitMs: 600_000 }, table);
+  table.leave("a");
+  const got = collect(source.narStream(info, 0, info.narSize));
+  assert.equal(await settled(got), false, "held, not a 404 at once");
+  assert.equal(a.requests.length, 0);
+  table.back("a");
+  assert.ok((await got).equals(bytes));
+});
+
+test("reconnect: a NAR whose only holder stays away is a NarGoneError (404) at the wait's end", async () => {
+  const { bytes, info, narinfo } = nar(1000);
+  const table = new FakeFleet(["a"]);
+  const source = fleet({ a: holder(bytes) }, narinfo, { reconnectWaitMs: 20 }, table);
+  table.leave("a");
+  const { NarGoneError } = await import("../agent/source.js");
+  await assert.rejects(collect(source.narStream(info, 0, info.narSize)), NarGoneError);
+});
+
+test("narinfo: holders are asked in the table's order (fastest first), a peer penalised for wrong bytes last", async () => {
+  const { source, asked } = lookupFleet({ fast: "no", shady: "no", slow: "yes" }, { hedgeAfterMs: 60_000, strikesBeforePeerPenalty: 1 });
+  source.penalties.wrongBytes("shady", "1".repeat(32)); // another path: a strike against the peer as a whole
+  assert.ok(await source.pathInfo(HASH_PART));
+  assert.deepEqual(asked, ["fast", "slow"], "the answer came before the penalised peer was asked");
 });

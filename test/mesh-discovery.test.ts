@@ -10,10 +10,12 @@ import { pino } from "pino";
 import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { PeerManager, type PeerInfo, type PeerManagerOptions } from "../agent/mesh/peer-manager.js";
+import { StaticPeers } from "../agent/mesh/fleet-discovery.js";
 import { fetchPeers, peersFor } from "../agent/mesh/peer-exchange.js";
 import { parseTailscaleStatus, readTailscaleStatus, tailscaleDialTargets } from "../agent/mesh/tailscale.js";
 import { tempDir } from "./helpers/nix.js";
 import { startLinkProxy, type LinkProxy } from "../faults/link-proxy.js";
+import * as redial from "../agent/mesh/redial.js";
 
 const log = pino({ level: "silent" });
 // Compiled to dist/test/; the fixture stays in the source tree.
@@ -328,4 +330,58 @@ test("a peer that goes silent without a FIN is dropped, and reconnected once it 
   assert.equal(a.libp2p.getConnections(b.peerId).length, 0);
   link.thaw();
   await waitFor("A reconnected to B", () => info(ma, b)?.connected === true);
+});
+
+test("redial schedule: after any number of failed dials, a healed link is redialed in time to resync within 25 s", () => {
+  // The worst case after a partition heals: a dial into the dead link started just before the
+  // heal fails only at its deadline, then the longest redial delay (jitter at its top) passes.
+  // What follows (handshake, summary resume) needs a few seconds more; the goal is 25 s in all.
+  const { DIAL_TIMEOUT_MS, redialDelay } = redial;
+  const HEAL_GOAL_MS = 25_000;
+  const AFTER_CONNECT_MS = 3_000;
+  let worst = 0;
+  for (let failures = 1; failures <= 100; failures++) worst = Math.max(worst, redialDelay(failures, 1000, undefined, () => 0.999_999));
+  assert.ok(DIAL_TIMEOUT_MS + worst + AFTER_CONNECT_MS <= HEAL_GOAL_MS, `a heal may wait ${DIAL_TIMEOUT_MS} + ${worst} ms before the redial`);
+  // Still a backoff: the first redials come quickly, later ones further apart, never below the base.
+  const mid = (f: number) => redialDelay(f, 1000, undefined, () => 0.5);
+  assert.deepEqual([1, 2, 3, 4].map(mid), [1000, 2000, 4000, 8000]);
+});
+
+test("static peers as a libp2p discovery module: libp2p announces them (peer:discovery), with and without a peer ID, labelled static", async () => {
+  const [ka, kb, kc] = ["host-a-1", "host-b-1", "host-c-1"].map(generateKeyPair) as [SecretKey, SecretKey, SecretKey];
+  const b = await node(kb, [ka]);
+  const c = await node(kc, [ka]);
+  // B with its peer ID, C as "host:port" (its ID is learned from a blind dial).
+  const specs = [`/ip4/127.0.0.1/tcp/${portOf(b)}/p2p/${id(b)}`, hostPort(c)];
+  const statics = new StaticPeers(specs, log);
+  const a = await createMeshNode({ key: ka, trusted: [kb, kc], listen: "/ip4/127.0.0.1/tcp/0", log, pingIntervalMs: PING_MS, discovery: [statics] });
+  nodes.push(a);
+  const discovered: string[] = [];
+  a.libp2p.addEventListener("peer:discovery", (e) => discovered.push(e.detail.id.toString()));
+  const ma = await manager(a, { staticPeers: specs, discovery: [statics] });
+  await waitFor("A connected to B and C", () => info(ma, b)?.connected === true && info(ma, c)?.connected === true);
+  await waitFor("libp2p announced both", () => discovered.includes(id(b)) && discovered.includes(id(c)));
+  assert.deepEqual(info(ma, b)?.sources, ["static"]);
+  assert.deepEqual(info(ma, c)?.sources, ["static"], "a static peer is not taken for an mDNS find");
+  const stored = await a.libp2p.peerStore.get(c.peerId);
+  assert.ok(stored.addresses.some((x) => x.multiaddr.toString() === `/ip4/127.0.0.1/tcp/${portOf(c)}`), "libp2p's peer store has the static address");
+  assert.deepEqual(ma.addressCandidates().map((x) => x.peerId), [id(c)], "the host:port resolved to C");
+});
+
+test("a peer that just dropped is redialed at most 2 s apart (an agent restarting), whatever the backoff has reached", async () => {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  const ma = await manager(a, { staticPeers: [hostPort(b)], dialIntervalMs: 100 });
+  await waitFor("A connected to B", () => info(ma, b)?.connected === true);
+  await b.stop();
+  // Doubling from 100 ms, failure 7 would wait 6.4 s ± 25 %; within 30 s of the drop it waits at most 2 s ± 25 %.
+  let late: { failures: number; wait: number } | undefined;
+  await waitFor("seven failed redials", () => {
+    const p = info(ma, b)!;
+    if (p.failures >= 7 && p.nextDialAt !== undefined && late === undefined) late = { failures: p.failures, wait: p.nextDialAt - Date.now() };
+    return late !== undefined;
+  });
+  assert.ok(late!.wait <= 1.25 * redial.MAX_QUICK_REDIAL_MS, `redial after failure ${late!.failures} due in ${late!.wait} ms`);
 });

@@ -8,6 +8,8 @@ export interface StatusPeer {
   peerId?: string;
   addresses: string[];
   connected: boolean;
+  /** Disconnected within the reconnect grace: lookups wait for it briefly. */
+  reconnecting?: boolean;
   rttMs?: number;
   pathCount?: number;
   lastSeen?: unknown;
@@ -94,6 +96,7 @@ export function readStatus(doc: unknown): StatusView {
         peerId: str(q.peerId),
         addresses: strs(q.addresses),
         connected: q.connected === true,
+        ...(q.reconnecting === true && { reconnecting: true }),
         rttMs: num(q.rttMs),
         pathCount: num(q.pathCount),
         lastSeen: q.lastSeen,

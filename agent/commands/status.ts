@@ -44,7 +44,7 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
   lines.push("", `peers: ${s.peers.length} known, ${connected} connected`);
   for (const p of [...s.peers].sort((a, b) => Number(b.connected) - Number(a.connected) || a.name.localeCompare(b.name))) {
     const facts = [
-      p.connected ? "connected" : "DISCONNECTED",
+      p.connected ? "connected" : p.reconnecting ? "DISCONNECTED (reconnecting: lookups wait for it)" : "DISCONNECTED",
       p.rttMs !== undefined ? `rtt ${p.rttMs < 10 ? p.rttMs.toFixed(1) : Math.round(p.rttMs)} ms` : undefined,
       p.pathCount !== undefined ? `${p.pathCount} paths` : undefined,
       p.bytesReceived !== undefined ? `received ${formatBytes(p.bytesReceived)}` : undefined,

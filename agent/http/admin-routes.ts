@@ -60,6 +60,11 @@ export interface StatusPeer {
   sources: string[];
   /** Failed dials since the last successful connection. */
   failures: number;
+  /**
+   * Disconnected less than 30 s ago: a lookup for a path only it holds waits (up to 5 s) for it
+   * to be back instead of answering 404 (an agent restarting).
+   */
+  reconnecting?: true;
   /** When the next redial is due, while disconnected (ms since the epoch). */
   nextDialAt?: number;
   /**

@@ -3,7 +3,8 @@
 // without a question to any peer (the summaries are in memory); otherwise the closest holders
 // are asked, with a short deadline. NARs come from the fastest holder with a free transfer slot
 // (or wait in a queue for one), are verified whole against the narinfo, and a holder whose bytes
-// are wrong is passed over (penalties.ts).
+// are wrong is passed over (holder-penalties.ts). Who holds what comes from the fleet table
+// (fleet-table.ts); a path whose only holders are reconnecting waits for them, briefly.
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
@@ -12,19 +13,10 @@ import type { Logger } from "../log.js";
 import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { MAX_NAR_TRANSFERS_PER_PEER, NarFetchError, NarVerifier } from "./nar-service.js";
-import { HolderPenalties, type PenaltyOptions } from "./holder-penalties.js";
+import type { HolderPenalties } from "./holder-penalties.js";
+import type { FleetView } from "./fleet-table.js";
 import { TransferSlots } from "./transfer-slots.js";
 import { HeldNar } from "./held-nar.js";
-
-/** Which connected peers there are, fastest first (the peer manager). */
-export interface PeerDirectory {
-  connectedPeers(): string[];
-}
-
-/** Which peers announced a path (the summary table). */
-export interface HolderIndex {
-  holders(hashPart: string): string[];
-}
 
 export interface NarRequestFromPeer {
   hashPart: string;
@@ -41,7 +33,7 @@ export interface PeerRequests {
   nar(peerId: string, req: NarRequestFromPeer, signal: AbortSignal): Promise<AsyncIterable<Uint8Array>>;
 }
 
-export interface FleetSourceOptions extends PenaltyOptions {
+export interface FleetSourceOptions {
   /** How long a narinfo lookup may wait on peers in all. */
   narinfoDeadlineMs?: number;
   /** After this long without an answer, the next holder is asked as well. */
@@ -59,6 +51,11 @@ export interface FleetSourceOptions extends PenaltyOptions {
    * so no byte of a wrong NAR reaches the client; a larger one streams with its last chunk held.
    */
   spoolBytes?: number;
+  /**
+   * Longest wait, when a path's only holders are reconnecting (fleet-table.ts), for one of them
+   * to be back before the lookup is a miss (default 5 s: an agent restart; well under Nix's timeouts).
+   */
+  reconnectWaitMs?: number;
   /** Told of failures operators should see (a peer's NAR transfer or narinfo answer failing). */
   onError?: (e: { message: string; path?: string; peer: string }) => void;
 }
@@ -99,6 +96,8 @@ const SPOOL_BYTES = 1024 * 1024 * 1024;
 /** A holder may still count a transfer that has ended on our side: how often to ask again. */
 const MAX_BUSY_RETRIES = 20;
 const BUSY_RETRY_MS = 25;
+/** An agent restart measured 2-5 s from SIGTERM to its peers reconnected (FAULTS.md, restart-under-load). */
+const RECONNECT_WAIT_MS = 5_000;
 
 export class FleetSource implements PathSource {
   readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0, verifyFailures: 0, queuedTransfers: 0 };
@@ -118,11 +117,11 @@ export class FleetSource implements PathSource {
   private readonly holdBytes: number;
   private readonly spoolBytes: number;
   private readonly slots: TransferSlots;
+  private readonly reconnectWaitMs: number;
 
   constructor(
     private readonly local: LocalStore,
-    private readonly peers: PeerDirectory,
-    private readonly index: HolderIndex,
+    private readonly fleet: FleetView,
     private readonly requests: PeerRequests,
     private readonly log: Logger,
     opts: FleetSourceOptions = {},
@@ -135,7 +134,8 @@ export class FleetSource implements PathSource {
     this.holdBytes = opts.holdBytes ?? HOLD_BYTES;
     this.spoolBytes = opts.spoolBytes ?? SPOOL_BYTES;
     this.slots = new TransferSlots(opts.transfersPerHolder ?? MAX_NAR_TRANSFERS_PER_PEER);
-    this.penalties = new HolderPenalties(opts);
+    this.reconnectWaitMs = opts.reconnectWaitMs ?? RECONNECT_WAIT_MS;
+    this.penalties = fleet.holderPenalties;
   }
 
   /** Whether `info` came from a peer rather than this host's store. */
@@ -149,7 +149,7 @@ export class FleetSource implements PathSource {
       this.counters.localHits++;
       return local;
     }
-    const holders = this.holders(hashPart);
+    const holders = await this.holdersOrWait(hashPart);
     if (holders.length === 0) {
       this.counters.misses++;
       return undefined; // no connected peer announces it: answered without any network traffic
@@ -159,13 +159,12 @@ export class FleetSource implements PathSource {
       this.counters.peerHits++;
       return cached.info;
     }
-    // Concurrent lookups of one path (Nix's HEAD then GET) share one round of questions.
-    let pending = this.inflight.get(hashPart);
-    if (!pending) {
-      pending = this.askPeers(hashPart, holders).finally(() => this.inflight.delete(hashPart));
-      this.inflight.set(hashPart, pending);
+    let info = await this.ask(hashPart, holders);
+    // The holders we asked went away meanwhile (a restart begun as we asked): wait for them once.
+    if (!info && this.holders(hashPart).length === 0) {
+      const back = await this.holdersOrWait(hashPart);
+      if (back.length > 0) info = await this.ask(hashPart, back);
     }
-    const info = await pending;
     if (info) this.counters.peerHits++;
     else this.counters.misses++;
     return info;
@@ -190,12 +189,51 @@ export class FleetSource implements PathSource {
     yield* this.remoteNar(hashPart, info, start, end);
   }
 
+  /** Concurrent lookups of one path (Nix's HEAD then GET) share one round of questions. */
+  private ask(hashPart: string, holders: string[]): Promise<PathInfo | undefined> {
+    let pending = this.inflight.get(hashPart);
+    if (!pending) {
+      pending = this.askPeers(hashPart, holders).finally(() => this.inflight.delete(hashPart));
+      this.inflight.set(hashPart, pending);
+    }
+    return pending;
+  }
+
   /** Connected peers announcing the path, fastest first; penalised ones last, barred ones left out. */
   private holders(hashPart: string): string[] {
-    const announced = this.index.holders(hashPart);
-    if (announced.length === 0) return announced;
-    const set = new Set(announced);
-    return this.penalties.order(this.peers.connectedPeers().filter((p) => set.has(p)), hashPart);
+    const connected = this.fleet.holders(hashPart);
+    return connected.length === 0 ? connected : this.penalties.order(connected, hashPart);
+  }
+
+  /**
+   * The path's connected holders; when there are none but a holder of it is reconnecting (an
+   * agent restarting), waits up to reconnectWaitMs for one to be back rather than answer a miss
+   * that Nix would remember (narinfo-cache-negative-ttl). Empty when none is back by then.
+   */
+  private async holdersOrWait(hashPart: string): Promise<string[]> {
+    let holders = this.holders(hashPart);
+    if (holders.length > 0 || this.reconnectWaitMs <= 0) return holders;
+    const reconnecting = () => this.penalties.order(this.fleet.reconnectingHolders(hashPart), hashPart).length > 0;
+    if (!reconnecting()) return holders;
+    const deadline = Date.now() + this.reconnectWaitMs;
+    while (holders.length === 0 && Date.now() < deadline && reconnecting()) {
+      await this.fleetChange(deadline - Date.now());
+      holders = this.holders(hashPart);
+    }
+    return holders;
+  }
+
+  /** Resolves at the fleet table's next change, or after `ms`. */
+  private fleetChange(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        off();
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      const off = this.fleet.onChange(done);
+    });
   }
 
   /**
@@ -365,7 +403,7 @@ export class FleetSource implements PathSource {
    */
   private async holderSlot(hashPart: string, skip: Set<string>, storePath: string): Promise<string | undefined> {
     const cachedFrom = this.cache.get(hashPart)?.from;
-    const holders = this.holders(hashPart).filter((p) => !skip.has(p));
+    const holders = (skip.size === 0 ? await this.holdersOrWait(hashPart) : this.holders(hashPart)).filter((p) => !skip.has(p));
     const order = cachedFrom && holders.includes(cachedFrom) ? [cachedFrom, ...holders.filter((p) => p !== cachedFrom)] : holders;
     if (order.length === 0) return undefined;
     const free = order.find((p) => this.slots.tryAcquire(p));

@@ -11,9 +11,10 @@ import { openNar } from "./nar-service.js";
 import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
-import type { PeerPenaltyStatus } from "./holder-penalties.js";
-import { PeerManager, type PeerInfo } from "./peer-manager.js";
-import { PeerPenalties, type Penalty } from "./peer-penalties.js";
+import { FleetTable, type FleetRow } from "./fleet-table.js";
+import { PeerManager } from "./peer-manager.js";
+import { StaticPeers, TailscalePeers } from "./fleet-discovery.js";
+import { PeerPenalties } from "./peer-penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
 
@@ -29,6 +30,8 @@ export interface MeshOptions {
   log: Logger;
   /** Summary keys a peer may send in a burst (SummaryBudget.burstKeys). */
   summaryBudget?: number;
+  /** How long a lookup waits for a reconnecting peer that alone holds the path (FleetSourceOptions.reconnectWaitMs). */
+  reconnectWaitMs?: number;
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -36,7 +39,7 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty })[];
+  peers: (FleetRow & { bytesSent: number; bytesReceived: number })[];
 }
 
 export class Mesh {
@@ -46,6 +49,7 @@ export class Mesh {
     private readonly publisher: SummaryPublisher,
     private readonly summaries: SummaryTable,
     private readonly manager: PeerManager,
+    private readonly fleet: FleetTable,
     private readonly sent: SentBytes,
     /** Connections refused after the handshake: the remote's key is not in the fleet. */
     private readonly refused: { connections: number },
@@ -63,7 +67,12 @@ export class Mesh {
     };
     const penalties = new PeerPenalties();
     const denied = (peerId: string) => penalties.isPenalised(peerId);
-    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused, denied });
+    // Static peers and Tailscale hosts are libp2p discovery modules, as mDNS is.
+    const discovery = [
+      ...(opts.peers.length > 0 ? [new StaticPeers(opts.peers, log)] : []),
+      ...(opts.tailscale ? [new TailscalePeers(opts.tailscale, log)] : []),
+    ];
+    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, discovery, onRefused, denied });
     try {
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
@@ -75,22 +84,22 @@ export class Mesh {
       summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
         staticPeers: opts.peers,
+        discovery,
         log,
         ...(opts.tailscale ? { tailscale: opts.tailscale } : {}),
       });
+      const fleet = new FleetTable(manager, summaries, penalties);
       // Our own signatures count too: a path this host signed, held by a peer, is acceptable.
       const keys = [...trusted, { name: opts.key.name, publicKey: opts.key.publicKey }];
-      const source = new FleetSource(local, manager, summaries, {
+      const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
         nar: (peer, req, signal) => openNar(node, peer, req, { signal, log }),
       }, log, {
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
+        ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
-      // Every fleet member we connect to tells us what it holds (the table resubscribes by itself
-      // after a reconnect, and drops the summary of a peer that is gone).
-      manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties);
+      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties);
     } catch (e) {
       await node.stop();
       throw e;
@@ -101,20 +110,17 @@ export class Mesh {
     return {
       peerId: this.node.peerId.toString(),
       addresses: this.node.addresses().map(String),
-      peers: this.manager.peers().map((p) => ({
+      peers: this.fleet.rows().map((p) => ({
         ...p,
-        pathCount: this.summaries.pathCount(p.peerId),
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
-        ...this.source.penalties.status(p.peerId),
-        ...(this.penalties.get(p.peerId) && { penalty: { ...this.penalties.get(p.peerId)! } }),
       })),
     };
   }
 
   /** Known peers, for gauges (cheaper than status(): no addresses). */
   peerGauges(): { connected: boolean; pathCount: number | undefined }[] {
-    return this.manager.peers().map((p) => ({ connected: p.connected, pathCount: this.summaries.pathCount(p.peerId) }));
+    return this.fleet.rows().map((p) => ({ connected: p.connected, pathCount: p.pathCount }));
   }
 
   tallies(): MeshTallies {
@@ -136,6 +142,7 @@ export class Mesh {
 
   async stop(): Promise<void> {
     this.publisher.stop();
+    this.fleet.stop();
     this.summaries.stop();
     await this.manager.stop();
     await this.node.stop();

@@ -10,7 +10,7 @@ import { ping, type Ping } from "@libp2p/ping";
 import { mdns } from "@libp2p/mdns";
 import { multiaddr, type Multiaddr } from "@multiformats/multiaddr";
 import { peerIdFromString } from "@libp2p/peer-id";
-import type { AbortOptions, Connection, PeerId, Stream, StreamHandlerOptions } from "@libp2p/interface";
+import type { AbortOptions, Connection, PeerDiscovery, PeerId, Stream, StreamHandlerOptions } from "@libp2p/interface";
 import type { Logger } from "pino";
 import type { PublicKey, SecretKey } from "../../protocol/keys.js";
 import { libp2pPrivateKey, trustedPeers } from "./identity.js";
@@ -29,6 +29,8 @@ export interface MeshNodeOptions {
   log: Logger;
   /** Discover peers by multicast DNS and dial the trusted ones (default off). */
   mdns?: boolean;
+  /** Further discovery modules (static peers, Tailscale: fleet-discovery.ts); their finds are dialed as mDNS ones are. */
+  discovery?: PeerDiscovery[];
   /** Told of every connection refused after the handshake because the remote's key is not trusted. */
   onRefused?: RefusedPeer;
   /** Trusted peers to refuse for now (penalised: over a per-peer limit). */
@@ -105,7 +107,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
     connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
-    peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
+    peerDiscovery: [...(opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : []), ...(opts.discovery ?? []).map((d) => () => d)],
     connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs),
     // Short handshake deadline, a pending queue sized for a fleet (admission.ts); the gater
     // limits sockets per remote host.
@@ -114,7 +116,8 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     services: { identify: identify(), ping: ping() },
   });
 
-  // mDNS only reports peers; dialing is up to us. Untrusted ones are not worth a handshake.
+  // Discovery modules only report peers; dialing is up to us (the peer manager redials those
+  // that drop). Untrusted ones are not worth a handshake.
   libp2p.addEventListener("peer:discovery", (evt) => {
     const id = evt.detail.id;
     if (!trusted.has(id.toString()) || id.toString() === self) return;

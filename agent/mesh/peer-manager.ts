@@ -1,5 +1,6 @@
-// Keeps the mesh connected: learns fleet peers from static addresses, mDNS, peer exchange,
-// Tailscale and inbound connections; redials the ones that drop with capped exponential backoff;
+// Keeps the mesh connected: learns fleet peers from the discovery modules (static peers and
+// Tailscale: fleet-discovery.ts; mDNS: libp2p's), peer exchange and inbound connections; redials
+// the ones that drop with capped exponential backoff (redial.ts);
 // orders peers by the RTT that libp2p's connection monitor measures, so lookups ask the fastest
 // peer first. Liveness is the monitor's too (node.ts): it pings every connection and closes the
 // ones that stop answering; a second pinger here made the two collide. Nothing here blocks a
@@ -13,9 +14,14 @@ import type { Logger } from "../log.js";
 import { formatPublicKey, type PublicKey } from "../../protocol/keys.js";
 import { PROTOCOL_PEERS, type PeerRecord } from "../../protocol/peer-codec.js";
 import type { MeshNode } from "./node.js";
-import { peerAddr } from "../address.js";
-import { fetchPeers, isLoopback, servePeerExchange } from "./peer-exchange.js";
-import { readTailscaleStatus, tailscaleDialTargets } from "./tailscale.js";
+import { fetchPeers, servePeerExchange } from "./peer-exchange.js";
+import { dialableFirst, tcpAddress } from "./peer-addresses.js";
+import { DialSchedule, MAX_QUICK_REDIAL_MS, MAX_REDIAL_MS, QUICK_REDIAL_WINDOW_MS, type Dialable } from "./redial.js";
+import type { AddressCandidate } from "./address-probes.js";
+import { StaticPeers, TailscalePeers, type FleetDiscovery, type TailscaleOptions } from "./fleet-discovery.js";
+
+export type { AddressCandidate } from "./address-probes.js";
+export type { TailscaleOptions } from "./fleet-discovery.js";
 
 export type PeerSource = "static" | "mdns" | "px" | "tailscale" | "inbound";
 const SOURCE_ORDER: readonly PeerSource[] = ["static", "mdns", "px", "tailscale", "inbound"];
@@ -43,36 +49,20 @@ export interface PeerInfo {
   nextDialAt?: number;
 }
 
-/** An address to dial whose peer ID we do not know yet (a "host:port" peer, a Tailscale host). */
-export interface AddressCandidate {
-  addrs: string[];
-  source: "static" | "tailscale";
-  /**
-   * Set once a dial reached a (necessarily trusted) peer; the peer entry takes over from then.
-   * Our own peer ID when the address is ours: never dialed.
-   */
-  peerId?: string;
-  failures: number;
-  nextDialAt?: number;
-}
-
-export interface TailscaleOptions {
-  /** Default ["tailscale", "status", "--json"]. */
-  statusCommand?: string[];
-  /** For tests: read the JSON from this file instead of running the command. */
-  statusFile?: string;
-  /** Our mesh port, dialed on every online Tailscale peer. */
-  port: number;
-  /** How often to re-read the status (default 30 s). */
-  intervalMs?: number;
-}
-
 export interface PeerManagerOptions {
   /** "host:port", "[v6]:port" or multiaddrs (with or without /p2p/<id>). */
   staticPeers: string[];
   tailscale?: TailscaleOptions;
+  /**
+   * The discovery modules for staticPeers and tailscale, when the node was given them (so
+   * libp2p sees their finds too); made here otherwise.
+   */
+  discovery?: FleetDiscovery[];
   log: Logger;
-  /** First redial delay; it doubles per failure up to 60 s, with ±25 % jitter (default 1 s). */
+  /**
+   * First redial delay; it doubles per failure up to 10 s (2 s in the first 30 s after a drop; 60 s
+   * for Tailscale hosts not yet known), with ±25 % jitter (default 1 s).
+   */
   dialIntervalMs?: number;
   /** Per-dial deadline (default 5 s). */
   dialTimeoutMs?: number;
@@ -80,11 +70,10 @@ export interface PeerManagerOptions {
   exchangeIntervalMs?: number;
 }
 
-const MAX_BACKOFF_MS = 60_000;
 const MAX_ADDRESSES = 16;
 const EXCHANGE_TIMEOUT_MS = 10_000;
 
-interface Entry {
+interface Entry extends Dialable {
   peerId: string;
   id: PeerId;
   key: PublicKey;
@@ -96,16 +85,7 @@ interface Entry {
   connected: boolean;
   /** When the peer was last connected (ms since the epoch). */
   lastSeen?: number;
-  failures: number;
-  nextDialAt?: number;
-  dialing: boolean;
   exchanging: boolean;
-}
-
-interface Candidate extends Omit<AddressCandidate, "addrs"> {
-  key: string;
-  addrs: Multiaddr[];
-  dialing: boolean;
 }
 
 export class PeerManager extends EventEmitter<{
@@ -119,11 +99,12 @@ export class PeerManager extends EventEmitter<{
   readonly #log: Logger;
   readonly #self: string;
   readonly #peers = new Map<string, Entry>();
-  readonly #candidates = new Map<string, Candidate>();
+  readonly #discovery: FleetDiscovery[];
+  /** Peers our discovery modules reported (libp2p's peer:discovery for them is not mDNS). */
+  readonly #reported = new Set<string>();
+  readonly #redials: DialSchedule<Entry>;
   #stop = new AbortController();
   #running = false;
-  #dialTimer: NodeJS.Timeout | undefined;
-  #dialTimerAt = Infinity;
   #intervals: NodeJS.Timeout[] = [];
   #unlisten: (() => void)[] = [];
 
@@ -133,6 +114,24 @@ export class PeerManager extends EventEmitter<{
     this.#opts = opts;
     this.#log = opts.log;
     this.#self = node.peerId.toString();
+    this.#discovery = opts.discovery ?? [
+      ...(opts.staticPeers.length > 0 ? [new StaticPeers(opts.staticPeers, opts.log)] : []),
+      ...(opts.tailscale ? [new TailscalePeers(opts.tailscale, opts.log)] : []),
+    ];
+    this.#redials = new DialSchedule<Entry>({
+      items: () => this.#peers.values(),
+      wanted: (e) => !e.connected,
+      // peer:connect does the bookkeeping of a dial that succeeds (it may already have).
+      dial: async (e, signal) => {
+        const target = e.addresses.length > 0 ? dialableFirst(e.addresses).map((a) => multiaddr(`${a}/p2p/${e.peerId}`)) : e.id;
+        await node.libp2p.dial(target, { signal });
+      },
+      failed: (e, err) => this.#log.debug({ peer: e.key.name, failures: e.failures, err }, "mesh: dial failed"),
+      // Just dropped: likely back within seconds (a restart), and lookups may be waiting for it.
+      maxMs: (e) => (e.lastSeen !== undefined && Date.now() - e.lastSeen < QUICK_REDIAL_WINDOW_MS ? MAX_QUICK_REDIAL_MS : MAX_REDIAL_MS),
+      ...(opts.dialIntervalMs !== undefined && { baseMs: opts.dialIntervalMs }),
+      ...(opts.dialTimeoutMs !== undefined && { timeoutMs: opts.dialTimeoutMs }),
+    });
   }
 
   async start(): Promise<void> {
@@ -141,6 +140,7 @@ export class PeerManager extends EventEmitter<{
     await servePeerExchange(this.#node, this);
     this.#running = true;
     this.#stop = new AbortController();
+    this.#redials.start();
 
     const on = <K extends "peer:connect" | "peer:disconnect" | "peer:identify" | "peer:discovery">(
       type: K,
@@ -154,15 +154,31 @@ export class PeerManager extends EventEmitter<{
     on("peer:disconnect", (id) => this.#onDisconnect(id.toString()));
     on("peer:identify", (r) => this.#onIdentify(r));
     // libp2p reports every peer new to its peer store as discovered: mDNS finds (node.ts dials
-    // those; we track the result) but also peers first met on a connection, which are not mDNS.
+    // those; we track the result) but also peers first met on a connection, which are not mDNS,
+    // and the finds of our own modules, which they told us first.
     on("peer:discovery", (p) => {
-      if (libp2p.getConnections(p.id).length > 0) return;
+      if (libp2p.getConnections(p.id).length > 0 || this.#reported.has(p.id.toString())) return;
       const entry = this.#entry(p.id.toString(), "mdns");
       if (entry) for (const ma of p.multiaddrs) this.#addAddress(entry, ma);
-      this.#kick();
+      this.#redials.kick();
     });
 
-    for (const s of this.#opts.staticPeers) this.#addStatic(s);
+    for (const d of this.#discovery) {
+      const listener = (evt: CustomEvent<Libp2pPeerInfo>) => this.#discovered(d.source, evt.detail);
+      d.addEventListener("peer", listener as never);
+      this.#unlisten.push(() => d.removeEventListener("peer", listener as never));
+      if (d instanceof TailscalePeers) d.onPoll = (targets) => this.emit("tailscale", targets);
+      d.begin({
+        self: this.#self,
+        trusted: this.#node.trusted,
+        log: this.#log,
+        ...(this.#opts.dialIntervalMs !== undefined && { dialIntervalMs: this.#opts.dialIntervalMs }),
+        ...(this.#opts.dialTimeoutMs !== undefined && { dialTimeoutMs: this.#opts.dialTimeoutMs }),
+        dial: async (addrs, signal) => (await libp2p.dial(addrs, { signal })).remotePeer,
+        ownAddresses: () => this.#node.addresses(),
+        knownPeerAt: (addrs) => [...this.#peers.values()].find((e) => e.addresses.some((a) => addrs.has(a)))?.peerId,
+      });
+    }
     // Connections made before we started (e.g. by mDNS) count too.
     for (const id of new Set(libp2p.getConnections().map((c) => c.remotePeer.toString()))) this.#onConnect(id);
 
@@ -174,23 +190,17 @@ export class PeerManager extends EventEmitter<{
     every(this.#opts.exchangeIntervalMs ?? 5 * 60_000, () => {
       for (const e of this.#peers.values()) if (e.connected) void this.#exchange(e);
     });
-    const ts = this.#opts.tailscale;
-    if (ts) {
-      void this.#pollTailscale(ts);
-      every(ts.intervalMs ?? 30_000, () => void this.#pollTailscale(ts));
-    }
-    this.#kick();
+    this.#redials.kick();
   }
 
   async stop(): Promise<void> {
     if (!this.#running) return;
     this.#running = false;
     this.#stop.abort(new Error("peer manager stopped"));
+    for (const d of this.#discovery) d.end();
     for (const t of this.#intervals) clearInterval(t);
     this.#intervals = [];
-    clearTimeout(this.#dialTimer);
-    this.#dialTimer = undefined;
-    this.#dialTimerAt = Infinity;
+    this.#redials.stop();
     for (const off of this.#unlisten) off();
     this.#unlisten = [];
     await this.#node.libp2p.unhandle(PROTOCOL_PEERS).catch(() => {}); // the node may be stopping too
@@ -225,13 +235,7 @@ export class PeerManager extends EventEmitter<{
 
   /** Addresses still being tried without a known peer ID (for diagnostics). */
   addressCandidates(): AddressCandidate[] {
-    return [...this.#candidates.values()].map((c) => ({
-      addrs: c.addrs.map(String),
-      source: c.source,
-      ...(c.peerId !== undefined && { peerId: c.peerId }),
-      failures: c.failures,
-      ...(c.nextDialAt !== undefined && { nextDialAt: c.nextDialAt }),
-    }));
+    return this.#discovery.flatMap((d) => d.candidates());
   }
 
   // --- what we learn ----------------------------------------------------------------------------
@@ -275,30 +279,17 @@ export class PeerManager extends EventEmitter<{
     return true;
   }
 
-  #addStatic(spec: string): void {
-    let ma: Multiaddr;
-    try {
-      ma = peerAddr(spec);
-    } catch (err) {
-      this.#log.warn({ peer: spec, err }, "mesh: ignoring invalid static peer");
-      return;
-    }
-    const id = peerIdIn(ma);
-    if (id === undefined) {
-      this.#addCandidate(ma.toString(), [ma], "static");
-      return;
-    }
-    const e = this.#entry(id, "static");
-    if (!e) {
-      if (id !== this.#self) this.#log.warn({ peer: spec }, "mesh: static peer's ID is not derived from a trusted key; not dialing it");
-      return;
-    }
-    this.#addAddress(e, ma, true);
-  }
-
-  #addCandidate(key: string, addrs: Multiaddr[], source: "static" | "tailscale"): void {
-    if (this.#candidates.has(key)) return;
-    this.#candidates.set(key, { key, addrs, source, failures: 0, dialing: false });
+  /** A discovery module found a fleet peer: its addresses are configuration, never evicted. */
+  #discovered(source: "static" | "tailscale", p: Libp2pPeerInfo): void {
+    if (!this.#running) return;
+    const peerId = p.id.toString();
+    this.#reported.add(peerId);
+    const e = this.#entry(peerId, source);
+    if (!e) return;
+    for (const ma of p.multiaddrs) this.#addAddress(e, ma, true);
+    // A blind dial that found it is a connection already.
+    if (this.#node.libp2p.getConnections(p.id).length > 0) this.#onConnect(peerId);
+    else this.#redials.kick();
   }
 
   #onConnect(peerId: string): void {
@@ -330,7 +321,7 @@ export class PeerManager extends EventEmitter<{
     e.nextDialAt = Date.now(); // try once right away; failures back off from there
     this.#log.info({ peer: e.key.name, peerId }, "mesh: peer disconnected");
     this.emit("disconnected", peerId);
-    this.#kick();
+    this.#redials.kick();
   }
 
   #onIdentify(r: IdentifyResult): void {
@@ -356,39 +347,10 @@ export class PeerManager extends EventEmitter<{
       // New addresses are worth a try now, whatever the backoff said.
       if (added && !e.connected && !e.dialing) e.nextDialAt = Math.min(e.nextDialAt ?? 0, Date.now());
     }
-    this.#kick();
+    this.#redials.kick();
   }
 
   // --- background work -------------------------------------------------------------------------
-
-  /** Starts due dials and arms the timer for the next one. */
-  #kick(): void {
-    if (!this.#running) return;
-    const now = Date.now();
-    let next = Infinity;
-    for (const e of this.#peers.values()) {
-      if (e.connected || e.dialing) continue;
-      const at = e.nextDialAt ?? now;
-      if (at <= now) void this.#dialPeer(e);
-      else next = Math.min(next, at);
-    }
-    for (const c of this.#candidates.values()) {
-      if (c.dialing || c.peerId !== undefined) continue;
-      if (this.#resolveByAddress(c)) continue;
-      const at = c.nextDialAt ?? now;
-      if (at <= now) void this.#dialCandidate(c);
-      else next = Math.min(next, at);
-    }
-    if (next < this.#dialTimerAt) {
-      clearTimeout(this.#dialTimer);
-      this.#dialTimerAt = next;
-      this.#dialTimer = setTimeout(() => {
-        this.#dialTimerAt = Infinity;
-        this.#kick();
-      }, Math.max(0, next - now));
-      this.#dialTimer.unref();
-    }
-  }
 
   /** The lowest RTT the connection monitor measured on the peer's open connections, if any. */
   #rtt(e: Entry): { rttMs?: number } {
@@ -404,79 +366,6 @@ export class PeerManager extends EventEmitter<{
     return AbortSignal.any([this.#stop.signal, AbortSignal.timeout(timeoutMs)]);
   }
 
-  #backoff(failures: number): number {
-    const base = this.#opts.dialIntervalMs ?? 1000;
-    const delay = Math.min(MAX_BACKOFF_MS, base * 2 ** Math.min(failures - 1, 30));
-    return Math.round(delay * (0.75 + Math.random() * 0.5));
-  }
-
-  async #dialPeer(e: Entry): Promise<void> {
-    e.dialing = true;
-    const target = e.addresses.length > 0 ? dialableFirst(e.addresses).map((a) => multiaddr(`${a}/p2p/${e.peerId}`)) : e.id;
-    try {
-      await this.#node.libp2p.dial(target, { signal: this.#signal(this.#opts.dialTimeoutMs ?? 5000) });
-      // peer:connect does the bookkeeping (it may already have).
-    } catch (err) {
-      if (!this.#running) return;
-      e.failures++;
-      e.nextDialAt = Date.now() + this.#backoff(e.failures);
-      this.#log.debug({ peer: e.key.name, failures: e.failures, err }, "mesh: dial failed");
-    } finally {
-      e.dialing = false;
-      this.#kick();
-    }
-  }
-
-  /**
-   * A candidate whose address a known peer already has belongs to that peer: no blind dial. One
-   * of our own addresses is us (a fleet-wide peer list usually names every host, this one too).
-   */
-  #resolveByAddress(c: Candidate): boolean {
-    const addrs = new Set(c.addrs.map((a) => tcpAddress(a, "")));
-    const own = new Set(this.#node.addresses().map((a) => tcpAddress(a, this.#self)));
-    if ([...addrs].every((a) => own.has(a))) {
-      c.peerId = this.#self;
-      return true;
-    }
-    for (const e of this.#peers.values()) {
-      if (e.addresses.some((a) => addrs.has(a))) {
-        c.peerId = e.peerId;
-        e.sources.add(c.source);
-        for (const a of c.addrs) this.#addAddress(e, a, true);
-        return true;
-      }
-    }
-    return false;
-  }
-
-  async #dialCandidate(c: Candidate): Promise<void> {
-    c.dialing = true;
-    try {
-      const conn = await this.#node.libp2p.dial(c.addrs, { signal: this.#signal(this.#opts.dialTimeoutMs ?? 5000) });
-      if (!this.#running) return;
-      // The gater let it through, so it is a trusted peer: its entry takes over redialing.
-      const e = this.#entry(conn.remotePeer.toString(), c.source);
-      if (!e) return;
-      c.peerId = e.peerId;
-      c.failures = 0;
-      delete c.nextDialAt;
-      for (const a of c.addrs) this.#addAddress(e, a, true);
-      this.#onConnect(e.peerId);
-    } catch (err) {
-      if (!this.#running) return;
-      if (err instanceof Error && err.name === "InvalidPeerIdError" && /dial self/.test(err.message)) {
-        c.peerId = this.#self; // another name for one of our addresses
-        return;
-      }
-      c.failures++;
-      c.nextDialAt = Date.now() + this.#backoff(c.failures);
-      this.#log.debug({ addrs: c.addrs.map(String), failures: c.failures, err }, "mesh: dial failed");
-    } finally {
-      c.dialing = false;
-      this.#kick();
-    }
-  }
-
   async #exchange(e: Entry): Promise<void> {
     if (e.exchanging || !this.#running) return;
     e.exchanging = true;
@@ -489,48 +378,4 @@ export class PeerManager extends EventEmitter<{
       e.exchanging = false;
     }
   }
-
-  async #pollTailscale(ts: TailscaleOptions): Promise<void> {
-    let targets;
-    try {
-      targets = tailscaleDialTargets(await readTailscaleStatus(ts, this.#signal(15_000)), ts.port);
-    } catch (err) {
-      this.#log.warn({ err }, "mesh: reading the Tailscale status failed");
-      return;
-    }
-    if (!this.#running) return;
-    // Hosts that went offline or left the tailnet are no longer worth dialing blind; the ones
-    // already known as peers keep their addresses in their entries.
-    const keys = new Set<string>();
-    for (const t of targets) {
-      const key = `tailscale:${t.addrs.map(String).join(",")}`;
-      keys.add(key);
-      this.#addCandidate(key, t.addrs, "tailscale");
-    }
-    for (const [key, c] of this.#candidates) if (c.source === "tailscale" && !keys.has(key)) this.#candidates.delete(key);
-    this.#kick();
-    this.emit("tailscale", targets.length);
-  }
-}
-
-/** The multiaddr as a dialable TCP address without /p2p/, or undefined (other peer, other transport, unspecified host). */
-function tcpAddress(ma: Multiaddr, peerId: string): string | undefined {
-  const parts = ma.getComponents();
-  const p2p = parts.filter((c) => c.name === "p2p");
-  if (p2p.some((c) => c.value !== peerId) && peerId !== "") return undefined;
-  const rest = parts.filter((c) => c.name !== "p2p");
-  const [host, tcp] = rest;
-  if (rest.length !== 2 || !host || tcp?.name !== "tcp") return undefined;
-  if (!["ip4", "ip6", "dns", "dns4", "dns6"].includes(host.name)) return undefined;
-  if (host.value === "0.0.0.0" || host.value === "::" || tcp.value === "0") return undefined;
-  return `/${host.name}/${host.value}/tcp/${tcp.value}`;
-}
-
-function peerIdIn(ma: Multiaddr): string | undefined {
-  return ma.getComponents().findLast((c) => c.name === "p2p")?.value;
-}
-
-/** Loopback addresses last: another host dialing them would reach itself. */
-function dialableFirst(addrs: readonly string[]): string[] {
-  return [...addrs.filter((a) => !isLoopback(a)), ...addrs.filter(isLoopback)];
 }

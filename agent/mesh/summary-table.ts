@@ -173,6 +173,20 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
     return out;
   }
 
+  /**
+   * Peers whose summary is kept out of lookups (disconnected, or connected and not yet resumed)
+   * and has this path's key: they may hold it once back. Stale hints are not counted.
+   */
+  keptHolders(hashPart: string): string[] {
+    if (this.#entries.size === this.#ready.size || !isValidHashPart(hashPart)) return [];
+    const k = summaryKey(hashPart);
+    const out: string[] = [];
+    for (const e of this.#entries.values()) {
+      if (e.summary && !e.stale && !this.#ready.has(e.peerId) && e.summary.hasKey(k)) out.push(e.peerId);
+    }
+    return out;
+  }
+
   /** Keys in the peer's summary, or undefined while we hold none. */
   pathCount(peerId: string): number | undefined {
     return this.#ready.get(peerId)?.size;

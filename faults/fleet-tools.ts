@@ -66,7 +66,7 @@ export async function linkedFleet(link: { latencyMs: number; rate?: string }): P
 }
 
 /** Starts the proxy and waits for its first line (listening); later lines (stats) come from `lines`. */
-async function startProxy(
+export async function startProxy(
   on: NetHost,
   listen: string,
   target: string,

@@ -15,6 +15,7 @@ import { Mesh } from "./mesh/mesh.js";
 import { meshListenPort } from "./address.js";
 import type { PathSource } from "./source.js";
 import { VERSION } from "./version.js";
+import { resolveUpstreamKeys } from "./upstream-keys.js";
 
 export interface RunningAgent {
   server: Server;
@@ -53,7 +54,10 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     mesh: () => mesh?.tallies(),
   });
   if (config.p2pListen) {
+    const upstreamKeys = await resolveUpstreamKeys(config, keys, log);
     mesh = await Mesh.start({
+      upstreamKeys,
+      upstreamCaches: config.upstreamCaches,
       key: keys[0]!, // the first signing key is also this host's identity in the mesh
       trustedKeys: config.trustedKeys,
       listen: config.p2pListen,
@@ -105,6 +109,8 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         queuedTransfers: c?.queuedTransfers ?? 0,
         refusedConnections: mesh?.tallies().refusedConnections ?? 0,
         peerPenalties: mesh?.tallies().penalties ?? 0,
+        upstreamChecks: mesh?.tallies().upstreamChecks ?? 0,
+        upstreamCheckFailures: mesh?.tallies().upstreamCheckFailures ?? 0,
       },
       recentErrors: metrics.errors.list(),
     };

@@ -46,12 +46,19 @@ export class TrustPolicy {
     return this.upstreamKeys.length > 0;
   }
 
-  /** The signatures of `n` that verify with an upstream key. */
+  /** The signatures of `n` that verify with an upstream key (worked out once per narinfo: a verification costs milliseconds). */
   upstreamSigs(n: Narinfo): string[] {
     if (this.upstreamKeys.length === 0) return [];
-    const fp = fingerprint(n);
-    return n.sigs.filter((s) => verify(this.upstreamKeys, fp, s));
+    let sigs = this.#verified.get(n);
+    if (!sigs) {
+      const fp = fingerprint(n);
+      sigs = n.sigs.filter((s) => verify(this.upstreamKeys, fp, s));
+      this.#verified.set(n, sigs);
+    }
+    return sigs;
   }
+
+  readonly #verified = new WeakMap<Narinfo, string[]>();
 
   /**
    * Decides a lookup. `answers` are in the order the holders are preferred (fastest first);

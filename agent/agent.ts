@@ -55,6 +55,9 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
   });
   if (config.p2pListen) {
     const upstreamKeys = await resolveUpstreamKeys(config, keys, log);
+    if (config.upstreamCaches.length > 0 && upstreamKeys.length === 0) {
+      log.warn({ upstreamCaches: config.upstreamCaches }, "upstream_caches is set but there are no upstream keys to check their answers with: no upstream check");
+    }
     mesh = await Mesh.start({
       upstreamKeys,
       upstreamCaches: config.upstreamCaches,

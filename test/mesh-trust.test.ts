@@ -17,6 +17,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import { startProxy } from "../faults/fleet-tools.js";
+import { CLI } from "./helpers/agent.js";
 import { announcedTo, createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns, createSites } from "./helpers/netns.js";
 import { addToStore, dumpPath, hasNix, NIX_FLAGS, OFFLINE, pathInfo, run, tempDir } from "./helpers/nix.js";
@@ -153,6 +154,8 @@ test("a path upstream signed, forged by a fleet host that is asked first: Nix on
   assert.ok((c?.badNarinfos ?? 0) >= 1, `C is penalised for its forged narinfo: ${JSON.stringify(c)}`);
   assert.ok((s.counters.narinfoConflicts ?? 0) >= 1);
   assert.match((await B.http("/metrics")).body, /^fleetcache_narinfo_conflicts_total [1-9]/m);
+  const text = await B.exec(process.execPath, [CLI, "status", "--agent", B.agent!.url]);
+  assert.match(text, /\n {2}c-1 {2}connected, .*[1-9]\d* narinfos contradicting upstream/);
 });
 
 test("the fleet's own builds (no upstream signature) still flow", async (t) => {

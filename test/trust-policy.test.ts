@@ -70,6 +70,19 @@ test("a fleet-only forgery answering first loses to a slower holder's upstream-s
   assert.equal(source.penalties.status("a").badNarinfos, 0);
 });
 
+test("a forger whose answer arrives after the upstream-signed one (hedged past it) is penalised all the same", async () => {
+  const { source, asked } = lookupFleet(
+    { c: { narinfo: narinfo("forged", fleetKeys.c), delayMs: 30 }, a: { narinfo: narinfo("genuine", fleetKeys.a, upstreamKey) } },
+    { trust: new TrustPolicy([upstreamKey]), hedgeAfterMs: 1, narinfoDeadlineMs: 60_000 },
+  );
+  assert.equal((await source.pathInfo(HASH_PART))?.narHash, narinfo("genuine").narHash, "the genuine answer is used at once");
+  assert.deepEqual(asked, ["c", "a"]);
+  assert.equal(source.penalties.status("c").badNarinfos, 0, "not yet: C's answer is still on its way");
+  await sleep(60);
+  assert.equal(source.penalties.status("c").badNarinfos, 1);
+  assert.equal(source.counters.narinfoConflicts, 1);
+});
+
 test("an upstream-signed answer is taken at once: slower holders are not waited for", async () => {
   const { source, asked } = lookupFleet({ a: { narinfo: narinfo("genuine", fleetKeys.a, upstreamKey) }, c: { never: true } }, withUpstreamKeys());
   assert.equal((await source.pathInfo(HASH_PART))?.narHash, narinfo("genuine").narHash);
@@ -113,7 +126,9 @@ test("policy: a fleet-only answer that matches upstream's narinfo is served with
   const none = policy.decide([{ peer: "c", narinfo: narinfo("forged", fleetKeys.c) }], narinfo("forged", fleetKeys.a));
   assert.equal(none.chosen?.peer, "c", "no upstream signature anywhere: the fleet-only answer stands");
   // Upstream has it with other contents and no holder matches: nothing is served.
-  assert.deepEqual(policy.decide([{ peer: "c", narinfo: narinfo("forged", fleetKeys.c) }], narinfo("genuine", upstreamKey)), { losers: ["c"] });
+  const refused = policy.decide([{ peer: "c", narinfo: narinfo("forged", fleetKeys.c) }], narinfo("genuine", upstreamKey));
+  assert.equal(refused.chosen, undefined);
+  assert.deepEqual(refused.losers, ["c"]);
 });
 
 /** A binary cache on loopback serving `files` (name -> body); counts requests; `status` overrides. */

@@ -206,7 +206,10 @@ export class FleetSource implements PathSource {
    */
   private askPeers(hashPart: string, holders: string[]): Promise<PathInfo | undefined> {
     const controller = new AbortController();
-    const deadline = setTimeout(() => settle(), this.deadlineMs);
+    const deadline = setTimeout(() => {
+      settle();
+      controller.abort();
+    }, this.deadlineMs);
     const answers: PeerAnswer[] = [];
     let upstream: UpstreamAnswer | "pending" | undefined; // undefined: not asked (none configured, or no fleet-only answer)
     let settle = () => {};
@@ -216,18 +219,31 @@ export class FleetSource implements PathSource {
       let all = false; // a fleet-only answer came: ask every holder, wait for all
       let done = false;
       let hedge: NodeJS.Timeout | undefined;
+      // Once upstream's contents are known, answers still on their way (until the deadline) are
+      // judged too, so a forger that answers late is penalised all the same.
+      let lateJudge: ((peer: string, narinfo: Narinfo) => void) | undefined;
+      /** Stops every request still under way (and the deadline): once done, and nobody's late answer is awaited. */
+      const stop = () => {
+        if (!done || (lateJudge && outstanding > 0)) return;
+        clearTimeout(deadline);
+        controller.abort();
+      };
       const finish = (info: PathInfo | undefined) => {
         if (done) return;
         done = true;
-        clearTimeout(deadline);
         clearTimeout(hedge);
-        controller.abort();
+        stop();
         resolve(info);
       };
       settle = () => {
         if (done) return;
         const verdict = this.trust.decide(order(answers, holders), upstream !== "pending" && upstream?.kind === "signed" ? upstream.narinfo : undefined);
         for (const peer of verdict.losers) this.#contradicted(peer, hashPart);
+        if (verdict.upstreamSigned.size > 0) {
+          lateJudge = (peer, n) => {
+            if (this.trust.contradicts(n, verdict.upstreamSigned)) this.#contradicted(peer, hashPart);
+          };
+        }
         if (!verdict.chosen) return finish(undefined);
         const info = toPathInfo(verdict.chosen.narinfo);
         this.#fromPeers.add(info);
@@ -275,12 +291,16 @@ export class FleetSource implements PathSource {
         this.requests.narinfo(peer, hashPart, controller.signal).then(
           (narinfo) => {
             outstanding--;
-            if (done) return;
+            if (done) {
+              if (narinfo) lateJudge?.(peer, narinfo);
+              return stop();
+            }
             if (narinfo) onAnswer(peer, narinfo);
             else askNext();
           },
           (err: unknown) => {
             outstanding--;
+            stop();
             this.log.debug({ peer, hashPart, err }, "narinfo request to peer failed");
             // Cancelled because another peer answered first, or the deadline passed: not the peer's fault.
             if (!controller.signal.aborted) this.#onError({ message: `narinfo request failed: ${(err as Error).message ?? String(err)}`, path: hashPart, peer });

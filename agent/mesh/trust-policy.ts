@@ -26,6 +26,8 @@ export interface Verdict {
   chosen?: PeerAnswer;
   /** Holders whose fleet-only answers contradict an upstream signature. */
   losers: string[];
+  /** Fingerprints upstream signed, as far as the answers showed (late answers are judged by them). */
+  upstreamSigned: ReadonlySet<string>;
 }
 
 /** Fleet-only answers that agree are asked of at most this many holders per lookup. */
@@ -74,15 +76,21 @@ export class TrustPolicy {
     };
     for (const a of answers) note(a.narinfo, this.upstreamSigs(a.narinfo));
     if (upstream) note(upstream, this.upstreamSigs(upstream));
-    if (signed.size === 0) return answers[0] ? { chosen: answers[0], losers: [] } : { losers: [] };
+    const upstreamSigned = new Set(signed.keys());
+    if (signed.size === 0) return answers[0] ? { chosen: answers[0], losers: [], upstreamSigned } : { losers: [], upstreamSigned };
 
-    const losers = answers.filter((a) => !signed.has(fingerprint(a.narinfo))).map((a) => a.peer);
+    const losers = answers.filter((a) => this.contradicts(a.narinfo, upstreamSigned)).map((a) => a.peer);
     // An answer that carries an upstream signature itself first, then one that matches upstream's.
     const carrying = answers.find((a) => this.upstreamSigs(a.narinfo).length > 0);
-    if (carrying) return { chosen: carrying, losers };
+    if (carrying) return { chosen: carrying, losers, upstreamSigned };
     const matching = answers.find((a) => signed.has(fingerprint(a.narinfo)));
-    if (!matching) return { losers };
+    if (!matching) return { losers, upstreamSigned };
     const sigs = [...new Set([...matching.narinfo.sigs, ...signed.get(fingerprint(matching.narinfo))!])];
-    return { chosen: { peer: matching.peer, narinfo: { ...matching.narinfo, sigs } }, losers };
+    return { chosen: { peer: matching.peer, narinfo: { ...matching.narinfo, sigs } }, losers, upstreamSigned };
+  }
+
+  /** Whether `n`, signed by fleet keys only, disagrees with what upstream signed (`upstreamSigned` fingerprints). */
+  contradicts(n: Narinfo, upstreamSigned: ReadonlySet<string>): boolean {
+    return upstreamSigned.size > 0 && this.upstreamSigs(n).length === 0 && !upstreamSigned.has(fingerprint(n));
   }
 }

@@ -61,8 +61,9 @@ export class UpstreamCheck {
     this.counters.checks++;
     const answers = await Promise.all(this.caches.map((c) => this.#ask(c, hashPart, signal)));
     const answer = answers.find((a) => a.kind === "signed") ?? answers.find((a) => a.kind === "unknown") ?? { kind: "absent" as const };
-    if (answer.kind === "unknown") this.counters.failures++;
-    else {
+    if (answer.kind === "unknown") {
+      if (!signal?.aborted) this.counters.failures++; // not when the lookup ended first (a peer's upstream signature, the deadline)
+    } else {
       if (this.#remembered.size >= MAX_REMEMBERED) this.#remembered.delete(this.#remembered.keys().next().value!);
       this.#remembered.set(hashPart, { answer, until: Date.now() + (answer.kind === "signed" ? this.#foundMs : this.#absentMs) });
     }

@@ -12,8 +12,9 @@ import { idleFlood } from "./scenarios/idle-flood.js";
 import { partitionHeal } from "./scenarios/partition-heal.js";
 import { sigstopPeer } from "./scenarios/sigstop-peer.js";
 import { restartUnderLoad } from "./scenarios/restart-under-load.js";
+import { forgedNarinfo } from "./scenarios/forged-narinfo.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, sigstopPeer, restartUnderLoad];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, sigstopPeer, restartUnderLoad, forgedNarinfo];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -17,6 +17,7 @@ import { Mesh } from "./mesh/mesh.js";
 import { meshListenPort } from "./address.js";
 import type { PathSource } from "./source.js";
 import { VERSION } from "./version.js";
+import { resolveUpstreamKeys } from "./upstream-keys.js";
 
 export interface RunningAgent {
   server: Server;
@@ -59,7 +60,13 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     mesh: () => mesh?.tallies(),
   });
   if (config.p2pListen) {
+    const upstreamKeys = await resolveUpstreamKeys(config, keys, log);
+    if (config.upstreamCaches.length > 0 && upstreamKeys.length === 0) {
+      log.warn({ upstreamCaches: config.upstreamCaches }, "upstream_caches is set but there are no upstream keys to check their answers with: no upstream check");
+    }
     mesh = await Mesh.start({
+      upstreamKeys,
+      upstreamCaches: config.upstreamCaches,
       key: keys[0]!, // the first signing key is also this host's identity in the mesh
       trustedKeys: config.trustedKeys,
       listen: config.p2pListen,
@@ -112,6 +119,8 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         queuedTransfers: c?.queuedTransfers ?? 0,
         refusedConnections: mesh?.tallies().refusedConnections ?? 0,
         peerPenalties: mesh?.tallies().penalties ?? 0,
+        upstreamChecks: mesh?.tallies().upstreamChecks ?? 0,
+        upstreamCheckFailures: mesh?.tallies().upstreamCheckFailures ?? 0,
       },
       recentErrors: metrics.errors.list(),
     };

@@ -50,6 +50,8 @@ program
   .option("--no-use-case-hack", "serve the names on disk as they are")
   .option("--summary-budget <keys>", "summary keys a peer may send in a burst (then 20,000 a second); a peer over it is disconnected and refused for a while (env FLEETCACHE_SUMMARY_BUDGET; default 8454144: two snapshots of the largest summary)")
   .option("--reconnect-wait <seconds>", "how long a lookup waits for a peer that just disconnected (an agent restarting) when it alone holds the path, before answering 404 (env FLEETCACHE_RECONNECT_WAIT; default 5; 0: at once)")
+  .option("--upstream-key <name:base64>", "Nix public key of an upstream cache this host trusts (cache.nixos.org-1:...), repeatable: a peer's narinfo for a path such a key signed is used only with that signature; fleet keys alone suffice only for paths no upstream signed (env FLEETCACHE_UPSTREAM_KEYS, comma-separated; default: Nix's trusted-public-keys that are not fleet keys; \"none\" for none)", collect)
+  .option("--upstream-cache <url>", "upstream binary cache (https://, http:// or file://) asked whether it signed a path before a peer's narinfo signed by fleet keys alone is used, repeatable (env FLEETCACHE_UPSTREAM_CACHES, comma-separated; default none: no check)", collect)
   .option("--check-config", "validate the configuration and key files, print the result as JSON, and exit")
   .action(async (opts: Record<string, unknown>) => {
     const log = createLogger();
@@ -74,6 +76,8 @@ program
           useCaseHack: opts.useCaseHack,
           summaryBudget: opts.summaryBudget,
           reconnectWait: opts.reconnectWait,
+          upstreamKeys: opts.upstreamKey,
+          upstreamCaches: opts.upstreamCache,
         },
       });
     } catch (e) {

@@ -5,6 +5,7 @@ import { readFileSync } from "node:fs";
 import { parse as parseToml } from "smol-toml";
 import { parsePublicKey } from "../protocol/keys.js";
 import { AddressError, meshListenAddr, parseHostPort, peerAddr } from "./address.js";
+import { isUpstreamCacheUrl } from "./mesh/upstream-check.js";
 
 export interface ListenAddress {
   host: string;
@@ -39,6 +40,14 @@ export interface AgentConfig {
   summaryBudget: number;
   /** Seconds a lookup waits for a reconnecting peer that alone holds the path (0: answer 404 at once). */
   reconnectWait: number;
+  /**
+   * Nix public keys of the upstream caches this host trusts (cache.nixos.org-1:...): a peer's
+   * narinfo for a path they signed must carry their signature. null: Nix's trusted-public-keys
+   * that are not the fleet's, read at start.
+   */
+  upstreamKeys: string[] | null;
+  /** Upstream caches (https://, http:// or file:// URLs) asked before a fleet-only narinfo is believed; none: no check. */
+  upstreamCaches: string[];
 }
 
 export const DEFAULT_PORT = 37515;
@@ -116,6 +125,21 @@ function trustedKeys(raw: unknown, from: string): string[] {
   return keys;
 }
 
+/** Like trusted_keys; "none" (or an empty TOML list) says: no upstream keys, rather than Nix's. */
+function upstreamKeys(raw: unknown, from: string): string[] {
+  if (raw === "none" || (Array.isArray(raw) && raw.length === 1 && raw[0] === "none")) return [];
+  if (Array.isArray(raw) && raw.length === 0) return [];
+  return trustedKeys(raw, from);
+}
+
+function upstreamCaches(raw: unknown, from: string): string[] {
+  const urls = list(raw, from);
+  for (const u of urls) {
+    if (!isUpstreamCacheUrl(u)) throw new ConfigError(`${from}: "${u}" is not an http://, https:// or file:// cache URL (without ?parameters)`);
+  }
+  return urls;
+}
+
 function priority(raw: unknown, from: string): number {
   const n = typeof raw === "number" ? raw : typeof raw === "string" && /^\d+$/.test(raw) ? Number(raw) : NaN;
   if (!Number.isInteger(n) || n < 0 || n > 10000) throw new ConfigError(`${from}: expected an integer between 0 and 10000`);
@@ -156,6 +180,8 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   useCaseHack: { key: "useCaseHack", toml: "use_case_hack", env: "FLEETCACHE_USE_CASE_HACK", parse: bool },
   summaryBudget: { key: "summaryBudget", toml: "summary_budget", env: "FLEETCACHE_SUMMARY_BUDGET", parse: summaryBudget },
   reconnectWait: { key: "reconnectWait", toml: "reconnect_wait", env: "FLEETCACHE_RECONNECT_WAIT", parse: reconnectWait },
+  upstreamKeys: { key: "upstreamKeys", toml: "upstream_keys", env: "FLEETCACHE_UPSTREAM_KEYS", parse: upstreamKeys },
+  upstreamCaches: { key: "upstreamCaches", toml: "upstream_caches", env: "FLEETCACHE_UPSTREAM_CACHES", parse: upstreamCaches },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -175,6 +201,8 @@ export const DEFAULTS: AgentConfig = {
   useCaseHack: process.platform === "darwin",
   summaryBudget: 2 * (1 << 22) + 65_536, // two snapshots of the largest summary (DEFAULT_SUMMARY_BUDGET)
   reconnectWait: 5, // an agent restart (FAULTS.md, restart-under-load), well under Nix's timeouts
+  upstreamKeys: null,
+  upstreamCaches: [],
 };
 
 export class ConfigError extends Error {}
@@ -217,6 +245,6 @@ function readTomlFile(path: string): Record<string, unknown> {
 
 /** The flag spelling of a setting, for messages. */
 function kebab(s: string): string {
-  const special: Record<string, string> = { signKeyFiles: "sign-key", peers: "peer", trustedKeys: "trusted-key", p2pListen: "p2p-listen" };
+  const special: Record<string, string> = { signKeyFiles: "sign-key", peers: "peer", trustedKeys: "trusted-key", p2pListen: "p2p-listen", upstreamKeys: "upstream-key", upstreamCaches: "upstream-cache" };
   return special[s] ?? s.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase());
 }

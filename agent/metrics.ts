@@ -37,6 +37,11 @@ export interface MeshTallies {
   penalties: number;
   /** Peers refused right now for that (a gauge). */
   peersRefused: number;
+  /** Fleet-only narinfos from peers that contradicted an upstream signature (trust-policy.ts). */
+  narinfoConflicts: number;
+  /** Questions to the upstream caches (upstream_caches), and those that failed. */
+  upstreamChecks: number;
+  upstreamCheckFailures: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -166,6 +171,9 @@ export class AgentMetrics {
     mirror("fleetcache_nar_transfers_queued_total", "NAR requests that waited for a transfer slot because every holder was at its limit.", (t) => t.queuedTransfers);
     mirror("fleetcache_peer_queries_total", "Narinfo questions asked of peers.", (t) => t.peerQueries);
     mirror("fleetcache_peer_connections_refused_total", "Mesh connections refused after the handshake because the peer's key is not trusted.", (t) => t.refusedConnections);
+    mirror("fleetcache_narinfo_conflicts_total", "Narinfos from peers signed only by fleet keys that contradicted the path's upstream signature (the holder is penalised).", (t) => t.narinfoConflicts);
+    mirror("fleetcache_upstream_checks_total", "Narinfo lookups asked of the upstream caches (upstream_caches) before a fleet-only answer was used.", (t) => t.upstreamChecks);
+    mirror("fleetcache_upstream_check_failures_total", "Upstream checks that got no answer (error, timeout, cache left alone after a failure): the peers' answers alone decided.", (t) => t.upstreamCheckFailures);
     mirror("fleetcache_peer_penalties_total", "Times a fleet peer went over a per-peer limit (summary work) and was disconnected and refused for a backoff.", (t) => t.penalties);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({
@@ -177,7 +185,7 @@ export class AgentMetrics {
         },
       });
     gauge("fleetcache_peers_connected", "Fleet peers with a live mesh connection.", () => sources.peers().filter((p) => p.connected).length);
-    gauge("fleetcache_peers_penalised", "Peers asked last for every path after repeated wrong NAR bytes.", () => sources.mesh()?.peersPenalised ?? 0);
+    gauge("fleetcache_peers_penalised", "Peers asked last for every path after repeated wrong NAR bytes or narinfos.", () => sources.mesh()?.peersPenalised ?? 0);
     gauge("fleetcache_peers_known", "Fleet peers known (connected or not).", () => sources.peers().length);
     gauge("fleetcache_peers_refused", "Fleet peers refused right now for going over a per-peer limit.", () => sources.mesh()?.peersRefused ?? 0);
     gauge("fleetcache_store_paths", "Valid paths in this host's Nix store.", () => sources.storePaths());

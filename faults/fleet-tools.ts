@@ -73,7 +73,7 @@ export async function linkedFleet(link: LinkSpec): Promise<LinkedFleet> {
 }
 
 /** Starts the proxy and waits for its first line (listening); later lines (stats) come from `lines`. */
-async function startProxy(
+export async function startProxy(
   on: NetHost,
   listen: string,
   target: string,

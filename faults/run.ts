@@ -18,8 +18,9 @@ import { corruptedHolder } from "./scenarios/corrupted-holder.js";
 import { rangeCheck } from "./scenarios/range-check.js";
 import { daemonRestartUnderLoad } from "./scenarios/daemon-restart-under-load.js";
 import { summaryFlood } from "./scenarios/summary-flood.js";
+import { forgedNarinfo } from "./scenarios/forged-narinfo.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHolder, rangeCheck, idleFlood, summaryFlood, partitionHeal, partitionRefuse, sigstopPeer, peerKilledMidNar, restartUnderLoad, daemonRestartUnderLoad];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHolder, rangeCheck, forgedNarinfo, idleFlood, summaryFlood, partitionHeal, partitionRefuse, sigstopPeer, peerKilledMidNar, restartUnderLoad, daemonRestartUnderLoad];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -83,9 +83,16 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       useCaseHack: process.platform === "darwin",
       summaryBudget: 8_454_144,
       reconnectWait: 5,
+      upstreamKeys: null,
+      upstreamCaches: [],
     });
     assert.equal((await cfg(["--reconnect-wait", "20"], { FLEETCACHE_CONFIG: "" })).config.reconnectWait, 20);
     assert.equal((await cfg(["--reconnect-wait", "600"], { FLEETCACHE_CONFIG: "" })).code, 2, "longer than Nix should be held");
+    const up = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+    const upCfg = (await cfg(["--upstream-key", up, "--upstream-cache", "https://cache.nixos.org"], { FLEETCACHE_CONFIG: "" })).config;
+    assert.deepEqual([upCfg.upstreamKeys, upCfg.upstreamCaches], [[up], ["https://cache.nixos.org"]]);
+    assert.deepEqual((await cfg(["--upstream-key", "none"], { FLEETCACHE_CONFIG: "" })).config.upstreamKeys, []);
+    assert.equal((await cfg(["--upstream-cache", "ftp://x"], { FLEETCACHE_CONFIG: "" })).code, 2, "not a cache URL the check can ask");
     assert.equal((await cfg(["--summary-budget", "50000"], { FLEETCACHE_CONFIG: "" })).config.summaryBudget, 50_000);
     assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);

@@ -197,12 +197,13 @@ interface Evaluated {
   failedAssertions: string[];
 }
 
-/** Evaluates nix/modules/<module>.nix with `config` (Nix text for services.fleetcache). */
-async function evalModule(lib: string, module: "nixos" | "darwin", config: string): Promise<Evaluated> {
+/** Evaluates nix/modules/<module>.nix with `config` (Nix text for services.fleetcache) and `system` (a module, e.g. Nix's settings). */
+async function evalModule(lib: string, module: "nixos" | "darwin", config: string, system = "{ }"): Promise<Evaluated> {
   const expr = `import ${join(ROOT, "test/nix/eval-module.nix")} {
     lib = import ${lib};
     module = ${join(ROOT, `nix/modules/${module}.nix`)};
     configuration = {
+      imports = [ (${system}) ];
       services.fleetcache = {
         enable = true;
         package = derivation { name = "fleetcache-0.1.0"; system = "x86_64-linux"; builder = "/bin/sh"; };
@@ -334,6 +335,40 @@ test("NixOS module: options reach the agent's configuration and the system", asy
 
   const off = await evalModule(lib, "nixos", `{ configureNix = false; }`);
   assert.deepEqual(off.nix.settings, { "extra-allowed-users": ["fleetcache"] }, "configureNix = false leaves Nix's substituters alone");
+});
+
+test("both modules: upstream keys default to Nix's trusted keys without the fleet's; upstream caches reach the agent", async (t) => {
+  const lib = await nixpkgsLib(t);
+  if (!lib) return;
+  const UPSTREAM = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+  const EXTRA = "extra-cache-1:vBJFgKIa1dIwQZuoOBEDgzvuZS3uDxlNT43tbvdfZNk=";
+  // Nix's key lists declared as NixOS and nix-darwin declare them (lists that merge), holding
+  // cache.nixos.org's key as the system's own definition, and another upstream.
+  const nixSettings = `{ lib, ... }: with lib; {
+    options.nix = mkOption { default = { }; type = types.submodule { freeformType = types.lazyAttrsOf types.anything;
+      options.settings = mkOption { default = { }; type = types.submodule { freeformType = types.lazyAttrsOf types.anything;
+        options.trusted-public-keys = mkOption { type = types.listOf types.str; default = [ ]; };
+        options.extra-trusted-public-keys = mkOption { type = types.listOf types.str; default = [ ]; }; }; }; }; };
+    config.nix.settings.trusted-public-keys = [ "${UPSTREAM}" ];
+    config.nix.settings.extra-trusted-public-keys = [ "${EXTRA}" ];
+  }`;
+  for (const module of ["nixos", "darwin"] as const) {
+    const e = await evalModule(lib, module, `{ trustedKeys = [ "${KEY_A}" "${KEY_B}" ]; }`, nixSettings);
+    assert.deepEqual((e.nix.settings?.["trusted-public-keys"] as string[]).sort(), [UPSTREAM, KEY_A, KEY_B].sort(), `${module}: Nix trusts upstream and fleet`);
+    const checked = await checkConfig(e.configText);
+    assert.equal(checked.code, 0, checked.stderr);
+    assert.deepEqual(checked.config.upstreamKeys, [UPSTREAM, EXTRA], `${module}: the fleet's keys are not upstream keys`);
+    assert.deepEqual(checked.config.upstreamCaches, [], `${module}: no upstream check unless asked for`);
+
+    const set = await evalModule(lib, module, `{ trustedKeys = [ "${KEY_A}" ]; upstreamKeys = [ "${EXTRA}" ]; upstreamCaches = [ "https://cache.nixos.org" ]; }`, nixSettings);
+    const c2 = await checkConfig(set.configText);
+    assert.equal(c2.code, 0, c2.stderr);
+    assert.deepEqual(c2.config.upstreamKeys, [EXTRA]);
+    assert.deepEqual(c2.config.upstreamCaches, ["https://cache.nixos.org"]);
+  }
+  // Nix trusting nothing but the fleet: explicitly no upstream keys (not Nix's, read again by the agent).
+  const fleetOnly = await checkConfig((await evalModule(lib, "nixos", `{ trustedKeys = [ "${KEY_A}" ]; }`)).configText);
+  assert.deepEqual(fleetOnly.config.upstreamKeys, []);
 });
 
 test("NixOS module: bad values are refused", async (t) => {

@@ -47,7 +47,7 @@ const UNKNOWN_COMMAND = /'config' is not a recognised command/;
 
 async function runNix(command: string[], env: NodeJS.ProcessEnv): Promise<{ stdout: string; stderr: string } | { failed: string }> {
   try {
-    return await execFileP("nix", ["--extra-experimental-features", "nix-command", ...command, "--json"], { env, maxBuffer: 16 << 20 });
+    return await execFileP("nix", ["--extra-experimental-features", "nix-command", ...command, "--json"], { env, maxBuffer: 16 << 20, timeout: 30_000 });
   } catch (e) {
     const err = e as { code?: string; stderr?: string; message: string };
     if (err.code === "ENOENT") throw new Error("`nix` is not on PATH");

@@ -17,6 +17,8 @@ export interface StatusPeer {
   bytesReceived?: number;
   /** NARs from the peer that failed NarSize or NarHash. */
   badNars?: number;
+  /** Narinfos from the peer that contradicted the path's upstream signature. */
+  badNarinfos?: number;
   /** While set, the peer is asked last for every path (ms since the epoch). */
   penalisedUntil?: number;
   /** Set once the peer went over a per-peer limit. */
@@ -50,6 +52,7 @@ export interface StatusView {
     transferFailures?: number;
     verifyFailures?: number;
     queuedTransfers?: number;
+    narinfoConflicts?: number;
   };
   recentErrors: string[];
 }
@@ -103,6 +106,7 @@ export function readStatus(doc: unknown): StatusView {
         bytesSent: num(q.bytesSent),
         bytesReceived: num(q.bytesReceived),
         badNars: num(q.badNars),
+        badNarinfos: num(q.badNarinfos),
         penalisedUntil: num(q.penalisedUntil),
         ...(str(obj(q.penalty).reason) !== undefined && {
           penalty: { reason: str(obj(q.penalty).reason)!, count: num(obj(q.penalty).count), until: num(obj(q.penalty).until) },
@@ -120,6 +124,7 @@ export function readStatus(doc: unknown): StatusView {
       transferFailures: counter(c, "transferFailures"),
       verifyFailures: counter(c, "verifyFailures"),
       queuedTransfers: counter(c, "queuedTransfers"),
+      narinfoConflicts: counter(c, "narinfoConflicts"),
     },
     recentErrors: (Array.isArray(d.recentErrors) ? d.recentErrors : []).map(describeError),
   };

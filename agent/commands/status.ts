@@ -51,6 +51,7 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
       p.bytesSent !== undefined ? `sent ${formatBytes(p.bytesSent)}` : undefined,
       p.lastSeen !== undefined && formatAgo(p.lastSeen, now) ? `seen ${formatAgo(p.lastSeen, now)}` : undefined,
       p.badNars ? `${p.badNars} wrong NARs` : undefined,
+      p.badNarinfos ? `${p.badNarinfos} narinfos contradicting upstream` : undefined,
       p.penalisedUntil !== undefined && p.penalisedUntil > now ? `PENALISED (asked last) for ${formatDuration(Math.ceil((p.penalisedUntil - now) / 1000))}` : undefined,
     ].filter(Boolean);
     lines.push(`  ${p.name}  ${facts.join(", ")}`);
@@ -74,7 +75,8 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
       (lookups > 0 ? ` (hit rate ${Math.round((100 * hits) / lookups)} %)` : ""));
     lines.push(`  NAR: ${b(c.narBytesServed)} served, ${b(c.narBytesFromPeers)} from peers`);
     lines.push(`  peer queries ${n(c.peerQueries)}, failovers ${n(c.failovers)}, transfer failures ${n(c.transferFailures)}` +
-      (c.verifyFailures !== undefined ? `, wrong NARs ${n(c.verifyFailures)}, queued ${n(c.queuedTransfers)}` : ""));
+      (c.verifyFailures !== undefined ? `, wrong NARs ${n(c.verifyFailures)}, queued ${n(c.queuedTransfers)}` : "") +
+      (c.narinfoConflicts ? `, narinfos contradicting upstream ${n(c.narinfoConflicts)}` : ""));
   }
 
   lines.push("", `recent errors: ${s.recentErrors.length ? "" : "none"}`);

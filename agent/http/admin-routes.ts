@@ -54,7 +54,9 @@ export interface StatusPeer {
   bytesReceived: number;
   /** NARs from the peer that failed NarSize or NarHash (each bars it from that path for 10 min). */
   badNars: number;
-  /** While set (ms since the epoch): asked last for every path, after 3 wrong NARs within 10 min. */
+  /** Narinfos from the peer, signed by fleet keys only, that contradicted the path's upstream signature (each bars it from that path for 10 min). */
+  badNarinfos: number;
+  /** While set (ms since the epoch): asked last for every path, after 3 wrong NARs or narinfos within 10 min. */
   penalisedUntil?: number;
   /** How we learned of it: static, mdns, px (peer exchange), tailscale, inbound. */
   sources: string[];
@@ -94,6 +96,11 @@ export interface StatusCounters {
   refusedConnections: number;
   /** Times a fleet peer went over a per-peer limit and was disconnected. */
   peerPenalties: number;
+  /** Fleet-only narinfos from peers that contradicted an upstream signature (absent without the mesh). */
+  narinfoConflicts?: number;
+  /** Questions to the upstream caches, and those that got no answer. */
+  upstreamChecks: number;
+  upstreamCheckFailures: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

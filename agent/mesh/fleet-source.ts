@@ -17,6 +17,9 @@ import type { HolderPenalties } from "./holder-penalties.js";
 import type { FleetView } from "./fleet-table.js";
 import { TransferSlots } from "./transfer-slots.js";
 import { HeldNar } from "./held-nar.js";
+import { MAX_HOLDERS_ASKED, TrustPolicy, type PeerAnswer } from "./trust-policy.js";
+import type { UpstreamAnswer, UpstreamCheck } from "./upstream-check.js";
+
 
 export interface NarRequestFromPeer {
   hashPart: string;
@@ -27,7 +30,7 @@ export interface NarRequestFromPeer {
 
 /** Requests to one peer (the narinfo and NAR services' requester sides). */
 export interface PeerRequests {
-  /** A verified narinfo (trusted signature, matching store path), or undefined. */
+  /** A verified narinfo (a fleet or upstream signature, matching store path), or undefined. */
   narinfo(peerId: string, hashPart: string, signal: AbortSignal): Promise<Narinfo | undefined>;
   /** NAR bytes [offset, narSize); the iterator throws if the peer stops short. */
   nar(peerId: string, req: NarRequestFromPeer, signal: AbortSignal): Promise<AsyncIterable<Uint8Array>>;
@@ -56,6 +59,8 @@ export interface FleetSourceOptions {
    * to be back before the lookup is a miss (default 5 s: an agent restart; well under Nix's timeouts).
    */
   reconnectWaitMs?: number;
+  /** Which narinfos to believe (default: no upstream keys, the first verified answer). */
+  trust?: TrustPolicy;
   /** Told of failures operators should see (a peer's NAR transfer or narinfo answer failing). */
   onError?: (e: { message: string; path?: string; peer: string }) => void;
 }
@@ -73,6 +78,8 @@ export interface FleetCounters {
   verifyFailures: number;
   /** NAR requests that waited for a slot because every holder was at its transfer limit. */
   queuedTransfers: number;
+  /** Fleet-only narinfos from peers that contradicted an upstream signature for the path (the holder is penalised). */
+  narinfoConflicts: number;
 }
 
 interface Cached {
@@ -100,7 +107,7 @@ const BUSY_RETRY_MS = 25;
 const RECONNECT_WAIT_MS = 5_000;
 
 export class FleetSource implements PathSource {
-  readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0, verifyFailures: 0, queuedTransfers: 0 };
+  readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0, verifyFailures: 0, queuedTransfers: 0, narinfoConflicts: 0 };
   /** Holders whose bytes failed verification (read by the status document and metrics). */
   readonly penalties: HolderPenalties;
   /** NAR bytes received, by peer ID. */
@@ -118,6 +125,7 @@ export class FleetSource implements PathSource {
   private readonly spoolBytes: number;
   private readonly slots: TransferSlots;
   private readonly reconnectWaitMs: number;
+  private readonly trust: TrustPolicy;
 
   constructor(
     private readonly local: LocalStore,
@@ -136,6 +144,12 @@ export class FleetSource implements PathSource {
     this.slots = new TransferSlots(opts.transfersPerHolder ?? MAX_NAR_TRANSFERS_PER_PEER);
     this.reconnectWaitMs = opts.reconnectWaitMs ?? RECONNECT_WAIT_MS;
     this.penalties = fleet.holderPenalties;
+    this.trust = opts.trust ?? new TrustPolicy([]);
+  }
+
+  /** The upstream check, if configured (its counters are shown in status and metrics). */
+  get upstreamCheck(): UpstreamCheck | undefined {
+    return this.trust.upstream;
   }
 
   /** Whether `info` came from a peer rather than this host's store. */
@@ -238,58 +252,125 @@ export class FleetSource implements PathSource {
 
   /**
    * Asks the holders in order, starting the next one when the previous has not answered within
-   * the hedge delay (or has answered "no"); the first verified answer wins, and the deadline
-   * bounds the whole lookup so a dead peer never holds Nix up.
+   * the hedge delay (or has answered "no"); the deadline bounds the whole lookup so a dead peer
+   * never holds Nix up. An answer with an upstream signature wins at once; a fleet-only one is
+   * weighed against the other holders' answers and upstream's (trust-policy.ts): all holders (up
+   * to MAX_HOLDERS_ASKED) are then asked at once, and the upstream check started.
    */
   private askPeers(hashPart: string, holders: string[]): Promise<PathInfo | undefined> {
     const controller = new AbortController();
-    const deadline = setTimeout(() => controller.abort(), this.deadlineMs);
+    const deadline = setTimeout(() => {
+      settle();
+      controller.abort();
+    }, this.deadlineMs);
+    const answers: PeerAnswer[] = [];
+    let upstream: UpstreamAnswer | "pending" | undefined; // undefined: not asked (none configured, or no fleet-only answer)
+    let settle = () => {};
     return new Promise<PathInfo | undefined>((resolve) => {
       let next = 0;
       let outstanding = 0;
+      let all = false; // a fleet-only answer came: ask every holder, wait for all
       let done = false;
       let hedge: NodeJS.Timeout | undefined;
+      // Once upstream's contents are known, answers still on their way (until the deadline) are
+      // judged too, so a forger that answers late is penalised all the same.
+      let lateJudge: ((peer: string, narinfo: Narinfo) => void) | undefined;
+      /** Stops every request still under way (and the deadline): once done, and nobody's late answer is awaited. */
+      const stop = () => {
+        if (!done || (lateJudge && outstanding > 0)) return;
+        clearTimeout(deadline);
+        controller.abort();
+      };
       const finish = (info: PathInfo | undefined) => {
         if (done) return;
         done = true;
-        clearTimeout(deadline);
         clearTimeout(hedge);
-        controller.abort();
+        stop();
         resolve(info);
+      };
+      settle = () => {
+        if (done) return;
+        const verdict = this.trust.decide(order(answers, holders), upstream !== "pending" && upstream?.kind === "signed" ? upstream.narinfo : undefined);
+        for (const peer of verdict.losers) this.#contradicted(peer, hashPart);
+        if (verdict.upstreamSigned.size > 0) {
+          lateJudge = (peer, n) => {
+            if (this.trust.contradicts(n, verdict.upstreamSigned)) this.#contradicted(peer, hashPart);
+          };
+        }
+        if (!verdict.chosen) return finish(undefined);
+        const info = toPathInfo(verdict.chosen.narinfo);
+        this.#fromPeers.add(info);
+        this.remember(hashPart, info, verdict.chosen.peer);
+        finish(info);
+      };
+      // Once a fleet-only answer is in: up to MAX_HOLDERS_ASKED holders answer (a "no" makes room for another).
+      const moreToAsk = () => next < holders.length && answers.length + outstanding < MAX_HOLDERS_ASKED;
+      const maybeSettle = () => {
+        if (outstanding === 0 && upstream !== "pending" && !moreToAsk()) settle();
+      };
+      const onAnswer = (peer: string, narinfo: Narinfo) => {
+        answers.push({ peer, narinfo });
+        if (!this.trust.corroborates || this.trust.upstreamSigs(narinfo).length > 0) return settle();
+        if (all) return maybeSettle();
+        all = true;
+        const check = this.trust.upstream;
+        if (check) {
+          upstream = "pending";
+          void check.lookup(hashPart, controller.signal).then((a) => {
+            upstream = a;
+            maybeSettle();
+          });
+        }
+        askNext();
       };
       const askNext = () => {
         clearTimeout(hedge);
         if (done) return;
+        if (all) {
+          while (moreToAsk()) askOne();
+          return maybeSettle();
+        }
         if (next >= holders.length) {
-          if (outstanding === 0) finish(undefined);
+          if (outstanding === 0) settle();
           return;
         }
+        askOne();
+        hedge = setTimeout(askNext, this.hedgeMs);
+      };
+      const askOne = () => {
         const peer = holders[next++]!;
         outstanding++;
         this.counters.peerQueries++;
         this.requests.narinfo(peer, hashPart, controller.signal).then(
           (narinfo) => {
             outstanding--;
-            if (narinfo) {
-              const info = toPathInfo(narinfo);
-              this.#fromPeers.add(info);
-              this.remember(hashPart, info, peer);
-              finish(info);
-            } else askNext();
+            if (done) {
+              if (narinfo) lateJudge?.(peer, narinfo);
+              return stop();
+            }
+            if (narinfo) onAnswer(peer, narinfo);
+            else askNext();
           },
           (err: unknown) => {
             outstanding--;
+            stop();
             this.log.debug({ peer, hashPart, err }, "narinfo request to peer failed");
             // Cancelled because another peer answered first, or the deadline passed: not the peer's fault.
             if (!controller.signal.aborted) this.#onError({ message: `narinfo request failed: ${(err as Error).message ?? String(err)}`, path: hashPart, peer });
             askNext();
           },
         );
-        hedge = setTimeout(askNext, this.hedgeMs);
       };
-      controller.signal.addEventListener("abort", () => finish(undefined));
       askNext();
     });
+  }
+
+  /** A holder's fleet-only answer contradicts what upstream signed: it is passed over for the path, and counted. */
+  #contradicted(peer: string, hashPart: string): void {
+    this.counters.narinfoConflicts++;
+    this.penalties.wrongNarinfo(peer, hashPart);
+    this.log.warn({ peer, hashPart }, "a peer's narinfo contradicts an upstream signature for the path; penalised");
+    this.#onError({ message: "narinfo contradicts the path's upstream signature (forged or a different build)", path: hashPart, peer });
   }
 
   private remember(hashPart: string, info: PathInfo, from: string): void {
@@ -416,6 +497,11 @@ export class FleetSource implements PathSource {
     }
     return order[0]!;
   }
+}
+
+/** Answers in the holders' order of preference (fastest first), not arrival order. */
+function order(answers: PeerAnswer[], holders: string[]): PeerAnswer[] {
+  return [...answers].sort((a, b) => holders.indexOf(a.peer) - holders.indexOf(b.peer));
 }
 
 function toPathInfo(n: Narinfo): PathInfo {

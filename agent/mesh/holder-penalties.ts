@@ -1,4 +1,5 @@
-// Holders whose NAR bytes failed NarSize or NarHash. Wrong bytes are not only attacks: a store
+// Holders whose NAR bytes failed NarSize or NarHash, or whose narinfo contradicted an upstream
+// signature (trust-policy.ts). Wrong bytes are not only attacks: a store
 // file changed on disk, bit rot or a failing disk give the same. Such a holder is not asked for
 // that path again for a while (its bytes would be wrong again), and after repeated failures it
 // is asked last for every path, so the next attempt, Nix's own retry included, reaches a holder
@@ -16,6 +17,8 @@ export interface PenaltyOptions {
 export interface PeerPenaltyStatus {
   /** NARs from this peer that failed NarSize or NarHash since the agent started. */
   badNars: number;
+  /** Fleet-only narinfos from this peer that contradicted an upstream signature (trust-policy.ts). */
+  badNarinfos: number;
   /** Until when (ms since the epoch) the peer is asked last for every path, while that lasts. */
   penalisedUntil?: number;
 }
@@ -28,7 +31,7 @@ export class HolderPenalties {
   readonly #peerMs: number;
   /** "peer hashPart" → until when. */
   readonly #paths = new Map<string, number>();
-  readonly #peers = new Map<string, { badNars: number; recent: number[]; until?: number }>();
+  readonly #peers = new Map<string, { badNars: number; badNarinfos: number; recent: number[]; until?: number }>();
 
   constructor(opts: PenaltyOptions = {}) {
     this.#pathMs = opts.pathPenaltyMs ?? 10 * 60_000;
@@ -38,12 +41,30 @@ export class HolderPenalties {
 
   /** Records wrong bytes (size or hash) from `peer` for `hashPart`; `strike`: count it against the peer as a whole. */
   wrongBytes(peer: string, hashPart: string, strike = true, now = Date.now()): void {
+    this.#bar(peer, hashPart, now).badNars++;
+    if (strike) this.#strike(peer, now);
+  }
+
+  /**
+   * Records a fleet-only narinfo from `peer` that contradicts the path's upstream signature: a
+   * forgery, or its own build of a path that is not reproducible. Either way its version is not
+   * the one to serve: barred for the path, and a strike as for wrong bytes.
+   */
+  wrongNarinfo(peer: string, hashPart: string, now = Date.now()): void {
+    this.#bar(peer, hashPart, now).badNarinfos++;
+    this.#strike(peer, now);
+  }
+
+  #bar(peer: string, hashPart: string, now: number): { badNars: number; badNarinfos: number; recent: number[]; until?: number } {
     if (this.#paths.size >= MAX_PATH_PENALTIES) this.#paths.delete(this.#paths.keys().next().value!);
     this.#paths.set(`${peer} ${hashPart}`, now + this.#pathMs);
-    const p = this.#peers.get(peer) ?? { badNars: 0, recent: [] };
+    const p = this.#peers.get(peer) ?? { badNars: 0, badNarinfos: 0, recent: [] };
     this.#peers.set(peer, p);
-    p.badNars++;
-    if (!strike) return;
+    return p;
+  }
+
+  #strike(peer: string, now: number): void {
+    const p = this.#peers.get(peer)!;
     p.recent = [...p.recent.filter((t) => t > now - this.#peerMs), now];
     if (p.recent.length >= this.#strikes) p.until = now + this.#peerMs;
   }
@@ -72,7 +93,7 @@ export class HolderPenalties {
 
   status(peer: string, now = Date.now()): PeerPenaltyStatus {
     const p = this.#peers.get(peer);
-    const out: PeerPenaltyStatus = { badNars: p?.badNars ?? 0 };
+    const out: PeerPenaltyStatus = { badNars: p?.badNars ?? 0, badNarinfos: p?.badNarinfos ?? 0 };
     if (p?.until !== undefined && p.until > now) out.penalisedUntil = p.until;
     return out;
   }

@@ -17,6 +17,8 @@ import { StaticPeers, TailscalePeers } from "./fleet-discovery.js";
 import { PeerPenalties } from "./peer-penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
+import { TrustPolicy } from "./trust-policy.js";
+import { UpstreamCheck } from "./upstream-check.js";
 
 export interface MeshOptions {
   key: SecretKey;
@@ -28,6 +30,10 @@ export interface MeshOptions {
   tailscale?: { statusFile?: string; port: number };
   local: LocalStore;
   log: Logger;
+  /** Keys of upstream caches (never the fleet's): see trust-policy.ts. */
+  upstreamKeys?: PublicKey[];
+  /** Upstream caches asked before a fleet-only narinfo is believed (upstream-check.ts). */
+  upstreamCaches?: string[];
   /** Summary keys a peer may send in a burst (SummaryBudget.burstKeys). */
   summaryBudget?: number;
   /** How long a lookup waits for a reconnecting peer that alone holds the path (FleetSourceOptions.reconnectWaitMs). */
@@ -89,12 +95,16 @@ export class Mesh {
         ...(opts.tailscale ? { tailscale: opts.tailscale } : {}),
       });
       const fleet = new FleetTable(manager, summaries, penalties);
-      // Our own signatures count too: a path this host signed, held by a peer, is acceptable.
-      const keys = [...trusted, { name: opts.key.name, publicKey: opts.key.publicKey }];
+      // Our own signatures count too: a path this host signed, held by a peer, is acceptable; so do
+      // upstream ones. Which acceptable answer is believed is the trust policy's decision.
+      const upstreamKeys = opts.upstreamKeys ?? [];
+      const keys = [...trusted, { name: opts.key.name, publicKey: opts.key.publicKey }, ...upstreamKeys];
+      const upstreamCheck = opts.upstreamCaches?.length ? new UpstreamCheck(opts.upstreamCaches, upstreamKeys, { log }) : undefined;
       const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
         nar: (peer, req, signal) => openNar(node, peer, req, { signal, log }),
       }, log, {
+        trust: new TrustPolicy(upstreamKeys, upstreamCheck),
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
@@ -137,6 +147,9 @@ export class Mesh {
       peersPenalised: this.source.penalties.peersPenalised(),
       penalties: this.penalties.total,
       peersRefused: this.penalties.active(),
+      narinfoConflicts: c.narinfoConflicts,
+      upstreamChecks: this.source.upstreamCheck?.counters.checks ?? 0,
+      upstreamCheckFailures: this.source.upstreamCheck?.counters.failures ?? 0,
     };
   }
 

@@ -77,6 +77,36 @@ in
       '';
     };
 
+    upstreamKeys = mkOption {
+      type = types.listOf types.str;
+      default = lib.subtractLists cfg.trustedKeys
+        ((config.nix.settings.trusted-public-keys or [ ]) ++ (config.nix.settings.extra-trusted-public-keys or [ ]));
+      defaultText = lib.literalExpression "Nix's trusted-public-keys (nix.settings) without trustedKeys";
+      example = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = ''
+        Public keys of the upstream caches this host trusts (cache.nixos.org-1 and the like). A
+        peer's narinfo for a path such a key signed is used only with that signature intact;
+        fleet signatures alone suffice only for paths no upstream signed (the fleet's own
+        builds). Fleet keys are never upstream keys. The default is what this host's Nix trusts
+        besides the fleet, so a host that trusts cache.nixos.org is protected against a
+        compromised fleet member re-signing its paths. See "Trust" in the README.
+      '';
+    };
+
+    upstreamCaches = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "https://cache.nixos.org" ];
+      description = ''
+        Upstream caches (https://, http:// or file:// URLs) the agent asks, before it uses a
+        peer's narinfo signed by fleet keys alone, whether they signed the path with other
+        contents (one narinfo request per such path, remembered; an unreachable cache is
+        skipped for 30 s). Without it, a compromised fleet member can still stand in for an
+        upstream path that no other holder it is weighed against has with its upstream
+        signature. Empty: no check, no traffic to upstream from the agent.
+      '';
+    };
+
     peers = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -171,6 +201,8 @@ in
       state_dir = mkDefault "/var/lib/fleetcache";
       peers = mkDefault cfg.peers;
       trusted_keys = mkDefault cfg.trustedKeys;
+      upstream_keys = mkDefault cfg.upstreamKeys;
+      upstream_caches = mkDefault cfg.upstreamCaches;
       mdns = mkDefault cfg.mdns;
       tailscale = mkDefault cfg.tailscale;
       priority = mkDefault cfg.priority;

@@ -15,8 +15,8 @@ export interface FleetHost {
   keyFile: string;
   publicKey: string;
   agent?: AgentProcess;
-  /** Starts this host's agent in its namespace; trusts `trusted` keys (default: the whole fleet). */
-  start(extra?: string[], trusted?: string[]): Promise<AgentProcess>;
+  /** Starts this host's agent in its namespace; trusts `trusted` keys (default: the whole fleet); `env` adds to its environment. */
+  start(extra?: string[], trusted?: string[], env?: NodeJS.ProcessEnv): Promise<AgentProcess>;
   stop(): Promise<void>;
   /** Runs a command inside the host's namespace. */
   exec(cmd: string, args: string[]): Promise<string>;
@@ -79,7 +79,7 @@ function makeHost(name: string, net: NetHost, dir: string, keyFile: string, publ
     storeRoot: join(dir, "store"),
     keyFile,
     publicKey,
-    async start(extra = [], trusted = fleet.trustedKeys) {
+    async start(extra = [], trusted = fleet.trustedKeys, env = {}) {
       await host.stop();
       host.agent = await startAgentProcess(
         [
@@ -88,7 +88,7 @@ function makeHost(name: string, net: NetHost, dir: string, keyFile: string, publ
           ...trusted.flatMap((k) => ["--trusted-key", k]),
           ...extra,
         ],
-        {},
+        env,
         ["ip", "netns", "exec", net.ns],
       );
       return host.agent;

@@ -1,0 +1,103 @@
+// What the trust policy costs a narinfo lookup: real agents in network namespaces, B and C on one
+// bridge, A behind a link proxy (--latency-ms each way, 30 by default), so B asks C first. For
+// each case, B's first lookup of fresh paths (its agent remembers an answer for 30 s), timed by
+// curl inside B's namespace, with the policy on (B's Nix trusts an upstream key besides the
+// fleet's) and off (FLEETCACHE_UPSTREAM_KEYS=none: the first verified answer, as before):
+//
+//   upstream path: A has it signed by the upstream key, C the same contents signed by fleet keys
+//   fleet path, 2 holders: A and C, fleet keys only (the policy waits for A's answer too)
+//   fleet path, C only: fleet keys only
+//   upstream path on C: C has it with the upstream signature (taken at once)
+//
+//   npx tsc -p . && node dist/bench/trust-lookup.js [--paths 20] [--latency-ms 30] [--order off,on]
+//
+// Needs root and Nix. Prints one line per case and mode: median and p90 in ms.
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import type { ChildProcess } from "node:child_process";
+import { startProxy } from "../faults/fleet-tools.js";
+import { announcedTo, createFleet, eventually, P2P_PORT, type FleetHost } from "../test/helpers/fleet.js";
+import { createSites } from "../test/helpers/netns.js";
+import { NIX_FLAGS, run, tempDir } from "../test/helpers/nix.js";
+
+function arg(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : fallback;
+}
+const PATHS = Number(arg("paths", "20"));
+const LATENCY_MS = Number(arg("latency-ms", "30"));
+// Which mode runs first (the agent B runs each on a fresh start): --order on,off or off,on.
+const ORDER = arg("order", "off,on").split(",") as ("on" | "off")[];
+
+const CASES = ["upstream path", "fleet path, 2 holders", "fleet path, C only", "upstream path on C"] as const;
+
+async function addFiles(host: FleetHost, names: string[]): Promise<string[]> {
+  const files = names.map((n) => {
+    const f = join(host.dir, n);
+    writeFileSync(f, `${n}\n`);
+    return f;
+  });
+  return (await run("nix-store", ["--store", host.storeRoot, "--add", ...files])).trim().split("\n");
+}
+
+const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
+
+async function main(): Promise<void> {
+  const tmp = tempDir("fleetcache-trust-bench-");
+  const sites = await createSites([2, 1]);
+  const fleet = await createFleet(["a", "b", "c"], { hosts: [sites.sites[1]![0]!, sites.sites[0]![0]!, sites.sites[0]![1]!], destroy: sites.destroy });
+  const [A, B, C] = fleet.hosts as [FleetHost, FleetHost, FleetHost];
+  let proxy: ChildProcess | undefined;
+  try {
+    const aViaLink = `${sites.link.linkIps[0]}:${P2P_PORT}`;
+    proxy = (await startProxy(sites.link, aViaLink, `${A.net.ip}:${P2P_PORT}`, { latencyMs: LATENCY_MS })).child;
+    const upSec = join(tmp.dir, "up.sec");
+    const upPubFile = join(tmp.dir, "up.pub");
+    await run("nix-store", ["--generate-binary-cache-key", "upstream-1", upSec, upPubFile]);
+    const upPub = (await run("cat", [upPubFile])).trim();
+
+    // Paths per mode and case: names differ, so every lookup is a first one.
+    const paths = new Map<string, string[]>();
+    for (const mode of ["on", "off"]) {
+      for (const c of CASES) {
+        const names = Array.from({ length: PATHS }, (_, i) => `${mode}-${c.replace(/\W+/g, "-")}-${i}`);
+        const onC = await addFiles(C, names);
+        if (c === "upstream path" || c === "fleet path, 2 holders") await addFiles(A, names);
+        if (c === "upstream path") await run("nix", [...NIX_FLAGS, "store", "sign", "--store", A.storeRoot, "--key-file", upSec, ...onC]);
+        if (c === "upstream path on C") await run("nix", [...NIX_FLAGS, "store", "sign", "--store", C.storeRoot, "--key-file", upSec, ...onC]);
+        paths.set(`${mode} ${c}`, onC);
+      }
+    }
+    await addFiles(B, ["b-own"]);
+    await A.start();
+    await C.start(["--peer", `${B.net.ip}:${P2P_PORT}`]);
+    const nixConfig = `trusted-public-keys = ${upPub} ${fleet.trustedKeys.join(" ")}`;
+    for (const mode of ORDER) {
+      await B.start(["--peer", aViaLink], undefined, mode === "on" ? { NIX_CONFIG: nixConfig } : { NIX_CONFIG: nixConfig, FLEETCACHE_UPSTREAM_KEYS: "none" });
+      await announcedTo(B, A);
+      await announcedTo(B, C);
+      await eventually("B ranks C before A", async () => {
+        const peers = (await B.status()).peers as { name: string; rttMs?: number }[];
+        const a = peers.find((p) => p.name === "a-1")?.rttMs;
+        const c = peers.find((p) => p.name === "c-1")?.rttMs;
+        return a !== undefined && c !== undefined && c < a;
+      }, 60_000);
+      for (const c of CASES) {
+        const ms: number[] = [];
+        for (const p of paths.get(`${mode} ${c}`)!) {
+          const out = await B.exec("curl", ["-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", `${B.agent!.url}/${p.slice(11, 43)}.narinfo`]);
+          const [code, secs] = out.trim().split(" ");
+          if (code !== "200") throw new Error(`${c}: ${p} answered ${code}`);
+          ms.push(Number(secs) * 1000);
+        }
+        console.log(`policy ${mode.padEnd(3)} ${c.padEnd(22)} median ${pct(ms, 0.5).toFixed(1)} ms, p90 ${pct(ms, 0.9).toFixed(1)} ms (${ms.length} first lookups)`);
+      }
+    }
+  } finally {
+    proxy?.kill("SIGTERM");
+    await fleet.destroy();
+    tmp.cleanup();
+  }
+}
+
+await main();

@@ -63,6 +63,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       local: store,
       log,
       summaryBudget: config.summaryBudget,
+      compression: config.meshCompression,
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();
@@ -105,6 +106,11 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         queuedTransfers: c?.queuedTransfers ?? 0,
         refusedConnections: mesh?.tallies().refusedConnections ?? 0,
         peerPenalties: mesh?.tallies().penalties ?? 0,
+        narBytesToPeers: mesh?.tallies().bytesToPeers ?? 0,
+        narWireBytesFromPeers: mesh?.compression.totals.wireReceived ?? 0,
+        narWireBytesToPeers: mesh?.compression.totals.wireSent ?? 0,
+        compressedNarsFromPeers: mesh?.compression.totals.zstdReceived ?? 0,
+        compressedNarsToPeers: mesh?.compression.totals.zstdSent ?? 0,
       },
       recentErrors: metrics.errors.list(),
     };

@@ -48,6 +48,7 @@ program
   .option("--daemon-socket <path>", "the Nix daemon's socket for the daemon backend (env FLEETCACHE_DAEMON_SOCKET; default <store-root>/nix/var/nix/daemon-socket/socket)")
   .option("--use-case-hack", "the store was written with Nix's use-case-hack (names on disk may end in ~nix~case~hack~N): serve the names Nix's NARs have (env FLEETCACHE_USE_CASE_HACK; default as Nix: on for macOS, off elsewhere)")
   .option("--no-use-case-hack", "serve the names on disk as they are")
+  .option("--mesh-compression <mode>", "compress NAR transfers between agents with zstd: auto (when the link from the peer is slow, under 40 MB/s measured, or its ping is 5 ms or more before any measurement), zstd (whenever the peer can) or off (env FLEETCACHE_MESH_COMPRESSION; default auto)")
   .option("--summary-budget <keys>", "summary keys a peer may send in a burst (then 20,000 a second); a peer over it is disconnected and refused for a while (env FLEETCACHE_SUMMARY_BUDGET; default 8454144: two snapshots of the largest summary)")
   .option("--check-config", "validate the configuration and key files, print the result as JSON, and exit")
   .action(async (opts: Record<string, unknown>) => {
@@ -72,6 +73,7 @@ program
           daemonSocket: opts.daemonSocket,
           useCaseHack: opts.useCaseHack,
           summaryBudget: opts.summaryBudget,
+          meshCompression: opts.meshCompression,
         },
       });
     } catch (e) {

@@ -5,6 +5,7 @@ import { readFileSync } from "node:fs";
 import { parse as parseToml } from "smol-toml";
 import { parsePublicKey } from "../protocol/keys.js";
 import { AddressError, meshListenAddr, parseHostPort, peerAddr } from "./address.js";
+import { COMPRESSION_MODES, type CompressionMode } from "./mesh/nar-compression.js";
 
 export interface ListenAddress {
   host: string;
@@ -37,6 +38,8 @@ export interface AgentConfig {
   useCaseHack: boolean;
   /** Summary keys a peer may send in a burst (then 20,000 a second) before it is disconnected. */
   summaryBudget: number;
+  /** NAR transfers between agents: zstd when the link is slow (auto), whenever the peer can (zstd), never (off). */
+  meshCompression: CompressionMode;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -126,6 +129,12 @@ function summaryBudget(raw: unknown, from: string): number {
   return n;
 }
 
+function meshCompression(raw: unknown, from: string): CompressionMode {
+  const s = str(raw, from);
+  if (!(COMPRESSION_MODES as readonly string[]).includes(s)) throw new ConfigError(`${from}: expected auto, zstd or off, got ${JSON.stringify(s)}`);
+  return s as CompressionMode;
+}
+
 export function parseListen(raw: unknown, from = "listen"): ListenAddress {
   const { host, port } = address(parseHostPort, str(raw, from), from);
   return { host, port };
@@ -147,6 +156,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   daemonSocket: { key: "daemonSocket", toml: "daemon_socket", env: "FLEETCACHE_DAEMON_SOCKET", parse: optionalPath },
   useCaseHack: { key: "useCaseHack", toml: "use_case_hack", env: "FLEETCACHE_USE_CASE_HACK", parse: bool },
   summaryBudget: { key: "summaryBudget", toml: "summary_budget", env: "FLEETCACHE_SUMMARY_BUDGET", parse: summaryBudget },
+  meshCompression: { key: "meshCompression", toml: "mesh_compression", env: "FLEETCACHE_MESH_COMPRESSION", parse: meshCompression },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -165,6 +175,7 @@ export const DEFAULTS: AgentConfig = {
   daemonSocket: null,
   useCaseHack: process.platform === "darwin",
   summaryBudget: 2 * (1 << 22) + 65_536, // two snapshots of the largest summary (DEFAULT_SUMMARY_BUDGET)
+  meshCompression: "auto",
 };
 
 export class ConfigError extends Error {}

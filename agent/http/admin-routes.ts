@@ -52,6 +52,13 @@ export interface StatusPeer {
   bytesSent: number;
   /** NAR bytes received from the peer. */
   bytesReceived: number;
+  /** What the NAR bytes sent to and received from the peer took on the wire (less when compressed). */
+  wireBytesSent: number;
+  wireBytesReceived: number;
+  /** The link from the peer as this host measured it (wire bytes per second of its transfers), once measured. */
+  linkBytesPerSec?: number;
+  /** Whether this host's next NAR request to the peer accepts zstd ("none": uncompressed). */
+  compression: "zstd" | "none";
   /** NARs from the peer that failed NarSize or NarHash (each bars it from that path for 10 min). */
   badNars: number;
   /** While set (ms since the epoch): asked last for every path, after 3 wrong NARs within 10 min. */
@@ -76,8 +83,16 @@ export interface StatusCounters {
   narinfoMisses: number;
   /** NAR bytes sent to HTTP clients, whatever their source. */
   narBytesServed: number;
-  /** NAR bytes received from peers. */
+  /** NAR bytes received from peers (decoded: what their NARs hold). */
   narBytesFromPeers: number;
+  /** What those NARs took on the wire (less when compressed). */
+  narWireBytesFromPeers: number;
+  /** NAR bytes sent to peers from this host's store, and what they took on the wire. */
+  narBytesToPeers: number;
+  narWireBytesToPeers: number;
+  /** NAR transfers that came / went zstd-compressed. */
+  compressedNarsFromPeers: number;
+  compressedNarsToPeers: number;
   peerQueries: number;
   failovers: number;
   transferFailures: number;

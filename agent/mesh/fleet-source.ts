@@ -303,7 +303,7 @@ export class FleetSource implements PathSource {
           pause = BUSY_RETRY_MS * busy;
           continue;
         }
-        if (reason !== "size-mismatch" && reason !== "hash-mismatch") {
+        if (reason !== "size-mismatch" && reason !== "hash-mismatch" && reason !== "corrupt") {
           if (reason !== "not-found") allGone = false;
           this.counters.transferFailures++;
           skip.add(peer);
@@ -315,7 +315,8 @@ export class FleetSource implements PathSource {
         // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
         // hash (or runs long) may have been stitched from several holders: each is barred from
         // this path, and only a sole sender earns a strike as a peer.
-        const blamed = body ? [...contributors] : [peer];
+        // A compressed stream that does not decode is this peer's alone.
+        const blamed = body && reason !== "corrupt" ? [...contributors] : [peer];
         this.counters.verifyFailures++;
         for (const p of blamed) {
           this.penalties.wrongBytes(p, hashPart, blamed.length === 1);

@@ -13,6 +13,7 @@ import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
 import type { PeerPenaltyStatus } from "./holder-penalties.js";
 import { PeerManager, type PeerInfo } from "./peer-manager.js";
+import { NarCompression, type CompressionMode, type PeerCompressionStatus } from "./nar-compression.js";
 import { PeerPenalties, type Penalty } from "./peer-penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
@@ -29,6 +30,8 @@ export interface MeshOptions {
   log: Logger;
   /** Summary keys a peer may send in a burst (SummaryBudget.burstKeys). */
   summaryBudget?: number;
+  /** NAR transfers between agents (default auto: when the link is slow). */
+  compression?: CompressionMode;
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -36,7 +39,7 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty })[];
+  peers: (PeerInfo & PeerPenaltyStatus & PeerCompressionStatus & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty })[];
 }
 
 export class Mesh {
@@ -51,6 +54,8 @@ export class Mesh {
     private readonly refused: { connections: number },
     /** Trusted peers that went over a per-peer limit, refused for a backoff. */
     private readonly penalties: PeerPenalties,
+    /** When NAR transfers are compressed, and their bytes on the wire. */
+    readonly compression: NarCompression,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -70,7 +75,8 @@ export class Mesh {
       await publisher.start();
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
-      await serveNar(sent.countingNode(node), sent.countingStore(local), log);
+      const compression = new NarCompression(opts.compression ?? "auto", (peerId) => connectionRtt(node, peerId));
+      await serveNar(sent.countingNode(node), sent.countingStore(local), log, { compression });
       const summaries = new SummaryTable(node, log, { penalties, ...(opts.summaryBudget ? { budget: { burstKeys: opts.summaryBudget } } : {}) });
       summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
@@ -82,7 +88,7 @@ export class Mesh {
       const keys = [...trusted, { name: opts.key.name, publicKey: opts.key.publicKey }];
       const source = new FleetSource(local, manager, summaries, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
-        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log }),
+        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression }),
       }, log, {
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
       });
@@ -90,7 +96,7 @@ export class Mesh {
       // after a reconnect, and drops the summary of a peer that is gone).
       manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties);
+      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties, compression);
     } catch (e) {
       await node.stop();
       throw e;
@@ -106,6 +112,7 @@ export class Mesh {
         pathCount: this.summaries.pathCount(p.peerId),
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
+        ...this.compression.peerStatus(p.peerId),
         ...this.source.penalties.status(p.peerId),
         ...(this.penalties.get(p.peerId) && { penalty: { ...this.penalties.get(p.peerId)! } }),
       })),
@@ -125,6 +132,12 @@ export class Mesh {
       transferFailures: c.transferFailures,
       bytesFromPeers: c.bytesFromPeers,
       bytesToPeers: this.sent.total,
+      wireBytesFromPeers: this.compression.totals.wireReceived,
+      wireBytesToPeers: this.compression.totals.wireSent,
+      compressedFromPeers: this.compression.totals.zstdReceived,
+      compressedToPeers: this.compression.totals.zstdSent,
+      uncompressedFromPeers: this.compression.totals.identityReceived,
+      uncompressedToPeers: this.compression.totals.identitySent,
       refusedConnections: this.refused.connections,
       verifyFailures: c.verifyFailures,
       queuedTransfers: c.queuedTransfers,
@@ -140,6 +153,15 @@ export class Mesh {
     await this.manager.stop();
     await this.node.stop();
   }
+}
+
+/** The shortest ping RTT of the open connections to a peer, if measured. */
+function connectionRtt(node: MeshNode, peerId: string): number | undefined {
+  let best: number | undefined;
+  for (const c of node.libp2p.getConnections()) {
+    if (c.remotePeer.toString() === peerId && c.status === "open" && c.rtt !== undefined) best = Math.min(best ?? Infinity, c.rtt);
+  }
+  return best;
 }
 
 /**

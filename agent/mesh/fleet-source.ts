@@ -303,7 +303,19 @@ export class FleetSource implements PathSource {
           pause = BUSY_RETRY_MS * busy;
           continue;
         }
-        if (reason !== "size-mismatch" && reason !== "hash-mismatch" && reason !== "corrupt") {
+        if (reason === "corrupt") {
+          // A compressed stream that does not decode: this holder's fault alone. What it decoded
+          // before is checked by the NarHash at the end like any bytes; start over if we can.
+          allGone = false;
+          this.counters.verifyFailures++;
+          this.penalties.wrongBytes(peer, hashPart, true);
+          skip.add(peer);
+          this.log.warn({ peer, path: info.storePath, offset: verifier.bytes, err: (err as Error).message }, "corrupt NAR stream from peer; penalised");
+          this.#onError({ message: `corrupt compressed NAR stream: ${(err as Error).message}`, path: info.storePath, peer });
+          if (!sent) [verifier, contributors, held, heldBytes] = [new NarVerifier(info.narHash, info.narSize), new Set(), [], 0];
+          continue;
+        }
+        if (reason !== "size-mismatch" && reason !== "hash-mismatch") {
           if (reason !== "not-found") allGone = false;
           this.counters.transferFailures++;
           skip.add(peer);
@@ -315,8 +327,7 @@ export class FleetSource implements PathSource {
         // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
         // hash (or runs long) may have been stitched from several holders: each is barred from
         // this path, and only a sole sender earns a strike as a peer.
-        // A compressed stream that does not decode is this peer's alone.
-        const blamed = body && reason !== "corrupt" ? [...contributors] : [peer];
+        const blamed = body ? [...contributors] : [peer];
         this.counters.verifyFailures++;
         for (const p of blamed) {
           this.penalties.wrongBytes(p, hashPart, blamed.length === 1);

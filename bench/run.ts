@@ -21,6 +21,7 @@ import {
 } from "./proc.js";
 import { fmtNum, fmtRatio, table, writeBenchmarksMd } from "./report.js";
 import { meshCase, type MeshResult } from "./mesh.js";
+import { slowLinkMain } from "./slow-link.js";
 import { gcStallMain } from "./gc-stall.js";
 import {
   agentBuilt, httpGet, parseNarinfo, startAgent, startNginx, type Server,
@@ -53,6 +54,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
   --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
   --case gc-stall    instead: lookups while Nix garbage-collects a store of a million paths
                      (first argument; \`npm run bench -- --case gc-stall --help\`)
+  --case slow-link   instead: Nix copies real binaries from a peer over a 100 Mbit/s link and the
+                     LAN, per --mesh-compression mode (\`npm run bench -- --case slow-link --help\`)
   --tmpdir DIR       where to make the temporary directory (default: $TMPDIR or /tmp)
   --keep             keep the temporary directory (store, cache, logs) for inspection
   -h, --help
@@ -365,7 +368,8 @@ async function main(): Promise<void> {
   if (process.argv[2] === "--case") {
     const name = process.argv[3];
     if (name === "gc-stall") return gcStallMain(process.argv.slice(2), repoRoot);
-    throw new Error(`unknown --case ${name} (known: gc-stall)`);
+    if (name === "slow-link") return slowLinkMain(process.argv.slice(2));
+    throw new Error(`unknown --case ${name} (known: gc-stall, slow-link)`);
   }
   const opts = parseOptions();
   if (opts.candidate === "agent" && !agentBuilt(repoRoot)) {

@@ -55,8 +55,12 @@ export interface StatusPeer {
   /** What the NAR bytes sent to and received from the peer took on the wire (less when compressed). */
   wireBytesSent: number;
   wireBytesReceived: number;
-  /** The link from the peer as this host measured it (wire bytes per second of its transfers), once measured. */
-  linkBytesPerSec?: number;
+  /**
+   * NAR bytes per second of waiting on the network, of plain and of zstd transfers from the peer
+   * (moving averages, once measured): what "auto" compares.
+   */
+  plainBytesPerSec?: number;
+  zstdBytesPerSec?: number;
   /** Whether this host's next NAR request to the peer accepts zstd ("none": uncompressed). */
   compression: "zstd" | "none";
   /** NARs from the peer that failed NarSize or NarHash (each bars it from that path for 10 min). */

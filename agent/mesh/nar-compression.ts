@@ -2,19 +2,21 @@
 // zstd streams on both sides, and the policy that says when to ask for them.
 //
 // When it pays. zstd level 1 (node:zlib) makes real binaries about 43 % of their size at about
-// 300 MB/s per core and decompresses at about 700 MB/s. Over a link slower than that, fewer bytes
-// on the wire is more NAR per second; on a LAN, where the mesh itself runs at 100-200 MB/s on these
-// machines, compressing costs the CPU the transfer needs. Only the requester knows the link (the
-// bytes arrive at it), so it says whether it accepts zstd, and the holder, which has the bytes,
-// compresses when accepted. In "auto" the requester accepts zstd from a peer when:
-//   - the link from it is slow: the wire bytes per busy second of recent transfers from that peer
-//     (all of them together: 8 parallel transfers share one link) are under SLOW_LINK_BYTES_PER_SEC;
-//     before any measurement, when the peer's ping RTT says it is not on the LAN (>= WAN_RTT_MS);
-//   - and the NARs from it compress: transfers it compressed lately came out smaller than
-//     USEFUL_RATIO of their size (a peer of incompressible NARs is asked again every
-//     RETRY_EVERY transfers, since contents change).
-// Measured while compressing, the wire rate of a slow link stays the link's rate (so compression
-// stays on); a fast link whose compressed transfers run faster than the threshold turns it off.
+// 300 MB/s per core on a quiet machine and decodes at about 700 MB/s. Over a link slower than
+// that, fewer bytes on the wire is more NAR per second; on a LAN, where the mesh itself runs at
+// 100-200 MB/s, compressing takes CPU the transfer needs, and content that does not compress
+// (random data, .xz files) gains nothing anywhere. Only the requester sees the link (the bytes
+// arrive at it), so it says whether it accepts zstd; the holder compresses when accepted.
+//
+// "auto", per peer. Each transfer from the peer is timed by how long the requester waited for
+// the network (not for its own client: a slow Nix is backpressure, not a slow link), giving NAR
+// bytes per second of waiting, a moving average for plain and one for zstd transfers. Then:
+//   - nothing measured yet: zstd if the peer's ping RTT says it is not on the LAN (>= WAN_RTT_MS);
+//   - only a zstd figure: plain next, to measure the link itself;
+//   - only a plain figure: zstd if the link delivered under SLOW_LINK_BYTES_PER_SEC;
+//   - both: whichever delivered more (zstd only by a MARGIN), and every RETRY_EVERY-th transfer
+//     the other one, so that a link or contents that changed are noticed; a fast link whose zstd
+//     lost is not probed again.
 import { constants, createZstdCompress, createZstdDecompress } from "node:zlib";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
@@ -23,18 +25,15 @@ import { ACCEPT_ZSTD, MAX_ZSTD_WINDOW_LOG, NAR_ENCODING, type NarEncoding } from
 export type CompressionMode = "auto" | "zstd" | "off";
 export const COMPRESSION_MODES: readonly CompressionMode[] = ["auto", "zstd", "off"];
 
-/** 40 MB/s = 320 Mbit/s: below this a link is the bottleneck zstd can widen. */
+/** 40 MB/s = 320 Mbit/s: a link that delivers less is worth trying zstd on. */
 export const SLOW_LINK_BYTES_PER_SEC = 40e6;
 /** A ping RTT at least this long is not a LAN (LANs answer in well under a millisecond). */
 export const WAN_RTT_MS = 5;
-/** Compressed size / NAR size under which compressing is worth the CPU. */
-export const USEFUL_RATIO = 0.9;
+/** zstd must deliver this much more than plain transfers to be chosen over them. */
+export const MARGIN = 1.1;
 export const RETRY_EVERY = 16;
-/** A rate sample needs this many wire bytes and busy ms (small transfers time mostly round trips). */
-const MIN_SAMPLE_BYTES = 1 << 20;
-const MIN_SAMPLE_MS = 50;
-/** A compressed transfer this large counts towards the peer's compression ratio. */
-const MIN_RATIO_BYTES = 64 * 1024;
+/** Transfers with fewer NAR bytes are not timed (they time mostly the round trips). */
+const MIN_SAMPLE_BYTES = 256 * 1024;
 /** Weight of a new sample in the moving averages. */
 const EWMA = 0.3;
 const ZSTD_LEVEL = 1;
@@ -129,19 +128,13 @@ function drained(z: NodeJS.WritableStream & { destroyed: boolean }): Promise<voi
   });
 }
 
-/** Per peer: what the requester has learnt about the link from it and its NARs. */
+/** Per peer: what the requester has measured of the transfers from it. */
 interface PeerLink {
-  /** Wire bytes per busy second, moving average; undefined until measured. */
-  rate?: number;
-  /** Compressed / NAR bytes of its compressed transfers, moving average. */
-  ratio?: number;
-  /** Transfers open now, and since when at least one has been (the busy period). */
-  active: number;
-  busySince: number;
-  /** The sample being gathered: wire bytes, and busy ms of the periods before the current one. */
-  sampleBytes: number;
-  sampleMs: number;
-  transfers: number;
+  /** NAR bytes per second of waiting for the network, moving averages, by encoding. */
+  plain?: number;
+  zstd?: number;
+  /** Requests made (for the probes). */
+  requests: number;
 }
 
 export interface CompressionTotals {
@@ -158,8 +151,9 @@ export interface CompressionTotals {
 export interface PeerCompressionStatus {
   wireBytesReceived: number;
   wireBytesSent: number;
-  /** The link from the peer as measured (wire bytes per second), once measured. */
-  linkBytesPerSec?: number;
+  /** NAR bytes per second of waiting on the network, of plain and of zstd transfers from the peer, once measured. */
+  plainBytesPerSec?: number;
+  zstdBytesPerSec?: number;
   /** Whether the next NAR request to the peer accepts zstd. */
   compression: "zstd" | "none";
 }
@@ -178,14 +172,19 @@ export class NarCompression {
     private readonly now: () => number = () => performance.now(),
   ) {}
 
-  /** Requester: the `accept` bits of a NarRequest2 to this peer. */
+  /** Requester: the `accept` bits of a NarRequest2 to this peer (counts as a request made). */
   accept(peerId: string): number {
-    if (this.mode === "off") return 0;
-    if (this.mode === "zstd") return ACCEPT_ZSTD;
-    const l = this.#links.get(peerId);
-    if (l?.ratio !== undefined && l.ratio >= USEFUL_RATIO && l.transfers % RETRY_EVERY !== 0) return 0;
-    const slow = l?.rate !== undefined ? l.rate < SLOW_LINK_BYTES_PER_SEC : (this.rttMs(peerId) ?? 0) >= WAN_RTT_MS;
-    return slow ? ACCEPT_ZSTD : 0;
+    const l = this.#link(peerId);
+    l.requests++;
+    return this.#wants(peerId, l, l.requests % RETRY_EVERY === 0) ? ACCEPT_ZSTD : 0;
+  }
+
+  #wants(peerId: string, l: PeerLink, probe: boolean): boolean {
+    if (this.mode !== "auto") return this.mode === "zstd";
+    if (l.plain === undefined) return l.zstd === undefined && (this.rttMs(peerId) ?? 0) >= WAN_RTT_MS;
+    if (l.zstd === undefined) return l.plain < SLOW_LINK_BYTES_PER_SEC;
+    const better = l.zstd > l.plain * MARGIN;
+    return probe && (better || l.plain < SLOW_LINK_BYTES_PER_SEC) ? !better : better;
   }
 
   /** Holder: the encoding for a request that accepts `accept`. */
@@ -204,69 +203,55 @@ export class NarCompression {
   }
 
   /**
-   * Requester: the decoded NAR bytes of one transfer from `peerId`, counting and timing its wire
-   * bytes (the link measurement) on the way.
+   * Requester: the decoded NAR bytes of one transfer from `peerId`, counting its wire bytes and
+   * timing the waits for them (the link measurement) on the way.
    */
   async *receive(peerId: string, encoding: NarEncoding, narBytes: number, wire: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
-    const l = this.#link(peerId);
-    l.transfers++;
-    if (l.active++ === 0) l.busySince = this.now();
-    let wireBytes = 0;
-    let complete = false;
+    const zstd = encoding === NAR_ENCODING.zstd;
+    this.totals[zstd ? "zstdReceived" : "identityReceived"]++;
+    let waitMs = 0;
     const self = this;
     async function* counted(): AsyncGenerator<Uint8Array> {
-      for await (const c of wire) {
-        wireBytes += c.length;
-        l.sampleBytes += c.length;
-        if (l.sampleBytes >= MIN_SAMPLE_BYTES) self.#sampleRate(l);
-        self.totals.wireReceived += c.length;
-        self.#wireReceivedFrom.set(peerId, (self.#wireReceivedFrom.get(peerId) ?? 0) + c.length);
-        yield c;
+      const it = wire[Symbol.asyncIterator]();
+      try {
+        for (;;) {
+          const t0 = self.now();
+          const next = await it.next();
+          waitMs += self.now() - t0;
+          if (next.done) return;
+          const c = next.value;
+          self.totals.wireReceived += c.length;
+          self.#wireReceivedFrom.set(peerId, (self.#wireReceivedFrom.get(peerId) ?? 0) + c.length);
+          yield c;
+        }
+      } finally {
+        await it.return?.();
       }
     }
-    try {
-      if (encoding === NAR_ENCODING.zstd) {
-        this.totals.zstdReceived++;
-        yield* zstdDecompress(counted(), narBytes);
-      } else {
-        this.totals.identityReceived++;
-        yield* counted();
-      }
-      complete = true;
-    } finally {
-      if (complete && encoding === NAR_ENCODING.zstd && narBytes >= MIN_RATIO_BYTES) l.ratio = avg(l.ratio, wireBytes / narBytes);
-      if (--l.active === 0) l.sampleMs += this.now() - l.busySince;
+    yield* zstd ? zstdDecompress(counted(), narBytes) : counted();
+    // Only whole transfers are timed: a failed one says more about the holder than the link.
+    if (narBytes >= MIN_SAMPLE_BYTES) {
+      const l = this.#link(peerId);
+      const rate = (narBytes * 1000) / Math.max(waitMs, 1);
+      if (zstd) l.zstd = avg(l.zstd, rate);
+      else l.plain = avg(l.plain, rate);
     }
-  }
-
-  /**
-   * A rate sample: wire bytes over the time at least one transfer from the peer was open (idle
-   * gaps between transfers are Nix's time, not the link's), once there are enough bytes and time
-   * to time.
-   */
-  #sampleRate(l: PeerLink): void {
-    const now = this.now();
-    const ms = l.sampleMs + (now - l.busySince);
-    if (ms < MIN_SAMPLE_MS) return;
-    l.rate = avg(l.rate, (l.sampleBytes * 1000) / ms);
-    l.sampleBytes = 0;
-    l.sampleMs = 0;
-    l.busySince = now;
   }
 
   #link(peerId: string): PeerLink {
     let l = this.#links.get(peerId);
-    if (!l) this.#links.set(peerId, (l = { active: 0, busySince: 0, sampleBytes: 0, sampleMs: 0, transfers: 0 }));
+    if (!l) this.#links.set(peerId, (l = { requests: 0 }));
     return l;
   }
 
   peerStatus(peerId: string): PeerCompressionStatus {
-    const rate = this.#links.get(peerId)?.rate;
+    const l = this.#links.get(peerId);
     return {
       wireBytesReceived: this.#wireReceivedFrom.get(peerId) ?? 0,
       wireBytesSent: this.#wireSentTo.get(peerId) ?? 0,
-      ...(rate !== undefined && { linkBytesPerSec: Math.round(rate) }),
-      compression: this.accept(peerId) & ACCEPT_ZSTD ? "zstd" : "none",
+      ...(l?.plain !== undefined && { plainBytesPerSec: Math.round(l.plain) }),
+      ...(l?.zstd !== undefined && { zstdBytesPerSec: Math.round(l.zstd) }),
+      compression: this.#wants(peerId, l ?? { requests: 0 }, false) ? "zstd" : "none",
     };
   }
 }

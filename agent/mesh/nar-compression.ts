@@ -12,7 +12,7 @@
 // the network (not for its own client: a slow Nix is backpressure, not a slow link), giving NAR
 // bytes per second of waiting, a moving average for plain and one for zstd transfers. Then:
 //   - nothing measured yet: zstd if the peer's ping RTT says it is not on the LAN (>= WAN_RTT_MS);
-//   - only a zstd figure: plain next, to measure the link itself;
+//   - only a zstd figure: one plain transfer (at a time) to measure the link itself;
 //   - only a plain figure: zstd if the link delivered under SLOW_LINK_BYTES_PER_SEC;
 //   - both: whichever delivered more (zstd only by a MARGIN), and every RETRY_EVERY-th transfer
 //     the other one, so that a link or contents that changed are noticed; a fast link whose zstd
@@ -32,6 +32,8 @@ export const WAN_RTT_MS = 5;
 /** zstd must deliver this much more than plain transfers to be chosen over them. */
 export const MARGIN = 1.1;
 export const RETRY_EVERY = 16;
+/** With only a zstd figure, how long one plain transfer may take before another is asked for. */
+const PLAIN_PROBE_MS = 10_000;
 /** Transfers with fewer NAR bytes are not timed (they time mostly the round trips). */
 const MIN_SAMPLE_BYTES = 256 * 1024;
 /** Weight of a new sample in the moving averages. */
@@ -135,6 +137,8 @@ interface PeerLink {
   zstd?: number;
   /** Requests made (for the probes). */
   requests: number;
+  /** When a plain transfer was last asked for to measure the link while only zstd was (ms). */
+  plainProbeAt?: number;
 }
 
 export interface CompressionTotals {
@@ -176,15 +180,24 @@ export class NarCompression {
   accept(peerId: string): number {
     const l = this.#link(peerId);
     l.requests++;
-    return this.#wants(peerId, l, l.requests % RETRY_EVERY === 0) ? ACCEPT_ZSTD : 0;
+    return this.#wants(peerId, l, true) ? ACCEPT_ZSTD : 0;
   }
 
-  #wants(peerId: string, l: PeerLink, probe: boolean): boolean {
+  /** `asking`: for a request being made (probes may be due), not a status read. */
+  #wants(peerId: string, l: PeerLink, asking: boolean): boolean {
     if (this.mode !== "auto") return this.mode === "zstd";
-    if (l.plain === undefined) return l.zstd === undefined && (this.rttMs(peerId) ?? 0) >= WAN_RTT_MS;
+    if (l.plain === undefined) {
+      if (l.zstd === undefined) return (this.rttMs(peerId) ?? 0) >= WAN_RTT_MS;
+      // One plain transfer at a time measures the link (it may take a while); the others stay zstd.
+      const measuring = l.plainProbeAt !== undefined && this.now() - l.plainProbeAt < PLAIN_PROBE_MS;
+      if (!asking || measuring) return true;
+      l.plainProbeAt = this.now();
+      return false;
+    }
     if (l.zstd === undefined) return l.plain < SLOW_LINK_BYTES_PER_SEC;
     const better = l.zstd > l.plain * MARGIN;
-    return probe && (better || l.plain < SLOW_LINK_BYTES_PER_SEC) ? !better : better;
+    const probe = asking && l.requests % RETRY_EVERY === 0 && (better || l.plain < SLOW_LINK_BYTES_PER_SEC);
+    return probe ? !better : better;
   }
 
   /** Holder: the encoding for a request that accepts `accept`. */

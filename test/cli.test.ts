@@ -82,8 +82,12 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       daemonSocket: null,
       useCaseHack: process.platform === "darwin",
       summaryBudget: 8_454_144,
+      meshCompression: "auto",
     });
     assert.equal((await cfg(["--summary-budget", "50000"], { FLEETCACHE_CONFIG: "" })).config.summaryBudget, 50_000);
+    assert.equal((await cfg(["--mesh-compression", "off"], { FLEETCACHE_CONFIG: "" })).config.meshCompression, "off");
+    assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_MESH_COMPRESSION: "zstd" })).config.meshCompression, "zstd");
+    assert.equal((await cfg(["--mesh-compression", "gzip"], { FLEETCACHE_CONFIG: "" })).code, 2, "an unknown compression mode");
     assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);
     assert.equal(fromFile.code, 2, "sign key files that don't exist are a configuration error");

@@ -11,7 +11,7 @@ import { parseArgs } from "node:util";
 import { createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "../test/helpers/fleet.js";
 import { addToStore, pathInfo } from "../test/helpers/nix.js";
 import { linkedFleet } from "../faults/fleet-tools.js";
-import { treeCpuSeconds } from "./load.js";
+import { readStatus, resetPeakRss, treeCpuSeconds } from "./load.js";
 
 const HELP = `Usage: npm run bench -- --case slow-link [options]
 
@@ -37,6 +37,9 @@ interface Run {
   compressed: number;
   /** CPU seconds of both agents during the copy. */
   cpu: number;
+  /** Peak RSS (VmHWM) of the holder's and the requester's agent during the copy, MiB. */
+  rssA: number;
+  rssB: number;
 }
 
 /** Real binaries and libraries in store paths of about 8 MiB each, `mib` MiB in all. */
@@ -86,18 +89,23 @@ async function measure(where: string, a: FleetHost, b: FleetHost, peer: string, 
       const dest = join(b.dir, `dest-${mode}-${round}`);
       const cpu = () => treeCpuSeconds(a.agent!.child.pid!) + treeCpuSeconds(b.agent!.child.pid!);
       const cpu0 = cpu();
+      resetPeakRss(a.agent!.child.pid!);
       const t0 = process.hrtime.bigint();
       await b.nix(["copy", "--from", b.agent!.url, "--to", dest, "--option", "trusted-public-keys", trustedKeys.join(" "), "--option", "require-sigs", "true", ...paths]);
       const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
       const c = (await b.status()).counters;
-      const run: Run = { mode, seconds, narBytes: c.narBytesFromPeers ?? 0, wireBytes: c.narWireBytesFromPeers ?? 0, compressed: c.compressedNarsFromPeers ?? 0, cpu: cpu() - cpu0 };
+      const run: Run = { mode, seconds, narBytes: c.narBytesFromPeers ?? 0, wireBytes: c.narWireBytesFromPeers ?? 0, compressed: c.compressedNarsFromPeers ?? 0, cpu: cpu() - cpu0, rssA: peakMiB(a), rssB: peakMiB(b) };
       runs.push(run);
-      log(`${where} ${mode}: ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s`);
+      log(`${where} ${mode}: ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s, peak RSS A ${run.rssA} MiB, B ${run.rssB} MiB`);
       await b.stop();
       rmSync(dest, { recursive: true, force: true });
     }
   }
   return runs;
+}
+
+function peakMiB(host: FleetHost): number {
+  return Math.round((readStatus(host.agent!.child.pid!).get("VmHWM") ?? 0) / 1024);
 }
 
 function summary(where: string, runs: Run[], narBytes: number): string {
@@ -106,7 +114,7 @@ function summary(where: string, runs: Run[], narBytes: number): string {
   const lines = [`${where}: ${(narBytes / 1e6).toFixed(0)} MB of NAR`];
   for (const m of MODES) {
     const r = best(m);
-    lines.push(`  ${m.padEnd(4)} ${r.seconds.toFixed(2)} s (${(narBytes / 1e6 / r.seconds).toFixed(1)} MB/s), wire ${(r.wireBytes / 1e6).toFixed(1)} MB, ${(off.seconds / r.seconds).toFixed(2)}x of off, agents' CPU ${r.cpu.toFixed(1)} s; all runs ${runs.filter((x) => x.mode === m).map((x) => x.seconds.toFixed(2)).join(", ")} s`);
+    lines.push(`  ${m.padEnd(4)} ${r.seconds.toFixed(2)} s (${(narBytes / 1e6 / r.seconds).toFixed(1)} MB/s), wire ${(r.wireBytes / 1e6).toFixed(1)} MB, ${(off.seconds / r.seconds).toFixed(2)}x of off, agents' CPU ${r.cpu.toFixed(1)} s, peak RSS ${r.rssA}/${r.rssB} MiB; all runs ${runs.filter((x) => x.mode === m).map((x) => x.seconds.toFixed(2)).join(", ")} s`);
   }
   return lines.join("\n");
 }

@@ -10,7 +10,8 @@
 //
 // "auto", per peer. Each transfer from the peer is timed by how long the requester waited for
 // the network (not for its own client: a slow Nix is backpressure, not a slow link), giving NAR
-// bytes per second of waiting, a moving average for plain and one for zstd transfers. Then:
+// bytes per second of waiting, times the transfers from that peer that ran alongside it on
+// average (they share the link): a moving average for plain and one for zstd transfers. Then:
 //   - nothing measured yet: zstd if the peer's ping RTT says it is not on the LAN (>= WAN_RTT_MS);
 //   - only a zstd figure: one plain transfer (at a time) to measure the link itself;
 //   - only a plain figure: zstd if the link delivered under SLOW_LINK_BYTES_PER_SEC;
@@ -137,6 +138,10 @@ interface PeerLink {
   zstd?: number;
   /** Requests made (for the probes). */
   requests: number;
+  /** Transfers open now, and their count integrated over time (transfers x ms) up to `at`. */
+  active: number;
+  activeMs: number;
+  at: number;
   /** When a plain transfer was last asked for to measure the link while only zstd was (ms). */
   plainProbeAt?: number;
 }
@@ -222,6 +227,10 @@ export class NarCompression {
   async *receive(peerId: string, encoding: NarEncoding, narBytes: number, wire: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
     const zstd = encoding === NAR_ENCODING.zstd;
     this.totals[zstd ? "zstdReceived" : "identityReceived"]++;
+    const l = this.#link(peerId);
+    this.#tick(l);
+    l.active++;
+    const [start, activeMs0] = [l.at, l.activeMs];
     let waitMs = 0;
     const self = this;
     async function* counted(): AsyncGenerator<Uint8Array> {
@@ -241,19 +250,35 @@ export class NarCompression {
         await it.return?.();
       }
     }
-    yield* zstd ? zstdDecompress(counted(), narBytes) : counted();
-    // Only whole transfers are timed: a failed one says more about the holder than the link.
-    if (narBytes >= MIN_SAMPLE_BYTES) {
-      const l = this.#link(peerId);
-      const rate = (narBytes * 1000) / Math.max(waitMs, 1);
-      if (zstd) l.zstd = avg(l.zstd, rate);
-      else l.plain = avg(l.plain, rate);
+    let complete = false;
+    try {
+      yield* zstd ? zstdDecompress(counted(), narBytes) : counted();
+      complete = true;
+    } finally {
+      this.#tick(l);
+      l.active--;
+      // Parallel transfers share the link: this one's rate times how many ran alongside it on
+      // average is the link's. Only whole transfers are timed: a failed one says more about the
+      // holder than the link.
+      if (complete && narBytes >= MIN_SAMPLE_BYTES) {
+        const parallel = Math.max(1, (l.activeMs - activeMs0) / Math.max(l.at - start, 1));
+        const rate = ((narBytes * 1000) / Math.max(waitMs, 1)) * parallel;
+        if (zstd) l.zstd = avg(l.zstd, rate);
+        else l.plain = avg(l.plain, rate);
+      }
     }
+  }
+
+  /** Brings the peer's transfers-over-time integral up to now. */
+  #tick(l: PeerLink): void {
+    const now = this.now();
+    l.activeMs += l.active * (now - l.at);
+    l.at = now;
   }
 
   #link(peerId: string): PeerLink {
     let l = this.#links.get(peerId);
-    if (!l) this.#links.set(peerId, (l = { requests: 0 }));
+    if (!l) this.#links.set(peerId, (l = { requests: 0, active: 0, activeMs: 0, at: this.now() }));
     return l;
   }
 
@@ -264,7 +289,7 @@ export class NarCompression {
       wireBytesSent: this.#wireSentTo.get(peerId) ?? 0,
       ...(l?.plain !== undefined && { plainBytesPerSec: Math.round(l.plain) }),
       ...(l?.zstd !== undefined && { zstdBytesPerSec: Math.round(l.zstd) }),
-      compression: this.#wants(peerId, l ?? { requests: 0 }, false) ? "zstd" : "none",
+      compression: this.#wants(peerId, this.#link(peerId), false) ? "zstd" : "none",
     };
   }
 }

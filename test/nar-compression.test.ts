@@ -168,3 +168,46 @@ test("auto: a zstd figure alone (a first transfer over a LAN whose ping was slow
   await transfer(p, "l", binary, NAR_ENCODING.identity, 40);
   for (let i = 0; i < 2 * RETRY_EVERY; i++) assert.equal(p.c.accept("l"), 0, `request ${i}`);
 });
+
+/**
+ * A link of the fake clock: it delivers one piece every `msPerPiece`, to the transfers waiting
+ * in turn, so parallel transfers share it as they share a real one.
+ */
+function sharedLink(p: ReturnType<typeof policy>, msPerPiece: number) {
+  const waiting: (() => void)[] = [];
+  let running = true;
+  const driver = (async () => {
+    while (running) {
+      await new Promise((r) => setImmediate(r));
+      const next = waiting.shift();
+      if (!next) continue;
+      p.clock.ms += msPerPiece;
+      next();
+    }
+  })();
+  return {
+    async *wire(buf: Uint8Array): AsyncGenerator<Uint8Array> {
+      for await (const c of pieces(buf)) {
+        await new Promise<void>((r) => waiting.push(r));
+        yield c;
+      }
+    },
+    stop: async () => {
+      running = false;
+      await driver;
+    },
+  };
+}
+
+test("auto: parallel transfers share the link: their figure is the link's rate, not a share of it", async () => {
+  const nar = binary.subarray(0, 2 * MiB);
+  const linkRate = (64 * 1024 * 1000) / 10; // a 64 KiB piece every 10 ms
+  for (const parallel of [1, 4]) {
+    const p = policy("auto");
+    const link = sharedLink(p, 10);
+    await Promise.all(Array.from({ length: parallel }, () => collect(p.c.receive("peer", NAR_ENCODING.identity, nar.length, link.wire(nar)))));
+    await link.stop();
+    const figure = p.c.peerStatus("peer").plainBytesPerSec!;
+    assert.ok(Math.abs(figure - linkRate) < 0.15 * linkRate, `${parallel} in parallel: ${figure} B/s for a link of ${linkRate}`);
+  }
+});

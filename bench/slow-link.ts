@@ -86,6 +86,8 @@ async function measure(where: string, a: FleetHost, b: FleetHost, peer: string, 
     for (const mode of MODES) {
       await b.start(["--peer", peer, "--mesh-compression", mode]);
       await eventually("B has A's summary", async () => (await b.status()).peers.find((p) => p.connected)?.pathCount === aPaths, 60_000);
+      // auto decides its first transfers by this ping (libp2p's, between the two agents).
+      const rtt = ((await b.status()).peers.find((p) => p.connected) as { rttMs?: number } | undefined)?.rttMs;
       const dest = join(b.dir, `dest-${mode}-${round}`);
       const cpu = () => treeCpuSeconds(a.agent!.child.pid!) + treeCpuSeconds(b.agent!.child.pid!);
       const cpu0 = cpu();
@@ -96,7 +98,7 @@ async function measure(where: string, a: FleetHost, b: FleetHost, peer: string, 
       const c = (await b.status()).counters;
       const run: Run = { mode, seconds, narBytes: c.narBytesFromPeers ?? 0, wireBytes: c.narWireBytesFromPeers ?? 0, compressed: c.compressedNarsFromPeers ?? 0, cpu: cpu() - cpu0, rssA: peakMiB(a), rssB: peakMiB(b) };
       runs.push(run);
-      log(`${where} ${mode}: ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s, peak RSS A ${run.rssA} MiB, B ${run.rssB} MiB`);
+      log(`${where} ${mode}: ping ${rtt?.toFixed(1) ?? "?"} ms before the copy, ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s, peak RSS A ${run.rssA} MiB, B ${run.rssB} MiB`);
       await b.stop();
       rmSync(dest, { recursive: true, force: true });
     }

@@ -9,9 +9,10 @@
 // arrive at it), so it says whether it accepts zstd; the holder compresses when accepted.
 //
 // "auto", per peer. Each transfer from the peer is timed by how long the requester waited for
-// the network (not for its own client: a slow Nix is backpressure, not a slow link), giving NAR
-// bytes per second of waiting, times the transfers from that peer that ran alongside it on
-// average (they share the link): a moving average for plain and one for zstd transfers. Then:
+// its NAR bytes: for the network and its own decoding, not for its own client (a slow Nix is
+// backpressure, not a slow link). That gives NAR bytes per second of waiting, times the
+// transfers from that peer that ran alongside it on average (they share the link): a moving
+// average for plain and one for zstd transfers. Then:
 //   - nothing measured yet: zstd if the peer's ping RTT says it is not on the LAN (>= WAN_RTT_MS);
 //   - only a zstd figure: one plain transfer (at a time) to measure the link itself;
 //   - only a plain figure: zstd if the link delivered under SLOW_LINK_BYTES_PER_SEC;
@@ -234,27 +235,27 @@ export class NarCompression {
     let waitMs = 0;
     const self = this;
     async function* counted(): AsyncGenerator<Uint8Array> {
-      const it = wire[Symbol.asyncIterator]();
-      try {
-        for (;;) {
-          const t0 = self.now();
-          const next = await it.next();
-          waitMs += self.now() - t0;
-          if (next.done) return;
-          const c = next.value;
-          self.totals.wireReceived += c.length;
-          self.#wireReceivedFrom.set(peerId, (self.#wireReceivedFrom.get(peerId) ?? 0) + c.length);
-          yield c;
-        }
-      } finally {
-        await it.return?.();
+      for await (const c of wire) {
+        self.totals.wireReceived += c.length;
+        self.#wireReceivedFrom.set(peerId, (self.#wireReceivedFrom.get(peerId) ?? 0) + c.length);
+        yield c;
       }
     }
+    // Timed where the NAR bytes come out: the waits for the network and, for zstd, for our own
+    // decoding (which costs CPU the transfer could have had), but not our client's time.
+    const it = (zstd ? zstdDecompress(counted(), narBytes) : counted())[Symbol.asyncIterator]();
     let complete = false;
     try {
-      yield* zstd ? zstdDecompress(counted(), narBytes) : counted();
+      for (;;) {
+        const t0 = this.now();
+        const next = await it.next();
+        waitMs += this.now() - t0;
+        if (next.done) break;
+        yield next.value;
+      }
       complete = true;
     } finally {
+      if (!complete) await it.return?.(undefined);
       this.#tick(l);
       l.active--;
       // Parallel transfers share the link: this one's rate times how many ran alongside it on

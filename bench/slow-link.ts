@@ -95,16 +95,20 @@ async function measure(where: string, a: FleetHost, b: FleetHost, peer: string, 
       const t0 = process.hrtime.bigint();
       await b.nix(["copy", "--from", b.agent!.url, "--to", dest, "--option", "trusted-public-keys", trustedKeys.join(" "), "--option", "require-sigs", "true", ...paths]);
       const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-      const c = (await b.status()).counters;
+      const status = await b.status();
+      const c = status.counters;
+      const figures = status.peers.find((p) => p.connected) as { plainBytesPerSec?: number; zstdBytesPerSec?: number } | undefined;
       const run: Run = { mode, seconds, narBytes: c.narBytesFromPeers ?? 0, wireBytes: c.narWireBytesFromPeers ?? 0, compressed: c.compressedNarsFromPeers ?? 0, cpu: cpu() - cpu0, rssA: peakMiB(a), rssB: peakMiB(b) };
       runs.push(run);
-      log(`${where} ${mode}: ping ${rtt?.toFixed(1) ?? "?"} ms before the copy, ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s, peak RSS A ${run.rssA} MiB, B ${run.rssB} MiB`);
+      log(`${where} ${mode}: ping ${rtt?.toFixed(1) ?? "?"} ms before the copy, ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s, peak RSS A ${run.rssA} MiB, B ${run.rssB} MiB; auto's figures plain ${mb(figures?.plainBytesPerSec)}, zstd ${mb(figures?.zstdBytesPerSec)} MB/s`);
       await b.stop();
       rmSync(dest, { recursive: true, force: true });
     }
   }
   return runs;
 }
+
+const mb = (n: number | undefined) => (n === undefined ? "-" : (n / 1e6).toFixed(1));
 
 function peakMiB(host: FleetHost): number {
   return Math.round((readStatus(host.agent!.child.pid!).get("VmHWM") ?? 0) / 1024);

@@ -134,7 +134,7 @@ function drained(z: NodeJS.WritableStream & { destroyed: boolean }): Promise<voi
 
 /** Per peer: what the requester has measured of the transfers from it. */
 interface PeerLink {
-  /** NAR bytes per second of waiting for the network, moving averages, by encoding. */
+  /** NAR bytes per second of waiting for them (network and decoding) times the transfers alongside, moving averages, by encoding. */
   plain?: number;
   zstd?: number;
   /** Requests made (for the probes). */

@@ -77,6 +77,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       log,
       summaryBudget: config.summaryBudget,
       reconnectWaitMs: config.reconnectWait * 1000,
+      compression: config.meshCompression,
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();
@@ -121,6 +122,11 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         peerPenalties: mesh?.tallies().penalties ?? 0,
         upstreamChecks: mesh?.tallies().upstreamChecks ?? 0,
         upstreamCheckFailures: mesh?.tallies().upstreamCheckFailures ?? 0,
+        narBytesToPeers: mesh?.tallies().bytesToPeers ?? 0,
+        narWireBytesFromPeers: mesh?.compression.totals.wireReceived ?? 0,
+        narWireBytesToPeers: mesh?.compression.totals.wireSent ?? 0,
+        compressedNarsFromPeers: mesh?.compression.totals.zstdReceived ?? 0,
+        compressedNarsToPeers: mesh?.compression.totals.zstdSent ?? 0,
       },
       recentErrors: metrics.errors.list(),
     };

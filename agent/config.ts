@@ -6,6 +6,7 @@ import { parse as parseToml } from "smol-toml";
 import { parsePublicKey } from "../protocol/keys.js";
 import { AddressError, meshListenAddr, parseHostPort, peerAddr } from "./address.js";
 import { isUpstreamCacheUrl } from "./mesh/upstream-check.js";
+import { COMPRESSION_MODES, type CompressionMode } from "./mesh/nar-compression.js";
 
 export interface ListenAddress {
   host: string;
@@ -48,6 +49,8 @@ export interface AgentConfig {
   upstreamKeys: string[] | null;
   /** Upstream caches (https://, http:// or file:// URLs) asked before a fleet-only narinfo is believed; none: no check. */
   upstreamCaches: string[];
+  /** NAR transfers between agents: zstd when the link is slow (auto), whenever the peer can (zstd), never (off). */
+  meshCompression: CompressionMode;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -158,6 +161,12 @@ function reconnectWait(raw: unknown, from: string): number {
   return n;
 }
 
+function meshCompression(raw: unknown, from: string): CompressionMode {
+  const s = str(raw, from);
+  if (!(COMPRESSION_MODES as readonly string[]).includes(s)) throw new ConfigError(`${from}: expected auto, zstd or off, got ${JSON.stringify(s)}`);
+  return s as CompressionMode;
+}
+
 export function parseListen(raw: unknown, from = "listen"): ListenAddress {
   const { host, port } = address(parseHostPort, str(raw, from), from);
   return { host, port };
@@ -182,6 +191,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   reconnectWait: { key: "reconnectWait", toml: "reconnect_wait", env: "FLEETCACHE_RECONNECT_WAIT", parse: reconnectWait },
   upstreamKeys: { key: "upstreamKeys", toml: "upstream_keys", env: "FLEETCACHE_UPSTREAM_KEYS", parse: upstreamKeys },
   upstreamCaches: { key: "upstreamCaches", toml: "upstream_caches", env: "FLEETCACHE_UPSTREAM_CACHES", parse: upstreamCaches },
+  meshCompression: { key: "meshCompression", toml: "mesh_compression", env: "FLEETCACHE_MESH_COMPRESSION", parse: meshCompression },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -203,6 +213,7 @@ export const DEFAULTS: AgentConfig = {
   reconnectWait: 5, // an agent restart (FAULTS.md, restart-under-load), well under Nix's timeouts
   upstreamKeys: null,
   upstreamCaches: [],
+  meshCompression: "auto",
 };
 
 export class ConfigError extends Error {}

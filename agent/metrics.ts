@@ -42,6 +42,13 @@ export interface MeshTallies {
   /** Questions to the upstream caches (upstream_caches), and those that failed. */
   upstreamChecks: number;
   upstreamCheckFailures: number;
+  /** NAR transfer compression (nar-compression.ts): wire bytes, and transfers by encoding. */
+  wireBytesFromPeers: number;
+  wireBytesToPeers: number;
+  compressedFromPeers: number;
+  compressedToPeers: number;
+  uncompressedFromPeers: number;
+  uncompressedToPeers: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -175,6 +182,34 @@ export class AgentMetrics {
     mirror("fleetcache_upstream_checks_total", "Narinfo lookups asked of the upstream caches (upstream_caches) before a fleet-only answer was used.", (t) => t.upstreamChecks);
     mirror("fleetcache_upstream_check_failures_total", "Upstream checks that got no answer (error, timeout, cache left alone after a failure): the peers' answers alone decided.", (t) => t.upstreamCheckFailures);
     mirror("fleetcache_peer_penalties_total", "Times a fleet peer went over a per-peer limit (summary work) and was disconnected and refused for a backoff.", (t) => t.penalties);
+    // NAR transfers between agents, per direction: NAR bytes delivered, bytes on the wire (fewer
+    // when compressed), and transfers by encoding.
+    const labelled = (name: string, help: string, labelNames: string[], read: (t: MeshTallies) => [Record<string, string>, number][]) =>
+      new Counter({
+        name,
+        help,
+        labelNames,
+        registers,
+        collect() {
+          const t = sources.mesh();
+          this.reset();
+          if (t) for (const [labels, n] of read(t)) this.inc(labels, n);
+        },
+      });
+    labelled("fleetcache_peer_nar_bytes_total", "NAR bytes transferred between this agent and peers (decoded NAR bytes), by direction.", ["direction"], (t) => [
+      [{ direction: "received" }, t.bytesFromPeers],
+      [{ direction: "sent" }, t.bytesToPeers],
+    ]);
+    labelled("fleetcache_peer_nar_wire_bytes_total", "Bytes those NAR transfers took on the wire (after compression), by direction.", ["direction"], (t) => [
+      [{ direction: "received" }, t.wireBytesFromPeers],
+      [{ direction: "sent" }, t.wireBytesToPeers],
+    ]);
+    labelled("fleetcache_peer_nar_transfers_total", "NAR transfers between this agent and peers, by direction and encoding (zstd or none).", ["direction", "encoding"], (t) => [
+      [{ direction: "received", encoding: "zstd" }, t.compressedFromPeers],
+      [{ direction: "received", encoding: "none" }, t.uncompressedFromPeers],
+      [{ direction: "sent", encoding: "zstd" }, t.compressedToPeers],
+      [{ direction: "sent", encoding: "none" }, t.uncompressedToPeers],
+    ]);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({
         name,

@@ -21,6 +21,7 @@ import {
 } from "./proc.js";
 import { fmtNum, fmtRatio, table, writeBenchmarksMd } from "./report.js";
 import { meshCase, type MeshResult } from "./mesh.js";
+import { slowLinkMain } from "./slow-link.js";
 import { gcStallMain } from "./gc-stall.js";
 import { daemonHitMain } from "./daemon-hit.js";
 import {
@@ -56,6 +57,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
                      (first argument; \`npm run bench -- --case gc-stall --help\`)
   --case daemon-hit  instead: narinfo hits and misses with the database and the daemon backend
                      (first argument; \`npm run bench -- --case daemon-hit --help\`)
+  --case slow-link   instead: Nix copies real binaries from a peer over a 100 Mbit/s link and the
+                     LAN, per --mesh-compression mode (\`npm run bench -- --case slow-link --help\`)
   --tmpdir DIR       where to make the temporary directory (default: $TMPDIR or /tmp)
   --keep             keep the temporary directory (store, cache, logs) for inspection
   -h, --help
@@ -369,7 +372,8 @@ async function main(): Promise<void> {
     const name = process.argv[3];
     if (name === "gc-stall") return gcStallMain(process.argv.slice(2), repoRoot);
     if (name === "daemon-hit") return daemonHitMain(process.argv.slice(2), repoRoot);
-    throw new Error(`unknown --case ${name} (known: gc-stall, daemon-hit)`);
+    if (name === "slow-link") return slowLinkMain(process.argv.slice(2));
+    throw new Error(`unknown --case ${name} (known: gc-stall, daemon-hit, slow-link)`);
   }
   const opts = parseOptions();
   if (opts.candidate === "agent" && !agentBuilt(repoRoot)) {

@@ -14,6 +14,8 @@ export * from "./peer-summary.js";
 export const PROTOCOL_SUMMARY = "/fleetcache/summary/1.0.0";
 export const PROTOCOL_NARINFO = "/fleetcache/narinfo/1.0.0";
 export const PROTOCOL_NAR = "/fleetcache/nar/1.0.0";
+/** The NAR transfer with content encodings (compression) negotiated per stream; 1.0.0 is served next to it. */
+export const PROTOCOL_NAR_V2 = "/fleetcache/nar/2.0.0";
 export const PROTOCOL_PEERS = "/fleetcache/peers/1.0.0";
 
 export const TAG_NARINFO_REQUEST = 0x10;
@@ -22,6 +24,8 @@ export const TAG_NARINFO_NOT_FOUND = 0x12;
 export const TAG_NAR_REQUEST = 0x20;
 export const TAG_NAR_OK = 0x21;
 export const TAG_NAR_ERROR = 0x22;
+export const TAG_NAR_REQUEST_V2 = 0x23;
+export const TAG_NAR_OK_V2 = 0x24;
 export const TAG_PEERS_REQUEST = 0x30;
 export const TAG_PEERS_RESPONSE = 0x31;
 
@@ -54,6 +58,16 @@ export const NAR_ERROR = {
   internal: 4,
 } as const;
 
+/**
+ * Content encodings of /fleetcache/nar/2.0.0: what NarOk2 names, and as bit (1 << code) of a
+ * NarRequest2's `accept` what the requester can decode. Identity (0) is always acceptable.
+ */
+export const NAR_ENCODING = { identity: 0, zstd: 1 } as const;
+export type NarEncoding = (typeof NAR_ENCODING)[keyof typeof NAR_ENCODING];
+export const ACCEPT_ZSTD = 1 << NAR_ENCODING.zstd;
+/** Largest zstd window a requester must decode (2^23 bytes): bounds its memory per stream. */
+export const MAX_ZSTD_WINDOW_LOG = 23;
+
 export type NarinfoResponse = { type: "found"; narinfo: string } | { type: "not-found" };
 
 export interface NarRequest {
@@ -62,9 +76,17 @@ export interface NarRequest {
   narHash: string;
   /** First byte wanted: 0, or where a transfer from another holder broke off. */
   offset: number;
+  /**
+   * /fleetcache/nar/2.0.0 only (NarRequest2): the encodings the requester decodes, a bit set of
+   * 1 << NAR_ENCODING; bits this version does not define are ignored by the responder.
+   */
+  accept?: number;
 }
 
-export type NarResponseHeader = { type: "ok"; narSize: number } | { type: "error"; code: number; message: string };
+export type NarResponseHeader =
+  /** `encoding` only in 2.0.0 (NarOk2): how the bytes after the header are encoded. */
+  | { type: "ok"; narSize: number; encoding?: NarEncoding }
+  | { type: "error"; code: number; message: string };
 
 export interface PeerRecord {
   /** libp2p peer ID, as text (base58btc "12D3KooW..." for Ed25519 keys). */
@@ -131,38 +153,55 @@ export function decodeNarinfoResponse(payload: Uint8Array): NarinfoResponse {
 
 // --- /fleetcache/nar/1.0.0 --------------------------------------------------------------------
 
+/** A NarRequest (1.0.0), or a NarRequest2 (2.0.0) when `accept` is given. */
 export function encodeNarRequest(m: NarRequest): Uint8Array {
-  return new Writer(64).u8(TAG_NAR_REQUEST).fixed(hashPartBytes(m.hashPart)).fixed(narHashBytes(m.narHash)).uint("offset", m.offset).finish();
+  const w = new Writer(64).u8(m.accept === undefined ? TAG_NAR_REQUEST : TAG_NAR_REQUEST_V2);
+  w.fixed(hashPartBytes(m.hashPart)).fixed(narHashBytes(m.narHash)).uint("offset", m.offset);
+  if (m.accept !== undefined) w.uint("accept", m.accept);
+  return w.finish();
 }
 
-export function decodeNarRequest(payload: Uint8Array): NarRequest {
+/** `v2`: the stream is /fleetcache/nar/2.0.0 (only NarRequest2 is valid there, only NarRequest on 1.0.0). */
+export function decodeNarRequest(payload: Uint8Array, v2 = false): NarRequest {
   const r = new Reader(payload, "NAR request");
-  tagOf(r, [TAG_NAR_REQUEST]);
+  tagOf(r, [v2 ? TAG_NAR_REQUEST_V2 : TAG_NAR_REQUEST]);
   const hashPart = encodeNix32(r.fixed("hash part", 20));
   const narHash = encodeNix32(r.fixed("NAR hash", 32));
   const offset = r.uint("offset");
+  const m: NarRequest = { hashPart, narHash, offset };
+  if (v2) m.accept = r.uint("accept");
   r.end();
-  return { hashPart, narHash, offset };
+  return m;
 }
 
 export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
   const w = new Writer(32);
   if (m.type === "ok") {
     if (m.narSize === 0) throw new PeerProtocolError("NAR response: NAR size must be positive");
-    return w.u8(TAG_NAR_OK).uint("NAR size", m.narSize).finish();
+    if (m.encoding === undefined) return w.u8(TAG_NAR_OK).uint("NAR size", m.narSize).finish();
+    return w.u8(TAG_NAR_OK_V2).uint("NAR size", m.narSize).uint("encoding", m.encoding).finish();
   }
   return w.u8(TAG_NAR_ERROR).uint("error code", m.code, 255).utf8("error message", m.message, MAX_NAR_ERROR_MESSAGE_BYTES).finish();
 }
 
-/** After an "ok" header the stream carries the NAR's bytes from the requested offset to its end. */
-export function decodeNarResponseHeader(payload: Uint8Array): NarResponseHeader {
+/**
+ * After an "ok" header the stream carries the NAR's bytes from the requested offset to its end
+ * (in 2.0.0, encoded as `encoding` says). `accept` (2.0.0): what the request accepted; a NarOk2
+ * naming another encoding is a protocol error.
+ */
+export function decodeNarResponseHeader(payload: Uint8Array, accept?: number): NarResponseHeader {
   const r = new Reader(payload, "NAR response");
-  const tag = tagOf(r, [TAG_NAR_OK, TAG_NAR_ERROR]);
+  const tag = tagOf(r, [accept === undefined ? TAG_NAR_OK : TAG_NAR_OK_V2, TAG_NAR_ERROR]);
   let m: NarResponseHeader;
-  if (tag === TAG_NAR_OK) {
+  if (tag !== TAG_NAR_ERROR) {
     const narSize = r.uint("NAR size");
     if (narSize === 0) r.fail("NAR size must be positive");
     m = { type: "ok", narSize };
+    if (tag === TAG_NAR_OK_V2) {
+      const encoding = r.uint("encoding", 255);
+      if (encoding !== NAR_ENCODING.identity && !(encoding === NAR_ENCODING.zstd && accept! & ACCEPT_ZSTD)) r.fail(`encoding ${encoding} was not accepted`);
+      m.encoding = encoding as NarEncoding;
+    }
   } else {
     const code = r.uint("error code", 255);
     if (code === 0) r.fail("error code 0");

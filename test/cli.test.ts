@@ -85,6 +85,7 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       reconnectWait: 5,
       upstreamKeys: null,
       upstreamCaches: [],
+      meshCompression: "auto",
     });
     assert.equal((await cfg(["--reconnect-wait", "20"], { FLEETCACHE_CONFIG: "" })).config.reconnectWait, 20);
     assert.equal((await cfg(["--reconnect-wait", "600"], { FLEETCACHE_CONFIG: "" })).code, 2, "longer than Nix should be held");
@@ -94,6 +95,9 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
     assert.deepEqual((await cfg(["--upstream-key", "none"], { FLEETCACHE_CONFIG: "" })).config.upstreamKeys, []);
     assert.equal((await cfg(["--upstream-cache", "ftp://x"], { FLEETCACHE_CONFIG: "" })).code, 2, "not a cache URL the check can ask");
     assert.equal((await cfg(["--summary-budget", "50000"], { FLEETCACHE_CONFIG: "" })).config.summaryBudget, 50_000);
+    assert.equal((await cfg(["--mesh-compression", "off"], { FLEETCACHE_CONFIG: "" })).config.meshCompression, "off");
+    assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_MESH_COMPRESSION: "zstd" })).config.meshCompression, "zstd");
+    assert.equal((await cfg(["--mesh-compression", "gzip"], { FLEETCACHE_CONFIG: "" })).code, 2, "an unknown compression mode");
     assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);
     assert.equal(fromFile.code, 2, "sign key files that don't exist are a configuration error");

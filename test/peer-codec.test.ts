@@ -44,6 +44,8 @@ import {
   type SummaryDelta,
   type SummaryMessage,
   type SummarySnapshotChunk,
+  ACCEPT_ZSTD,
+  NAR_ENCODING,
 } from "../protocol/peer-codec.js";
 
 const hashPart = () => encodeNix32(randomBytes(20));
@@ -411,6 +413,26 @@ test("narinfo messages: round trips and hostile input", () => {
   rejects(() => decodeNarinfoResponse(bytes(0x11, 5, 0x61)), /truncated/);
   rejects(() => decodeNarinfoResponse(bytes(0x12, 0)), /trailing/);
   rejects(() => decodeNarinfoResponse(bytes(0x10)), /unknown message tag/);
+});
+
+test("NAR 2.0.0 messages: accept and encoding round-trip; each version refuses the other's tags; only an accepted encoding", () => {
+  const m = { hashPart: hashPart(), narHash: narHash(), offset: 7, accept: ACCEPT_ZSTD };
+  const req = encodeNarRequest(m);
+  assert.equal(req[0], 0x23);
+  assert.deepEqual(decodeNarRequest(req, true), m);
+  // A future encoding bit is carried (and ignored by the responder's choice), not refused.
+  assert.deepEqual(decodeNarRequest(encodeNarRequest({ ...m, accept: 0b110 }), true), { ...m, accept: 0b110 });
+  rejects(() => decodeNarRequest(req), /unknown message tag 0x23/); // a 1.0.0 responder
+  rejects(() => decodeNarRequest(encodeNarRequest({ hashPart: m.hashPart, narHash: m.narHash, offset: 7 }), true), /unknown message tag 0x20/);
+  const ok = { type: "ok", narSize: 1000, encoding: NAR_ENCODING.zstd } as const;
+  assert.deepEqual(decodeNarResponseHeader(encodeNarResponseHeader(ok), ACCEPT_ZSTD), ok);
+  const plain = { type: "ok", narSize: 1000, encoding: NAR_ENCODING.identity } as const;
+  assert.deepEqual(decodeNarResponseHeader(encodeNarResponseHeader(plain), 0), plain);
+  rejects(() => decodeNarResponseHeader(encodeNarResponseHeader(ok), 0), /encoding 1 was not accepted/);
+  rejects(() => decodeNarResponseHeader(bytes(0x24, 0x80, 0x01, 2), 0b110), /encoding 2 was not accepted/);
+  rejects(() => decodeNarResponseHeader(encodeNarResponseHeader(ok)), /unknown message tag 0x24/); // a 1.0.0 requester
+  rejects(() => decodeNarResponseHeader(encodeNarResponseHeader({ type: "ok", narSize: 1000 }), ACCEPT_ZSTD), /unknown message tag 0x21/);
+  assert.deepEqual(decodeNarResponseHeader(encodeNarResponseHeader({ type: "error", code: 3, message: "busy" }), ACCEPT_ZSTD), { type: "error", code: 3, message: "busy" });
 });
 
 test("NAR messages: round trips, header then raw bytes, hostile input", () => {

@@ -15,6 +15,11 @@ export interface StatusPeer {
   lastSeen?: unknown;
   bytesSent?: number;
   bytesReceived?: number;
+  /** What those NAR bytes took on the wire (less when compressed). */
+  wireBytesSent?: number;
+  wireBytesReceived?: number;
+  /** Whether this host's next NAR request to the peer accepts zstd: "zstd" or "none". */
+  compression?: string;
   /** NARs from the peer that failed NarSize or NarHash. */
   badNars?: number;
   /** Narinfos from the peer that contradicted the path's upstream signature. */
@@ -47,6 +52,11 @@ export interface StatusView {
     narinfoMisses?: number;
     narBytesServed?: number;
     narBytesFromPeers?: number;
+    narWireBytesFromPeers?: number;
+    narBytesToPeers?: number;
+    narWireBytesToPeers?: number;
+    compressedNarsFromPeers?: number;
+    compressedNarsToPeers?: number;
     peerQueries?: number;
     failovers?: number;
     transferFailures?: number;
@@ -105,6 +115,9 @@ export function readStatus(doc: unknown): StatusView {
         lastSeen: q.lastSeen,
         bytesSent: num(q.bytesSent),
         bytesReceived: num(q.bytesReceived),
+        wireBytesSent: num(q.wireBytesSent),
+        wireBytesReceived: num(q.wireBytesReceived),
+        compression: str(q.compression),
         badNars: num(q.badNars),
         badNarinfos: num(q.badNarinfos),
         penalisedUntil: num(q.penalisedUntil),
@@ -119,6 +132,11 @@ export function readStatus(doc: unknown): StatusView {
       narinfoMisses: counter(c, "narinfoMisses", "misses"),
       narBytesServed: counter(c, "narBytesServed"),
       narBytesFromPeers: counter(c, "narBytesFromPeers", "bytesFromPeers"),
+      narWireBytesFromPeers: counter(c, "narWireBytesFromPeers"),
+      narBytesToPeers: counter(c, "narBytesToPeers"),
+      narWireBytesToPeers: counter(c, "narWireBytesToPeers"),
+      compressedNarsFromPeers: counter(c, "compressedNarsFromPeers"),
+      compressedNarsToPeers: counter(c, "compressedNarsToPeers"),
       peerQueries: counter(c, "peerQueries"),
       failovers: counter(c, "failovers"),
       transferFailures: counter(c, "transferFailures"),

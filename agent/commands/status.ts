@@ -30,6 +30,11 @@ function hint(e: AgentError, url: string): string {
   return `Check that the agent runs (systemctl status fleetcache, or \`fleetcache agent\`) and that --agent or FLEETCACHE_AGENT is its --listen address (default ${DEFAULT_AGENT_URL}).`;
 }
 
+/** " (N on the wire)" when compression made the wire bytes differ from the NAR bytes. */
+function onWire(nar: number | undefined, wire: number | undefined): string {
+  return wire === undefined || nar === undefined || wire === nar ? "" : ` (${formatBytes(wire)} on the wire)`;
+}
+
 export function renderStatus(url: string, s: StatusView, now = Date.now()): string {
   const lines: string[] = [];
   const self = s.self;
@@ -47,8 +52,9 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
       p.connected ? "connected" : p.reconnecting ? "DISCONNECTED (reconnecting: lookups wait for it)" : "DISCONNECTED",
       p.rttMs !== undefined ? `rtt ${p.rttMs < 10 ? p.rttMs.toFixed(1) : Math.round(p.rttMs)} ms` : undefined,
       p.pathCount !== undefined ? `${p.pathCount} paths` : undefined,
-      p.bytesReceived !== undefined ? `received ${formatBytes(p.bytesReceived)}` : undefined,
-      p.bytesSent !== undefined ? `sent ${formatBytes(p.bytesSent)}` : undefined,
+      p.bytesReceived !== undefined ? `received ${formatBytes(p.bytesReceived)}${onWire(p.bytesReceived, p.wireBytesReceived)}` : undefined,
+      p.bytesSent !== undefined ? `sent ${formatBytes(p.bytesSent)}${onWire(p.bytesSent, p.wireBytesSent)}` : undefined,
+      p.compression === "zstd" ? "compressing (zstd)" : undefined,
       p.lastSeen !== undefined && formatAgo(p.lastSeen, now) ? `seen ${formatAgo(p.lastSeen, now)}` : undefined,
       p.badNars ? `${p.badNars} wrong NARs` : undefined,
       p.badNarinfos ? `${p.badNarinfos} narinfos contradicting upstream` : undefined,
@@ -73,7 +79,11 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
   } else {
     lines.push(`  narinfo: ${n(c.narinfoHitsLocal)} from this host, ${n(c.narinfoHitsPeer)} from peers, ${n(c.narinfoMisses)} misses` +
       (lookups > 0 ? ` (hit rate ${Math.round((100 * hits) / lookups)} %)` : ""));
-    lines.push(`  NAR: ${b(c.narBytesServed)} served, ${b(c.narBytesFromPeers)} from peers`);
+    lines.push(`  NAR: ${b(c.narBytesServed)} served, ${b(c.narBytesFromPeers)} from peers${onWire(c.narBytesFromPeers, c.narWireBytesFromPeers)}` +
+      (c.narBytesToPeers !== undefined ? `, ${b(c.narBytesToPeers)} to peers${onWire(c.narBytesToPeers, c.narWireBytesToPeers)}` : ""));
+    if (c.compressedNarsFromPeers || c.compressedNarsToPeers) {
+      lines.push(`  compressed NAR transfers (zstd): ${n(c.compressedNarsFromPeers)} from peers, ${n(c.compressedNarsToPeers)} to peers`);
+    }
     lines.push(`  peer queries ${n(c.peerQueries)}, failovers ${n(c.failovers)}, transfer failures ${n(c.transferFailures)}` +
       (c.verifyFailures !== undefined ? `, wrong NARs ${n(c.verifyFailures)}, queued ${n(c.queuedTransfers)}` : "") +
       (c.narinfoConflicts ? `, narinfos contradicting upstream ${n(c.narinfoConflicts)}` : ""));

@@ -52,6 +52,17 @@ export interface StatusPeer {
   bytesSent: number;
   /** NAR bytes received from the peer. */
   bytesReceived: number;
+  /** What the NAR bytes sent to and received from the peer took on the wire (less when compressed). */
+  wireBytesSent: number;
+  wireBytesReceived: number;
+  /**
+   * NAR bytes per second of waiting on the network, of plain and of zstd transfers from the peer
+   * (moving averages, once measured): what "auto" compares.
+   */
+  plainBytesPerSec?: number;
+  zstdBytesPerSec?: number;
+  /** Whether this host's next NAR request to the peer accepts zstd ("none": uncompressed). */
+  compression: "zstd" | "none";
   /** NARs from the peer that failed NarSize or NarHash (each bars it from that path for 10 min). */
   badNars: number;
   /** Narinfos from the peer, signed by fleet keys only, that contradicted the path's upstream signature (each bars it from that path for 10 min). */
@@ -83,8 +94,16 @@ export interface StatusCounters {
   narinfoMisses: number;
   /** NAR bytes sent to HTTP clients, whatever their source. */
   narBytesServed: number;
-  /** NAR bytes received from peers. */
+  /** NAR bytes received from peers (decoded: what their NARs hold). */
   narBytesFromPeers: number;
+  /** What those NARs took on the wire (less when compressed). */
+  narWireBytesFromPeers: number;
+  /** NAR bytes sent to peers from this host's store, and what they took on the wire. */
+  narBytesToPeers: number;
+  narWireBytesToPeers: number;
+  /** NAR transfers that came / went zstd-compressed. */
+  compressedNarsFromPeers: number;
+  compressedNarsToPeers: number;
   peerQueries: number;
   failovers: number;
   transferFailures: number;

@@ -435,6 +435,23 @@ export class FleetSource implements PathSource {
             pause = BUSY_RETRY_MS * busy;
             continue;
           }
+          if (reason === "corrupt") {
+            // A compressed stream that does not decode: this holder's fault alone. What it decoded
+            // before is checked by the NarHash at the end like any bytes; start over if we can.
+            allGone = false;
+            this.counters.verifyFailures++;
+            this.penalties.wrongBytes(peer, hashPart, true);
+            skip.add(peer);
+            this.log.warn({ peer, path: info.storePath, offset: verifier.bytes, err: (err as Error).message }, "corrupt NAR stream from peer; penalised");
+            this.#onError({ message: `corrupt compressed NAR stream: ${(err as Error).message}`, path: info.storePath, peer });
+            if (!sent) {
+              verifier = new NarVerifier(info.narHash, info.narSize);
+              contributors = new Set();
+              await held.discard();
+              held = hold();
+            }
+            continue;
+          }
           if (reason !== "size-mismatch" && reason !== "hash-mismatch") {
             if (reason !== "not-found") allGone = false;
             this.counters.transferFailures++;

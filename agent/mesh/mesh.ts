@@ -15,6 +15,7 @@ import { FleetTable, type FleetRow } from "./fleet-table.js";
 import { PeerManager } from "./peer-manager.js";
 import { StaticPeers, TailscalePeers } from "./fleet-discovery.js";
 import { PeerPenalties } from "./peer-penalties.js";
+import { NarCompression, type CompressionMode, type PeerCompressionStatus } from "./nar-compression.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
 import { TrustPolicy } from "./trust-policy.js";
@@ -38,6 +39,8 @@ export interface MeshOptions {
   summaryBudget?: number;
   /** How long a lookup waits for a reconnecting peer that alone holds the path (FleetSourceOptions.reconnectWaitMs). */
   reconnectWaitMs?: number;
+  /** NAR transfers between agents (default auto: when the link is slow). */
+  compression?: CompressionMode;
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -45,7 +48,7 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (FleetRow & { bytesSent: number; bytesReceived: number })[];
+  peers: (FleetRow & PeerCompressionStatus & { bytesSent: number; bytesReceived: number })[];
 }
 
 export class Mesh {
@@ -61,6 +64,8 @@ export class Mesh {
     private readonly refused: { connections: number },
     /** Trusted peers that went over a per-peer limit, refused for a backoff. */
     private readonly penalties: PeerPenalties,
+    /** When NAR transfers are compressed, and their bytes on the wire. */
+    readonly compression: NarCompression,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -85,7 +90,8 @@ export class Mesh {
       await publisher.start();
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
-      await serveNar(sent.countingNode(node), sent.countingStore(local), log);
+      const compression = new NarCompression(opts.compression ?? "auto", (peerId) => connectionRtt(node, peerId));
+      await serveNar(sent.countingNode(node), sent.countingStore(local), log, { compression });
       const summaries = new SummaryTable(node, log, { penalties, ...(opts.summaryBudget ? { budget: { burstKeys: opts.summaryBudget } } : {}) });
       summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
@@ -102,14 +108,14 @@ export class Mesh {
       const upstreamCheck = opts.upstreamCaches?.length ? new UpstreamCheck(opts.upstreamCaches, upstreamKeys, { log }) : undefined;
       const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
-        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log }),
+        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression }),
       }, log, {
         trust: new TrustPolicy(upstreamKeys, upstreamCheck),
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties);
+      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression);
     } catch (e) {
       await node.stop();
       throw e;
@@ -124,6 +130,7 @@ export class Mesh {
         ...p,
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
+        ...this.compression.peerStatus(p.peerId),
       })),
     };
   }
@@ -141,6 +148,12 @@ export class Mesh {
       transferFailures: c.transferFailures,
       bytesFromPeers: c.bytesFromPeers,
       bytesToPeers: this.sent.total,
+      wireBytesFromPeers: this.compression.totals.wireReceived,
+      wireBytesToPeers: this.compression.totals.wireSent,
+      compressedFromPeers: this.compression.totals.zstdReceived,
+      compressedToPeers: this.compression.totals.zstdSent,
+      uncompressedFromPeers: this.compression.totals.identityReceived,
+      uncompressedToPeers: this.compression.totals.identitySent,
       refusedConnections: this.refused.connections,
       verifyFailures: c.verifyFailures,
       queuedTransfers: c.queuedTransfers,
@@ -160,6 +173,15 @@ export class Mesh {
     await this.manager.stop();
     await this.node.stop();
   }
+}
+
+/** The shortest ping RTT of the open connections to a peer, if measured. */
+function connectionRtt(node: MeshNode, peerId: string): number | undefined {
+  let best: number | undefined;
+  for (const c of node.libp2p.getConnections()) {
+    if (c.remotePeer.toString() === peerId && c.status === "open" && c.rtt !== undefined) best = Math.min(best ?? Infinity, c.rtt);
+  }
+  return best;
 }
 
 /**

@@ -7,8 +7,10 @@ import { createHash, timingSafeEqual, type Hash } from "node:crypto";
 import type { Stream } from "@libp2p/interface";
 import {
   MAX_FRAME_BYTES,
+  NAR_ENCODING,
   NAR_ERROR,
   PROTOCOL_NAR,
+  PROTOCOL_NAR_V2,
   decodeNarRequest,
   decodeNarResponseHeader,
   encodeNarRequest,
@@ -22,9 +24,10 @@ import { isValidHashPart } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
 import { NarGoneError, primed } from "../source.js";
-import type { MeshNode, MeshStream } from "./node.js";
+import type { MeshHandler, MeshNode, MeshStream } from "./node.js";
 import { writeAll, writeFrame } from "./stream-io.js";
 import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
+import { CompressedStreamError, type NarCompression } from "./nar-compression.js";
 import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
 
 export const MAX_NAR_TRANSFERS_PER_PEER = 8;
@@ -46,6 +49,8 @@ export interface NarServeOptions {
   /** Concurrent transfers per peer (spec: 8); more wait up to slotWaitMs, then are answered busy. */
   maxTransfersPerPeer?: number;
   slotWaitMs?: number;
+  /** Serves /fleetcache/nar/2.0.0 too (compressing when asked and allowed), and counts wire bytes. */
+  compression?: NarCompression;
 }
 
 /** Serves NARs of `local` only; never asks another peer. */
@@ -54,13 +59,13 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
   const stallMs = opts.sendStallMs ?? NAR_SEND_STALL_MS;
   const slots = new TransferSlots(opts.maxTransfersPerPeer ?? MAX_NAR_TRANSFERS_PER_PEER);
   const slotWaitMs = opts.slotWaitMs ?? NAR_SLOT_WAIT_MS;
-  await node.handle(
-    PROTOCOL_NAR,
-    async ({ stream, reader, peerId, peer }) => {
+  const compression = opts.compression;
+  const handler = (v2: boolean): MeshHandler => async ({ stream, reader, peerId, peer }) => {
       const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.nar, firstMs);
       if (frame === TIMED_OUT) throw new Error(`no NAR request within ${firstMs} ms`);
       if (frame === undefined) return; // opened and closed without asking
-      const req = decodeNarRequest(frame); // malformed: throws, the stream is reset
+      const req = decodeNarRequest(frame, v2); // malformed: throws, the stream is reset
+      const encoding = v2 ? compression!.choose(req.accept!) : NAR_ENCODING.identity;
       const found = await lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
       if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
       try {
@@ -79,23 +84,25 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
           if (!(err instanceof NarGoneError)) throw err;
           return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "collected since the lookup")));
         }
-        await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize }));
+        await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize, ...(v2 && { encoding }) }));
         const watchdog = new Watchdog(stallMs, `no progress for ${stallMs} ms`);
         try {
-          const sent = await writeAll(stream, watchdog.feed(bytes), { signal: watchdog.signal });
+          const wire = compression ? compression.encode(peerId, encoding, bytes) : bytes;
+          const sent = await writeAll(stream, watchdog.feed(wire), { signal: watchdog.signal });
           // narStream throws rather than end early; this only guards against a bug there.
-          if (sent !== found.narSize - req.offset) throw new Error(`sent ${sent} of ${found.narSize - req.offset} NAR bytes`);
+          if (encoding === NAR_ENCODING.identity && sent !== found.narSize - req.offset) throw new Error(`sent ${sent} of ${found.narSize - req.offset} NAR bytes`);
         } finally {
           watchdog.stop();
         }
-        log.debug({ peer: peer.name, path: found.storePath, offset: req.offset }, "mesh: NAR served");
+        log.debug({ peer: peer.name, path: found.storePath, offset: req.offset, encoding }, "mesh: NAR served");
       } finally {
         slots.release(peerId);
       }
-    },
-    // Leave room above our limit so the ninth request gets "busy" rather than a libp2p reset.
-    { maxInboundStreams: 4 * slots.limit, maxOutboundStreams: 64 },
-  );
+    };
+  // Leave room above our limit so the ninth request gets "busy" rather than a libp2p reset.
+  const limits = { maxInboundStreams: 4 * slots.limit, maxOutboundStreams: 64 };
+  await node.handle(PROTOCOL_NAR, handler(false), limits);
+  if (compression) await node.handle(PROTOCOL_NAR_V2, handler(true), limits);
 }
 
 async function lookup(local: LocalStore, hashPart: string, narHash: string, offset: number, log: Logger): Promise<PathInfo | NarResponseHeader> {
@@ -158,6 +165,7 @@ export type NarFetchReason =
   | "stalled"
   | "failed" // could not open the stream, or it broke before the header
   | "protocol" // a malformed header
+  | "corrupt" // a compressed stream that does not decode
   | "interrupted"; // the bytes stopped before the end
 
 /** A NAR could not be had from this peer (or did not check out); try another holder. */
@@ -194,6 +202,8 @@ export interface OpenNarOptions {
   /** Longest wait for the next bytes while the caller is asking for them. */
   stallMs?: number;
   log?: Logger;
+  /** Asks for /fleetcache/nar/2.0.0 (compressed if the policy accepts), falling back to 1.0.0. */
+  compression?: NarCompression;
 }
 
 /**
@@ -212,14 +222,18 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   let ms: MeshStream | undefined;
   let header: NarResponseHeader;
   let release = () => {};
+  const compression = opts.compression;
+  let accept: number | undefined; // set when the peer speaks 2.0.0
   try {
-    ms = await node.open(peerId, PROTOCOL_NAR, { signal: headerSignal });
+    // An agent that does not know 2.0.0 refuses it in multistream-select, and 1.0.0 follows.
+    ms = await node.open(peerId, compression ? [PROTOCOL_NAR_V2, PROTOCOL_NAR] : PROTOCOL_NAR, { signal: headerSignal });
+    if (compression && ms.stream.protocol === PROTOCOL_NAR_V2) accept = compression.accept(peerId);
     release = resetOnAbort(ms.stream, headerSignal);
-    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: req.offset }), { signal: headerSignal });
+    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: req.offset, ...(accept !== undefined && { accept }) }), { signal: headerSignal });
     const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.nar);
     if (frame === undefined) throw new Error("stream ended without an answer");
     try {
-      header = decodeNarResponseHeader(frame);
+      header = decodeNarResponseHeader(frame, accept);
     } catch (err) {
       throw new NarFetchError("protocol", (err as Error).message, { cause: err });
     }
@@ -246,7 +260,24 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   stream.close().catch(() => {});
   // Registered now, not when iteration starts, so an abort also frees a stream nobody reads.
   const unregister = opts.signal ? resetOnAbort(stream, opts.signal) : () => {};
-  return body(stream, reader.chunks(req.narSize - req.offset), opts.stallMs ?? NAR_RECEIVE_STALL_MS, unregister);
+  const encoding = header.encoding ?? NAR_ENCODING.identity;
+  // A compressed stream's length is unknown: it ends with the responder's close, and decodes to exactly the NAR's bytes.
+  const wire = body(stream, reader.chunks(encoding === NAR_ENCODING.identity ? req.narSize - req.offset : Infinity), opts.stallMs ?? NAR_RECEIVE_STALL_MS, unregister);
+  return compression ? decoded(stream, compression.receive(peerId, encoding, req.narSize - req.offset, wire)) : wire;
+}
+
+/** Decoding errors as the holder's fault; the stream is reset unless the NAR came whole. */
+async function* decoded(stream: Stream, chunks: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
+  let complete = false;
+  try {
+    yield* chunks;
+    complete = true;
+  } catch (err) {
+    if (err instanceof CompressedStreamError) throw new NarFetchError(err.reason, err.message, { cause: err });
+    throw err;
+  } finally {
+    if (!complete) stream.abort(new Error("NAR transfer abandoned"));
+  }
 }
 
 async function* body(stream: Stream, chunks: AsyncGenerator<Uint8Array>, stallMs: number, unregister: () => void): AsyncGenerator<Uint8Array> {

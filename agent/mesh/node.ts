@@ -85,8 +85,11 @@ export interface MeshNode {
   /** Where peers can reach us, each ending in /p2p/<our peer id>. */
   addresses(): Multiaddr[];
   handle(protocol: string, handler: MeshHandler, opts?: StreamHandlerOptions): Promise<void>;
-  /** Opens a stream to a trusted peer (peer ID, its string, or a multiaddr). */
-  open(peer: PeerId | Multiaddr | string, protocol: string, opts?: AbortOptions): Promise<MeshStream>;
+  /**
+   * Opens a stream to a trusted peer (peer ID, its string, or a multiaddr); given several
+   * protocols, the first the peer supports (stream.protocol says which).
+   */
+  open(peer: PeerId | Multiaddr | string, protocol: string | string[], opts?: AbortOptions): Promise<MeshStream>;
   stop(): Promise<void>;
 }
 

@@ -11,6 +11,7 @@ import type { Logger } from "./log.js";
 import { Signer } from "./signer.js";
 import { chooseBackend, defaultDaemonSocket, LocalStore } from "./store/local-store.js";
 import { AgentMetrics } from "./metrics.js";
+import { tuneGcForBuffers } from "./gc-tuning.js";
 import { Mesh } from "./mesh/mesh.js";
 import { meshListenPort } from "./address.js";
 import type { PathSource } from "./source.js";
@@ -28,6 +29,7 @@ export interface RunningAgent {
 }
 
 export async function startAgent(config: AgentConfig, log: Logger): Promise<RunningAgent> {
+  tuneGcForBuffers();
   const keys = config.signKeyFiles.length > 0
     ? config.signKeyFiles.map((f) => readSecretKeyFile(f, log))
     : [ensureHostKey(config.stateDir, log)];

@@ -1,12 +1,15 @@
 // Raw throughput of one mesh stream (TCP + noise + yamux, the agent's own node and writer) against
 // plain TCP, both on loopback in this one process, so the figures compare Node versions and
-// libp2p releases without Nix or HTTP in the way. Prints MB/s and CPU seconds per GB.
+// libp2p releases without Nix or HTTP in the way. Prints MB/s and CPU seconds per GB. The
+// process uses the agent's GC settings (agent/gc-tuning.ts; FLEETCACHE_V8_DEFAULTS=1: V8's) and
+// the reader widens its window as the NAR requester does.
 //   node dist/bench/stream.js [MiB, default 512] [rounds, default 3]
 import { createConnection, createServer, type AddressInfo } from "node:net";
 import { pino } from "pino";
 import { generateKeyPair } from "../protocol/keys.js";
 import { createMeshNode } from "../agent/mesh/node.js";
-import { StreamReader, writeAll } from "../agent/mesh/stream-io.js";
+import { StreamReader, openReceiveWindow, writeAll } from "../agent/mesh/stream-io.js";
+import { tuneGcForBuffers } from "../agent/gc-tuning.js";
 
 const CHUNK = 64 * 1024;
 const mib = Number(process.argv[2] ?? 512);
@@ -59,6 +62,7 @@ async function tcpRound(): Promise<Figure> {
 }
 
 async function main(): Promise<void> {
+  tuneGcForBuffers();
   const log = pino({ level: "silent" });
   const ka = generateKeyPair("bench-a");
   const kb = generateKeyPair("bench-b");
@@ -70,7 +74,8 @@ async function main(): Promise<void> {
   });
   const meshRound = () =>
     measure(async () => {
-      const { reader } = await b.open(a.addresses()[0]!, PROTOCOL);
+      const { stream, reader } = await b.open(a.addresses()[0]!, PROTOCOL);
+      openReceiveWindow(stream);
       let n = 0;
       for await (const c of (reader as StreamReader).chunks()) n += c.length;
       return n;

@@ -36,7 +36,10 @@ export interface NarRequestFromPeer {
 export interface PeerRequests {
   /** A verified narinfo (trusted signature, matching store path), or undefined. */
   narinfo(peerId: string, hashPart: string, signal: AbortSignal): Promise<Narinfo | undefined>;
-  /** NAR bytes [offset, narSize); the iterator throws if the peer stops short. */
+  /**
+   * NAR bytes [offset, narSize); the iterator throws if the peer stops short. The chunks are the
+   * caller's to keep: the producer never writes into one it has handed out.
+   */
   nar(peerId: string, req: NarRequestFromPeer, signal: AbortSignal): Promise<AsyncIterable<Uint8Array>>;
 }
 
@@ -283,7 +286,8 @@ export class FleetSource implements PathSource {
           this.bytesFromPeer.set(peer, (this.bytesFromPeer.get(peer) ?? 0) + c.length);
           const [s, e] = [Math.max(from, start), Math.min(verifier.bytes, end)];
           if (e > s) {
-            held.push(Buffer.from(c.subarray(s - from, e - from))); // a copy: the reader may reuse its buffers
+            // A view, not a copy: chunks are ours to keep (PeerRequests.nar).
+            held.push(Buffer.from(c.buffer, c.byteOffset + (s - from), e - s));
             heldBytes += e - s;
           }
           while (heldBytes > this.holdBytes && held.length > 1) {

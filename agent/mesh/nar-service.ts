@@ -23,7 +23,7 @@ import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
 import { NarGoneError, primed } from "../source.js";
 import type { MeshNode, MeshStream } from "./node.js";
-import { writeAll, writeFrame } from "./stream-io.js";
+import { openReceiveWindow, writeAll, writeFrame } from "./stream-io.js";
 import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
 import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
 
@@ -200,6 +200,7 @@ export interface OpenNarOptions {
  * Asks `peerId` for NAR bytes [offset, narSize). Throws NarFetchError unless the peer answers
  * NarOk with the expected size within the header deadline. The iterable then yields exactly
  * narSize - offset bytes or throws (NarFetchError "interrupted"/"stalled"); it never ends early.
+ * Its chunks are views of buffers libp2p allocated for them and never reuses: safe to keep.
  * Consume it to the end or break out of it: either releases the stream.
  */
 export async function openNar(node: MeshNode, peerId: string, req: NarFetchRequest, opts: OpenNarOptions = {}): Promise<AsyncIterable<Uint8Array>> {
@@ -244,6 +245,7 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   }
   // We send nothing more; half-closing now lets the stream end fully once the responder is done.
   stream.close().catch(() => {});
+  openReceiveWindow(stream);
   // Registered now, not when iteration starts, so an abort also frees a stream nobody reads.
   const unregister = opts.signal ? resetOnAbort(stream, opts.signal) : () => {};
   return body(stream, reader.chunks(req.narSize - req.offset), opts.stallMs ?? NAR_RECEIVE_STALL_MS, unregister);

@@ -225,6 +225,23 @@ export class StreamReader {
 }
 
 /**
+ * Grants the sender our whole receive window (MAX_STREAM_WINDOW) at once, by an ordinary yamux
+ * window update, instead of yamux's 256 KiB start. js-yamux widens a window only when the reader
+ * drained it within 4 ping round trips, which on a LAN (RTT about 0 ms) almost never holds: a
+ * NAR stream then moved 256 KiB per round trip of both event loops. What the reader may hold is
+ * unchanged (StreamReader already allows for MAX_STREAM_WINDOW in flight). A no-op for a stream
+ * that is not a yamux stream or is already at that window.
+ */
+export function openReceiveWindow(stream: Stream): void {
+  const s = stream as Stream & { recvWindow?: unknown; maxStreamWindowSize?: unknown; sendWindowUpdate?: unknown };
+  if (typeof s.recvWindow !== "number" || typeof s.sendWindowUpdate !== "function") return;
+  const max = typeof s.maxStreamWindowSize === "number" ? Math.min(s.maxStreamWindowSize, MAX_STREAM_WINDOW) : MAX_STREAM_WINDOW;
+  if (s.recvWindow >= max || stream.status !== "open") return;
+  s.recvWindow = max;
+  (s.sendWindowUpdate as () => void).call(stream);
+}
+
+/**
  * Sends bytes; when the stream reports it is full, waits until its write queue is empty.
  *
  * Not stream.onDrain(): in @libp2p/utils 7.x its promise is created once and never replaced, so

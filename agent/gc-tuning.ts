@@ -16,5 +16,7 @@ const FLAG = "--external-memory-accounted-in-global-limit";
 /** Applies the settings; takes effect for the rest of the process, also when called late. */
 export function tuneGcForBuffers(): void {
   if (process.env.FLEETCACHE_V8_DEFAULTS === "1") return; // to measure against V8's defaults
+  // Older V8s (Node 20's 11.3) print "unrecognized flag" for it; Node 24 has V8 13.6.
+  if (Number(process.versions.v8.split(".")[0]) < 13) return;
   setFlagsFromString(FLAG);
 }

@@ -14,6 +14,7 @@ import {
   DEFAULT_HIGH_WATER_MARK,
   FrameTooLargeError,
   MAX_STREAM_WINDOW,
+  NAR_RECEIVE_WINDOW,
   StreamReader,
   TruncatedStreamError,
   openReceiveWindow,
@@ -360,7 +361,7 @@ test("without an expected length, a sender stopped mid-transfer is detectable fr
 /** The send window a yamux stream has left (what its peer has granted and it has not used). */
 const sendWindow = (s: Stream) => (s as unknown as { sendWindowCapacity: number }).sendWindowCapacity;
 
-test("a reader's widened window reaches the sender before any data: 4 MiB of credit, not 256 KiB", async () => {
+test("a NAR reader's widened window reaches the sender before any data: 1 MiB of credit, not 256 KiB", async () => {
   const ka = generateKeyPair("host-a-1");
   const kb = generateKeyPair("host-b-1");
   const a = await node(ka, [kb]);
@@ -368,7 +369,7 @@ test("a reader's widened window reaches the sender before any data: 4 MiB of cre
   let credit = 0;
   await b.handle(BULK, async ({ reader, stream }) => {
     await reader.readFrame(32);
-    await waitFor("the reader's window update", () => sendWindow(stream) >= MAX_STREAM_WINDOW);
+    await waitFor("the reader's window update", () => sendWindow(stream) >= NAR_RECEIVE_WINDOW);
     credit = sendWindow(stream);
     await writeAll(stream, [BLOCK]);
   });
@@ -376,7 +377,7 @@ test("a reader's widened window reaches the sender before any data: 4 MiB of cre
   await writeFrame(stream, text("1"));
   openReceiveWindow(stream);
   assert.equal((await reader.readExactly(BLOCK.length)).length, BLOCK.length);
-  assert.equal(credit, MAX_STREAM_WINDOW);
+  assert.equal(credit, NAR_RECEIVE_WINDOW);
   await stream.close();
 });
 

@@ -1,8 +1,7 @@
 // Raw throughput of one mesh stream (TCP + noise + yamux, the agent's own node and writer) against
 // plain TCP, both on loopback in this one process, so the figures compare Node versions and
 // libp2p releases without Nix or HTTP in the way. Prints MB/s and CPU seconds per GB. The
-// process uses the agent's GC settings (agent/gc-tuning.ts; FLEETCACHE_V8_DEFAULTS=1: V8's) and
-// the reader widens its window as the NAR requester does.
+// process uses the agent's GC settings (agent/gc-tuning.ts; FLEETCACHE_V8_DEFAULTS=1: V8's).
 //   node dist/bench/stream.js [MiB, default 512] [rounds, default 3] [--parallel N] [--chunk-kib K] [--fresh]
 // --parallel splits the bytes over N streams on the one connection; --chunk-kib is the writer's
 // chunk size (64; the NAR responder writes the store's 1024 KiB reads); --fresh writes a newly
@@ -14,7 +13,7 @@ import { parseArgs } from "node:util";
 import { pino } from "pino";
 import { generateKeyPair } from "../protocol/keys.js";
 import { createMeshNode } from "../agent/mesh/node.js";
-import { StreamReader, openReceiveWindow, writeAll } from "../agent/mesh/stream-io.js";
+import { StreamReader, writeAll } from "../agent/mesh/stream-io.js";
 import { tuneGcForBuffers } from "../agent/gc-tuning.js";
 
 const { values: flags, positionals } = parseArgs({
@@ -102,8 +101,7 @@ async function main(): Promise<void> {
     await writeAll(stream, chunks(total / parallel));
   }, { maxInboundStreams: parallel + 4 });
   const one = async () => {
-    const { stream, reader } = await b.open(a.addresses()[0]!, PROTOCOL);
-    openReceiveWindow(stream);
+    const { reader } = await b.open(a.addresses()[0]!, PROTOCOL);
     let n = 0;
     for await (const c of (reader as StreamReader).chunks()) n += c.length;
     return n;

@@ -23,7 +23,7 @@ import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
 import { NarGoneError, primed } from "../source.js";
 import type { MeshNode, MeshStream } from "./node.js";
-import { openReceiveWindow, writeAll, writeFrame } from "./stream-io.js";
+import { writeAll, writeFrame } from "./stream-io.js";
 import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
 import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
 
@@ -245,7 +245,6 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   }
   // We send nothing more; half-closing now lets the stream end fully once the responder is done.
   stream.close().catch(() => {});
-  openReceiveWindow(stream);
   // Registered now, not when iteration starts, so an abort also frees a stream nobody reads.
   const unregister = opts.signal ? resetOnAbort(stream, opts.signal) : () => {};
   return body(stream, reader.chunks(req.narSize - req.offset), opts.stallMs ?? NAR_RECEIVE_STALL_MS, unregister);

@@ -106,8 +106,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     connectionEncrypters: [noise({ crypto: noiseCrypto })],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     // The initial window stays yamux's 256 KiB: a sender assumes it of its peer, and a peer on
-    // an older version would reset a stream that overran it. NAR readers widen theirs by a
-    // window update instead (openReceiveWindow, 1 MiB).
+    // an older version would reset a stream that overran it (BENCHMARKS.md, "Mesh transfer").
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
     connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
     peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],

@@ -225,34 +225,6 @@ export class StreamReader {
 }
 
 /**
- * The receive window a NAR reader grants at once (openReceiveWindow). Larger is faster on a
- * LAN, where the round trip through both busy event loops, not the wire, limits a stream; but
- * every stream's granted bytes may sit queued on the one connection ahead of other streams'
- * frames (a new NAR's header, narinfo answers). 8 transfers with 4 MiB each queued up to 32 MiB
- * there, and under load headers missed their 5 s deadline (test/mesh-narroute.test.ts); 1 MiB
- * keeps that queue at 8 MiB (0.7 s on a 100 Mbit/s link).
- */
-export const NAR_RECEIVE_WINDOW = 1024 * 1024;
-
-/**
- * Grants the sender `bytes` of receive window at once, by an ordinary yamux window update,
- * instead of yamux's 256 KiB start. js-yamux widens a window only when the reader drained it
- * within 4 ping round trips, which on a LAN (RTT about 0 ms) almost never holds: a NAR stream
- * then moved 256 KiB per round trip of both event loops. The window stays within
- * MAX_STREAM_WINDOW, which StreamReader's memory bound already allows for. A no-op for a stream
- * that is not a yamux stream or already has that window; any yamux peer honours the update.
- */
-export function openReceiveWindow(stream: Stream, bytes = NAR_RECEIVE_WINDOW): void {
-  const s = stream as Stream & { recvWindow?: unknown; maxStreamWindowSize?: unknown; sendWindowUpdate?: unknown };
-  if (typeof s.recvWindow !== "number" || typeof s.sendWindowUpdate !== "function") return;
-  const max = typeof s.maxStreamWindowSize === "number" ? Math.min(s.maxStreamWindowSize, MAX_STREAM_WINDOW) : MAX_STREAM_WINDOW;
-  const want = Math.min(bytes, max);
-  if (s.recvWindow >= want || stream.status !== "open") return;
-  s.recvWindow = want;
-  (s.sendWindowUpdate as () => void).call(stream);
-}
-
-/**
  * Sends bytes; when the stream reports it is full, waits until its write queue is empty.
  *
  * Not stream.onDrain(): in @libp2p/utils 7.x its promise is created once and never replaced, so

@@ -4,11 +4,11 @@
 // (every Buffer's bytes live outside the JS heap) has grown by a fixed step since the last one,
 // whatever the JS heap's own size. A libp2p stream allocates several fresh buffers per 64 KiB
 // noise message (socket reads, ciphertext, plaintext), so on Node 24 a mesh transfer ran a full
-// GC about every 5 MB moved (measured: 44-52 mark-compacts per 256 MiB stream) and spent a
-// large part of its CPU marking. With external memory counted in V8's global limit instead
-// (the V8 flag below, off by default in Node 24), the same stream ran 21-25 mark-compacts and
-// took about a quarter less CPU per GB (BENCHMARKS.md, "Mesh transfer: where the time goes").
-// Short-lived Buffers are still freed by the young-generation collections as before.
+// GC about every 5 MB moved (measured: 44-52 mark-compacts per 512 MiB) and spent a large part
+// of its CPU marking. With external memory counted in V8's global limit instead (the V8 flag
+// below, off by default in Node 24), the same transfer ran 21-25 and took about a quarter less
+// CPU per GB, for 50-90 MiB more peak memory (BENCHMARKS.md, "Mesh transfer: where the time
+// goes"). Short-lived Buffers are still freed by the young-generation collections as before.
 import { setFlagsFromString } from "node:v8";
 
 const FLAG = "--external-memory-accounted-in-global-limit";

@@ -101,9 +101,10 @@ async function main(): Promise<void> {
     await writeAll(stream, chunks(total / parallel));
   }, { maxInboundStreams: parallel + 4 });
   const one = async () => {
-    const { reader } = await b.open(a.addresses()[0]!, PROTOCOL);
+    const { stream, reader } = await b.open(a.addresses()[0]!, PROTOCOL);
     let n = 0;
     for await (const c of (reader as StreamReader).chunks()) n += c.length;
+    await stream.close(); // or open streams pile up past the handler's limit round by round
     return n;
   };
   const meshRound = () =>

@@ -13,6 +13,7 @@ import { Signer } from "./signer.js";
 import { chooseBackend, defaultDaemonSocket, LocalStore } from "./store/local-store.js";
 import { databaseFilesVisible } from "./store/db-version.js";
 import { AgentMetrics } from "./metrics.js";
+import { tuneGcForBuffers } from "./gc-tuning.js";
 import { Mesh } from "./mesh/mesh.js";
 import { meshListenPort } from "./address.js";
 import type { PathSource } from "./source.js";
@@ -31,6 +32,7 @@ export interface RunningAgent {
 }
 
 export async function startAgent(config: AgentConfig, log: Logger): Promise<RunningAgent> {
+  tuneGcForBuffers();
   const keys = config.signKeyFiles.length > 0
     ? config.signKeyFiles.map((f) => readSecretKeyFile(f, log))
     : [ensureHostKey(config.stateDir, log)];

@@ -7,7 +7,7 @@ import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { createFleet, eventually, P2P_PORT, type Fleet } from "../test/helpers/fleet.js";
 import { addToStore, NIX_FLAGS, pathInfo, run } from "../test/helpers/nix.js";
-import { treeCpuSeconds } from "./load.js";
+import { descendants, readStatus, treeCpuSeconds } from "./load.js";
 
 export interface MeshResult {
   paths: number;
@@ -18,6 +18,13 @@ export interface MeshResult {
   agentCpuPerGb: number;
   /** agent MB/s ÷ nginx MB/s (equal bytes, so nginx time ÷ agent time). */
   ratio: number;
+  /** Peak RSS (VmHWM) of A's and of B's agent over the whole case, MiB. */
+  agentPeakRssMiB: [number, number];
+}
+
+/** Largest VmHWM in a process tree (the agent may run under a wrapper), MiB. */
+function peakRssMiB(pid: number): number {
+  return Math.max(0, ...[pid, ...descendants(pid)].map((p) => readStatus(p).get("VmHWM") ?? 0)) / 1024;
 }
 
 const NGINX_PORT = 8080;
@@ -89,7 +96,8 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const agentSeconds = Math.min(...agentRuns);
     const nginxSeconds = Math.min(...nginxRuns);
     const agentCpuPerGb = agentCpu[agentRuns.indexOf(agentSeconds)]! / (narBytes / 1e9);
-    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, ratio: nginxSeconds / agentSeconds };
+    const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
+    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB };
   } finally {
     nginx?.kill();
     await fleet.destroy();

@@ -9,15 +9,20 @@ import { runInNewContext } from "node:vm";
 import { pino } from "pino";
 import { generateKeyPair, type SecretKey } from "../protocol/keys.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
-import { peerIdOf, trustedPeers } from "../agent/mesh/identity.js";
+import { libp2pPrivateKey, peerIdOf, trustedPeers } from "../agent/mesh/identity.js";
 import {
   DEFAULT_HIGH_WATER_MARK,
   FrameTooLargeError,
   MAX_STREAM_WINDOW,
+  StreamReader,
   TruncatedStreamError,
   writeAll,
   writeFrame,
 } from "../agent/mesh/stream-io.js";
+import { createLibp2p, type Libp2p } from "libp2p";
+import { tcp } from "@libp2p/tcp";
+import { noise } from "@chainsafe/libp2p-noise";
+import { yamux } from "@chainsafe/libp2p-yamux";
 
 const log = pino({ level: "silent" });
 const ECHO = "/fleetcache-test/echo/1";
@@ -347,4 +352,53 @@ test("without an expected length, a sender stopped mid-transfer is detectable fr
   t.diagnostic(`after ${(reader.bytesRead / MiB).toFixed(1)} MiB: ${outcome instanceof Error ? `${outcome.name}: ${outcome.message}` : outcome}`);
   assert.ok(reader.bytesRead < size);
   if (outcome instanceof Error) assert.ok(outcome instanceof TruncatedStreamError || /reset|abort|closed/i.test(outcome.name + outcome.message));
+});
+
+/**
+ * A peer on the libraries' stock settings, as an agent from before the mesh's own noise cipher
+ * code (agent/mesh/noise-crypto.ts): the wire bytes must be the same.
+ */
+async function stockPeer(key: SecretKey): Promise<Libp2p> {
+  const n = await createLibp2p({
+    privateKey: await libp2pPrivateKey(key),
+    addresses: { listen: ["/ip4/127.0.0.1/tcp/0"] },
+    transports: [tcp()],
+    connectionEncrypters: [noise()],
+    streamMuxers: [yamux()],
+  });
+  after(() => n.stop());
+  return n;
+}
+
+test("a peer on stock libp2p settings and this node stream 32 MiB both ways, intact", async () => {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const old = await stockPeer(kb);
+  const size = 32 * MiB;
+  // The stock peer sends, then receives from us.
+  await old.handle(BULK, async (stream) => {
+    const reader = new StreamReader(stream);
+    const want = Number(str(await reader.readFrame(32)));
+    const blocks = function* () {
+      for (let left = want; left > 0; left -= BLOCK.length) yield BLOCK.subarray(0, Math.min(left, BLOCK.length));
+    };
+    await writeAll(stream, blocks());
+    await stream.close();
+  });
+  const { stream, reader } = await a.open(old.getMultiaddrs()[0]!, BULK);
+  await writeFrame(stream, text(String(size)));
+  const h = createHash("sha256");
+  for await (const c of reader.chunks(size)) h.update(c);
+  assert.equal(h.digest("hex"), expectedHash(size));
+  await stream.close();
+
+  await serveBulk(a);
+  const back = await old.dialProtocol(addr(a), BULK);
+  const backReader = new StreamReader(back);
+  await writeFrame(back, text(String(size)));
+  const h2 = createHash("sha256");
+  for await (const c of backReader.chunks(size)) h2.update(c);
+  assert.equal(h2.digest("hex"), expectedHash(size));
+  await back.close();
 });

@@ -32,7 +32,10 @@ export interface NarRequestFromPeer {
 export interface PeerRequests {
   /** A verified narinfo (a fleet or upstream signature, matching store path), or undefined. */
   narinfo(peerId: string, hashPart: string, signal: AbortSignal): Promise<Narinfo | undefined>;
-  /** NAR bytes [offset, narSize); the iterator throws if the peer stops short. */
+  /**
+   * NAR bytes [offset, narSize); the iterator throws if the peer stops short. The chunks are the
+   * caller's to keep: the producer never writes into one it has handed out.
+   */
   nar(peerId: string, req: NarRequestFromPeer, signal: AbortSignal): Promise<AsyncIterable<Uint8Array>>;
 }
 

@@ -30,7 +30,8 @@ export class HeldNar {
   }
 
   /**
-   * Holds a copy of `chunk` (the caller may reuse its buffer). Returns what may go to the client
+   * Holds `chunk`, as a view: the caller hands it over and never writes into it again (peer NAR
+   * chunks are the receiver's to keep, PeerRequests.nar). Returns what may go to the client
    * now: nothing when spooling; without a spool, what is beyond the memory limit (all but the last chunk).
    */
   async push(chunk: Uint8Array): Promise<Buffer[]> {
@@ -41,7 +42,7 @@ export class HeldNar {
       this.#fileBytes += chunk.length;
       return [];
     }
-    this.#memory.push(Buffer.from(chunk));
+    this.#memory.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
     this.#memoryBytes += chunk.length;
     const out: Buffer[] = [];
     while (!this.spool && this.#memoryBytes > this.memoryBytes && this.#memory.length > 1) {

@@ -210,6 +210,7 @@ export interface OpenNarOptions {
  * Asks `peerId` for NAR bytes [offset, narSize). Throws NarFetchError unless the peer answers
  * NarOk with the expected size within the header deadline. The iterable then yields exactly
  * narSize - offset bytes or throws (NarFetchError "interrupted"/"stalled"); it never ends early.
+ * Its chunks are views of buffers libp2p allocated for them and never reuses: safe to keep.
  * Consume it to the end or break out of it: either releases the stream.
  */
 export async function openNar(node: MeshNode, peerId: string, req: NarFetchRequest, opts: OpenNarOptions = {}): Promise<AsyncIterable<Uint8Array>> {

@@ -4,6 +4,7 @@
 import { createLibp2p, type Libp2p } from "libp2p";
 import { tcp } from "@libp2p/tcp";
 import { noise } from "@chainsafe/libp2p-noise";
+import { noiseCrypto } from "./noise-crypto.js";
 import { yamux } from "@chainsafe/libp2p-yamux";
 import { identify, type Identify } from "@libp2p/identify";
 import { ping, type Ping } from "@libp2p/ping";
@@ -106,8 +107,11 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     privateKey,
     addresses: { listen: [meshListenAddr(opts.listen).toString()] },
     transports: [tcp()],
-    connectionEncrypters: [noise()],
+    // Same noise protocol and keys; the cipher calls copy less (noise-crypto.ts).
+    connectionEncrypters: [noise({ crypto: noiseCrypto })],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
+    // The initial window stays yamux's 256 KiB: a sender assumes it of its peer, and a peer on
+    // an older version would reset a stream that overran it (BENCHMARKS.md, "Mesh transfer").
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
     connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
     peerDiscovery: [...(opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : []), ...(opts.discovery ?? []).map((d) => () => d)],

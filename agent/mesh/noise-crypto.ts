@@ -1,0 +1,50 @@
+// The noise encrypter's ChaCha20-Poly1305, with fewer fresh allocations per message than the
+// library's default (same cipher, same wire bytes; only where the output lands differs).
+//
+// @chainsafe/libp2p-noise's Node implementation copies every encrypted message once more
+// (Buffer.concat of ciphertext and tag) and every decrypted one when a message arrives in
+// pieces. On Node 24 on these VMs each fresh page touched costs a page fault (about 2.7 CPU s
+// per GB, see BENCHMARKS.md), so a 64 KiB copy per message is a large share of a stream's cost.
+// Here the ciphertext and its tag go out as two pieces of one list (the TCP socket writes them
+// one after the other), and a ciphertext that arrived in pieces is fed to the decipher piece by
+// piece. Handshake crypto and small messages stay with the library's default.
+import { createCipheriv, createDecipheriv } from "node:crypto";
+import { defaultCrypto } from "@chainsafe/libp2p-noise/crypto";
+import type { ICryptoInterface } from "@chainsafe/libp2p-noise";
+import { Uint8ArrayList } from "uint8arraylist";
+
+const TAG = 16;
+/** Below this the library's WASM cipher is faster than a Node cipher object (its own threshold). */
+const SMALL = 1200;
+
+export const noiseCrypto: ICryptoInterface = {
+  ...defaultCrypto,
+  chaCha20Poly1305Encrypt(plaintext, nonce, ad, k) {
+    if (plaintext.byteLength < SMALL) return defaultCrypto.chaCha20Poly1305Encrypt(plaintext, nonce, ad, k);
+    const cipher = createCipheriv("chacha20-poly1305", k, nonce, { authTagLength: TAG });
+    cipher.setAAD(ad, { plaintextLength: plaintext.byteLength });
+    const out = new Uint8ArrayList();
+    for (const piece of plaintext instanceof Uint8Array ? [plaintext] : plaintext) out.append(cipher.update(piece));
+    const final = cipher.final(); // empty for a stream cipher; kept for form
+    if (final.byteLength > 0) out.append(final);
+    out.append(cipher.getAuthTag());
+    return out;
+  },
+  chaCha20Poly1305Decrypt(ciphertext, nonce, ad, k, dst) {
+    if (ciphertext.byteLength < SMALL) return defaultCrypto.chaCha20Poly1305Decrypt(ciphertext, nonce, ad, k, dst);
+    const textLength = ciphertext.byteLength - TAG;
+    const decipher = createDecipheriv("chacha20-poly1305", k, nonce, { authTagLength: TAG });
+    decipher.setAAD(ad, { plaintextLength: textLength });
+    if (ciphertext instanceof Uint8Array) {
+      decipher.setAuthTag(ciphertext.subarray(textLength));
+      const out = decipher.update(ciphertext.subarray(0, textLength));
+      decipher.final(); // throws if the tag does not match: nothing decrypted is returned then
+      return out;
+    }
+    decipher.setAuthTag(ciphertext.subarray(textLength)); // 16 bytes: a copy only if split
+    const out = new Uint8ArrayList();
+    for (const piece of ciphertext.sublist(0, textLength)) out.append(decipher.update(piece));
+    decipher.final();
+    return out;
+  },
+};

@@ -24,10 +24,10 @@ buildNpmPackage {
   };
 
   # The hash of the npm dependencies in package-lock.json, for package-lock.json with
-  # sha256 c2cdb1a0c543757be8d234e6620273646bc59696bc212c66e414fc56be4db1c2 (a test compares).
+  # sha256 76d6dd5233e54f4bbd4f8f89e92af487202d314a10f0514624498c9131a99fe6 (a test compares).
   # After changing the lock file, set it to lib.fakeHash, build, copy the hash Nix reports, and
   # update the sha256 above. The lock file must keep its "resolved" URLs (see .npmrc).
-  npmDepsHash = "sha256-u0Ec3iARV3k8ODAmDAqXlE4AaP49e5MMMJay/ZHpysU=";
+  npmDepsHash = "sha256-bRxKpO5GVmu6+YbwT4CWFxUGUkZ+KSd5yQIcre7InqQ=";
 
   # The active LTS line, the one the tests run on (.ci/run) and package.json's engines name.
   nodejs = nodejs_24;

@@ -1,10 +1,11 @@
 // The binary cache protocol Nix speaks: nix-cache-info, narinfo and NAR downloads.
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { pipeline } from "node:stream/promises";
+import { finished } from "node:stream/promises";
 import { narUrl, parseNarUrl } from "../../protocol/nar-url.js";
 import { nixCacheInfo, renderNarinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
+import { narBuffers } from "../buffer-pool.js";
 import { NarGoneError, NarUnavailableError, primed, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { StoreUnavailableError } from "../store/daemon-client.js";
@@ -123,10 +124,10 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   }
   res.writeHead(status, head);
   try {
-    await pipeline(body, res);
+    await writeBody(body, res);
     return outcome;
   } catch (e) {
-    // pipeline has destroyed the socket, so the client sees a short body against Content-Length,
+    // writeBody has destroyed the socket, so the client sees a short body against Content-Length,
     // never a complete-looking one. A client hanging up is not worth more than a debug line.
     const gone = (e as NodeJS.ErrnoException).code === "ERR_STREAM_PREMATURE_CLOSE";
     const message = (e as Error).message;
@@ -160,6 +161,43 @@ function failedBeforeFirstByte(ctx: CacheContext, req: IncomingMessage, res: Ser
   ctx.metrics?.errors.add({ message: `NAR source failed before its first byte: ${message}`, path: info.storePath });
   sendError(req, res, status, status === 502 ? "no holder of this path could send it" : "reading the NAR failed");
   return "server_error";
+}
+
+/**
+ * Writes the chunks to `res` with backpressure, then ends it. Each chunk goes back to the NAR
+ * buffer pool in its write's callback, once the socket has written it (or dropped it): never
+ * earlier, or a read for another client would overwrite bytes still queued for this one.
+ * (Chunks from elsewhere, a peer's, are not the pool's, and release() ignores them.)
+ * On failure, of the source or of the client, destroys `res` and throws.
+ */
+async function writeBody(body: AsyncGenerator<Buffer>, res: ServerResponse): Promise<void> {
+  try {
+    for await (const chunk of body) {
+      if (!res.write(chunk, () => narBuffers.release(chunk))) await drainOrClose(res);
+      if (res.destroyed) throw prematureClose();
+    }
+    res.end();
+    await finished(res);
+  } catch (e) {
+    res.destroy();
+    throw e;
+  }
+}
+
+function prematureClose(): Error {
+  return Object.assign(new Error("the client closed the connection"), { code: "ERR_STREAM_PREMATURE_CLOSE" });
+}
+
+function drainOrClose(res: ServerResponse): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      res.off("drain", done);
+      res.off("close", done);
+      resolve();
+    };
+    res.on("drain", done);
+    res.on("close", done);
+  });
 }
 
 /** Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each was taken. */

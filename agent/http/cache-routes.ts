@@ -111,7 +111,7 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const served = ctx.metrics?.narBytesServed;
   const key = outcome === "hit_peer" ? "peer" : "local";
   const count = served ? (n: number) => void (served[key] += n) : undefined;
-  // Reads follow the client's pace, so a slow client holds a small read, not a 1 MiB one.
+  // Reads follow the client's pace, so a slow client holds a small read, not a large one.
   const pace = new ReadPace();
   const chunks = checkedLength(ctx.source.narStream(info, start, end, () => pace.size), end - start, count, pace);
   // The status goes out only once a source has produced the first chunk: a source failing before

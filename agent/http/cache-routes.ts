@@ -32,11 +32,14 @@ export interface CacheContext {
   dashboard?: (req: IncomingMessage, res: ServerResponse, path: string) => void | Promise<void>;
 }
 
-// Rendered narinfos, by the PathInfo they came from (sources reuse the object while the path is
-// unchanged, so a repeated lookup costs a database row and a map lookup).
-const rendered = new WeakMap<PathInfo, Buffer>();
+// Rendered narinfos with their headers, by the PathInfo they came from (sources reuse the object
+// while the path is unchanged, so a repeated lookup costs a database row and a map lookup). The
+// header objects are built once: res.writeHead only reads them.
+const rendered = new WeakMap<PathInfo, { body: Buffer; head: Readonly<Record<string, string | number>> }>();
 
 const NOT_FOUND_HEADERS = { "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" };
+const NOT_FOUND_BODY = Buffer.from("not found\n");
+const NOT_FOUND_HEAD = Object.freeze({ ...NOT_FOUND_HEADERS, "Content-Length": NOT_FOUND_BODY.length });
 
 export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): void {
   send(req, res, 200, nixCacheInfo(ctx.priority), { "Content-Type": "text/x-nix-cache-info" });
@@ -44,18 +47,26 @@ export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: Se
 
 export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string): Promise<Outcome> {
   if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
-  const info = await ctx.source.pathInfo(hashPart).catch(storeUnavailable);
+  let info: PathInfo | undefined;
+  try {
+    info = await ctx.source.pathInfo(hashPart);
+  } catch (e) {
+    storeUnavailable(e);
+  }
   if (!info) {
-    send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+    res.writeHead(404, NOT_FOUND_HEAD);
+    res.end(req.method === "HEAD" ? undefined : NOT_FOUND_BODY);
     return "miss";
   }
-  let body = rendered.get(info);
-  if (!body) {
-    body = Buffer.from(renderNarinfo(info, narUrl(hashPart, info.narHash)));
-    rendered.set(info, body);
+  let answer = rendered.get(info);
+  if (!answer) {
+    const body = Buffer.from(renderNarinfo(info, narUrl(hashPart, info.narHash)));
+    // Short-lived: a garbage-collected path must not linger in an intermediate cache.
+    answer = { body, head: Object.freeze({ "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60", "Content-Length": body.length }) };
+    rendered.set(info, answer);
   }
-  // Short-lived: a garbage-collected path must not linger in an intermediate cache.
-  send(req, res, 200, body, { "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60" });
+  res.writeHead(200, answer.head);
+  res.end(req.method === "HEAD" ? undefined : answer.body);
   return ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
 }
 

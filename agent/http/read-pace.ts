@@ -2,7 +2,7 @@
 // in memory until the client has taken it: a 1 MiB read for a client taking 64 KiB/s sits in the
 // socket's queue for 16 s, and 500 such clients held 700-1,000 MiB. Larger reads make fast
 // transfers cheaper, up to a point: with reused buffers (buffer-pool.ts) 256 KiB reads cost
-// 0.47-0.59 CPU s per GB here, 128 KiB 0.87-0.94, 512 KiB 0.64-0.74 and 1 MiB 0.65-0.76 (a
+// 0.47-0.59 CPU s per GB here, 128 KiB 0.65-0.94, 512 KiB 0.64-0.74 and 1 MiB 0.65-0.76 (a
 // buffer that stays in the CPU's cache between the read and the socket write is copied faster;
 // measured 2026-12-01, see BENCHMARKS.md). So reads start small and grow to 256 KiB only while
 // the client keeps taking them quickly.

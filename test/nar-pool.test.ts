@@ -103,3 +103,50 @@ test("a stalled client's NAR stays intact while other clients' reads reuse the p
     tmp.cleanup();
   }
 });
+
+test("a client that hangs up while the next chunk is being read: the source is closed, the request ends", async () => {
+  // A source that yields one chunk, then waits for the test before producing the rest.
+  const hash = "1bcdfghijklmnpqrsvwxyz0123456789";
+  const info = { storePath: `/nix/store/${hash}-x`, narHash: "sha256:" + "1".repeat(52), narSize: 3 << 16, references: [], sigs: [] };
+  let openGate!: () => void;
+  const gate = new Promise<void>((r) => (openGate = r));
+  let sourceClosed!: () => void;
+  const closed = new Promise<string>((r) => (sourceClosed = () => r("closed")));
+  const source = {
+    pathInfo: async (h: string) => (h === hash ? info : undefined),
+    async *narStream() {
+      try {
+        yield Buffer.alloc(1 << 16, 1);
+        await gate;
+        yield Buffer.alloc(1 << 16, 2);
+        yield Buffer.alloc(1 << 16, 3);
+      } finally {
+        sourceClosed();
+      }
+    },
+  };
+  const ctx = { source, local: source, priority: 30, log: createLogger({ level: "silent", pretty: false }) } as unknown as CacheContext;
+  const server = createHttpServer(ctx);
+  let serverSideClosed!: () => void;
+  const serverSide = new Promise<void>((r) => (serverSideClosed = r));
+  server.on("connection", (s) => s.on("close", () => serverSideClosed()));
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const sock = connect(port, "127.0.0.1", () => sock.write(`GET /${narUrl(hash, info.narHash)} HTTP/1.1\r\nHost: x\r\n\r\n`));
+      sock.once("data", () => {
+        sock.destroy(); // hangs up after the first bytes, while the source waits
+        resolve();
+      });
+      sock.on("error", reject);
+    });
+    await serverSide; // the agent has seen the connection close
+    openGate();
+    const outcome = await Promise.race([closed, new Promise<string>((r) => setTimeout(() => r("still open after 10 s"), 10_000).unref())]);
+    assert.equal(outcome, "closed", "the NAR source (its open file) must be closed when the client is gone");
+  } finally {
+    server.closeAllConnections();
+    await new Promise((r) => server.close(r));
+  }
+});

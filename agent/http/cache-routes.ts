@@ -184,7 +184,9 @@ function failedBeforeFirstByte(ctx: CacheContext, req: IncomingMessage, res: Ser
 async function writeBody(body: AsyncGenerator<Buffer>, res: ServerResponse): Promise<void> {
   try {
     for await (const chunk of body) {
-      if (!res.write(chunk, () => narBuffers.release(chunk))) await drainOrClose(res);
+      // A response whose client left while the chunk was being read is destroyed already: its
+      // write returns false and neither "drain" nor "close" will come (that close has passed).
+      if (!res.write(chunk, () => narBuffers.release(chunk)) && !res.destroyed) await drainOrClose(res);
       if (res.destroyed) throw prematureClose();
     }
     res.end();

@@ -57,6 +57,18 @@ test("HEAD narinfo and NAR: headers without a body", async (t) => {
   const h = await get(`/${hashPartOf(closure.tree)}.narinfo`, { method: "HEAD" });
   assert.equal(h.status, 200);
   assert.equal(await h.text(), "");
+  // The headers of a rendered narinfo are built once and reused: they must stay right every time.
+  for (let i = 0; i < 3; i++) {
+    const g = await get(`/${hashPartOf(closure.tree)}.narinfo`);
+    const text = await g.text();
+    assert.equal(Number(g.headers.get("content-length")), Buffer.byteLength(text));
+    assert.equal(Number(h.headers.get("content-length")), Buffer.byteLength(text), "HEAD announces the GET's length");
+    assert.equal(g.headers.get("content-type"), "text/x-nix-narinfo");
+    assert.match(text, new RegExp(`^StorePath: ${closure.tree}\n`));
+  }
+  const miss = await get(`/${"0".repeat(32)}.narinfo`, { method: "HEAD" });
+  assert.equal(miss.status, 404);
+  assert.equal(await miss.text(), "");
   const nar = await get(await narUrlOf(closure.tree), { method: "HEAD" });
   assert.equal(nar.status, 200);
   assert.equal(Number(nar.headers.get("content-length")), (await fullNar(closure.tree)).length);

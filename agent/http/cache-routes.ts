@@ -1,10 +1,11 @@
 // The binary cache protocol Nix speaks: nix-cache-info, narinfo and NAR downloads.
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { pipeline } from "node:stream/promises";
+import { finished } from "node:stream/promises";
 import { narUrl, parseNarUrl } from "../../protocol/nar-url.js";
 import { nixCacheInfo, renderNarinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
+import { narBuffers } from "../buffer-pool.js";
 import { NarGoneError, NarUnavailableError, primed, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { StoreUnavailableError } from "../store/daemon-client.js";
@@ -31,11 +32,14 @@ export interface CacheContext {
   dashboard?: (req: IncomingMessage, res: ServerResponse, path: string) => void | Promise<void>;
 }
 
-// Rendered narinfos, by the PathInfo they came from (sources reuse the object while the path is
-// unchanged, so a repeated lookup costs a database row and a map lookup).
-const rendered = new WeakMap<PathInfo, Buffer>();
+// Rendered narinfos with their headers, by the PathInfo they came from (sources reuse the object
+// while the path is unchanged, so a repeated lookup costs a database row and a map lookup). The
+// header objects are built once: res.writeHead only reads them.
+const rendered = new WeakMap<PathInfo, { body: Buffer; head: Readonly<Record<string, string | number>> }>();
 
 const NOT_FOUND_HEADERS = { "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" };
+const NOT_FOUND_BODY = Buffer.from("not found\n");
+const NOT_FOUND_HEAD = Object.freeze({ ...NOT_FOUND_HEADERS, "Content-Length": NOT_FOUND_BODY.length });
 
 export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): void {
   send(req, res, 200, nixCacheInfo(ctx.priority), { "Content-Type": "text/x-nix-cache-info" });
@@ -43,18 +47,26 @@ export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: Se
 
 export async function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string): Promise<Outcome> {
   if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
-  const info = await ctx.source.pathInfo(hashPart).catch(storeUnavailable);
+  let info: PathInfo | undefined;
+  try {
+    info = await ctx.source.pathInfo(hashPart);
+  } catch (e) {
+    storeUnavailable(e);
+  }
   if (!info) {
-    send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
+    res.writeHead(404, NOT_FOUND_HEAD);
+    res.end(req.method === "HEAD" ? undefined : NOT_FOUND_BODY);
     return "miss";
   }
-  let body = rendered.get(info);
-  if (!body) {
-    body = Buffer.from(renderNarinfo(info, narUrl(hashPart, info.narHash)));
-    rendered.set(info, body);
+  let answer = rendered.get(info);
+  if (!answer) {
+    const body = Buffer.from(renderNarinfo(info, narUrl(hashPart, info.narHash)));
+    // Short-lived: a garbage-collected path must not linger in an intermediate cache.
+    answer = { body, head: Object.freeze({ "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60", "Content-Length": body.length }) };
+    rendered.set(info, answer);
   }
-  // Short-lived: a garbage-collected path must not linger in an intermediate cache.
-  send(req, res, 200, body, { "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60" });
+  res.writeHead(200, answer.head);
+  res.end(req.method === "HEAD" ? undefined : answer.body);
   return ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
 }
 
@@ -110,7 +122,7 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const served = ctx.metrics?.narBytesServed;
   const key = outcome === "hit_peer" ? "peer" : "local";
   const count = served ? (n: number) => void (served[key] += n) : undefined;
-  // Reads follow the client's pace, so a slow client holds a small read, not a 1 MiB one.
+  // Reads follow the client's pace, so a slow client holds a small read, not a large one.
   const pace = new ReadPace();
   const chunks = checkedLength(ctx.source.narStream(info, start, end, () => pace.size), end - start, count, pace);
   // The status goes out only once a source has produced the first chunk: a source failing before
@@ -123,10 +135,10 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   }
   res.writeHead(status, head);
   try {
-    await pipeline(body, res);
+    await writeBody(body, res);
     return outcome;
   } catch (e) {
-    // pipeline has destroyed the socket, so the client sees a short body against Content-Length,
+    // writeBody has destroyed the socket, so the client sees a short body against Content-Length,
     // never a complete-looking one. A client hanging up is not worth more than a debug line.
     const gone = (e as NodeJS.ErrnoException).code === "ERR_STREAM_PREMATURE_CLOSE";
     const message = (e as Error).message;
@@ -160,6 +172,45 @@ function failedBeforeFirstByte(ctx: CacheContext, req: IncomingMessage, res: Ser
   ctx.metrics?.errors.add({ message: `NAR source failed before its first byte: ${message}`, path: info.storePath });
   sendError(req, res, status, status === 502 ? "no holder of this path could send it" : "reading the NAR failed");
   return "server_error";
+}
+
+/**
+ * Writes the chunks to `res` with backpressure, then ends it. Each chunk goes back to the NAR
+ * buffer pool in its write's callback, once the socket has written it (or dropped it): never
+ * earlier, or a read for another client would overwrite bytes still queued for this one.
+ * (Chunks from elsewhere, a peer's, are not the pool's, and release() ignores them.)
+ * On failure, of the source or of the client, destroys `res` and throws.
+ */
+async function writeBody(body: AsyncGenerator<Buffer>, res: ServerResponse): Promise<void> {
+  try {
+    for await (const chunk of body) {
+      // A response whose client left while the chunk was being read is destroyed already: its
+      // write returns false and neither "drain" nor "close" will come (that close has passed).
+      if (!res.write(chunk, () => narBuffers.release(chunk)) && !res.destroyed) await drainOrClose(res);
+      if (res.destroyed) throw prematureClose();
+    }
+    res.end();
+    await finished(res);
+  } catch (e) {
+    res.destroy();
+    throw e;
+  }
+}
+
+function prematureClose(): Error {
+  return Object.assign(new Error("the client closed the connection"), { code: "ERR_STREAM_PREMATURE_CLOSE" });
+}
+
+function drainOrClose(res: ServerResponse): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      res.off("drain", done);
+      res.off("close", done);
+      resolve();
+    };
+    res.on("drain", done);
+    res.on("close", done);
+  });
 }
 
 /** Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each was taken. */

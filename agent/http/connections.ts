@@ -4,14 +4,17 @@
 // newcomer over the cap makes room by closing the longest-idle sockets (keep-alive ones between
 // requests, and ones that never sent a request); only when every socket is busy with a request is
 // the newcomer refused.
-import type { Server } from "node:http";
+import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
+
+/** Requests in progress on a socket (a property rather than a WeakMap: cheaper per request). */
+const BUSY = Symbol("requests in progress");
+type Tracked = Socket & { [BUSY]?: number };
 
 export function limitConnections(server: Server, limit: number): void {
   const live = new Set<Socket>();
   // Sockets with no request in progress, longest idle first (a Set keeps insertion order).
   const idle = new Set<Socket>();
-  const busy = new WeakMap<Socket, number>();
 
   server.on("connection", (socket: Socket) => {
     live.add(socket);
@@ -34,15 +37,19 @@ export function limitConnections(server: Server, limit: number): void {
     }
   });
 
-  server.on("request", (req, res) => {
-    const socket = req.socket;
-    busy.set(socket, (busy.get(socket) ?? 0) + 1);
-    idle.delete(socket);
-    res.once("close", () => {
-      const n = (busy.get(socket) ?? 1) - 1;
-      busy.set(socket, n);
-      // Re-inserted at the end: it has been idle for the shortest time.
-      if (n === 0 && !socket.destroyed) idle.add(socket);
-    });
+  // One shared listener, no closure per request: the response's socket is its request's.
+  function answered(this: ServerResponse): void {
+    const socket = this.req.socket as Tracked;
+    const n = (socket[BUSY] ?? 1) - 1;
+    socket[BUSY] = n;
+    // Re-inserted at the end: it has been idle for the shortest time.
+    if (n === 0 && !socket.destroyed) idle.add(socket);
+  }
+
+  server.on("request", (req: IncomingMessage, res: ServerResponse) => {
+    const socket = req.socket as Tracked;
+    socket[BUSY] = (socket[BUSY] ?? 0) + 1;
+    if (socket[BUSY] === 1) idle.delete(socket);
+    res.once("close", answered);
   });
 }

@@ -56,7 +56,7 @@ interface Exchange {
 }
 
 async function route(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
-  const start = ctx.metrics ? process.hrtime.bigint() : 0n;
+  const start = ctx.metrics ? performance.now() : 0;
   const ex: Exchange = { route: "other", outcome: undefined };
   try {
     const url = req.url ?? "";

@@ -1,0 +1,145 @@
+// Agent builds side by side with nginx, for before/after figures on a busy machine: one fixture,
+// nginx and one agent per build running at once, every measurement taken for each server in
+// turn (the order reversed every round), medians of the rounds. The same measurements as
+// `npm run bench` (bench/run.ts), minus its checks, memory and mesh case.
+//
+//   node dist/bench/builds.js [--rows hit1,hit4,miss1,miss4,nar1,nar4] [--rounds 3] [--duration 4]
+//        [--nar-gib 1] [--small 100] [--keep-fixture DIR] LABEL=REPO_DIR ...
+//
+// REPO_DIR is a checkout with a built dist/ (e.g. a `git worktree add` of the old commit, built
+// with `npx tsc -p .`); `.` is this one. With --keep-fixture DIR the fixture is made once in DIR
+// and reused by later runs. Needs root (chroot store), nginx, wrk and curl, as `npm run bench`.
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { hashPart, makeFixture, type Fixture } from "./fixture.js";
+import { narThroughput, pinTree, runWrk, warmFile, withCpuAccounting, writeWrkScript } from "./load.js";
+import { randomHashParts } from "./nix32.js";
+import { cleanup, installSignalHandlers, registerTempDir } from "./proc.js";
+import { httpGet, parseNarinfo, startAgent, startNginx, type Server } from "./servers.js";
+
+const ROWS = ["hit1", "hit4", "miss1", "miss4", "nar1", "nar4"] as const;
+type Row = (typeof ROWS)[number];
+
+const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    rows: { type: "string", default: ROWS.join(",") },
+    rounds: { type: "string", default: "3" },
+    duration: { type: "string", default: "4" },
+    "nar-gib": { type: "string", default: "1" },
+    small: { type: "string", default: "100" },
+    "keep-fixture": { type: "string" },
+  },
+});
+const rows = values.rows.split(",") as Row[];
+for (const r of rows) if (!ROWS.includes(r)) throw new Error(`unknown row ${r} (known: ${ROWS.join(", ")})`);
+const rounds = Number(values.rounds);
+const duration = Number(values.duration);
+const builds = positionals.map((p) => {
+  const i = p.indexOf("=");
+  if (i <= 0) throw new Error(`expected LABEL=REPO_DIR, got ${p}`);
+  return { label: p.slice(0, i), dir: resolve(p.slice(i + 1)) };
+});
+if (builds.length === 0) throw new Error("name at least one build: LABEL=REPO_DIR");
+
+const log = (m: string) => process.stderr.write(m + "\n");
+
+async function fixture(): Promise<Fixture> {
+  const keep = values["keep-fixture"] ? resolve(values["keep-fixture"]) : undefined;
+  const saved = keep && join(keep, "fixture.json");
+  if (saved && existsSync(saved)) return JSON.parse(readFileSync(saved, "utf8")) as Fixture;
+  const dir = keep ?? mkdtempSync(join(tmpdir(), "fleetcache-builds-"));
+  mkdirSync(dir, { recursive: true });
+  chmodSync(dir, 0o755); // nginx workers read the cache below it
+  if (!keep) registerTempDir(dir);
+  const fx = await makeFixture(dir, { smallCount: Number(values.small), bigBytes: Math.round(Number(values["nar-gib"]) * 2 ** 30) }, log);
+  if (saved) writeFileSync(saved, JSON.stringify(fx));
+  return fx;
+}
+
+async function main(): Promise<void> {
+  installSignalHandlers({ keepTemp: false });
+  const fx = await fixture();
+  const run = mkdtempSync(join(tmpdir(), "fleetcache-builds-run-"));
+  chmodSync(run, 0o755);
+  registerTempDir(run);
+  const servers: Server[] = [await startNginx(join(run, "nginx"), fx.cacheDir, "nginx")];
+  for (const b of builds) {
+    const agent = await startAgent(join(run, `agent-${b.label}`), b.dir, fx.storeRoot);
+    servers.push({ ...agent, name: b.label });
+  }
+  const existing = new Set([...fx.smallPaths, fx.bigPath].map(hashPart));
+  const hits = join(run, "hits.lua");
+  const misses = join(run, "misses.lua");
+  writeWrkScript(hits, [...existing].map((h) => `/${h}.narinfo`));
+  writeWrkScript(misses, randomHashParts(1000, existing).map((h) => `/${h}.narinfo`));
+  const nar = new Map<Server, { url: string; size: number; file: string }>();
+  for (const s of servers) {
+    const r = await httpGet(`${s.baseUrl}/${hashPart(fx.bigPath)}.narinfo`);
+    const f = parseNarinfo(r.body.toString()).fields;
+    const url = new URL(f.get("URL") ?? "", `${s.baseUrl}/`).toString();
+    const file = s.name === "nginx" ? join(fx.cacheDir, decodeURIComponent(new URL(url).pathname)) : join(fx.storeRoot, fx.bigPath);
+    nar.set(s, { url, size: Number(f.get("NarSize")), file });
+    await runWrk(s.baseUrl, hits, { connections: 1, threads: 1, durationSec: 1 });
+    await runWrk(s.baseUrl, misses, { connections: 1, threads: 1, durationSec: 1 });
+  }
+
+  const results = new Map<string, { rate: number; cost: number; other: number }[]>();
+  for (let round = 0; round < rounds; round++) {
+    for (const row of rows) {
+      for (const s of round % 2 === 0 ? servers : [...servers].reverse()) {
+        const conns = Number(row.slice(-1));
+        const isNar = row.startsWith("nar");
+        // As bench/run.ts: 1-connection narinfo runs with client and server on CPU 0.
+        const pin = conns === 1 && !isNar;
+        if (pin) await pinTree(s.pid, "0");
+        let m: { rate: number; cost: number; other: number };
+        if (isNar) {
+          const t = nar.get(s)!;
+          await warmFile(t.file);
+          const a = await withCpuAccounting(s.pid, () => narThroughput(t.url, t.size, { clients: conns, durationSec: duration }));
+          if (a.result.failed > 0) log(`${s.name} ${row}: ${a.result.failed} failed downloads: ${a.result.failures.join("; ")}`);
+          m = { rate: a.result.mbPerSec, cost: a.serverCpu / (a.result.bytes / 1e9), other: a.otherCpu / a.wall };
+        } else {
+          const a = await withCpuAccounting(s.pid, () =>
+            runWrk(s.baseUrl, row.startsWith("hit") ? hits : misses, { connections: conns, threads: conns === 1 ? 1 : 2, durationSec: duration, ...(pin ? { cpus: "0" } : {}) }),
+          );
+          m = { rate: a.result.reqPerSec, cost: (a.serverCpu / a.result.requests) * 1e6, other: a.otherCpu / a.wall };
+        }
+        if (pin) await pinTree(s.pid, "0-1");
+        const key = `${row} ${s.name}`;
+        results.set(key, [...(results.get(key) ?? []), m]);
+        log(`round ${round + 1} ${row} ${s.name}: ${m.rate.toFixed(0)}${isNar ? " MB/s" : "/s"}, CPU ${m.cost.toFixed(isNar ? 2 : 1)} ${isNar ? "s/GB" : "µs/request"}, other work ${(m.other * 100).toFixed(0)} % of a CPU`);
+      }
+    }
+  }
+
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]!;
+  const out = ["| row | server | rate (median; each round) | /nginx | server CPU (median; each round) | /nginx | other work, % of a CPU (median) |", "| :--- | :--- | ---: | ---: | ---: | ---: | ---: |"];
+  for (const row of rows) {
+    const isNar = row.startsWith("nar");
+    const n = results.get(`${row} nginx`)!;
+    for (const s of servers) {
+      const r = results.get(`${row} ${s.name}`)!;
+      const rate = median(r.map((x) => x.rate));
+      const cost = median(r.map((x) => x.cost));
+      const d = isNar ? 2 : 1;
+      out.push(
+        `| ${row} | ${s.name} | ${rate.toFixed(0)} (${r.map((x) => x.rate.toFixed(0)).join(", ")}) | ${(rate / median(n.map((x) => x.rate))).toFixed(2)}× ` +
+          `| ${cost.toFixed(d)} (${r.map((x) => x.cost.toFixed(d)).join(", ")}) | ${(cost / median(n.map((x) => x.cost))).toFixed(2)}× | ${(median(r.map((x) => x.other)) * 100).toFixed(0)} |`,
+      );
+    }
+  }
+  process.stdout.write(`Rates: narinfo requests/s, NAR MB/s; CPU: µs per request, s per GB.\n\n${out.join("\n")}\n`);
+}
+
+main()
+  .then(() => cleanup())
+  .then(() => process.exit(0))
+  .catch(async (e: unknown) => {
+    log(`FAILED: ${(e as Error).stack ?? String(e)}`);
+    await cleanup();
+    process.exit(1);
+  });

@@ -105,8 +105,12 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         queuedTransfers: c?.queuedTransfers ?? 0,
         refusedConnections: mesh?.tallies().refusedConnections ?? 0,
         peerPenalties: mesh?.tallies().penalties ?? 0,
+        summarySnapshotBytes: mesh?.tallies().summarySnapshotBytes ?? 0,
+        summaryDeltaBytes: mesh?.tallies().summaryDeltaBytes ?? 0,
+        admissionRefused: mesh?.tallies().admissionRefused ?? 0,
       },
       recentErrors: metrics.errors.list(),
+      ...(mesh && { admission: mesh.admissionStatus() }),
     };
   };
   const server = createHttpServer({

@@ -37,6 +37,12 @@ export interface MeshTallies {
   penalties: number;
   /** Peers refused right now for that (a gauge). */
   peersRefused: number;
+  // Summary resync and admission (issue 10).
+  /** Summary bytes received from peers in snapshot frames (full resyncs) and in delta frames. */
+  summarySnapshotBytes: number;
+  summaryDeltaBytes: number;
+  /** Inbound sockets refused by the per-remote-host limit before any handshake. */
+  admissionRefused: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -167,6 +173,20 @@ export class AgentMetrics {
     mirror("fleetcache_peer_queries_total", "Narinfo questions asked of peers.", (t) => t.peerQueries);
     mirror("fleetcache_peer_connections_refused_total", "Mesh connections refused after the handshake because the peer's key is not trusted.", (t) => t.refusedConnections);
     mirror("fleetcache_peer_penalties_total", "Times a fleet peer went over a per-peer limit (summary work) and was disconnected and refused for a backoff.", (t) => t.penalties);
+    // Summary resync and admission (issue 10).
+    new Counter({
+      name: "fleetcache_summary_received_bytes_total",
+      help: "Summary bytes received from peers, by kind: snapshot (a full resync) or delta (changes; a resumed subscription sends only these).",
+      labelNames: ["kind"],
+      registers,
+      collect() {
+        const t = sources.mesh();
+        this.reset();
+        this.inc({ kind: "snapshot" }, t?.summarySnapshotBytes ?? 0);
+        this.inc({ kind: "delta" }, t?.summaryDeltaBytes ?? 0);
+      },
+    });
+    mirror("fleetcache_admission_refused_total", "Inbound mesh sockets refused before any handshake because their remote host already held its limit of sockets in their handshake (status lists recent offenders).", (t) => t.admissionRefused);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({
         name,

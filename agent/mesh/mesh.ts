@@ -16,6 +16,7 @@ import { PeerManager, type PeerInfo } from "./peer-manager.js";
 import { PeerPenalties, type Penalty } from "./peer-penalties.js";
 import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
+import { InboundPerHost, type AdmissionOffender } from "./admission.js";
 
 export interface MeshOptions {
   key: SecretKey;
@@ -36,7 +37,22 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty })[];
+  peers: (PeerInfo & PeerPenaltyStatus & { pathCount?: number; bytesSent: number; bytesReceived: number; penalty?: Penalty; summary?: PeerSummaryTraffic })[];
+}
+
+/** Summary traffic received from a peer: full snapshots (resyncs) against deltas and resumes. */
+export interface PeerSummaryTraffic {
+  snapshotBytes: number;
+  deltaBytes: number;
+  snapshots: number;
+  resumes: number;
+}
+
+/** Inbound sockets refused by the per-host limit before any handshake (admission.ts). */
+export interface AdmissionStatus {
+  refused: number;
+  /** The hosts refused most recently, the latest first. */
+  recentOffenders: AdmissionOffender[];
 }
 
 export class Mesh {
@@ -51,6 +67,7 @@ export class Mesh {
     private readonly refused: { connections: number },
     /** Trusted peers that went over a per-peer limit, refused for a backoff. */
     private readonly penalties: PeerPenalties,
+    private readonly admission: InboundPerHost,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -63,7 +80,8 @@ export class Mesh {
     };
     const penalties = new PeerPenalties();
     const denied = (peerId: string) => penalties.isPenalised(peerId);
-    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused, denied });
+    const admission = new InboundPerHost();
+    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, onRefused, denied, admission });
     try {
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
@@ -90,7 +108,7 @@ export class Mesh {
       // after a reconnect, and drops the summary of a peer that is gone).
       manager.on("connected", (peerId) => summaries.subscribe(peerId));
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties);
+      return new Mesh(node, source, publisher, summaries, manager, sent, refused, penalties, admission);
     } catch (e) {
       await node.stop();
       throw e;
@@ -108,8 +126,18 @@ export class Mesh {
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
         ...this.source.penalties.status(p.peerId),
         ...(this.penalties.get(p.peerId) && { penalty: { ...this.penalties.get(p.peerId)! } }),
+        ...this.#summaryTraffic(p.peerId),
       })),
     };
+  }
+
+  #summaryTraffic(peerId: string): { summary?: PeerSummaryTraffic } {
+    const t = this.summaries.traffic(peerId);
+    return t ? { summary: { snapshotBytes: t.snapshotBytes, deltaBytes: t.deltaBytes, snapshots: t.snapshots, resumes: t.resumes } } : {};
+  }
+
+  admissionStatus(): AdmissionStatus {
+    return { refused: this.admission.refused, recentOffenders: this.admission.offenders() };
   }
 
   /** Known peers, for gauges (cheaper than status(): no addresses). */
@@ -131,6 +159,9 @@ export class Mesh {
       peersPenalised: this.source.penalties.peersPenalised(),
       penalties: this.penalties.total,
       peersRefused: this.penalties.active(),
+      summarySnapshotBytes: this.summaries.received.snapshotBytes,
+      summaryDeltaBytes: this.summaries.received.deltaBytes,
+      admissionRefused: this.admission.refused,
     };
   }
 

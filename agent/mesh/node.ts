@@ -17,7 +17,7 @@ import { libp2pPrivateKey, trustedPeers } from "./identity.js";
 import { meshGater, type DeniedPeer, type RefusedPeer } from "./gater.js";
 import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
 import { meshListenAddr } from "../address.js";
-import { INBOUND_CONNECTION_SETTINGS } from "./admission.js";
+import { INBOUND_CONNECTION_SETTINGS, type InboundPerHost } from "./admission.js";
 
 export interface MeshNodeOptions {
   /** This host's Nix signing key, also its libp2p identity. */
@@ -39,6 +39,8 @@ export interface MeshNodeOptions {
    * whose ping fails, which is how a peer that vanished without a FIN is dropped.
    */
   pingIntervalMs?: number;
+  /** Counts inbound sockets per remote host before their handshake (and the ones it refused). */
+  admission?: InboundPerHost;
 }
 
 export const DEFAULT_PING_INTERVAL_MS = 10_000;
@@ -104,7 +106,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     connectionEncrypters: [noise()],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
-    connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
+    connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied, opts.admission),
     peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
     connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs),
     // Short handshake deadline, a pending queue sized for a fleet (admission.ts); the gater

@@ -12,8 +12,9 @@ import { idleFlood } from "./scenarios/idle-flood.js";
 import { partitionHeal } from "./scenarios/partition-heal.js";
 import { sigstopPeer } from "./scenarios/sigstop-peer.js";
 import { restartUnderLoad } from "./scenarios/restart-under-load.js";
+import { soak } from "./scenarios/soak.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, sigstopPeer, restartUnderLoad];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, idleFlood, partitionHeal, sigstopPeer, restartUnderLoad, soak];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -46,6 +46,15 @@ export interface MeshNodeOptions {
 export const DEFAULT_PING_INTERVAL_MS = 10_000;
 
 /**
+ * The ping interval unless the caller sets one: FLEETCACHE_PING_INTERVAL_MS (not a setting: the
+ * fault suite's soak runs agents at an accelerated rate with it), else the default.
+ */
+function pingIntervalFromEnv(): number {
+  const ms = Number(process.env.FLEETCACHE_PING_INTERVAL_MS);
+  return Number.isFinite(ms) && ms >= 100 ? ms : DEFAULT_PING_INTERVAL_MS;
+}
+
+/**
  * The connection monitor's settings. A ping may take up to 80 % of the interval: long enough that
  * a slow or saturated link keeps its connection, short enough that one ping always ends before
  * the next starts (the ping protocol allows one outbound stream per connection; an overlapping
@@ -108,7 +117,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
     connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied, opts.admission),
     peerDiscovery: opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : [],
-    connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs),
+    connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs ?? pingIntervalFromEnv()),
     // Short handshake deadline, a pending queue sized for a fleet (admission.ts); the gater
     // limits sockets per remote host.
     connectionManager: INBOUND_CONNECTION_SETTINGS,

@@ -164,7 +164,6 @@ export const soak: Scenario = {
         const H = name.toUpperCase();
         figures.push([`agent ${H} RSS floor, 1st→2nd half after warm-up`, fmt(rss)]);
         figures.push([`agent ${H} V8 heap used floor`, fmt(f((s) => s.heap))]);
-        figures.push([`agent ${H} RSS outside V8's heap, floor`, fmt(f((s) => (s.heapTotal === undefined ? undefined : s.rss - s.heapTotal)))]);
         figures.push([`agent ${H} external memory (Buffers) floor`, fmt(f((s) => s.external))]);
         figures.push([`agent ${H} over the run`, `${meters[name].summary()}; V8 heap reserved up to ${mib(Math.max(...samples[name].map((s) => s.heapTotal ?? 0)))} MiB`]);
       }

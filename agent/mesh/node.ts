@@ -10,7 +10,7 @@ import { ping, type Ping } from "@libp2p/ping";
 import { mdns } from "@libp2p/mdns";
 import { multiaddr, type Multiaddr } from "@multiformats/multiaddr";
 import { peerIdFromString } from "@libp2p/peer-id";
-import type { AbortOptions, Connection, PeerId, Stream, StreamHandlerOptions } from "@libp2p/interface";
+import type { AbortOptions, ComponentLogger, Connection, Logger as Libp2pLogger, PeerId, Stream, StreamHandlerOptions } from "@libp2p/interface";
 import type { Logger } from "pino";
 import type { PublicKey, SecretKey } from "../../protocol/keys.js";
 import { libp2pPrivateKey, trustedPeers } from "./identity.js";
@@ -68,6 +68,14 @@ export function connectionMonitorSettings(pingIntervalMs = DEFAULT_PING_INTERVAL
 
 export type MeshServices = { identify: Identify; ping: Ping };
 
+/**
+ * libp2p's own debug logs, unless DEBUG asks for them (DEBUG=libp2p:* shows them as usual).
+ * libp2p makes a logger per connection (the debug module checks the terminal and colours each
+ * time): about 7 % of the agent's CPU while a host floods the mesh port with sockets.
+ */
+const silentLog: Libp2pLogger = Object.assign(() => {}, { error: () => {}, trace: () => {}, enabled: false, newScope: () => silentLog });
+const silentLogger: ComponentLogger = { forComponent: () => silentLog };
+
 export interface MeshRequest {
   stream: Stream;
   reader: StreamReader;
@@ -110,6 +118,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
 
   const libp2p = await createLibp2p<MeshServices>({
     privateKey,
+    ...(process.env.DEBUG ? {} : { logger: silentLogger }),
     addresses: { listen: [meshListenAddr(opts.listen).toString()] },
     transports: [tcp()],
     connectionEncrypters: [noise()],

@@ -16,6 +16,7 @@ import type { MeshNode } from "./node.js";
 import { peerAddr } from "../address.js";
 import { fetchPeers, isLoopback, servePeerExchange } from "./peer-exchange.js";
 import { readTailscaleStatus, tailscaleDialTargets } from "./tailscale.js";
+import { CallSignals } from "./call-signals.js";
 
 export type PeerSource = "static" | "mdns" | "px" | "tailscale" | "inbound";
 const SOURCE_ORDER: readonly PeerSource[] = ["static", "mdns", "px", "tailscale", "inbound"];
@@ -120,7 +121,8 @@ export class PeerManager extends EventEmitter<{
   readonly #self: string;
   readonly #peers = new Map<string, Entry>();
   readonly #candidates = new Map<string, Candidate>();
-  #stop = new AbortController();
+  /** Deadlines of dials and exchanges, all aborted by stop() (no AbortSignal.any: call-signals.ts). */
+  readonly #calls = new CallSignals();
   #running = false;
   #dialTimer: NodeJS.Timeout | undefined;
   #dialTimerAt = Infinity;
@@ -140,7 +142,6 @@ export class PeerManager extends EventEmitter<{
     const libp2p = this.#node.libp2p;
     await servePeerExchange(this.#node, this);
     this.#running = true;
-    this.#stop = new AbortController();
 
     const on = <K extends "peer:connect" | "peer:disconnect" | "peer:identify" | "peer:discovery">(
       type: K,
@@ -185,7 +186,7 @@ export class PeerManager extends EventEmitter<{
   async stop(): Promise<void> {
     if (!this.#running) return;
     this.#running = false;
-    this.#stop.abort(new Error("peer manager stopped"));
+    this.#calls.abortAll(new Error("peer manager stopped"));
     for (const t of this.#intervals) clearInterval(t);
     this.#intervals = [];
     clearTimeout(this.#dialTimer);
@@ -401,7 +402,7 @@ export class PeerManager extends EventEmitter<{
   }
 
   #signal(timeoutMs: number): AbortSignal {
-    return AbortSignal.any([this.#stop.signal, AbortSignal.timeout(timeoutMs)]);
+    return this.#calls.signal(timeoutMs);
   }
 
   #backoff(failures: number): number {

@@ -129,8 +129,12 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         narWireBytesToPeers: mesh?.compression.totals.wireSent ?? 0,
         compressedNarsFromPeers: mesh?.compression.totals.zstdReceived ?? 0,
         compressedNarsToPeers: mesh?.compression.totals.zstdSent ?? 0,
+        summarySnapshotBytes: mesh?.tallies().summarySnapshotBytes ?? 0,
+        summaryDeltaBytes: mesh?.tallies().summaryDeltaBytes ?? 0,
+        admissionRefused: mesh?.tallies().admissionRefused ?? 0,
       },
       recentErrors: metrics.errors.list(),
+      ...(mesh && { admission: mesh.admissionStatus() }),
     };
   };
   const server = createHttpServer({

@@ -53,6 +53,12 @@ export interface MeshTallies {
   compressedToPeers: number;
   uncompressedFromPeers: number;
   uncompressedToPeers: number;
+  // Summary resync and admission (issue 10).
+  /** Summary bytes received from peers in snapshot frames (full resyncs) and in delta frames. */
+  summarySnapshotBytes: number;
+  summaryDeltaBytes: number;
+  /** Inbound sockets refused by the per-remote-host limit before any handshake. */
+  admissionRefused: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -265,6 +271,20 @@ export class AgentMetrics {
       [{ direction: "sent", encoding: "zstd" }, t.compressedToPeers],
       [{ direction: "sent", encoding: "none" }, t.uncompressedToPeers],
     ]);
+    // Summary resync and admission (issue 10).
+    new Counter({
+      name: "fleetcache_summary_received_bytes_total",
+      help: "Summary bytes received from peers, by kind: snapshot (a full resync) or delta (changes; a resumed subscription sends only these).",
+      labelNames: ["kind"],
+      registers,
+      collect() {
+        const t = sources.mesh();
+        this.reset();
+        this.inc({ kind: "snapshot" }, t?.summarySnapshotBytes ?? 0);
+        this.inc({ kind: "delta" }, t?.summaryDeltaBytes ?? 0);
+      },
+    });
+    mirror("fleetcache_admission_refused_total", "Inbound mesh sockets refused before any handshake because their remote host already held its limit of sockets in their handshake (status lists recent offenders).", (t) => t.admissionRefused);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({
         name,

@@ -77,7 +77,9 @@ async function flooder(opt: ReturnType<typeof options>): Promise<void> {
 const children: ChildProcess[] = [];
 
 async function startAgent(args: string[]): Promise<string> {
-  const child = spawn(process.execPath, [CLI, "agent", "--listen", "127.0.0.1:0", "--no-mdns", ...args], { stdio: ["ignore", "ignore", "pipe"] });
+  // FLEETCACHE_TEST_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the agent (as in the tests).
+  const nodeArgs = (process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  const child = spawn(process.execPath, [...nodeArgs, CLI, "agent", "--listen", "127.0.0.1:0", "--no-mdns", ...args], { stdio: ["ignore", "ignore", "pipe"] });
   children.push(child);
   let stderr = "";
   const port = await new Promise<number>((resolve, reject) => {

@@ -19,8 +19,9 @@ import { rangeCheck } from "./scenarios/range-check.js";
 import { daemonRestartUnderLoad } from "./scenarios/daemon-restart-under-load.js";
 import { summaryFlood } from "./scenarios/summary-flood.js";
 import { forgedNarinfo } from "./scenarios/forged-narinfo.js";
+import { soak } from "./scenarios/soak.js";
 
-const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHolder, rangeCheck, forgedNarinfo, idleFlood, summaryFlood, partitionHeal, partitionRefuse, sigstopPeer, peerKilledMidNar, restartUnderLoad, daemonRestartUnderLoad];
+const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHolder, rangeCheck, forgedNarinfo, idleFlood, summaryFlood, partitionHeal, partitionRefuse, sigstopPeer, peerKilledMidNar, restartUnderLoad, daemonRestartUnderLoad, soak];
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

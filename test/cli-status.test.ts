@@ -84,6 +84,8 @@ test("status shows this host, the peer, and the lookups after a transfer between
     assert.match(text.stdout, /\npeers: 1 known, 1 connected\n {2}status-a-1 {2}connected, (rtt [\d.]+ ms, )?\d+ paths/);
     assert.match(text.stdout, new RegExp(`narinfo: \\d+ from this host, ${c("narinfoHitsPeer", "peerHits")} from peers, \\d+ misses`));
     assert.match(text.stdout, /NAR: .* served, [\d.]+ kB from peers/);
+    assert.match(text.stdout, /\n {6}summary received: [\d.]+ k?B in 1 snapshots, 0 B in deltas, 0 resumes\n/);
+    assert.match(text.stdout, /\nadmission: 0 inbound sockets refused by the per-host limit\n/);
     assert.match(text.stdout, /\nrecent errors: /);
     if (typeof (peer as { bytesReceived?: unknown }).bytesReceived === "number") {
       // Agents that count traffic per peer: B received the closure's NARs from A.

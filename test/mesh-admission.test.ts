@@ -9,7 +9,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import { generateKeyPair } from "../protocol/keys.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
-import { InboundPerHost } from "../agent/mesh/admission.js";
+import { InboundPerHost, RECENT_OFFENDERS } from "../agent/mesh/admission.js";
 import type { MultiaddrConnection } from "@libp2p/interface";
 import { multiaddr } from "@multiformats/multiaddr";
 
@@ -90,4 +90,28 @@ test("a host's pending sockets are limited, but its admitted connections do not 
   s1.close(); // closing an admitted connection changes nothing more
   s2.close();
   assert.equal(perHost.count("10.0.0.9"), 1);
+});
+
+test("refusals are counted, and the hosts refused most recently listed (at most RECENT_OFFENDERS)", () => {
+  const perHost = new InboundPerHost(1);
+  const socket = (ip: string) =>
+    ({ remoteAddr: multiaddr(`/ip4/${ip}/tcp/4001`), addEventListener: () => undefined }) as unknown as MultiaddrConnection;
+  assert.equal(perHost.deny(socket("10.0.0.1")), false);
+  assert.equal(perHost.deny(socket("10.0.0.1")), true);
+  assert.equal(perHost.deny(socket("10.0.0.1")), true);
+  assert.equal(perHost.refused, 2);
+  assert.deepEqual(perHost.offenders().map((o) => [o.host, o.refused]), [["10.0.0.1", 2]]);
+  // A flood from many addresses: the list keeps the latest RECENT_OFFENDERS, the count all.
+  for (let i = 0; i < RECENT_OFFENDERS + 5; i++) {
+    perHost.deny(socket(`10.1.0.${i}`));
+    perHost.deny(socket(`10.1.0.${i}`));
+  }
+  perHost.deny(socket("10.0.0.1")); // refused again: first in the list once more
+  assert.equal(perHost.refused, 2 + RECENT_OFFENDERS + 5 + 1);
+  const hosts = perHost.offenders().map((o) => o.host);
+  assert.equal(hosts.length, RECENT_OFFENDERS);
+  assert.equal(hosts[0], "10.0.0.1");
+  assert.equal(perHost.offenders()[0]!.refused, 1, "counted again from its return to the list");
+  assert.equal(hosts[1], `10.1.0.${RECENT_OFFENDERS + 4}`);
+  assert.ok(!hosts.includes("10.1.0.0"), "the oldest offenders dropped out");
 });

@@ -7,7 +7,10 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseHash } from "../protocol/hash.js";
 import { parseNarinfo } from "../protocol/narinfo.js";
+import { encodeSummaryMessage, snapshotChunks, sortedKeys } from "../protocol/peer-codec.js";
+import { encodeVarint } from "../agent/mesh/stream-io.js";
 import type { StatusDocument } from "../agent/http/admin-routes.js";
+import { connect, type Socket } from "node:net";
 import { startAgentProcess, type AgentProcess, freePort, keygen } from "./helpers/agent.js";
 import { eventually } from "./helpers/fleet.js";
 import { addToStore, hasNix, tempDir } from "./helpers/nix.js";
@@ -27,6 +30,7 @@ describe("status and metrics after B fetches a path held only by A", { concurren
   let pub: Record<string, string>;
   let portA: number, portB: number;
   let large: string;
+  let aPaths: string[];
   let narinfo: ReturnType<typeof parseNarinfo>;
   let nar: Buffer;
   const status = async (x: AgentProcess) => (await (await fetch(`${x.url}/api/v1/status`)).json()) as StatusDocument;
@@ -48,6 +52,7 @@ describe("status and metrics after B fetches a path held only by A", { concurren
     // Large enough that a slow reader holds most of it back (the mesh and HTTP windows are bounded).
     writeFileSync(join(tmp.dir, "large"), randomBytes(48 << 20));
     large = await addToStore(a.store, join(tmp.dir, "large"));
+    aPaths = [path, large];
     writeFileSync(join(tmp.dir, "other"), "b\n");
     await addToStore(b.store, join(tmp.dir, "other"));
 
@@ -147,6 +152,57 @@ describe("status and metrics after B fetches a path held only by A", { concurren
     assert.equal(metric(metricsB, 'fleetcache_http_requests_total{route="nar",method="GET",outcome="hit_peer"}'), 1);
     const metricsA = await (await fetch(`${A.url}/metrics`)).text();
     assert.equal(metric(metricsA, "fleetcache_peer_bytes_sent_total"), narinfo.narSize);
+  });
+
+  test("B's status and metrics: the summary bytes A sent, as a snapshot; no deltas, no resume", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    // What A's publisher sent: its two keys as one snapshot chunk, each frame with its length
+    // prefix (the epoch is random but fixed-width, so the size does not depend on it).
+    const frames = snapshotChunks(1n, 0, sortedKeys(aPaths.map((p) => p.slice(11, 43)))).map(encodeSummaryMessage);
+    const expected = frames.reduce((n, f) => n + encodeVarint(f.length).length + f.length, 0);
+    const st = await status(B);
+    const a = st.peers.find((p) => p.publicKey === pub.a)!;
+    assert.deepEqual(a.summary, { snapshotBytes: expected, deltaBytes: 0, snapshots: 1, resumes: 0 });
+    assert.equal(st.counters.summarySnapshotBytes, expected);
+    assert.equal(st.counters.summaryDeltaBytes, 0);
+    const metricsB = await (await fetch(`${B.url}/metrics`)).text();
+    assert.equal(metric(metricsB, 'fleetcache_summary_received_bytes_total{kind="snapshot"}'), expected);
+    assert.equal(metric(metricsB, 'fleetcache_summary_received_bytes_total{kind="delta"}'), 0);
+  });
+
+  test("A's status and metrics: sockets over the per-host limit are counted, their host listed as an offender", async (t) => {
+    if (!skipUnlessReady(t)) return;
+    assert.deepEqual((await status(A)).admission, { refused: 0, recentOffenders: [] });
+    // Idle sockets from 127.0.0.2 (B dials from 127.0.0.1): the first 4 wait in their handshake,
+    // a fifth is refused. A pause keeps them under libp2p's own rate limit (5 a second a host).
+    const sockets: Socket[] = [];
+    const open = () =>
+      new Promise<Socket>((resolve) => {
+        const s = connect({ host: "127.0.0.1", port: portA, localAddress: "127.0.0.2" }, () => resolve(s));
+        s.on("error", () => undefined);
+        sockets.push(s);
+      });
+    try {
+      for (let i = 0; i < 4; i++) await open();
+      await new Promise((r) => setTimeout(r, 1100));
+      const before = Date.now();
+      const fifth = await open();
+      await new Promise((r) => fifth.once("close", r)); // refused: A closes it at once
+      const st = await status(A);
+      assert.equal(st.counters.admissionRefused, 1);
+      assert.equal(st.admission?.refused, 1);
+      assert.equal(st.admission?.recentOffenders.length, 1);
+      const [o] = st.admission!.recentOffenders;
+      assert.equal(o!.host, "127.0.0.2");
+      assert.equal(o!.refused, 1);
+      assert.ok(o!.lastRefusedAt >= before && o!.lastRefusedAt <= Date.now());
+      const metricsA = await (await fetch(`${A.url}/metrics`)).text();
+      assert.equal(metric(metricsA, "fleetcache_admission_refused_total"), 1);
+      // B, from another address, is not affected.
+      assert.equal((await status(B)).peers.find((p) => p.publicKey === pub.a)?.connected, true);
+    } finally {
+      for (const s of sockets) s.destroy();
+    }
   });
 
   test("A killed mid-NAR: the client gets no byte of it (a 502), and B's status and metrics say what failed, where", async (t) => {

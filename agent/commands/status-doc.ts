@@ -28,6 +28,8 @@ export interface StatusPeer {
   penalisedUntil?: number;
   /** Set once the peer went over a per-peer limit. */
   penalty?: { reason: string; count?: number; until?: number };
+  /** Summary traffic received from the peer: snapshot (resync) and delta bytes. */
+  summary?: { snapshotBytes?: number; deltaBytes?: number; snapshots?: number; resumes?: number };
 }
 
 export interface StatusView {
@@ -65,6 +67,8 @@ export interface StatusView {
     narinfoConflicts?: number;
   };
   recentErrors: string[];
+  /** Inbound mesh sockets refused by the per-host limit, and the hosts refused lately. */
+  admission?: { refused?: number; recentOffenders: { host: string; refused?: number; lastRefusedAt?: number }[] };
 }
 
 type Obj = Record<string, unknown>;
@@ -121,6 +125,14 @@ export function readStatus(doc: unknown): StatusView {
         badNars: num(q.badNars),
         badNarinfos: num(q.badNarinfos),
         penalisedUntil: num(q.penalisedUntil),
+        ...(q.summary !== undefined && {
+          summary: {
+            snapshotBytes: num(obj(q.summary).snapshotBytes),
+            deltaBytes: num(obj(q.summary).deltaBytes),
+            snapshots: num(obj(q.summary).snapshots),
+            resumes: num(obj(q.summary).resumes),
+          },
+        }),
         ...(str(obj(q.penalty).reason) !== undefined && {
           penalty: { reason: str(obj(q.penalty).reason)!, count: num(obj(q.penalty).count), until: num(obj(q.penalty).until) },
         }),
@@ -145,6 +157,15 @@ export function readStatus(doc: unknown): StatusView {
       narinfoConflicts: counter(c, "narinfoConflicts"),
     },
     recentErrors: (Array.isArray(d.recentErrors) ? d.recentErrors : []).map(describeError),
+    ...(d.admission !== undefined && {
+      admission: {
+        refused: num(obj(d.admission).refused),
+        recentOffenders: (Array.isArray(obj(d.admission).recentOffenders) ? (obj(d.admission).recentOffenders as unknown[]) : [])
+          .map(obj)
+          .filter((o) => str(o.host) !== undefined)
+          .map((o) => ({ host: str(o.host)!, refused: num(o.refused), lastRefusedAt: num(o.lastRefusedAt) })),
+      },
+    }),
   };
 }
 

@@ -45,6 +45,7 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
   if (self.listen.length) lines.push(`  listen   ${self.listen.join(", ")}`);
   lines.push(`  mesh     ${self.peerId ? `${self.peerId}${self.addresses.length ? ` on ${self.addresses.join(", ")}` : ""}` : "off (single-host cache)"}`);
 
+  const b = (v: number | undefined) => (v === undefined ? "?" : formatBytes(v));
   const connected = s.peers.filter((p) => p.connected).length;
   lines.push("", `peers: ${s.peers.length} known, ${connected} connected`);
   for (const p of [...s.peers].sort((a, b) => Number(b.connected) - Number(a.connected) || a.name.localeCompare(b.name))) {
@@ -62,6 +63,10 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
     ].filter(Boolean);
     lines.push(`  ${p.name}  ${facts.join(", ")}`);
     if (p.addresses.length) lines.push(`      ${p.addresses.join(" ")}`);
+    const sum = p.summary;
+    if (sum && (sum.snapshotBytes !== undefined || sum.deltaBytes !== undefined)) {
+      lines.push(`      summary received: ${b(sum.snapshotBytes)} in ${sum.snapshots ?? "?"} snapshots, ${b(sum.deltaBytes)} in deltas, ${sum.resumes ?? "?"} resumes`);
+    }
     const pen = p.penalty;
     if (pen && pen.until !== undefined && pen.until > now) {
       lines.push(`      REFUSED until ${new Date(pen.until).toISOString()} (offence ${pen.count ?? "?"}): ${pen.reason}`);
@@ -70,7 +75,6 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
 
   const c = s.counters;
   const n = (v: number | undefined) => (v === undefined ? "?" : String(v));
-  const b = (v: number | undefined) => (v === undefined ? "?" : formatBytes(v));
   const hits = (c.narinfoHitsLocal ?? 0) + (c.narinfoHitsPeer ?? 0);
   const lookups = hits + (c.narinfoMisses ?? 0);
   lines.push("", "lookups:");
@@ -87,6 +91,15 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
     lines.push(`  peer queries ${n(c.peerQueries)}, failovers ${n(c.failovers)}, transfer failures ${n(c.transferFailures)}` +
       (c.verifyFailures !== undefined ? `, wrong NARs ${n(c.verifyFailures)}, queued ${n(c.queuedTransfers)}` : "") +
       (c.narinfoConflicts ? `, narinfos contradicting upstream ${n(c.narinfoConflicts)}` : ""));
+  }
+
+  const adm = s.admission;
+  if (adm) {
+    lines.push("", `admission: ${n(adm.refused)} inbound sockets refused by the per-host limit${adm.recentOffenders.length ? "; lately from:" : ""}`);
+    for (const o of adm.recentOffenders) {
+      const ago = o.lastRefusedAt !== undefined ? formatAgo(o.lastRefusedAt, now) : undefined;
+      lines.push(`  ${o.host}  ${n(o.refused)} refused${ago ? `, last ${ago}` : ""}`);
+    }
   }
 
   lines.push("", `recent errors: ${s.recentErrors.length ? "" : "none"}`);

@@ -31,6 +31,12 @@ export interface StatusDocument {
   counters: StatusCounters & Record<string, number>;
   /** The last few errors (NAR transfer failures, peer errors), oldest first. */
   recentErrors: RecentError[];
+  /**
+   * Inbound mesh sockets refused before any handshake because their remote host already held its
+   * limit of sockets in a handshake: how many, and the hosts refused most recently (latest first,
+   * at most 16). Absent without the mesh.
+   */
+  admission?: { refused: number; recentOffenders: { host: string; refused: number; lastRefusedAt: number }[] };
 }
 
 export interface StatusPeer {
@@ -85,6 +91,11 @@ export interface StatusPeer {
    * when it is refused (ms since the epoch; past once it may connect again).
    */
   penalty?: { reason: string; count: number; until: number };
+  /**
+   * Summary traffic received from the peer (all its subscriptions): bytes in snapshot frames (full
+   * resyncs) and in delta frames, complete snapshots, and subscriptions resumed from a kept summary.
+   */
+  summary?: { snapshotBytes: number; deltaBytes: number; snapshots: number; resumes: number };
 }
 
 export interface StatusCounters {
@@ -120,6 +131,11 @@ export interface StatusCounters {
   /** Questions to the upstream caches, and those that got no answer. */
   upstreamChecks: number;
   upstreamCheckFailures: number;
+  /** Summary bytes received from all peers, in snapshot frames and in delta frames. */
+  summarySnapshotBytes: number;
+  summaryDeltaBytes: number;
+  /** Inbound mesh sockets refused by the per-remote-host limit (see `admission`). */
+  admissionRefused: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

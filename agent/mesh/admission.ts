@@ -29,6 +29,18 @@ export const INBOUND_CONNECTION_SETTINGS = {
  */
 export const MAX_INBOUND_PER_HOST = 4;
 
+/** Hosts remembered as recent offenders (refused by the per-host limit), most recent kept. */
+export const RECENT_OFFENDERS = 16;
+
+/** A remote host refused by the per-host limit, for status. */
+export interface AdmissionOffender {
+  host: string;
+  /** Sockets refused since it was first listed. */
+  refused: number;
+  /** When the last one was refused (ms since the epoch). */
+  lastRefusedAt: number;
+}
+
 /**
  * Counts inbound sockets per remote IP that have not finished their handshake; `deny` refuses one
  * over `max` (for the gater's `denyInboundConnection`, which runs before the handshake). A socket
@@ -37,13 +49,20 @@ export const MAX_INBOUND_PER_HOST = 4;
 export class InboundPerHost {
   readonly #open = new Map<string, number>();
   readonly #counted = new WeakMap<MultiaddrConnection, () => void>();
+  /** Least recently refused first, at most RECENT_OFFENDERS: a flood from many addresses stays bounded. */
+  readonly #offenders = new Map<string, AdmissionOffender>();
+  /** Sockets refused by the limit, from every host. */
+  refused = 0;
   constructor(readonly max = MAX_INBOUND_PER_HOST) {}
 
   deny(conn: MultiaddrConnection): boolean {
     const host = hostOf(conn);
     if (host === undefined) return false;
     const n = this.#open.get(host) ?? 0;
-    if (n >= this.max) return true;
+    if (n >= this.max) {
+      this.#refuse(host);
+      return true;
+    }
     this.#open.set(host, n + 1);
     let counted = true;
     const uncount = () => {
@@ -61,6 +80,21 @@ export class InboundPerHost {
   /** The socket's handshake is done and its peer let in: it no longer holds a pending slot. */
   admitted(conn: MultiaddrConnection): void {
     this.#counted.get(conn)?.();
+  }
+
+  /** Hosts refused lately, the most recent first. */
+  offenders(): AdmissionOffender[] {
+    return [...this.#offenders.values()].reverse().map((o) => ({ ...o }));
+  }
+
+  #refuse(host: string): void {
+    this.refused++;
+    const o = this.#offenders.get(host) ?? { host, refused: 0, lastRefusedAt: 0 };
+    o.refused++;
+    o.lastRefusedAt = Date.now();
+    this.#offenders.delete(host); // re-inserted last: the map's order is the order of refusal
+    this.#offenders.set(host, o);
+    if (this.#offenders.size > RECENT_OFFENDERS) this.#offenders.delete(this.#offenders.keys().next().value!);
   }
 
   /** Open inbound sockets counted for a host (for tests and status). */

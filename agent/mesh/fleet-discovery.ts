@@ -13,6 +13,7 @@ import { peerAddr } from "../address.js";
 import { AddressProbes, type AddressCandidate, type ProbeHost } from "./address-probes.js";
 import { peerIdIn } from "./peer-addresses.js";
 import { MAX_BLIND_REDIAL_MS, MAX_REDIAL_MS } from "./redial.js";
+import { CallSignals } from "./call-signals.js";
 import { readTailscaleStatus, tailscaleDialTargets } from "./tailscale.js";
 
 /** What a discovery module needs once the mesh runs. */
@@ -133,6 +134,7 @@ export class TailscalePeers extends FleetDiscovery {
   readonly #probes = new AddressProbes("tailscale", MAX_BLIND_REDIAL_MS, (peerId, addrs) => this.report(peerId, addrs));
   #timer: NodeJS.Timeout | undefined;
   #stop = new AbortController();
+  readonly #calls = new CallSignals(); // each status read's deadline (call-signals.ts)
   /** Told after each status read how many online hosts it listed (for tests and diagnostics). */
   onPoll: ((targets: number) => void) | undefined;
 
@@ -152,6 +154,7 @@ export class TailscalePeers extends FleetDiscovery {
 
   end(): void {
     this.#stop.abort(new Error("discovery stopped"));
+    this.#calls.abortAll(new Error("discovery stopped"));
     clearInterval(this.#timer);
     this.#probes.end();
   }
@@ -164,7 +167,7 @@ export class TailscalePeers extends FleetDiscovery {
     const stop = this.#stop.signal;
     let targets;
     try {
-      targets = tailscaleDialTargets(await readTailscaleStatus(this.#opts, AbortSignal.any([stop, AbortSignal.timeout(15_000)])), this.#opts.port);
+      targets = tailscaleDialTargets(await readTailscaleStatus(this.#opts, this.#calls.signal(15_000)), this.#opts.port);
     } catch (err) {
       if (!stop.aborted) this.#log.warn({ err }, "mesh: reading the Tailscale status failed");
       return;

@@ -20,6 +20,7 @@ import { SummaryPublisher } from "./summary-publisher.js";
 import { SummaryTable } from "./summary-table.js";
 import { TrustPolicy } from "./trust-policy.js";
 import { UpstreamCheck } from "./upstream-check.js";
+import { InboundPerHost, type AdmissionOffender } from "./admission.js";
 
 export interface MeshOptions {
   key: SecretKey;
@@ -48,7 +49,22 @@ export interface MeshOptions {
 export interface MeshStatus {
   peerId: string;
   addresses: string[];
-  peers: (FleetRow & PeerCompressionStatus & { bytesSent: number; bytesReceived: number })[];
+  peers: (FleetRow & PeerCompressionStatus & { bytesSent: number; bytesReceived: number; summary?: PeerSummaryTraffic })[];
+}
+
+/** Summary traffic received from a peer: full snapshots (resyncs) against deltas and resumes. */
+export interface PeerSummaryTraffic {
+  snapshotBytes: number;
+  deltaBytes: number;
+  snapshots: number;
+  resumes: number;
+}
+
+/** Inbound sockets refused by the per-host limit before any handshake (admission.ts). */
+export interface AdmissionStatus {
+  refused: number;
+  /** The hosts refused most recently, the latest first. */
+  recentOffenders: AdmissionOffender[];
 }
 
 export class Mesh {
@@ -66,6 +82,7 @@ export class Mesh {
     private readonly penalties: PeerPenalties,
     /** When NAR transfers are compressed, and their bytes on the wire. */
     readonly compression: NarCompression,
+    private readonly admission: InboundPerHost,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -83,7 +100,8 @@ export class Mesh {
       ...(opts.peers.length > 0 ? [new StaticPeers(opts.peers, log)] : []),
       ...(opts.tailscale ? [new TailscalePeers(opts.tailscale, log)] : []),
     ];
-    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, discovery, onRefused, denied });
+    const admission = new InboundPerHost();
+    const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, discovery, onRefused, denied, admission });
     try {
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
@@ -115,7 +133,7 @@ export class Mesh {
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression);
+      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission);
     } catch (e) {
       await node.stop();
       throw e;
@@ -131,8 +149,18 @@ export class Mesh {
         bytesSent: this.sent.byPeer.get(p.peerId) ?? 0,
         bytesReceived: this.source.bytesFromPeer.get(p.peerId) ?? 0,
         ...this.compression.peerStatus(p.peerId),
+        ...this.#summaryTraffic(p.peerId),
       })),
     };
+  }
+
+  #summaryTraffic(peerId: string): { summary?: PeerSummaryTraffic } {
+    const t = this.summaries.traffic(peerId);
+    return t ? { summary: { snapshotBytes: t.snapshotBytes, deltaBytes: t.deltaBytes, snapshots: t.snapshots, resumes: t.resumes } } : {};
+  }
+
+  admissionStatus(): AdmissionStatus {
+    return { refused: this.admission.refused, recentOffenders: this.admission.offenders() };
   }
 
   /** Known peers, for gauges (cheaper than status(): no addresses). */
@@ -163,6 +191,9 @@ export class Mesh {
       narinfoConflicts: c.narinfoConflicts,
       upstreamChecks: this.source.upstreamCheck?.counters.checks ?? 0,
       upstreamCheckFailures: this.source.upstreamCheck?.counters.failures ?? 0,
+      summarySnapshotBytes: this.summaries.received.snapshotBytes,
+      summaryDeltaBytes: this.summaries.received.deltaBytes,
+      admissionRefused: this.admission.refused,
     };
   }
 

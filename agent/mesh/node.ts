@@ -11,14 +11,14 @@ import { ping, type Ping } from "@libp2p/ping";
 import { mdns } from "@libp2p/mdns";
 import { multiaddr, type Multiaddr } from "@multiformats/multiaddr";
 import { peerIdFromString } from "@libp2p/peer-id";
-import type { AbortOptions, Connection, PeerDiscovery, PeerId, Stream, StreamHandlerOptions } from "@libp2p/interface";
+import type { AbortOptions, ComponentLogger, Connection, Logger as Libp2pLogger, PeerDiscovery, PeerId, Stream, StreamHandlerOptions } from "@libp2p/interface";
 import type { Logger } from "pino";
 import type { PublicKey, SecretKey } from "../../protocol/keys.js";
 import { libp2pPrivateKey, trustedPeers } from "./identity.js";
 import { meshGater, type DeniedPeer, type RefusedPeer } from "./gater.js";
 import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
 import { meshListenAddr } from "../address.js";
-import { INBOUND_CONNECTION_SETTINGS } from "./admission.js";
+import { INBOUND_CONNECTION_SETTINGS, type InboundPerHost } from "./admission.js";
 
 export interface MeshNodeOptions {
   /** This host's Nix signing key, also its libp2p identity. */
@@ -42,9 +42,20 @@ export interface MeshNodeOptions {
    * whose ping fails, which is how a peer that vanished without a FIN is dropped.
    */
   pingIntervalMs?: number;
+  /** Counts inbound sockets per remote host before their handshake (and the ones it refused). */
+  admission?: InboundPerHost;
 }
 
 export const DEFAULT_PING_INTERVAL_MS = 10_000;
+
+/**
+ * The ping interval unless the caller sets one: FLEETCACHE_PING_INTERVAL_MS (not a setting: the
+ * fault suite's soak runs agents at an accelerated rate with it), else the default.
+ */
+function pingIntervalFromEnv(): number {
+  const ms = Number(process.env.FLEETCACHE_PING_INTERVAL_MS);
+  return Number.isFinite(ms) && ms >= 100 ? ms : DEFAULT_PING_INTERVAL_MS;
+}
 
 /**
  * The connection monitor's settings. A ping may take up to 80 % of the interval: long enough that
@@ -59,6 +70,14 @@ export function connectionMonitorSettings(pingIntervalMs = DEFAULT_PING_INTERVAL
 }
 
 export type MeshServices = { identify: Identify; ping: Ping };
+
+/**
+ * libp2p's own debug logs, unless DEBUG asks for them (DEBUG=libp2p:* shows them as usual).
+ * libp2p makes a logger per connection (the debug module checks the terminal and colours each
+ * time): about 7 % of the agent's CPU while a host floods the mesh port with sockets.
+ */
+const silentLog: Libp2pLogger = Object.assign(() => {}, { error: () => {}, trace: () => {}, enabled: false, newScope: () => silentLog });
+const silentLogger: ComponentLogger = { forComponent: () => silentLog };
 
 export interface MeshRequest {
   stream: Stream;
@@ -105,6 +124,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
 
   const libp2p = await createLibp2p<MeshServices>({
     privateKey,
+    ...(process.env.DEBUG ? {} : { logger: silentLogger }),
     addresses: { listen: [meshListenAddr(opts.listen).toString()] },
     transports: [tcp()],
     // Same noise protocol and keys; the cipher calls copy less (noise-crypto.ts).
@@ -113,9 +133,9 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     // The initial window stays yamux's 256 KiB: a sender assumes it of its peer, and a peer on
     // an older version would reset a stream that overran it (BENCHMARKS.md, "Mesh transfer").
     streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
-    connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied),
+    connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied, opts.admission),
     peerDiscovery: [...(opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : []), ...(opts.discovery ?? []).map((d) => () => d)],
-    connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs),
+    connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs ?? pingIntervalFromEnv()),
     // Short handshake deadline, a pending queue sized for a fleet (admission.ts); the gater
     // limits sockets per remote host.
     connectionManager: INBOUND_CONNECTION_SETTINGS,

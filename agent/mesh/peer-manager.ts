@@ -17,6 +17,7 @@ import type { MeshNode } from "./node.js";
 import { fetchPeers, servePeerExchange } from "./peer-exchange.js";
 import { dialableFirst, tcpAddress } from "./peer-addresses.js";
 import { DialSchedule, MAX_QUICK_REDIAL_MS, MAX_REDIAL_MS, QUICK_REDIAL_WINDOW_MS, type Dialable } from "./redial.js";
+import { CallSignals } from "./call-signals.js";
 import type { AddressCandidate } from "./address-probes.js";
 import { StaticPeers, TailscalePeers, type FleetDiscovery, type TailscaleOptions } from "./fleet-discovery.js";
 
@@ -103,7 +104,8 @@ export class PeerManager extends EventEmitter<{
   /** Peers our discovery modules reported (libp2p's peer:discovery for them is not mDNS). */
   readonly #reported = new Set<string>();
   readonly #redials: DialSchedule<Entry>;
-  #stop = new AbortController();
+  /** Deadlines of dials and exchanges, all aborted by stop() (no AbortSignal.any: call-signals.ts). */
+  readonly #calls = new CallSignals();
   #running = false;
   #intervals: NodeJS.Timeout[] = [];
   #unlisten: (() => void)[] = [];
@@ -139,7 +141,6 @@ export class PeerManager extends EventEmitter<{
     const libp2p = this.#node.libp2p;
     await servePeerExchange(this.#node, this);
     this.#running = true;
-    this.#stop = new AbortController();
     this.#redials.start();
 
     const on = <K extends "peer:connect" | "peer:disconnect" | "peer:identify" | "peer:discovery">(
@@ -196,7 +197,7 @@ export class PeerManager extends EventEmitter<{
   async stop(): Promise<void> {
     if (!this.#running) return;
     this.#running = false;
-    this.#stop.abort(new Error("peer manager stopped"));
+    this.#calls.abortAll(new Error("peer manager stopped"));
     for (const d of this.#discovery) d.end();
     for (const t of this.#intervals) clearInterval(t);
     this.#intervals = [];
@@ -363,7 +364,7 @@ export class PeerManager extends EventEmitter<{
   }
 
   #signal(timeoutMs: number): AbortSignal {
-    return AbortSignal.any([this.#stop.signal, AbortSignal.timeout(timeoutMs)]);
+    return this.#calls.signal(timeoutMs);
   }
 
   async #exchange(e: Entry): Promise<void> {

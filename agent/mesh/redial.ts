@@ -9,6 +9,8 @@
 // libp2p's own reconnect queue (KEEP_ALIVE tags) is not used: it gives up after a fixed number of
 // retries and drops the tag, and a fleet peer must be redialed however long it is away.
 
+import { CallSignals } from "./call-signals.js";
+
 /** Deadline of one dial (a dial into a dead link fails only at this deadline). */
 export const DIAL_TIMEOUT_MS = 5_000;
 
@@ -73,6 +75,8 @@ export class DialSchedule<T extends Dialable> {
   #running = false;
   #timer: NodeJS.Timeout | undefined;
   #timerAt = Infinity;
+  /** Each dial's deadline, aborted by stop() too (no AbortSignal.any per dial: call-signals.ts). */
+  readonly #calls = new CallSignals();
 
   constructor(opts: DialScheduleOptions<T>) {
     this.#o = opts;
@@ -88,6 +92,7 @@ export class DialSchedule<T extends Dialable> {
   stop(): void {
     this.#running = false;
     this.#stop.abort(new Error("dialing stopped"));
+    this.#calls.abortAll(new Error("dialing stopped"));
     clearTimeout(this.#timer);
     this.#timer = undefined;
     this.#timerAt = Infinity;
@@ -119,7 +124,7 @@ export class DialSchedule<T extends Dialable> {
     item.dialing = true;
     const stop = this.#stop.signal;
     try {
-      await this.#o.dial(item, AbortSignal.any([stop, AbortSignal.timeout(this.#o.timeoutMs ?? DIAL_TIMEOUT_MS)]));
+      await this.#o.dial(item, this.#calls.signal(this.#o.timeoutMs ?? DIAL_TIMEOUT_MS));
     } catch (err) {
       if (stop.aborted) return;
       item.failures++;

@@ -70,6 +70,9 @@ export interface SummaryTraffic {
   frames: number;
   /** Bytes received, frame headers included. */
   bytes: number;
+  /** Of those, in snapshot frames (a full resync) and in delta frames (changes, a resume). */
+  snapshotBytes: number;
+  deltaBytes: number;
   snapshots: number;
   deltas: number;
   /** Streams we reset for a protocol error (gap, total mismatch, malformed frame). */
@@ -110,6 +113,8 @@ export class SummaryBudgetError extends Error {
 
 export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overBudget: [peerId: string, reason: string] }> {
   #entries = new Map<string, PeerEntry>();
+  /** Summary bytes received from every peer so far, peers since unsubscribed included. */
+  readonly received = { snapshotBytes: 0, deltaBytes: 0 };
   /** Peers with a complete summary: what holders() scans. */
   #ready = new Map<string, PathSummary>();
   #stopped = false;
@@ -145,7 +150,7 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
       ctl: undefined,
       timer: undefined,
       backoff: this.#retryMin,
-      traffic: { streams: 0, frames: 0, bytes: 0, snapshots: 0, deltas: 0, resets: 0, keys: 0, resumes: 0, overBudget: 0 },
+      traffic: { streams: 0, frames: 0, bytes: 0, snapshotBytes: 0, deltaBytes: 0, snapshots: 0, deltas: 0, resets: 0, keys: 0, resumes: 0, overBudget: 0 },
       tokens: this.#budget.burstKeys,
       refilledAt: performance.now(),
       keepTimer: undefined,
@@ -329,8 +334,12 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
         ctl.signal.throwIfAborted();
         if (frame === undefined) return;
         e.traffic.frames++;
-        e.traffic.bytes += reader.bytesRead - before;
+        const bytes = reader.bytesRead - before;
+        e.traffic.bytes += bytes;
         const msg = decodeSummaryMessage(frame);
+        const kind = msg.type === "snapshot" ? "snapshotBytes" : "deltaBytes";
+        e.traffic[kind] += bytes;
+        this.received[kind] += bytes;
         const keys = msg.type === "snapshot" ? msg.keys.length : msg.added.length + msg.removed.length;
         e.traffic.keys += keys;
         this.#charge(e, keys);

@@ -3,7 +3,7 @@
 // more builds of the agent (--agent-dir, e.g. main's code for a before/after comparison).
 // Sequential keep-alive requests from a Node client, then wrk at 1 and 4 connections; every
 // measurement is repeated --rounds times, the agents taking turns, and the medians reported.
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import { loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -11,7 +11,7 @@ import { parseArgs } from "node:util";
 import { randomHashParts } from "./nix32.js";
 import { runWrk, treeCpuSeconds, writeWrkScript } from "./load.js";
 import { installSignalHandlers, registerTempDir, run, setRepoRoot, setTmpRoot, spawnTracked, stopChild } from "./proc.js";
-import { fmtNum, table } from "./report.js";
+import { fmtNum, table, writeBenchSection } from "./report.js";
 import { AGENT_CLI, startAgent, type Server } from "./servers.js";
 
 const HELP = `Usage: npm run bench -- --case daemon-hit [options]
@@ -170,19 +170,6 @@ function render(opts: Options, subjects: Subject[], argv: string[], load: string
 
 const SECTION = "## Daemon backend: narinfo hits";
 
-/** Puts the section before "## Results" (which every full `npm run bench` rewrites), replacing an older one. */
-function writeSection(file: string, intro: string, body: string): void {
-  let text = readFileSync(file, "utf8");
-  const start = text.indexOf(`\n${SECTION}\n`);
-  if (start >= 0) {
-    const end = text.indexOf("\n## ", start + SECTION.length + 2);
-    text = text.slice(0, start) + text.slice(end);
-  }
-  const at = text.indexOf("\n## Results");
-  const section = `\n${SECTION}\n\n${intro.trim()}\n\n${body.trim()}\n`;
-  text = at >= 0 ? text.slice(0, at) + section + text.slice(at) : text + section;
-  writeFileSync(file, text);
-}
 
 export async function daemonHitMain(argv: string[], repoRoot: string): Promise<void> {
   const opts = parseOptions(argv, repoRoot);
@@ -237,7 +224,7 @@ export async function daemonHitMain(argv: string[], repoRoot: string): Promise<v
     const md = render(opts, subjects, argv, `${loadBefore} at the start, ${loadavg()[0]!.toFixed(1)} at the end`);
     process.stdout.write(`${md}\n`);
     if (opts.write) {
-      writeSection(join(repoRoot, "BENCHMARKS.md"), INTRO, md);
+      writeBenchSection(join(repoRoot, "BENCHMARKS.md"), SECTION, INTRO, md);
       log("wrote BENCHMARKS.md");
     }
   } finally {

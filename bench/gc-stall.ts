@@ -6,7 +6,7 @@
 // test/helpers/scale-store.ts). The GC: `nix-store --delete` of 50,000 of them spread over the
 // table (each given an empty file first, so that Nix removes files as a real GC does and the
 // daemon backend's directory watch sees it), i.e. Nix invalidating one path per transaction.
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import { tmpdir } from "node:os";
 import { monitorEventLoopDelay } from "node:perf_hooks";
@@ -16,7 +16,7 @@ import { addSyntheticPaths, sql } from "../test/helpers/scale-store.js";
 import { randomHashParts } from "./nix32.js";
 import { readStatus } from "./load.js";
 import { installSignalHandlers, registerTempDir, run, setRepoRoot, setTmpRoot, spawnTracked, stopChild } from "./proc.js";
-import { fmtNum, table } from "./report.js";
+import { fmtNum, table, writeBenchSection } from "./report.js";
 import { AGENT_CLI, startAgent } from "./servers.js";
 
 const HELP = `Usage: npm run bench -- --case gc-stall [options]
@@ -311,19 +311,6 @@ function render(opts: Options, results: RunResult[], fixtureS: number, argv: str
 
 const SECTION = "## Store scale: lookups during garbage collection";
 
-/** Puts the section before "## Results" (which every full `npm run bench` rewrites), replacing an older one. */
-function writeSection(file: string, intro: string, body: string): void {
-  let text = readFileSync(file, "utf8");
-  const start = text.indexOf(`\n${SECTION}\n`);
-  if (start >= 0) {
-    const end = text.indexOf("\n## ", start + SECTION.length + 2);
-    text = text.slice(0, start) + text.slice(end);
-  }
-  const at = text.indexOf("\n## Results");
-  const section = `\n${SECTION}\n\n${intro.trim()}\n\n${body.trim()}\n`;
-  text = at >= 0 ? text.slice(0, at) + section + text.slice(at) : text + section;
-  writeFileSync(file, text);
-}
 
 export async function gcStallMain(argv: string[], repoRoot: string): Promise<void> {
   const opts = parseOptions(argv, repoRoot);
@@ -357,7 +344,7 @@ export async function gcStallMain(argv: string[], repoRoot: string): Promise<voi
   const md = render(opts, results, fixtureS, argv);
   process.stdout.write(`${md}\n`);
   if (opts.write) {
-    writeSection(join(repoRoot, "BENCHMARKS.md"), INTRO, md);
+    writeBenchSection(join(repoRoot, "BENCHMARKS.md"), SECTION, INTRO, md);
     log("wrote BENCHMARKS.md");
   }
 }

@@ -64,6 +64,23 @@ export function writeBenchmarksMd(file: string, results: string): void {
   writeFileSync(file, `${intro.trimEnd()}\n\n${results.trimEnd()}\n`);
 }
 
+/**
+ * Puts a section of its own (a bench case's figures) before the Results section, which every full
+ * `npm run bench` rewrites, replacing an older section with the same heading.
+ */
+export function writeBenchSection(file: string, heading: string, intro: string, body: string): void {
+  let text = readFileSync(file, "utf8");
+  const start = text.indexOf(`\n${heading}\n`);
+  if (start >= 0) {
+    const end = text.indexOf("\n## ", start + heading.length + 2);
+    text = text.slice(0, start) + text.slice(end);
+  }
+  const at = text.indexOf(`\n${RESULTS_HEADING}`);
+  const section = `\n${heading}\n\n${intro.trim()}\n\n${body.trim()}\n`;
+  text = at >= 0 ? text.slice(0, at) + section + text.slice(at) : text + section;
+  writeFileSync(file, text);
+}
+
 /** A Markdown table; numbers right-aligned. */
 export function table(header: string[], rows: string[][], align?: Array<"l" | "r">): string {
   const a = align ?? header.map((_, i) => (i === 0 ? "l" : "r"));

@@ -170,7 +170,6 @@ function render(opts: Options, subjects: Subject[], argv: string[], load: string
 
 const SECTION = "## Daemon backend: narinfo hits";
 
-
 export async function daemonHitMain(argv: string[], repoRoot: string): Promise<void> {
   const opts = parseOptions(argv, repoRoot);
   const tmp = mkdtempSync(join(opts.tmpBase, "fleetcache-daemon-hit-"));

@@ -311,7 +311,6 @@ function render(opts: Options, results: RunResult[], fixtureS: number, argv: str
 
 const SECTION = "## Store scale: lookups during garbage collection";
 
-
 export async function gcStallMain(argv: string[], repoRoot: string): Promise<void> {
   const opts = parseOptions(argv, repoRoot);
   const tmp = mkdtempSync(join(opts.tmpBase, "fleetcache-gc-stall-"));

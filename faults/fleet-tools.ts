@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import type { ChildProcess } from "node:child_process";
-import { createFleet, P2P_PORT, type Fleet, type FleetHost } from "../test/helpers/fleet.js";
+import { createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "../test/helpers/fleet.js";
 import { createSites, type NetHost } from "../test/helpers/netns.js";
 import { addToStore, run } from "../test/helpers/nix.js";
 import { parseNarinfo, type Narinfo } from "../protocol/narinfo.js";
@@ -93,6 +93,28 @@ export async function startProxy(
 }
 
 /** Adds `size` bytes of incompressible data to the host's store; returns the store path. */
+/**
+ * Three hosts on one bridge, each with a small path of its own: A and C running, B told of both
+ * as static peers and connected to them (the corrupted-holder and range-check set-up).
+ */
+export async function holdersAroundB(): Promise<{ fleet: Fleet; a: FleetHost; b: FleetHost; c: FleetHost }> {
+  const fleet = await createFleet(["a", "b", "c"]);
+  const [a, b, c] = fleet.hosts as [FleetHost, FleetHost, FleetHost];
+  try {
+    await addBlob(a, "a-own", 1024);
+    await addBlob(b, "b-own", 1024);
+    await addBlob(c, "c-own", 1024);
+    await a.start();
+    await c.start();
+    await b.start(["--peer", `${a.net.ip}:${P2P_PORT}`, "--peer", `${c.net.ip}:${P2P_PORT}`]);
+    await eventually("B connected to A and C", async () => (await b.status()).peers.filter((p) => p.connected).length === 2, 60_000);
+  } catch (e) {
+    await fleet.destroy();
+    throw e;
+  }
+  return { fleet, a, b, c };
+}
+
 export async function addBlob(host: FleetHost, name: string, size: number, seed = name): Promise<string> {
   const buf = Buffer.alloc(size);
   let block = createHash("sha512").update(seed).digest();

@@ -6,9 +6,9 @@
 // larger than that hold-back (8 MiB), each with Nix 2.8 and Nix 2.26 (when installed).
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { announcedTo, createFleet, eventually, P2P_PORT, type FleetHost } from "../../test/helpers/fleet.js";
+import { announcedTo, eventually, type FleetHost } from "../../test/helpers/fleet.js";
 import { NIX_FLAGS } from "../../test/helpers/nix.js";
-import { addBlob, corruptOnDisk, narinfoVia } from "../fleet-tools.js";
+import { addBlob, corruptOnDisk, holdersAroundB, narinfoVia } from "../fleet-tools.js";
 import { ProcessMeter, type Scenario } from "../scenario.js";
 
 const SIZES = [2 << 20, 24 << 20];
@@ -45,17 +45,9 @@ export const corruptedHolder: Scenario = {
   title: "a holder with a corrupted store file next to an intact holder; B's Nix copies the path once (2 MiB and 24 MiB NARs, Nix 2.8 and 2.26)",
   goal: "every first nix copy succeeds (Nix's default retries allowed) with the right bytes; the corrupted holder is penalised",
   async run({ log }) {
-    const fleet = await createFleet(["a", "b", "c"]);
-    const [a, b, c] = fleet.hosts as [FleetHost, FleetHost, FleetHost];
+    const { fleet, a, b, c } = await holdersAroundB();
     const nixes: [string, string | undefined][] = [["Nix 2.8", undefined], ...(existsSync(join(CURRENT_NIX, "nix")) ? [["Nix 2.26", CURRENT_NIX] as [string, string]] : [])];
     try {
-      await addBlob(a, "a-own", 1024);
-      await addBlob(b, "b-own", 1024);
-      await addBlob(c, "c-own", 1024);
-      await a.start();
-      await c.start();
-      await b.start(["--peer", `${a.net.ip}:${P2P_PORT}`, "--peer", `${c.net.ip}:${P2P_PORT}`]);
-      await eventually("B connected to A and C", async () => (await b.status()).peers.filter((p) => p.connected).length === 2, 60_000);
       const meterB = ProcessMeter.of(b.agent!);
       const figures: [string, string | number][] = [];
       let ok = true;

@@ -8,9 +8,9 @@
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { announcedTo, createFleet, eventually, P2P_PORT, type FleetHost } from "../../test/helpers/fleet.js";
+import { announcedTo, eventually } from "../../test/helpers/fleet.js";
 import { dumpPath } from "../../test/helpers/nix.js";
-import { addBlob, corruptOnDisk, narinfoVia } from "../fleet-tools.js";
+import { addBlob, corruptOnDisk, holdersAroundB, narinfoVia } from "../fleet-tools.js";
 import { ProcessMeter, type Scenario } from "../scenario.js";
 
 interface Case {
@@ -44,16 +44,8 @@ export const rangeCheck: Scenario = {
   title: "Range requests for NARs whose only (or first) holder serves a wrong byte",
   goal: "no byte of a 206 reaches the client unless the whole NAR checked out; with an intact holder, the 206 is complete and right",
   async run({ log }) {
-    const fleet = await createFleet(["a", "b", "c"]);
-    const [a, b, c] = fleet.hosts as [FleetHost, FleetHost, FleetHost];
+    const { fleet, a, b, c } = await holdersAroundB();
     try {
-      await addBlob(a, "a-own", 1024);
-      await addBlob(b, "b-own", 1024);
-      await addBlob(c, "c-own", 1024);
-      await a.start();
-      await c.start();
-      await b.start(["--peer", `${a.net.ip}:${P2P_PORT}`, "--peer", `${c.net.ip}:${P2P_PORT}`]);
-      await eventually("B connected to A and C", async () => (await b.status()).peers.filter((p) => p.connected).length === 2, 60_000);
       const meterB = ProcessMeter.of(b.agent!);
       const figures: [string, string | number][] = [];
       let unverifiedTotal = 0;

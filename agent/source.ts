@@ -2,9 +2,19 @@
 // answer comes from this host's store or (later) from a peer's: keep that decision behind this.
 import type { PathInfo } from "../protocol/path-info.js";
 
+/** What pathInfoNow() returns when the answer needs I/O (the daemon, a peer): ask pathInfo(). */
+export const NOT_NOW = Symbol("ask pathInfo()");
+
 export interface PathSource {
   /** Metadata (with signatures to offer) of the path with this 32-character hash part, if held. */
   pathInfo(hashPart: string): Promise<PathInfo | undefined>;
+  /**
+   * pathInfo()'s answer when it can be had without waiting (from memory, or the database's
+   * synchronous read), else NOT_NOW. The HTTP side answers such lookups (most of what Nix asks)
+   * from request to res.end in one go, with no promise in between. Counts as a lookup as
+   * pathInfo() does, except when it returns NOT_NOW.
+   */
+  pathInfoNow?(hashPart: string): PathInfo | undefined | typeof NOT_NOW;
   /**
    * NAR bytes [start, end) of a path that pathInfo returned. Throws (never ends early) if the
    * path disappears or changes while streaming, so that a truncated body is never passed off

@@ -12,6 +12,7 @@ import { encodeQueryAllValidPaths } from "../protocol/daemon-wire.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
 import { databaseFilesVisible, DbVersion } from "../agent/store/db-version.js";
 import { LocalStore } from "../agent/store/local-store.js";
+import { NOT_NOW } from "../agent/source.js";
 import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
 import { plainAndBuiltPaths } from "./helpers/fixtures.js";
@@ -99,11 +100,13 @@ test("the daemon backend caches hits, never stale: new signatures, deletions, re
     const built = await untilCached(store, client, hp(f.built));
     assert.ok(built && built.sigs.length === 1);
     assert.equal(await store.pathInfo(hp(f.built)), built, "the same object: the HTTP side reuses its narinfo");
+    assert.equal(store.pathInfoNow(hp(f.built)), built, "and without waiting: the HTTP side answers it in one go");
     const plain = await untilCached(store, client, hp(f.plain));
     assert.deepEqual(plain?.sigs, []);
 
     // A signature added by Nix shows at the next lookup, however recent the cached answer.
     await nix(["store", "sign", "--store", f.root, "--key-file", join(f.tmp.dir, "sec"), f.plain]);
+    assert.equal(store.pathInfoNow(hp(f.plain)), NOT_NOW, "the database changed: not from memory, the daemon is asked");
     assert.deepEqual(await sigsOf(f.plain), (await pathInfo(f.root, [f.plain]))[0]!.signatures, "the new signature, at once");
     assert.equal((await sigsOf(f.plain))?.length, 1);
 
@@ -135,7 +138,10 @@ test("the daemon backend caches hits, never stale: new signatures, deletions, re
       const before = client.requests;
       assert.equal(await store.pathInfo("0".repeat(32)), undefined);
       assert.equal(await store.pathInfo("v".repeat(32)), undefined);
-      if (client.requests === before) break;
+      if (client.requests === before) {
+        assert.equal(store.pathInfoNow("v".repeat(32)), undefined, "a miss from the listing, without waiting");
+        break;
+      }
       assert.ok(i < 100, "a miss was never answered from the listing");
       await new Promise((r) => setTimeout(r, 200));
     }

@@ -17,6 +17,7 @@ import type { LocalStore } from "../agent/store/local-store.js";
 import type { Narinfo } from "../protocol/narinfo.js";
 import { encodeNix32 } from "../protocol/nix32.js";
 import type { PathInfo } from "../protocol/path-info.js";
+import { NOT_NOW } from "../agent/source.js";
 
 const HASH_PART = "0".repeat(31) + "1";
 const log = createLogger({ level: "silent", pretty: false });
@@ -99,8 +100,13 @@ function nar(size: number): { bytes: Buffer; info: PathInfo; narinfo: Narinfo } 
 }
 
 /** A FleetSource over fake holders (peer IDs are their keys, in "fastest first" order). */
-function fleet(holders: Record<string, FakeHolder>, narinfo: Narinfo, opts: Options = {}, table = new FakeFleet(Object.keys(holders), opts)) {
-  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+function fleet(
+  holders: Record<string, FakeHolder>,
+  narinfo: Narinfo,
+  opts: Options = {},
+  table = new FakeFleet(Object.keys(holders), opts),
+  local = { pathInfo: async () => undefined, pathInfoNow: () => undefined } as unknown as LocalStore,
+) {
   const requests: PeerRequests = {
     narinfo: async () => narinfo,
     async nar(peer, req, signal) {
@@ -538,4 +544,26 @@ test("narinfo: holders are asked in the table's order (fastest first), a peer pe
   source.penalties.wrongBytes("shady", "1".repeat(32)); // another path: a strike against the peer as a whole
   assert.ok(await source.pathInfo(HASH_PART));
   assert.deepEqual(asked, ["fast", "slow"], "the answer came before the penalised peer was asked");
+});
+
+test("pathInfoNow: a local hit, a path no peer holds and a peer's cached answer come at once; what needs a peer or the daemon is NOT_NOW", async () => {
+  const { bytes, info, narinfo } = nar(1000);
+  const table = new FakeFleet(["a"]);
+  const source = fleet({ a: holder(bytes) }, narinfo, { reconnectWaitMs: 5000 }, table);
+  assert.equal(source.pathInfoNow(HASH_PART), NOT_NOW, "a connected peer holds it: it must be asked");
+  const asked = await source.pathInfo(HASH_PART);
+  assert.equal(asked?.narHash, info.narHash);
+  assert.equal(source.pathInfoNow(HASH_PART), asked, "the peer's answer, cached");
+  table.leave("a");
+  assert.equal(source.pathInfoNow(HASH_PART), NOT_NOW, "its only holder is reconnecting: the lookup waits for it");
+  table.forget("a");
+  assert.equal(source.pathInfoNow(HASH_PART), undefined, "nobody holds it: a miss at once");
+  assert.deepEqual([source.counters.localHits, source.counters.peerHits, source.counters.misses], [0, 2, 1], "counted as lookups (NOT_NOW is not)");
+
+  const mine: PathInfo = { ...info, sigs: ["local:x"] };
+  const withLocal = fleet({ a: holder(bytes) }, narinfo, {}, new FakeFleet(["a"]), { pathInfo: async () => mine, pathInfoNow: () => mine } as unknown as LocalStore);
+  assert.equal(withLocal.pathInfoNow(HASH_PART), mine, "this host's own copy comes first, without asking anyone");
+  assert.equal(withLocal.counters.localHits, 1);
+  const daemonBusy = fleet({}, narinfo, {}, new FakeFleet([]), { pathInfo: async () => undefined, pathInfoNow: () => NOT_NOW } as unknown as LocalStore);
+  assert.equal(daemonBusy.pathInfoNow(HASH_PART), NOT_NOW, "the local store cannot say without the daemon");
 });

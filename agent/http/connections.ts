@@ -50,6 +50,6 @@ export function limitConnections(server: Server, limit: number): void {
     const socket = req.socket as Tracked;
     socket[BUSY] = (socket[BUSY] ?? 0) + 1;
     if (socket[BUSY] === 1) idle.delete(socket);
-    res.once("close", answered);
+    res.on("close", answered); // emitted once (Node guards it); on() spares once()'s wrapper
   });
 }

@@ -55,9 +55,15 @@ interface Exchange {
   outcome: Outcome | undefined;
 }
 
-async function route(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
+/**
+ * Answers one request. A request that can be answered without waiting (a narinfo the store knows
+ * from memory, hit or miss: most of what Nix asks) runs from here to res.end() and its metrics in
+ * one go, without a promise; the rest continue when their handler's promise settles.
+ */
+function route(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): void {
   const start = ctx.metrics ? performance.now() : 0;
   const ex: Exchange = { route: "other", outcome: undefined };
+  let pending: Promise<void> | void = undefined;
   try {
     const url = req.url ?? "";
     if (url.length > MAX_URL_LENGTH) throw new HttpError(414, "URL too long");
@@ -66,19 +72,34 @@ async function route(ctx: CacheContext, req: IncomingMessage, res: ServerRespons
     const q = url.indexOf("?");
     const path = q === -1 ? url : url.slice(0, q);
     const query = q === -1 ? "" : url.slice(q + 1);
-    await dispatch(ctx, req, res, path, query, ex);
+    pending = dispatch(ctx, req, res, path, query, ex);
   } catch (e) {
-    ex.outcome = undefined; // the status code says it
-    if (res.headersSent) {
-      res.destroy();
-    } else if (e instanceof HttpError) {
-      sendError(req, res, e.status, e.message, e.status === 405 ? { Allow: "GET, HEAD" } : {});
-    } else {
-      ctx.log.error({ url: req.url, err: e }, "internal error");
-      ctx.metrics?.errors.add({ message: `internal error answering ${ex.route} request: ${(e as Error).message}` });
-      sendError(req, res, 500, "internal error");
-    }
+    failed(ctx, req, res, ex, e);
   }
+  if (!pending) return done(ctx, req, res, ex, start);
+  pending.then(
+    () => done(ctx, req, res, ex, start),
+    (e: unknown) => {
+      failed(ctx, req, res, ex, e);
+      done(ctx, req, res, ex, start);
+    },
+  );
+}
+
+function failed(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, ex: Exchange, e: unknown): void {
+  ex.outcome = undefined; // the status code says it
+  if (res.headersSent) {
+    res.destroy();
+  } else if (e instanceof HttpError) {
+    sendError(req, res, e.status, e.message, e.status === 405 ? { Allow: "GET, HEAD" } : {});
+  } else {
+    ctx.log.error({ url: req.url, err: e }, "internal error");
+    ctx.metrics?.errors.add({ message: `internal error answering ${ex.route} request: ${(e as Error).message}` });
+    sendError(req, res, 500, "internal error");
+  }
+}
+
+function done(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, ex: Exchange, start: number): void {
   ctx.metrics?.request(ex.route, req.method, ex.outcome ?? outcomeOf(res), start);
 }
 
@@ -88,16 +109,18 @@ function outcomeOf(res: ServerResponse): Outcome {
   return s >= 500 ? "server_error" : s >= 400 ? "client_error" : "ok";
 }
 
-async function dispatch(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string, ex: Exchange): Promise<void> {
+/** Routes the request; returns the handler's promise when it has to wait. */
+function dispatch(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string, ex: Exchange): Promise<void> | void {
   if (path.endsWith(".narinfo") && path.lastIndexOf("/") === 0) {
     ex.route = "narinfo";
-    ex.outcome = await handleNarinfo(ctx, req, res, path.slice(1, -8));
+    const outcome = handleNarinfo(ctx, req, res, path.slice(1, -8));
+    if (typeof outcome === "string") ex.outcome = outcome;
+    else return outcome.then((o) => void (ex.outcome = o));
     return;
   }
   if (path.startsWith("/nar/")) {
     ex.route = "nar";
-    ex.outcome = await handleNar(ctx, req, res, path, query);
-    return;
+    return handleNar(ctx, req, res, path, query).then((o) => void (ex.outcome = o));
   }
   if (path === "/nix-cache-info") {
     ex.route = "nix-cache-info";

@@ -10,7 +10,7 @@ import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
-import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, NOT_NOW, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { MAX_NAR_TRANSFERS_PER_PEER, NarFetchError, NarVerifier } from "./nar-service.js";
 import type { HolderPenalties } from "./holder-penalties.js";
@@ -160,6 +160,33 @@ export class FleetSource implements PathSource {
     return this.#fromPeers.has(info);
   }
 
+  /**
+   * The answer without waiting, when there is one: a path in this host's store (as the store
+   * knows it without I/O), one that no connected or reconnecting peer holds (a miss, from the
+   * summaries in memory), or a peer's answer still cached. Anything that needs a peer, or the
+   * daemon, is NOT_NOW.
+   */
+  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
+    const local = this.local.pathInfoNow(hashPart);
+    if (local === NOT_NOW) return NOT_NOW;
+    if (local) {
+      this.counters.localHits++;
+      return local;
+    }
+    const holders = this.holders(hashPart);
+    if (holders.length === 0) {
+      if (this.mayWaitFor(hashPart)) return NOT_NOW;
+      this.counters.misses++;
+      return undefined;
+    }
+    const cached = this.cache.get(hashPart);
+    if (cached && cached.expires > Date.now() && holders.includes(cached.from)) {
+      this.counters.peerHits++;
+      return cached.info;
+    }
+    return NOT_NOW;
+  }
+
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
     const local = await this.local.pathInfo(hashPart);
     if (local) {
@@ -229,15 +256,18 @@ export class FleetSource implements PathSource {
    */
   private async holdersOrWait(hashPart: string): Promise<string[]> {
     let holders = this.holders(hashPart);
-    if (holders.length > 0 || this.reconnectWaitMs <= 0) return holders;
-    const reconnecting = () => this.penalties.order(this.fleet.reconnectingHolders(hashPart), hashPart).length > 0;
-    if (!reconnecting()) return holders;
+    if (holders.length > 0 || !this.mayWaitFor(hashPart)) return holders;
     const deadline = Date.now() + this.reconnectWaitMs;
-    while (holders.length === 0 && Date.now() < deadline && reconnecting()) {
+    while (holders.length === 0 && Date.now() < deadline && this.mayWaitFor(hashPart)) {
       await this.fleetChange(deadline - Date.now());
       holders = this.holders(hashPart);
     }
     return holders;
+  }
+
+  /** Whether a holder of the path is reconnecting, and lookups wait for such holders. */
+  private mayWaitFor(hashPart: string): boolean {
+    return this.reconnectWaitMs > 0 && this.penalties.order(this.fleet.reconnectingHolders(hashPart), hashPart).length > 0;
   }
 
   /** Resolves at the fleet table's next change, or after `ms`. */

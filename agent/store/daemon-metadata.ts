@@ -10,6 +10,7 @@ import { STORE_DIR, type PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
 import type { DaemonPathInfo } from "../../protocol/daemon-wire.js";
 import type { Signer } from "../signer.js";
+import { NOT_NOW } from "../source.js";
 import type { DaemonClient } from "./daemon-client.js";
 import { DaemonWatcher } from "./daemon-watch.js";
 import { DbVersion } from "./db-version.js";
@@ -52,19 +53,32 @@ export class DaemonMetadata implements StoreMetadata {
     return this.watcher.start();
   }
 
+  /** The answer from memory, while Nix's database is unchanged since the daemon gave it; else NOT_NOW. */
+  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
+    return this.fromMemory(hashPart, this.dbVersion.current());
+  }
+
+  private fromMemory(hashPart: string, dbVersion: string | undefined): PathInfo | undefined | typeof NOT_NOW {
+    if (dbVersion === undefined) return NOT_NOW;
+    const cached = this.infos.get(hashPart);
+    if (cached?.dbVersion === dbVersion) {
+      // Set again, as the most recently used.
+      this.infos.delete(hashPart);
+      this.infos.set(hashPart, cached);
+      return cached.info;
+    }
+    // The last listing is still the store's list: a path not in it is not valid.
+    if (this.watcher.listedVersion === dbVersion && !this.watcher.has(hashPart)) return undefined;
+    return NOT_NOW;
+  }
+
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
     // Read before asking: the daemon's answer is then at least as new as this version.
     const dbVersion = this.dbVersion.current();
+    const known = this.fromMemory(hashPart, dbVersion);
+    if (known !== NOT_NOW) return known;
     const cached = this.infos.get(hashPart);
     if (cached) this.infos.delete(hashPart); // set again below, as the most recent
-    if (dbVersion !== undefined) {
-      if (cached?.dbVersion === dbVersion) {
-        this.infos.set(hashPart, cached);
-        return cached.info;
-      }
-      // The last listing is still the store's list: a path not in it is not valid.
-      if (this.watcher.listedVersion === dbVersion && !this.watcher.has(hashPart)) return undefined;
-    }
     const storePath = await this.client.queryPathFromHashPart(hashPart);
     if (!storePath) return undefined;
     // Deleted in between: QueryPathInfo says "not valid" (protocol >= 1.17), also a miss.

@@ -53,11 +53,15 @@ export class DatabaseMetadata implements StoreMetadata {
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
-    return this.lookup(hashPart);
+    return this.pathInfoNow(hashPart);
   }
 
-  /** The same PathInfo object is returned while the path is unchanged (callers may cache by it). */
-  private lookup(hashPart: string): PathInfo | undefined {
+  /**
+   * Always synchronous: the watcher's view and the cache are in memory, and node:sqlite reads
+   * synchronously. The same PathInfo object is returned while the path is unchanged (callers
+   * may cache by it).
+   */
+  pathInfoNow(hashPart: string): PathInfo | undefined {
     const watcher = this.watcher?.running ? this.watcher : undefined;
     if (watcher && !watcher.has(hashPart)) return undefined;
     const cached = this.infos.get(hashPart);

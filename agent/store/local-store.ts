@@ -4,7 +4,7 @@ import { accessSync, constants } from "node:fs";
 import { join } from "node:path";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Listing } from "../../protocol/listing.js";
-import { NarGoneError, type PathSource } from "../source.js";
+import { NarGoneError, type NOT_NOW, type PathSource } from "../source.js";
 import type { Signer } from "../signer.js";
 import { DaemonClient } from "./daemon-client.js";
 import { DaemonMetadata } from "./daemon-metadata.js";
@@ -81,6 +81,11 @@ export class LocalStore implements PathSource {
   /** The same PathInfo object is returned while the path is unchanged (callers may cache by it). */
   pathInfo(hashPart: string): Promise<PathInfo | undefined> {
     return this.meta.pathInfo(hashPart);
+  }
+
+  /** pathInfo()'s answer when it needs no I/O to wait for (see PathSource), else NOT_NOW. */
+  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
+    return this.meta.pathInfoNow(hashPart);
   }
 
   /** Lookup by NAR hash ("sha256:..." in any encoding), for legacy NAR URLs; the daemon backend has none. */

@@ -4,11 +4,13 @@
 // `npm run bench` (bench/run.ts), minus its checks, memory and mesh case.
 //
 //   node dist/bench/builds.js [--rows hit1,hit4,miss1,miss4,nar1,nar4] [--rounds 3] [--duration 4]
-//        [--nar-gib 1] [--small 100] [--keep-fixture DIR] LABEL=REPO_DIR ...
+//        [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] LABEL=REPO_DIR ...
 //
 // REPO_DIR is a checkout with a built dist/ (e.g. a `git worktree add` of the old commit, built
 // with `npx tsc -p .`); `.` is this one. With --keep-fixture DIR the fixture is made once in DIR
-// and reused by later runs. Needs root (chroot store), nginx, wrk and curl, as `npm run bench`.
+// and reused by later runs. With --bare LABEL a bare node:http server (bench/bare-narinfo.ts)
+// runs alongside, answering with the responses recorded from build LABEL: the floor for its
+// narinfo rows (its NAR rows are not measured). Needs root (chroot store), nginx, wrk and curl, as `npm run bench`.
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -17,7 +19,8 @@ import { hashPart, makeFixture, type Fixture } from "./fixture.js";
 import { narThroughput, pinTree, runWrk, warmFile, withCpuAccounting, writeWrkScript } from "./load.js";
 import { randomHashParts } from "./nix32.js";
 import { cleanup, installSignalHandlers, registerTempDir } from "./proc.js";
-import { httpGet, parseNarinfo, startAgent, startNginx, type Server } from "./servers.js";
+import { httpGet, parseNarinfo, startAgent, startBare, startNginx, type Server } from "./servers.js";
+import type { Recorded, RecordedResponses } from "./bare-narinfo.js";
 
 const ROWS = ["hit1", "hit4", "miss1", "miss4", "nar1", "nar4"] as const;
 type Row = (typeof ROWS)[number];
@@ -31,6 +34,7 @@ const { values, positionals } = parseArgs({
     "nar-gib": { type: "string", default: "1" },
     small: { type: "string", default: "100" },
     "keep-fixture": { type: "string" },
+    bare: { type: "string" },
   },
 });
 const rows = values.rows.split(",") as Row[];
@@ -73,10 +77,20 @@ async function main(): Promise<void> {
   const existing = new Set([...fx.smallPaths, fx.bigPath].map(hashPart));
   const hits = join(run, "hits.lua");
   const misses = join(run, "misses.lua");
-  writeWrkScript(hits, [...existing].map((h) => `/${h}.narinfo`));
-  writeWrkScript(misses, randomHashParts(1000, existing).map((h) => `/${h}.narinfo`));
+  const hitPaths = [...existing].map((h) => `/${h}.narinfo`);
+  const missPaths = randomHashParts(1000, existing).map((h) => `/${h}.narinfo`);
+  writeWrkScript(hits, hitPaths);
+  writeWrkScript(misses, missPaths);
+  if (values.bare) {
+    const from = servers.find((s) => s.name === values.bare);
+    if (!from) throw new Error(`--bare ${values.bare}: no build of that label`);
+    const file = join(run, "bare-responses.json");
+    writeFileSync(file, JSON.stringify(await recordResponses(from.baseUrl, hitPaths, missPaths[0]!)));
+    servers.push(await startBare(join(run, "bare"), file));
+  }
   const nar = new Map<Server, { url: string; size: number; file: string }>();
   for (const s of servers) {
+    if (s.name === "bare") continue;
     const r = await httpGet(`${s.baseUrl}/${hashPart(fx.bigPath)}.narinfo`);
     const f = parseNarinfo(r.body.toString()).fields;
     const url = new URL(f.get("URL") ?? "", `${s.baseUrl}/`).toString();
@@ -92,6 +106,7 @@ async function main(): Promise<void> {
       for (const s of round % 2 === 0 ? servers : [...servers].reverse()) {
         const conns = Number(row.slice(-1));
         const isNar = row.startsWith("nar");
+        if (isNar && s.name === "bare") continue;
         // As bench/run.ts: 1-connection narinfo runs with client and server on CPU 0.
         const pin = conns === 1 && !isNar;
         if (pin) await pinTree(s.pid, "0");
@@ -122,7 +137,8 @@ async function main(): Promise<void> {
     const isNar = row.startsWith("nar");
     const n = results.get(`${row} nginx`)!;
     for (const s of servers) {
-      const r = results.get(`${row} ${s.name}`)!;
+      const r = results.get(`${row} ${s.name}`);
+      if (!r) continue;
       const rate = median(r.map((x) => x.rate));
       const cost = median(r.map((x) => x.cost));
       const d = isNar ? 2 : 1;
@@ -133,6 +149,22 @@ async function main(): Promise<void> {
     }
   }
   process.stdout.write(`Rates: narinfo requests/s, NAR MB/s; CPU: µs per request, s per GB.\n\n${out.join("\n")}\n`);
+}
+
+/** The answers of a server to these paths, as bench/bare-narinfo.ts replays them. */
+async function recordResponses(baseUrl: string, hitPaths: string[], missPath: string): Promise<RecordedResponses> {
+  const record = async (path: string): Promise<Recorded> => {
+    const r = await httpGet(baseUrl + path);
+    const headers: string[] = [];
+    for (let i = 0; i < r.rawHeaders.length; i += 2) {
+      // Node's server adds these itself, to the bare server's answers as to the agent's.
+      if (!/^(date|connection|keep-alive)$/i.test(r.rawHeaders[i]!)) headers.push(r.rawHeaders[i]!, r.rawHeaders[i + 1]!);
+    }
+    return { status: r.status, headers, body: r.body.toString("base64") };
+  };
+  const hits: Record<string, Recorded> = {};
+  for (const p of hitPaths) hits[p] = await record(p);
+  return { hits, miss: await record(missPath) };
 }
 
 main()

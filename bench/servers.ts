@@ -34,6 +34,8 @@ export async function freePort(): Promise<number> {
 export interface HttpResult {
   status: number;
   headers: http.IncomingHttpHeaders;
+  /** Header names and values as received, flat. */
+  rawHeaders: string[];
   body: Buffer;
 }
 
@@ -51,7 +53,7 @@ export function httpGet(url: string, timeoutMs = 5000): Promise<HttpResult> {
         }
         chunks.push(c);
       });
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, headers: res.headers, rawHeaders: res.rawHeaders, body: Buffer.concat(chunks) }));
       res.on("error", reject);
     });
     req.on("timeout", () => req.destroy(new Error(`${url}: timed out after ${timeoutMs} ms`)));
@@ -151,6 +153,19 @@ http {
   onCleanup(stop);
   await waitReady(child, `http://127.0.0.1:${port}/nix-cache-info`, errorLog, 10_000);
   return { name, baseUrl: `http://127.0.0.1:${port}`, pid: child.pid ?? 0, child, logFile: errorLog, stop };
+}
+
+/** bench/bare-narinfo.ts replaying `responses` (recorded from an agent), from this checkout's dist/. */
+export async function startBare(dir: string, responses: string, name = "bare"): Promise<Server> {
+  mkdirSync(dir, { recursive: true });
+  const port = await freePort();
+  const logFile = join(dir, "stderr.log");
+  const child = spawnTracked(process.execPath, [join(import.meta.dirname, "bare-narinfo.js"), responses, String(port)]);
+  pipeToLog(child, logFile);
+  const stop = () => stopChild(child, "SIGTERM");
+  onCleanup(stop);
+  await waitReady(child, `http://127.0.0.1:${port}/nix-cache-info`, logFile, 10_000, 404);
+  return { name, baseUrl: `http://127.0.0.1:${port}`, pid: child.pid ?? 0, child, logFile, stop };
 }
 
 export const AGENT_CLI = "dist/agent/cli.js";

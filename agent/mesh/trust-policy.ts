@@ -13,7 +13,7 @@
 //
 // The decision is a pure function of the answers gathered (FleetSource gathers them).
 import { fingerprint, type Narinfo } from "../../protocol/narinfo.js";
-import { verify, type PublicKey } from "../../protocol/keys.js";
+import { Verifier, type PublicKey } from "../../protocol/keys.js";
 import type { UpstreamCheck } from "./upstream-check.js";
 
 export interface PeerAnswer {
@@ -41,20 +41,24 @@ export class TrustPolicy {
   constructor(
     readonly upstreamKeys: readonly PublicKey[],
     readonly upstream?: UpstreamCheck,
-  ) {}
+  ) {
+    this.#keys = new Verifier(upstreamKeys);
+  }
+
+  readonly #keys: Verifier;
 
   /** Without upstream keys nothing can be told apart: the first verified answer is as good as any. */
   get corroborates(): boolean {
     return this.upstreamKeys.length > 0;
   }
 
-  /** The signatures of `n` that verify with an upstream key (worked out once per narinfo: a verification costs milliseconds). */
+  /** The signatures of `n` that verify with an upstream key (worked out once per narinfo, as `decide` asks again). */
   upstreamSigs(n: Narinfo): string[] {
     if (this.upstreamKeys.length === 0) return [];
     let sigs = this.#verified.get(n);
     if (!sigs) {
       const fp = fingerprint(n);
-      sigs = n.sigs.filter((s) => verify(this.upstreamKeys, fp, s));
+      sigs = n.sigs.filter((s) => this.#keys.verify(fp, s));
       this.#verified.set(n, sigs);
     }
     return sigs;

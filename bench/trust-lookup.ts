@@ -9,9 +9,11 @@
 //   fleet path, C only: fleet keys only
 //   upstream path on C: C has it with the upstream signature (taken at once)
 //
-//   npx tsc -p . && node dist/bench/trust-lookup.js [--paths 20] [--latency-ms 30] [--order off,on]
+//   npx tsc -p . && node dist/bench/trust-lookup.js [--paths 20] [--latency-ms 30] [--order off,on] [--breakdown]
 //
-// Needs root and Nix. Prints one line per case and mode: median and p90 in ms.
+// Needs root and Nix. Prints one line per case and mode: median and p90 in ms. --breakdown runs B
+// with debug logs and adds where its lookups' time went: the median time to each holder's answer
+// and to the decision, from B's "narinfo lookup decided" lines.
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { ChildProcess } from "node:child_process";
@@ -28,6 +30,7 @@ const PATHS = Number(arg("paths", "20"));
 const LATENCY_MS = Number(arg("latency-ms", "30"));
 // Which mode runs first (the agent B runs each on a fresh start): --order on,off or off,on.
 const ORDER = arg("order", "off,on").split(",") as ("on" | "off")[];
+const BREAKDOWN = process.argv.includes("--breakdown");
 
 const CASES = ["upstream path", "fleet path, 2 holders", "fleet path, C only", "upstream path on C"] as const;
 
@@ -38,6 +41,24 @@ async function addFiles(host: FleetHost, names: string[]): Promise<string[]> {
     return f;
   });
   return (await run("nix-store", ["--store", host.storeRoot, "--add", ...files])).trim().split("\n");
+}
+
+/** Medians from B's debug lines for these paths: ms to A's and C's answers, and to the decision. */
+async function breakdown(B: FleetHost, storePaths: string[]): Promise<string> {
+  const names = new Map(((await B.status()).peers as { name: string; peerId: string }[]).map((p) => [p.peerId, p.name.replace(/-1$/, "").toUpperCase()]));
+  const want = new Set(storePaths.map((p) => p.slice(11, 43)));
+  const per = new Map<string, number[]>([["decided", []]]);
+  for (const line of B.agent!.logs().split("\n")) {
+    if (!line.includes("narinfo lookup decided")) continue;
+    const e = JSON.parse(line) as { hashPart: string; ms: number; answers: Record<string, number> };
+    if (!want.has(e.hashPart)) continue;
+    per.get("decided")!.push(e.ms);
+    for (const [peer, t] of Object.entries(e.answers)) {
+      const k = `${names.get(peer) ?? peer} answered`;
+      per.set(k, [...(per.get(k) ?? []), t]);
+    }
+  }
+  return [...per].map(([k, xs]) => `${k} ${xs.length ? pct(xs, 0.5).toFixed(1) : "-"} ms (${xs.length})`).join(", ");
 }
 
 const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
@@ -73,7 +94,8 @@ async function main(): Promise<void> {
     await C.start(["--peer", `${B.net.ip}:${P2P_PORT}`]);
     const nixConfig = `trusted-public-keys = ${upPub} ${fleet.trustedKeys.join(" ")}`;
     for (const mode of ORDER) {
-      await B.start(["--peer", aViaLink], undefined, mode === "on" ? { NIX_CONFIG: nixConfig } : { NIX_CONFIG: nixConfig, FLEETCACHE_UPSTREAM_KEYS: "none" });
+      const debug = BREAKDOWN ? { FLEETCACHE_LOG_LEVEL: "debug" } : {};
+      await B.start(["--peer", aViaLink], undefined, mode === "on" ? { NIX_CONFIG: nixConfig, ...debug } : { NIX_CONFIG: nixConfig, FLEETCACHE_UPSTREAM_KEYS: "none", ...debug });
       await announcedTo(B, A);
       await announcedTo(B, C);
       await eventually("B ranks C before A", async () => {
@@ -91,6 +113,7 @@ async function main(): Promise<void> {
           ms.push(Number(secs) * 1000);
         }
         console.log(`policy ${mode.padEnd(3)} ${c.padEnd(22)} median ${pct(ms, 0.5).toFixed(1)} ms, p90 ${pct(ms, 0.9).toFixed(1)} ms (${ms.length} first lookups)`);
+        if (BREAKDOWN) console.log(`  ${await breakdown(B, paths.get(`${mode} ${c}`)!)}`);
       }
     }
   } finally {

@@ -267,6 +267,8 @@ export class FleetSource implements PathSource {
       controller.abort();
     }, this.deadlineMs);
     const answers: PeerAnswer[] = [];
+    const started = performance.now();
+    const took: Record<string, number> = {}; // ms to each holder's answer (debug log: where a lookup's time goes)
     let upstream: UpstreamAnswer | "pending" | undefined; // undefined: not asked (none configured, or no fleet-only answer)
     let settle = () => {};
     return new Promise<PathInfo | undefined>((resolve) => {
@@ -294,6 +296,9 @@ export class FleetSource implements PathSource {
       settle = () => {
         if (done) return;
         const verdict = this.trust.decide(order(answers, holders), upstream !== "pending" && upstream?.kind === "signed" ? upstream.narinfo : undefined);
+        if (this.log.isLevelEnabled("debug")) {
+          this.log.debug({ hashPart, ms: ms(started), answers: took, upstream: upstream === "pending" ? "pending" : upstream?.kind, chosen: verdict.chosen?.peer }, "narinfo lookup decided");
+        }
         for (const peer of verdict.losers) this.#contradicted(peer, hashPart);
         if (verdict.upstreamSigned.size > 0) {
           lateJudge = (peer, n) => {
@@ -313,6 +318,7 @@ export class FleetSource implements PathSource {
       };
       const onAnswer = (peer: string, narinfo: Narinfo) => {
         answers.push({ peer, narinfo });
+        took[peer] = ms(started);
         if (!this.trust.corroborates || this.trust.upstreamSigs(narinfo).length > 0) return settle();
         if (all) return maybeSettle();
         all = true;
@@ -518,6 +524,8 @@ export class FleetSource implements PathSource {
     return order[0]!;
   }
 }
+
+const ms = (since: number) => Math.round((performance.now() - since) * 10) / 10;
 
 /** Answers in the holders' order of preference (fastest first), not arrival order. */
 function order(answers: PeerAnswer[], holders: string[]): PeerAnswer[] {

@@ -90,6 +90,39 @@ test("an upstream-signed answer is taken at once: slower holders are not waited 
   assert.deepEqual(asked, ["a"]);
 });
 
+// A path `nix-store --add` made of "fleetcache trust\n" (Nix 2.8): its CA field makes its store
+// path name its NAR hash (protocol/content-address.ts).
+const CA_PATH = "/nix/store/39hphjmgmcpp10xa7k6kd6mrancg6fsh-trust.txt";
+function caNarinfo(which: "genuine" | "forged", withCa: boolean, ...keys: SecretKey[]): Narinfo {
+  const n: Narinfo = {
+    storePath: CA_PATH,
+    narHash: which === "genuine" ? "sha256-PFtS1zAiLLtMgBs3xNmx6RQeR0LohwJNx7Xwvc2f2tE=" : "sha256:1" + "2".repeat(51),
+    narSize: 136, references: [], sigs: [], url: "nar/x.nar", compression: "none",
+    ...(withCa ? { ca: "fixed:r:sha256:1lfskz6vvw5mqx6h51z8893iw579n7cw8dqvh16bnb1263bm4nrw" } : {}),
+  };
+  n.sigs = keys.map((k) => sign(k, fingerprint(n)));
+  return n;
+}
+
+test("a fleet-only answer whose store path names its contents (CA) is taken at once: slower holders are not waited for", async () => {
+  const { source, asked } = lookupFleet({ c: { narinfo: caNarinfo("genuine", true, fleetKeys.c) }, a: { never: true } }, withUpstreamKeys());
+  assert.equal((await source.pathInfo(CA_PATH.slice(11, 43)))?.narHash, caNarinfo("genuine", true).narHash);
+  assert.deepEqual(asked, ["c"]);
+  // A CA field that does not fit (another NarHash under that name) proves nothing: the wait is as for any fleet-only answer.
+  const forged = { ...caNarinfo("forged", false), ca: caNarinfo("genuine", true).ca };
+  assert.equal(new TrustPolicy([upstreamKey]).conclusive({ ...forged, sigs: [sign(fleetKeys.c, fingerprint(forged))] }), false);
+});
+
+test("a forger answering first without the CA field loses to a slower holder's answer whose name proves its contents", async () => {
+  const { source, asked } = lookupFleet(
+    { c: { narinfo: caNarinfo("forged", false, fleetKeys.c) }, a: { narinfo: caNarinfo("genuine", true, fleetKeys.a), delayMs: 20 } },
+    withUpstreamKeys(),
+  );
+  assert.equal((await source.pathInfo(CA_PATH.slice(11, 43)))?.narHash, caNarinfo("genuine", true).narHash);
+  assert.deepEqual(asked, ["c", "a"]);
+  assert.equal(source.counters.narinfoConflicts, 0, "only upstream signatures count against a holder");
+});
+
 test("without upstream keys the first verified answer wins, as before (nothing to tell answers apart by)", async () => {
   const { source, asked } = lookupFleet({ c: { narinfo: narinfo("forged", fleetKeys.c) }, a: { narinfo: narinfo("genuine", fleetKeys.a, upstreamKey) } }, { hedgeAfterMs: 60_000 });
   assert.equal((await source.pathInfo(HASH_PART))?.narHash, narinfo("forged").narHash);

@@ -256,7 +256,8 @@ export class FleetSource implements PathSource {
   /**
    * Asks the holders in order, starting the next one when the previous has not answered within
    * the hedge delay (or has answered "no"); the deadline bounds the whole lookup so a dead peer
-   * never holds Nix up. An answer with an upstream signature wins at once; a fleet-only one is
+   * never holds Nix up. An answer with an upstream signature (or whose store path names its
+   * contents) wins at once; another fleet-only one is
    * weighed against the other holders' answers and upstream's (trust-policy.ts): all holders (up
    * to MAX_HOLDERS_ASKED) are then asked at once, and the upstream check started.
    */
@@ -319,7 +320,7 @@ export class FleetSource implements PathSource {
       const onAnswer = (peer: string, narinfo: Narinfo) => {
         answers.push({ peer, narinfo });
         took[peer] = ms(started);
-        if (!this.trust.corroborates || this.trust.upstreamSigs(narinfo).length > 0) return settle();
+        if (this.trust.conclusive(narinfo)) return settle();
         if (all) return maybeSettle();
         all = true;
         const check = this.trust.upstream;

@@ -4,6 +4,9 @@
 // by an upstream key (cache.nixos.org-1, ...) says what a path's contents are. Hence:
 //
 // - an answer carrying a valid upstream signature is taken as it is;
+// - so is one whose CA field makes its store path name its NAR hash and references
+//   (protocol/content-address.ts: no other contents can go by that name, so nobody needs to vouch
+//   for them, and the other holders are not waited for); it is preferred to other fleet-only ones;
 // - an answer with fleet signatures only is taken only when nothing shows the path to be
 //   upstream-signed with other contents: no other holder's upstream-signed answer, and (when
 //   upstream caches are configured) not the upstream cache's own narinfo. When such evidence
@@ -12,6 +15,7 @@
 //   that disagree lose, and their holders are penalised.
 //
 // The decision is a pure function of the answers gathered (FleetSource gathers them).
+import { namesOwnContents } from "../../protocol/content-address.js";
 import { fingerprint, type Narinfo } from "../../protocol/narinfo.js";
 import { Verifier, type PublicKey } from "../../protocol/keys.js";
 import type { UpstreamCheck } from "./upstream-check.js";
@@ -67,6 +71,15 @@ export class TrustPolicy {
   readonly #verified = new WeakMap<Narinfo, string[]>();
 
   /**
+   * Whether `n` settles a lookup by itself: without upstream keys every verified answer does; else
+   * one with an upstream signature, or one whose store path names its contents (no holder's
+   * answer could show other contents for that path).
+   */
+  conclusive(n: Narinfo): boolean {
+    return !this.corroborates || this.upstreamSigs(n).length > 0 || namesOwnContents(n);
+  }
+
+  /**
    * Decides a lookup. `answers` are in the order the holders are preferred (fastest first);
    * `upstream` is the upstream cache's narinfo for the path, already verified, when it has one.
    */
@@ -81,7 +94,12 @@ export class TrustPolicy {
     for (const a of answers) note(a.narinfo, this.upstreamSigs(a.narinfo));
     if (upstream) note(upstream, this.upstreamSigs(upstream));
     const upstreamSigned = new Set(signed.keys());
-    if (signed.size === 0) return answers[0] ? { chosen: answers[0], losers: [], upstreamSigned } : { losers: [], upstreamSigned };
+    if (signed.size === 0) {
+      // Nothing upstream-signed: a fleet build, or a content-addressed path. An answer whose name
+      // proves its contents wins over the others (a forger may leave the CA field out), else the fastest.
+      const chosen = answers.find((a) => namesOwnContents(a.narinfo)) ?? answers[0];
+      return chosen ? { chosen, losers: [], upstreamSigned } : { losers: [], upstreamSigned };
+    }
 
     const losers = answers.filter((a) => this.contradicts(a.narinfo, upstreamSigned)).map((a) => a.peer);
     // An answer that carries an upstream signature itself first, then one that matches upstream's.

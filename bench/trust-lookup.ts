@@ -5,9 +5,16 @@
 // fleet's) and off (FLEETCACHE_UPSTREAM_KEYS=none: the first verified answer, as before):
 //
 //   upstream path: A has it signed by the upstream key, C the same contents signed by fleet keys
-//   fleet path, 2 holders: A and C, fleet keys only (the policy waits for A's answer too)
+//   fleet path, 2 holders: A and C, fleet keys only
 //   fleet path, C only: fleet keys only
 //   upstream path on C: C has it with the upstream signature (taken at once)
+//   upstream build: as "upstream path", but input-addressed (a derivation's output)
+//   fleet build, 2 holders: as "fleet path, 2 holders", input-addressed (the policy waits for A's answer too)
+//
+// The "path" cases are `nix-store --add`ed files: content-addressed (CA fixed:r:sha256), their
+// store path names their contents, so a fleet-only answer for one settles the lookup at once.
+// The "build" cases are what a fleet builds and what most of cache.nixos.org is: nothing in the
+// path vouches for its contents, so a fleet-only answer waits for the other holders.
 //
 //   npx tsc -p . && node dist/bench/trust-lookup.js [--paths 20] [--latency-ms 30] [--order off,on] [--breakdown]
 //
@@ -20,7 +27,7 @@ import type { ChildProcess } from "node:child_process";
 import { startProxy } from "../faults/fleet-tools.js";
 import { announcedTo, createFleet, eventually, P2P_PORT, type FleetHost } from "../test/helpers/fleet.js";
 import { createSites } from "../test/helpers/netns.js";
-import { NIX_FLAGS, run, tempDir } from "../test/helpers/nix.js";
+import { NIX_FLAGS, OFFLINE, run, tempDir } from "../test/helpers/nix.js";
 
 function arg(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -32,7 +39,7 @@ const LATENCY_MS = Number(arg("latency-ms", "30"));
 const ORDER = arg("order", "off,on").split(",") as ("on" | "off")[];
 const BREAKDOWN = process.argv.includes("--breakdown");
 
-const CASES = ["upstream path", "fleet path, 2 holders", "fleet path, C only", "upstream path on C"] as const;
+const CASES = ["upstream path", "fleet path, 2 holders", "fleet path, C only", "upstream path on C", "upstream build", "fleet build, 2 holders"] as const;
 
 async function addFiles(host: FleetHost, names: string[]): Promise<string[]> {
   const files = names.map((n) => {
@@ -61,6 +68,14 @@ async function breakdown(B: FleetHost, storePaths: string[]): Promise<string> {
   return [...per].map(([k, xs]) => `${k} ${xs.length ? pct(xs, 0.5).toFixed(1) : "-"} ms (${xs.length})`).join(", ");
 }
 
+/** Input-addressed outputs (deterministic: the same on every host that builds them) of one derivation per name, in `host`'s store. */
+async function buildOutputs(host: FleetHost, names: string[]): Promise<string[]> {
+  const expr = join(host.dir, `outputs-${names[0]}.nix`);
+  const drvs = names.map((n) => `(derivation { name = "${n}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${n} > $out" ]; })`);
+  writeFileSync(expr, `[ ${drvs.join(" ")} ]`);
+  return (await run("nix-build", ["--store", host.storeRoot, ...OFFLINE, expr, "--no-out-link"])).trim().split("\n");
+}
+
 const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
 
 async function main(): Promise<void> {
@@ -82,10 +97,16 @@ async function main(): Promise<void> {
     for (const mode of ["on", "off"]) {
       for (const c of CASES) {
         const names = Array.from({ length: PATHS }, (_, i) => `${mode}-${c.replace(/\W+/g, "-")}-${i}`);
-        const onC = await addFiles(C, names);
-        if (c === "upstream path" || c === "fleet path, 2 holders") await addFiles(A, names);
-        if (c === "upstream path") await run("nix", [...NIX_FLAGS, "store", "sign", "--store", A.storeRoot, "--key-file", upSec, ...onC]);
-        if (c === "upstream path on C") await run("nix", [...NIX_FLAGS, "store", "sign", "--store", C.storeRoot, "--key-file", upSec, ...onC]);
+        const built = c.includes("build");
+        const onC = built ? await buildOutputs(C, names) : await addFiles(C, names);
+        if (c !== "fleet path, C only" && c !== "upstream path on C") {
+          const onA = built ? await buildOutputs(A, names) : await addFiles(A, names);
+          if (onA.join() !== onC.join()) throw new Error(`${c}: A and C have other store paths`);
+        }
+        if (c.startsWith("upstream path") || c === "upstream build") {
+          const signed = c === "upstream path on C" ? C : A;
+          await run("nix", [...NIX_FLAGS, "store", "sign", "--store", signed.storeRoot, "--key-file", upSec, ...onC]);
+        }
         paths.set(`${mode} ${c}`, onC);
       }
     }

@@ -294,11 +294,17 @@ test("doctor: with the mesh on and no upstream key (Nix trusts only fleet keys, 
     assert.match(w.fix!, /trusted-public-keys/);
     assert.match(w.fix!, /upstream_keys/);
 
-    f.writeConf(f.good);
-    const none = await f.doctor({ FLEETCACHE_UPSTREAM_KEYS: "none" }); // the agent told to use none
+    // upstream_keys none, as the NixOS module writes it when Nix trusts only the fleet.
+    const none = await f.doctor({ FLEETCACHE_UPSTREAM_KEYS: "none" });
     assert.deepEqual(none.notOk, { peers: "warn", "upstream-keys": "warn" }, JSON.stringify(none.checks, null, 2));
-    assert.match(none.find("upstream-keys")!.message, /upstream_keys is none/);
-    assert.match(none.find("upstream-keys")!.fix!, /set upstream_keys/);
+    assert.match(none.find("upstream-keys")!.message, /Nix trusts no key but the fleet's .* and upstream_keys is none/);
+    assert.match(none.find("upstream-keys")!.fix!, /nix\.settings\.trusted-public-keys/);
+
+    f.writeConf(f.good); // Nix trusts cache.nixos.org, but the agent was told to use no upstream key
+    const noneByHand = await f.doctor({ FLEETCACHE_UPSTREAM_KEYS: "none" });
+    assert.deepEqual(noneByHand.notOk, { peers: "warn", "upstream-keys": "warn" }, JSON.stringify(noneByHand.checks, null, 2));
+    assert.match(noneByHand.find("upstream-keys")!.message, /upstream_keys is none, though Nix trusts cache\.nixos\.org-1/);
+    assert.match(noneByHand.find("upstream-keys")!.fix!, /remove upstream_keys/);
   } finally {
     await f.cleanup();
   }

@@ -272,12 +272,15 @@ function checkUpstreamKeys(nix: NixSettings, status: StatusView | undefined, con
     return;
   }
   const harm = "every path is fleet-only to the agent, so a single compromised fleet host can serve forged contents of any path, cache.nixos.org's included, and Nix accepts them for its fleet signature";
-  if (configured) {
-    add("upstream-keys", "warn", `upstream_keys is ${configured.length ? "only fleet keys" : "none"}: ${harm}.`,
-      `set upstream_keys to the keys of the upstream caches this host uses (cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= for cache.nixos.org) and restart the agent; README "Trust".`);
+  const nixUpstream = upstreamKeysAmong(nixKeys, fleet).keys;
+  const example = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= for cache.nixos.org";
+  if (configured && nixUpstream.length > 0) {
+    add("upstream-keys", "warn", `upstream_keys is ${configured.length ? "only fleet keys" : "none"}, though Nix trusts ${nixUpstream.map((k) => k.name).join(", ")}: ${harm}.`,
+      `remove upstream_keys from the agent's configuration (it then takes Nix's trusted-public-keys that are not fleet keys) and restart the agent; README "Trust".`);
   } else {
-    add("upstream-keys", "warn", `Nix trusts no key but the fleet's (trusted-public-keys = ${nixKeys.join(" ") || "(none)"}), and upstream_keys is not set: ${harm}.`,
-      `add the upstream caches' keys to trusted-public-keys in nix.conf (cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= for cache.nixos.org) and restart the agent, or give the agent upstream_keys; README "Trust".`);
+    // upstream_keys none as the NixOS and nix-darwin modules write it when Nix trusts only the fleet, or unset.
+    add("upstream-keys", "warn", `Nix trusts no key but the fleet's (trusted-public-keys = ${nixKeys.join(" ") || "(none)"})${configured ? " and upstream_keys is none" : ", and upstream_keys is not set"}: ${harm}.`,
+      `add the upstream caches' keys to trusted-public-keys in nix.conf (nix.settings.trusted-public-keys with the NixOS and nix-darwin modules; ${example}) and restart the agent, or set the agent's upstream_keys to them; README "Trust".`);
   }
 }
 

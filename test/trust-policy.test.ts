@@ -12,6 +12,8 @@ import { createLogger } from "../agent/log.js";
 import { FleetSource, type PeerRequests } from "../agent/mesh/fleet-source.js";
 import { HolderPenalties } from "../agent/mesh/holder-penalties.js";
 import { MAX_HOLDERS_ASKED, TrustPolicy } from "../agent/mesh/trust-policy.js";
+import { NarFetchError } from "../agent/mesh/nar-service.js";
+import { NarUnavailableError } from "../agent/source.js";
 import { UpstreamCheck } from "../agent/mesh/upstream-check.js";
 import { ConfigError, loadConfig } from "../agent/config.js";
 import { resolveUpstreamKeys } from "../agent/upstream-keys.js";
@@ -37,7 +39,7 @@ function narinfo(which: "genuine" | "forged", ...keys: SecretKey[]): Narinfo {
 type Reply = { narinfo?: Narinfo; delayMs?: number; never?: boolean };
 
 /** A FleetSource over holders (fastest first) that answer as told; records who was asked. */
-function lookupFleet(replies: Record<string, Reply>, opts: ConstructorParameters<typeof FleetSource>[4] = {}) {
+function lookupFleet(replies: Record<string, Reply>, opts: ConstructorParameters<typeof FleetSource>[4] = {}, nar: PeerRequests["nar"] = () => Promise.reject(new Error("not used"))) {
   const asked: string[] = [];
   const order = Object.keys(replies);
   const requests: PeerRequests = {
@@ -48,7 +50,7 @@ function lookupFleet(replies: Record<string, Reply>, opts: ConstructorParameters
       if (r.delayMs) await sleep(r.delayMs);
       return r.narinfo;
     },
-    nar: () => Promise.reject(new Error("not used")),
+    nar,
   };
   const local = { pathInfo: async () => undefined } as unknown as LocalStore;
   const source = new FleetSource(local, { holders: () => order, reconnectingHolders: () => [], onChange: () => () => {}, holderPenalties: new HolderPenalties() }, requests, log, opts);
@@ -121,6 +123,26 @@ test("a forger answering first without the CA field loses to a slower holder's a
   assert.equal((await source.pathInfo(CA_PATH.slice(11, 43)))?.narHash, caNarinfo("genuine", true).narHash);
   assert.deepEqual(asked, ["c", "a"]);
   assert.equal(source.counters.narinfoConflicts, 0, "only upstream signatures count against a holder");
+});
+
+test("a holder whose NAR is announced with another size than the narinfo from another holder says is passed over, not penalised (either may lie)", async () => {
+  // C answers first with the path's true NarHash and CA, and a false NarSize: its answer settles the lookup.
+  const lie = { ...caNarinfo("genuine", true), narSize: 137 };
+  lie.sigs = [sign(fleetKeys.c, fingerprint(lie))];
+  const narAsked: string[] = [];
+  const { source } = lookupFleet({ c: { narinfo: lie }, a: { narinfo: caNarinfo("genuine", true, fleetKeys.a), delayMs: 20 } }, withUpstreamKeys(), async (peer) => {
+    narAsked.push(peer);
+    if (peer === "c") throw new NarFetchError("not-found", "gone");
+    throw new NarFetchError("size-mismatch", "peer announced 136 bytes, the narinfo says 137"); // A's header: the true size
+  });
+  const info = await source.pathInfo(CA_PATH.slice(11, 43));
+  assert.equal(info?.narSize, 137, "C's answer was used");
+  await assert.rejects(async () => {
+    for await (const _ of source.narStream(info!, 0, info!.narSize)) void _;
+  }, NarUnavailableError);
+  assert.deepEqual(narAsked.sort(), ["a", "c"]);
+  assert.equal(source.penalties.status("a").badNars, 0, "A, which may well be right, earns no strike");
+  assert.equal(source.penalties.barred("a", CA_PATH.slice(11, 43)), false);
 });
 
 test("without upstream keys the first verified answer wins, as before (nothing to tell answers apart by)", async () => {

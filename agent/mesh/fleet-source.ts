@@ -471,7 +471,16 @@ export class FleetSource implements PathSource {
             continue;
           }
           allGone = false;
-          // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
+          const narinfoFrom = this.cache.get(hashPart)?.from;
+          if (!body && reason === "size-mismatch" && narinfoFrom !== undefined && narinfoFrom !== peer) {
+            // Its size differs from the one in a narinfo another holder gave (the NarHash agrees):
+            // either may lie, and a forger must not get an honest holder penalised. Passed over.
+            skip.add(peer);
+            this.log.warn({ peer, path: info.storePath, err: (err as Error).message }, "a holder's NAR size differs from the narinfo's (another holder's); trying the next holder");
+            this.#onError({ message: `NAR size differs from the narinfo's: ${(err as Error).message}`, path: info.storePath, peer });
+            continue;
+          }
+          // Wrong bytes. A wrong size in the header is this peer's alone (its own narinfo said otherwise); a NAR that fails its
           // hash (or runs long) may have been stitched from several holders: each is barred from
           // this path, and only a sole sender earns a strike as a peer.
           const blamed = body ? [...contributors] : [peer];

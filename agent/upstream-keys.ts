@@ -19,22 +19,33 @@ export async function resolveUpstreamKeys(config: Pick<AgentConfig, "upstreamKey
     }
   }
   const fleet = [...config.trustedKeys.map(parsePublicKey), ...own];
+  const { keys, notKeys, fleetKeys } = upstreamKeysAmong(texts, fleet);
+  for (const t of notKeys) log.warn({ key: t }, "ignoring a trusted-public-keys entry of Nix's that is not a public key");
+  if (!fromNix) for (const t of fleetKeys) log.warn({ key: t }, "upstream_keys names a fleet key (by name or bytes): not used as an upstream key");
+  log.info({ upstreamKeys: keys.map((k) => k.name), from: fromNix ? "nix trusted-public-keys" : "configuration" }, "trust: upstream keys");
+  if (keys.length === 0) {
+    log.warn({}, "trust: no upstream key (Nix trusts only fleet keys, or upstream_keys is none): every path is fleet-only, and one compromised fleet host can serve forgeries of any path (README: Trust; `fleetcache doctor`)");
+  }
+  return keys;
+}
+
+/**
+ * The upstream keys among `texts` ("name:base64"): those that parse and are not fleet keys (by
+ * name or bytes). Also doctor's rule (commands/doctor.ts), so both see the same keys.
+ */
+export function upstreamKeysAmong(texts: readonly string[], fleet: readonly PublicKey[]): { keys: PublicKey[]; notKeys: string[]; fleetKeys: string[] } {
   const isFleet = (k: PublicKey) => fleet.some((f) => f.name === k.name || Buffer.from(f.publicKey).equals(Buffer.from(k.publicKey)));
-  const keys: PublicKey[] = [];
+  const out = { keys: [] as PublicKey[], notKeys: [] as string[], fleetKeys: [] as string[] };
   for (const t of texts) {
     let k: PublicKey;
     try {
       k = parsePublicKey(t);
     } catch {
-      log.warn({ key: t }, "ignoring a trusted-public-keys entry of Nix's that is not a public key");
+      out.notKeys.push(t);
       continue;
     }
-    if (isFleet(k)) {
-      if (!fromNix) log.warn({ key: t }, "upstream_keys names a fleet key (by name or bytes): not used as an upstream key");
-      continue;
-    }
-    keys.push(k);
+    if (isFleet(k)) out.fleetKeys.push(t);
+    else out.keys.push(k);
   }
-  log.info({ upstreamKeys: keys.map((k) => k.name), from: fromNix ? "nix trusted-public-keys" : "configuration" }, "trust: upstream keys");
-  return keys;
+  return out;
 }

@@ -1,7 +1,13 @@
 // Nix binary cache signing keys ("name:base64") and Ed25519 signatures over path fingerprints.
 // Secret key = 32-byte seed + 32-byte public key (Nix/libsodium layout); public key = 32 bytes.
+//
+// Verification uses node:crypto (OpenSSL), about 15x faster than pure JS (0.36 against 4.9 ms per
+// signature on the shared machine): a peer's narinfo costs at least one, on the lookup's path.
+// Signing and deriving a public key from a seed stay with @noble/ed25519: both are rare (a
+// signature is made once per path and kept, see agent/signer.ts; a key once per start) and take
+// the seed as Nix stores it, with no key-object life cycle.
 import * as ed from "@noble/ed25519";
-import { createHash, getRandomValues } from "node:crypto";
+import { createHash, createPublicKey, getRandomValues, verify as cryptoVerify, type KeyObject } from "node:crypto";
 
 // noble needs a synchronous SHA-512 for its sync API; node's is native and side-effect free.
 // Only fill it in if nobody else has, so we never replace another module's choice.
@@ -68,26 +74,61 @@ export function sign(key: SecretKey, fingerprint: string): string {
 }
 
 /**
- * True when `sig` ("name:base64") is a valid signature of `fingerprint` by the key of that
- * name among `publicKeys`. Malformed input or an unknown key name gives false, never a throw.
+ * Checks signatures against a fixed set of public keys. Each key is imported into OpenSSL once;
+ * one the import refuses (not 32 bytes) verifies nothing. Never throws on what it is given to check.
  */
-export function verify(publicKeys: readonly PublicKey[], fingerprint: string, sig: string): boolean {
-  const colon = sig.indexOf(":");
-  if (colon <= 0) return false;
-  const name = sig.slice(0, colon);
-  const bytes = decodeBase64Exact(sig.slice(colon + 1), 64);
-  if (!bytes) return false;
-  const msg = new TextEncoder().encode(fingerprint);
-  for (const key of publicKeys) {
-    if (key.name !== name) continue;
-    try {
-      // RFC 8032 (non-ZIP215) rules: closer to libsodium's strict verification that Nix uses.
-      if (ed.verify(bytes, msg, key.publicKey, { zip215: false })) return true;
-    } catch {
-      // invalid point encodings etc.: not a valid signature
+export class Verifier {
+  readonly #byName = new Map<string, KeyObject[]>();
+
+  constructor(keys: readonly PublicKey[]) {
+    for (const k of keys) {
+      let obj: KeyObject;
+      try {
+        obj = createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: Buffer.from(k.publicKey).toString("base64url") }, format: "jwk" });
+      } catch {
+        continue;
+      }
+      this.#byName.set(k.name, [...(this.#byName.get(k.name) ?? []), obj]);
     }
   }
-  return false;
+
+  /** How many keys it checks with. */
+  get size(): number {
+    let n = 0;
+    for (const list of this.#byName.values()) n += list.length;
+    return n;
+  }
+
+  /**
+   * True when `sig` ("name:base64") is a valid signature of `fingerprint` by a key of that name.
+   * Malformed input or an unknown key name gives false.
+   */
+  verify(fingerprint: string, sig: string): boolean {
+    const colon = sig.indexOf(":");
+    if (colon <= 0) return false;
+    const keys = this.#byName.get(sig.slice(0, colon));
+    if (!keys) return false;
+    const bytes = decodeBase64Exact(sig.slice(colon + 1), 64);
+    if (!bytes) return false;
+    const msg = Buffer.from(fingerprint, "utf8");
+    for (const key of keys) {
+      try {
+        // OpenSSL follows RFC 8032 (S < L, R compared as encoded), as libsodium does for Nix.
+        if (cryptoVerify(null, msg, key, bytes)) return true;
+      } catch {
+        // not a valid signature
+      }
+    }
+    return false;
+  }
+}
+
+/**
+ * `new Verifier(publicKeys).verify(fingerprint, sig)`, for a one-off check; code that checks
+ * repeatedly holds a Verifier (importing the keys costs about 10 µs each).
+ */
+export function verify(publicKeys: readonly PublicKey[], fingerprint: string, sig: string): boolean {
+  return new Verifier(publicKeys).verify(fingerprint, sig);
 }
 
 function splitKey(text: string, size: number, kind: string): { name: string; bytes: Uint8Array } {

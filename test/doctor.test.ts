@@ -13,7 +13,7 @@ type Check = { check: string; verdict: string; message: string; fix?: string };
 
 const ALL_OK = {
   agent: "ok", store: "ok", "store-backend": "ok", substituters: "ok", priority: "ok", "trusted-keys": "ok", "stale-keys": "ok",
-  "negative-ttl": "ok", "case-hack": "ok", "sign-key": "ok", peers: "ok",
+  "upstream-keys": "ok", "negative-ttl": "ok", "case-hack": "ok", "sign-key": "ok", peers: "ok",
 };
 
 // One agent and one key set for every case; each case writes the nix.conf it checks.
@@ -200,8 +200,8 @@ async function doctorFixture(agentArgs: string[] = []) {
     writeConf: (settings: Record<string, string>) =>
       writeFileSync(join(confDir, "nix.conf"), Object.entries(settings).map(([k, v]) => `${k} = ${v}\n`).join("")),
     /** Doctor's JSON, and the checks that are not ok (skips included) by name. */
-    doctor: async () => {
-      const r = await fleetcache(["doctor", "--agent", agent.url, "--config", toml, "--json"], nixEnv);
+    doctor: async (env: Record<string, string> = {}) => {
+      const r = await fleetcache(["doctor", "--agent", agent.url, "--config", toml, "--json"], { ...nixEnv, ...env });
       assert.ok(r.stdout.startsWith("["), `doctor printed no JSON (exit ${r.code}): ${r.stderr}`);
       const checks = JSON.parse(r.stdout) as { check: string; verdict: string; message: string; fix?: string }[];
       const notOk = Object.fromEntries(checks.filter((c) => c.verdict !== "ok").map((c) => [c.check, c.verdict]));
@@ -269,5 +269,43 @@ test("doctor: the agent's use_case_hack must be Nix's use-case-hack, else FAIL n
     assert.match(differ.find("case-hack")!.fix!, /--no-use-case-hack\b/);
   } finally {
     await on.cleanup();
+  }
+});
+
+// README "Trust": with no upstream key the trust policy has nothing to tell an upstream path's
+// contents by, so one compromised fleet host can serve forgeries of anything: doctor says so.
+test("doctor: with the mesh on and no upstream key (Nix trusts only fleet keys, or upstream_keys = none) it warns, with the reason and the fix", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await doctorFixture(["--p2p-listen", "127.0.0.1:0"]);
+  try {
+    f.writeConf(f.good); // this host's key and cache.nixos.org's
+    const right = await f.doctor();
+    assert.deepEqual(right.notOk, { peers: "warn" }, JSON.stringify(right.checks, null, 2)); // a fleet of one
+    assert.match(right.find("upstream-keys")!.message, /cache\.nixos\.org-1/);
+
+    const hostKey = f.good["trusted-public-keys"]!.split(" ")[0]!;
+    f.writeConf({ ...f.good, "trusted-public-keys": hostKey }); // the fleet's keys only
+    const fleetOnly = await f.doctor();
+    assert.deepEqual(fleetOnly.notOk, { peers: "warn", "upstream-keys": "warn" }, JSON.stringify(fleetOnly.checks, null, 2));
+    assert.equal(fleetOnly.code, 0, "a warning, not a failure: a fleet may mean it");
+    const w = fleetOnly.find("upstream-keys")!;
+    assert.match(w.message, /Nix trusts no key but the fleet's/);
+    assert.match(w.message, /single compromised fleet host can serve forged contents of any path/);
+    assert.match(w.fix!, /trusted-public-keys/);
+    assert.match(w.fix!, /upstream_keys/);
+
+    // upstream_keys none, as the NixOS module writes it when Nix trusts only the fleet.
+    const none = await f.doctor({ FLEETCACHE_UPSTREAM_KEYS: "none" });
+    assert.deepEqual(none.notOk, { peers: "warn", "upstream-keys": "warn" }, JSON.stringify(none.checks, null, 2));
+    assert.match(none.find("upstream-keys")!.message, /Nix trusts no key but the fleet's .* and upstream_keys is none/);
+    assert.match(none.find("upstream-keys")!.fix!, /nix\.settings\.trusted-public-keys/);
+
+    f.writeConf(f.good); // Nix trusts cache.nixos.org, but the agent was told to use no upstream key
+    const noneByHand = await f.doctor({ FLEETCACHE_UPSTREAM_KEYS: "none" });
+    assert.deepEqual(noneByHand.notOk, { peers: "warn", "upstream-keys": "warn" }, JSON.stringify(noneByHand.checks, null, 2));
+    assert.match(noneByHand.find("upstream-keys")!.message, /upstream_keys is none, though Nix trusts cache\.nixos\.org-1/);
+    assert.match(noneByHand.find("upstream-keys")!.fix!, /remove upstream_keys/);
+  } finally {
+    await f.cleanup();
   }
 });

@@ -13,7 +13,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { writeFileSync } from "node:fs";
+import { chmodSync, writeFileSync } from "node:fs";
+import { DatabaseSync } from "node:sqlite";
 import { join } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import { startProxy } from "../faults/fleet-tools.js";
@@ -31,6 +32,8 @@ let upstreamUrl: string;
 let aViaLink: string;
 /** Upstream paths: on A (genuine, from upstream) and forged on C; forged on C only; A's own build. */
 let shared: string, onlyC: string, fleetOwn: string;
+/** Content-addressed (nix-store --add) paths on A and C, fleet-only: the same on both; forged on C with its CA field left out. */
+let caShared: string, caForged: string;
 
 const EXPR = `let
   mk = name: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/usr/bin/head -c 65536 /dev/urandom > $out" ]; };
@@ -77,6 +80,22 @@ before(async () => {
   const [forged] = await pathInfo(C.storeRoot, [shared]);
   assert.notEqual(genuine!.narHash, forged!.narHash, "C's path is a forgery");
   assert.ok(genuine!.signatures?.some((s) => s.startsWith("upstream-1:")), "A's copy carries the upstream signature");
+
+  // Content-addressed paths, fleet-only on A and C. C forges one: other bytes in its store, its
+  // database given their NarHash and no CA field (which Nix would check the bytes against).
+  for (const n of ["ca-shared", "ca-forged"]) writeFileSync(join(tmp.dir, n), `${n}: genuine\n`);
+  caShared = await addToStore(A.storeRoot, join(tmp.dir, "ca-shared"));
+  caForged = await addToStore(A.storeRoot, join(tmp.dir, "ca-forged"));
+  assert.equal(await addToStore(C.storeRoot, join(tmp.dir, "ca-shared")), caShared);
+  assert.equal(await addToStore(C.storeRoot, join(tmp.dir, "ca-forged")), caForged);
+  const onDisk = join(C.storeRoot, caForged);
+  chmodSync(onDisk, 0o644);
+  writeFileSync(onDisk, "ca-forged: FORGED\n");
+  chmodSync(onDisk, 0o444);
+  const forgedNar = await narOf(C.storeRoot, caForged);
+  const db = new DatabaseSync(join(C.storeRoot, "nix/var/nix/db/db.sqlite"));
+  db.prepare("UPDATE ValidPaths SET hash = ?, narSize = ?, ca = NULL WHERE path = ?").run(`sha256:${forgedNar.sha}`, forgedNar.size, caForged);
+  db.close();
 
   writeFileSync(join(B.dir, "b.txt"), "b\n");
   await addToStore(B.storeRoot, join(B.dir, "b.txt")); // an agent needs a store of its own
@@ -129,11 +148,20 @@ async function copyOnB(dest: string, path: string, substituters?: string): Promi
 }
 
 async function dumpSha(root: string, path: string): Promise<string> {
+  return (await narOf(root, path)).sha;
+}
+
+/** The NAR Nix makes of `path` as it is on disk: sha256 (base16) and size. */
+async function narOf(root: string, path: string): Promise<{ sha: string; size: number }> {
   const dump = dumpPath(root, path);
   const h = createHash("sha256");
-  for await (const c of dump) h.update(c as Buffer);
+  let size = 0;
+  for await (const c of dump) {
+    h.update(c as Buffer);
+    size += (c as Buffer).length;
+  }
   await dump.done;
-  return h.digest("hex");
+  return { sha: h.digest("hex"), size };
 }
 
 /** The path in `dest` is A's genuine one: the same NAR, and it verifies against the upstream key alone. */
@@ -166,6 +194,30 @@ test("the fleet's own builds (no upstream signature) still flow", async (t) => {
   t.diagnostic(`FIGURE nix copy of a fleet-only path from A (30 ms each way) through B: ${Math.round(performance.now() - t0)} ms`);
   assert.equal(err, undefined, `nix copy failed: ${err}`);
   assert.equal(await dumpSha(dest, fleetOwn), await dumpSha(A.storeRoot, fleetOwn));
+});
+
+test("a content-addressed path whose forger (asked first) left its CA field out: Nix on B gets the contents its name proves, from A", async (t) => {
+  if (!ready(t)) return;
+  assert.notEqual(await dumpSha(C.storeRoot, caForged), await dumpSha(A.storeRoot, caForged), "C's copy is a forgery");
+  const dest = join(tmp!.dir, "dest-ca-forged");
+  const err = await copyOnB(dest, caForged);
+  assert.equal(err, undefined, `nix copy failed: ${err}`);
+  assert.equal(await dumpSha(dest, caForged), await dumpSha(A.storeRoot, caForged), "B holds A's contents, not C's");
+  const [info] = await pathInfo(dest, [caForged]);
+  assert.match(info!.ca ?? "", /^fixed:r:sha256:/, "Nix installed it as content-addressed (and checked the bytes against that)");
+});
+
+test("a content-addressed path both hold settles on the first holder's answer: the holder behind the link is not asked", async (t) => {
+  if (!ready(t)) return;
+  const queries = async () => (await B.status()).counters.peerQueries ?? 0;
+  const before = await queries();
+  const r = await B.http(`/${caShared.slice(11, 43)}.narinfo`);
+  assert.equal(r.status, 200, r.body);
+  assert.match(r.body, /^CA: fixed:r:sha256:/m);
+  assert.equal((await queries()) - before, 1, "C's answer, whose store path names its contents, was enough");
+  const dest = join(tmp!.dir, "dest-ca-shared");
+  assert.equal(await copyOnB(dest, caShared), undefined);
+  assert.equal(await dumpSha(dest, caShared), await dumpSha(A.storeRoot, caShared));
 });
 
 test("without the upstream check, a path only the forger holds is taken from it (the documented limit)", async (t) => {

@@ -11,8 +11,10 @@ import {
   parseSecretKey,
   sign,
   verify,
+  Verifier,
   type SecretKey,
 } from "../protocol/keys.js";
+import * as ed from "@noble/ed25519";
 import { fingerprint } from "../protocol/narinfo.js";
 import { plainAndBuiltPaths } from "./helpers/fixtures.js";
 import { needNix, nix, pathInfo, run, tempDir, toPathInfo } from "./helpers/nix.js";
@@ -26,6 +28,14 @@ const RFC_SIG =
 const hex = (s: string) => new Uint8Array(Buffer.from(s, "hex"));
 const b64 = (b: Uint8Array) => Buffer.from(b).toString("base64");
 
+
+/** `sig` with one bit flipped (bit `bit` of the 64 signature bytes). */
+function flipBit(sig: string, bit: number): string {
+  const colon = sig.indexOf(":");
+  const bytes = Buffer.from(sig.slice(colon + 1), "base64");
+  bytes[bit >> 3]! ^= 1 << (bit & 7);
+  return `${sig.slice(0, colon)}:${bytes.toString("base64")}`;
+}
 
 async function nixSign(root: string, keyFile: string, paths: string[]): Promise<void> {
   await nix(["store", "sign", "--store", root, "--key-file", keyFile, ...paths]);
@@ -145,5 +155,93 @@ test("our generated key works in Nix: `nix store sign` with it gives our signatu
     await assert.rejects(verifyWith(formatPublicKey(generateKeyPair("fleetcache-test-1"))), /untrusted/);
   } finally {
     cleanup();
+  }
+});
+
+// The agent verifies with node:crypto (Verifier); Nix signs and checks with libsodium. Keys from
+// `nix-store --generate-binary-cache-key`, signatures from `nix store sign`.
+test("Verifier: Nix's keys and `nix store sign` signatures verify; a flipped bit, another key or malformed input fail without a throw", async (t) => {
+  if (!(await needNix(t))) return;
+  const { dir, cleanup } = tempDir();
+  try {
+    const keyFiles = async (name: string, tag: string) => {
+      await run("nix-store", ["--generate-binary-cache-key", name, join(dir, `${tag}.sec`), join(dir, `${tag}.pub`)]);
+      return { sec: join(dir, `${tag}.sec`), pub: parsePublicKey(readFileSync(join(dir, `${tag}.pub`), "utf8")) };
+    };
+    const nixKey = await keyFiles("nix-made-1", "a");
+    const sameName = await keyFiles("nix-made-1", "b"); // another key under the same name
+    const otherName = await keyFiles("other-1", "c");
+    const { root, paths } = await plainAndBuiltPaths(dir);
+    await nixSign(root, nixKey.sec, paths);
+    const v = new Verifier([nixKey.pub]);
+    assert.equal(v.size, 1);
+    let checked = 0;
+    for (const j of await pathInfo(root, paths)) {
+      const sig = (j.signatures ?? []).find((s) => s.startsWith("nix-made-1:"))!;
+      const fp = fingerprint(toPathInfo(j));
+      assert.ok(v.verify(fp, sig), j.path);
+      assert.equal(v.verify(fp, sig), ed.verify(Buffer.from(sig.slice(11), "base64"), Buffer.from(fp), nixKey.pub.publicKey), "agrees with @noble");
+      // Every bit of the signature counts (R and S halves), and every byte of the fingerprint.
+      for (let bit = 0; bit < 512; bit++) assert.equal(v.verify(fp, flipBit(sig, bit)), false, `bit ${bit} flipped`);
+      for (let i = 0; i < fp.length; i++) {
+        const c = fp.charCodeAt(i) ^ 1;
+        assert.equal(v.verify(fp.slice(0, i) + String.fromCharCode(c) + fp.slice(i + 1), sig), false, `fingerprint byte ${i}`);
+      }
+      assert.equal(new Verifier([sameName.pub]).verify(fp, sig), false, "another key of the same name");
+      assert.equal(new Verifier([{ name: "nix-made-1", publicKey: otherName.pub.publicKey }]).verify(fp, sig), false);
+      assert.equal(new Verifier([{ name: "other-1", publicKey: nixKey.pub.publicKey }]).verify(fp, sig), false, "the right bytes under another name");
+      assert.ok(new Verifier([sameName.pub, otherName.pub, nixKey.pub]).verify(fp, sig), "any key of that name may match");
+      assert.equal(new Verifier([]).verify(fp, sig), false);
+      checked++;
+    }
+    assert.equal(checked, 2);
+  } finally {
+    cleanup();
+  }
+});
+
+test("Verifier: malformed keys are left out and malformed signatures refused, never a throw; S + L is refused as libsodium does", () => {
+  const key = generateKeyPair("k");
+  const fp = "1;/nix/store/xp0dpr9yz5h0fk5c5lpj7zzqjbdh3w8c-f;sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw;120;";
+  const good = sign(key, fp);
+  // Keys that are no keys: 31 and 33 bytes (not importable: left out), 32 bytes off the curve or
+  // of small order (importable, verify nothing).
+  const junk = [new Uint8Array(31), new Uint8Array(33), new Uint8Array(32).fill(255), new Uint8Array(32), Uint8Array.from([1, ...new Uint8Array(31)])];
+  const v = new Verifier([...junk.map((publicKey) => ({ name: "k", publicKey })), key]);
+  assert.equal(v.size, 4, "the 31- and 33-byte keys are left out");
+  assert.ok(v.verify(fp, good), "the real key among junk still verifies");
+  for (const publicKey of junk) assert.equal(new Verifier([{ name: "k", publicKey }]).verify(fp, good), false);
+  const body = good.slice(2);
+  for (const bad of ["", "k", "k:", ":" + body, "k:" + body.slice(4), "k:" + body + "AAAA", "k:" + body.replace("==", ""), "k:" + body.slice(0, 85) + "B==", "k: " + body, "k:" + "A".repeat(86) + "==", "k:" + "/".repeat(85) + "w==", "k:" + body + "\n", "\u0000:" + body]) {
+    assert.equal(v.verify(fp, bad), false, JSON.stringify(bad));
+  }
+  // Ed25519's malleability: S + L (the group order) is the same point arithmetic; RFC 8032 and
+  // libsodium refuse S >= L, so must we (else one signature has two valid encodings).
+  const L = (1n << 252n) + 27742317777372353535851937790883648493n;
+  const bytes = Buffer.from(body, "base64");
+  let s = 0n;
+  for (let i = 31; i >= 0; i--) s = (s << 8n) | BigInt(bytes[32 + i]!);
+  let sl = s + L;
+  for (let i = 0; i < 32; i++, sl >>= 8n) bytes[32 + i] = Number(sl & 255n);
+  assert.ok(s + L < 1n << 256n);
+  assert.equal(v.verify(fp, `k:${bytes.toString("base64")}`), false);
+});
+
+test("Verifier agrees with @noble/ed25519 (RFC 8032 rules) on valid and tampered signatures", () => {
+  for (let i = 0; i < 50; i++) {
+    const key = generateKeyPair(`k${i}`);
+    const fp = `1;/nix/store/${"a".repeat(32)}-p${i};sha256:${"1".repeat(52)};${i};`;
+    const sig = sign(key, fp);
+    const tampered = flipBit(sig, (i * 37) % 512);
+    for (const s of [sig, tampered]) {
+      const raw = Buffer.from(s.slice(s.indexOf(":") + 1), "base64");
+      let noble: boolean;
+      try {
+        noble = ed.verify(raw, Buffer.from(fp), key.publicKey, { zip215: false });
+      } catch {
+        noble = false;
+      }
+      assert.equal(new Verifier([key]).verify(fp, s), noble, `${i} ${s === sig ? "valid" : "tampered"}`);
+    }
   }
 });

@@ -12,6 +12,8 @@ import { createLogger } from "../agent/log.js";
 import { FleetSource, type PeerRequests } from "../agent/mesh/fleet-source.js";
 import { HolderPenalties } from "../agent/mesh/holder-penalties.js";
 import { MAX_HOLDERS_ASKED, TrustPolicy } from "../agent/mesh/trust-policy.js";
+import { NarFetchError } from "../agent/mesh/nar-service.js";
+import { NarUnavailableError } from "../agent/source.js";
 import { UpstreamCheck } from "../agent/mesh/upstream-check.js";
 import { ConfigError, loadConfig } from "../agent/config.js";
 import { resolveUpstreamKeys } from "../agent/upstream-keys.js";
@@ -37,7 +39,7 @@ function narinfo(which: "genuine" | "forged", ...keys: SecretKey[]): Narinfo {
 type Reply = { narinfo?: Narinfo; delayMs?: number; never?: boolean };
 
 /** A FleetSource over holders (fastest first) that answer as told; records who was asked. */
-function lookupFleet(replies: Record<string, Reply>, opts: ConstructorParameters<typeof FleetSource>[4] = {}) {
+function lookupFleet(replies: Record<string, Reply>, opts: ConstructorParameters<typeof FleetSource>[4] = {}, nar: PeerRequests["nar"] = () => Promise.reject(new Error("not used"))) {
   const asked: string[] = [];
   const order = Object.keys(replies);
   const requests: PeerRequests = {
@@ -48,7 +50,7 @@ function lookupFleet(replies: Record<string, Reply>, opts: ConstructorParameters
       if (r.delayMs) await sleep(r.delayMs);
       return r.narinfo;
     },
-    nar: () => Promise.reject(new Error("not used")),
+    nar,
   };
   const local = { pathInfo: async () => undefined } as unknown as LocalStore;
   const source = new FleetSource(local, { holders: () => order, reconnectingHolders: () => [], onChange: () => () => {}, holderPenalties: new HolderPenalties() }, requests, log, opts);
@@ -88,6 +90,59 @@ test("an upstream-signed answer is taken at once: slower holders are not waited 
   const { source, asked } = lookupFleet({ a: { narinfo: narinfo("genuine", fleetKeys.a, upstreamKey) }, c: { never: true } }, withUpstreamKeys());
   assert.equal((await source.pathInfo(HASH_PART))?.narHash, narinfo("genuine").narHash);
   assert.deepEqual(asked, ["a"]);
+});
+
+// A path `nix-store --add` made of "fleetcache trust\n" (Nix 2.8): its CA field makes its store
+// path name its NAR hash (protocol/content-address.ts).
+const CA_PATH = "/nix/store/39hphjmgmcpp10xa7k6kd6mrancg6fsh-trust.txt";
+function caNarinfo(which: "genuine" | "forged", withCa: boolean, ...keys: SecretKey[]): Narinfo {
+  const n: Narinfo = {
+    storePath: CA_PATH,
+    narHash: which === "genuine" ? "sha256-PFtS1zAiLLtMgBs3xNmx6RQeR0LohwJNx7Xwvc2f2tE=" : "sha256:1" + "2".repeat(51),
+    narSize: 136, references: [], sigs: [], url: "nar/x.nar", compression: "none",
+    ...(withCa ? { ca: "fixed:r:sha256:1lfskz6vvw5mqx6h51z8893iw579n7cw8dqvh16bnb1263bm4nrw" } : {}),
+  };
+  n.sigs = keys.map((k) => sign(k, fingerprint(n)));
+  return n;
+}
+
+test("a fleet-only answer whose store path names its contents (CA) is taken at once: slower holders are not waited for", async () => {
+  const { source, asked } = lookupFleet({ c: { narinfo: caNarinfo("genuine", true, fleetKeys.c) }, a: { never: true } }, withUpstreamKeys());
+  assert.equal((await source.pathInfo(CA_PATH.slice(11, 43)))?.narHash, caNarinfo("genuine", true).narHash);
+  assert.deepEqual(asked, ["c"]);
+  // A CA field that does not fit (another NarHash under that name) proves nothing: the wait is as for any fleet-only answer.
+  const forged = { ...caNarinfo("forged", false), ca: caNarinfo("genuine", true).ca };
+  assert.equal(new TrustPolicy([upstreamKey]).conclusive({ ...forged, sigs: [sign(fleetKeys.c, fingerprint(forged))] }), false);
+});
+
+test("a forger answering first without the CA field loses to a slower holder's answer whose name proves its contents", async () => {
+  const { source, asked } = lookupFleet(
+    { c: { narinfo: caNarinfo("forged", false, fleetKeys.c) }, a: { narinfo: caNarinfo("genuine", true, fleetKeys.a), delayMs: 20 } },
+    withUpstreamKeys(),
+  );
+  assert.equal((await source.pathInfo(CA_PATH.slice(11, 43)))?.narHash, caNarinfo("genuine", true).narHash);
+  assert.deepEqual(asked, ["c", "a"]);
+  assert.equal(source.counters.narinfoConflicts, 0, "only upstream signatures count against a holder");
+});
+
+test("a holder whose NAR is announced with another size than the narinfo from another holder says is passed over, not penalised (either may lie)", async () => {
+  // C answers first with the path's true NarHash and CA, and a false NarSize: its answer settles the lookup.
+  const lie = { ...caNarinfo("genuine", true), narSize: 137 };
+  lie.sigs = [sign(fleetKeys.c, fingerprint(lie))];
+  const narAsked: string[] = [];
+  const { source } = lookupFleet({ c: { narinfo: lie }, a: { narinfo: caNarinfo("genuine", true, fleetKeys.a), delayMs: 20 } }, withUpstreamKeys(), async (peer) => {
+    narAsked.push(peer);
+    if (peer === "c") throw new NarFetchError("not-found", "gone");
+    throw new NarFetchError("size-mismatch", "peer announced 136 bytes, the narinfo says 137"); // A's header: the true size
+  });
+  const info = await source.pathInfo(CA_PATH.slice(11, 43));
+  assert.equal(info?.narSize, 137, "C's answer was used");
+  await assert.rejects(async () => {
+    for await (const _ of source.narStream(info!, 0, info!.narSize)) void _;
+  }, NarUnavailableError);
+  assert.deepEqual(narAsked.sort(), ["a", "c"]);
+  assert.equal(source.penalties.status("a").badNars, 0, "A, which may well be right, earns no strike");
+  assert.equal(source.penalties.barred("a", CA_PATH.slice(11, 43)), false);
 });
 
 test("without upstream keys the first verified answer wins, as before (nothing to tell answers apart by)", async () => {

@@ -3,6 +3,8 @@
 import { accessSync, constants, statSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError, loadConfig, type AgentConfig } from "../config.js";
+import { parsePublicKey, type PublicKey } from "../../protocol/keys.js";
+import { upstreamKeysAmong } from "../upstream-keys.js";
 import { AgentError, agentGet, agentJson, agentUrl, parseCacheInfo } from "./agent-client.js";
 import { boolSetting, listSetting, numberSetting, readNixConfig, type NixSettings } from "./nix-config.js";
 import { readStatus, type StatusView } from "./status-doc.js";
@@ -116,6 +118,7 @@ export async function doctor(opts: DoctorOptions): Promise<CheckResult[]> {
     add("agent-config", "FAIL", `the agent configuration is invalid: ${e.message}`, "fix the file or variable named, then `fleetcache agent --check-config`.");
   }
   if (nix) checkKeys(nix, status, statusProblem, config?.trustedKeys ?? [], add);
+  if (nix) checkUpstreamKeys(nix, status, config, add);
   if (nix) {
     const ttl = numberSetting(nix, "narinfo-cache-negative-ttl");
     if (ttl === undefined) add("negative-ttl", "warn", "Nix does not report narinfo-cache-negative-ttl", `${NEGATIVE_TTL_FIX}.`);
@@ -238,6 +241,46 @@ function checkKeys(nix: NixSettings, status: StatusView | undefined, statusProbl
   else {
     add("stale-keys", "warn", `Nix trusts ${stale.map((t) => `${t.name}:${t.bytes}`).join(", ")}, but that fleet member now signs with ${stale.map((t) => fleetByName.get(t.name)!.join(" or ")).join(", ")} (a rotated key?)`,
       "replace the old key with the current one in trusted-public-keys.");
+  }
+}
+
+/**
+ * The trust policy (README "Trust") tells a fleet member's forgery of an upstream path from
+ * upstream's contents by the upstream keys: upstream_keys, or Nix's trusted-public-keys that are
+ * not the fleet's (the agent's rule, upstream-keys.ts). With none, every path is fleet-only and
+ * one compromised fleet host can serve forgeries of any path Nix asks the agent for.
+ */
+function checkUpstreamKeys(nix: NixSettings, status: StatusView | undefined, config: AgentConfig | undefined, add: (c: string, v: Verdict, m: string, f?: string) => void): void {
+  const meshOff = status ? status.self.peerId === null : config?.p2pListen === null;
+  if (meshOff) {
+    add("upstream-keys", "ok", "the mesh is off: every path is this host's own");
+    return;
+  }
+  const fleet: PublicKey[] = [];
+  for (const k of [status?.self.publicKey, ...(status?.peers ?? []).map((p) => p.publicKey), ...(config?.trustedKeys ?? [])]) {
+    try {
+      if (k) fleet.push(parsePublicKey(k));
+    } catch {
+      // not a key: checkKeys reports what it can
+    }
+  }
+  const configured = config?.upstreamKeys ?? null;
+  const nixKeys = listSetting(nix, "trusted-public-keys");
+  const { keys } = upstreamKeysAmong(configured ?? nixKeys, fleet);
+  if (keys.length > 0) {
+    add("upstream-keys", "ok", `the agent tells upstream paths by ${keys.map((k) => k.name).join(", ")} (${configured ? "upstream_keys" : "Nix's trusted-public-keys that are not fleet keys"})`);
+    return;
+  }
+  const harm = "every path is fleet-only to the agent, so a single compromised fleet host can serve forged contents of any path, cache.nixos.org's included, and Nix accepts them for its fleet signature";
+  const nixUpstream = upstreamKeysAmong(nixKeys, fleet).keys;
+  const example = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= for cache.nixos.org";
+  if (configured && nixUpstream.length > 0) {
+    add("upstream-keys", "warn", `upstream_keys is ${configured.length ? "only fleet keys" : "none"}, though Nix trusts ${nixUpstream.map((k) => k.name).join(", ")}: ${harm}.`,
+      `remove upstream_keys from the agent's configuration (it then takes Nix's trusted-public-keys that are not fleet keys) and restart the agent; README "Trust".`);
+  } else {
+    // upstream_keys none as the NixOS and nix-darwin modules write it when Nix trusts only the fleet, or unset.
+    add("upstream-keys", "warn", `Nix trusts no key but the fleet's (trusted-public-keys = ${nixKeys.join(" ") || "(none)"})${configured ? " and upstream_keys is none" : ", and upstream_keys is not set"}: ${harm}.`,
+      `add the upstream caches' keys to trusted-public-keys in nix.conf (nix.settings.trusted-public-keys with the NixOS and nix-darwin modules; ${example}) and restart the agent, or set the agent's upstream_keys to them; README "Trust".`);
   }
 }
 

@@ -286,7 +286,8 @@ export class FleetSource implements PathSource {
   /**
    * Asks the holders in order, starting the next one when the previous has not answered within
    * the hedge delay (or has answered "no"); the deadline bounds the whole lookup so a dead peer
-   * never holds Nix up. An answer with an upstream signature wins at once; a fleet-only one is
+   * never holds Nix up. An answer with an upstream signature (or whose store path names its
+   * contents) wins at once; another fleet-only one is
    * weighed against the other holders' answers and upstream's (trust-policy.ts): all holders (up
    * to MAX_HOLDERS_ASKED) are then asked at once, and the upstream check started.
    */
@@ -297,6 +298,8 @@ export class FleetSource implements PathSource {
       controller.abort();
     }, this.deadlineMs);
     const answers: PeerAnswer[] = [];
+    const started = performance.now();
+    const took: Record<string, number> = {}; // ms to each holder's answer (debug log: where a lookup's time goes)
     let upstream: UpstreamAnswer | "pending" | undefined; // undefined: not asked (none configured, or no fleet-only answer)
     let settle = () => {};
     return new Promise<PathInfo | undefined>((resolve) => {
@@ -324,6 +327,9 @@ export class FleetSource implements PathSource {
       settle = () => {
         if (done) return;
         const verdict = this.trust.decide(order(answers, holders), upstream !== "pending" && upstream?.kind === "signed" ? upstream.narinfo : undefined);
+        if (this.log.isLevelEnabled("debug")) {
+          this.log.debug({ hashPart, ms: ms(started), answers: took, upstream: upstream === "pending" ? "pending" : upstream?.kind, chosen: verdict.chosen?.peer }, "narinfo lookup decided");
+        }
         for (const peer of verdict.losers) this.#contradicted(peer, hashPart);
         if (verdict.upstreamSigned.size > 0) {
           lateJudge = (peer, n) => {
@@ -343,7 +349,8 @@ export class FleetSource implements PathSource {
       };
       const onAnswer = (peer: string, narinfo: Narinfo) => {
         answers.push({ peer, narinfo });
-        if (!this.trust.corroborates || this.trust.upstreamSigs(narinfo).length > 0) return settle();
+        took[peer] = ms(started);
+        if (this.trust.conclusive(narinfo)) return settle();
         if (all) return maybeSettle();
         all = true;
         const check = this.trust.upstream;
@@ -494,7 +501,16 @@ export class FleetSource implements PathSource {
             continue;
           }
           allGone = false;
-          // Wrong bytes. A wrong size in the header is this peer's alone; a NAR that fails its
+          const narinfoFrom = this.cache.get(hashPart)?.from;
+          if (!body && reason === "size-mismatch" && narinfoFrom !== undefined && narinfoFrom !== peer) {
+            // Its size differs from the one in a narinfo another holder gave (the NarHash agrees):
+            // either may lie, and a forger must not get an honest holder penalised. Passed over.
+            skip.add(peer);
+            this.log.warn({ peer, path: info.storePath, err: (err as Error).message }, "a holder's NAR size differs from the narinfo's (another holder's); trying the next holder");
+            this.#onError({ message: `NAR size differs from the narinfo's: ${(err as Error).message}`, path: info.storePath, peer });
+            continue;
+          }
+          // Wrong bytes. A wrong size in the header is this peer's alone (its own narinfo said otherwise); a NAR that fails its
           // hash (or runs long) may have been stitched from several holders: each is barred from
           // this path, and only a sole sender earns a strike as a peer.
           const blamed = body ? [...contributors] : [peer];
@@ -548,6 +564,8 @@ export class FleetSource implements PathSource {
     return order[0]!;
   }
 }
+
+const ms = (since: number) => Math.round((performance.now() - since) * 10) / 10;
 
 /** Answers in the holders' order of preference (fastest first), not arrival order. */
 function order(answers: PeerAnswer[], holders: string[]): PeerAnswer[] {

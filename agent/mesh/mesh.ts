@@ -1,7 +1,7 @@
 // The mesh, assembled: the libp2p node, what we announce and serve to peers, what we learn from
 // them, and the FleetSource through which the HTTP side reaches all of it.
 import { AsyncLocalStorage } from "node:async_hooks";
-import { parsePublicKey, type PublicKey, type SecretKey } from "../../protocol/keys.js";
+import { parsePublicKey, Verifier, type PublicKey, type SecretKey } from "../../protocol/keys.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Logger } from "../log.js";
 import type { MeshTallies } from "../metrics.js";
@@ -122,7 +122,7 @@ export class Mesh {
       // Our own signatures count too: a path this host signed, held by a peer, is acceptable; so do
       // upstream ones. Which acceptable answer is believed is the trust policy's decision.
       const upstreamKeys = opts.upstreamKeys ?? [];
-      const keys = [...trusted, { name: opts.key.name, publicKey: opts.key.publicKey }, ...upstreamKeys];
+      const keys = new Verifier([...trusted, { name: opts.key.name, publicKey: opts.key.publicKey }, ...upstreamKeys]);
       const upstreamCheck = opts.upstreamCaches?.length ? new UpstreamCheck(opts.upstreamCaches, upstreamKeys, { log }) : undefined;
       const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),

@@ -16,7 +16,7 @@ import {
   encodeNarinfoResponse,
   type NarinfoResponse,
 } from "../../protocol/peer-codec.js";
-import { verify, type PublicKey } from "../../protocol/keys.js";
+import { Verifier, type PublicKey } from "../../protocol/keys.js";
 import { fingerprint, parseNarinfo, renderNarinfo, type Narinfo } from "../../protocol/narinfo.js";
 import { narUrl } from "../../protocol/nar-url.js";
 import { isValidHashPart, storePathHashPart } from "../../protocol/store-path.js";
@@ -96,8 +96,8 @@ async function localAnswer(local: LocalStore, hashPart: string, log: Logger): Pr
 }
 
 export interface FetchNarinfoOptions {
-  /** Keys whose signature makes a narinfo acceptable (the fleet's trusted keys). */
-  trusted: readonly PublicKey[];
+  /** Keys whose signature makes a narinfo acceptable (the fleet's trusted keys): a Verifier made once, or a list for one request. */
+  trusted: Verifier | readonly PublicKey[];
   signal?: AbortSignal;
   /** Deadline for the whole exchange (default 2 s). */
   timeoutMs?: number;
@@ -152,7 +152,8 @@ export async function fetchNarinfo(node: MeshNode, peerId: string, hashPart: str
   }
   if (storePathHashPart(info.storePath) !== hashPart) return why(`answer is for ${info.storePath}`);
   const fp = fingerprint(info);
-  if (!info.sigs.some((sig) => verify(opts.trusted, fp, sig))) return why("no signature by a trusted key");
+  const trusted = opts.trusted instanceof Verifier ? opts.trusted : new Verifier(opts.trusted);
+  if (!info.sigs.some((sig) => trusted.verify(fp, sig))) return why("no signature by a trusted key");
   return info;
 }
 

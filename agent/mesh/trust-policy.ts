@@ -4,6 +4,9 @@
 // by an upstream key (cache.nixos.org-1, ...) says what a path's contents are. Hence:
 //
 // - an answer carrying a valid upstream signature is taken as it is;
+// - so is one whose CA field makes its store path name its NAR hash and references
+//   (protocol/content-address.ts: no other contents can go by that name, so nobody needs to vouch
+//   for them, and the other holders are not waited for); it is preferred to other fleet-only ones;
 // - an answer with fleet signatures only is taken only when nothing shows the path to be
 //   upstream-signed with other contents: no other holder's upstream-signed answer, and (when
 //   upstream caches are configured) not the upstream cache's own narinfo. When such evidence
@@ -12,8 +15,9 @@
 //   that disagree lose, and their holders are penalised.
 //
 // The decision is a pure function of the answers gathered (FleetSource gathers them).
+import { namesOwnContents } from "../../protocol/content-address.js";
 import { fingerprint, type Narinfo } from "../../protocol/narinfo.js";
-import { verify, type PublicKey } from "../../protocol/keys.js";
+import { Verifier, type PublicKey } from "../../protocol/keys.js";
 import type { UpstreamCheck } from "./upstream-check.js";
 
 export interface PeerAnswer {
@@ -41,26 +45,39 @@ export class TrustPolicy {
   constructor(
     readonly upstreamKeys: readonly PublicKey[],
     readonly upstream?: UpstreamCheck,
-  ) {}
+  ) {
+    this.#keys = new Verifier(upstreamKeys);
+  }
+
+  readonly #keys: Verifier;
 
   /** Without upstream keys nothing can be told apart: the first verified answer is as good as any. */
   get corroborates(): boolean {
     return this.upstreamKeys.length > 0;
   }
 
-  /** The signatures of `n` that verify with an upstream key (worked out once per narinfo: a verification costs milliseconds). */
+  /** The signatures of `n` that verify with an upstream key (worked out once per narinfo, as `decide` asks again). */
   upstreamSigs(n: Narinfo): string[] {
     if (this.upstreamKeys.length === 0) return [];
     let sigs = this.#verified.get(n);
     if (!sigs) {
       const fp = fingerprint(n);
-      sigs = n.sigs.filter((s) => verify(this.upstreamKeys, fp, s));
+      sigs = n.sigs.filter((s) => this.#keys.verify(fp, s));
       this.#verified.set(n, sigs);
     }
     return sigs;
   }
 
   readonly #verified = new WeakMap<Narinfo, string[]>();
+
+  /**
+   * Whether `n` settles a lookup by itself: without upstream keys every verified answer does; else
+   * one with an upstream signature, or one whose store path names its contents (no holder's
+   * answer could show other contents for that path).
+   */
+  conclusive(n: Narinfo): boolean {
+    return !this.corroborates || this.upstreamSigs(n).length > 0 || namesOwnContents(n);
+  }
 
   /**
    * Decides a lookup. `answers` are in the order the holders are preferred (fastest first);
@@ -77,7 +94,12 @@ export class TrustPolicy {
     for (const a of answers) note(a.narinfo, this.upstreamSigs(a.narinfo));
     if (upstream) note(upstream, this.upstreamSigs(upstream));
     const upstreamSigned = new Set(signed.keys());
-    if (signed.size === 0) return answers[0] ? { chosen: answers[0], losers: [], upstreamSigned } : { losers: [], upstreamSigned };
+    if (signed.size === 0) {
+      // Nothing upstream-signed: a fleet build, or a content-addressed path. An answer whose name
+      // proves its contents wins over the others (a forger may leave the CA field out), else the fastest.
+      const chosen = answers.find((a) => namesOwnContents(a.narinfo)) ?? answers[0];
+      return chosen ? { chosen, losers: [], upstreamSigned } : { losers: [], upstreamSigned };
+    }
 
     const losers = answers.filter((a) => this.contradicts(a.narinfo, upstreamSigned)).map((a) => a.peer);
     // An answer that carries an upstream signature itself first, then one that matches upstream's.

@@ -6,7 +6,7 @@
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { verify, type PublicKey } from "../../protocol/keys.js";
+import { Verifier, type PublicKey } from "../../protocol/keys.js";
 import { DEFAULT_MAX_NARINFO_BYTES, fingerprint, parseNarinfo, type Narinfo } from "../../protocol/narinfo.js";
 import { storePathHashPart } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
@@ -41,6 +41,7 @@ export class UpstreamCheck {
   readonly #log: Logger | undefined;
   readonly #remembered = new Map<string, { answer: UpstreamAnswer; until: number }>();
   readonly #downUntil = new Map<string, number>();
+  readonly #verifier: Verifier;
 
   constructor(
     readonly caches: readonly string[],
@@ -52,6 +53,7 @@ export class UpstreamCheck {
     this.#absentMs = opts.absentTtlMs ?? 600_000;
     this.#downMs = opts.downMs ?? 30_000;
     this.#log = opts.log;
+    this.#verifier = new Verifier(keys);
   }
 
   /** What the upstream caches say of the path; never throws. */
@@ -79,7 +81,7 @@ export class UpstreamCheck {
       const n = parseNarinfo(body);
       if (storePathHashPart(n.storePath) !== hashPart) throw new Error(`answer is for ${n.storePath}`);
       const fp = fingerprint(n);
-      const sigs = n.sigs.filter((s) => verify(this.keys, fp, s));
+      const sigs = n.sigs.filter((s) => this.#verifier.verify(fp, s));
       if (sigs.length === 0) {
         this.#log?.debug({ cache, hashPart }, "upstream narinfo has no signature by an upstream key: not evidence");
         return { kind: "absent" };

@@ -165,28 +165,43 @@ async function sendInPieces(sender: Socket, receiver: SocketConnection, bytes: U
   }
 }
 
-test("framer: one whole message per event; the handshake reader's messages stay its own; unshifted bytes keep their place", async () => {
+/** What one event carried: its pieces, copied. */
+const piecesOf = (evt: StreamMessageEvent) => (evt.data instanceof Uint8Array ? [evt.data] : [...evt.data]).map((p) => Buffer.from(p));
+
+/**
+ * Checks events against the messages they should carry: their bytes together are the wire's, and
+ * each event holds one message whose body is one piece (what noise decrypts without a copy).
+ */
+function assertFramed(events: Buffer[][], bodies: Buffer[], what: string): void {
+  assert.deepEqual(Buffer.concat(events.flat()), Buffer.concat(bodies.map((b) => message(b))), `${what}: the bytes, in order`);
+  assert.equal(events.length, bodies.length, `${what}: one event per message`);
+  events.forEach((e, i) => assert.ok(e.some((p) => p.equals(bodies[i]!) || p.subarray(2).equals(bodies[i]!)), `${what}: message ${i}'s body in one piece`));
+}
+
+test("framer: one message per event, its body in one piece; the handshake reader's stay its own; unshifted bytes keep their place", async () => {
   const { sender, receiver, close } = await tcpPair();
   after(close);
   const framed = framedConnection(receiver);
-  const [m1, m2, m3, m4] = [randomBytes(65_535), randomBytes(300), randomBytes(65_535), randomBytes(40_000)];
+  const [m1, m2, m3, m4, m5] = [randomBytes(65_535), randomBytes(300), randomBytes(65_535), randomBytes(40_000), randomBytes(20)];
   // The handshake's reader keeps what it gets (as lpStream does) and reads it later.
-  const kept: Uint8Array[] = [];
-  const keep = (evt: StreamMessageEvent) => kept.push(evt.data instanceof Uint8Array ? evt.data : evt.data.subarray());
+  const kept: StreamMessageEvent[] = [];
+  const keep = (evt: StreamMessageEvent) => kept.push(evt);
   framed.addEventListener("message", keep);
   const wire = Buffer.concat([message(m1), message(m2), message(m3)]);
   await sendInPieces(sender, receiver, wire, [1, 30_000, 65_537 + 1, 65_537 + 302 + 10, 65_537 + 302 + 40_000]);
-  assert.deepEqual(kept.map((k) => k.length), [65_537, 302, 65_537], "one whole message per event");
-  // Still intact after later messages arrived (none was handed out in a reused buffer).
-  assert.deepEqual(kept.map((k) => Buffer.from(k.subarray(2))), [m1, m2, m3]);
+  // Copied only now, after later messages arrived: none was handed out in a buffer used again.
+  assertFramed(kept.map(piecesOf), [m1, m2, m3], "handshake phase");
 
   // The handshake is over: its reader lets go and gives back m3, unread, while m4's first part is in.
   framed.removeEventListener("message", keep);
-  const m4wire = message(m4);
-  await sendInPieces(sender, receiver, m4wire.subarray(0, 20_000));
-  framed.unshift(kept[2]!);
-  const seen: Buffer[] = [];
-  framed.addEventListener("message", (evt: StreamMessageEvent) => seen.push(Buffer.from(evt.data instanceof Uint8Array ? evt.data : evt.data.subarray())));
-  await sendInPieces(sender, receiver, m4wire.subarray(20_000), [5_000]);
-  assert.deepEqual(seen.map((s) => s.subarray(2)), [m3, m4], "the given-back message first, then the rest in order");
+  // What it had not read: all of m3 (whose length came with m2's event).
+  const unread = Buffer.concat(kept.flatMap(piecesOf)).subarray(message(m1).length + message(m2).length);
+  assert.ok(unread.equals(message(m3)));
+  const rest = Buffer.concat([message(m4), message(m5)]);
+  await sendInPieces(sender, receiver, rest.subarray(0, 20_000));
+  framed.unshift(unread);
+  const seen: Buffer[][] = [];
+  framed.addEventListener("message", (evt: StreamMessageEvent) => seen.push(piecesOf(evt)));
+  await sendInPieces(sender, receiver, rest.subarray(20_000), [5_000, 20_002, 20_003]); // m5's length split too
+  assertFramed(seen, [m3, m4, m5], "given back, then the rest");
 });

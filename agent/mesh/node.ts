@@ -3,7 +3,6 @@
 // caller's Nix public key.
 import { createLibp2p, type Libp2p } from "libp2p";
 import { tcp } from "@libp2p/tcp";
-import { noiseCrypto } from "./noise-crypto.js";
 import { framedNoise } from "./noise-framing.js";
 import { yamux } from "@chainsafe/libp2p-yamux";
 import { identify, type Identify } from "@libp2p/identify";
@@ -129,7 +128,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     transports: [tcp()],
     // Same noise protocol and keys; the cipher calls copy less (noise-crypto.ts), and incoming
     // messages reach the library whole, one buffer each (noise-framing.ts).
-    connectionEncrypters: [framedNoise({ crypto: noiseCrypto })],
+    connectionEncrypters: [framedNoise()],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     // The initial window stays yamux's 256 KiB: a sender assumes it of its peer, and a peer on
     // an older version would reset a stream that overran it (BENCHMARKS.md, "Mesh transfer").

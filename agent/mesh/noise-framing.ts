@@ -17,6 +17,7 @@
 import { StreamMessageEvent, type MultiaddrConnection } from "@libp2p/interface";
 import { noise } from "@chainsafe/libp2p-noise";
 import { Uint8ArrayList } from "uint8arraylist";
+import { noiseCrypto } from "./noise-crypto.js";
 
 /** Length prefix of a noise message (libp2p noise spec: uint16 big-endian). */
 const PREFIX = 2;
@@ -29,9 +30,14 @@ type Bytes = Uint8Array | (Iterable<Uint8Array> & { byteLength: number });
 type AnyListeners = { addEventListener(type: string, l: unknown, o?: unknown): void; removeEventListener(type: string, l: unknown, o?: unknown): void };
 type NoiseInit = NonNullable<Parameters<typeof noise>[0]>;
 
-/** noise(init), whose connections are framed (framedConnection) before the library reads them. */
-export function framedNoise(init: NoiseInit): ReturnType<typeof noise> {
-  const make = noise(init);
+/**
+ * noise with the mesh's cipher calls (noise-crypto.ts), whose connections are framed
+ * (framedConnection) before the library reads them. The cipher is not a choice: the reused
+ * buffer is safe only with one that never decrypts into the library's `dst` (the library's own
+ * default does, for small messages).
+ */
+export function framedNoise(init: Omit<NoiseInit, "crypto"> = {}): ReturnType<typeof noise> {
+  const make = noise({ ...init, crypto: noiseCrypto });
   return (components) => {
     const inner = make(components);
     // Everything else (protocol, capabilities) as the library's.

@@ -16,6 +16,8 @@ export interface MeshResult {
   nginxSeconds: number;
   /** CPU seconds both agents (A serving, B fetching) used per GB of NAR, in the fastest agent run. */
   agentCpuPerGb: number;
+  /** Of that, B's (the requesting agent's: receiving, verifying, answering Nix), per GB of NAR. */
+  receiverCpuPerGb: number;
   /** agent MB/s ÷ nginx MB/s (equal bytes, so nginx time ÷ agent time). */
   ratio: number;
   /** Peak RSS (VmHWM) of A's and of B's agent over the whole case, MiB. */
@@ -79,14 +81,17 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     // Alternate, twice each, and keep the faster of each (the first may pay for cold caches).
     const agentRuns: number[] = [];
     const agentCpu: number[] = [];
+    const receiverCpu: number[] = [];
     const nginxRuns: number[] = [];
-    const agentsCpu = () => treeCpuSeconds(A.agent!.child.pid!) + treeCpuSeconds(B.agent!.child.pid!);
+    const receiverCpuNow = () => treeCpuSeconds(B.agent!.child.pid!);
+    const agentsCpu = () => treeCpuSeconds(A.agent!.child.pid!) + receiverCpuNow();
     for (let round = 0; round < 2; round++) {
       const trust = ["--option", "trusted-public-keys", fleet.trustedKeys.join(" "), "--option", "require-sigs", "true"];
-      const cpu0 = agentsCpu();
+      const [cpu0, receiver0] = [agentsCpu(), receiverCpuNow()];
       agentRuns.push(await copy(B.agent!.url, join(B.dir, `dest-agent-${round}`), trust));
       agentCpu.push(agentsCpu() - cpu0);
-      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${agentCpu.at(-1)!.toFixed(2)} s`);
+      receiverCpu.push(receiverCpuNow() - receiver0);
+      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${agentCpu.at(-1)!.toFixed(2)} s (B's ${receiverCpu.at(-1)!.toFixed(2)} s)`);
       // The static cache holds unsigned paths (they were added, not built by a signer).
       nginxRuns.push(await copy(`http://${A.net.ip}:${NGINX_PORT}`, join(B.dir, `dest-nginx-${round}`), ["--option", "require-sigs", "false"]));
       log(`mesh: from nginx ${nginxRuns.at(-1)!.toFixed(2)} s`);
@@ -96,8 +101,9 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const agentSeconds = Math.min(...agentRuns);
     const nginxSeconds = Math.min(...nginxRuns);
     const agentCpuPerGb = agentCpu[agentRuns.indexOf(agentSeconds)]! / (narBytes / 1e9);
+    const receiverCpuPerGb = receiverCpu[agentRuns.indexOf(agentSeconds)]! / (narBytes / 1e9);
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
-    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB };
+    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, receiverCpuPerGb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB };
   } finally {
     nginx?.kill();
     await fleet.destroy();

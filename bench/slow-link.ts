@@ -23,6 +23,7 @@ over a rate-limited link and over the LAN.
   --latency MS   the slow link's latency each way (default 5)
   --rounds N     runs per mode (default 2)
   --only W       slow or lan (default both)
+  --modes M,...  the --mesh-compression modes to run (default off,auto,zstd)
 `;
 
 const MODES = ["off", "auto", "zstd"] as const;
@@ -37,6 +38,8 @@ interface Run {
   compressed: number;
   /** CPU seconds of both agents during the copy. */
   cpu: number;
+  /** Of that, the requesting agent's (B: receiving, verifying, answering Nix). */
+  cpuB: number;
   /** Peak RSS (VmHWM) of the holder's and the requester's agent during the copy, MiB. */
   rssA: number;
   rssB: number;
@@ -76,21 +79,22 @@ async function binaryClosure(host: FleetHost, mib: number): Promise<string[]> {
   return paths;
 }
 
-async function measure(where: string, a: FleetHost, b: FleetHost, peer: string, paths: string[], trustedKeys: string[], rounds: number, log: (s: string) => void): Promise<Run[]> {
+async function measure(where: string, a: FleetHost, b: FleetHost, peer: string, paths: string[], trustedKeys: string[], rounds: number, modes: readonly Mode[], log: (s: string) => void): Promise<Run[]> {
   writeFileSync(join(b.dir, "b"), "b\n");
   await addToStore(b.storeRoot, join(b.dir, "b"));
   await a.start(["--p2p-listen", `0.0.0.0:${P2P_PORT}`]);
   const aPaths = (await a.status()).self.paths;
   const runs: Run[] = [];
   for (let round = 0; round < rounds; round++) {
-    for (const mode of MODES) {
+    for (const mode of modes) {
       await b.start(["--peer", peer, "--mesh-compression", mode]);
       await eventually("B has A's summary", async () => (await b.status()).peers.find((p) => p.connected)?.pathCount === aPaths, 60_000);
       // auto decides its first transfers by this ping (libp2p's, between the two agents).
       const rtt = ((await b.status()).peers.find((p) => p.connected) as { rttMs?: number } | undefined)?.rttMs;
       const dest = join(b.dir, `dest-${mode}-${round}`);
-      const cpu = () => treeCpuSeconds(a.agent!.child.pid!) + treeCpuSeconds(b.agent!.child.pid!);
-      const cpu0 = cpu();
+      const cpuB = () => treeCpuSeconds(b.agent!.child.pid!);
+      const cpu = () => treeCpuSeconds(a.agent!.child.pid!) + cpuB();
+      const [cpu0, cpuB0] = [cpu(), cpuB()];
       resetPeakRss(a.agent!.child.pid!);
       const t0 = process.hrtime.bigint();
       await b.nix(["copy", "--from", b.agent!.url, "--to", dest, "--option", "trusted-public-keys", trustedKeys.join(" "), "--option", "require-sigs", "true", ...paths]);
@@ -98,9 +102,9 @@ async function measure(where: string, a: FleetHost, b: FleetHost, peer: string, 
       const status = await b.status();
       const c = status.counters;
       const figures = status.peers.find((p) => p.connected) as { plainBytesPerSec?: number; zstdBytesPerSec?: number } | undefined;
-      const run: Run = { mode, seconds, narBytes: c.narBytesFromPeers ?? 0, wireBytes: c.narWireBytesFromPeers ?? 0, compressed: c.compressedNarsFromPeers ?? 0, cpu: cpu() - cpu0, rssA: peakMiB(a), rssB: peakMiB(b) };
+      const run: Run = { mode, seconds, narBytes: c.narBytesFromPeers ?? 0, wireBytes: c.narWireBytesFromPeers ?? 0, compressed: c.compressedNarsFromPeers ?? 0, cpu: cpu() - cpu0, cpuB: cpuB() - cpuB0, rssA: peakMiB(a), rssB: peakMiB(b) };
       runs.push(run);
-      log(`${where} ${mode}: ping ${rtt?.toFixed(1) ?? "?"} ms before the copy, ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s, peak RSS A ${run.rssA} MiB, B ${run.rssB} MiB; auto's figures plain ${mb(figures?.plainBytesPerSec)}, zstd ${mb(figures?.zstdBytesPerSec)} MB/s`);
+      log(`${where} ${mode}: ping ${rtt?.toFixed(1) ?? "?"} ms before the copy, ${seconds.toFixed(2)} s, ${(run.narBytes / 1e6).toFixed(1)} MB NAR in ${(run.wireBytes / 1e6).toFixed(1)} MB on the wire, ${run.compressed} compressed transfers, agents' CPU ${run.cpu.toFixed(1)} s (B ${run.cpuB.toFixed(1)} s), peak RSS A ${run.rssA} MiB, B ${run.rssB} MiB; auto's figures plain ${mb(figures?.plainBytesPerSec)}, zstd ${mb(figures?.zstdBytesPerSec)} MB/s`);
       await b.stop();
       rmSync(dest, { recursive: true, force: true });
     }
@@ -114,13 +118,13 @@ function peakMiB(host: FleetHost): number {
   return Math.round((readStatus(host.agent!.child.pid!).get("VmHWM") ?? 0) / 1024);
 }
 
-function summary(where: string, runs: Run[], narBytes: number): string {
+function summary(where: string, runs: Run[], narBytes: number, modes: readonly Mode[]): string {
   const best = (m: Mode) => runs.filter((r) => r.mode === m).sort((x, y) => x.seconds - y.seconds)[0]!;
-  const off = best("off");
+  const off = best(modes[0]!);
   const lines = [`${where}: ${(narBytes / 1e6).toFixed(0)} MB of NAR`];
-  for (const m of MODES) {
+  for (const m of modes) {
     const r = best(m);
-    lines.push(`  ${m.padEnd(4)} ${r.seconds.toFixed(2)} s (${(narBytes / 1e6 / r.seconds).toFixed(1)} MB/s), wire ${(r.wireBytes / 1e6).toFixed(1)} MB, ${(off.seconds / r.seconds).toFixed(2)}x of off, agents' CPU ${r.cpu.toFixed(1)} s, peak RSS ${r.rssA}/${r.rssB} MiB; all runs ${runs.filter((x) => x.mode === m).map((x) => x.seconds.toFixed(2)).join(", ")} s`);
+    lines.push(`  ${m.padEnd(4)} ${r.seconds.toFixed(2)} s (${(narBytes / 1e6 / r.seconds).toFixed(1)} MB/s), wire ${(r.wireBytes / 1e6).toFixed(1)} MB, ${(off.seconds / r.seconds).toFixed(2)}x of ${modes[0]}, agents' CPU ${r.cpu.toFixed(1)} s (B ${r.cpuB.toFixed(1)} s, ${(r.cpuB / (narBytes / 1e9)).toFixed(1)} s/GB), peak RSS ${r.rssA}/${r.rssB} MiB; all runs ${runs.filter((x) => x.mode === m).map((x) => x.seconds.toFixed(2)).join(", ")} s`);
   }
   return lines.join("\n");
 }
@@ -135,6 +139,7 @@ export async function slowLinkMain(argv: string[]): Promise<void> {
       latency: { type: "string", default: "5" },
       rounds: { type: "string", default: "2" },
       only: { type: "string" },
+      modes: { type: "string", default: MODES.join(",") },
       help: { type: "boolean" },
     },
   });
@@ -142,6 +147,8 @@ export async function slowLinkMain(argv: string[]): Promise<void> {
   const log = (s: string) => console.error(s);
   const mib = Number(values.mib);
   const rounds = Number(values.rounds);
+  const modes = values.modes!.split(",") as Mode[];
+  if (modes.length === 0 || modes.some((m) => !MODES.includes(m))) throw new Error(`--modes: a list of ${MODES.join(", ")}`);
   const out: string[] = [];
   if (values.only !== "lan") {
     const net = await linkedFleet({ latencyMs: Number(values.latency), rate: values.rate! });
@@ -149,8 +156,8 @@ export async function slowLinkMain(argv: string[]): Promise<void> {
       log(`slow link: ${values.rate}/s, ${values.latency} ms each way; making ${mib} MiB of binaries in A's store`);
       const paths = await binaryClosure(net.a, mib);
       const narBytes = (await pathInfo(net.a.storeRoot, paths)).reduce((n, i) => n + i.narSize, 0);
-      const runs = await measure("slow", net.a, net.b, net.aViaLink, paths, net.fleet.trustedKeys, rounds, log);
-      out.push(summary(`slow link (${values.rate}/s, ${values.latency} ms each way)`, runs, narBytes));
+      const runs = await measure("slow", net.a, net.b, net.aViaLink, paths, net.fleet.trustedKeys, rounds, modes, log);
+      out.push(summary(`slow link (${values.rate}/s, ${values.latency} ms each way)`, runs, narBytes, modes));
     } finally {
       await net.destroy();
     }
@@ -161,8 +168,8 @@ export async function slowLinkMain(argv: string[]): Promise<void> {
       const [a, b] = fleet.hosts as [FleetHost, FleetHost];
       const paths = await binaryClosure(a, mib);
       const narBytes = (await pathInfo(a.storeRoot, paths)).reduce((n, i) => n + i.narSize, 0);
-      const runs = await measure("lan", a, b, `${a.net.ip}:${P2P_PORT}`, paths, fleet.trustedKeys, rounds, log);
-      out.push(summary("LAN (bridge between namespaces, no proxy)", runs, narBytes));
+      const runs = await measure("lan", a, b, `${a.net.ip}:${P2P_PORT}`, paths, fleet.trustedKeys, rounds, modes, log);
+      out.push(summary("LAN (bridge between namespaces, no proxy)", runs, narBytes, modes));
     } finally {
       await fleet.destroy();
     }

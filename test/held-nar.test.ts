@@ -3,7 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { readdirSync, readlinkSync } from "node:fs";
+import { readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { HeldNar } from "../agent/mesh/held-nar.js";
 
 /** Spool files this process has open (unlinked: no other way to see them). */
@@ -37,7 +37,7 @@ test("spooling: nothing flows while held, everything comes back in order, and th
 
 test("a discarded spool (a wrong NAR, a client gone) closes its file", async () => {
   const held = new HeldNar(1024, true);
-  await held.push(randomBytes(10_000));
+  for (let i = 0; i < 3; i++) await held.push(randomBytes(1 << 20)); // past the first batch: the file is open
   assert.equal(openSpools(), 1);
   await held.discard();
   assert.equal(openSpools(), 0);
@@ -52,4 +52,30 @@ test("without a spool, all but the last chunk past the memory limit flow on", as
   const rest = await all(held.drain());
   assert.equal(Buffer.concat(flowed).length + rest.length, 3000);
   assert.equal(openSpools(), 0, "no file without a spool");
+});
+
+/** Write system calls this process has made so far (all its threads: the file writes run in libuv's pool). */
+function writeCalls(): number {
+  return Number(/^syscw: (\d+)$/m.exec(readFileSync("/proc/self/io", "utf8"))![1]);
+}
+
+test("small chunks bound for the spool file are written in batches, not a write each", async () => {
+  const data = randomBytes(4 << 20);
+  const held = new HeldNar(64 << 10, true);
+  const before = writeCalls();
+  for (let o = 0; o < data.length; o += 2048) await held.push(data.subarray(o, o + 2048)); // a slow link's reads
+  const writes = writeCalls() - before;
+  assert.ok(writes < 64, `${writes} write calls for ${data.length / 2048} chunks`);
+  assert.equal(held.size, data.length);
+  assert.ok((await all(held.drain())).equals(data), "all of it back, in order");
+  assert.equal(openSpools(), 0);
+});
+
+test("without a spool, many small chunks flow on in order and the last stays held", async () => {
+  const data = randomBytes(1 << 20);
+  const held = new HeldNar(256 << 10, false);
+  const flowed: Buffer[] = [];
+  for (let o = 0; o < data.length; o += 100) flowed.push(...(await held.push(data.subarray(o, o + 100))));
+  assert.ok(held.size <= (256 << 10) + 100 && held.size >= 100, `held ${held.size} bytes`);
+  assert.ok(Buffer.concat([...flowed, await all(held.drain())]).equals(data));
 });

@@ -44,3 +44,17 @@ test("noise cipher: a flipped bit in the text, the tag or the associated data fa
   otherAd[0] = otherAd[0]! ^ 1;
   assert.throws(() => noiseCrypto.chaCha20Poly1305Decrypt(sealed, nonce, otherAd, k));
 });
+
+test("noise cipher: the plaintext is fresh memory, never the library's dst (noise-framing.ts reuses the ciphertext's buffer)", () => {
+  const k = randomBytes(32);
+  const nonce = randomBytes(12);
+  const ad = randomBytes(32);
+  for (const size of [100, 65519]) {
+    const plain = randomBytes(size);
+    const sealed = Buffer.from(bytes(noiseCrypto.chaCha20Poly1305Encrypt(plain, nonce, ad, k)));
+    const dst = sealed.subarray(0, size); // what the library passes: the ciphertext's own bytes
+    const out = noiseCrypto.chaCha20Poly1305Decrypt(sealed, nonce, ad, k, dst); // not copied here
+    sealed.fill(0); // the buffer reused for the next message
+    assert.deepEqual(bytes(out), plain, `${size}: the plaintext must not change with the ciphertext's buffer`);
+  }
+});

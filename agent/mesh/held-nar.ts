@@ -11,12 +11,21 @@ import { join } from "node:path";
 
 /** Reads back from the spool file in pieces of this size. */
 const READ_BYTES = 1 << 20;
+/** Chunks bound for the spool file are written together once this many bytes are waiting. */
+const SPOOL_BATCH_BYTES = 1 << 20;
+
+const EMPTY = Buffer.alloc(0);
 
 export class HeldNar {
+  /** Held chunks in order, from #memoryStart (the slots before it went to the client). */
   #memory: Buffer[] = [];
+  #memoryStart = 0;
   #memoryBytes = 0;
   #file: FileHandle | undefined;
   #fileBytes = 0;
+  /** Chunks bound for the file, not yet written (after the file's bytes). */
+  #pending: Buffer[] = [];
+  #pendingBytes = 0;
 
   constructor(
     private readonly memoryBytes: number,
@@ -26,7 +35,26 @@ export class HeldNar {
 
   /** Bytes held so far. */
   get size(): number {
-    return this.#memoryBytes + this.#fileBytes;
+    return this.#memoryBytes + this.#fileBytes + this.#pendingBytes;
+  }
+
+  /** Writes the pending chunks to the spool file (opened on first use). */
+  async #flush(): Promise<void> {
+    if (this.#pendingBytes === 0) return;
+    this.#file ??= await openUnlinked(this.dir);
+    const { bytesWritten } = await this.#file.writev(this.#pending, this.#fileBytes);
+    this.#fileBytes += bytesWritten;
+    if (bytesWritten === this.#pendingBytes) {
+      this.#pending = [];
+      this.#pendingBytes = 0;
+      return;
+    }
+    // A short write (a full disk): what was written is in the file, the rest stays pending.
+    let skip = bytesWritten;
+    while (skip >= this.#pending[0]!.length) skip -= this.#pending.shift()!.length;
+    this.#pending[0] = this.#pending[0]!.subarray(skip);
+    this.#pendingBytes -= bytesWritten;
+    throw new Error(`spool file: wrote ${bytesWritten} of ${this.#pendingBytes + bytesWritten} bytes`);
   }
 
   /**
@@ -35,20 +63,32 @@ export class HeldNar {
    * now: nothing when spooling; without a spool, what is beyond the memory limit (all but the last chunk).
    */
   async push(chunk: Uint8Array): Promise<Buffer[]> {
-    if (this.spool && (this.#file || this.#memoryBytes + chunk.length > this.memoryBytes)) {
-      this.#file ??= await openUnlinked(this.dir);
-      const { bytesWritten } = await this.#file.write(chunk, 0, chunk.length, this.#fileBytes);
-      if (bytesWritten !== chunk.length) throw new Error(`spool file: wrote ${bytesWritten} of ${chunk.length} bytes`);
-      this.#fileBytes += chunk.length;
+    const view = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    if (this.spool && (this.#file || this.#pendingBytes > 0 || this.#memoryBytes + chunk.length > this.memoryBytes)) {
+      // Written in batches: one file write per chunk cost a thread-pool round trip per 64 KiB,
+      // and per read's worth of bytes on a slow link. A failed write throws before this chunk is
+      // taken, so what push() accepted is held whatever fails later (fleet-source resumes there).
+      if (this.#pendingBytes + chunk.length > SPOOL_BATCH_BYTES) await this.#flush();
+      this.#pending.push(view);
+      this.#pendingBytes += chunk.length;
       return [];
     }
-    this.#memory.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+    this.#memory.push(view);
     this.#memoryBytes += chunk.length;
+    if (this.spool || this.#memoryBytes <= this.memoryBytes) return [];
+    // Without a spool the oldest chunks go out. Taken by moving a start index, not by shift():
+    // on a slow link the held chunks are small and many, and every shift() moves all of them.
     const out: Buffer[] = [];
-    while (!this.spool && this.#memoryBytes > this.memoryBytes && this.#memory.length > 1) {
-      const b = this.#memory.shift()!;
+    while (this.#memoryBytes > this.memoryBytes && this.#memory.length - this.#memoryStart > 1) {
+      const b = this.#memory[this.#memoryStart]!;
+      this.#memory[this.#memoryStart++] = EMPTY; // the chunk is the client's now, not ours to keep alive
       this.#memoryBytes -= b.length;
       out.push(b);
+    }
+    // Now and then drop the taken slots in one go (amortised: at least as many pushes as slots).
+    if (this.#memoryStart >= 1024 && this.#memoryStart * 2 >= this.#memory.length) {
+      this.#memory = this.#memory.slice(this.#memoryStart);
+      this.#memoryStart = 0;
     }
     return out;
   }
@@ -59,9 +99,11 @@ export class HeldNar {
       // Taken as a whole, not shift()ed: on a slow link the held chunks are small and many, and
       // shifting each off the front of a long array cost a profile's largest share of CPU.
       const memory = this.#memory;
+      const start = this.#memoryStart;
       this.#memory = [];
+      this.#memoryStart = 0;
       this.#memoryBytes = 0;
-      for (const b of memory) yield b;
+      for (let i = start; i < memory.length; i++) yield memory[i]!;
       for (let pos = 0; this.#file && pos < this.#fileBytes; ) {
         const buf = Buffer.allocUnsafe(Math.min(READ_BYTES, this.#fileBytes - pos));
         const { bytesRead } = await this.#file.read(buf, 0, buf.length, pos);
@@ -69,6 +111,10 @@ export class HeldNar {
         pos += bytesRead;
         yield buf.subarray(0, bytesRead);
       }
+      const pending = this.#pending;
+      this.#pending = [];
+      this.#pendingBytes = 0;
+      for (const b of pending) yield b;
     } finally {
       await this.discard();
     }
@@ -76,8 +122,11 @@ export class HeldNar {
 
   /** Drops what is held (a wrong NAR, or the client gone). */
   async discard(): Promise<void> {
-    this.#memory.length = 0;
+    this.#memory = [];
+    this.#memoryStart = 0;
     this.#memoryBytes = 0;
+    this.#pending = [];
+    this.#pendingBytes = 0;
     const f = this.#file;
     this.#file = undefined;
     this.#fileBytes = 0;

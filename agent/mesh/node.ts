@@ -3,8 +3,7 @@
 // caller's Nix public key.
 import { createLibp2p, type Libp2p } from "libp2p";
 import { tcp } from "@libp2p/tcp";
-import { noise } from "@chainsafe/libp2p-noise";
-import { noiseCrypto } from "./noise-crypto.js";
+import { framedNoise } from "./noise-framing.js";
 import { yamux } from "@chainsafe/libp2p-yamux";
 import { identify, type Identify } from "@libp2p/identify";
 import { ping, type Ping } from "@libp2p/ping";
@@ -127,8 +126,9 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     ...(process.env.DEBUG ? {} : { logger: silentLogger }),
     addresses: { listen: [meshListenAddr(opts.listen).toString()] },
     transports: [tcp()],
-    // Same noise protocol and keys; the cipher calls copy less (noise-crypto.ts).
-    connectionEncrypters: [noise({ crypto: noiseCrypto })],
+    // Same noise protocol and keys; the cipher calls copy less (noise-crypto.ts), and incoming
+    // messages reach the library whole, one buffer each (noise-framing.ts).
+    connectionEncrypters: [framedNoise()],
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     // The initial window stays yamux's 256 KiB: a sender assumes it of its peer, and a peer on
     // an older version would reset a stream that overran it (BENCHMARKS.md, "Mesh transfer").

@@ -30,8 +30,10 @@ export const noiseCrypto: ICryptoInterface = {
     out.append(cipher.getAuthTag());
     return out;
   },
-  chaCha20Poly1305Decrypt(ciphertext, nonce, ad, k, dst) {
-    if (ciphertext.byteLength < SMALL) return defaultCrypto.chaCha20Poly1305Decrypt(ciphertext, nonce, ad, k, dst);
+  // The plaintext is always fresh memory, never written into the library's `dst` (a view of the
+  // ciphertext): noise-framing.ts reuses the ciphertext's buffer once a message is decrypted.
+  chaCha20Poly1305Decrypt(ciphertext, nonce, ad, k) {
+    if (ciphertext.byteLength < SMALL) return defaultCrypto.chaCha20Poly1305Decrypt(ciphertext, nonce, ad, k);
     const textLength = ciphertext.byteLength - TAG;
     const decipher = createDecipheriv("chacha20-poly1305", k, nonce, { authTagLength: TAG });
     decipher.setAAD(ad, { plaintextLength: textLength });

@@ -12,10 +12,11 @@
 // agent's status says about the peer. The flooder runs at full speed on the same CPUs as the
 // agent (on a fleet it is another host); `--nice 19` makes it yield them, but then on a busy
 // machine it sends far less, and the old agent, taking frames one or two at a time, looks fine.
-// The agent runs with --trace-gc: its collections are counted for each window, as the latencies.
+// The agent runs with --trace-gc: its collections are counted for each window, as the latencies
+// (FLEETCACHE_FLOOD_GC_LOG=FILE appends its lines to FILE, each after this process's clock in ms).
 // Needs Nix (nix-store); everything stays on loopback.
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -94,6 +95,7 @@ async function startAgent(args: string[], gcs: GcEvent[]): Promise<string> {
   child.stdout!.on("data", (d: Buffer) => {
     const lines = (partial + d.toString()).split("\n");
     partial = lines.pop()!;
+    if (process.env.FLEETCACHE_FLOOD_GC_LOG) appendFileSync(process.env.FLEETCACHE_FLOOD_GC_LOG, lines.map((l) => `${performance.now().toFixed(0)} ${l}\n`).join(""));
     for (const line of lines) {
       const m = /ms: (Scavenge|Mark-Compact|Minor Mark-Sweep|Mark-Sweep)\b.*?MB, (?:pooled: [\d.]+ MB, )?([\d.]+) \/ [\d.]+ ms/.exec(line);
       if (m) gcs.push({ at: performance.now(), kind: m[1]!, pauseMs: Number(m[2]) });

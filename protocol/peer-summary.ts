@@ -197,23 +197,34 @@ export function decodeSummaryMessage(payload: Uint8Array): SummaryMessage {
   return r.fail(`unknown message tag 0x${tag.toString(16)}`);
 }
 
-/** A delta frame's payload; anything else (a snapshot chunk too) is refused. */
-export function decodeSummaryDelta(payload: Uint8Array): SummaryDelta {
+/**
+ * A delta frame's payload; anything else (a snapshot chunk too) is refused. With `scratch` (room
+ * for MAX_KEYS_PER_FRAME keys) its keys are views of it, not fresh arrays: valid until the next
+ * delta is decoded there.
+ */
+export function decodeSummaryDelta(payload: Uint8Array, scratch?: BigUint64Array): SummaryDelta {
   const r = new Reader(payload, "summary");
   const tag = r.u8();
   if (tag !== TAG_SUMMARY_DELTA) r.fail(`expected a delta, got tag 0x${tag.toString(16)}`);
-  return readDelta(r);
+  return readDelta(r, scratch && scratch.length >= MAX_KEYS_PER_FRAME ? scratch : undefined);
 }
 
-function readDelta(r: Reader): SummaryDelta {
+function readDelta(r: Reader, scratch?: BigUint64Array): SummaryDelta {
   const fromGeneration = r.uint("fromGeneration");
   const toGeneration = r.uint("toGeneration");
   if (toGeneration <= fromGeneration) r.fail("toGeneration must exceed fromGeneration");
   const total = r.uint("total", MAX_SUMMARY_KEYS);
+  const keysAt = (field: string, count: number, at: number): BigUint64Array => {
+    if (!scratch) return readKeys(r, field, count);
+    checkKeyCount(r, field, count);
+    const keys = scratch.subarray(at, at + count);
+    readKeysInto(r, field, halves(keys), 0, 0, count);
+    return keys;
+  };
   const addedCount = r.uint("added count", MAX_KEYS_PER_FRAME);
-  const added = readKeys(r, "added keys", addedCount);
+  const added = keysAt("added keys", addedCount, 0);
   const removedCount = r.uint("removed count", MAX_KEYS_PER_FRAME - addedCount);
-  const removed = readKeys(r, "removed keys", removedCount);
+  const removed = keysAt("removed keys", removedCount, addedCount);
   r.end();
   if (intersects(added, removed)) r.fail("a key is both added and removed");
   return { type: "delta", fromGeneration, toGeneration, total, added, removed };

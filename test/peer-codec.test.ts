@@ -24,6 +24,7 @@ import {
   decodeNarinfoResponse,
   decodePeersRequest,
   decodePeersResponse,
+  decodeSummaryDelta,
   decodeSummaryMessage,
   decodeSummarySubscribe,
   diffSummaryKeys,
@@ -489,6 +490,47 @@ test("a snapshot is assembled in the keys it replaced when they are handed back"
   asm.recycle(second.keys);
   asm.dropSpare();
   assert.notEqual(whole(asm, keys(5000, 7n), 7).keys.buffer, second.keys.buffer, "dropped");
+});
+
+test("deltas decoded into a scratch array: the same deltas, views of it; hostile ones refused alike", () => {
+  const scratch = new BigUint64Array(MAX_KEYS_PER_FRAME);
+  const ks = sortedKeys(Array.from({ length: MAX_KEYS_PER_FRAME }, hashPart));
+  const deltas: SummaryDelta[] = [
+    { type: "delta", fromGeneration: 1, toGeneration: 2, total: 9, added: ks.filter((_, i) => i % 2 === 0), removed: ks.filter((_, i) => i % 2 === 1) },
+    { type: "delta", fromGeneration: 2, toGeneration: 3, total: 1, added: keysOf(7n), removed: keysOf() },
+    { type: "delta", fromGeneration: 3, toGeneration: 9, total: 0, added: keysOf(), removed: keysOf(0n, (1n << 64n) - 1n) },
+  ];
+  for (const d of deltas) {
+    const got = decodeSummaryDelta(encodeSummaryMessage(d), scratch);
+    assert.deepEqual(got, d);
+    assert.ok(got.added.buffer === scratch.buffer && got.removed.buffer === scratch.buffer, "views of the scratch array");
+  }
+  assert.notEqual(decodeSummaryDelta(encodeSummaryMessage(deltas[1]!), new BigUint64Array(10)).added.buffer.byteLength, 80, "too small a scratch is not used");
+  rejects(() => decodeSummaryDelta(encodeSummaryMessage(snapshotChunks(1n, 1, keysOf(1n))[0]!), scratch), /expected a delta/);
+  // Every mutation of a valid delta: the same outcome with and without the scratch array.
+  const seed = encodeSummaryMessage({ type: "delta", fromGeneration: 1, toGeneration: 3, total: 9, added: sortedKeys([hashPart(), hashPart(), hashPart()]), removed: sortedKeys([hashPart(), hashPart()]) });
+  const outcome = (f: () => SummaryDelta) => {
+    try {
+      const d = f();
+      return `${d.fromGeneration} ${d.toGeneration} ${d.total} ${d.added.join(",")} ${d.removed.join(",")}`;
+    } catch (e) {
+      assert.ok(isPPE(e), String(e));
+      return "refused";
+    }
+  };
+  let refused = 0;
+  for (let n = 0; n < 3000; n++) {
+    const b = Uint8Array.from(seed);
+    for (let i = 0; i < 1 + (n % 3); i++) {
+      const j = Math.floor(Math.random() * b.length);
+      b[j] = b[j]! ^ (1 << Math.floor(Math.random() * 8));
+    }
+    const cut = n % 5 === 0 ? b.subarray(0, Math.floor(Math.random() * b.length)) : b;
+    const plain = outcome(() => decodeSummaryMessage(cut) as SummaryDelta);
+    assert.equal(outcome(() => decodeSummaryDelta(cut, scratch)), plain, Buffer.from(cut).toString("hex"));
+    if (plain === "refused") refused++;
+  }
+  assert.ok(refused > 100 && refused < 3000, `${refused}`);
 });
 
 test("PathSummary: snapshot, deltas in order, gaps and total mismatches refused unchanged", () => {

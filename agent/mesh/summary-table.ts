@@ -24,6 +24,7 @@ import type { PeerId } from "@libp2p/interface";
 import type { Logger } from "pino";
 import {
   MAX_FRAME_BYTES,
+  MAX_KEYS_PER_FRAME,
   MAX_SUMMARY_KEYS,
   PROTOCOL_SUMMARY,
   PathSummary,
@@ -326,6 +327,8 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
     const assembler = new SnapshotAssembler();
     // Frames that arrive in pieces are put together here, not in a fresh array each.
     const scratch = new Uint8Array(MAX_FRAME_BYTES.summary);
+    // A delta's keys, decoded here: applying it copies what it keeps.
+    const deltaKeys = new BigUint64Array(MAX_KEYS_PER_FRAME);
     let synced = resumed; // a snapshot completed on this stream (or we resumed): deltas may follow
     let stall: NodeJS.Timeout | undefined;
     let spareTimer: NodeJS.Timeout | undefined;
@@ -380,7 +383,7 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
             this.emit("change", e.peerId);
           }
         } else {
-          const msg = decodeSummaryDelta(frame);
+          const msg = decodeSummaryDelta(frame, deltaKeys);
           this.#charge(e, msg.added.length + msg.removed.length);
           if (!synced || assembler.pending || !e.summary) throw new PeerProtocolError("summary delta before a complete snapshot");
           // In slices: a delta of 8,192 keys on a large summary costs milliseconds.

@@ -587,23 +587,34 @@ export class PathSummary {
     const check = () => {
       if (this.version !== version || this._generation !== generation) throw new PeerProtocolError("summary changed while a delta was applied");
     };
-    for (const k of d.added) {
-      if (!this.hasKey(k)) size++;
+    // Base lookups on the keys' 32-bit halves; a BigInt only for the overlays (a BigInt per key
+    // and lookup made a delta flood's garbage).
+    const add32 = halves(d.added);
+    const rem32 = halves(d.removed);
+    const present = (keys: BigUint64Array, k32: Uint32Array, i: number): boolean => {
+      const inBase = this.inBase32(k32[2 * i + HI]!, k32[2 * i + LO]!);
+      if (this.added.size === 0 && this.removed.size === 0) return inBase;
+      const k = keys[i]!;
+      return this.added.has(k) || (inBase && !this.removed.has(k));
+    };
+    for (let i = 0; i < d.added.length; i++) {
+      if (!present(d.added, add32, i)) size++;
       if (++n % slice === 0) (yield, check());
     }
-    for (const k of d.removed) {
-      if (this.hasKey(k)) size--;
+    for (let i = 0; i < d.removed.length; i++) {
+      if (present(d.removed, rem32, i)) size--;
       if (++n % slice === 0) (yield, check());
     }
     if (size !== d.total) return false;
-    for (const k of d.added) {
-      if (this.removed.has(k)) this.removed.delete(k);
-      else if (!this.inBase(k)) this.added.add(k);
+    // The overlays never hold a base key in `added` (nor anything but base keys in `removed`).
+    for (let i = 0; i < d.added.length; i++) {
+      if (!this.inBase32(add32[2 * i + HI]!, add32[2 * i + LO]!)) this.added.add(d.added[i]!);
+      else if (this.removed.size > 0) this.removed.delete(d.added[i]!);
       if (++n % slice === 0) (yield, check());
     }
-    for (const k of d.removed) {
-      if (this.added.has(k)) this.added.delete(k);
-      else if (this.inBase(k)) this.removed.add(k);
+    for (let i = 0; i < d.removed.length; i++) {
+      if (this.inBase32(rem32[2 * i + HI]!, rem32[2 * i + LO]!)) this.removed.add(d.removed[i]!);
+      else if (this.added.size > 0) this.added.delete(d.removed[i]!);
       if (++n % slice === 0) (yield, check());
     }
     this._generation = d.toGeneration;
@@ -694,9 +705,11 @@ export class PathSummary {
   }
 
   private inBase(k: bigint): boolean {
+    return this.inBase32(Number(k >> 32n), Number(k & 0xffffffffn));
+  }
+
+  private inBase32(hi: number, lo: number): boolean {
     const b = this.base32;
-    const hi = Number(k >> 32n);
-    const lo = Number(k & 0xffffffffn);
     let l = 0;
     let h = this.base.length - 1;
     while (l <= h) {

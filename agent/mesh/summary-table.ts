@@ -373,7 +373,7 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
             // keys' buffer; one that does not keeps no spare for long.
             assembler.recycle(replaced);
             clearTimeout(spareTimer);
-            spareTimer = setTimeout(() => assembler.dropSpare(), SPARE_KEEP_MS);
+            spareTimer = setTimeout(() => assembler.dropSpare(), SPARE_KEEP_MS).unref();
             e.summary = summary;
             e.stale = false;
             this.#ready.set(e.peerId, summary);

@@ -12,9 +12,11 @@
 // agent's status says about the peer. The flooder runs at full speed on the same CPUs as the
 // agent (on a fleet it is another host); `--nice 19` makes it yield them, but then on a busy
 // machine it sends far less, and the old agent, taking frames one or two at a time, looks fine.
+// The agent runs with --trace-gc: its collections are counted for each window, as the latencies
+// (FLEETCACHE_FLOOD_GC_LOG=FILE appends its lines to FILE, each after this process's clock in ms).
 // Needs Nix (nix-store); everything stays on loopback.
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -76,11 +78,29 @@ async function flooder(opt: ReturnType<typeof options>): Promise<void> {
 
 const children: ChildProcess[] = [];
 
-async function startAgent(args: string[]): Promise<string> {
+/** One garbage collection of the agent's, from its --trace-gc line: when it was seen (performance.now()), its kind and pause. */
+export interface GcEvent {
+  at: number;
+  kind: string;
+  pauseMs: number;
+}
+
+async function startAgent(args: string[], gcs: GcEvent[]): Promise<string> {
   // FLEETCACHE_TEST_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the agent (as in the tests).
   const nodeArgs = (process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").split(" ").filter(Boolean);
-  const child = spawn(process.execPath, [...nodeArgs, CLI, "agent", "--listen", "127.0.0.1:0", "--no-mdns", ...args], { stdio: ["ignore", "ignore", "pipe"] });
+  // --trace-gc: a line on stdout per collection, timed here as it arrives (a few lines a second).
+  const child = spawn(process.execPath, ["--trace-gc", ...nodeArgs, CLI, "agent", "--listen", "127.0.0.1:0", "--no-mdns", ...args], { stdio: ["ignore", "pipe", "pipe"] });
   children.push(child);
+  let partial = "";
+  child.stdout!.on("data", (d: Buffer) => {
+    const lines = (partial + d.toString()).split("\n");
+    partial = lines.pop()!;
+    if (process.env.FLEETCACHE_FLOOD_GC_LOG) appendFileSync(process.env.FLEETCACHE_FLOOD_GC_LOG, lines.map((l) => `${performance.now().toFixed(0)} ${l}\n`).join(""));
+    for (const line of lines) {
+      const m = /ms: (Scavenge|Mark-Compact|Minor Mark-Sweep|Mark-Sweep)\b.*?MB, (?:pooled: [\d.]+ MB, )?([\d.]+) \/ [\d.]+ ms/.exec(line);
+      if (m) gcs.push({ at: performance.now(), kind: m[1]!, pauseMs: Number(m[2]) });
+    }
+  });
   let stderr = "";
   const port = await new Promise<number>((resolve, reject) => {
     child.stderr!.on("data", (d: Buffer) => {
@@ -121,6 +141,14 @@ async function measure(url: string, until: () => boolean): Promise<{ at: number;
   return out;
 }
 
+/** The agent's collections between two instants: counts by kind and the longest pause. */
+export function gcFigures(gcs: GcEvent[], from: number, to: number): string {
+  const inside = gcs.filter((g) => g.at >= from && g.at <= to);
+  const count = (kind: string) => inside.filter((g) => g.kind === kind).length;
+  const longest = (kind: string) => Math.max(0, ...inside.filter((g) => g.kind === kind).map((g) => g.pauseMs)).toFixed(1);
+  return `${count("Mark-Compact")} mark-compact (longest ${longest("Mark-Compact")} ms), ${count("Scavenge")} scavenge (longest ${longest("Scavenge")} ms)`;
+}
+
 function figures(xs: number[]): string {
   if (xs.length === 0) return "no requests";
   const s = [...xs].sort((a, b) => a - b);
@@ -142,6 +170,8 @@ export interface FloodResult {
   sent: string;
   /** The agent's status of the peer at the end. */
   peer: string;
+  /** The agent's garbage collections (gcFigures): before the flood, while the flooder was connected, the whole flood. */
+  gc: { baseline: string; during: string; whole: string };
 }
 
 /** One flood against a fresh agent serving `store` (which holds the path `hashPart`). */
@@ -151,11 +181,13 @@ export async function runFlood(mode: FloodMode, o: FloodOptions, tmp: string, st
   writeFileSync(agentKeyFile, formatSecretKey(agentKey), { mode: 0o600 });
   const floodKey = generateKeyPair("bench-flooder-1");
   const meshPort = 20_000 + Math.floor(Math.random() * 20_000);
+  const gcs: GcEvent[] = [];
   const url = await startAgent([
     "--store-root", store, "--state-dir", join(tmp, `${mode}-state`), "--sign-key", agentKeyFile,
     "--p2p-listen", `127.0.0.1:${meshPort}`, "--trusted-key", formatPublicKey(floodKey),
-  ]);
+  ], gcs);
   const narinfo = `${url}/${hashPart}.narinfo`;
+  const b0 = performance.now();
   const baseline = await measure(narinfo, ((end) => () => performance.now() > end)(performance.now() + 3000));
   const keys = String(mode === "deltas" ? o.deltaBase : o.snapshotKeys);
   // On a fleet the flooder is another host; here it shares the CPUs (--nice to make it yield them).
@@ -188,6 +220,7 @@ export async function runFlood(mode: FloodMode, o: FloodOptions, tmp: string, st
     whole: samples.map((s) => s.ms),
     connectedS: (connectedUntil - t0) / 1000,
     sent: out.split("\n").find((l) => l.startsWith("{")) ?? "?",
+    gc: { baseline: gcFigures(gcs, b0, b0 + 3000), during: gcFigures(gcs, t0, connectedUntil), whole: gcFigures(gcs, t0, end) },
     peer: `connected ${peer.connected}, pathCount ${peer.pathCount}, penalty ${JSON.stringify(peer.penalty ?? null)}, counters.peerPenalties ${status.counters.peerPenalties}`,
   };
 }
@@ -218,6 +251,9 @@ async function main(): Promise<void> {
       console.log(`  baseline (no peer)        ${figures(r.baseline)}`);
       console.log(`  while the flooder was on  ${figures(r.during)} (${r.connectedS.toFixed(1)} s)`);
       console.log(`  whole run                 ${figures(r.whole)}`);
+      console.log(`  agent GC: baseline        ${r.gc.baseline}`);
+      console.log(`  agent GC: flooder on      ${r.gc.during}`);
+      console.log(`  agent GC: whole run       ${r.gc.whole}`);
       console.log(`  flooder sent              ${r.sent}`);
       console.log(`  agent: peer ${r.peer}`);
     }

@@ -111,17 +111,30 @@ function writeKeys(w: Writer, field: string, keys: BigUint64Array): void {
 }
 
 function readKeys(r: Reader, field: string, count: number): BigUint64Array {
-  // Each key takes at least one byte: refuse counts the payload cannot hold before allocating.
-  if (count > r.remaining) r.fail(`${field}: ${count} keys cannot fit in ${r.remaining} bytes`);
+  checkKeyCount(r, field, count);
   const keys = new BigUint64Array(count);
-  // In 32-bit halves, as numbers: a BigInt per key made this the bulk of a summary's cost.
-  const k32 = halves(keys);
-  let hi = 0;
-  let lo = 0;
-  for (let i = 0; i < count; i++) {
+  readKeysInto(r, field, halves(keys), 0, 0, count);
+  return keys;
+}
+
+/** Each key takes at least one byte: refuse counts the payload cannot hold before allocating. */
+function checkKeyCount(r: Reader, field: string, count: number): void {
+  if (count > r.remaining) r.fail(`${field}: ${count} keys cannot fit in ${r.remaining} bytes`);
+}
+
+/**
+ * Decodes keys [from, to) of a run that starts at index `first` of `out` (a halves view): the
+ * run's first key is written as is, each later one as its non-zero gap from the key before it,
+ * which is read back from `out`, so a run can be decoded a slice at a time. In 32-bit halves, as
+ * numbers: a BigInt per key made this the bulk of a summary's cost.
+ */
+function readKeysInto(r: Reader, field: string, out: Uint32Array, first: number, from: number, to: number): void {
+  let hi = from > first ? out[2 * (from - 1) + HI]! : 0;
+  let lo = from > first ? out[2 * (from - 1) + LO]! : 0;
+  for (let i = from; i < to; i++) {
     const gapLo = r.u64Split(field);
     const gapHi = r.hi32;
-    if (i === 0) (hi = gapHi), (lo = gapLo);
+    if (i === first) (hi = gapHi), (lo = gapLo);
     else {
       if (gapLo === 0 && gapHi === 0) r.fail(`${field}: duplicate key`);
       lo += gapLo;
@@ -129,10 +142,9 @@ function readKeys(r: Reader, field: string, count: number): BigUint64Array {
       if (lo >= 2 ** 32) (lo -= 2 ** 32), hi++;
       if (hi >= 2 ** 32) r.fail(`${field}: keys overflow 64 bits`);
     }
-    k32[2 * i + HI] = hi;
-    k32[2 * i + LO] = lo;
+    out[2 * i + HI] = hi;
+    out[2 * i + LO] = lo;
   }
-  return keys;
 }
 
 export function encodeSummarySubscribe(m: Omit<SummarySubscribe, "type">): Uint8Array {
@@ -152,7 +164,7 @@ export function decodeSummarySubscribe(payload: Uint8Array): SummarySubscribe {
 export function encodeSummaryMessage(m: SummaryMessage): Uint8Array {
   const w = new Writer(64);
   if (m.type === "snapshot") {
-    checkSnapshotChunk(m, (reason) => {
+    checkSnapshotChunk({ ...m, count: m.keys.length }, (reason) => {
       throw new PeerProtocolError(`summary snapshot: ${reason}`);
     });
     w.u8(TAG_SUMMARY_SNAPSHOT).fixedU64("epoch", m.epoch).uint("generation", m.generation);
@@ -176,38 +188,76 @@ export function decodeSummaryMessage(payload: Uint8Array): SummaryMessage {
   const r = new Reader(payload, "summary");
   const tag = r.u8();
   if (tag === TAG_SUMMARY_SNAPSHOT) {
-    const epoch = r.fixedU64("epoch");
-    const generation = r.uint("generation");
-    const total = r.uint("total", MAX_SUMMARY_KEYS);
-    const offset = r.uint("offset", MAX_SUMMARY_KEYS);
-    const count = r.uint("count", MAX_KEYS_PER_FRAME);
-    const keys = readKeys(r, "snapshot keys", count);
+    const h = readSnapshotHeader(r);
+    const keys = readKeys(r, "snapshot keys", h.count);
     r.end();
-    const m: SummarySnapshotChunk = { type: "snapshot", epoch, generation, total, offset, keys };
-    checkSnapshotChunk(m, (reason) => r.fail(reason));
-    return m;
+    return { type: "snapshot", epoch: h.epoch, generation: h.generation, total: h.total, offset: h.offset, keys };
   }
-  if (tag === TAG_SUMMARY_DELTA) {
-    const fromGeneration = r.uint("fromGeneration");
-    const toGeneration = r.uint("toGeneration");
-    if (toGeneration <= fromGeneration) r.fail("toGeneration must exceed fromGeneration");
-    const total = r.uint("total", MAX_SUMMARY_KEYS);
-    const addedCount = r.uint("added count", MAX_KEYS_PER_FRAME);
-    const added = readKeys(r, "added keys", addedCount);
-    const removedCount = r.uint("removed count", MAX_KEYS_PER_FRAME - addedCount);
-    const removed = readKeys(r, "removed keys", removedCount);
-    r.end();
-    if (intersects(added, removed)) r.fail("a key is both added and removed");
-    return { type: "delta", fromGeneration, toGeneration, total, added, removed };
-  }
+  if (tag === TAG_SUMMARY_DELTA) return readDelta(r);
   return r.fail(`unknown message tag 0x${tag.toString(16)}`);
 }
 
-function checkSnapshotChunk(m: SummarySnapshotChunk, fail: (reason: string) => never): void {
+/**
+ * A delta frame's payload; anything else (a snapshot chunk too) is refused. With `scratch` (room
+ * for MAX_KEYS_PER_FRAME keys) its keys are views of it, not fresh arrays: valid until the next
+ * delta is decoded there.
+ */
+export function decodeSummaryDelta(payload: Uint8Array, scratch?: BigUint64Array): SummaryDelta {
+  const r = new Reader(payload, "summary");
+  const tag = r.u8();
+  if (tag !== TAG_SUMMARY_DELTA) r.fail(`expected a delta, got tag 0x${tag.toString(16)}`);
+  return readDelta(r, scratch && scratch.length >= MAX_KEYS_PER_FRAME ? scratch : undefined);
+}
+
+function readDelta(r: Reader, scratch?: BigUint64Array): SummaryDelta {
+  const fromGeneration = r.uint("fromGeneration");
+  const toGeneration = r.uint("toGeneration");
+  if (toGeneration <= fromGeneration) r.fail("toGeneration must exceed fromGeneration");
+  const total = r.uint("total", MAX_SUMMARY_KEYS);
+  const keysAt = (field: string, count: number, at: number): BigUint64Array => {
+    if (!scratch) return readKeys(r, field, count);
+    checkKeyCount(r, field, count);
+    const keys = scratch.subarray(at, at + count);
+    readKeysInto(r, field, halves(keys), 0, 0, count);
+    return keys;
+  };
+  const addedCount = r.uint("added count", MAX_KEYS_PER_FRAME);
+  const added = keysAt("added keys", addedCount, 0);
+  const removedCount = r.uint("removed count", MAX_KEYS_PER_FRAME - addedCount);
+  const removed = keysAt("removed keys", removedCount, addedCount);
+  r.end();
+  if (intersects(added, removed)) r.fail("a key is both added and removed");
+  return { type: "delta", fromGeneration, toGeneration, total, added, removed };
+}
+
+/** A snapshot chunk without its keys. */
+interface SnapshotHeader {
+  epoch: bigint;
+  generation: number;
+  total: number;
+  offset: number;
+  /** Keys in the chunk. */
+  count: number;
+}
+
+/** A snapshot chunk's fields after the tag, checked, up to its keys (count checked against the bytes left). */
+function readSnapshotHeader(r: Reader): SnapshotHeader {
+  const epoch = r.fixedU64("epoch");
+  const generation = r.uint("generation");
+  const total = r.uint("total", MAX_SUMMARY_KEYS);
+  const offset = r.uint("offset", MAX_SUMMARY_KEYS);
+  const count = r.uint("count", MAX_KEYS_PER_FRAME);
+  checkKeyCount(r, "snapshot keys", count);
+  const h = { epoch, generation, total, offset, count };
+  checkSnapshotChunk(h, (reason) => r.fail(reason));
+  return h;
+}
+
+function checkSnapshotChunk(m: SnapshotHeader, fail: (reason: string) => never): void {
   if (m.epoch === 0n) fail("epoch 0 is reserved");
-  if (m.offset + m.keys.length > m.total) fail(`keys ${m.offset}..${m.offset + m.keys.length} exceed the total ${m.total}`);
+  if (m.offset + m.count > m.total) fail(`keys ${m.offset}..${m.offset + m.count} exceed the total ${m.total}`);
   // Only an empty snapshot may have an empty chunk: every other chunk makes progress.
-  if (m.keys.length === 0 && m.total !== 0) fail("empty chunk in a non-empty snapshot");
+  if (m.count === 0 && m.total !== 0) fail("empty chunk in a non-empty snapshot");
 }
 
 // Both sorted: a linear merge.
@@ -283,16 +333,39 @@ export function splitSummaryDelta(
   return out;
 }
 
+/** One snapshot frame being decoded by SnapshotAssembler.frame(). */
+export interface SnapshotFrame {
+  /** Keys in the frame, from its header: known before any is decoded (what a budget charges). */
+  readonly keys: number;
+  /**
+   * Decodes the keys straight into the snapshot, a slice per step (the caller may yield to the
+   * event loop in between); returns the whole snapshot after its last frame. Run it to the end
+   * (or until it throws) before the next frame.
+   */
+  readonly steps: Generator<void, SummarySnapshot | undefined, void>;
+}
+
+/** Keys decoded per step of SnapshotFrame.steps: about 0.1 ms of work on this project's machine. */
+export const SNAPSHOT_DECODE_SLICE = 2048;
+
 /**
  * Subscriber side: collects a snapshot's chunks, which must arrive in order and agree on epoch,
- * generation and total. push() returns the snapshot when its last chunk arrives.
+ * generation and total, into one buffer of the snapshot's size. frame() decodes a frame's keys
+ * straight into that buffer (no array per frame: while a peer floods, every allocation outside
+ * the V8 heap brings the next full garbage collection closer); push() takes a decoded chunk.
+ * Either returns the snapshot when its last chunk arrives. A protocol error abandons the
+ * snapshot; the next one starts afresh.
  */
 export class SnapshotAssembler {
-  private head: SummarySnapshotChunk | undefined;
+  private head: { epoch: bigint; generation: number; total: number } | undefined;
   /** The whole snapshot, filled chunk by chunk (no copy of everything at the end). */
-  private keys = new BigUint64Array(0);
+  private keys: BigUint64Array = new BigUint64Array(0);
+  private k32: Uint32Array = new Uint32Array(0);
   private received = 0;
-  private last: bigint | undefined;
+  /** A frame's keys are being decoded (its steps not yet finished). */
+  private busy = false;
+  /** A buffer handed back by recycle(), for the next snapshot. */
+  private spare: BigUint64Array | undefined;
 
   constructor(private readonly maxKeys = MAX_SUMMARY_KEYS) {}
 
@@ -301,32 +374,124 @@ export class SnapshotAssembler {
     return this.head !== undefined;
   }
 
-  push(c: SummarySnapshotChunk): SummarySnapshot | undefined {
-    const fail = (reason: string): never => {
-      this.head = undefined;
-      this.keys = new BigUint64Array(0);
-      throw new PeerProtocolError(`summary snapshot: ${reason}`);
-    };
-    if (!this.head) {
-      if (c.offset !== 0) fail(`first chunk starts at offset ${c.offset}`);
-      if (c.total > this.maxKeys) fail(`${c.total} keys exceed the limit ${this.maxKeys}`);
-      this.head = c;
-      this.keys = new BigUint64Array(c.total);
-      this.received = 0;
-      this.last = undefined;
-    } else if (c.epoch !== this.head.epoch || c.generation !== this.head.generation || c.total !== this.head.total) {
-      fail("chunk of a different snapshot before the previous one ended");
+  /**
+   * A snapshot frame's payload (tag 0x02): its header is checked here, against the frame and
+   * against the chunks before it; its keys are decoded by the returned steps. Throws
+   * PeerProtocolError for anything a peer may not send (as decodeSummaryMessage and push() do).
+   */
+  frame(payload: Uint8Array, slice = SNAPSHOT_DECODE_SLICE): SnapshotFrame {
+    if (this.busy) throw new Error("SnapshotAssembler: the previous frame's keys were not all decoded");
+    const r = new Reader(payload, "summary");
+    try {
+      const tag = r.u8();
+      if (tag !== TAG_SUMMARY_SNAPSHOT) r.fail(`expected a snapshot chunk, got tag 0x${tag.toString(16)}`);
+      const h = readSnapshotHeader(r);
+      this.accept(h);
+      this.busy = true;
+      return { keys: h.count, steps: this.decode(r, h.count, Math.max(1, slice)) };
+    } catch (err) {
+      this.reset();
+      throw err;
     }
-    if (c.offset !== this.received) fail(`chunk at offset ${c.offset}, expected ${this.received}`);
-    if (c.keys.length > 0 && this.last !== undefined && c.keys[0]! <= this.last) fail("keys not ascending across chunks");
-    if (c.keys.length > 0) this.last = c.keys[c.keys.length - 1]!;
-    this.keys.set(c.keys, this.received);
+  }
+
+  private *decode(r: Reader, count: number, slice: number): Generator<void, SummarySnapshot | undefined, void> {
+    const at = this.received;
+    try {
+      for (let i = at; i < at + count; ) {
+        const end = Math.min(at + count, i + slice);
+        readKeysInto(r, "snapshot keys", this.k32, at, i, end);
+        if (i === at && at > 0 && cmp(this.k32, at, this.k32, at - 1) <= 0) this.fail("keys not ascending across chunks");
+        i = end;
+        if (i < at + count) yield;
+      }
+      r.end();
+    } catch (err) {
+      this.reset();
+      throw err;
+    }
+    this.busy = false;
+    this.received += count;
+    return this.finishIfComplete();
+  }
+
+  push(c: SummarySnapshotChunk): SummarySnapshot | undefined {
+    if (this.busy) throw new Error("SnapshotAssembler: the previous frame's keys were not all decoded");
+    try {
+      const h = { ...c, count: c.keys.length };
+      checkSnapshotChunk(h, (reason) => this.fail(reason));
+      this.accept(h);
+      const at = this.received;
+      this.keys.set(c.keys, at);
+      if (c.keys.length > 0 && at > 0 && cmp(this.k32, at, this.k32, at - 1) <= 0) this.fail("keys not ascending across chunks");
+    } catch (err) {
+      this.reset();
+      throw err;
+    }
     this.received += c.keys.length;
-    if (this.received < c.total) return undefined;
-    const snap = { epoch: c.epoch, generation: c.generation, keys: this.keys };
+    return this.finishIfComplete();
+  }
+
+  /**
+   * Takes back the keys of a summary this assembler's snapshot replaced, to assemble a later
+   * snapshot of up to their size in (a peer sending snapshots back to back then costs no fresh
+   * 32 MiB each). The caller promises that nothing reads them any more.
+   */
+  recycle(keys: BigUint64Array): void {
+    if (keys.byteOffset !== 0 || keys.buffer === this.keys.buffer) return;
+    this.spare = new BigUint64Array(keys.buffer, 0, keys.buffer.byteLength / 8);
+  }
+
+  /** Lets go of a recycled buffer not needed after all. */
+  dropSpare(): void {
+    this.spare = undefined;
+  }
+
+  /** Checks a chunk's place in the snapshot (starting one with its first chunk). */
+  private accept(c: SnapshotHeader): void {
+    if (!this.head) {
+      if (c.offset !== 0) this.fail(`first chunk starts at offset ${c.offset}`);
+      if (c.total > this.maxKeys) this.fail(`${c.total} keys exceed the limit ${this.maxKeys}`);
+      this.head = { epoch: c.epoch, generation: c.generation, total: c.total };
+      this.setKeys(this.buffer(c.total));
+      this.received = 0;
+    } else if (c.epoch !== this.head.epoch || c.generation !== this.head.generation || c.total !== this.head.total) {
+      this.fail("chunk of a different snapshot before the previous one ended");
+    }
+    if (c.offset !== this.received) this.fail(`chunk at offset ${c.offset}, expected ${this.received}`);
+  }
+
+  /** Room for n keys: the spare if it fits without wasting more than half of it, else fresh. */
+  private buffer(n: number): BigUint64Array {
+    const spare = this.spare;
+    this.spare = undefined;
+    if (spare && spare.length >= n && spare.length <= 2 * n) return spare.subarray(0, n);
+    return new BigUint64Array(n);
+  }
+
+  private finishIfComplete(): SummarySnapshot | undefined {
+    const head = this.head!;
+    if (this.received < head.total) return undefined;
+    const snap = { epoch: head.epoch, generation: head.generation, keys: this.keys };
     this.head = undefined;
-    this.keys = new BigUint64Array(0);
+    this.setKeys(new BigUint64Array(0));
     return snap;
+  }
+
+  private setKeys(keys: BigUint64Array): void {
+    this.keys = keys;
+    this.k32 = halves(keys);
+  }
+
+  private reset(): void {
+    this.head = undefined;
+    this.busy = false;
+    this.received = 0;
+    this.setKeys(new BigUint64Array(0));
+  }
+
+  private fail(reason: string): never {
+    throw new PeerProtocolError(`summary snapshot: ${reason}`);
   }
 }
 
@@ -376,18 +541,21 @@ export class PathSummary {
 
   /**
    * Replaces everything. The keys must be sorted and unique: checked, unless `sorted` says the
-   * caller knows (SnapshotAssembler checks every chunk as it arrives).
+   * caller knows (SnapshotAssembler checks every chunk as it arrives). Returns the keys it held
+   * before, which it no longer reads (SnapshotAssembler.recycle can reuse them).
    */
-  applySnapshot(s: SummarySnapshot, sorted = false): void {
+  applySnapshot(s: SummarySnapshot, sorted = false): BigUint64Array {
     const k32 = halves(s.keys);
     for (let i = 1; !sorted && i < s.keys.length; i++) {
       if (cmp(k32, i, k32, i - 1) <= 0) throw new PeerProtocolError("summary snapshot: keys not strictly ascending");
     }
+    const before = this.base;
     this.setBase(s.keys);
     this.added.clear();
     this.removed.clear();
     this._epoch = s.epoch;
     this._generation = s.generation;
+    return before;
   }
 
   /**
@@ -419,23 +587,34 @@ export class PathSummary {
     const check = () => {
       if (this.version !== version || this._generation !== generation) throw new PeerProtocolError("summary changed while a delta was applied");
     };
-    for (const k of d.added) {
-      if (!this.hasKey(k)) size++;
+    // Base lookups on the keys' 32-bit halves; a BigInt only for the overlays (a BigInt per key
+    // and lookup made a delta flood's garbage).
+    const add32 = halves(d.added);
+    const rem32 = halves(d.removed);
+    const present = (keys: BigUint64Array, k32: Uint32Array, i: number): boolean => {
+      const inBase = this.inBase32(k32[2 * i + HI]!, k32[2 * i + LO]!);
+      if (this.added.size === 0 && this.removed.size === 0) return inBase;
+      const k = keys[i]!;
+      return this.added.has(k) || (inBase && !this.removed.has(k));
+    };
+    for (let i = 0; i < d.added.length; i++) {
+      if (!present(d.added, add32, i)) size++;
       if (++n % slice === 0) (yield, check());
     }
-    for (const k of d.removed) {
-      if (this.hasKey(k)) size--;
+    for (let i = 0; i < d.removed.length; i++) {
+      if (present(d.removed, rem32, i)) size--;
       if (++n % slice === 0) (yield, check());
     }
     if (size !== d.total) return false;
-    for (const k of d.added) {
-      if (this.removed.has(k)) this.removed.delete(k);
-      else if (!this.inBase(k)) this.added.add(k);
+    // The overlays never hold a base key in `added` (nor anything but base keys in `removed`).
+    for (let i = 0; i < d.added.length; i++) {
+      if (!this.inBase32(add32[2 * i + HI]!, add32[2 * i + LO]!)) this.added.add(d.added[i]!);
+      else if (this.removed.size > 0) this.removed.delete(d.added[i]!);
       if (++n % slice === 0) (yield, check());
     }
-    for (const k of d.removed) {
-      if (this.added.has(k)) this.added.delete(k);
-      else if (this.inBase(k)) this.removed.add(k);
+    for (let i = 0; i < d.removed.length; i++) {
+      if (this.inBase32(rem32[2 * i + HI]!, rem32[2 * i + LO]!)) this.removed.add(d.removed[i]!);
+      else if (this.added.size > 0) this.added.delete(d.removed[i]!);
       if (++n % slice === 0) (yield, check());
     }
     this._generation = d.toGeneration;
@@ -459,7 +638,7 @@ export class PathSummary {
     return !this.removed.has(k) && this.inBase(k);
   }
 
-  /** All keys, sorted. */
+  /** All keys, sorted: the summary's own array, to read before the next snapshot (which may reuse it). */
   keys(): BigUint64Array {
     this.compact();
     return this.base;
@@ -526,9 +705,11 @@ export class PathSummary {
   }
 
   private inBase(k: bigint): boolean {
+    return this.inBase32(Number(k >> 32n), Number(k & 0xffffffffn));
+  }
+
+  private inBase32(hi: number, lo: number): boolean {
     const b = this.base32;
-    const hi = Number(k >> 32n);
-    const lo = Number(k & 0xffffffffn);
     let l = 0;
     let h = this.base.length - 1;
     while (l <= h) {

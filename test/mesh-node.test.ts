@@ -226,6 +226,32 @@ async function serveBulk(n: MeshNode): Promise<{ sent: number; maxQueued: number
   return progress;
 }
 
+test("frames that arrive in pieces are put together in the caller's scratch buffer, intact", async () => {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  const SCRATCH = "/fleetcache-test/scratch/1";
+  // Frames larger than a noise message (64 KiB) always arrive in at least two pieces.
+  const frames = [150_000, 100_000, 70_000, 10, 120_000].map((n) => new Uint8Array(randomBytes(n)));
+  await b.handle(SCRATCH, async ({ stream }) => {
+    for (const f of frames) await writeFrame(stream, f);
+    await stream.close();
+  });
+  const { reader } = await a.open(addr(b), SCRATCH);
+  const scratch = new Uint8Array(128 * 1024);
+  let inScratch = 0;
+  for (const f of frames) {
+    const got = await reader.readFrame(200_000, scratch);
+    assert.ok(got);
+    assert.equal(Buffer.compare(got, f), 0, `a frame of ${f.length} bytes, intact`);
+    if (got.buffer === scratch.buffer) inScratch++;
+    if (f.length > scratch.length) assert.notEqual(got.buffer, scratch.buffer, "too large for the scratch: a fresh array");
+  }
+  assert.ok(inScratch >= 2, `${inScratch} frames put together in the scratch buffer`);
+  assert.equal(await reader.readFrame(200_000, scratch), undefined);
+});
+
 test("200 MB stream arrives complete, fast, with bounded memory and backpressure", async (t) => {
   const ka = generateKeyPair("host-a-1");
   const kb = generateKeyPair("host-b-1");

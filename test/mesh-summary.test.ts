@@ -374,6 +374,44 @@ test("a hostile publisher: garbage, oversized frames, gaps and early deltas rese
   assert.equal(resetSeen[4], undefined, "the fifth stream was never reset");
 });
 
+test("snapshots back to back on one stream: lookups see each whole snapshot, never the one being assembled", async () => {
+  const { a: m, b, aId: mId } = await pair();
+  // Three summaries of 20,000 paths (3 frames each), no path in two of them.
+  const parts = randomHashParts(60_000);
+  const sets = [parts.slice(0, 20_000), parts.slice(20_000, 40_000), parts.slice(40_000)];
+  const snapshots = sets.map((set, i) => snapshotChunks(77n, i + 1, sortedKeys(set)).map(encodeSummaryMessage));
+  let proceed: () => void = () => {};
+  const gate = () => new Promise<void>((resolve) => (proceed = resolve));
+  await m.handle(PROTOCOL_SUMMARY, async ({ stream, reader }) => {
+    await reader.readFrame(MAX_FRAME_BYTES.summary);
+    for (const [i, frames] of snapshots.entries()) {
+      for (const [j, f] of frames.entries()) {
+        await writeFrame(stream, f);
+        if (j === 0) await gate(); // the test looks while each snapshot is half-way
+      }
+      if (i === snapshots.length - 1) await gate();
+    }
+    await reader.readFrame(MAX_FRAME_BYTES.summary).catch(() => {});
+  });
+  const table = new SummaryTable(b, log);
+  cleanups.push(() => table.stop());
+  table.subscribe(mId);
+  const sample = (set: string[]) => set.filter((_, i) => i % 97 === 0);
+  const holds = (set: string[]) => sample(set).filter((h) => table.holders(h).length === 1).length;
+  await waitFor(() => table.traffic(mId)!.frames === 1, "the first snapshot's first frame");
+  assert.equal(table.pathCount(mId), undefined);
+  for (let i = 0; i < 3; i++) {
+    proceed();
+    await waitFor(() => table.traffic(mId)!.snapshots === i + 1 && table.traffic(mId)!.frames === 3 * i + (i < 2 ? 4 : 3), `snapshot ${i + 1}, and the next one's first frame`);
+    // Snapshot i is whole in lookups; nothing of the others, though the next is half-assembled
+    // (from the third on, in the buffer of snapshot i - 1).
+    assert.equal(table.pathCount(mId), 20_000);
+    for (const [j, set] of sets.entries()) assert.equal(holds(set), j === i ? sample(set).length : 0, `snapshot ${i + 1} in lookups: paths of set ${j + 1}`);
+  }
+  proceed();
+  assert.equal(table.traffic(mId)!.resets, 0);
+});
+
 test("a peer that stops is dropped from lookups", async () => {
   const { a, b, aId } = await pair();
   const store = new FakeStore(50);

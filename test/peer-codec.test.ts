@@ -24,6 +24,7 @@ import {
   decodeNarinfoResponse,
   decodePeersRequest,
   decodePeersResponse,
+  decodeSummaryDelta,
   decodeSummaryMessage,
   decodeSummarySubscribe,
   diffSummaryKeys,
@@ -239,6 +240,297 @@ test("snapshots: chunked, reassembled in order, inconsistent chunks refused", ()
   s.push(a);
   s.push(b);
   assert.deepEqual(s.push(c)?.keys, keysOf(1n, 2n, 3n, 4n, 5n));
+});
+
+/** Runs SnapshotAssembler.frame() to the end of its steps; the snapshot, if this frame completed one. */
+function frameInto(asm: SnapshotAssembler, payload: Uint8Array, slice?: number) {
+  const f = asm.frame(payload, slice);
+  for (;;) {
+    const r = f.steps.next();
+    if (r.done) return r.value;
+  }
+}
+
+/**
+ * The snapshot decoding rules written out plainly, a BigInt per key, for comparison with the
+ * decoders: the keys of a whole snapshot from its frames, or a thrown PeerProtocolError.
+ */
+function referenceSnapshot(frames: Uint8Array[]): BigUint64Array {
+  const keys: bigint[] = [];
+  let head: { epoch: bigint; generation: number; total: number } | undefined;
+  for (const [n, payload] of frames.entries()) {
+    const r = new Reader(payload, "reference");
+    if (r.u8() !== 0x02) r.fail("tag");
+    const epoch = r.fixedU64("epoch");
+    const generation = r.uint("generation");
+    const total = r.uint("total", MAX_SUMMARY_KEYS);
+    const offset = r.uint("offset", MAX_SUMMARY_KEYS);
+    const count = r.uint("count", MAX_KEYS_PER_FRAME);
+    if (epoch === 0n || offset + count > total || (count === 0 && total !== 0)) r.fail("header");
+    if (head === undefined ? offset !== 0 : epoch !== head.epoch || generation !== head.generation || total !== head.total) r.fail("chain");
+    head ??= { epoch, generation, total };
+    if (offset !== keys.length) r.fail("offset");
+    let prev = -1n;
+    for (let i = 0; i < count; i++) {
+      const v = r.u64("key");
+      const k = i === 0 ? v : prev + v;
+      if (i > 0 && v === 0n) r.fail("duplicate");
+      if (k >= 1n << 64n) r.fail("overflow");
+      if (i === 0 && keys.length > 0 && k <= keys[keys.length - 1]!) r.fail("across chunks");
+      keys.push(k);
+      prev = k;
+    }
+    r.end();
+    if (keys.length === total && n !== frames.length - 1) r.fail("frames after the end");
+  }
+  if (!head || keys.length !== head.total) throw new PeerProtocolError("incomplete");
+  return BigUint64Array.from(keys);
+}
+
+/** The same frames through decodeSummaryMessage + push() and through frame() (in slices of `slice`). */
+function bothAssemblers(frames: Uint8Array[], slice: number): [BigUint64Array | Error, BigUint64Array | Error] {
+  const run = (one: (asm: SnapshotAssembler, f: Uint8Array) => { keys: BigUint64Array } | undefined) => {
+    const asm = new SnapshotAssembler();
+    try {
+      let snap: { keys: BigUint64Array } | undefined;
+      for (const [n, f] of frames.entries()) {
+        snap = one(asm, f);
+        if (snap && n !== frames.length - 1) throw new PeerProtocolError("frames after the end");
+      }
+      if (!snap) throw new PeerProtocolError("incomplete");
+      return snap.keys;
+    } catch (e) {
+      assert.ok(isPPE(e), `not a PeerProtocolError: ${e}`);
+      return e as Error;
+    }
+  };
+  return [
+    run((asm, f) => {
+      const m = decodeSummaryMessage(f);
+      if (m.type !== "snapshot") throw new PeerProtocolError("not a snapshot");
+      return asm.push(m);
+    }),
+    run((asm, f) => frameInto(asm, f, slice)),
+  ];
+}
+
+test("snapshot frames decode straight into the snapshot, in slices, as decodeSummaryMessage + push do", () => {
+  const keys = sortedKeys(Array.from({ length: 20_000 }, hashPart));
+  const frames = snapshotChunks(42n, 7, keys).map(encodeSummaryMessage);
+  for (const slice of [1, 3, 1000, 2048, 8192, Infinity]) {
+    const asm = new SnapshotAssembler();
+    let snap;
+    for (const [i, payload] of frames.entries()) {
+      const f = asm.frame(payload, slice);
+      assert.equal(f.keys, Math.min(8192, keys.length - 8192 * i), "the key count is known before decoding");
+      let steps = 0;
+      for (let r = f.steps.next(); ; r = f.steps.next(), steps++) {
+        if (r.done) {
+          snap = r.value;
+          break;
+        }
+      }
+      assert.equal(steps, Math.ceil(f.keys / Math.min(slice, f.keys)) - 1, `slice ${slice}: a yield between slices`);
+      assert.equal(snap === undefined, i < frames.length - 1);
+      assert.equal(asm.pending, i < frames.length - 1);
+    }
+    assert.deepEqual(snap, { epoch: 42n, generation: 7, keys }, `slice ${slice}`);
+  }
+  assert.deepEqual(frameInto(new SnapshotAssembler(), encodeSummaryMessage(snapshotChunks(1n, 0, keysOf())[0]!)), { epoch: 1n, generation: 0, keys: keysOf() });
+  // Extreme keys: 0, 2^64 - 1, and gaps of every varint length.
+  const edge = keysOf(0n, 1n, 2n ** 28n, 2n ** 32n, 2n ** 35n + 7n, 2n ** 63n, (1n << 64n) - 2n, (1n << 64n) - 1n);
+  assert.deepEqual(frameInto(new SnapshotAssembler(), encodeSummaryMessage(snapshotChunks(1n, 0, edge)[0]!), 3)?.keys, edge);
+});
+
+test("snapshot frames: hostile frames are refused with PeerProtocolError, and the assembler starts over", () => {
+  const snap = (epoch: number, total: number, offset: number, count: number, ...ks: (number | bigint | Uint8Array)[]) => bytes(0x02, epochBytes(BigInt(epoch)), 1, total, offset, count, ...ks);
+  const refuses = (frames: Uint8Array[], re: RegExp, slice = 2) =>
+    rejects(() => {
+      const asm = new SnapshotAssembler();
+      for (const f of frames) frameInto(asm, f, slice);
+    }, re);
+  assert.deepEqual(frameInto(new SnapshotAssembler(), snap(1, 2, 0, 2, 5n, 5n))?.keys, keysOf(5n, 10n)); // the well-formed baseline
+  // Truncated varints: in the first key, in a later one, in a later slice.
+  refuses([snap(1, 2, 0, 2, 0x80, 0x80)], /truncated/);
+  refuses([snap(1, 2, 0, 2, 5n, 0x81)], /truncated/);
+  refuses([snap(1, 4, 0, 4, 1n, 1n, 1n, 0xff, 0xff)], /truncated/);
+  refuses([snap(1, 2, 0, 2, 300n)], /truncated/);
+  refuses([bytes(0x02, epochBytes(1n), 1, 2)], /truncated/); // inside the header
+  // Varints too long, past 64 bits, not minimal.
+  refuses([snap(1, 2, 0, 2, new Uint8Array(11).fill(0xff))], /too long|64 bits/);
+  refuses([snap(1, 1, 0, 1, Uint8Array.of(...new Array(9).fill(0xff), 0x02))], /64 bits/);
+  refuses([snap(1, 2, 0, 2, 5n, Uint8Array.of(0x81, 0x00))], /non-minimal/);
+  // Oversize counts: past a frame's limit, past the bytes sent, past the total, past the summary limit.
+  refuses([snap(1, 2, 0, 0xff, 0xff, 0x03)], /count.*exceeds/);
+  refuses([snap(1, 0x80, 0x40, 0, 0x80, 0x40)], /cannot fit/);
+  refuses([snap(1, 2, 0, 3, 1n, 1n, 1n)], /exceed the total/);
+  refuses([snap(1, 0x80, 0x80, 0x80, 0x04, 0, 0)], /total.*exceeds/);
+  rejects(() => frameInto(new SnapshotAssembler(4), snap(1, 5, 0, 1, 1n)), /exceed the limit 4/);
+  // Keys out of order: a zero gap, a gap past 2^64, a chunk starting at or below the last key.
+  refuses([snap(1, 2, 0, 2, 10n, 0n)], /duplicate key/);
+  refuses([snap(1, 2, 0, 2, (1n << 64n) - 2n, 2n)], /overflow/);
+  refuses([snap(1, 4, 0, 2, 5n, 5n), snap(1, 4, 2, 2, 10n, 1n)], /not ascending across chunks/);
+  refuses([snap(1, 4, 0, 2, 5n, 5n), snap(1, 4, 2, 2, 9n, 1n)], /not ascending across chunks/);
+  // Chunks that do not follow on: offsets, another snapshot, a first chunk not at 0; and the rest.
+  refuses([snap(1, 4, 0, 2, 5n, 5n), snap(1, 4, 3, 1, 20n)], /offset 3, expected 2/);
+  refuses([snap(1, 4, 0, 2, 5n, 5n), snap(2, 4, 2, 2, 20n, 1n)], /different snapshot/);
+  refuses([snap(1, 4, 0, 2, 5n, 5n), snap(1, 5, 2, 2, 20n, 1n)], /different snapshot/);
+  refuses([snap(1, 4, 2, 2, 5n, 5n)], /first chunk starts at offset 2/);
+  refuses([snap(1, 2, 0, 2, 10n, 5n, 0)], /trailing/);
+  refuses([snap(1, 5, 0, 0)], /empty chunk/);
+  refuses([snap(0, 1, 0, 1, 1n)], /epoch 0/);
+  refuses([bytes(0x03, 1, 2, 1, 1, 7n, 0)], /expected a snapshot chunk/);
+  refuses([new Uint8Array(0)], /truncated/);
+
+  // After an error (here in a later slice of a later frame) the next snapshot starts afresh.
+  const asm = new SnapshotAssembler();
+  frameInto(asm, snap(1, 4, 0, 2, 5n, 5n));
+  rejects(() => frameInto(asm, snap(1, 4, 2, 2, 20n, 0n), 1), /duplicate key/);
+  assert.equal(asm.pending, false);
+  frameInto(asm, snap(3, 3, 0, 2, 7n, 1n));
+  assert.deepEqual(frameInto(asm, snap(3, 3, 2, 1, 9n))?.keys, keysOf(7n, 8n, 9n));
+  // A frame's keys must be decoded before the next frame is taken.
+  const half = new SnapshotAssembler();
+  half.frame(snap(1, 2, 0, 2, 5n, 5n));
+  assert.throws(() => half.frame(snap(1, 2, 0, 2, 5n, 5n)), /not all decoded/);
+});
+
+test("fuzz: snapshot frames decoded straight into the snapshot agree with the plain rules and with push()", () => {
+  const frameSets = [
+    snapshotChunks(3n, 4, sortedKeys(Array.from({ length: 40 }, hashPart)), 16).map(encodeSummaryMessage),
+    snapshotChunks(5n, 1, keysOf(0n, 1n, 2n ** 32n - 1n, 2n ** 32n, 2n ** 63n, (1n << 64n) - 1n), 2).map(encodeSummaryMessage),
+    snapshotChunks(7n, 2, keysOf(), 2).map(encodeSummaryMessage),
+  ];
+  const pick = <T>(xs: T[]) => xs[Math.floor(Math.random() * xs.length)]!;
+  const mutateFrame = (s: Uint8Array): Uint8Array => {
+    const b = Uint8Array.from(s);
+    switch (Math.floor(Math.random() * 5)) {
+      case 0:
+        return b.subarray(0, Math.floor(Math.random() * b.length));
+      case 1:
+        b[Math.floor(Math.random() * b.length)] = Math.floor(Math.random() * 256);
+        return b;
+      case 2:
+        return bytes(...b, ...randomBytes(1 + Math.floor(Math.random() * 3)));
+      case 3: {
+        const i = Math.floor(Math.random() * b.length);
+        b[i] = b[i]! ^ (1 << Math.floor(Math.random() * 8));
+        return b;
+      }
+      default: {
+        const i = 9 + Math.floor(Math.random() * Math.max(1, b.length - 9)); // in the keys
+        b[i] = b[i]! ^ 0x80; // a varint's continuation bit: lengths and boundaries shift
+        return b;
+      }
+    }
+  };
+  const outcome = (x: BigUint64Array | Error) => (x instanceof Error ? "refused" : x.join(","));
+  const counts = { accepted: 0, refused: 0 };
+  for (let n = 0; n < 6000; n++) {
+    const frames = [...pick(frameSets)];
+    const i = Math.floor(Math.random() * frames.length);
+    switch (Math.floor(Math.random() * 4)) {
+      case 0:
+        frames.splice(i, 1); // dropped
+        break;
+      case 1:
+        frames.splice(i, 0, frames[i]!); // repeated
+        break;
+      case 2:
+        if (frames.length > 1) [frames[0], frames[frames.length - 1]] = [frames[frames.length - 1]!, frames[0]!]; // reordered
+        break;
+      default:
+        frames[i] = mutateFrame(frames[i]!);
+    }
+    let expected: BigUint64Array | Error;
+    try {
+      expected = referenceSnapshot(frames);
+    } catch (e) {
+      assert.ok(isPPE(e));
+      expected = e as Error;
+    }
+    const [viaPush, viaFrame] = bothAssemblers(frames, 1 + Math.floor(Math.random() * 4));
+    assert.equal(outcome(viaFrame), outcome(expected), `frame(): ${frames.map((f) => Buffer.from(f).toString("hex")).join(" ")}`);
+    assert.equal(outcome(viaPush), outcome(expected), `push(): ${frames.map((f) => Buffer.from(f).toString("hex")).join(" ")}`);
+    counts[expected instanceof Error ? "refused" : "accepted"]++;
+  }
+  console.log(`# snapshot fuzz: ${counts.accepted} accepted, ${counts.refused} refused alike`);
+  assert.ok(counts.accepted > 100 && counts.refused > 1000, JSON.stringify(counts));
+});
+
+test("a snapshot is assembled in the keys it replaced when they are handed back", () => {
+  const keys = (n: number, from = 1n) => BigUint64Array.from({ length: n }, (_, i) => from + 3n * BigInt(i));
+  const whole = (asm: SnapshotAssembler, ks: BigUint64Array, gen: number) => {
+    let snap;
+    for (const c of snapshotChunks(9n, gen, ks, 1000)) snap = frameInto(asm, encodeSummaryMessage(c), 700) ?? snap;
+    return snap!;
+  };
+  const asm = new SnapshotAssembler();
+  const ps = new PathSummary();
+  const first = whole(asm, keys(5000), 1);
+  assert.equal(ps.applySnapshot(first, true).length, 0, "what it held before: nothing");
+  const second = whole(asm, keys(5000, 2n), 2);
+  assert.notEqual(second.keys.buffer, first.keys.buffer, "the first is still in use");
+  const replaced = ps.applySnapshot(second, true);
+  assert.equal(replaced, first.keys, "applySnapshot hands back the keys it held");
+  asm.recycle(replaced);
+  const third = whole(asm, keys(4000, 3n), 3);
+  assert.equal(third.keys.buffer, first.keys.buffer, "assembled in the recycled buffer");
+  assert.deepEqual(third.keys, keys(4000, 3n));
+  ps.applySnapshot(third, true);
+  assert.deepEqual(ps.keys(), keys(4000, 3n));
+  assert.ok(ps.hasKey(3n) && !ps.hasKey(1n));
+  // The spare is used once, and only by a snapshot it fits without wasting half of it.
+  const fourth = whole(asm, keys(4000, 4n), 4);
+  assert.notEqual(fourth.keys.buffer, first.keys.buffer);
+  asm.recycle(second.keys);
+  assert.notEqual(whole(asm, keys(2000, 5n), 5).keys.buffer, second.keys.buffer, "too large a spare for 2,000 keys");
+  asm.recycle(second.keys);
+  assert.notEqual(whole(asm, keys(6000, 6n), 6).keys.buffer, second.keys.buffer, "too small a spare for 6,000 keys");
+  asm.recycle(second.keys);
+  asm.dropSpare();
+  assert.notEqual(whole(asm, keys(5000, 7n), 7).keys.buffer, second.keys.buffer, "dropped");
+});
+
+test("deltas decoded into a scratch array: the same deltas, views of it; hostile ones refused alike", () => {
+  const scratch = new BigUint64Array(MAX_KEYS_PER_FRAME);
+  const ks = sortedKeys(Array.from({ length: MAX_KEYS_PER_FRAME }, hashPart));
+  const deltas: SummaryDelta[] = [
+    { type: "delta", fromGeneration: 1, toGeneration: 2, total: 9, added: ks.filter((_, i) => i % 2 === 0), removed: ks.filter((_, i) => i % 2 === 1) },
+    { type: "delta", fromGeneration: 2, toGeneration: 3, total: 1, added: keysOf(7n), removed: keysOf() },
+    { type: "delta", fromGeneration: 3, toGeneration: 9, total: 0, added: keysOf(), removed: keysOf(0n, (1n << 64n) - 1n) },
+  ];
+  for (const d of deltas) {
+    const got = decodeSummaryDelta(encodeSummaryMessage(d), scratch);
+    assert.deepEqual(got, d);
+    assert.ok(got.added.buffer === scratch.buffer && got.removed.buffer === scratch.buffer, "views of the scratch array");
+  }
+  assert.notEqual(decodeSummaryDelta(encodeSummaryMessage(deltas[1]!), new BigUint64Array(10)).added.buffer.byteLength, 80, "too small a scratch is not used");
+  rejects(() => decodeSummaryDelta(encodeSummaryMessage(snapshotChunks(1n, 1, keysOf(1n))[0]!), scratch), /expected a delta/);
+  // Every mutation of a valid delta: the same outcome with and without the scratch array.
+  const seed = encodeSummaryMessage({ type: "delta", fromGeneration: 1, toGeneration: 3, total: 9, added: sortedKeys([hashPart(), hashPart(), hashPart()]), removed: sortedKeys([hashPart(), hashPart()]) });
+  const outcome = (f: () => SummaryDelta) => {
+    try {
+      const d = f();
+      return `${d.fromGeneration} ${d.toGeneration} ${d.total} ${d.added.join(",")} ${d.removed.join(",")}`;
+    } catch (e) {
+      assert.ok(isPPE(e), String(e));
+      return "refused";
+    }
+  };
+  let refused = 0;
+  for (let n = 0; n < 3000; n++) {
+    const b = Uint8Array.from(seed);
+    for (let i = 0; i < 1 + (n % 3); i++) {
+      const j = Math.floor(Math.random() * b.length);
+      b[j] = b[j]! ^ (1 << Math.floor(Math.random() * 8));
+    }
+    const cut = n % 5 === 0 ? b.subarray(0, Math.floor(Math.random() * b.length)) : b;
+    const plain = outcome(() => decodeSummaryMessage(cut) as SummaryDelta);
+    assert.equal(outcome(() => decodeSummaryDelta(cut, scratch)), plain, Buffer.from(cut).toString("hex"));
+    if (plain === "refused") refused++;
+  }
+  assert.ok(refused > 100 && refused < 3000, `${refused}`);
 });
 
 test("PathSummary: snapshot, deltas in order, gaps and total mismatches refused unchanged", () => {

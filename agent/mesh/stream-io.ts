@@ -81,9 +81,11 @@ export class StreamReader {
 
   /**
    * Next length-prefixed frame, or undefined when the remote closed cleanly between frames.
-   * A frame longer than maxBytes resets the stream and throws FrameTooLargeError.
+   * A frame longer than maxBytes resets the stream and throws FrameTooLargeError. With `scratch`,
+   * a frame that arrived in pieces is put together there (if it fits) instead of in a fresh
+   * array: the caller must be done with the previous frame by then.
    */
-  async readFrame(maxBytes: number): Promise<Uint8Array | undefined> {
+  async readFrame(maxBytes: number, scratch?: Uint8Array): Promise<Uint8Array | undefined> {
     let length = 0;
     for (let i = 0; ; i++) {
       if (!(await this.#fill(1))) {
@@ -99,16 +101,19 @@ export class StreamReader {
       }
       if (!(b & 0x80)) break;
     }
-    return this.readExactly(length);
+    return this.readExactly(length, scratch);
   }
 
-  /** Exactly n bytes (one copy only when they span chunks); TruncatedStreamError if it ends first. */
-  async readExactly(n: number): Promise<Uint8Array> {
+  /**
+   * Exactly n bytes (one copy only when they span chunks: into `scratch` if given and large
+   * enough); TruncatedStreamError if it ends first.
+   */
+  async readExactly(n: number, scratch?: Uint8Array): Promise<Uint8Array> {
     if (n === 0) return new Uint8Array(0);
     if (!(await this.#fill(n))) {
       throw new TruncatedStreamError(`stream ended after ${this.#buffered} of ${n} expected bytes`);
     }
-    return this.#take(n);
+    return this.#take(n, scratch);
   }
 
   /**
@@ -189,7 +194,7 @@ export class StreamReader {
     }
   }
 
-  #take(n: number): Uint8Array {
+  #take(n: number, scratch?: Uint8Array): Uint8Array {
     this.#buffered -= n;
     this.#bytesRead += n;
     const head = this.#chunks[0]!;
@@ -199,7 +204,7 @@ export class StreamReader {
       if (this.#head === head.length) this.#shift();
       return out;
     }
-    const out = new Uint8Array(n);
+    const out = scratch && scratch.length >= n ? scratch.subarray(0, n) : new Uint8Array(n);
     let off = 0;
     while (off < n) {
       const c = this.#chunks[0]!;

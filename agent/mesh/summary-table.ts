@@ -10,22 +10,28 @@
 // Without a connection we wait for the peer to come back (dialing is discovery's job) rather than
 // redial a dead peer on our own.
 //
-// Fair share: a peer's summary frames are decoded and applied one at a time with a turn of the
-// event loop between them (and large merges in slices), so local lookups never wait behind a
-// peer's burst; and each peer has a budget of keys (a token bucket: a burst, then a rate). A peer
-// over budget is disconnected and penalised (PeerPenalties: refused with a growing backoff).
+// Fair share: a peer's summary frames are decoded and applied one at a time, in slices (2,048
+// keys of a snapshot frame, 1,024 of a delta, 32,768 of a merge) with a turn of the event loop
+// between them, so local lookups never wait behind a peer's burst; and each peer has a budget of
+// keys (a token bucket: a burst, then a rate). A peer over budget is disconnected and penalised
+// (PeerPenalties: refused with a growing backoff). A flood should not buy full garbage
+// collections either: snapshot keys are decoded straight into the snapshot's buffer, frames that
+// arrive in pieces are put together in one scratch buffer, and snapshots back to back reuse the
+// buffer of the one before last.
 import { EventEmitter } from "node:events";
 import { setImmediate as nextTurn } from "node:timers/promises";
 import type { PeerId } from "@libp2p/interface";
 import type { Logger } from "pino";
 import {
   MAX_FRAME_BYTES,
+  MAX_KEYS_PER_FRAME,
   MAX_SUMMARY_KEYS,
   PROTOCOL_SUMMARY,
   PathSummary,
   PeerProtocolError,
   SnapshotAssembler,
-  decodeSummaryMessage,
+  TAG_SUMMARY_SNAPSHOT,
+  decodeSummaryDelta,
   encodeSummarySubscribe,
   summaryKey,
 } from "../../protocol/peer-codec.js";
@@ -63,6 +69,8 @@ export interface SummaryBudget {
 export const DEFAULT_SUMMARY_BUDGET: SummaryBudget = { burstKeys: 2 * MAX_SUMMARY_KEYS + 65_536, keysPerSecond: 20_000 };
 /** What a frame costs besides its keys. */
 export const FRAME_COST = 64;
+/** How long the keys a snapshot replaced are kept for a next snapshot to reuse. */
+const SPARE_KEEP_MS = 2_000;
 
 /** Cumulative per-peer counters (all streams), for metrics and tests. */
 export interface SummaryTraffic {
@@ -317,8 +325,13 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
   /** Reads snapshots and deltas until the stream ends (returns) or fails (throws). */
   async #consume(e: PeerEntry, reader: StreamReader, ctl: AbortController, resumed: boolean, onSynced: () => void): Promise<void> {
     const assembler = new SnapshotAssembler();
+    // Frames that arrive in pieces are put together here, not in a fresh array each.
+    const scratch = new Uint8Array(MAX_FRAME_BYTES.summary);
+    // A delta's keys, decoded here: applying it copies what it keeps.
+    const deltaKeys = new BigUint64Array(MAX_KEYS_PER_FRAME);
     let synced = resumed; // a snapshot completed on this stream (or we resumed): deltas may follow
     let stall: NodeJS.Timeout | undefined;
+    let spareTimer: NodeJS.Timeout | undefined;
     // Until a snapshot completes, the publisher owes us frames; afterwards deltas may be rare.
     const arm = () => {
       clearTimeout(stall);
@@ -326,29 +339,41 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
         stall = setTimeout(() => ctl.abort(new PeerProtocolError("summary snapshot stalled")), this.#stallMs);
       }
     };
+    /** Yields to the event loop (lookups run) after each slice of a frame's work. */
+    const drive = async <T>(steps: Generator<void, T, void>): Promise<T> => {
+      for (let r = steps.next(); ; r = steps.next()) {
+        if (r.done) return r.value;
+        await nextTurn();
+        ctl.signal.throwIfAborted();
+      }
+    };
     arm();
     try {
       for (;;) {
         const before = reader.bytesRead;
-        const frame = await reader.readFrame(MAX_FRAME_BYTES.summary);
+        const frame = await reader.readFrame(MAX_FRAME_BYTES.summary, scratch);
         ctl.signal.throwIfAborted();
         if (frame === undefined) return;
         e.traffic.frames++;
         const bytes = reader.bytesRead - before;
         e.traffic.bytes += bytes;
-        const msg = decodeSummaryMessage(frame);
-        const kind = msg.type === "snapshot" ? "snapshotBytes" : "deltaBytes";
+        const kind = frame[0] === TAG_SUMMARY_SNAPSHOT ? "snapshotBytes" : "deltaBytes";
         e.traffic[kind] += bytes;
         this.received[kind] += bytes;
-        const keys = msg.type === "snapshot" ? msg.keys.length : msg.added.length + msg.removed.length;
-        e.traffic.keys += keys;
-        this.#charge(e, keys);
-        if (msg.type === "snapshot") {
-          const snap = assembler.push(msg);
+        if (kind === "snapshotBytes") {
+          // Decoded straight into the snapshot's buffer, a slice per turn of the event loop.
+          const f = assembler.frame(frame);
+          this.#charge(e, f.keys);
+          const snap = await drive(f.steps);
           if (snap) {
             // Replaces the previous (maybe stale) summary in one step: lookups never see a mix.
             const summary = e.summary ?? new PathSummary();
-            summary.applySnapshot(snap, true); // the assembler checked the order
+            const replaced = summary.applySnapshot(snap, true); // the assembler checked the order
+            // A peer sending snapshots back to back gets the next one assembled in the replaced
+            // keys' buffer; one that does not keeps no spare for long.
+            assembler.recycle(replaced);
+            clearTimeout(spareTimer);
+            spareTimer = setTimeout(() => assembler.dropSpare(), SPARE_KEEP_MS).unref();
             e.summary = summary;
             e.stale = false;
             this.#ready.set(e.peerId, summary);
@@ -358,27 +383,18 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
             this.emit("change", e.peerId);
           }
         } else {
+          const msg = decodeSummaryDelta(frame, deltaKeys);
+          this.#charge(e, msg.added.length + msg.removed.length);
           if (!synced || assembler.pending || !e.summary) throw new PeerProtocolError("summary delta before a complete snapshot");
           // In slices: a delta of 8,192 keys on a large summary costs milliseconds.
-          const steps = e.summary.applyDeltaSteps(msg);
-          let r = steps.next();
-          for (; !r.done; r = steps.next()) {
-            await nextTurn();
-            ctl.signal.throwIfAborted();
-          }
-          if (!r.value) {
+          if (!(await drive(e.summary.applyDeltaSteps(msg)))) {
             throw new SummaryGapError(`summary delta ${msg.fromGeneration}->${msg.toGeneration} (total ${msg.total}) does not apply at generation ${e.summary.generation}`);
           }
           e.traffic.deltas++;
           onSynced();
           this.emit("change", e.peerId);
           // A large summary merges its overlays in slices, between which lookups run.
-          if (e.summary.compactionDue) {
-            for (const _ of e.summary.compactionSteps()) {
-              await nextTurn();
-              ctl.signal.throwIfAborted();
-            }
-          }
+          if (e.summary.compactionDue) await drive(e.summary.compactionSteps());
         }
         arm();
         // One frame at a time: whatever else is waiting (local lookups) runs before the next.
@@ -387,11 +403,13 @@ export class SummaryTable extends EventEmitter<{ change: [peerId: string]; overB
       }
     } finally {
       clearTimeout(stall);
+      clearTimeout(spareTimer);
     }
   }
 
   /** Charges a frame of `keys` keys to the peer's budget; throws when it is overdrawn. */
   #charge(e: PeerEntry, keys: number): void {
+    e.traffic.keys += keys;
     const now = performance.now();
     const { burstKeys, keysPerSecond } = this.#budget;
     e.tokens = Math.min(burstKeys, e.tokens + ((now - e.refilledAt) / 1000) * keysPerSecond);

@@ -34,6 +34,8 @@ export const summaryFlood: Scenario = {
           [`${mode}: local narinfo before the flood`, percentiles(r.baseline)],
           [`${mode}: while the flooder was connected`, `${percentiles(r.during)} (${r.connectedS.toFixed(1)} s)`],
           [`${mode}: whole flood`, percentiles(r.whole)],
+          [`${mode}: agent GC while connected`, r.gc.during],
+          [`${mode}: agent GC, whole flood`, r.gc.whole],
           [`${mode}: flooder sent`, r.sent],
           [`${mode}: the peer as the agent shows it`, r.peer],
         );

@@ -44,11 +44,6 @@ export const NAR_RECEIVE_STALL_MS = 30_000;
  * ends. Well under the requester's header deadline.
  */
 export const NAR_SLOT_WAIT_MS = 2_000;
-/**
- * Read size for NAR bytes sent to a peer. The reads go into the NAR buffer pool, and each buffer
- * returns to it once noise has encrypted it (see pooled()).
- */
-export const NAR_SEND_READ_BYTES = 256 * 1024;
 
 export interface NarServeOptions {
   firstRequestMs?: number;
@@ -86,7 +81,7 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
         // "not-found" (the requester then knows it is gone), not NarOk and a reset.
         let bytes: AsyncGenerator<Buffer>;
         try {
-          bytes = await primed(local.narStream(found, req.offset, found.narSize, () => NAR_SEND_READ_BYTES));
+          bytes = await primed(local.narStream(found, req.offset, found.narSize));
         } catch (err) {
           if (!(err instanceof NarGoneError)) throw err;
           return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "collected since the lookup")));

@@ -1,4 +1,4 @@
-// Reused buffers for byte paths (NAR reads today; mesh streams may use it too). On these VMs a
+// Reused buffers for byte paths (NAR reads, for HTTP clients and for peers). On these VMs a
 // page fault on freshly allocated memory costs about 11 µs, 2.7 CPU s per GB touched: a new 1 MiB
 // Buffer per read put most of the NAR path's CPU in faults and GC (see NIX-FACTS.md). A buffer
 // taken from here is either a reused one or a fresh one; it goes back only when its last user
@@ -6,7 +6,9 @@
 //
 // The rule for release(): call it only once nothing will read the bytes again. For a buffer
 // passed to socket.write / res.write that is the write's callback (libuv holds the pointer until
-// the write completes or is cancelled), never right after write() returns.
+// the write completes or is cancelled), never right after write() returns. For one handed to a
+// mesh stream it is the moment noise has encrypted its last byte (releaseWhenEncrypted in
+// mesh/noise-crypto.ts), not when stream.send() returns or its write queue drains.
 
 /** Smallest size class; requests below it get a buffer of this size. */
 const MIN_CLASS = 64 << 10;

@@ -16,8 +16,9 @@ export interface MeshResult {
   nginxSeconds: number;
   /** CPU seconds both agents (A serving, B fetching) used per GB of NAR, in the fastest agent run. */
   agentCpuPerGb: number;
-  /** Of that, B's (the requesting agent's: receiving, verifying, answering Nix), per GB of NAR. */
-  receiverCpuPerGb: number;
+  /** The same split by agent: A (the holder, sending) and B (the requester), in that run. */
+  holderCpuPerGb: number;
+  requesterCpuPerGb: number;
   /** agent MB/s ÷ nginx MB/s (equal bytes, so nginx time ÷ agent time). */
   ratio: number;
   /** Peak RSS (VmHWM) of A's and of B's agent over the whole case, MiB. */
@@ -80,18 +81,16 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     };
     // Alternate, twice each, and keep the faster of each (the first may pay for cold caches).
     const agentRuns: number[] = [];
-    const agentCpu: number[] = [];
-    const receiverCpu: number[] = [];
+    const agentCpu: [number, number][] = [];
     const nginxRuns: number[] = [];
-    const receiverCpuNow = () => treeCpuSeconds(B.agent!.child.pid!);
-    const agentsCpu = () => treeCpuSeconds(A.agent!.child.pid!) + receiverCpuNow();
+    const agentsCpu = (): [number, number] => [treeCpuSeconds(A.agent!.child.pid!), treeCpuSeconds(B.agent!.child.pid!)];
     for (let round = 0; round < 2; round++) {
       const trust = ["--option", "trusted-public-keys", fleet.trustedKeys.join(" "), "--option", "require-sigs", "true"];
-      const [cpu0, receiver0] = [agentsCpu(), receiverCpuNow()];
+      const [a0, b0] = agentsCpu();
       agentRuns.push(await copy(B.agent!.url, join(B.dir, `dest-agent-${round}`), trust));
-      agentCpu.push(agentsCpu() - cpu0);
-      receiverCpu.push(receiverCpuNow() - receiver0);
-      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${agentCpu.at(-1)!.toFixed(2)} s (B's ${receiverCpu.at(-1)!.toFixed(2)} s)`);
+      const [a1, b1] = agentsCpu();
+      agentCpu.push([a1 - a0, b1 - b0]);
+      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${(a1 - a0).toFixed(2)} s (A) + ${(b1 - b0).toFixed(2)} s (B)`);
       // The static cache holds unsigned paths (they were added, not built by a signer).
       nginxRuns.push(await copy(`http://${A.net.ip}:${NGINX_PORT}`, join(B.dir, `dest-nginx-${round}`), ["--option", "require-sigs", "false"]));
       log(`mesh: from nginx ${nginxRuns.at(-1)!.toFixed(2)} s`);
@@ -100,10 +99,11 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     }
     const agentSeconds = Math.min(...agentRuns);
     const nginxSeconds = Math.min(...nginxRuns);
-    const agentCpuPerGb = agentCpu[agentRuns.indexOf(agentSeconds)]! / (narBytes / 1e9);
-    const receiverCpuPerGb = receiverCpu[agentRuns.indexOf(agentSeconds)]! / (narBytes / 1e9);
+    const [holderCpu, requesterCpu] = agentCpu[agentRuns.indexOf(agentSeconds)]!;
+    const gb = narBytes / 1e9;
+    const agentCpuPerGb = (holderCpu + requesterCpu) / gb;
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
-    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, receiverCpuPerGb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB };
+    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB };
   } finally {
     nginx?.kill();
     await fleet.destroy();

@@ -230,7 +230,8 @@ class SentBytes {
   }
 
   countingStore(local: LocalStore): LocalStore {
-    const narStream = (info: PathInfo, start: number, end: number) => this.#count(local.narStream(info, start, end), this.#caller.getStore());
+    const narStream = (info: PathInfo, start: number, end: number, readSize?: () => number) =>
+      this.#count(local.narStream(info, start, end, readSize), this.#caller.getStore());
     // Everything else is the store itself, methods bound to it.
     return new Proxy(local, {
       get: (target, prop) => {

@@ -26,6 +26,8 @@ import type { LocalStore } from "../store/local-store.js";
 import { NarGoneError, primed } from "../source.js";
 import type { MeshHandler, MeshNode, MeshStream } from "./node.js";
 import { writeAll, writeFrame } from "./stream-io.js";
+import { releaseWhenEncrypted } from "./noise-crypto.js";
+import { narBuffers } from "../buffer-pool.js";
 import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
 import { CompressedStreamError, type NarCompression } from "./nar-compression.js";
 import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
@@ -87,7 +89,9 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
         await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize, ...(v2 && { encoding }) }));
         const watchdog = new Watchdog(stallMs, `no progress for ${stallMs} ms`);
         try {
-          const wire = compression ? compression.encode(peerId, encoding, bytes) : bytes;
+          // Compressed, the store's chunks end in zstd (which copies), not on the wire: left to the GC.
+          const nar = encoding === NAR_ENCODING.identity ? pooled(bytes) : bytes;
+          const wire = compression ? compression.encode(peerId, encoding, nar) : nar;
           const sent = await writeAll(stream, watchdog.feed(wire), { signal: watchdog.signal });
           // narStream throws rather than end early; this only guards against a bug there.
           if (encoding === NAR_ENCODING.identity && sent !== found.narSize - req.offset) throw new Error(`sent ${sent} of ${found.narSize - req.offset} NAR bytes`);
@@ -117,6 +121,18 @@ async function lookup(local: LocalStore, hashPart: string, narHash: string, offs
   if (!info || info.narHash !== narHash) return narError(NAR_ERROR.notFound, "no such path with that NAR hash");
   if (offset > info.narSize) return narError(NAR_ERROR.badOffset, `offset ${offset} beyond NAR size ${info.narSize}`);
   return info;
+}
+
+/**
+ * The store's chunks, each to go back to the NAR buffer pool once noise has encrypted it: from
+ * then on nothing reads it (libp2p queues views of it, no copies, until then). Released earlier,
+ * a read for another transfer could overwrite bytes still queued for this one.
+ */
+async function* pooled(chunks: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  for await (const chunk of chunks) {
+    releaseWhenEncrypted(chunk, () => narBuffers.release(chunk));
+    yield chunk;
+  }
 }
 
 function narError(code: number, message: string): NarResponseHeader {

@@ -8,26 +8,30 @@
 // Here the ciphertext and its tag go out as two pieces of one list (the TCP socket writes them
 // one after the other), and a ciphertext that arrived in pieces is fed to the decipher piece by
 // piece. Handshake crypto and small messages stay with the library's default.
+//
+// The encrypter is also the last reader of what a sender hands to stream.send(): yamux and noise
+// queue views of the caller's buffer (no copies) until it is encrypted, and nothing reads the
+// plaintext after that. releaseWhenEncrypted() lets a sender reuse a buffer from that moment on.
 import { createCipheriv, createDecipheriv } from "node:crypto";
 import { defaultCrypto } from "@chainsafe/libp2p-noise/crypto";
 import type { ICryptoInterface } from "@chainsafe/libp2p-noise";
 import { Uint8ArrayList } from "uint8arraylist";
 
 const TAG = 16;
+
+/** On the ArrayBuffer of a chunk handed to a stream: where its bytes end, and whom to tell. */
+const PENDING = Symbol("released once encrypted");
+type Pending = { end: number; release: () => void };
+type Marked = ArrayBufferLike & { [PENDING]?: Pending | undefined };
+
 /** Below this the library's WASM cipher is faster than a Node cipher object (its own threshold). */
 const SMALL = 1200;
 
 export const noiseCrypto: ICryptoInterface = {
   ...defaultCrypto,
   chaCha20Poly1305Encrypt(plaintext, nonce, ad, k) {
-    if (plaintext.byteLength < SMALL) return defaultCrypto.chaCha20Poly1305Encrypt(plaintext, nonce, ad, k);
-    const cipher = createCipheriv("chacha20-poly1305", k, nonce, { authTagLength: TAG });
-    cipher.setAAD(ad, { plaintextLength: plaintext.byteLength });
-    const out = new Uint8ArrayList();
-    for (const piece of plaintext instanceof Uint8Array ? [plaintext] : plaintext) out.append(cipher.update(piece));
-    const final = cipher.final(); // empty for a stream cipher; kept for form
-    if (final.byteLength > 0) out.append(final);
-    out.append(cipher.getAuthTag());
+    const out = encrypt(plaintext, nonce, ad, k);
+    encrypted(plaintext);
     return out;
   },
   // The plaintext is always fresh memory, never written into the library's `dst` (a view of the
@@ -50,3 +54,37 @@ export const noiseCrypto: ICryptoInterface = {
     return out;
   },
 };
+
+function encrypt(plaintext: Uint8Array | Uint8ArrayList, nonce: Uint8Array, ad: Uint8Array, k: Uint8Array): Uint8Array | Uint8ArrayList {
+  if (plaintext.byteLength < SMALL) return defaultCrypto.chaCha20Poly1305Encrypt(plaintext, nonce, ad, k);
+  const cipher = createCipheriv("chacha20-poly1305", k, nonce, { authTagLength: TAG });
+  cipher.setAAD(ad, { plaintextLength: plaintext.byteLength });
+  const out = new Uint8ArrayList();
+  for (const piece of plaintext instanceof Uint8Array ? [plaintext] : plaintext) out.append(cipher.update(piece));
+  const final = cipher.final(); // empty for a stream cipher; kept for form
+  if (final.byteLength > 0) out.append(final);
+  out.append(cipher.getAuthTag());
+  return out;
+}
+
+/**
+ * Calls `release` once the noise encrypter has read the last byte of `chunk`, which the caller
+ * is about to send on a mesh stream (call this first). A stream's bytes are encrypted in order,
+ * so by then all of the chunk is; until then yamux or noise may still hold views of it. One
+ * chunk per ArrayBuffer at a time. A chunk that is never encrypted (its stream was reset) is
+ * never released: it is left to the GC, never handed out twice.
+ */
+export function releaseWhenEncrypted(chunk: Uint8Array, release: () => void): void {
+  (chunk.buffer as Marked)[PENDING] = { end: chunk.byteOffset + chunk.byteLength, release };
+}
+
+/** After a message is encrypted: releases the chunks whose last byte was in it. */
+function encrypted(plaintext: Uint8Array | Uint8ArrayList): void {
+  for (const piece of plaintext instanceof Uint8Array ? [plaintext] : plaintext) {
+    const ab = piece.buffer as Marked;
+    const pending = ab[PENDING];
+    if (pending === undefined || piece.byteOffset + piece.byteLength !== pending.end) continue;
+    ab[PENDING] = undefined;
+    pending.release();
+  }
+}

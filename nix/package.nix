@@ -40,6 +40,14 @@ buildNpmPackage {
   # `prepare` script (tsc again) without this.
   npmPackFlags = [ "--ignore-scripts" ];
 
+  # V8's young generation capped at 2 x 16 MiB (Node 24's V8 grows it to 2 x 64 MiB under a
+  # steady allocation rate, such as a busy mesh, and keeps it: some 100 MiB of RSS; FAULTS.md,
+  # soak). It must be given when node starts, so in NODE_OPTIONS, ahead of any the operator sets
+  # (a later --max-semi-space-size wins). The unit, the plist and the modules run this wrapper.
+  postInstall = ''
+    wrapProgram $out/bin/fleetcache --prefix NODE_OPTIONS " " "--max-semi-space-size=16"
+  '';
+
   meta = {
     description = packageJson.description;
     license = lib.licenses.mit;

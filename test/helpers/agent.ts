@@ -9,6 +9,15 @@ const execFileP = promisify(execFile);
 
 export const CLI = fileURLToPath(new URL("../../agent/cli.js", import.meta.url));
 
+/**
+ * The node flags the agent ships with: nix/package.nix's wrapper puts them in NODE_OPTIONS and
+ * package.json's start script on node's command line (test/nix-packaging.test.ts checks that all
+ * three agree). The young generation capped at 2 x 16 MiB: V8 would otherwise grow it to 2 x 64
+ * MiB under a steady allocation rate and keep it (FAULTS.md, soak). Tests and fault scenarios
+ * run the agent with them, as shipped.
+ */
+export const AGENT_NODE_FLAGS = ["--max-semi-space-size=16"];
+
 export interface AgentProcess {
   url: string;
   port: number;
@@ -28,8 +37,9 @@ export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv =
     ...(args.includes("--p2p-listen") ? [] : ["--p2p-listen", "off"]),
     ...(args.includes("--mdns") ? [] : ["--no-mdns"]),
   ];
-  // FLEETCACHE_TEST_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the agents of a test.
-  const nodeArgs = (process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  // FLEETCACHE_TEST_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the agents of a test;
+  // it comes after the shipped flags, so "--max-semi-space-size=0" runs with V8's default.
+  const nodeArgs = [...AGENT_NODE_FLAGS, ...(process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").split(" ").filter(Boolean)];
   const [cmd, ...pre] = [...wrap, process.execPath, ...nodeArgs];
   const child = spawn(cmd!, [...pre, CLI, "agent", ...defaults, ...args], {
     stdio: ["ignore", "pipe", "pipe"],

@@ -1,11 +1,21 @@
-// The floor for the agent's narinfo answers: a bare node:http server that answers each URL with
-// a response recorded from the agent (same status, headers and body; Node adds Date, Connection
-// and Keep-Alive to both alike), and every other URL with the agent's recorded 404. Started by
-// bench/builds.ts --bare, so that it runs side by side with nginx and the agent builds.
+// The floor for the agent's narinfo answers, and the steps from it to the agent. Step "bare" is
+// a bare node:http server that answers each URL with a response recorded from the agent (same
+// status, headers and body; Node adds Date, Connection and Keep-Alive to both alike), and every
+// other URL with the agent's recorded 404. The later steps add the agent's own pieces one at a
+// time, from this checkout's dist/, so that one run says what each costs (bench/builds.ts --steps):
+//   options  the agent's server options, half-open flag, clientError and connection limiter
+//            (agent/http/server.ts's createListener), still the recorded answers;
+//   routing  the agent's HTTP layer (createHttpServer: route, dispatch, handleNarinfo, rendered
+//            answers) over a source that answers from a Map of PathInfos read once;
+//   lookup   the same over the agent's LocalStore (database backend, watcher running);
+//   metrics  the same with the agent's AgentMetrics and GC setting: all of the agent but its CLI,
+//            config and (off in the benchmarks) mesh.
+// The steps from "routing" on sign with the agent's key, so their answers are the agent's bytes.
 //
-//   node dist/bench/bare-narinfo.js RESPONSES.json PORT
-import { createServer } from "node:http";
+//   node dist/bench/bare-narinfo.js RESPONSES.json PORT [STEP STORE_ROOT KEY_FILE]
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { readFileSync } from "node:fs";
+import { pathToFileURL } from "node:url";
 
 export interface Recorded {
   status: number;
@@ -21,9 +31,18 @@ export interface RecordedResponses {
   miss: Recorded;
 }
 
-function main(): void {
-  const [file, port] = process.argv.slice(2);
-  if (!file || !port) throw new Error("usage: bare-narinfo RESPONSES.json PORT");
+export const STEPS = ["bare", "options", "routing", "lookup", "metrics"] as const;
+export type Step = (typeof STEPS)[number];
+
+async function main(): Promise<void> {
+  const [file, port, step = "bare", storeRoot, keyFile] = process.argv.slice(2) as [string?, string?, Step?, string?, string?];
+  if (!file || !port || !STEPS.includes(step)) throw new Error(`usage: bare-narinfo RESPONSES.json PORT [${STEPS.join("|")} STORE_ROOT KEY_FILE]`);
+  const server = step === "bare" || step === "options" ? await recordedServer(file, step) : await agentServer(step, storeRoot!, keyFile!, file);
+  server.listen(Number(port), "127.0.0.1");
+  process.on("SIGTERM", () => process.exit(0));
+}
+
+function recordedServer(file: string, step: "bare" | "options") {
   const recorded = JSON.parse(readFileSync(file, "utf8")) as RecordedResponses;
   // Bodies as latin1 strings (the same bytes): res.end() sends a string in one write with the
   // headers, the cheapest way node:http has.
@@ -31,15 +50,55 @@ function main(): void {
   const answers = new Map<string, { status: number; headers: string[]; body: string }>();
   for (const [path, r] of Object.entries(recorded.hits)) answers.set(path, text(r));
   const miss = text(recorded.miss);
-  // The agent's keepAliveTimeout, so that the Keep-Alive header matches too.
-  const server = createServer({ keepAliveTimeout: 30_000 }, (req, res) => {
+  const answer = (req: IncomingMessage, res: ServerResponse) => {
     const a = answers.get(req.url ?? "") ?? miss;
     res.writeHead(a.status, a.headers);
     if (req.method === "HEAD") res.end();
     else res.end(a.body, "latin1");
-  });
-  server.listen(Number(port), "127.0.0.1");
-  process.on("SIGTERM", () => process.exit(0));
+  };
+  // The agent's keepAliveTimeout, so that the Keep-Alive header matches too.
+  if (step === "bare") return createServer({ keepAliveTimeout: 30_000 }, answer);
+  return agentListener(answer);
 }
 
-main();
+/** The agent's node:http server (agent/http/server.ts) answering with `answer`. */
+async function agentListener(answer: (req: IncomingMessage, res: ServerResponse) => void) {
+  const { createListener } = await import("../agent/http/server.js");
+  return createListener(answer);
+}
+
+async function agentServer(step: "routing" | "lookup" | "metrics", storeRoot: string, keyFile: string, file: string) {
+  const { createHttpServer } = await import("../agent/http/server.js");
+  const { LocalStore } = await import("../agent/store/local-store.js");
+  const { Signer } = await import("../agent/signer.js");
+  const { readSecretKeyFile } = await import("../agent/keys-file.js");
+  const { createLogger } = await import("../agent/log.js");
+  const { AgentMetrics } = await import("../agent/metrics.js");
+  const { tuneGcForBuffers } = await import("../agent/gc-tuning.js");
+  type PathInfo = import("../protocol/path-info.js").PathInfo;
+  const log = createLogger({ pretty: false });
+  if (step === "metrics") tuneGcForBuffers();
+  const store = new LocalStore(storeRoot, new Signer([readSecretKeyFile(keyFile)]));
+  store.watch();
+  let source: import("../agent/source.js").PathSource = store;
+  if (step === "routing") {
+    // Every recorded hit's PathInfo, read once: lookups become a Map.get.
+    const infos = new Map<string, PathInfo>();
+    const recorded = JSON.parse(readFileSync(file, "utf8")) as RecordedResponses;
+    for (const path of Object.keys(recorded.hits)) {
+      const h = path.slice(1, -".narinfo".length);
+      const info = store.pathInfoNow(h);
+      if (info && typeof info === "object") infos.set(h, info);
+    }
+    source = {
+      pathInfo: async (h) => infos.get(h),
+      pathInfoNow: (h) => infos.get(h),
+      narStream: () => { throw new Error("no NARs in this step"); },
+    };
+  }
+  const metrics = step === "metrics" ? new AgentMetrics({ storePaths: () => store.pathCount(), peers: () => [], mesh: () => undefined }) : undefined;
+  return createHttpServer({ source, local: store, priority: 30, log, ...(metrics ? { metrics } : {}) });
+}
+
+// Run as a script; bench/builds.ts imports STEPS from here.
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) void main();

@@ -4,13 +4,15 @@
 // `npm run bench` (bench/run.ts), minus its checks, memory and mesh case.
 //
 //   node dist/bench/builds.js [--rows hit1,hit4,miss1,miss4,nar1,nar4] [--rounds 3] [--duration 4]
-//        [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] LABEL=REPO_DIR ...
+//        [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] [--steps LABEL] LABEL=REPO_DIR ...
 //
 // REPO_DIR is a checkout with a built dist/ (e.g. a `git worktree add` of the old commit, built
 // with `npx tsc -p .`); `.` is this one. With --keep-fixture DIR the fixture is made once in DIR
 // and reused by later runs. With --bare LABEL a bare node:http server (bench/bare-narinfo.ts)
 // runs alongside, answering with the responses recorded from build LABEL: the floor for its
-// narinfo rows (its NAR rows are not measured). Needs root (chroot store), nginx, wrk and curl, as `npm run bench`.
+// narinfo rows (its NAR rows are not measured). With --steps LABEL the steps from that bare server
+// to the agent run alongside too (bench/bare-narinfo.ts: options, routing, lookup, metrics; this
+// checkout's code, signing with build LABEL's key), each checked to answer as LABEL does. Needs root (chroot store), nginx, wrk and curl, as `npm run bench`.
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -20,7 +22,7 @@ import { narThroughput, pinTree, runWrk, warmFile, withCpuAccounting, writeWrkSc
 import { randomHashParts } from "./nix32.js";
 import { cleanup, installSignalHandlers, registerTempDir } from "./proc.js";
 import { httpGet, parseNarinfo, startAgent, startBare, startNginx, type Server } from "./servers.js";
-import type { Recorded, RecordedResponses } from "./bare-narinfo.js";
+import { STEPS, type Recorded, type RecordedResponses } from "./bare-narinfo.js";
 
 const ROWS = ["hit1", "hit4", "miss1", "miss4", "nar1", "nar4"] as const;
 type Row = (typeof ROWS)[number];
@@ -35,6 +37,7 @@ const { values, positionals } = parseArgs({
     small: { type: "string", default: "100" },
     "keep-fixture": { type: "string" },
     bare: { type: "string" },
+    steps: { type: "string" },
   },
 });
 const rows = values.rows.split(",") as Row[];
@@ -88,14 +91,31 @@ async function main(): Promise<void> {
     writeFileSync(file, JSON.stringify(await recordResponses(from.baseUrl, hitPaths, missPaths[0]!)));
     servers.push(await startBare(join(run, "bare"), file));
   }
+  if (values.steps) {
+    const from = servers.find((s) => s.name === values.steps);
+    if (!from) throw new Error(`--steps ${values.steps}: no build of that label`);
+    const recorded = await recordResponses(from.baseUrl, hitPaths, missPaths[0]!);
+    const file = join(run, "steps-responses.json");
+    writeFileSync(file, JSON.stringify(recorded));
+    for (const step of STEPS) {
+      const s = await startBare(join(run, `step-${step}`), file, step, { step, storeRoot: fx.storeRoot, keyFile: join(run, `agent-${values.steps}`, "key.sec") });
+      // Each step must answer as the agent does, or its figures say nothing about the agent.
+      const got = await recordResponses(s.baseUrl, hitPaths, missPaths[1]!);
+      if (JSON.stringify(got) !== JSON.stringify(recorded)) throw new Error(`step ${step} answers differently from ${values.steps}`);
+      servers.push(s);
+    }
+  }
   const nar = new Map<Server, { url: string; size: number; file: string }>();
   for (const s of servers) {
-    if (s.name === "bare") continue;
-    const r = await httpGet(`${s.baseUrl}/${hashPart(fx.bigPath)}.narinfo`);
-    const f = parseNarinfo(r.body.toString()).fields;
-    const url = new URL(f.get("URL") ?? "", `${s.baseUrl}/`).toString();
-    const file = s.name === "nginx" ? join(fx.cacheDir, decodeURIComponent(new URL(url).pathname)) : join(fx.storeRoot, fx.bigPath);
-    nar.set(s, { url, size: Number(f.get("NarSize")), file });
+    // The bare server and the steps serve narinfos only.
+    if (s.name !== "bare" && !(STEPS as readonly string[]).includes(s.name)) {
+      const r = await httpGet(`${s.baseUrl}/${hashPart(fx.bigPath)}.narinfo`);
+      const f = parseNarinfo(r.body.toString()).fields;
+      const url = new URL(f.get("URL") ?? "", `${s.baseUrl}/`).toString();
+      const file = s.name === "nginx" ? join(fx.cacheDir, decodeURIComponent(new URL(url).pathname)) : join(fx.storeRoot, fx.bigPath);
+      nar.set(s, { url, size: Number(f.get("NarSize")), file });
+    }
+    // Warm-up (the JIT).
     await runWrk(s.baseUrl, hits, { connections: 1, threads: 1, durationSec: 1 });
     await runWrk(s.baseUrl, misses, { connections: 1, threads: 1, durationSec: 1 });
   }
@@ -106,7 +126,7 @@ async function main(): Promise<void> {
       for (const s of round % 2 === 0 ? servers : [...servers].reverse()) {
         const conns = Number(row.slice(-1));
         const isNar = row.startsWith("nar");
-        if (isNar && s.name === "bare") continue;
+        if (isNar && !nar.has(s)) continue;
         // As bench/run.ts: 1-connection narinfo runs with client and server on CPU 0.
         const pin = conns === 1 && !isNar;
         if (pin) await pinTree(s.pid, "0");

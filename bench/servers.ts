@@ -155,16 +155,23 @@ http {
   return { name, baseUrl: `http://127.0.0.1:${port}`, pid: child.pid ?? 0, child, logFile: errorLog, stop };
 }
 
-/** bench/bare-narinfo.ts replaying `responses` (recorded from an agent), from this checkout's dist/. */
-export async function startBare(dir: string, responses: string, name = "bare"): Promise<Server> {
+/**
+ * bench/bare-narinfo.ts replaying `responses` (recorded from an agent), from this checkout's dist/;
+ * with `step`, one of its steps towards the agent (which needs the store and the agent's key).
+ */
+export async function startBare(dir: string, responses: string, name = "bare", step?: { step: string; storeRoot: string; keyFile: string }): Promise<Server> {
   mkdirSync(dir, { recursive: true });
   const port = await freePort();
   const logFile = join(dir, "stderr.log");
-  const child = spawnTracked(process.execPath, [join(import.meta.dirname, "bare-narinfo.js"), responses, String(port)]);
+  const child = spawnTracked(process.execPath, [
+    join(import.meta.dirname, "bare-narinfo.js"), responses, String(port), ...(step ? [step.step, step.storeRoot, step.keyFile] : []),
+  ]);
   pipeToLog(child, logFile);
   const stop = () => stopChild(child, "SIGTERM");
   onCleanup(stop);
-  await waitReady(child, `http://127.0.0.1:${port}/nix-cache-info`, logFile, 10_000, 404);
+  // The recorded answers have no nix-cache-info (a 404); the agent's HTTP layer has one.
+  const recordedOnly = !step || step.step === "bare" || step.step === "options";
+  await waitReady(child, `http://127.0.0.1:${port}/nix-cache-info`, logFile, 10_000, recordedOnly ? 404 : 200);
   return { name, baseUrl: `http://127.0.0.1:${port}`, pid: child.pid ?? 0, child, logFile, stop };
 }
 

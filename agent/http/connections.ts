@@ -11,7 +11,12 @@ import type { Socket } from "node:net";
 const BUSY = Symbol("requests in progress");
 type Tracked = Socket & { [BUSY]?: number };
 
-export function limitConnections(server: Server, limit: number): void {
+/**
+ * Installs the cap on `server`. Returns the function that marks a request in progress: the
+ * server's own request listener calls it first thing (one listener a request instead of two:
+ * each extra one costs an emit with its listener array copied, per request).
+ */
+export function limitConnections(server: Server, limit: number): (req: IncomingMessage, res: ServerResponse) => void {
   const live = new Set<Socket>();
   // Sockets with no request in progress, longest idle first (a Set keeps insertion order).
   const idle = new Set<Socket>();
@@ -46,10 +51,11 @@ export function limitConnections(server: Server, limit: number): void {
     if (n === 0 && !socket.destroyed) idle.add(socket);
   }
 
-  server.on("request", (req: IncomingMessage, res: ServerResponse) => {
+  return (req: IncomingMessage, res: ServerResponse): void => {
     const socket = req.socket as Tracked;
-    socket[BUSY] = (socket[BUSY] ?? 0) + 1;
-    if (socket[BUSY] === 1) idle.delete(socket);
+    const n = (socket[BUSY] ?? 0) + 1;
+    socket[BUSY] = n;
+    if (n === 1) idle.delete(socket);
     res.on("close", answered); // emitted once (Node guards it); on() spares once()'s wrapper
-  });
+  };
 }

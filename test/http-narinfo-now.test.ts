@@ -9,7 +9,7 @@ import { writeFileSync } from "node:fs";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { connect, type AddressInfo } from "node:net";
 import { join } from "node:path";
-import type { CacheContext } from "../agent/http/cache-routes.js";
+import { bodyEncoding, type CacheContext } from "../agent/http/cache-routes.js";
 import { createHttpServer } from "../agent/http/server.js";
 import { createLogger } from "../agent/log.js";
 import { AgentMetrics } from "../agent/metrics.js";
@@ -81,4 +81,11 @@ test("narinfo hits and misses known without waiting are answered before the requ
     local.close();
     tmp.cleanup();
   }
+});
+
+test("narinfo bodies go out as latin1 only when that gives their UTF-8 bytes", () => {
+  for (const body of ["StorePath: /nix/store/x\n", "", "Sig: k:abc+/=\n\x7f", "caf\u00e9", "\u00ff", "\u20ac", "a\ud83d\ude00b"]) {
+    assert.deepEqual(Buffer.from(body, bodyEncoding(body)), Buffer.from(body, "utf8"), JSON.stringify(body));
+  }
+  assert.equal(bodyEncoding("StorePath: /nix/store/x\n"), "latin1");
 });

@@ -26,6 +26,17 @@ test("hash parts: exactly 32 nix32 characters", () => {
   }
 });
 
+test("hash parts: every UTF-16 code unit is accepted exactly when it is a nix32 character", () => {
+  const nix32 = new Set("0123456789abcdfghijklmnpqrsvwxyz");
+  for (let c = 0; c < 0x10000; c++) {
+    const ch = String.fromCharCode(c);
+    for (const at of [0, 17, 31]) {
+      const s = H.slice(0, at) + ch + H.slice(at + 1);
+      assert.equal(isValidHashPart(s), nix32.has(ch), `U+${c.toString(16)} at ${at}`);
+    }
+  }
+});
+
 test("names: Nix's character set, at most 211 characters, no '.'/'..' component", () => {
   for (const ok of ["hello-2.12", "a", "x+y_z?=1", "-dash", "_", "A.b.c", ".vimrc", "...", ".a-b", "a".repeat(MAX_NAME_LENGTH)]) {
     assert.ok(isValidName(ok), ok);

@@ -37,7 +37,9 @@ export interface CacheContext {
 // built once: res.writeHead only reads them. Bodies are strings: res.end() sends a string body
 // in one write with the status line and headers, where a Buffer takes a second, gathered one
 // (about 5 µs of CPU a request here, a sixth of a bare node:http answer; BENCHMARKS.md).
-const rendered = new WeakMap<PathInfo, { body: string; head: readonly string[] }>();
+// An ASCII body (every narinfo Nix writes) goes out as "latin1": the same bytes, copied as they
+// are, where "utf8" has Node convert them.
+const rendered = new WeakMap<PathInfo, { body: string; head: readonly string[]; encoding: BufferEncoding }>();
 
 const NOT_FOUND_HEADERS = { "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" };
 const NOT_FOUND_BODY = "not found\n";
@@ -71,7 +73,8 @@ export function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: Serv
 function answerNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string, info: PathInfo | undefined): Outcome {
   if (!info) {
     res.writeHead(404, NOT_FOUND_HEAD as string[]);
-    res.end(req.method === "HEAD" ? undefined : NOT_FOUND_BODY);
+    if (req.method === "HEAD") res.end();
+    else res.end(NOT_FOUND_BODY, "latin1"); // ASCII
     return "miss";
   }
   let answer = rendered.get(info);
@@ -79,12 +82,18 @@ function answerNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
     const body = renderNarinfo(info, narUrl(hashPart, info.narHash));
     // Short-lived: a garbage-collected path must not linger in an intermediate cache.
     const head = flat({ "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60", "Content-Length": String(Buffer.byteLength(body)) });
-    answer = { body, head: Object.freeze(head) };
+    answer = { body, head: Object.freeze(head), encoding: bodyEncoding(body) };
     rendered.set(info, answer);
   }
   res.writeHead(200, answer.head as string[]);
-  res.end(req.method === "HEAD" ? undefined : answer.body);
+  if (req.method === "HEAD") res.end();
+  else res.end(answer.body, answer.encoding);
   return ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
+}
+
+/** "latin1" when every character is ASCII (then its bytes are the UTF-8 ones), else "utf8". */
+export function bodyEncoding(body: string): BufferEncoding {
+  return Buffer.byteLength(body, "utf8") === body.length ? "latin1" : "utf8";
 }
 
 export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, path: string, query: string): Promise<Outcome> {

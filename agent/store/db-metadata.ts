@@ -63,10 +63,12 @@ export class DatabaseMetadata implements StoreMetadata {
    */
   pathInfoNow(hashPart: string): PathInfo | undefined {
     const watcher = this.watcher?.running ? this.watcher : undefined;
-    if (watcher && !watcher.has(hashPart)) return undefined;
+    // One lookup in the watcher's view for both questions: known at all, and under which row.
+    const id = watcher?.idOf(hashPart);
+    if (watcher && id === undefined) return undefined;
     const cached = this.infos.get(hashPart);
     const now = Date.now();
-    if (watcher && cached && cached.id === watcher.idOf(hashPart) && now - cached.checkedAt < FRESH_MS) return cached.info;
+    if (watcher && cached && cached.id === id && now - cached.checkedAt < FRESH_MS) return cached.info;
     const row = this.db.pathByHashPart(hashPart);
     if (!row) return undefined;
     if (cached && cached.id === row.id && cached.sigs === row.sigs) {

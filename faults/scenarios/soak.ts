@@ -76,12 +76,6 @@ function floors(samples: Sample[], warmupEnd: number, pick: (s: Sample) => numbe
   return { from: values(after.filter((s) => s.at < mid)), to: values(after.filter((s) => s.at >= mid)) };
 }
 
-/** The 10th percentile of some values (the lowest tenth's highest). */
-function percentile10(...values: number[]): number {
-  const sorted = [...values].sort((x, y) => x - y);
-  return sorted[Math.floor(0.1 * (sorted.length - 1))] ?? Number.NaN;
-}
-
 export const soak: Scenario = {
   name: "soak",
   title: "two agents with pings every second, a forced disconnect and redial every second, lookups, NAR downloads and store changes in loops",
@@ -204,11 +198,6 @@ export const soak: Scenario = {
         // With the young generation capped (AGENT_NODE_FLAGS) this is the steadier bound; the
         // floor moves with V8 shrinking the young generation (to 1 MiB) in quiet moments.
         figures.push([`agent ${H} RSS ceiling (the highest sample)`, fmt(floors(samples[name], warmupEnd, (s) => s.rss, Math.max))]);
-        // Proposed, not judged: the 10th percentile of each half. V8 gives back its young
-        // generation (or half of it) in a lull and takes it again at the next busy moment, so one
-        // or two samples in a lull can set a half's floor 15-30 MiB lower; a leak raises the
-        // percentile as it raises the floor.
-        figures.push([`agent ${H} RSS 10th percentile (proposed rule)`, fmt(floors(samples[name], warmupEnd, (s) => s.rss, percentile10))]);
         figures.push([`agent ${H} V8 heap used floor`, fmt(f((s) => s.heap))]);
         figures.push([`agent ${H} external memory (Buffers) floor`, fmt(f((s) => s.external))]);
         figures.push([`agent ${H} malloc (brk heap + arenas) floor`, fmt(f((s) => s.map && s.map.brk + s.map.arenas))]);

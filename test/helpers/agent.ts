@@ -22,11 +22,11 @@ export const AGENT_NODE_FLAGS = ["--max-semi-space-size=16"];
 /**
  * The environment the agent ships with, the same three places (the wrapper prefixes it to the
  * operator's GLIBC_TUNABLES, whose own settings come later and win). glibc malloc's mmap
- * threshold fixed at 64 KiB: every Buffer of 64 KiB or more (NAR buffers, held NARs) gets pages
- * of its own, given back to the kernel when it is freed. glibc's default raises the threshold
+ * threshold fixed at 64 KiB: every Buffer of 64 KiB or more (socket reads, NAR buffers) gets
+ * pages of its own, given back to the kernel when it is freed. glibc's default raises the threshold
  * to the largest block freed (up to 32 MiB), after which such Buffers come from the brk heap,
  * which keeps the high-water mark of all that were alive at once: 6 -> 40-55 MiB over a soak.
- * Noise messages (at most 65,535 bytes) stay below it. Linux with glibc only; elsewhere unread.
+ * It costs a fresh mapping per 64 KiB socket read (FAULTS.md, soak). Linux with glibc only.
  */
 export const AGENT_ENV = { GLIBC_TUNABLES: "glibc.malloc.mmap_threshold=65536" };
 

@@ -44,16 +44,8 @@ buildNpmPackage {
   # steady allocation rate, such as a busy mesh, and keeps it: some 100 MiB of RSS; FAULTS.md,
   # soak). It must be given when node starts, so in NODE_OPTIONS, ahead of any the operator sets
   # (a later --max-semi-space-size wins). The unit, the plist and the modules run this wrapper.
-  # glibc malloc's mmap threshold fixed at 64 KiB, so that Buffers of 64 KiB and more (socket
-  # reads, NAR buffers) are mapped on their own and given back when freed; by default glibc
-  # raises the threshold to the largest block freed and serves them from its brk heap, which
-  # keeps the high-water mark of everything alive at once (40-55 MiB after a soak). glibc reads
-  # it at startup; the operator's GLIBC_TUNABLES come after it and win. macOS ignores it.
-  # Costs CPU on transfers (a fresh mapping per 64 KiB socket read; FAULTS.md, soak).
   postInstall = ''
-    wrapProgram $out/bin/fleetcache \
-      --prefix NODE_OPTIONS " " "--max-semi-space-size=16" \
-      --prefix GLIBC_TUNABLES : "glibc.malloc.mmap_threshold=65536"
+    wrapProgram $out/bin/fleetcache --prefix NODE_OPTIONS " " "--max-semi-space-size=16"
   '';
 
   meta = {

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parse as parseToml } from "smol-toml";
 import { needNix, run, tempDir } from "./helpers/nix.js";
-import { AGENT_ENV, AGENT_NODE_FLAGS, agentEnv, runCli } from "./helpers/agent.js";
+import { AGENT_NODE_FLAGS, runCli } from "./helpers/agent.js";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const KEY_A = readFileSync(join(ROOT, "nix/tests/keys/a.pub"), "utf8").trim();
@@ -129,60 +129,20 @@ async function newSpaceAfterChurn(nodeOptions: string): Promise<number> {
   return Number(await run(process.execPath, ["-e", probe], { env: { ...process.env, NODE_OPTIONS: nodeOptions } }));
 }
 
-/**
- * Node with GLIBC_TUNABLES set holds Buffers of 64 KiB in batches of 10 MiB and drops them, after
- * freeing one of 4 MiB (which raises glibc's dynamic threshold), with small objects kept along
- * the way; prints the resident bytes of the brk heap at the end.
- */
-async function brkAfterBuffers(tunables: string): Promise<number> {
-  const probe = `const { readFileSync } = require("node:fs"); const keep = []; globalThis.gc();
-    for (let round = 0; round < 4; round++) {
-      let held = [Buffer.allocUnsafe(4 << 20).fill(1)]; held = null; globalThis.gc(); held = [];
-      for (let i = 0; i < 160; i++) { held.push(Buffer.allocUnsafe(64 << 10).fill(2)); keep.push({ i, s: "x".repeat(200) + i }); }
-      held = null; globalThis.gc();
-    }
-    console.log(Number(/\\[heap\\]\\n(?:.*\\n)*?Rss:\\s+(\\d+) kB/.exec(readFileSync("/proc/self/smaps", "utf8"))?.[1] ?? 0) * 1024);`;
-  return Number(await run(process.execPath, ["--expose-gc", "-e", probe], { env: { ...process.env, GLIBC_TUNABLES: tunables } }));
-}
-
-test("the agent runs with its node flags and environment wherever it is started", async () => {
+test("the agent runs with its node flags wherever it is started, and NODE_OPTIONS caps the young generation", async () => {
   // nix/package.nix's wrapper (which the systemd unit, the launchd plist and both modules run),
-  // package.json's start script, and the tests' agents (helpers/agent.ts) carry the same flags
-  // and the same GLIBC_TUNABLES, ahead of the operator's own.
+  // package.json's start script, and the tests' agents (helpers/agent.ts) carry the same flags.
   const packageNix = readFileSync(join(ROOT, "nix/package.nix"), "utf8");
-  const wrap = /wrapProgram \$out\/bin\/fleetcache((?: \\\n)?\s+--prefix [^\n]+)+/.exec(packageNix)?.[0] ?? "";
-  assert.equal(/--prefix NODE_OPTIONS " " "([^"]+)"/.exec(wrap)?.[1], AGENT_NODE_FLAGS.join(" "), "package.nix's wrapper puts the agent's flags in NODE_OPTIONS");
-  assert.equal(/--prefix GLIBC_TUNABLES : "([^"]+)"/.exec(wrap)?.[1], AGENT_ENV.GLIBC_TUNABLES, "and its tunables in GLIBC_TUNABLES");
+  const wrapped = /wrapProgram \$out\/bin\/fleetcache --prefix NODE_OPTIONS " " "([^"]+)"/.exec(packageNix)?.[1];
+  assert.equal(wrapped, AGENT_NODE_FLAGS.join(" "), "package.nix's wrapper puts the agent's flags in NODE_OPTIONS");
   const packageJson = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { scripts: Record<string, string> };
-  const start = packageJson.scripts.start!;
-  assert.ok(start.endsWith(` node ${AGENT_NODE_FLAGS.join(" ")} dist/agent/cli.js agent`), start);
-  // What the start script's shell gives node: the shipped tunables, then the caller's.
-  const startEnv = (outer: string | undefined) =>
-    run("sh", ["-c", start.replace(/ node .*$/, " printenv GLIBC_TUNABLES")], { env: { ...process.env, GLIBC_TUNABLES: outer } });
-  assert.equal((await startEnv(undefined)).trim(), AGENT_ENV.GLIBC_TUNABLES);
-  assert.equal((await startEnv("glibc.malloc.arena_max=2")).trim(), `${AGENT_ENV.GLIBC_TUNABLES}:glibc.malloc.arena_max=2`);
-  assert.deepEqual(agentEnv({}), AGENT_ENV, "the tests' agents get the same");
-  assert.deepEqual(agentEnv({ GLIBC_TUNABLES: "glibc.malloc.arena_max=2" }), { GLIBC_TUNABLES: `${AGENT_ENV.GLIBC_TUNABLES}:glibc.malloc.arena_max=2` });
-});
-
-test("the node flags cap the young generation", async () => {
+  assert.equal(packageJson.scripts.start, `node ${AGENT_NODE_FLAGS.join(" ")} dist/agent/cli.js agent`);
   // What the flag does on this Node: V8 grows the new space to 2 x 64 MiB under this churn
   // without it, and keeps it at 2 x 16 MiB with it (given in NODE_OPTIONS, as the wrapper does).
   const cap = Number(/^--max-semi-space-size=(\d+)$/.exec(AGENT_NODE_FLAGS[0]!)?.[1]);
   assert.ok(cap > 0);
   assert.ok((await newSpaceAfterChurn("")) > 2 * cap * 2 ** 20, "without the flag the new space grows past the cap");
   assert.ok((await newSpaceAfterChurn(AGENT_NODE_FLAGS.join(" "))) <= 2 * cap * 2 ** 20, "with it, it stays within");
-});
-
-test("GLIBC_TUNABLES keeps Buffers of 64 KiB and more out of malloc's brk heap", async (t) => {
-  const report = process.report.getReport() as { header?: { glibcVersionRuntime?: string } };
-  if (!report.header?.glibcVersionRuntime) return t.skip("not glibc");
-  // glibc's defaults: after a 4 MiB block is freed, the 64 KiB Buffers come from the brk heap,
-  // which stays resident after they are dropped (small objects allocated meanwhile pin it).
-  const defaults = await brkAfterBuffers("");
-  const shipped = await brkAfterBuffers(AGENT_ENV.GLIBC_TUNABLES);
-  assert.ok(defaults >= 8 << 20, `with glibc's defaults the brk heap keeps the dropped Buffers (${defaults} bytes)`);
-  assert.ok(shipped * 2 < defaults, `with the tunables it does not (${shipped} bytes, ${defaults} with the defaults)`);
 });
 
 test("the plain systemd unit passes systemd-analyze verify", async (t) => {

@@ -14,31 +14,9 @@ export const CLI = fileURLToPath(new URL("../../agent/cli.js", import.meta.url))
  * package.json's start script on node's command line (test/nix-packaging.test.ts checks that all
  * three agree). The young generation capped at 2 x 16 MiB: V8 would otherwise grow it to 2 x 64
  * MiB under a steady allocation rate and keep it (FAULTS.md, soak). Tests and fault scenarios
- * run the agent with them, as shipped. (--min-semi-space-size, which would keep V8 from
- * shrinking it in lulls, is not allowed in NODE_OPTIONS, so the wrapper could not pass it.)
+ * run the agent with them, as shipped.
  */
 export const AGENT_NODE_FLAGS = ["--max-semi-space-size=16"];
-
-/**
- * The environment the agent ships with, the same three places (the wrapper prefixes it to the
- * operator's GLIBC_TUNABLES, whose own settings come later and win). glibc malloc's mmap
- * threshold fixed at 64 KiB: every Buffer of 64 KiB or more (socket reads, NAR buffers) gets
- * pages of its own, given back to the kernel when it is freed. glibc's default raises the threshold
- * to the largest block freed (up to 32 MiB), after which such Buffers come from the brk heap,
- * which keeps the high-water mark of all that were alive at once: 6 -> 40-55 MiB over a soak.
- * It costs a fresh mapping per 64 KiB socket read (FAULTS.md, soak). Linux with glibc only.
- */
-export const AGENT_ENV = { GLIBC_TUNABLES: "glibc.malloc.mmap_threshold=65536" };
-
-/**
- * AGENT_ENV with the caller's own GLIBC_TUNABLES after it (later settings win, as in the
- * wrapper). GLIBC_TUNABLES set but empty runs the agents with glibc's defaults (a tunable set to
- * any value turns the dynamic threshold off, so nothing else gives them back).
- */
-export function agentEnv(outer: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
-  if (outer.GLIBC_TUNABLES === "") return {};
-  return { GLIBC_TUNABLES: [AGENT_ENV.GLIBC_TUNABLES, outer.GLIBC_TUNABLES].filter(Boolean).join(":") };
-}
 
 export interface AgentProcess {
   url: string;
@@ -60,13 +38,12 @@ export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv =
     ...(args.includes("--mdns") ? [] : ["--no-mdns"]),
   ];
   // FLEETCACHE_TEST_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the agents of a test;
-  // it comes after the shipped flags, so "--max-semi-space-size=0" runs with V8's default (and
-  // GLIBC_TUNABLES= runs with glibc's, see agentEnv).
+  // it comes after the shipped flags, so "--max-semi-space-size=0" runs with V8's default.
   const nodeArgs = [...AGENT_NODE_FLAGS, ...(process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").split(" ").filter(Boolean)];
   const [cmd, ...pre] = [...wrap, process.execPath, ...nodeArgs];
   const child = spawn(cmd!, [...pre, CLI, "agent", ...defaults, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, ...agentEnv(), FLEETCACHE_LOG_LEVEL: "debug", ...env },
+    env: { ...process.env, FLEETCACHE_LOG_LEVEL: "debug", ...env },
   });
   let stderr = "";
   child.stdout!.resume();

@@ -567,3 +567,99 @@ test("pathInfoNow: a local hit, a path no peer holds and a peer's cached answer 
   const daemonBusy = fleet({}, narinfo, {}, new FakeFleet([]), { pathInfo: async () => undefined, pathInfoNow: () => NOT_NOW } as unknown as LocalStore);
   assert.equal(daemonBusy.pathInfoNow(HASH_PART), NOT_NOW, "the local store cannot say without the daemon");
 });
+
+// Read-ahead: Nix 2.8's `nix copy` asks the narinfos of a closure first, then fetches one NAR at
+// a time, and a peer NAR is held until verified; so the agent fetches the next looked-up paths'
+// NARs from peers while Nix takes the current one.
+
+/** Several paths, each with its own NAR, all held by every holder in `holders` (fastest first). */
+function paths(n: number, size: number) {
+  return Array.from({ length: n }, (_, i) => {
+    const hashPart = "0".repeat(31) + "123456789abcdfgh"[i]!;
+    const bytes = randomBytes(size);
+    const narHash = "sha256:" + encodeNix32(createHash("sha256").update(bytes).digest());
+    const info: PathInfo = { storePath: `/nix/store/${hashPart}-p${i}`, narHash, narSize: size, references: [], sigs: [] };
+    return { hashPart, bytes, info, narinfo: { ...info, url: "nar/x.nar", compression: "none" } as unknown as Narinfo };
+  });
+}
+
+/** A FleetSource whose holders serve those paths; `wrong(peer, hashPart)` makes a holder's NAR bytes wrong. */
+function multiFleet(ps: ReturnType<typeof paths>, holders: string[], opts: Options = {}, wrong = (_peer: string, _hp: string) => false) {
+  const requests: { peer: string; hashPart: string; at: number }[] = [];
+  const byHash = new Map(ps.map((p) => [p.hashPart, p]));
+  const peers: PeerRequests = {
+    narinfo: async (_peer, hashPart) => byHash.get(hashPart)?.narinfo,
+    async nar(peer, req) {
+      requests.push({ peer, hashPart: req.hashPart, at: performance.now() });
+      const p = byHash.get(req.hashPart)!;
+      const bytes = wrong(peer, req.hashPart) ? corrupt(p.bytes, 100) : p.bytes;
+      return (async function* () {
+        for (let o = req.offset; o < bytes.length; o += 4096) {
+          await sleep(0);
+          yield bytes.subarray(o, Math.min(o + 4096, bytes.length));
+        }
+      })();
+    },
+  };
+  const local = { pathInfo: async () => undefined, pathInfoNow: () => undefined } as unknown as LocalStore;
+  return { source: new FleetSource(local, new FakeFleet(holders, opts), peers, log, opts), requests };
+}
+
+async function until(what: string, cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 500 && !cond(); i++) await sleep(10);
+  assert.ok(cond(), what);
+}
+
+test("read-ahead: after the client's first peer NAR, the next looked-up paths' NARs are fetched ahead and handed over verified, once", async () => {
+  const ps = paths(4, 64 * 1024);
+  const { source, requests } = multiFleet(ps, ["a"]);
+  for (const p of ps) assert.ok(await source.pathInfo(p.hashPart));
+  await sleep(50);
+  assert.equal(requests.length, 0, "narinfo lookups alone fetch no NAR");
+  assert.ok((await collect(source.narStream(ps[0]!.info, 0, ps[0]!.info.narSize))).equals(ps[0]!.bytes));
+  // The next two looked-up paths are fetched before the client asks for them.
+  await until("paths 1 and 2 fetched ahead", () => [1, 2].every((i) => requests.some((r) => r.hashPart === ps[i]!.hashPart)));
+  const asked = performance.now();
+  for (const p of ps.slice(1)) assert.ok((await collect(source.narStream(p.info, 0, p.info.narSize))).equals(p.bytes), "verified bytes");
+  for (const p of ps) assert.equal(requests.filter((r) => r.hashPart === p.hashPart).length, 1, "each NAR crossed the mesh once");
+  assert.ok(requests.filter((r) => r.at < asked).length >= 3, "fetched ahead of the client's request");
+  assert.equal(source.counters.readAheadsUsed, 3);
+});
+
+test("read-ahead: a wrong NAR fetched ahead never reaches the client; its holder is penalised and the next holder's bytes come", async () => {
+  const ps = paths(2, 64 * 1024);
+  const { source, requests } = multiFleet(ps, ["bad", "good"], {}, (peer, hp) => peer === "bad" && hp === ps[1]!.hashPart);
+  for (const p of ps) await source.pathInfo(p.hashPart);
+  assert.ok((await collect(source.narStream(ps[0]!.info, 0, ps[0]!.info.narSize))).equals(ps[0]!.bytes));
+  await until("the wrong NAR fetched ahead and replaced", () => requests.filter((r) => r.hashPart === ps[1]!.hashPart).length === 2);
+  assert.ok((await collect(source.narStream(ps[1]!.info, 0, ps[1]!.info.narSize))).equals(ps[1]!.bytes));
+  assert.equal(source.penalties.status("bad").badNars, 1);
+  assert.equal(source.counters.verifyFailures, 1);
+
+  // The only holder is wrong: the client's request fails before any byte (a 502), as without read-ahead.
+  const only = multiFleet(ps, ["bad"], {}, (_peer, hp) => hp === ps[1]!.hashPart);
+  for (const p of ps) await only.source.pathInfo(p.hashPart);
+  await collect(only.source.narStream(ps[0]!.info, 0, ps[0]!.info.narSize));
+  const out: Buffer[] = [];
+  await assert.rejects(
+    (async () => {
+      for await (const c of only.source.narStream(ps[1]!.info, 0, ps[1]!.info.narSize)) out.push(c);
+    })(),
+    /no peer could send/,
+  );
+  assert.equal(out.length, 0, "no byte of a wrong NAR reached the client");
+});
+
+test("read-ahead: off with readAhead 0; NARs past its size limit are not fetched ahead", async () => {
+  const ps = paths(3, 64 * 1024);
+  const off = multiFleet(ps, ["a"], { readAhead: 0 });
+  for (const p of ps) await off.source.pathInfo(p.hashPart);
+  await collect(off.source.narStream(ps[0]!.info, 0, ps[0]!.info.narSize));
+  await sleep(50);
+  assert.equal(off.requests.length, 1);
+  const small = multiFleet(ps, ["a"], { readAheadMaxBytes: 1024 });
+  for (const p of ps) await small.source.pathInfo(p.hashPart);
+  await collect(small.source.narStream(ps[0]!.info, 0, ps[0]!.info.narSize));
+  await sleep(50);
+  assert.equal(small.requests.length, 1);
+});

@@ -34,8 +34,6 @@ export interface MeshResult {
  */
 export interface Timeline {
   nars: number;
-  /** NARs the client found fetched ahead (or being fetched). */
-  readAhead: number;
   fetchSeconds: number;
   sendSeconds: number;
   meanFetching: number;
@@ -48,12 +46,12 @@ export interface Timeline {
 
 /** Reads B's "peer NAR sent" debug lines logged between `from` and `to` (epoch ms). */
 export function timeline(logs: string, from: number, to: number): Timeline {
-  const nars: { fetchStart: number; sendStart: number; end: number; ahead: boolean }[] = [];
+  const nars: { fetchStart: number; sendStart: number; end: number }[] = [];
   for (const line of logs.split("\n")) {
     if (!line.includes('"peer NAR sent"')) continue;
-    const l = JSON.parse(line) as { time: number; fetchMs: number; sendMs: number; ahead?: boolean };
+    const l = JSON.parse(line) as { time: number; fetchMs: number; sendMs: number };
     if (l.time < from || l.time > to) continue;
-    nars.push({ fetchStart: l.time - l.sendMs - l.fetchMs, sendStart: l.time - l.sendMs, end: l.time, ahead: l.ahead === true });
+    nars.push({ fetchStart: l.time - l.sendMs - l.fetchMs, sendStart: l.time - l.sendMs, end: l.time });
   }
   const wall = to - from;
   // Time covered by at least one send: merge the send intervals in start order.
@@ -71,7 +69,7 @@ export function timeline(logs: string, from: number, to: number): Timeline {
   let maxInFlight = 0;
   for (const [, d] of edges) maxInFlight = Math.max(maxInFlight, (inFlight += d));
   const first = nars.length ? Math.min(...nars.map((n) => n.fetchStart)) : from;
-  return { nars: nars.length, readAhead: nars.filter((n) => n.ahead).length, fetchSeconds: fetch / 1000, sendSeconds: send / 1000, meanFetching: fetch / wall, meanSending: send / wall, idleShare: 1 - covered / wall, maxInFlight, firstRequestSeconds: (first - from) / 1000 };
+  return { nars: nars.length, fetchSeconds: fetch / 1000, sendSeconds: send / 1000, meanFetching: fetch / wall, meanSending: send / wall, idleShare: 1 - covered / wall, maxInFlight, firstRequestSeconds: (first - from) / 1000 };
 }
 
 /** Largest VmHWM in a process tree (the agent may run under a wrapper), MiB. */
@@ -162,7 +160,7 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const [from, to] = spans[agentRuns.indexOf(agentSeconds)]!;
     const t = timeline(B.agent!.logs(), from, to);
     if (process.env.MESH_BENCH_B_LOG) writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs()); // B's agent's log, for a closer look
-    log(`mesh: fastest agent copy: ${t.nars} peer NARs (${t.readAhead} fetched ahead), fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
+    log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
     return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t };
   } finally {
     nginx?.kill();

@@ -62,15 +62,6 @@ export interface FleetSourceOptions {
    * to be back before the lookup is a miss (default 5 s: an agent restart; well under Nix's timeouts).
    */
   reconnectWaitMs?: number;
-  /**
-   * Peer NARs fetched ahead of the client's request (default 2; 0: none): once the client takes a
-   * NAR from peers, the next paths whose narinfos it looked up are fetched and verified meanwhile.
-   */
-  readAhead?: number;
-  /** Only NARs up to this size are fetched ahead (default 256 MiB). */
-  readAheadMaxBytes?: number;
-  /** A NAR fetched ahead that the client has not asked for within this long is dropped (default 60 s). */
-  readAheadTtlMs?: number;
   /** Which narinfos to believe (default: no upstream keys, the first verified answer). */
   trust?: TrustPolicy;
   /** Told of failures operators should see (a peer's NAR transfer or narinfo answer failing). */
@@ -92,19 +83,6 @@ export interface FleetCounters {
   queuedTransfers: number;
   /** Fleet-only narinfos from peers that contradicted an upstream signature for the path (the holder is penalised). */
   narinfoConflicts: number;
-  /** Peer NARs fetched ahead of the client's request, and those the client then asked for. */
-  readAheads: number;
-  readAheadsUsed: number;
-}
-
-/** A peer NAR being fetched ahead: `first` settles once it is verified (or has failed). */
-interface Ahead {
-  narHash: string;
-  nar: AsyncGenerator<Buffer>;
-  first: Promise<IteratorResult<Buffer>>;
-  timer: NodeJS.Timeout;
-  /** It failed: it holds nothing, and is kept only to give the client its error. */
-  failed: boolean;
 }
 
 interface Cached {
@@ -127,23 +105,12 @@ const HOLD_BYTES = 8 * 1024 * 1024;
 const SPOOL_BYTES = 1024 * 1024 * 1024;
 /** A holder may still count a transfer that has ended on our side: how often to ask again. */
 const MAX_BUSY_RETRIES = 20;
-/**
- * Read-ahead (see FleetSourceOptions.readAhead). Nix 2.8's `nix copy` fetches one NAR at a time
- * after looking up all the closure's narinfos, and a peer NAR reaches it only once verified, so
- * without read-ahead every NAR's transfer between the agents and its transfer to Nix run in
- * series (BENCHMARKS.md, "Mesh transfer: Nix takes one NAR at a time").
- */
-const READ_AHEAD = 2;
-const READ_AHEAD_MAX_BYTES = 256 * 1024 * 1024;
-const READ_AHEAD_TTL_MS = 60_000;
-/** Peer narinfos the client looked up, remembered as read-ahead candidates (the newest this many). */
-const LOOKED_UP_MAX = 4096;
 const BUSY_RETRY_MS = 25;
 /** An agent restart measured 2-5 s from SIGTERM to its peers reconnected (FAULTS.md, restart-under-load). */
 const RECONNECT_WAIT_MS = 5_000;
 
 export class FleetSource implements PathSource {
-  readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0, verifyFailures: 0, queuedTransfers: 0, narinfoConflicts: 0, readAheads: 0, readAheadsUsed: 0 };
+  readonly counters: FleetCounters = { localHits: 0, peerHits: 0, misses: 0, peerQueries: 0, failovers: 0, transferFailures: 0, bytesFromPeers: 0, verifyFailures: 0, queuedTransfers: 0, narinfoConflicts: 0 };
   /** Holders whose bytes failed verification (read by the status document and metrics). */
   readonly penalties: HolderPenalties;
   /** NAR bytes received, by peer ID. */
@@ -162,13 +129,6 @@ export class FleetSource implements PathSource {
   private readonly slots: TransferSlots;
   private readonly reconnectWaitMs: number;
   private readonly trust: TrustPolicy;
-  private readonly readAhead: number;
-  private readonly readAheadMaxBytes: number;
-  private readonly readAheadTtlMs: number;
-  /** Peer paths whose narinfo the client looked up and whose NAR it has not asked for, oldest first. */
-  readonly #lookedUp = new Map<string, { info: PathInfo; at: number }>();
-  /** NARs being fetched ahead, by hash part. */
-  readonly #ahead = new Map<string, Ahead>();
 
   constructor(
     private readonly local: LocalStore,
@@ -188,9 +148,6 @@ export class FleetSource implements PathSource {
     this.reconnectWaitMs = opts.reconnectWaitMs ?? RECONNECT_WAIT_MS;
     this.penalties = fleet.holderPenalties;
     this.trust = opts.trust ?? new TrustPolicy([]);
-    this.readAhead = opts.readAhead ?? READ_AHEAD;
-    this.readAheadMaxBytes = Math.min(opts.readAheadMaxBytes ?? READ_AHEAD_MAX_BYTES, this.spoolBytes);
-    this.readAheadTtlMs = opts.readAheadTtlMs ?? READ_AHEAD_TTL_MS;
   }
 
   /** The upstream check, if configured (its counters are shown in status and metrics). */
@@ -225,7 +182,6 @@ export class FleetSource implements PathSource {
     const cached = this.cache.get(hashPart);
     if (cached && cached.expires > Date.now() && holders.includes(cached.from)) {
       this.counters.peerHits++;
-      this.#lookUp(hashPart, cached.info);
       return cached.info;
     }
     return NOT_NOW;
@@ -245,7 +201,6 @@ export class FleetSource implements PathSource {
     const cached = this.cache.get(hashPart);
     if (cached && cached.expires > Date.now() && holders.includes(cached.from)) {
       this.counters.peerHits++;
-      this.#lookUp(hashPart, cached.info);
       return cached.info;
     }
     let info = await this.ask(hashPart, holders);
@@ -254,10 +209,8 @@ export class FleetSource implements PathSource {
       const back = await this.holdersOrWait(hashPart);
       if (back.length > 0) info = await this.ask(hashPart, back);
     }
-    if (info) {
-      this.counters.peerHits++;
-      this.#lookUp(hashPart, info);
-    } else this.counters.misses++;
+    if (info) this.counters.peerHits++;
+    else this.counters.misses++;
     return info;
   }
 
@@ -277,94 +230,15 @@ export class FleetSource implements PathSource {
         if (sent || !(e instanceof NarGoneError)) throw e;
       }
     }
-    // Timed for bench/mesh.ts: from the request to the first byte (the fetch and verification,
-    // or what is left of a read-ahead), then to the last (the client taking it).
+    // Timed for bench/mesh.ts: from the request to the first byte (the fetch and verification:
+    // a peer NAR is held until verified), then to the last (the client taking it).
     const asked = performance.now();
     let first = 0;
-    let ahead: Ahead | undefined = this.#ahead.get(hashPart);
-    if (ahead) {
-      this.#ahead.delete(hashPart);
-      clearTimeout(ahead.timer);
-      // Only a whole NAR of the same contents is taken from it (a Range is Nix resuming a cut download).
-      if (ahead.narHash === info.narHash && start === 0 && end === info.narSize) this.counters.readAheadsUsed++;
-      else {
-        void ahead.nar.return(undefined).catch(() => {});
-        ahead = undefined;
-      }
-    }
-    this.#lookedUp.delete(hashPart);
-    this.#fetchAhead();
-    const chunks = ahead ? this.#taken(ahead, hashPart, info, start, end) : this.remoteNar(hashPart, info, start, end);
-    for await (const c of chunks) {
+    for await (const c of this.remoteNar(hashPart, info, start, end)) {
       first ||= performance.now();
       yield c;
     }
-    this.log.debug({ path: info.storePath, bytes: end - start, ahead: ahead !== undefined, fetchMs: Math.round(first - asked), sendMs: ms(first) }, "peer NAR sent");
-  }
-
-  /** Remembers a peer path the client looked up (a read-ahead candidate), as the newest. */
-  #lookUp(hashPart: string, info: PathInfo): void {
-    if (this.readAhead <= 0) return;
-    this.#lookedUp.delete(hashPart);
-    if (this.#lookedUp.size >= LOOKED_UP_MAX) this.#lookedUp.delete(this.#lookedUp.keys().next().value!);
-    this.#lookedUp.set(hashPart, { info, at: Date.now() });
-  }
-
-  /**
-   * Starts fetching the oldest looked-up paths' NARs, up to `readAhead` at once. Called when the
-   * client takes a NAR from peers, so that narinfo lookups alone (nix path-info, a dry run) never
-   * move NARs. A read-ahead is remoteNar itself, run to its first chunk: it holds the whole NAR
-   * until verified, with the same failover and penalties, and takes a transfer slot only if one
-   * is free (never a place in a holder's queue ahead of the client's own requests).
-   */
-  #fetchAhead(): void {
-    const now = Date.now();
-    let active = 0;
-    for (const a of this.#ahead.values()) if (!a.failed) active++;
-    for (const [hashPart, { info, at }] of this.#lookedUp) {
-      if (active >= this.readAhead) return;
-      this.#lookedUp.delete(hashPart);
-      if (now - at > this.readAheadTtlMs || info.narSize > this.readAheadMaxBytes || this.#ahead.has(hashPart)) continue;
-      const nar = this.remoteNar(hashPart, info, 0, info.narSize, false);
-      const first = nar.next();
-      const entry: Ahead = { narHash: info.narHash, nar, first, failed: false, timer: setTimeout(() => this.#dropAhead(hashPart, entry), this.readAheadTtlMs) };
-      entry.timer.unref();
-      this.#ahead.set(hashPart, entry);
-      active++;
-      this.counters.readAheads++;
-      // A failure is counted and logged like any transfer's; the client gets it if it asks.
-      first.catch(() => (entry.failed = true));
-    }
-  }
-
-  #dropAhead(hashPart: string, entry: Ahead): void {
-    if (this.#ahead.get(hashPart) !== entry) return;
-    this.#ahead.delete(hashPart);
-    clearTimeout(entry.timer);
-    void entry.nar.return(undefined).catch(() => {}); // its held bytes (and spool file) go
-  }
-
-  /**
-   * The bytes of a read-ahead the client asked for. One that failed gives the client its error
-   * (every holder was tried, as for the client's own request), unless it never had a slot: then
-   * the NAR is fetched now.
-   */
-  async *#taken(ahead: Ahead, hashPart: string, info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
-    let first: IteratorResult<Buffer>;
-    try {
-      first = await ahead.first;
-    } catch (err) {
-      if (!(err instanceof NoFreeSlot)) throw err;
-      yield* this.remoteNar(hashPart, info, start, end);
-      return;
-    }
-    try {
-      if (first.done) return;
-      yield first.value;
-      yield* ahead.nar;
-    } finally {
-      await ahead.nar.return(undefined);
-    }
+    this.log.debug({ path: info.storePath, bytes: end - start, fetchMs: Math.round(first - asked), sendMs: ms(first) }, "peer NAR sent");
   }
 
   /** Concurrent lookups of one path (Nix's HEAD then GET) share one round of questions. */
@@ -560,7 +434,7 @@ export class FleetSource implements PathSource {
    * at the byte reached (NAR bytes are canonical). Wrong bytes penalise their holders and, while
    * nothing has gone out, the NAR starts over from another holder.
    */
-  private async *remoteNar(hashPart: string, info: PathInfo, start: number, end: number, queue = true): AsyncGenerator<Buffer> {
+  private async *remoteNar(hashPart: string, info: PathInfo, start: number, end: number): AsyncGenerator<Buffer> {
     const skip = new Set<string>(); // holders that failed this request
     let verifier = new NarVerifier(info.narHash, info.narSize);
     let contributors = new Set<string>();
@@ -575,7 +449,7 @@ export class FleetSource implements PathSource {
       for (;;) {
         if (pause) await sleep(pause);
         pause = 0;
-        const peer = await this.holderSlot(hashPart, skip, info.storePath, queue);
+        const peer = await this.holderSlot(hashPart, skip, info.storePath);
         if (peer === undefined) break;
         if (attempts++ > 0) this.counters.failovers++;
         const controller = new AbortController();
@@ -682,14 +556,13 @@ export class FleetSource implements PathSource {
    * one with room; if all are at their limit, a place in the first one's queue. Undefined when no
    * holder is left; NarUnavailableError when the queue's deadline passes.
    */
-  private async holderSlot(hashPart: string, skip: Set<string>, storePath: string, queue = true): Promise<string | undefined> {
+  private async holderSlot(hashPart: string, skip: Set<string>, storePath: string): Promise<string | undefined> {
     const cachedFrom = this.cache.get(hashPart)?.from;
     const holders = (skip.size === 0 ? await this.holdersOrWait(hashPart) : this.holders(hashPart)).filter((p) => !skip.has(p));
     const order = cachedFrom && holders.includes(cachedFrom) ? [cachedFrom, ...holders.filter((p) => p !== cachedFrom)] : holders;
     if (order.length === 0) return undefined;
     const free = order.find((p) => this.slots.tryAcquire(p));
     if (free !== undefined) return free;
-    if (!queue) throw new NoFreeSlot(`${storePath}: no free transfer slot to fetch it ahead`);
     this.counters.queuedTransfers++;
     try {
       await this.slots.acquire(order[0]!, this.queueMs);
@@ -699,9 +572,6 @@ export class FleetSource implements PathSource {
     return order[0]!;
   }
 }
-
-/** A read-ahead found every holder at its transfer limit (it never waits in a queue). */
-class NoFreeSlot extends Error {}
 
 const ms = (since: number) => Math.round((performance.now() - since) * 10) / 10;
 

@@ -131,8 +131,6 @@ export class Mesh {
         trust: new TrustPolicy(upstreamKeys, upstreamCheck),
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
-        // FLEETCACHE_READ_AHEAD=0 turns read-ahead off (to measure against, bench/mesh.ts).
-        ...(process.env.FLEETCACHE_READ_AHEAD !== undefined && { readAhead: Number(process.env.FLEETCACHE_READ_AHEAD) || 0 }),
       });
       await manager.start();
       return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission);

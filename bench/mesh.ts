@@ -23,6 +23,53 @@ export interface MeshResult {
   ratio: number;
   /** Peak RSS (VmHWM) of A's and of B's agent over the whole case, MiB. */
   agentPeakRssMiB: [number, number];
+  /** Where the fastest agent copy's wall time went, from B's per-NAR timing lines. */
+  timeline?: Timeline;
+}
+
+/**
+ * B's peer NARs in one copy: each is fetched from A (and verified) and then sent to Nix, in
+ * series (it is held until verified). Seconds summed over the NARs, NARs in each stage on
+ * average (sum ÷ wall), and the share of the wall time in which no NAR was being sent to Nix.
+ */
+export interface Timeline {
+  nars: number;
+  fetchSeconds: number;
+  sendSeconds: number;
+  meanFetching: number;
+  meanSending: number;
+  idleShare: number;
+  /** Most NARs in flight at once, and seconds from the copy's start to the first NAR request. */
+  maxInFlight: number;
+  firstRequestSeconds: number;
+}
+
+/** Reads B's "peer NAR sent" debug lines logged between `from` and `to` (epoch ms). */
+export function timeline(logs: string, from: number, to: number): Timeline {
+  const nars: { fetchStart: number; sendStart: number; end: number }[] = [];
+  for (const line of logs.split("\n")) {
+    if (!line.includes('"peer NAR sent"')) continue;
+    const l = JSON.parse(line) as { time: number; fetchMs: number; sendMs: number };
+    if (l.time < from || l.time > to) continue;
+    nars.push({ fetchStart: l.time - l.sendMs - l.fetchMs, sendStart: l.time - l.sendMs, end: l.time });
+  }
+  const wall = to - from;
+  // Time covered by at least one send: merge the send intervals in start order.
+  let covered = 0;
+  let until = -Infinity;
+  for (const n of [...nars].sort((a, b) => a.sendStart - b.sendStart)) {
+    const s = Math.max(n.sendStart, until);
+    if (n.end > s) covered += n.end - s;
+    until = Math.max(until, n.end);
+  }
+  const fetch = nars.reduce((t, n) => t + n.sendStart - n.fetchStart, 0);
+  const send = nars.reduce((t, n) => t + n.end - n.sendStart, 0);
+  const edges = nars.flatMap((n) => [[n.fetchStart, 1], [n.end, -1]] as const).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  let inFlight = 0;
+  let maxInFlight = 0;
+  for (const [, d] of edges) maxInFlight = Math.max(maxInFlight, (inFlight += d));
+  const first = nars.length ? Math.min(...nars.map((n) => n.fetchStart)) : from;
+  return { nars: nars.length, fetchSeconds: fetch / 1000, sendSeconds: send / 1000, meanFetching: fetch / wall, meanSending: send / wall, idleShare: 1 - covered / wall, maxInFlight, firstRequestSeconds: (first - from) / 1000 };
 }
 
 /** Largest VmHWM in a process tree (the agent may run under a wrapper), MiB. */
@@ -74,9 +121,16 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     await eventually("B has A's summary", async () => (await B.status()).peers.find((p) => p.connected)?.pathCount === aPaths, 30_000);
     await eventually("nginx answers", async () => (await B.exec("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", `http://${A.net.ip}:${NGINX_PORT}/nix-cache-info`])) === "200", 10_000);
 
+    const spans: [number, number][] = []; // each agent copy's start and end, epoch ms
     const copy = async (from: string, dest: string, sigs: string[]): Promise<number> => {
       const t0 = process.hrtime.bigint();
-      await B.nix(["copy", "--from", from, "--to", dest, "--option", "narinfo-cache-negative-ttl", "0", ...sigs, ...paths]);
+      const start = Date.now();
+      // A fresh narinfo cache each time: Nix looks the closure up as a host deploying it for the
+      // first time does (with its 30-day positive cache, a second copy would skip the lookups).
+      const cacheHome = `${dest}-xdg-cache`;
+      await B.exec("env", [`XDG_CACHE_HOME=${cacheHome}`, "nix", ...NIX_FLAGS, "copy", "--from", from, "--to", dest, "--option", "narinfo-cache-negative-ttl", "0", ...sigs, ...paths]);
+      rmSync(cacheHome, { recursive: true, force: true });
+      if (from === B.agent!.url) spans.push([start, Date.now()]);
       return Number(process.hrtime.bigint() - t0) / 1e9;
     };
     // Alternate, twice each, and keep the faster of each (the first may pay for cold caches).
@@ -103,7 +157,11 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const gb = narBytes / 1e9;
     const agentCpuPerGb = (holderCpu + requesterCpu) / gb;
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
-    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB };
+    const [from, to] = spans[agentRuns.indexOf(agentSeconds)]!;
+    const t = timeline(B.agent!.logs(), from, to);
+    if (process.env.MESH_BENCH_B_LOG) writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs()); // B's agent's log, for a closer look
+    log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
+    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t };
   } finally {
     nginx?.kill();
     await fleet.destroy();

@@ -230,7 +230,15 @@ export class FleetSource implements PathSource {
         if (sent || !(e instanceof NarGoneError)) throw e;
       }
     }
-    yield* this.remoteNar(hashPart, info, start, end);
+    // Timed for bench/mesh.ts: from the request to the first byte (the fetch and verification:
+    // a peer NAR is held until verified), then to the last (the client taking it).
+    const asked = performance.now();
+    let first = 0;
+    for await (const c of this.remoteNar(hashPart, info, start, end)) {
+      first ||= performance.now();
+      yield c;
+    }
+    this.log.debug({ path: info.storePath, bytes: end - start, fetchMs: Math.round(first - asked), sendMs: ms(first) }, "peer NAR sent");
   }
 
   /** Concurrent lookups of one path (Nix's HEAD then GET) share one round of questions. */

@@ -2,7 +2,9 @@
 // the daemon (QueryPathFromHashPart, then QueryPathInfo: two round trips over the socket) unless
 // Nix's database is unchanged (db-version.ts) since the daemon gave a cached answer for the path,
 // or since it listed the store's paths without it (a miss). A path deleted, re-added or re-signed
-// is a write to the database, so an answer is never staler than the daemon's own. The daemon
+// is a write to the database, so an answer is never staler than the daemon's own. Whether the
+// database is unchanged is a look at its files taken after the lookup came in, one for all the
+// lookups of an event-loop turn (DbVersion.next()). The daemon
 // cannot find a path by its NAR hash, so the legacy NAR URL that carries nothing else is a miss
 // with this backend.
 import { join } from "node:path";
@@ -53,9 +55,14 @@ export class DaemonMetadata implements StoreMetadata {
     return this.watcher.start();
   }
 
-  /** The answer from memory, while Nix's database is unchanged since the daemon gave it; else NOT_NOW. */
-  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
-    return this.fromMemory(hashPart, this.dbVersion.current());
+  /**
+   * Never an answer without waiting: even one from memory needs a look at the database's files
+   * taken after the lookup came in, and pathInfo() shares one look among all the lookups of an
+   * event-loop turn, where a look here would be one fstat a lookup (the most a hit cost beyond
+   * the database backend's: BENCHMARKS.md, "Daemon backend").
+   */
+  pathInfoNow(): typeof NOT_NOW {
+    return NOT_NOW;
   }
 
   private fromMemory(hashPart: string, dbVersion: string | undefined): PathInfo | undefined | typeof NOT_NOW {
@@ -73,8 +80,9 @@ export class DaemonMetadata implements StoreMetadata {
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
-    // Read before asking: the daemon's answer is then at least as new as this version.
-    const dbVersion = this.dbVersion.current();
+    // A look after this call: the answer from memory is then at least as new as the database
+    // when the lookup came in, and the daemon's answer (asked after the look) as this version.
+    const dbVersion = await this.dbVersion.next();
     const known = this.fromMemory(hashPart, dbVersion);
     if (known !== NOT_NOW) return known;
     const cached = this.infos.get(hashPart);

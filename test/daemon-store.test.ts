@@ -14,6 +14,7 @@ import { DaemonWatcher } from "../agent/store/daemon-watch.js";
 import { databaseFilesVisible, DbVersion } from "../agent/store/db-version.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { NOT_NOW } from "../agent/source.js";
+import type { PathInfo } from "../protocol/path-info.js";
 import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
 import { plainAndBuiltPaths } from "./helpers/fixtures.js";
@@ -101,7 +102,7 @@ test("the daemon backend caches hits, never stale: new signatures, deletions, re
     const built = await untilCached(store, client, hp(f.built));
     assert.ok(built && built.sigs.length === 1);
     assert.equal(await store.pathInfo(hp(f.built)), built, "the same object: the HTTP side reuses its narinfo");
-    assert.equal(store.pathInfoNow(hp(f.built)), NOT_NOW, "never without waiting: a look at the database's files after the lookup came in");
+    assert.equal(store.pathInfoNow(hp(f.built)), built, "and without waiting: the HTTP side answers it in one go");
     const plain = await untilCached(store, client, hp(f.plain));
     assert.deepEqual(plain?.sigs, []);
 
@@ -207,6 +208,22 @@ test("the daemon backend's lookups of one event-loop turn share one look at the 
     assert.equal(answers[1], built);
     await store.pathInfo(hp(f.built));
     assert.equal(looks - looks0, 2, "a lookup after that look: a look of its own");
+
+    // Without waiting (the HTTP side's first try), lookups look on their own while they come one
+    // to a turn; after a turn with two they share (NOT_NOW: pathInfo() waits for the shared look),
+    // and after shared looks of one lookup each they look on their own again.
+    const turn = () => new Promise((r) => setImmediate(r));
+    await turn();
+    assert.equal(store.pathInfoNow(hp(f.built)), built);
+    await turn();
+    assert.equal(store.pathInfoNow(hp(f.built)), built, "one a turn: each looks on its own");
+    assert.equal((store.pathInfoNow(hp(f.plain)) as PathInfo).storePath, f.plain, "two in a turn");
+    await turn();
+    assert.equal(store.pathInfoNow(hp(f.built)), NOT_NOW, "then they share");
+    const looks1 = looks;
+    for (let i = 0; i < 8; i++) assert.equal(await store.pathInfo(hp(f.built)), built);
+    assert.equal(looks - looks1, 8, "a shared look each, one lookup to each");
+    assert.equal(store.pathInfoNow(hp(f.built)), built, "then they look on their own again");
   } finally {
     store.close();
     await f.daemon.stop();

@@ -32,8 +32,11 @@ export class DbVersion {
   private readonly wal: string;
   /** The WAL, open while it exists (one fstat a look instead of stats by path). */
   private walFd: number | undefined;
-  /** The look that next()'s callers so far wait for, not taken yet. */
+  /** The look that next()'s callers so far wait for, not taken yet, and how many they are. */
   private pending: Promise<string | undefined> | undefined;
+  private waiting = 0;
+  /** How many next() calls the last look answered. */
+  lastShared = 0;
   private closed = false;
 
   /** `dbDir`: Nix's database directory, `<root>/nix/var/nix/db`. */
@@ -65,9 +68,12 @@ export class DbVersion {
    * setImmediate), so however many lookups came in, one fstat answers for all of them.
    */
   next(): Promise<string | undefined> {
+    this.waiting++;
     this.pending ??= new Promise((resolve) =>
       setImmediate(() => {
         this.pending = undefined; // calls from here on wait for a later look
+        this.lastShared = this.waiting;
+        this.waiting = 0;
         resolve(this.closed ? undefined : this.current());
       }),
     );

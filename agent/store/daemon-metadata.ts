@@ -30,6 +30,8 @@ interface CachedInfo {
 const MAX_CACHED = 100_000;
 /** Shared looks answering one lookup each, in a row, after which lookups look on their own again. */
 const SINGLE_SHARES = 8;
+/** One lookup in this many looking on its own has its turn's lookups counted (a setImmediate each). */
+const COUNT_EVERY = 16;
 
 export class DaemonMetadata implements StoreMetadata {
   readonly backend = "daemon";
@@ -42,11 +44,15 @@ export class DaemonMetadata implements StoreMetadata {
   // answer) or shares a look with the other lookups of its event-loop turn (DbVersion.next(): a
   // promise and a setImmediate later, about 5 µs more a lookup here). Sharing pays only when
   // lookups come several to a turn (concurrent connections): lookups share from a turn that had
-  // more than one on, and look on their own again after SINGLE_SHARES shared looks of one lookup.
-  // Either way every look is taken after the lookups it answers came in.
+  // more than one on (counted in one turn of COUNT_EVERY lookups: a setImmediate a lookup cost a
+  // few µs at one connection in the benchmark), and look on their own again after SINGLE_SHARES
+  // shared looks of one lookup each. Either way every look is taken after the lookups it answers
+  // came in.
   private sharing = false;
-  /** Lookups that looked on their own this turn (counted until the turn's end). */
+  /** Whether this turn's lookups are counted (in ownLooks), until turnEnded. */
+  private counting = false;
   private ownLooks = 0;
+  private uncounted = 0;
   private singleShares = 0;
 
   constructor(
@@ -73,13 +79,17 @@ export class DaemonMetadata implements StoreMetadata {
    */
   pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
     if (this.sharing) return NOT_NOW;
-    if (this.ownLooks++ === 0) setImmediate(this.turnEnded);
+    if (this.counting) this.ownLooks++;
+    else if (++this.uncounted >= COUNT_EVERY) {
+      [this.counting, this.ownLooks, this.uncounted] = [true, 1, 0];
+      setImmediate(this.turnEnded);
+    }
     return this.fromMemory(hashPart, this.dbVersion.current());
   }
 
   private readonly turnEnded = (): void => {
     if (this.ownLooks > 1) this.sharing = true;
-    this.ownLooks = 0;
+    this.counting = false;
   };
 
   private fromMemory(hashPart: string, dbVersion: string | undefined): PathInfo | undefined | typeof NOT_NOW {

@@ -24,6 +24,7 @@ Narinfo hits and misses with the database and the daemon backend: sequential kee
   --duration S         seconds per wrk measurement (default 4)
   --rounds N           measurements per agent and backend, taking turns; medians reported (default 5)
   --agent-dir DIR[=LABEL]  a built checkout whose ${AGENT_CLI} to run (repeatable; default this one)
+  --agent-cpu-prof DIR run each agent under node --cpu-prof, profiles written to DIR/<label>-<backend>
   --write              record the results in BENCHMARKS.md ("## Daemon backend" section)
   --tmpdir DIR         where to make the temporary directory
   --keep               keep the temporary directory
@@ -36,6 +37,7 @@ interface Options {
   rounds: number;
   agents: { dir: string; label: string }[];
   write: boolean;
+  cpuProfDir?: string;
   tmpBase: string;
   keep: boolean;
 }
@@ -51,6 +53,7 @@ function parseOptions(argv: string[], repoRoot: string): Options {
       rounds: { type: "string" },
       "agent-dir": { type: "string", multiple: true },
       write: { type: "boolean", default: false },
+      "agent-cpu-prof": { type: "string" },
       tmpdir: { type: "string" },
       keep: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -74,6 +77,7 @@ function parseOptions(argv: string[], repoRoot: string): Options {
     rounds: Number(values.rounds ?? 5),
     agents,
     write: values.write ?? false,
+    ...(values["agent-cpu-prof"] ? { cpuProfDir: resolve(values["agent-cpu-prof"]) } : {}),
     tmpBase: values.tmpdir ? resolve(values.tmpdir) : tmpdir(),
     keep: values.keep ?? false,
   };
@@ -201,7 +205,9 @@ export async function daemonHitMain(argv: string[], repoRoot: string): Promise<v
     for (const agentDir of opts.agents) {
       for (const backend of ["database", "daemon"] as const) {
         const extraArgs = backend === "daemon" ? ["--store-backend", "daemon", "--daemon-socket", socket] : ["--store-backend", "database"];
-        const server = await startAgent(join(tmp, `agent-${subjects.length}`), agentDir.dir, root, { extraArgs });
+        // A directory per agent, named so that profiles of several builds can be told apart.
+        const cpuProfDir = opts.cpuProfDir && join(opts.cpuProfDir, `${agentDir.label}-${backend}`.replace(/[^\w.-]/g, "_"));
+        const server = await startAgent(join(tmp, `agent-${subjects.length}`), agentDir.dir, root, { extraArgs, ...(cpuProfDir ? { cpuProfDir } : {}) });
         subjects.push({ label: agentDir.label, backend, server, ...(backend === "daemon" ? { daemonPid: daemon.pid! } : {}), samples: [] });
       }
     }

@@ -3,6 +3,7 @@
 // the store through the daemon, never stale, with 503 while the daemon is gone.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
@@ -13,6 +14,7 @@ import { DaemonWatcher } from "../agent/store/daemon-watch.js";
 import { databaseFilesVisible, DbVersion } from "../agent/store/db-version.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { NOT_NOW } from "../agent/source.js";
+import type { PathInfo } from "../protocol/path-info.js";
 import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
 import { plainAndBuiltPaths } from "./helpers/fixtures.js";
@@ -106,7 +108,6 @@ test("the daemon backend caches hits, never stale: new signatures, deletions, re
 
     // A signature added by Nix shows at the next lookup, however recent the cached answer.
     await nix(["store", "sign", "--store", f.root, "--key-file", join(f.tmp.dir, "sec"), f.plain]);
-    assert.equal(store.pathInfoNow(hp(f.plain)), NOT_NOW, "the database changed: not from memory, the daemon is asked");
     assert.deepEqual(await sigsOf(f.plain), (await pathInfo(f.root, [f.plain]))[0]!.signatures, "the new signature, at once");
     assert.equal((await sigsOf(f.plain))?.length, 1);
 
@@ -138,10 +139,7 @@ test("the daemon backend caches hits, never stale: new signatures, deletions, re
       const before = client.requests;
       assert.equal(await store.pathInfo("0".repeat(32)), undefined);
       assert.equal(await store.pathInfo("v".repeat(32)), undefined);
-      if (client.requests === before) {
-        assert.equal(store.pathInfoNow("v".repeat(32)), undefined, "a miss from the listing, without waiting");
-        break;
-      }
+      if (client.requests === before) break;
       assert.ok(i < 100, "a miss was never answered from the listing");
       await new Promise((r) => setTimeout(r, 200));
     }
@@ -156,6 +154,120 @@ test("the daemon backend caches hits, never stale: new signatures, deletions, re
     store.close();
     await f.daemon.stop();
     f.tmp.cleanup();
+  }
+});
+
+/** `nix-store ARGS` through the daemon, blocking: nothing of this process runs until Nix has committed. */
+function viaDaemonSync(daemon: Daemon, args: string[]): string {
+  const env = { ...process.env, NIX_DAEMON_SOCKET_PATH: daemon.socket };
+  return execFileSync("nix-store", ["--store", "daemon", ...args], { env, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] }).trim();
+}
+
+test("the daemon backend's lookups of one event-loop turn share one look at the database's files, never one from before they came in", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  const store = await LocalStore.open(f.root, new Signer([]), { backend: "daemon", daemonSocket: f.daemon.socket });
+  const meta = (store as unknown as { meta: { client: DaemonClient; dbVersion: DbVersion; watcher: DaemonWatcher } }).meta;
+  let looks = 0;
+  const current = meta.dbVersion.current.bind(meta.dbVersion);
+  meta.dbVersion.current = (now?: number) => (looks++, current(now));
+  writeFileSync(join(f.tmp.dir, "plain.txt"), "plain\n");
+  try {
+    await untilCached(store, meta.client, hp(f.plain));
+    // A lookup that came in after a deletion is never answered from a look taken before it: one
+    // lookup before `nix-store --delete` through the daemon and one after, in the same turn.
+    const early = store.pathInfo(hp(f.plain));
+    viaDaemonSync(f.daemon, ["--delete", f.plain]);
+    const late = store.pathInfo(hp(f.plain));
+    assert.equal(await late, undefined, "deleted before the lookup came in: a miss");
+    await early; // came in before the deletion: either answer is right
+
+    // Nor is one that came in after an addition, though a lookup before it was a miss from the listing.
+    await untilSettled(f.root);
+    for (let i = 0; ; i++) {
+      await meta.watcher.refresh();
+      const before = meta.client.requests;
+      assert.equal(await store.pathInfo(hp(f.plain)), undefined);
+      if (meta.client.requests === before) break; // a miss from the listing
+      assert.ok(i < 100, "the miss was never answered from the listing");
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const missed = store.pathInfo(hp(f.plain));
+    assert.equal(viaDaemonSync(f.daemon, ["--add", join(f.tmp.dir, "plain.txt")]), f.plain);
+    const found = store.pathInfo(hp(f.plain));
+    assert.equal((await found)?.storePath, f.plain, "added before the lookup came in: found");
+    await missed;
+
+    // Twenty lookups at once (as from concurrent connections): one look, no daemon request.
+    const built = await untilCached(store, meta.client, hp(f.built));
+    await untilCached(store, meta.client, hp(f.plain));
+    const [looks0, requests0] = [looks, meta.client.requests];
+    const answers = await Promise.all(Array.from({ length: 20 }, (_, i) => store.pathInfo(hp(i % 2 ? f.built : f.plain))));
+    assert.equal(looks - looks0, 1, "one look for all of them");
+    assert.equal(meta.client.requests, requests0, "all answered from memory");
+    assert.equal(answers[1], built);
+    await store.pathInfo(hp(f.built));
+    assert.equal(looks - looks0, 2, "a lookup after that look: a look of its own");
+
+    // Without waiting (the HTTP side's first try), lookups look on their own while they come one
+    // to a turn; after a turn with several they share (NOT_NOW: pathInfo() waits for the shared
+    // look), and after shared looks of one lookup each they look on their own again.
+    const turn = () => new Promise((r) => setImmediate(r));
+    for (let i = 0; i < 40; i++) {
+      await turn();
+      assert.equal(store.pathInfoNow(hp(f.built)), built, "one a turn: each looks on its own");
+    }
+    for (let i = 0; i < 40; i++) assert.equal((store.pathInfoNow(hp(i % 2 ? f.plain : f.built)) as PathInfo).sigs.length, i % 2 ? 0 : 1, "forty in a turn");
+    await turn();
+    assert.equal(store.pathInfoNow(hp(f.built)), NOT_NOW, "then they share");
+    const looks1 = looks;
+    for (let i = 0; i < 8; i++) assert.equal(await store.pathInfo(hp(f.built)), built);
+    assert.equal(looks - looks1, 8, "a shared look each, one lookup to each");
+    assert.equal(store.pathInfoNow(hp(f.built)), built, "then they look on their own again");
+  } finally {
+    store.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("under concurrent lookups, a path deleted or added through the daemon is a 404 or a 200 for the agent's next answer", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  mkdirSync(join(f.tmp.dir, "state"));
+  const agent = await startAgentProcess(["--store-root", f.root, "--sign-key", join(f.tmp.dir, "sec"), "--state-dir", join(f.tmp.dir, "state"),
+    "--store-backend", "daemon", "--daemon-socket", f.daemon.socket]);
+  const get = async (path: string) => (await fetch(agent.url + path).then(async (r) => (await r.arrayBuffer(), r))).status;
+  const daemonEnv = { NIX_DAEMON_SOCKET_PATH: f.daemon.socket };
+  writeFileSync(join(f.tmp.dir, "plain.txt"), "plain\n");
+  // Four connections asking for a cached hit all along, so that lookups share looks.
+  let loading = true;
+  const load = Array.from({ length: 4 }, async () => {
+    let n = 0;
+    for (; loading; n++) assert.equal(await get(`/${hp(f.built)}.narinfo`), 200);
+    return n;
+  });
+  try {
+    for (let round = 0; round < 3; round++) {
+      // Settled and answered from memory, then deleted: the next answer is a 404.
+      await untilSettled(f.root);
+      for (let i = 0; i < 3; i++) assert.equal(await get(`/${hp(f.plain)}.narinfo`), 200);
+      await run("nix-store", ["--store", "daemon", "--delete", f.plain], { env: daemonEnv });
+      assert.equal(await get(`/${hp(f.plain)}.narinfo`), 404, `round ${round}: deleted, not stale`);
+      // Settled and a miss, then added: the next answer is a 200.
+      await untilSettled(f.root);
+      for (let i = 0; i < 3; i++) assert.equal(await get(`/${hp(f.plain)}.narinfo`), 404);
+      assert.equal((await run("nix-store", ["--store", "daemon", "--add", join(f.tmp.dir, "plain.txt")], { env: daemonEnv })).trim(), f.plain);
+      assert.equal(await get(`/${hp(f.plain)}.narinfo`), 200, `round ${round}: added, found at once`);
+    }
+  } finally {
+    loading = false;
+    const served = await Promise.all(load).finally(async () => {
+      await agent.stop();
+      await f.daemon.stop();
+      f.tmp.cleanup();
+    });
+    assert.ok(served.every((n) => n > 0), "the load ran");
   }
 });
 

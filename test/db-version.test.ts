@@ -71,3 +71,37 @@ test("the database version changes with every write to the WAL or the database, 
     tmp.cleanup();
   }
 });
+
+test("next(): one look for all the calls before it, taken after them; a call after it waits for another", async () => {
+  const tmp = tempDir();
+  const wal = join(tmp.dir, "db.sqlite-wal");
+  const settle = () => {
+    const t = (Date.now() - SETTLED_MS - 1000) / 1000;
+    utimesSync(wal, t, t);
+  };
+  writeFileSync(join(tmp.dir, "db.sqlite"), "database");
+  writeFileSync(wal, "frame 1");
+  settle();
+  const version = new DbVersion(tmp.dir);
+  try {
+    const v1 = version.current();
+    const [a, b] = [version.next(), version.next()];
+    assert.equal(a, b, "shared");
+    appendFileSync(wal, ", frame 2"); // written after the calls, before the look
+    settle();
+    const v2 = await a;
+    assert.ok(v2 && v2 !== v1, "the look came after the write");
+    assert.equal(await b, v2);
+    const c = version.next();
+    assert.notEqual(c, a, "a call after the look: a look of its own");
+    appendFileSync(wal, ", frame 3");
+    settle();
+    assert.ok((await c) !== v2);
+    const d = version.next();
+    version.close();
+    assert.equal(await d, undefined, "closed: vouches for nothing");
+  } finally {
+    version.close();
+    tmp.cleanup();
+  }
+});

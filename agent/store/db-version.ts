@@ -15,6 +15,12 @@
 // - SQLite deletes the WAL when the last connection closes (after copying it into db.sqlite) and
 //   makes a new one on the next open: the WAL is kept open, and a deleted one (no links) or none
 //   at all means looking at db.sqlite (by its path) and the WAL's path instead.
+// - A look vouches only for lookups that came in before it: a lookup whose client saw Nix commit
+//   (`nix-store --delete` returned) came in after that commit, and a look taken before the lookup
+//   came in may predate the commit. So a look is never reused for a later lookup; next() shares
+//   one among the lookups that wait for it (all of an event-loop turn's), which is what makes the
+//   look cheap per lookup under concurrency: the fstat costs about 5 µs of the agent's CPU in the
+//   HTTP path here, more than in a loop on its own (BENCHMARKS.md, "Daemon backend").
 import { closeSync, fstatSync, openSync, statSync, type Stats } from "node:fs";
 import { join } from "node:path";
 
@@ -26,6 +32,12 @@ export class DbVersion {
   private readonly wal: string;
   /** The WAL, open while it exists (one fstat a look instead of stats by path). */
   private walFd: number | undefined;
+  /** The look that next()'s callers so far wait for, not taken yet, and how many they are. */
+  private pending: Promise<string | undefined> | undefined;
+  private waiting = 0;
+  /** How many next() calls the last look answered. */
+  lastShared = 0;
+  private closed = false;
 
   /** `dbDir`: Nix's database directory, `<root>/nix/var/nix/db`. */
   constructor(dbDir: string) {
@@ -50,7 +62,30 @@ export class DbVersion {
     }
   }
 
+  /**
+   * current() as a look taken after this call sees it, shared by every call made before that
+   * look: the look is taken once the event loop has read what it had to read this turn (in
+   * setImmediate), so however many lookups came in, one fstat answers for all of them.
+   */
+  next(): Promise<string | undefined> {
+    this.waiting++;
+    this.pending ??= new Promise((resolve) =>
+      setImmediate(() => {
+        this.pending = undefined; // calls from here on wait for a later look
+        this.lastShared = this.waiting;
+        this.waiting = 0;
+        resolve(this.closed ? undefined : this.current());
+      }),
+    );
+    return this.pending;
+  }
+
   close(): void {
+    this.closed = true;
+    this.closeWal();
+  }
+
+  private closeWal(): void {
     if (this.walFd !== undefined) closeSync(this.walFd);
     this.walFd = undefined;
   }
@@ -60,7 +95,7 @@ export class DbVersion {
     if (this.walFd !== undefined) {
       const st = fstatSync(this.walFd);
       if (st.nlink > 0) return st;
-      this.close(); // deleted: a new one may have been made under the same name
+      this.closeWal(); // deleted: a new one may have been made under the same name
     }
     try {
       this.walFd = openSync(this.wal, "r");

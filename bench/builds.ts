@@ -38,8 +38,20 @@ const { values, positionals } = parseArgs({
     "keep-fixture": { type: "string" },
     bare: { type: "string" },
     steps: { type: "string" },
+    help: { type: "boolean", short: "h" },
   },
 });
+if (values.help) {
+  console.log(`Usage: node dist/bench/builds.js [--rows ${ROWS.join(",")}] [--rounds 3] [--duration 4]
+       [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] [--steps LABEL] LABEL=REPO_DIR ...
+
+Agent builds side by side with nginx, each measurement taken for every server in turn, medians
+of the rounds (BENCHMARKS.md). REPO_DIR is a checkout with a built dist/ ("." is this one).
+--bare LABEL: a bare node:http server replaying build LABEL's answers runs alongside (the floor).
+--steps LABEL: the steps from that bare server to the agent run alongside too.
+Needs root (chroot store), nginx, wrk and curl.`);
+  process.exit(0);
+}
 const rows = values.rows.split(",") as Row[];
 for (const r of rows) if (!ROWS.includes(r)) throw new Error(`unknown row ${r} (known: ${ROWS.join(", ")})`);
 const rounds = Number(values.rounds);

@@ -51,6 +51,7 @@ function options() {
       "delta-base": { type: "string", default: String(FLOOD_DEFAULTS.deltaBase) },
       "snapshot-keys": { type: "string", default: String(FLOOD_DEFAULTS.snapshotKeys) },
       nice: { type: "string", default: String(FLOOD_DEFAULTS.nice) },
+      help: { type: "boolean", short: "h" },
       // Internal: run as the flooder.
       role: { type: "string" },
       key: { type: "string" },
@@ -240,6 +241,14 @@ export function stopAgents(): void {
 
 async function main(): Promise<void> {
   const opt = options();
+  if (opt.help) {
+    console.log(`Usage: node dist/bench/summary-flood.js [--mode deltas,snapshots] [--seconds ${FLOOD_DEFAULTS.seconds}]
+       [--delta-base ${FLOOD_DEFAULTS.deltaBase}] [--snapshot-keys ${FLOOD_DEFAULTS.snapshotKeys}] [--nice ${FLOOD_DEFAULTS.nice}]
+
+A trusted peer floods one agent with summary deltas or snapshots while this process measures the
+agent's local narinfo latency (before, while the flooder is connected, over the run). Needs Nix.`);
+    return;
+  }
   if (opt.role === "flooder") return flooder(opt);
   const o: FloodOptions = { seconds: Number(opt.seconds), deltaBase: Number(opt["delta-base"]), snapshotKeys: Number(opt["snapshot-keys"]), nice: Number(opt.nice) };
   const tmp = mkdtempSync(join(tmpdir(), "fleetcache-flood-"));

@@ -25,8 +25,18 @@ const SCENARIOS: Scenario[] = [wanLatency, silentPeer, busyHolder, corruptedHold
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
-  options: { minutes: { type: "string" }, list: { type: "boolean", default: false } },
+  options: { minutes: { type: "string" }, list: { type: "boolean", default: false }, help: { type: "boolean", short: "h" } },
 });
+
+if (values.help) {
+  console.log(`Usage: npm run faults -- [SCENARIO...] [--minutes N] [--list]
+
+Runs each scenario (all by default) on real agents and real Nix in network namespaces, prints its
+figures, and exits 1 when any scenario missed its goal. Needs root and Nix; FAULTS.md has the figures.
+  --list       the scenarios, with their goals
+  --minutes N  length of the timed scenarios (soak, wan-latency...)`);
+  process.exit(0);
+}
 
 if (values.list) {
   for (const s of SCENARIOS) {

@@ -63,6 +63,17 @@ export function meshListenPort(s: string): number {
   return Number(meshListenAddr(s).getComponents().find((c) => c.name === "tcp")!.value);
 }
 
+/**
+ * The bulk port's address (agent/mesh/bulk-listener.ts): the mesh's IP and the next port (37517
+ * beside 37516); any free port when the mesh's is 0; none past 65535.
+ */
+export function bulkListenAddr(s: string): { host: string; port: number } | undefined {
+  const [ip, tcp] = meshListenAddr(s).getComponents();
+  const port = Number(tcp!.value);
+  if (port === 65535) return undefined;
+  return { host: ip!.value!, port: port === 0 ? 0 : port + 1 };
+}
+
 /** A peer to dial: "IPv4:PORT", "[IPv6]:PORT", "hostname:PORT" (resolved when dialled) or a multiaddr. */
 export function peerAddr(s: string): Multiaddr {
   if (s.startsWith("/")) {

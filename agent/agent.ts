@@ -80,6 +80,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       summaryBudget: config.summaryBudget,
       reconnectWaitMs: config.reconnectWait * 1000,
       compression: config.meshCompression,
+      bulk: config.meshBulk,
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();
@@ -132,6 +133,8 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         summarySnapshotBytes: mesh?.tallies().summarySnapshotBytes ?? 0,
         summaryDeltaBytes: mesh?.tallies().summaryDeltaBytes ?? 0,
         admissionRefused: mesh?.tallies().admissionRefused ?? 0,
+        ...(mesh?.bulk && { bulkNarsSent: mesh.bulk.served, bulkRefused: mesh.bulk.refused }),
+        ...(mesh?.bulkRoutes && { bulkNarsReceived: mesh.bulkRoutes.received, bulkFallbacks: mesh.bulkRoutes.fallbacks }),
       },
       recentErrors: metrics.errors.list(),
       ...(mesh && { admission: mesh.admissionStatus() }),

@@ -51,6 +51,8 @@ export interface AgentConfig {
   upstreamCaches: string[];
   /** NAR transfers between agents: zstd when the link is slow (auto), whenever the peer can (zstd), never (off). */
   meshCompression: CompressionMode;
+  /** NAR bodies between agents on the bulk port (mesh port + 1, TLS keyed by one-time tickets) instead of the mesh stream. */
+  meshBulk: boolean;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -192,6 +194,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   upstreamKeys: { key: "upstreamKeys", toml: "upstream_keys", env: "FLEETCACHE_UPSTREAM_KEYS", parse: upstreamKeys },
   upstreamCaches: { key: "upstreamCaches", toml: "upstream_caches", env: "FLEETCACHE_UPSTREAM_CACHES", parse: upstreamCaches },
   meshCompression: { key: "meshCompression", toml: "mesh_compression", env: "FLEETCACHE_MESH_COMPRESSION", parse: meshCompression },
+  meshBulk: { key: "meshBulk", toml: "mesh_bulk", env: "FLEETCACHE_MESH_BULK", parse: bool },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -214,6 +217,7 @@ export const DEFAULTS: AgentConfig = {
   upstreamKeys: null,
   upstreamCaches: [],
   meshCompression: "auto",
+  meshBulk: true,
 };
 
 export class ConfigError extends Error {}

@@ -59,6 +59,11 @@ export interface MeshTallies {
   summaryDeltaBytes: number;
   /** Inbound sockets refused by the per-remote-host limit before any handshake. */
   admissionRefused: number;
+  /** NAR bodies on the bulk port (bulk-listener.ts): sent, received, fallbacks to the mesh stream, connections refused. */
+  bulkNarsSent: number;
+  bulkNarsReceived: number;
+  bulkFallbacks: number;
+  bulkRefused: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -284,6 +289,10 @@ export class AgentMetrics {
         this.inc({ kind: "delta" }, t?.summaryDeltaBytes ?? 0);
       },
     });
+    mirror("fleetcache_bulk_nars_sent_total", "NAR bodies sent to peers on the bulk port (TLS keyed by a one-time ticket) instead of the mesh stream.", (t) => t.bulkNarsSent);
+    mirror("fleetcache_bulk_nars_received_total", "NAR bodies received from peers on their bulk port.", (t) => t.bulkNarsReceived);
+    mirror("fleetcache_bulk_fallbacks_total", "Bulk connections to a peer that failed (unreachable port, failed handshake); that NAR and the peer's next ones for 10 minutes went on the mesh stream.", (t) => t.bulkFallbacks);
+    mirror("fleetcache_bulk_refused_total", "Connections to the bulk port refused: no such ticket (forged, used or expired) or over the per-host limit of sockets in their handshake.", (t) => t.bulkRefused);
     mirror("fleetcache_admission_refused_total", "Inbound mesh sockets refused before any handshake because their remote host already held its limit of sockets in their handshake (status lists recent offenders).", (t) => t.admissionRefused);
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({

@@ -39,7 +39,7 @@ export class NarUnavailableError extends Error {}
 export async function primed(chunks: AsyncIterable<Buffer>): Promise<AsyncGenerator<Buffer>> {
   const it = chunks[Symbol.asyncIterator]();
   const first = await it.next();
-  return (async function* () {
+  const gen = (async function* () {
     try {
       if (first.done) return;
       yield first.value;
@@ -48,4 +48,13 @@ export async function primed(chunks: AsyncIterable<Buffer>): Promise<AsyncGenera
       await it.return?.();
     }
   })();
+  // A generator closed before its first next() skips its body, finally included: close the
+  // source here too, or a transfer that never started (no bulk connection came) leaks its file.
+  const close = gen.return.bind(gen);
+  gen.return = async (v) => {
+    const r = await close(v);
+    await it.return?.();
+    return r;
+  };
+  return gen;
 }

@@ -16,6 +16,8 @@ export const PROTOCOL_NARINFO = "/fleetcache/narinfo/1.0.0";
 export const PROTOCOL_NAR = "/fleetcache/nar/1.0.0";
 /** The NAR transfer with content encodings (compression) negotiated per stream; 1.0.0 is served next to it. */
 export const PROTOCOL_NAR_V2 = "/fleetcache/nar/2.0.0";
+/** 2.0.0 plus a bulk connection for the NAR body (a one-time TLS ticket); 2.0.0 and 1.0.0 are served next to it. */
+export const PROTOCOL_NAR_V3 = "/fleetcache/nar/3.0.0";
 export const PROTOCOL_PEERS = "/fleetcache/peers/1.0.0";
 
 export const TAG_NARINFO_REQUEST = 0x10;
@@ -26,6 +28,8 @@ export const TAG_NAR_OK = 0x21;
 export const TAG_NAR_ERROR = 0x22;
 export const TAG_NAR_REQUEST_V2 = 0x23;
 export const TAG_NAR_OK_V2 = 0x24;
+export const TAG_NAR_REQUEST_V3 = 0x25;
+export const TAG_NAR_BULK = 0x26;
 export const TAG_PEERS_REQUEST = 0x30;
 export const TAG_PEERS_RESPONSE = 0x31;
 
@@ -65,6 +69,13 @@ export const NAR_ERROR = {
 export const NAR_ENCODING = { identity: 0, zstd: 1 } as const;
 export type NarEncoding = (typeof NAR_ENCODING)[keyof typeof NAR_ENCODING];
 export const ACCEPT_ZSTD = 1 << NAR_ENCODING.zstd;
+/**
+ * Bulk transports of /fleetcache/nar/3.0.0, as bits of NarRequest3's `bulk`: 1 = TLS 1.3 on a
+ * separate TCP connection keyed by a one-time external PSK (NarBulk's ticket and key).
+ */
+export const BULK_TLS_PSK = 1;
+export const BULK_TICKET_BYTES = 16;
+export const BULK_KEY_BYTES = 32;
 /** Largest zstd window a requester must decode (2^23 bytes): bounds its memory per stream. */
 export const MAX_ZSTD_WINDOW_LOG = 23;
 
@@ -81,11 +92,18 @@ export interface NarRequest {
    * 1 << NAR_ENCODING; bits this version does not define are ignored by the responder.
    */
   accept?: number;
+  /** /fleetcache/nar/3.0.0 only (NarRequest3): the bulk transports the requester can take (BULK_TLS_PSK). */
+  bulk?: number;
 }
 
 export type NarResponseHeader =
-  /** `encoding` only in 2.0.0 (NarOk2): how the bytes after the header are encoded. */
+  /** `encoding` only in 2.0.0 and 3.0.0 (NarOk2): how the bytes after the header are encoded. */
   | { type: "ok"; narSize: number; encoding?: NarEncoding }
+  /**
+   * 3.0.0 only (NarBulk): the body, encoded as `encoding`, goes over one TLS connection to the
+   * responder's `port`, PSK identity = the ticket (hex), key = `key`; nothing more on this stream.
+   */
+  | { type: "bulk"; narSize: number; encoding: NarEncoding; port: number; ticket: Uint8Array; key: Uint8Array }
   | { type: "error"; code: number; message: string };
 
 export interface PeerRecord {
@@ -153,29 +171,42 @@ export function decodeNarinfoResponse(payload: Uint8Array): NarinfoResponse {
 
 // --- /fleetcache/nar/1.0.0 --------------------------------------------------------------------
 
-/** A NarRequest (1.0.0), or a NarRequest2 (2.0.0) when `accept` is given. */
+/** A NarRequest (1.0.0), a NarRequest2 (2.0.0) when `accept` is given, a NarRequest3 (3.0.0) when `bulk` is too. */
 export function encodeNarRequest(m: NarRequest): Uint8Array {
-  const w = new Writer(64).u8(m.accept === undefined ? TAG_NAR_REQUEST : TAG_NAR_REQUEST_V2);
+  if (m.bulk !== undefined && m.accept === undefined) throw new PeerProtocolError("NAR request: bulk needs accept");
+  const w = new Writer(64).u8(m.bulk !== undefined ? TAG_NAR_REQUEST_V3 : m.accept === undefined ? TAG_NAR_REQUEST : TAG_NAR_REQUEST_V2);
   w.fixed(hashPartBytes(m.hashPart)).fixed(narHashBytes(m.narHash)).uint("offset", m.offset);
   if (m.accept !== undefined) w.uint("accept", m.accept);
+  if (m.bulk !== undefined) w.uint("bulk", m.bulk);
   return w.finish();
 }
 
-/** `v2`: the stream is /fleetcache/nar/2.0.0 (only NarRequest2 is valid there, only NarRequest on 1.0.0). */
-export function decodeNarRequest(payload: Uint8Array, v2 = false): NarRequest {
+/**
+ * `version`: the stream's protocol, 1.0.0, 2.0.0 (`true` also means 2) or 3.0.0; only that
+ * version's request is valid on it.
+ */
+export function decodeNarRequest(payload: Uint8Array, version: boolean | 1 | 2 | 3 = 1): NarRequest {
+  const v = version === true ? 2 : version === false ? 1 : version;
   const r = new Reader(payload, "NAR request");
-  tagOf(r, [v2 ? TAG_NAR_REQUEST_V2 : TAG_NAR_REQUEST]);
+  tagOf(r, [v === 3 ? TAG_NAR_REQUEST_V3 : v === 2 ? TAG_NAR_REQUEST_V2 : TAG_NAR_REQUEST]);
   const hashPart = encodeNix32(r.fixed("hash part", 20));
   const narHash = encodeNix32(r.fixed("NAR hash", 32));
   const offset = r.uint("offset");
   const m: NarRequest = { hashPart, narHash, offset };
-  if (v2) m.accept = r.uint("accept");
+  if (v >= 2) m.accept = r.uint("accept");
+  if (v === 3) m.bulk = r.uint("bulk");
   r.end();
   return m;
 }
 
 export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
-  const w = new Writer(32);
+  const w = new Writer(80);
+  if (m.type === "bulk") {
+    if (m.narSize === 0) throw new PeerProtocolError("NAR response: NAR size must be positive");
+    if (!Number.isInteger(m.port) || m.port < 1 || m.port > 65535) throw new PeerProtocolError(`NAR response: invalid port ${m.port}`);
+    if (m.ticket.length !== BULK_TICKET_BYTES || m.key.length !== BULK_KEY_BYTES) throw new PeerProtocolError("NAR response: bad ticket or key length");
+    return w.u8(TAG_NAR_BULK).uint("NAR size", m.narSize).uint("encoding", m.encoding).uint("port", m.port, 65535).fixed(m.ticket).fixed(m.key).finish();
+  }
   if (m.type === "ok") {
     if (m.narSize === 0) throw new PeerProtocolError("NAR response: NAR size must be positive");
     if (m.encoding === undefined) return w.u8(TAG_NAR_OK).uint("NAR size", m.narSize).finish();
@@ -187,13 +218,23 @@ export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
 /**
  * After an "ok" header the stream carries the NAR's bytes from the requested offset to its end
  * (in 2.0.0, encoded as `encoding` says). `accept` (2.0.0): what the request accepted; a NarOk2
- * naming another encoding is a protocol error.
+ * naming another encoding is a protocol error. `bulk` (3.0.0): what the request's `bulk` said;
+ * a NarBulk is valid only when it had BULK_TLS_PSK.
  */
-export function decodeNarResponseHeader(payload: Uint8Array, accept?: number): NarResponseHeader {
+export function decodeNarResponseHeader(payload: Uint8Array, accept?: number, bulk?: number): NarResponseHeader {
   const r = new Reader(payload, "NAR response");
-  const tag = tagOf(r, [accept === undefined ? TAG_NAR_OK : TAG_NAR_OK_V2, TAG_NAR_ERROR]);
+  const bulkOk = accept !== undefined && bulk !== undefined && (bulk & BULK_TLS_PSK) !== 0;
+  const tag = tagOf(r, [accept === undefined ? TAG_NAR_OK : TAG_NAR_OK_V2, TAG_NAR_ERROR, ...(bulkOk ? [TAG_NAR_BULK] : [])]);
   let m: NarResponseHeader;
-  if (tag !== TAG_NAR_ERROR) {
+  if (tag === TAG_NAR_BULK) {
+    const narSize = r.uint("NAR size");
+    if (narSize === 0) r.fail("NAR size must be positive");
+    const encoding = r.uint("encoding", 255);
+    if (encoding !== NAR_ENCODING.identity && !(encoding === NAR_ENCODING.zstd && accept! & ACCEPT_ZSTD)) r.fail(`encoding ${encoding} was not accepted`);
+    const port = r.uint("port", 65535);
+    if (port === 0) r.fail("port 0");
+    m = { type: "bulk", narSize, encoding: encoding as NarEncoding, port, ticket: r.fixed("ticket", BULK_TICKET_BYTES).slice(), key: r.fixed("key", BULK_KEY_BYTES).slice() };
+  } else if (tag !== TAG_NAR_ERROR) {
     const narSize = r.uint("NAR size");
     if (narSize === 0) r.fail("NAR size must be positive");
     m = { type: "ok", narSize };

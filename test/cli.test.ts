@@ -86,6 +86,7 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       upstreamKeys: null,
       upstreamCaches: [],
       meshCompression: "auto",
+      meshBulk: true,
     });
     assert.equal((await cfg(["--reconnect-wait", "20"], { FLEETCACHE_CONFIG: "" })).config.reconnectWait, 20);
     assert.equal((await cfg(["--reconnect-wait", "600"], { FLEETCACHE_CONFIG: "" })).code, 2, "longer than Nix should be held");
@@ -97,6 +98,8 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
     assert.equal((await cfg(["--summary-budget", "50000"], { FLEETCACHE_CONFIG: "" })).config.summaryBudget, 50_000);
     assert.equal((await cfg(["--mesh-compression", "off"], { FLEETCACHE_CONFIG: "" })).config.meshCompression, "off");
     assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_MESH_COMPRESSION: "zstd" })).config.meshCompression, "zstd");
+    assert.equal((await cfg(["--no-mesh-bulk"], { FLEETCACHE_CONFIG: "" })).config.meshBulk, false);
+    assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_MESH_BULK: "false" })).config.meshBulk, false);
     assert.equal((await cfg(["--mesh-compression", "gzip"], { FLEETCACHE_CONFIG: "" })).code, 2, "an unknown compression mode");
     assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);

@@ -96,6 +96,10 @@ test("Nix on C copies both closures through C's agent with require-sigs, and ver
   for (const o of originals) assert.equal(copied.find((c) => c.path === o.path)?.narHash, o.narHash, o.path);
   const s = await C.status();
   assert.ok(s.counters.peerHits! > 0 && s.counters.bytesFromPeers! > 0, "the paths came from peers");
+  // The NAR bodies came on the holders' bulk ports (default on), none fell back to the mesh stream.
+  const sent = (await A.status()).counters.bulkNarsSent! + (await B.status()).counters.bulkNarsSent!;
+  assert.ok(s.counters.bulkNarsReceived! > 0 && sent >= s.counters.bulkNarsReceived!, `bulk: C received ${s.counters.bulkNarsReceived}, A and B sent ${sent}`);
+  assert.equal(s.counters.bulkFallbacks, 0);
 });
 
 test("a path no peer announces is a 404 from memory, with no peer asked", async (t) => {

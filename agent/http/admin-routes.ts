@@ -136,6 +136,11 @@ export interface StatusCounters {
   summaryDeltaBytes: number;
   /** Inbound mesh sockets refused by the per-remote-host limit (see `admission`). */
   admissionRefused: number;
+  /** NAR bodies sent and received on the bulk port, bulk connections that fell back to the mesh stream, and bulk connections refused. */
+  bulkNarsSent?: number;
+  bulkNarsReceived?: number;
+  bulkFallbacks?: number;
+  bulkRefused?: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

@@ -48,7 +48,7 @@ export interface AdmissionOffender {
  */
 export class InboundPerHost {
   readonly #open = new Map<string, number>();
-  readonly #counted = new WeakMap<MultiaddrConnection, () => void>();
+  readonly #counted = new WeakMap<object, () => void>();
   /** Least recently refused first, at most RECENT_OFFENDERS: a flood from many addresses stays bounded. */
   readonly #offenders = new Map<string, AdmissionOffender>();
   /** Sockets refused by the limit, from every host. */
@@ -58,6 +58,16 @@ export class InboundPerHost {
   deny(conn: MultiaddrConnection): boolean {
     const host = hostOf(conn);
     if (host === undefined) return false;
+    return this.#deny(host, conn, (uncount) => conn.addEventListener("close", uncount, { once: true }));
+  }
+
+  /** deny() for a plain socket (the bulk listener's, bulk-listener.ts), by its remote IP. */
+  denySocket(host: string | undefined, socket: { once(event: "close", fn: () => void): unknown }): boolean {
+    if (host === undefined) return false;
+    return this.#deny(host, socket, (uncount) => socket.once("close", uncount));
+  }
+
+  #deny(host: string, conn: object, onClose: (uncount: () => void) => void): boolean {
     const n = this.#open.get(host) ?? 0;
     if (n >= this.max) {
       this.#refuse(host);
@@ -73,12 +83,12 @@ export class InboundPerHost {
       else this.#open.delete(host);
     };
     this.#counted.set(conn, uncount);
-    conn.addEventListener("close", uncount, { once: true });
+    onClose(uncount);
     return false;
   }
 
   /** The socket's handshake is done and its peer let in: it no longer holds a pending slot. */
-  admitted(conn: MultiaddrConnection): void {
+  admitted(conn: object): void {
     this.#counted.get(conn)?.();
   }
 

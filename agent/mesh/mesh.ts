@@ -21,6 +21,9 @@ import { SummaryTable } from "./summary-table.js";
 import { TrustPolicy } from "./trust-policy.js";
 import { UpstreamCheck } from "./upstream-check.js";
 import { InboundPerHost, type AdmissionOffender } from "./admission.js";
+import { BulkListener } from "./bulk-listener.js";
+import { BulkRoutes } from "./bulk-client.js";
+import { bulkListenAddr } from "../address.js";
 
 export interface MeshOptions {
   key: SecretKey;
@@ -42,6 +45,8 @@ export interface MeshOptions {
   reconnectWaitMs?: number;
   /** NAR transfers between agents (default auto: when the link is slow). */
   compression?: CompressionMode;
+  /** NAR bodies on the bulk port, mesh port + 1 (default on): served there and taken from peers' (bulk-listener.ts). */
+  bulk?: boolean;
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -83,6 +88,9 @@ export class Mesh {
     /** When NAR transfers are compressed, and their bytes on the wire. */
     readonly compression: NarCompression,
     private readonly admission: InboundPerHost,
+    /** The bulk port, when on; and which peers' bulk ports we fall back from. */
+    readonly bulk: BulkListener | undefined,
+    readonly bulkRoutes: BulkRoutes | undefined,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -102,14 +110,21 @@ export class Mesh {
     ];
     const admission = new InboundPerHost();
     const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, discovery, onRefused, denied, admission });
+    let bulk: BulkListener | undefined;
     try {
+      const bulkAddr = opts.bulk === false ? undefined : bulkListenAddr(opts.listen);
+      if (bulkAddr) {
+        bulk = await BulkListener.start(bulkAddr.host, bulkAddr.port, log);
+        log.info({ host: bulkAddr.host, port: bulk.port }, "mesh: bulk port listening");
+      }
+      const bulkRoutes = bulk ? new BulkRoutes() : undefined;
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
       await publisher.start();
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
       const compression = new NarCompression(opts.compression ?? "auto", (peerId) => connectionRtt(node, peerId));
-      await serveNar(sent.countingNode(node), sent.countingStore(local), log, { compression });
+      await serveNar(sent.countingNode(node), sent.countingStore(local), log, { compression, ...(bulk && { bulk }) });
       const summaries = new SummaryTable(node, log, { penalties, ...(opts.summaryBudget ? { budget: { burstKeys: opts.summaryBudget } } : {}) });
       summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
@@ -126,15 +141,16 @@ export class Mesh {
       const upstreamCheck = opts.upstreamCaches?.length ? new UpstreamCheck(opts.upstreamCaches, upstreamKeys, { log }) : undefined;
       const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
-        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression }),
+        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression, ...(bulkRoutes && { bulk: bulkRoutes }) }),
       }, log, {
         trust: new TrustPolicy(upstreamKeys, upstreamCheck),
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission);
+      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission, bulk, bulkRoutes);
     } catch (e) {
+      await bulk?.close();
       await node.stop();
       throw e;
     }
@@ -194,6 +210,10 @@ export class Mesh {
       summarySnapshotBytes: this.summaries.received.snapshotBytes,
       summaryDeltaBytes: this.summaries.received.deltaBytes,
       admissionRefused: this.admission.refused,
+      bulkNarsSent: this.bulk?.served ?? 0,
+      bulkNarsReceived: this.bulkRoutes?.received ?? 0,
+      bulkFallbacks: this.bulkRoutes?.fallbacks ?? 0,
+      bulkRefused: this.bulk?.refused ?? 0,
     };
   }
 
@@ -202,6 +222,7 @@ export class Mesh {
     this.fleet.stop();
     this.summaries.stop();
     await this.manager.stop();
+    await this.bulk?.close();
     await this.node.stop();
   }
 }

@@ -11,10 +11,13 @@ import {
   NAR_ERROR,
   PROTOCOL_NAR,
   PROTOCOL_NAR_V2,
+  PROTOCOL_NAR_V3,
+  BULK_TLS_PSK,
   decodeNarRequest,
   decodeNarResponseHeader,
   encodeNarRequest,
   encodeNarResponseHeader,
+  type NarEncoding,
   type NarResponseHeader,
 } from "../../protocol/peer-codec.js";
 import { parseHash } from "../../protocol/hash.js";
@@ -31,6 +34,9 @@ import { narBuffers } from "../buffer-pool.js";
 import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
 import { CompressedStreamError, type NarCompression } from "./nar-compression.js";
 import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
+import type { BulkListener } from "./bulk-listener.js";
+import { BulkConnectError, bulkChunks, bulkHost, connectBulk, type BulkRoutes } from "./bulk-client.js";
+import type { TLSSocket } from "node:tls";
 
 export const MAX_NAR_TRANSFERS_PER_PEER = 8;
 /** A NAR stream whose reader takes nothing for this long is reset (spec: 60 s). */
@@ -53,6 +59,8 @@ export interface NarServeOptions {
   slotWaitMs?: number;
   /** Serves /fleetcache/nar/2.0.0 too (compressing when asked and allowed), and counts wire bytes. */
   compression?: NarCompression;
+  /** Serves /fleetcache/nar/3.0.0 too (with compression): NAR bodies on this bulk port when the requester can take them. */
+  bulk?: BulkListener;
 }
 
 /** Serves NARs of `local` only; never asks another peer. */
@@ -62,11 +70,13 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
   const slots = new TransferSlots(opts.maxTransfersPerPeer ?? MAX_NAR_TRANSFERS_PER_PEER);
   const slotWaitMs = opts.slotWaitMs ?? NAR_SLOT_WAIT_MS;
   const compression = opts.compression;
-  const handler = (v2: boolean): MeshHandler => async ({ stream, reader, peerId, peer }) => {
+  const bulk = opts.bulk;
+  const handler = (version: 1 | 2 | 3): MeshHandler => async ({ stream, reader, peerId, peer }) => {
+      const v2 = version >= 2;
       const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.nar, firstMs);
       if (frame === TIMED_OUT) throw new Error(`no NAR request within ${firstMs} ms`);
       if (frame === undefined) return; // opened and closed without asking
-      const req = decodeNarRequest(frame, v2); // malformed: throws, the stream is reset
+      const req = decodeNarRequest(frame, version); // malformed: throws, the stream is reset
       const encoding = v2 ? compression!.choose(req.accept!) : NAR_ENCODING.identity;
       const found = await lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
       if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
@@ -85,6 +95,15 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
         } catch (err) {
           if (!(err instanceof NarGoneError)) throw err;
           return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "collected since the lookup")));
+        }
+        if (bulk && req.bulk! & BULK_TLS_PSK) {
+          try {
+            await sendBulk(stream, bulk, { narSize: found.narSize, encoding, stallMs, body: () => (compression ? compression.encode(peerId, encoding, bytes) : bytes), pooled: encoding === NAR_ENCODING.identity });
+          } finally {
+            await bytes.return(undefined); // closes the store file if no connection came to read it
+          }
+          log.debug({ peer: peer.name, path: found.storePath, offset: req.offset, encoding }, "mesh: NAR served on the bulk port");
+          return;
         }
         await writeFrame(stream, encodeNarResponseHeader({ type: "ok", narSize: found.narSize, ...(v2 && { encoding }) }));
         const watchdog = new Watchdog(stallMs, `no progress for ${stallMs} ms`);
@@ -105,8 +124,71 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
     };
   // Leave room above our limit so the ninth request gets "busy" rather than a libp2p reset.
   const limits = { maxInboundStreams: 4 * slots.limit, maxOutboundStreams: 64 };
-  await node.handle(PROTOCOL_NAR, handler(false), limits);
-  if (compression) await node.handle(PROTOCOL_NAR_V2, handler(true), limits);
+  await node.handle(PROTOCOL_NAR, handler(1), limits);
+  if (compression) await node.handle(PROTOCOL_NAR_V2, handler(2), limits);
+  if (compression && bulk) await node.handle(PROTOCOL_NAR_V3, handler(3), limits);
+}
+
+/**
+ * The body on the bulk port: a ticket in a NarBulk header, then the bytes on the one TLS
+ * connection that presents it. The mesh stream ending first (the requester gave up or fell back)
+ * withdraws the ticket; no connection in time is a failure (the stream is reset).
+ */
+async function sendBulk(
+  stream: Stream,
+  bulk: BulkListener,
+  // pooled: the body's chunks are the store's reads, back to the pool once written.
+  o: { narSize: number; encoding: NarEncoding; stallMs: number; body: () => AsyncIterable<Uint8Array>; pooled: boolean },
+): Promise<void> {
+  const t = bulk.issue();
+  const onClose = () => t.cancel();
+  stream.addEventListener("close", onClose);
+  let socket: TLSSocket;
+  try {
+    await writeFrame(stream, encodeNarResponseHeader({ type: "bulk", narSize: o.narSize, encoding: o.encoding, port: bulk.port, ticket: t.ticket, key: t.key }));
+    socket = await t.connection;
+  } finally {
+    stream.removeEventListener("close", onClose);
+    t.cancel();
+  }
+  bulk.served++;
+  const watchdog = new Watchdog(o.stallMs, `no progress for ${o.stallMs} ms`);
+  const abort = () => socket.destroy(watchdog.signal.reason as Error);
+  watchdog.signal.addEventListener("abort", abort);
+  // The mesh stream reset under us (the requester aborted): stop reading the store.
+  const onReset = () => socket.destroy();
+  stream.addEventListener("close", onReset);
+  try {
+    for await (const chunk of watchdog.feed(o.body())) {
+      if (socket.destroyed) throw new Error("bulk connection closed");
+      // The pool takes a buffer back only in the write's callback: libuv holds it until then (buffer-pool.ts).
+      const written = o.pooled ? socket.write(chunk, () => narBuffers.release(chunk as Buffer)) : socket.write(chunk);
+      if (!written) await drainOrClose(socket);
+    }
+    await new Promise<void>((resolve, reject) => {
+      socket.once("error", reject);
+      socket.end(resolve);
+    });
+  } catch (err) {
+    socket.destroy();
+    throw err;
+  } finally {
+    watchdog.stop();
+    watchdog.signal.removeEventListener("abort", abort);
+    stream.removeEventListener("close", onReset);
+  }
+}
+
+function drainOrClose(socket: TLSSocket): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      socket.off("drain", done);
+      socket.off("close", done);
+      resolve();
+    };
+    socket.on("drain", done);
+    socket.on("close", done);
+  });
 }
 
 async function lookup(local: LocalStore, hashPart: string, narHash: string, offset: number, log: Logger): Promise<PathInfo | NarResponseHeader> {
@@ -220,6 +302,8 @@ export interface OpenNarOptions {
   log?: Logger;
   /** Asks for /fleetcache/nar/2.0.0 (compressed if the policy accepts), falling back to 1.0.0. */
   compression?: NarCompression;
+  /** With compression: asks for /fleetcache/nar/3.0.0 and takes the body on the holder's bulk port when offered. */
+  bulk?: BulkRoutes;
 }
 
 /**
@@ -241,16 +325,21 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   let release = () => {};
   const compression = opts.compression;
   let accept: number | undefined; // set when the peer speaks 2.0.0
+  let bulk: number | undefined; // set when it speaks 3.0.0
+  // Only where the bulk port can be reached at the mesh connection's address.
+  const bulkAt = compression && opts.bulk?.usable(peerId) ? bulkHost(node, peerId) : undefined;
   try {
-    // An agent that does not know 2.0.0 refuses it in multistream-select, and 1.0.0 follows.
-    ms = await node.open(peerId, compression ? [PROTOCOL_NAR_V2, PROTOCOL_NAR] : PROTOCOL_NAR, { signal: headerSignal });
-    if (compression && ms.stream.protocol === PROTOCOL_NAR_V2) accept = compression.accept(peerId);
+    // An agent that does not know 3.0.0 or 2.0.0 refuses it in multistream-select, and the next follows.
+    const protocols = bulkAt ? [PROTOCOL_NAR_V3, PROTOCOL_NAR_V2, PROTOCOL_NAR] : compression ? [PROTOCOL_NAR_V2, PROTOCOL_NAR] : [PROTOCOL_NAR];
+    ms = await node.open(peerId, protocols, { signal: headerSignal });
+    if (compression && ms.stream.protocol !== PROTOCOL_NAR) accept = compression.accept(peerId);
+    if (ms.stream.protocol === PROTOCOL_NAR_V3) bulk = BULK_TLS_PSK;
     release = resetOnAbort(ms.stream, headerSignal);
-    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: req.offset, ...(accept !== undefined && { accept }) }), { signal: headerSignal });
+    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: req.offset, ...(accept !== undefined && { accept }), ...(bulk !== undefined && { bulk }) }), { signal: headerSignal });
     const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.nar);
     if (frame === undefined) throw new Error("stream ended without an answer");
     try {
-      header = decodeNarResponseHeader(frame, accept);
+      header = decodeNarResponseHeader(frame, accept, bulk);
     } catch (err) {
       throw new NarFetchError("protocol", (err as Error).message, { cause: err });
     }
@@ -273,18 +362,52 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
     stream.abort(new Error("unexpected NAR size"));
     throw new NarFetchError("size-mismatch", `peer announced ${header.narSize} bytes, the narinfo says ${req.narSize}`);
   }
+  if (header.type === "bulk") {
+    let socket: TLSSocket;
+    try {
+      socket = await connectBulk(bulkAt!, header.port, header.ticket, header.key, opts.bulk!.connectMs, opts.signal);
+    } catch (err) {
+      stream.abort(new Error("bulk connection failed"));
+      if (opts.signal?.aborted) throw new NarFetchError("failed", "aborted", { cause: err });
+      // This NAR goes on the mesh stream; a port we cannot reach at all (a firewall, an ACL that
+      // opens only the mesh port) sends this holder's next NARs there too, for a while.
+      const unreachable = !(err instanceof BulkConnectError && err.reached);
+      opts.bulk!.failed(peerId, unreachable);
+      opts.log?.info({ peer: peerId, host: bulkAt, port: header.port, unreachable, err: (err as Error).message }, "mesh: bulk connection failed; using the mesh stream");
+      return openNar(node, peerId, req, { ...opts, bulk: undefined });
+    }
+    // The stream carries nothing more; it ends once the holder is done. A reset of it (the holder
+    // gave up) does not cut the body: the TLS connection's own end is what counts.
+    stream.close().catch(() => {});
+    opts.bulk!.received++;
+    const unregister = opts.signal ? resetOnAbort(stream, opts.signal) : () => {};
+    const onAbort = () => socket.destroy();
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
+    const done = () => {
+      unregister();
+      opts.signal?.removeEventListener("abort", onAbort);
+    };
+    const expected = header.encoding === NAR_ENCODING.identity ? req.narSize - req.offset : Infinity;
+    const abort = (err: Error) => {
+      socket.destroy(err);
+      stream.abort(err);
+    };
+    const wire = body(abort, bulkChunks(socket, expected), opts.stallMs ?? NAR_RECEIVE_STALL_MS, done);
+    return compression ? decoded(abort, compression.receive(peerId, header.encoding, req.narSize - req.offset, wire)) : wire;
+  }
   // We send nothing more; half-closing now lets the stream end fully once the responder is done.
   stream.close().catch(() => {});
   // Registered now, not when iteration starts, so an abort also frees a stream nobody reads.
   const unregister = opts.signal ? resetOnAbort(stream, opts.signal) : () => {};
   const encoding = header.encoding ?? NAR_ENCODING.identity;
   // A compressed stream's length is unknown: it ends with the responder's close, and decodes to exactly the NAR's bytes.
-  const wire = body(stream, reader.chunks(encoding === NAR_ENCODING.identity ? req.narSize - req.offset : Infinity), opts.stallMs ?? NAR_RECEIVE_STALL_MS, unregister);
-  return compression ? decoded(stream, compression.receive(peerId, encoding, req.narSize - req.offset, wire)) : wire;
+  const abort = (err: Error) => stream.abort(err);
+  const wire = body(abort, reader.chunks(encoding === NAR_ENCODING.identity ? req.narSize - req.offset : Infinity), opts.stallMs ?? NAR_RECEIVE_STALL_MS, unregister);
+  return compression ? decoded(abort, compression.receive(peerId, encoding, req.narSize - req.offset, wire)) : wire;
 }
 
 /** Decoding errors as the holder's fault; the stream is reset unless the NAR came whole. */
-async function* decoded(stream: Stream, chunks: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
+async function* decoded(abort: (err: Error) => void, chunks: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
   let complete = false;
   try {
     yield* chunks;
@@ -293,11 +416,12 @@ async function* decoded(stream: Stream, chunks: AsyncIterable<Uint8Array>): Asyn
     if (err instanceof CompressedStreamError) throw new NarFetchError(err.reason, err.message, { cause: err });
     throw err;
   } finally {
-    if (!complete) stream.abort(new Error("NAR transfer abandoned"));
+    if (!complete) abort(new Error("NAR transfer abandoned"));
   }
 }
 
-async function* body(stream: Stream, chunks: AsyncGenerator<Uint8Array>, stallMs: number, unregister: () => void): AsyncGenerator<Uint8Array> {
+/** `abort`: resets the transfer (the mesh stream, or the bulk connection and its stream). */
+async function* body(abort: (err: Error) => void, chunks: AsyncGenerator<Uint8Array>, stallMs: number, unregister: () => void): AsyncGenerator<Uint8Array> {
   let complete = false;
   let timer: NodeJS.Timeout | undefined;
   let stalled = false;
@@ -306,7 +430,7 @@ async function* body(stream: Stream, chunks: AsyncGenerator<Uint8Array>, stallMs
       // Only while we wait on the network: a slow consumer is backpressure, not a stall.
       timer = setTimeout(() => {
         stalled = true;
-        stream.abort(new Error(`no NAR bytes for ${stallMs} ms`));
+        abort(new Error(`no NAR bytes for ${stallMs} ms`));
       }, stallMs);
       let next: IteratorResult<Uint8Array>;
       try {
@@ -324,7 +448,7 @@ async function* body(stream: Stream, chunks: AsyncGenerator<Uint8Array>, stallMs
     clearTimeout(timer);
     unregister();
     // Abandoned by the consumer or failed: reset, so the responder stops reading its disk.
-    if (!complete) stream.abort(new Error("NAR transfer abandoned"));
+    if (!complete) abort(new Error("NAR transfer abandoned"));
   }
 }
 

@@ -1,0 +1,203 @@
+// The bulk path (/fleetcache/nar/3.0.0, agent/mesh/bulk-*.ts) between real mesh nodes on
+// 127.0.0.1, from a real Nix chroot store: NAR bodies on a TLS connection keyed by a one-time
+// ticket give Nix's own bytes; an agent without bulk on either side still gets them on the mesh
+// stream; an unreachable bulk port falls back; and the bulk port gives nothing to anyone without a
+// live ticket (forged, reused, expired, plain TCP, TLS without a PSK, too many idle sockets).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { connect as tcpConnect, type Socket } from "node:net";
+import { connect as tlsConnect } from "node:tls";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { pino } from "pino";
+import { generateKeyPair } from "../protocol/keys.js";
+import { storePathHashPart } from "../protocol/store-path.js";
+import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
+import { openNar, serveNar } from "../agent/mesh/nar-service.js";
+import { NarCompression, type CompressionMode } from "../agent/mesh/nar-compression.js";
+import { BULK_INBOUND_PER_HOST, BulkListener, BulkTicketExpired } from "../agent/mesh/bulk-listener.js";
+import { BulkRoutes, connectBulk } from "../agent/mesh/bulk-client.js";
+import { Signer } from "../agent/signer.js";
+import { LocalStore } from "../agent/store/local-store.js";
+import { addToStore, dumpPath, hasNix, needNix, pathInfo, tempDir } from "./helpers/nix.js";
+
+const log = pino({ level: "silent" });
+const ka = generateKeyPair("bulk-a");
+const kb = generateKeyPair("bulk-b");
+
+let fx: { root: string; path: string; narHash: string; narSize: number; cleanup(): void } | undefined;
+const cleanups: (() => Promise<unknown> | unknown)[] = [];
+
+before(async () => {
+  if (!(await hasNix())) return;
+  const { dir, cleanup } = tempDir("fleetcache-mesh-bulk-");
+  const root = join(dir, "a");
+  writeFileSync(join(dir, "big.bin"), randomBytes(12 << 20)); // past the 8 MiB held in memory
+  const path = await addToStore(root, join(dir, "big.bin"));
+  const [info] = await pathInfo(root, [path]);
+  fx = { root, path, narHash: info!.narHash, narSize: info!.narSize, cleanup };
+});
+
+after(async () => {
+  for (const c of cleanups.reverse()) await c();
+  fx?.cleanup();
+});
+
+/** A holder (serving from the fixture's store, with a bulk port unless `bulk` is false) and a requester, connected. */
+async function pair(o: { holderBulk: boolean; mode?: CompressionMode }) {
+  const a = await createMeshNode({ key: ka, trusted: [kb], listen: "/ip4/127.0.0.1/tcp/0", log });
+  const b = await createMeshNode({ key: kb, trusted: [ka], listen: "/ip4/127.0.0.1/tcp/0", log });
+  const local = new LocalStore(fx!.root, new Signer([ka]));
+  const bulk = o.holderBulk ? await BulkListener.start("127.0.0.1", 0, log) : undefined;
+  cleanups.push(() => a.stop(), () => b.stop(), () => local.close(), () => bulk?.close());
+  await serveNar(a, local, log, { compression: new NarCompression(o.mode ?? "off"), ...(bulk && { bulk }) });
+  await b.libp2p.dial(a.addresses()[0]!);
+  return { a, b, bulk, peer: a.peerId.toString(), compression: new NarCompression(o.mode ?? "off") };
+}
+
+async function fetch(b: MeshNode, peer: string, opts: Parameters<typeof openNar>[3]): Promise<Buffer> {
+  const req = { hashPart: storePathHashPart(fx!.path), narHash: fx!.narHash, offset: 0, narSize: fx!.narSize };
+  const parts: Uint8Array[] = [];
+  for await (const c of await openNar(b, peer, req, opts)) parts.push(c);
+  return Buffer.concat(parts);
+}
+
+async function nixDump(): Promise<Buffer> {
+  const s = dumpPath(fx!.root, fx!.path);
+  const parts: Buffer[] = [];
+  for await (const c of s) parts.push(c as Buffer);
+  await s.done;
+  return Buffer.concat(parts);
+}
+
+for (const mode of ["off", "zstd"] as const) {
+  test(`a NAR body on the bulk port (compression ${mode}) is Nix's own dump, and the mesh stream did not carry it`, async (t) => {
+    if (!(await needNix(t))) return;
+    const { b, bulk, peer, compression } = await pair({ holderBulk: true, mode });
+    const routes = new BulkRoutes();
+    const got = await fetch(b, peer, { compression, bulk: routes });
+    assert.ok(got.equals(await nixDump()), "the bytes are Nix's NAR");
+    assert.equal(bulk!.served, 1, "sent on the bulk port");
+    assert.equal(routes.received, 1, "taken from the bulk port");
+    assert.equal(routes.fallbacks, 0);
+  });
+}
+
+test("a holder without a bulk port (an older agent, or mesh_bulk off): the NAR comes on the mesh stream", async (t) => {
+  if (!(await needNix(t))) return;
+  const { b, peer, compression } = await pair({ holderBulk: false });
+  const routes = new BulkRoutes();
+  assert.ok((await fetch(b, peer, { compression, bulk: routes })).equals(await nixDump()));
+  assert.equal(routes.received, 0);
+  assert.equal(routes.fallbacks, 0);
+});
+
+test("a requester without bulk (an older agent) gets the NAR on the mesh stream from a holder with a bulk port", async (t) => {
+  if (!(await needNix(t))) return;
+  const { b, bulk, peer, compression } = await pair({ holderBulk: true });
+  assert.ok((await fetch(b, peer, { compression })).equals(await nixDump()));
+  assert.ok((await fetch(b, peer, {})).equals(await nixDump()), "1.0.0, without compression");
+  assert.equal(bulk!.served, 0);
+});
+
+test("an unreachable bulk port: the NAR comes on the mesh stream, and that holder's next NARs skip the bulk port", async (t) => {
+  if (!(await needNix(t))) return;
+  const { b, bulk, peer, compression } = await pair({ holderBulk: true });
+  await bulk!.close(); // the port is in tickets, but nothing listens (as behind a firewall that rejects)
+  const routes = new BulkRoutes();
+  assert.ok((await fetch(b, peer, { compression, bulk: routes })).equals(await nixDump()));
+  assert.equal(routes.fallbacks, 1, "one failed bulk connection");
+  assert.ok((await fetch(b, peer, { compression, bulk: routes })).equals(await nixDump()));
+  assert.equal(routes.fallbacks, 1, "not tried again");
+  assert.equal(routes.received, 0);
+});
+
+/** Tries a TLS connection with this ticket and key; the error, or undefined if it connected (kept open until `done`). */
+async function tryTicket(bulk: BulkListener, ticket: Uint8Array, key: Uint8Array, done?: { after(fn: () => void): void }): Promise<Error | undefined> {
+  try {
+    const s = await connectBulk("127.0.0.1", bulk.port, ticket, key, 3000);
+    done?.after(() => s.destroy());
+    return undefined;
+  } catch (err) {
+    return err as Error;
+  }
+}
+
+const pending = Symbol("pending");
+const state = (p: Promise<unknown>) => Promise.race([p.then(() => "connected", (e: Error) => e), sleep(50).then(() => pending)]);
+
+test("forged, reused and expired tickets are refused in the handshake, and the ticket's owner is not handed their socket", async (t) => {
+  const bulk = await BulkListener.start("127.0.0.1", 0, log);
+  t.after(() => bulk.close());
+  const live = bulk.issue();
+  // A made-up ticket, with the live ticket's key or any other.
+  assert.ok(await tryTicket(bulk, randomBytes(16), live.key), "a forged ticket id fails");
+  assert.ok(await tryTicket(bulk, randomBytes(16), randomBytes(32)), "a forged ticket fails");
+  assert.equal(await state(live.connection), pending, "the live ticket is untouched");
+  assert.equal(bulk.refused, 2);
+  // The right ticket, once.
+  assert.equal(await tryTicket(bulk, live.ticket, live.key, t), undefined, "the live ticket connects");
+  assert.equal(await state(live.connection), "connected");
+  assert.ok(await tryTicket(bulk, live.ticket, live.key), "the same ticket again fails");
+  assert.equal(bulk.refused, 3);
+  // The right ticket id with a wrong key fails, and uses the ticket up.
+  const other = bulk.issue();
+  assert.ok(await tryTicket(bulk, other.ticket, randomBytes(32)), "a wrong key fails");
+  assert.ok(await tryTicket(bulk, other.ticket, other.key), "the ticket is gone after one handshake");
+  assert.equal(await state(other.connection), pending, "no socket for the wrong key");
+  // Expired.
+  const short = bulk.issue(30);
+  await sleep(100);
+  assert.ok(await tryTicket(bulk, short.ticket, short.key), "an expired ticket fails");
+  assert.ok((await state(short.connection)) instanceof BulkTicketExpired);
+  // Cancelled (the mesh stream ended first).
+  const cancelled = bulk.issue();
+  cancelled.cancel();
+  assert.ok(await tryTicket(bulk, cancelled.ticket, cancelled.key), "a cancelled ticket fails");
+});
+
+/** Everything a socket receives until the other side closes it (or `ms` pass). */
+function drain(sock: Socket, ms = 5000): Promise<{ bytes: Buffer; closed: boolean }> {
+  return new Promise((resolve) => {
+    const parts: Buffer[] = [];
+    const timer = setTimeout(() => {
+      sock.destroy();
+      resolve({ bytes: Buffer.concat(parts), closed: false });
+    }, ms);
+    sock.on("data", (b: Buffer) => parts.push(b));
+    sock.on("error", () => {});
+    sock.on("close", () => {
+      clearTimeout(timer);
+      resolve({ bytes: Buffer.concat(parts), closed: true });
+    });
+  });
+}
+
+test("the bulk port gives nothing without a ticket: plain TCP, TLS without a PSK, and more idle sockets than the per-host limit", async (t) => {
+  const bulk = await BulkListener.start("127.0.0.1", 0, log);
+  t.after(() => bulk.close());
+  bulk.issue(); // a live ticket exists: it must not matter
+  // An HTTP request: the server reads it as a bad TLS record and closes; at most an alert comes back.
+  const http = tcpConnect(bulk.port, "127.0.0.1");
+  http.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  const h = await drain(http);
+  assert.ok(h.closed, "closed by the server");
+  assert.ok(h.bytes.length === 0 || h.bytes[0] === 0x15, `nothing but a TLS alert: ${h.bytes.subarray(0, 16).toString("hex")}`);
+  // A TLS 1.3 client with no PSK (certificate authentication): no shared way to authenticate.
+  const tls = tlsConnect({ host: "127.0.0.1", port: bulk.port, rejectUnauthorized: false, minVersion: "TLSv1.3" });
+  let secure = false;
+  tls.on("secureConnect", () => (secure = true));
+  const r = await drain(tls as unknown as Socket);
+  assert.ok(r.closed && !secure && r.bytes.length === 0, "no handshake, no bytes");
+  // Idle sockets: the per-host limit, then refused at once.
+  const idle = Array.from({ length: BULK_INBOUND_PER_HOST }, () => tcpConnect(bulk.port, "127.0.0.1"));
+  t.after(() => idle.forEach((s) => s.destroy()));
+  await Promise.all(idle.map((s) => new Promise((r) => s.once("connect", r))));
+  await sleep(50);
+  const refusedBefore = bulk.refused;
+  const extra = await drain(tcpConnect(bulk.port, "127.0.0.1"), 2000);
+  assert.ok(extra.closed, "the socket over the limit is closed at once");
+  assert.equal(bulk.refused, refusedBefore + 1);
+});

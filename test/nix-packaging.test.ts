@@ -342,7 +342,7 @@ test("NixOS module: options reach the agent's configuration and the system", asy
 
   assert.equal(e.substituterUrl, "http://127.0.0.1:4000", "a wildcard listen address is reached on loopback");
   assert.deepEqual(e.nix.settings?.substituters, ["http://127.0.0.1:4000"]);
-  assert.deepEqual(e.firewall, { allowedTCPPorts: [4001], allowedUDPPorts: [] });
+  assert.deepEqual(e.firewall, { allowedTCPPorts: [4001, 4002], allowedUDPPorts: [] }, "the mesh port and the bulk port next to it");
   const svc = e.systemd!.serviceConfig;
   assert.deepEqual(svc.LoadCredential, ["sign-key:/run/agenix/fleet key"]);
   assert.match(String(svc.ExecStart), / --sign-key %d\/sign-key$/);
@@ -352,6 +352,9 @@ test("NixOS module: options reach the agent's configuration and the system", asy
   assert.equal(v6.substituterUrl, "http://[::1]:4000");
   assert.deepEqual(v6.firewall?.allowedUDPPorts, [5353], "mDNS port opened when mdns is on");
   assert.equal((await checkConfig(v6.configText)).code, 0);
+  const noBulk = await evalModule(lib, "nixos", `{ openFirewall = true; mdns = false; settings.mesh_bulk = false; }`);
+  assert.deepEqual(noBulk.firewall?.allowedTCPPorts, [37516], "no bulk port opened with mesh_bulk off");
+  assert.equal((await checkConfig(noBulk.configText)).code, 0);
 
   // The negative TTL is the operator's choice (bench/negative-ttl.ts measures what it costs).
   const fresh = await evalModule(lib, "nixos", `{ narinfoCacheNegativeTtl = 0; }`);

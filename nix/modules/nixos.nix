@@ -12,7 +12,7 @@ in
   options.services.fleetcache.openFirewall = mkOption {
     type = types.bool;
     default = false;
-    description = "Open the mesh port (p2pPort, TCP) and, when mdns is on, multicast DNS (UDP 5353) in the firewall.";
+    description = "Open the mesh port (p2pPort, TCP), the bulk port next to it (p2pPort + 1, TCP) unless settings.mesh_bulk is false, and, when mdns is on, multicast DNS (UDP 5353) in the firewall.";
   };
 
   config = mkIf cfg.enable {
@@ -28,7 +28,8 @@ in
     nix.settings.extra-allowed-users = [ "fleetcache" ];
 
     networking.firewall = mkIf cfg.openFirewall {
-      allowedTCPPorts = [ cfg.p2pPort ];
+      # The bulk port (mesh port + 1) carries NAR bodies; closed, transfers fall back to the mesh port.
+      allowedTCPPorts = [ cfg.p2pPort ] ++ optional (cfg.settings.mesh_bulk or true) (cfg.p2pPort + 1);
       allowedUDPPorts = optional cfg.mdns 5353;
     };
 

@@ -84,7 +84,8 @@ export class BulkListener {
     });
     server.on("secureConnection", (socket: TLSSocket) => {
       const pending = self.#claimed.get(socket);
-      if (!pending) return socket.destroy(); // unreachable: no handshake completes without a ticket
+      // No ticket behind this handshake (a TLS session resumed from an earlier connection): nothing.
+      if (!pending) return socket.destroy();
       self.admission.admitted(socket);
       pending.resolve(socket);
     });

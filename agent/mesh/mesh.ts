@@ -114,8 +114,12 @@ export class Mesh {
     try {
       const bulkAddr = opts.bulk === false ? undefined : bulkListenAddr(opts.listen);
       if (bulkAddr) {
-        bulk = await BulkListener.start(bulkAddr.host, bulkAddr.port, log);
-        log.info({ host: bulkAddr.host, port: bulk.port }, "mesh: bulk port listening");
+        // A port taken by something else costs only speed: NARs then go on the mesh stream.
+        bulk = await BulkListener.start(bulkAddr.host, bulkAddr.port, log).catch((err: Error) => {
+          log.warn({ host: bulkAddr.host, port: bulkAddr.port, err: err.message }, "mesh: cannot open the bulk port; NARs go on the mesh stream");
+          return undefined;
+        });
+        if (bulk) log.info({ host: bulkAddr.host, port: bulk.port }, "mesh: bulk port listening");
       }
       const bulkRoutes = bulk ? new BulkRoutes() : undefined;
       const watcher = local.watch();

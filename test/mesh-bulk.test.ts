@@ -6,7 +6,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { connect as tcpConnect, type Socket } from "node:net";
+import { connect as tcpConnect, createServer, type AddressInfo, type Socket } from "node:net";
 import { connect as tlsConnect } from "node:tls";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -19,6 +19,7 @@ import { openNar, serveNar } from "../agent/mesh/nar-service.js";
 import { NarCompression, type CompressionMode } from "../agent/mesh/nar-compression.js";
 import { BULK_INBOUND_PER_HOST, BulkListener, BulkTicketExpired } from "../agent/mesh/bulk-listener.js";
 import { BulkRoutes, connectBulk } from "../agent/mesh/bulk-client.js";
+import { Mesh } from "../agent/mesh/mesh.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { addToStore, dumpPath, hasNix, needNix, pathInfo, tempDir } from "./helpers/nix.js";
@@ -112,6 +113,36 @@ test("an unreachable bulk port: the NAR comes on the mesh stream, and that holde
   assert.ok((await fetch(b, peer, { compression, bulk: routes })).equals(await nixDump()));
   assert.equal(routes.fallbacks, 1, "not tried again");
   assert.equal(routes.received, 0);
+});
+
+test("a failed handshake on a reachable bulk port costs only that NAR its retry on the mesh stream", async (t) => {
+  if (!(await needNix(t))) return;
+  const { b, bulk, peer, compression } = await pair({ holderBulk: true });
+  // The holder hands out keys that do not match its tickets: every handshake fails after TCP connected.
+  const issue = bulk!.issue.bind(bulk);
+  bulk!.issue = (ms?: number) => ({ ...issue(ms), key: randomBytes(32) });
+  const routes = new BulkRoutes();
+  assert.ok((await fetch(b, peer, { compression, bulk: routes })).equals(await nixDump()));
+  assert.ok((await fetch(b, peer, { compression, bulk: routes })).equals(await nixDump()));
+  assert.equal(routes.fallbacks, 2, "tried again for the second NAR");
+  assert.equal(routes.received, 0);
+  assert.equal(bulk!.served, 0);
+});
+
+test("a bulk port taken by another program: the mesh starts without one, and serves NARs on the mesh stream", async (t) => {
+  if (!(await needNix(t))) return;
+  const squatter = createServer(() => {});
+  await new Promise<void>((r) => squatter.listen(0, "127.0.0.1", r));
+  t.after(() => squatter.close());
+  const port = (squatter.address() as AddressInfo).port - 1; // the mesh port whose bulk port is taken
+  const local = new LocalStore(fx!.root, new Signer([ka]));
+  const mesh = await Mesh.start({ key: ka, trustedKeys: [], listen: `127.0.0.1:${port}`, peers: [], mdns: false, local, log });
+  t.after(async () => {
+    await mesh.stop();
+    local.close();
+  });
+  assert.equal(mesh.bulk, undefined, "no bulk port");
+  assert.ok(mesh.node.addresses().some((a) => a.toString().includes(`/tcp/${port}`)), "the mesh listens");
 });
 
 /** Tries a TLS connection with this ticket and key; the error, or undefined if it connected (kept open until `done`). */

@@ -115,6 +115,31 @@ test("an unreachable bulk port: the NAR comes on the mesh stream, and that holde
   assert.equal(routes.received, 0);
 });
 
+test("a requester that abandons a NAR mid-body on the bulk port: both ends carry on, the next NAR arrives whole", async (t) => {
+  if (!(await needNix(t))) return;
+  const { b, bulk, peer, compression } = await pair({ holderBulk: true });
+  const routes = new BulkRoutes();
+  const req = { hashPart: storePathHashPart(fx!.path), narHash: fx!.narHash, offset: 0, narSize: fx!.narSize };
+  for (let i = 0; i < 3; i++) {
+    for await (const c of await openNar(b, peer, req, { compression, bulk: routes })) {
+      assert.ok(c.length > 0);
+      break; // destroys the TLS connection while the holder is still writing
+    }
+    await sleep(100); // the holder sees the reset while writing
+  }
+  const abandoned = new AbortController();
+  const it = await openNar(b, peer, req, { compression, bulk: routes, signal: abandoned.signal });
+  abandoned.abort(new Error("client went away"));
+  await assert.rejects(async () => {
+    for await (const _ of it) void _;
+  });
+  await sleep(100);
+  assert.ok((await fetch(b, peer, { compression, bulk: routes })).equals(await nixDump()));
+  // The aborted one may end before the holder's side of the handshake does.
+  assert.ok(bulk!.served >= 4, `served ${bulk!.served}`);
+  assert.equal(routes.fallbacks, 0);
+});
+
 test("a failed handshake on a reachable bulk port costs only that NAR its retry on the mesh stream", async (t) => {
   if (!(await needNix(t))) return;
   const { b, bulk, peer, compression } = await pair({ holderBulk: true });

@@ -96,6 +96,8 @@ export function connectBulk(host: string, port: number, ticket: Uint8Array, key:
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
       socket.off("error", fail);
+      // An error before anyone reads (the holder reset): the reader sees it, or the short count.
+      socket.on("error", () => {});
       resolve(socket);
     });
   });

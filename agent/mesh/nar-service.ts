@@ -152,6 +152,9 @@ async function sendBulk(
     t.cancel();
   }
   bulk.served++;
+  // A requester that goes away mid-body resets the connection: an error to end on, not to throw.
+  let failure: Error | undefined;
+  socket.on("error", (err) => (failure ??= err));
   const watchdog = new Watchdog(o.stallMs, `no progress for ${o.stallMs} ms`);
   const abort = () => socket.destroy(watchdog.signal.reason as Error);
   watchdog.signal.addEventListener("abort", abort);
@@ -160,15 +163,12 @@ async function sendBulk(
   stream.addEventListener("close", onReset);
   try {
     for await (const chunk of watchdog.feed(o.body())) {
-      if (socket.destroyed) throw new Error("bulk connection closed");
+      if (socket.destroyed) throw failure ?? new Error("bulk connection closed");
       // The pool takes a buffer back only in the write's callback: libuv holds it until then (buffer-pool.ts).
       const written = o.pooled ? socket.write(chunk, () => narBuffers.release(chunk as Buffer)) : socket.write(chunk);
       if (!written) await drainOrClose(socket);
     }
-    await new Promise<void>((resolve, reject) => {
-      socket.once("error", reject);
-      socket.end(resolve);
-    });
+    await new Promise<void>((resolve, reject) => socket.end((err?: Error | null) => (err ? reject(err) : resolve())));
   } catch (err) {
     socket.destroy();
     throw err;

@@ -18,7 +18,7 @@ import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { openNar, serveNar } from "../agent/mesh/nar-service.js";
 import { NarCompression, type CompressionMode } from "../agent/mesh/nar-compression.js";
 import { BULK_INBOUND_PER_HOST, BulkListener, BulkTicketExpired } from "../agent/mesh/bulk-listener.js";
-import { BulkRoutes, connectBulk } from "../agent/mesh/bulk-client.js";
+import { BULK_MIN_BYTES, BulkRoutes, connectBulk } from "../agent/mesh/bulk-client.js";
 import { Mesh } from "../agent/mesh/mesh.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
@@ -85,6 +85,19 @@ for (const mode of ["off", "zstd"] as const) {
     assert.equal(routes.fallbacks, 0);
   });
 }
+
+test("bulk is offered only where it pays: bodies of a MiB or more, on a LAN, to a holder whose port was reachable", () => {
+  const rtt = new Map<string, number>([["lan", 0.4], ["wan", 60]]);
+  const routes = new BulkRoutes(1000, (peer) => rtt.get(peer));
+  assert.equal(routes.worth("lan", BULK_MIN_BYTES), true);
+  assert.equal(routes.worth("lan", BULK_MIN_BYTES - 1), false, "a small body stays on the mesh stream");
+  assert.equal(routes.worth("wan", 64 << 20), false, "over a WAN the link, not the CPU, limits a transfer");
+  assert.equal(routes.worth("unmeasured", 64 << 20), true, "no RTT yet counts as a LAN, as for compression");
+  routes.failed("lan", false);
+  assert.equal(routes.worth("lan", 64 << 20), true, "a failed handshake costs only that NAR");
+  routes.failed("lan", true);
+  assert.equal(routes.worth("lan", 64 << 20), false, "an unreachable port is skipped for a while");
+});
 
 test("a holder without a bulk port (an older agent, or mesh_bulk off): the NAR comes on the mesh stream", async (t) => {
   if (!(await needNix(t))) return;

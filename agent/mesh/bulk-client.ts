@@ -6,9 +6,15 @@ import { connect, type TLSSocket } from "node:tls";
 import type { Multiaddr } from "@multiformats/multiaddr";
 import type { MeshNode } from "./node.js";
 import { BULK_CIPHER, BULK_HANDSHAKE_MS } from "./bulk-listener.js";
+import { WAN_RTT_MS } from "./nar-compression.js";
 
 /** After a failed bulk connection, a holder's NARs use the mesh stream for this long. */
 export const BULK_RETRY_AFTER_MS = 10 * 60_000;
+/**
+ * Bodies smaller than this stay on the mesh stream: a bulk connection costs 1.6-2.1 ms of CPU at
+ * both ends and two round trips (TCP, then TLS) before its first byte (BENCHMARKS.md, "Bulk path").
+ */
+export const BULK_MIN_BYTES = 1 << 20;
 
 export class BulkRoutes {
   readonly #failedUntil = new Map<string, number>();
@@ -17,10 +23,23 @@ export class BulkRoutes {
   /** NAR bodies taken on a bulk connection (connected; whether they checked out is the verifier's). */
   received = 0;
 
-  constructor(readonly connectMs = BULK_HANDSHAKE_MS) {}
+  constructor(
+    readonly connectMs = BULK_HANDSHAKE_MS,
+    /** The peer's ping RTT in ms, if known (unknown counts as a LAN, as for compression). */
+    private readonly rttMs: (peerId: string) => number | undefined = () => undefined,
+  ) {}
 
-  /** Whether to offer bulk to this holder now. */
-  usable(peerId: string): boolean {
+  /**
+   * Whether to offer bulk to this holder for a body of `bytes`. Only on a LAN and for bodies of a
+   * MiB or more: there CPU is what limits a transfer and bulk halves it; over a WAN the link
+   * limits it, and a fresh connection adds round trips and a TCP slow start the warm mesh
+   * connection does not have.
+   */
+  worth(peerId: string, bytes: number): boolean {
+    return bytes >= BULK_MIN_BYTES && (this.rttMs(peerId) ?? 0) < WAN_RTT_MS && this.#usable(peerId);
+  }
+
+  #usable(peerId: string): boolean {
     const until = this.#failedUntil.get(peerId);
     if (until === undefined) return true;
     if (Date.now() < until) return false;

@@ -326,8 +326,8 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   const compression = opts.compression;
   let accept: number | undefined; // set when the peer speaks 2.0.0
   let bulk: number | undefined; // set when it speaks 3.0.0
-  // Only where the bulk port can be reached at the mesh connection's address.
-  const bulkAt = compression && opts.bulk?.usable(peerId) ? bulkHost(node, peerId) : undefined;
+  // Only where it pays (BulkRoutes.worth) and the bulk port can be reached at the mesh connection's address.
+  const bulkAt = compression && opts.bulk?.worth(peerId, req.narSize - req.offset) ? bulkHost(node, peerId) : undefined;
   try {
     // An agent that does not know 3.0.0 or 2.0.0 refuses it in multistream-select, and the next follows.
     const protocols = bulkAt ? [PROTOCOL_NAR_V3, PROTOCOL_NAR_V2, PROTOCOL_NAR] : compression ? [PROTOCOL_NAR_V2, PROTOCOL_NAR] : [PROTOCOL_NAR];

@@ -6,7 +6,6 @@ import { connect, type TLSSocket } from "node:tls";
 import type { Multiaddr } from "@multiformats/multiaddr";
 import type { MeshNode } from "./node.js";
 import { BULK_CIPHER, BULK_HANDSHAKE_MS } from "./bulk-listener.js";
-import { WAN_RTT_MS } from "./nar-compression.js";
 
 /** After a failed bulk connection, a holder's NARs use the mesh stream for this long. */
 export const BULK_RETRY_AFTER_MS = 10 * 60_000;
@@ -15,9 +14,20 @@ export const BULK_RETRY_AFTER_MS = 10 * 60_000;
  * both ends and two round trips (TCP, then TLS) before its first byte (BENCHMARKS.md, "Bulk path").
  */
 export const BULK_MIN_BYTES = 1 << 20;
+/**
+ * Holders farther than this (their lowest ping RTT) keep to the mesh stream. Higher than a LAN's
+ * RTT by a margin: a busy agent's event loop adds milliseconds to its pings (CI saw over 5 ms
+ * between network namespaces), and two extra round trips of up to 20 ms cost little next to a
+ * MiB's transfer.
+ */
+export const BULK_MAX_RTT_MS = 20;
+/** How long the lowest RTT seen for a peer stands (a peer may move, e.g. a laptop leaving the LAN). */
+const LOWEST_RTT_KEPT_MS = 10 * 60_000;
 
 export class BulkRoutes {
   readonly #failedUntil = new Map<string, number>();
+  /** The lowest ping RTT seen per peer, and when: a load spike must not turn bulk off. */
+  readonly #lowestRtt = new Map<string, { ms: number; at: number }>();
   /** Bulk connections that failed (each one fell back to the mesh stream). */
   fallbacks = 0;
   /** NAR bodies taken on a bulk connection (connected; whether they checked out is the verifier's). */
@@ -30,13 +40,24 @@ export class BulkRoutes {
   ) {}
 
   /**
-   * Whether to offer bulk to this holder for a body of `bytes`. Only on a LAN and for bodies of a
-   * MiB or more: there CPU is what limits a transfer and bulk halves it; over a WAN the link
-   * limits it, and a fresh connection adds round trips and a TCP slow start the warm mesh
-   * connection does not have.
+   * Whether to offer bulk to this holder for a body of `bytes`. Only for bodies of a MiB or more
+   * from a near holder (a LAN): there CPU is what limits a transfer and bulk halves it; over a
+   * WAN the link limits it, and a fresh connection adds round trips and a TCP slow start the
+   * warm mesh connection does not have.
    */
   worth(peerId: string, bytes: number): boolean {
-    return bytes >= BULK_MIN_BYTES && (this.rttMs(peerId) ?? 0) < WAN_RTT_MS && this.#usable(peerId);
+    return bytes >= BULK_MIN_BYTES && (this.#rtt(peerId) ?? 0) < BULK_MAX_RTT_MS && this.#usable(peerId);
+  }
+
+  /** The lowest RTT seen for the peer within LOWEST_RTT_KEPT_MS, taking in the current one. */
+  #rtt(peerId: string): number | undefined {
+    const now = this.rttMs(peerId);
+    const seen = this.#lowestRtt.get(peerId);
+    if (now !== undefined && (!seen || now <= seen.ms || Date.now() - seen.at > LOWEST_RTT_KEPT_MS)) {
+      this.#lowestRtt.set(peerId, { ms: now, at: Date.now() });
+      return now;
+    }
+    return seen?.ms ?? now;
   }
 
   #usable(peerId: string): boolean {

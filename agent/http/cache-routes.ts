@@ -14,6 +14,7 @@ import { ReadPace } from "./read-pace.js";
 import { HttpError, send, sendError } from "./respond.js";
 import type { Logger } from "../log.js";
 import type { AgentMetrics, Outcome } from "../metrics.js";
+import { drainOrClose } from "../drain.js";
 
 export interface CacheContext {
   /** Where narinfo and NAR requests are answered from. */
@@ -225,18 +226,6 @@ async function writeBody(body: AsyncGenerator<Buffer>, res: ServerResponse): Pro
 
 function prematureClose(): Error {
   return Object.assign(new Error("the client closed the connection"), { code: "ERR_STREAM_PREMATURE_CLOSE" });
-}
-
-function drainOrClose(res: ServerResponse): Promise<void> {
-  return new Promise((resolve) => {
-    const done = (): void => {
-      res.off("drain", done);
-      res.off("close", done);
-      resolve();
-    };
-    res.on("drain", done);
-    res.on("close", done);
-  });
 }
 
 /** Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each was taken. */

@@ -37,6 +37,7 @@ import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } 
 import type { BulkListener } from "./bulk-listener.js";
 import { BulkConnectError, bulkChunks, bulkHost, connectBulk, type BulkRoutes } from "./bulk-client.js";
 import type { TLSSocket } from "node:tls";
+import { drainOrClose } from "../drain.js";
 
 export const MAX_NAR_TRANSFERS_PER_PEER = 8;
 /** A NAR stream whose reader takes nothing for this long is reset (spec: 60 s). */
@@ -177,18 +178,6 @@ async function sendBulk(
     watchdog.signal.removeEventListener("abort", abort);
     stream.removeEventListener("close", onReset);
   }
-}
-
-function drainOrClose(socket: TLSSocket): Promise<void> {
-  return new Promise((resolve) => {
-    const done = (): void => {
-      socket.off("drain", done);
-      socket.off("close", done);
-      resolve();
-    };
-    socket.on("drain", done);
-    socket.on("close", done);
-  });
 }
 
 async function lookup(local: LocalStore, hashPart: string, narHash: string, offset: number, log: Logger): Promise<PathInfo | NarResponseHeader> {

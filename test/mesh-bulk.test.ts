@@ -172,10 +172,20 @@ test("a failed handshake on a reachable bulk port costs only that NAR its retry 
 
 test("a bulk port taken by another program: the mesh starts without one, and serves NARs on the mesh stream", async (t) => {
   if (!(await needNix(t))) return;
-  const squatter = createServer(() => {});
-  await new Promise<void>((r) => squatter.listen(0, "127.0.0.1", r));
+  // A squatter on some free port P, with P - 1 free too (checked by listening on it), so the mesh
+  // can have P - 1 and finds its bulk port (mesh port + 1) taken. Retried: other programs take
+  // ports too, and P - 1 may be one of theirs.
+  let squatter = createServer(() => {});
+  let port = 0;
+  for (let attempt = 0; attempt < 20 && port === 0; attempt++) {
+    squatter = createServer(() => {});
+    await new Promise<void>((r) => squatter.listen(0, "127.0.0.1", r));
+    const below = (squatter.address() as AddressInfo).port - 1;
+    if (below > 1024 && (await canListen(below))) port = below;
+    else await new Promise<void>((r) => squatter.close(() => r()));
+  }
+  assert.ok(port > 0, "found a free port below a taken one");
   t.after(() => squatter.close());
-  const port = (squatter.address() as AddressInfo).port - 1; // the mesh port whose bulk port is taken
   const local = new LocalStore(fx!.root, new Signer([ka]));
   const mesh = await Mesh.start({ key: ka, trustedKeys: [], listen: `127.0.0.1:${port}`, peers: [], mdns: false, local, log });
   t.after(async () => {
@@ -273,3 +283,12 @@ test("the bulk port gives nothing without a ticket: plain TCP, TLS without a PSK
   assert.ok(extra.closed, "the socket over the limit is closed at once");
   assert.equal(bulk.refused, refusedBefore + 1);
 });
+
+/** Whether a TCP server can listen on 127.0.0.1:port now (closed again at once). */
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createServer();
+    probe.once("error", () => resolve(false));
+    probe.listen(port, "127.0.0.1", () => probe.close(() => resolve(true)));
+  });
+}

@@ -14,50 +14,24 @@ export const BULK_RETRY_AFTER_MS = 10 * 60_000;
  * both ends and two round trips (TCP, then TLS) before its first byte (BENCHMARKS.md, "Bulk path").
  */
 export const BULK_MIN_BYTES = 1 << 20;
-/**
- * Holders farther than this (their lowest ping RTT) keep to the mesh stream. Higher than a LAN's
- * RTT by a margin: a busy agent's event loop adds milliseconds to its pings (CI saw over 5 ms
- * between network namespaces), and two extra round trips of up to 20 ms cost little next to a
- * MiB's transfer.
- */
-export const BULK_MAX_RTT_MS = 20;
-/** How long the lowest RTT seen for a peer stands (a peer may move, e.g. a laptop leaving the LAN). */
-const LOWEST_RTT_KEPT_MS = 10 * 60_000;
 
 export class BulkRoutes {
   readonly #failedUntil = new Map<string, number>();
-  /** The lowest ping RTT seen per peer, and when: a load spike must not turn bulk off. */
-  readonly #lowestRtt = new Map<string, { ms: number; at: number }>();
   /** Bulk connections that failed (each one fell back to the mesh stream). */
   fallbacks = 0;
   /** NAR bodies taken on a bulk connection (connected; whether they checked out is the verifier's). */
   received = 0;
 
-  constructor(
-    readonly connectMs = BULK_HANDSHAKE_MS,
-    /** The peer's ping RTT in ms, if known (unknown counts as a LAN, as for compression). */
-    private readonly rttMs: (peerId: string) => number | undefined = () => undefined,
-  ) {}
+  constructor(readonly connectMs = BULK_HANDSHAKE_MS) {}
 
   /**
-   * Whether to offer bulk to this holder for a body of `bytes`. Only for bodies of a MiB or more
-   * from a near holder (a LAN): there CPU is what limits a transfer and bulk halves it; over a
-   * WAN the link limits it, and a fresh connection adds round trips and a TCP slow start the
-   * warm mesh connection does not have.
+   * Whether to offer bulk to this holder for a body of `bytes`: a MiB or more, and its port not
+   * found unreachable lately. Not decided by RTT: libp2p's ping RTT includes the event loops of
+   * both agents, and under load it ran over 20 ms between network namespaces (CI), so a LAN
+   * holder looked far. Over a WAN a bulk body costs two extra round trips (TCP, TLS).
    */
   worth(peerId: string, bytes: number): boolean {
-    return bytes >= BULK_MIN_BYTES && (this.#rtt(peerId) ?? 0) < BULK_MAX_RTT_MS && this.#usable(peerId);
-  }
-
-  /** The lowest RTT seen for the peer within LOWEST_RTT_KEPT_MS, taking in the current one. */
-  #rtt(peerId: string): number | undefined {
-    const now = this.rttMs(peerId);
-    const seen = this.#lowestRtt.get(peerId);
-    if (now !== undefined && (!seen || now <= seen.ms || Date.now() - seen.at > LOWEST_RTT_KEPT_MS)) {
-      this.#lowestRtt.set(peerId, { ms: now, at: Date.now() });
-      return now;
-    }
-    return seen?.ms ?? now;
+    return bytes >= BULK_MIN_BYTES && this.#usable(peerId);
   }
 
   #usable(peerId: string): boolean {

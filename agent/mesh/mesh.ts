@@ -121,7 +121,7 @@ export class Mesh {
         });
         if (bulk) log.info({ host: bulkAddr.host, port: bulk.port }, "mesh: bulk port listening");
       }
-      const bulkRoutes = bulk ? new BulkRoutes(undefined, (peerId) => connectionRtt(node, peerId)) : undefined;
+      const bulkRoutes = bulk ? new BulkRoutes() : undefined;
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
       await publisher.start();

@@ -21,7 +21,7 @@ export interface LinkedFleet {
   a: FleetHost;
   /** On site 1: reaches A only through the link proxy, at `aViaLink`. */
   b: FleetHost;
-  /** "ip:port" on B's site that leads to A's mesh port through the proxy. */
+  /** "ip:port" on B's site that leads to A's mesh port through the proxy (and port + 1 to A's bulk port). */
   aViaLink: string;
   proxy: ChildProcess;
   /** The proxy's byte counts so far (both directions, every connection through it). */
@@ -34,6 +34,8 @@ export interface LinkSpec {
   latencyMs: number;
   rate?: string;
   cut?: "freeze" | "refuse";
+  /** Whether the link carries the bulk port (mesh port + 1) as well, as a real link does (default true). */
+  bulkPort?: boolean;
 }
 
 /**
@@ -79,8 +81,13 @@ export async function startProxy(
   target: string,
   link: LinkSpec,
 ): Promise<{ child: ChildProcess; lines: AsyncIterator<string> }> {
+  // The agents' bulk port (mesh port + 1) crosses the same link, so NAR bodies take the path they
+  // would take between sites, not a fallback to the mesh stream because the proxy refused them.
+  const port = (hostPort: string) => Number(hostPort.slice(hostPort.lastIndexOf(":") + 1));
+  const bulkTarget = `${target.slice(0, target.lastIndexOf(":"))}:${port(target) + 1}`;
   const args = [
     PROXY_MAIN, "--listen", listen, "--target", target, "--latency-ms", String(link.latencyMs),
+    ...(link.bulkPort === false ? [] : ["--also", `${port(listen) + 1}=${bulkTarget}`]),
     ...(link.rate ? ["--rate", link.rate] : []), ...(link.cut ? ["--cut", link.cut] : []),
   ];
   const child = on.spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });

@@ -176,6 +176,41 @@ test("a refusing link resets open connections and refuses new ones; healed, it c
   c.destroy();
 });
 
+test("another port of the same link leads to its own target, shares the link's rate and is cut with it", async () => {
+  const echo = (tag: string) => (s: Socket) => {
+    s.on("error", () => {});
+    void readAll(s).then(({ data }) => s.end(`${tag}:${sha(data)}`));
+  };
+  const first = await server(echo("first"));
+  const second = await server(echo("second"));
+  const rate = parseRate("2MiB");
+  const burst = 32 << 10;
+  const p = await proxyTo(first.port, { also: [{ port: 0, target: { host: "127.0.0.1", port: second.port } }], up: { rateBytesPerSec: rate, burstBytes: burst } });
+  assert.equal(p.also.length, 1);
+  const data = randomBytes(512 << 10);
+  const send = async (port: number) => {
+    const c = connect({ host: p.host, port, allowHalfOpen: true });
+    await once(c, "connect");
+    const reply = readAll(c);
+    c.end(data);
+    return reply;
+  };
+  const t0 = performance.now();
+  const [a, b] = await Promise.all([send(p.port), send(p.also[0]!)]);
+  assert.equal(a.data.toString(), `first:${sha(data)}`);
+  assert.equal(b.data.toString(), `second:${sha(data)}`);
+  // One link: 1 MiB in all at 2 MiB/s, however many ports it came through.
+  const ms = Math.max(a.endAt, b.endAt) - t0;
+  assert.ok(ms >= ((2 * data.length - burst) / rate) * 1000 - 1, `2 x 512 KiB over one 2 MiB/s link took ${ms} ms`);
+  await p.refuse();
+  const refused = connect({ host: p.host, port: p.also[0]! });
+  const [e] = (await once(refused, "error")) as [NodeJS.ErrnoException];
+  assert.equal(e.code, "ECONNREFUSED", "the other port is cut with the link");
+  await p.heal();
+  const again = await send(p.also[0]!);
+  assert.equal(again.data.toString(), `second:${sha(data)}`);
+});
+
 test("rates are parsed strictly", () => {
   assert.equal(parseRate("1MiB"), 1 << 20);
   assert.equal(parseRate("512KiB/s"), 512 << 10);

@@ -63,6 +63,7 @@ export const wanLatency: Scenario = {
       const pingClosed = [...logLines(a.agent, /stopped answering pings/), ...logLines(b.agent, /stopped answering pings/)].length;
       const streamLimit = ((a.agent?.logs() ?? "") + (b.agent?.logs() ?? "")).split("TooManyOutboundProtocolStreams").length - 1;
       const failed = downloads.filter((d) => !d.ok);
+      const counters = (await b.status()).counters as { bulkNarsReceived?: number; bulkFallbacks?: number };
       const ok = drops.length === 0 && failed.length === 0;
       return {
         ok,
@@ -78,6 +79,7 @@ export const wanLatency: Scenario = {
           ["download time", downloads.filter((d) => d.ok).map((d) => `${(d.ms / 1000).toFixed(1)} s`).join(", ") || "-"],
           ["narinfo on B (held by A)", `${percentiles(lookups)}${lookupFailures ? `, ${lookupFailures} failed` : ""}`],
           ["RTT B reports for A", percentiles(rtts)],
+          ["NAR bodies B took on the bulk port", `${counters.bulkNarsReceived ?? 0} (fell back to the mesh stream: ${counters.bulkFallbacks ?? 0})`],
           ["agent A", meters.a.summary()],
           ["agent B", meters.b.summary()],
         ],

@@ -46,7 +46,8 @@ export async function linkedFleet(link: LinkSpec): Promise<LinkedFleet> {
   const sites = await createSites([1, 1]);
   const fleet = await createFleet(["a", "b"], { hosts: [sites.sites[0]![0]!, sites.sites[1]![0]!], destroy: sites.destroy });
   const [a, b] = fleet.hosts as [FleetHost, FleetHost];
-  const aViaLink = `${sites.link.linkIps[1]}:${P2P_PORT}`;
+  // A routed address, as A's would be from another site: B does not see A as on its LAN.
+  const aViaLink = `${sites.link.routedIps[1]}:${P2P_PORT}`;
   let proxy: { child: ChildProcess; lines: AsyncIterator<string> } | undefined;
   try {
     proxy = await startProxy(sites.link, aViaLink, `${a.net.ip}:${P2P_PORT}`, link);

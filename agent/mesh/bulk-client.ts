@@ -5,6 +5,7 @@
 import { connect, type TLSSocket } from "node:tls";
 import type { Multiaddr } from "@multiformats/multiaddr";
 import type { MeshNode } from "./node.js";
+import { onLink } from "./on-link.js";
 import { BULK_CIPHER, BULK_HANDSHAKE_MS } from "./bulk-listener.js";
 
 /** After a failed bulk connection, a holder's NARs use the mesh stream for this long. */
@@ -26,9 +27,7 @@ export class BulkRoutes {
 
   /**
    * Whether to offer bulk to this holder for a body of `bytes`: a MiB or more, and its port not
-   * found unreachable lately. Not decided by RTT: libp2p's ping RTT includes the event loops of
-   * both agents, and under load it ran over 20 ms between network namespaces (CI), so a LAN
-   * holder looked far. Over a WAN a bulk body costs two extra round trips (TCP, TLS).
+   * found unreachable lately. (Whether the holder is on this host's LAN is bulkHost's question.)
    */
   worth(peerId: string, bytes: number): boolean {
     return bytes >= BULK_MIN_BYTES && this.#usable(peerId);
@@ -54,14 +53,16 @@ export class BulkRoutes {
 }
 
 /**
- * The IP address the mesh connection to `peerId` uses: its bulk port is on the same host. None for
- * a connection without one (a relay), which then takes no bulk transfer.
+ * The IP address the mesh connection to `peerId` uses, when it is on one of this host's networks
+ * (on-link.ts): its bulk port is on the same host. None for a routed peer (another site, a
+ * tailnet), whose NARs stay on the warm mesh connection, nor for a connection without an IP
+ * address (a relay).
  */
 export function bulkHost(node: MeshNode, peerId: string): string | undefined {
   for (const c of node.libp2p.getConnections()) {
     if (c.remotePeer.toString() !== peerId || c.status !== "open" || c.limits) continue;
     const ip = ipOf(c.remoteAddr);
-    if (ip) return ip;
+    if (ip && onLink(ip)) return ip;
   }
   return undefined;
 }

@@ -69,8 +69,10 @@ export interface TestSites {
   /**
    * A namespace on every bridge (at .254 of each subnet, `linkIps[i]` on site i) that routes
    * nothing: sites reach each other only through what runs there, such as a link proxy.
+   * `routedIps[i]` is another address of it that site i's hosts reach through a route via
+   * `linkIps[i]`, as a host at another site is reached (not on their own subnet).
    */
-  link: NetHost & { linkIps: string[] };
+  link: NetHost & { linkIps: string[]; routedIps: string[] };
   destroy(): Promise<void>;
 }
 
@@ -85,6 +87,7 @@ export async function createSites(counts: number[]): Promise<TestSites> {
   const linkNs = `fc${id}link`;
   const sites: NetHost[][] = [];
   const linkIps: string[] = [];
+  const routedIps: string[] = [];
   const created: string[] = [];
   const cleanup = async () => {
     for (const ns of created) await run("ip", ["netns", "del", ns]).catch(() => {});
@@ -110,12 +113,17 @@ export async function createSites(counts: number[]): Promise<TestSites> {
       sites.push(hosts);
       linkIps.push(`10.231.${subnet}.254`);
       await attach(linkNs, bridge, `fc${id}s${i}vl`, `eth${i}`, linkIps[i]!);
+      // An address of the link namespace that this site's hosts reach through a route, as a host
+      // at another site is reached: not on their subnet (what the agent's bulk path looks at).
+      routedIps.push(`10.232.${subnet}.1`);
+      await run("ip", ["-n", linkNs, "addr", "add", `${routedIps[i]}/32`, "dev", "lo"]);
+      for (const h of hosts) await run("ip", ["-n", h.ns, "route", "add", "10.232.0.0/16", "via", linkIps[i]!]);
     }
   } catch (e) {
     await cleanup();
     throw e;
   }
-  return { sites, link: { ...makeHost(linkNs, linkIps[0]!), linkIps }, destroy: cleanup };
+  return { sites, link: { ...makeHost(linkNs, linkIps[0]!), linkIps, routedIps }, destroy: cleanup };
 }
 
 /** A veth from `bridge` into namespace `ns` as interface `inner`, addressed `ip`/24. */

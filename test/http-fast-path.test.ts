@@ -208,6 +208,11 @@ test("split at every byte offset, a pipeline of fast and slow requests gets the 
   }
   // And one byte at a time.
   assert.equal(undated(await exchange(fast.port, [...text], true)), expected, "one byte a write");
+  // Heads that go wrong part of the way, a byte a write: answered as node:http answers them.
+  for (const bad of [`${req(h)}GET ${h} HTTP/1.1\r\nHost: x\nX: y\r\n\r\n`, `GET ${h} HTTP/1.1\r\nHost: x\r\nX: a\x7fb\r\n\r\n`, `GET ${h} HTTP/1.0\r\n\r\n`]) {
+    const [a, b] = await Promise.all([exchange(fast.port, [...bad], true), exchange(plain.port, [...bad], true)]);
+    assert.equal(undated(a), undated(b), JSON.stringify(bad));
+  }
 });
 
 test("thousands of pipelined requests, read late by the client, get the same answers in order", { timeout: 120_000 }, async (t) => {

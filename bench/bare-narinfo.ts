@@ -3,6 +3,8 @@
 // status, headers and body; Node adds Date, Connection and Keep-Alive to both alike), and every
 // other URL with the agent's recorded 404. The later steps add the agent's own pieces one at a
 // time, from this checkout's dist/, so that one run says what each costs (bench/builds.ts --steps):
+//   net      the recorded answers from the agent's fast path (agent/http/fast-path.ts) in front
+//            of the bare server: its own request-head parser, one socket write an answer;
 //   options  the agent's server options, half-open flag, clientError and connection limiter
 //            (agent/http/server.ts's createListener), still the recorded answers;
 //   routing  the agent's HTTP layer (createHttpServer: route, dispatch, handleNarinfo, rendered
@@ -31,18 +33,18 @@ export interface RecordedResponses {
   miss: Recorded;
 }
 
-export const STEPS = ["bare", "options", "routing", "lookup", "metrics"] as const;
+export const STEPS = ["bare", "net", "options", "routing", "lookup", "metrics"] as const;
 export type Step = (typeof STEPS)[number];
 
 async function main(): Promise<void> {
   const [file, port, step = "bare", storeRoot, keyFile] = process.argv.slice(2) as [string?, string?, Step?, string?, string?];
   if (!file || !port || !STEPS.includes(step)) throw new Error(`usage: bare-narinfo RESPONSES.json PORT [${STEPS.join("|")} STORE_ROOT KEY_FILE]`);
-  const server = step === "bare" || step === "options" ? await recordedServer(file, step) : await agentServer(step, storeRoot!, keyFile!, file);
+  const server = step === "bare" || step === "net" || step === "options" ? await recordedServer(file, step) : await agentServer(step, storeRoot!, keyFile!, file);
   server.listen(Number(port), "127.0.0.1");
   process.on("SIGTERM", () => process.exit(0));
 }
 
-function recordedServer(file: string, step: "bare" | "options") {
+async function recordedServer(file: string, step: "bare" | "net" | "options") {
   const recorded = JSON.parse(readFileSync(file, "utf8")) as RecordedResponses;
   // Bodies as latin1 strings (the same bytes): res.end() sends a string in one write with the
   // headers, the cheapest way node:http has.
@@ -58,6 +60,18 @@ function recordedServer(file: string, step: "bare" | "options") {
   };
   // The agent's keepAliveTimeout, so that the Keep-Alive header matches too.
   if (step === "bare") return createServer({ keepAliveTimeout: 30_000 }, answer);
+  if (step === "net") {
+    // The same answers from the agent's fast path (agent/http/fast-path.ts: its own request-head
+    // parser on the sockets, one write an answer), no node:http request or response objects.
+    const { installFastPath } = await import("../agent/http/fast-path.js");
+    const server = createServer({ keepAliveTimeout: 30_000 }, answer);
+    const replies = new Map<string, import("../agent/http/fast-path.js").Reply>();
+    const reply = (a: { status: number; headers: string[]; body: string }) => ({ status: a.status, head: a.headers, body: a.body, encoding: "latin1" as const });
+    for (const [path, a] of answers) replies.set(path, reply(a));
+    const missReply = reply(miss);
+    if (!installFastPath(server, (_method, target) => replies.get(target) ?? missReply)) throw new Error("no fast path on this Node");
+    return server;
+  }
   return agentListener(answer);
 }
 

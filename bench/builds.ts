@@ -4,7 +4,8 @@
 // `npm run bench` (bench/run.ts), minus its checks, memory and mesh case.
 //
 //   node dist/bench/builds.js [--rows hit1,hit4,miss1,miss4,nar1,nar4] [--rounds 3] [--duration 4]
-//        [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] [--steps LABEL] LABEL=REPO_DIR ...
+//        [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] [--steps LABEL]
+//        [--step-list bare,net,...] LABEL=REPO_DIR ...
 //
 // REPO_DIR is a checkout with a built dist/ (e.g. a `git worktree add` of the old commit, built
 // with `npx tsc -p .`); `.` is this one. With --keep-fixture DIR the fixture is made once in DIR
@@ -38,17 +39,20 @@ const { values, positionals } = parseArgs({
     "keep-fixture": { type: "string" },
     bare: { type: "string" },
     steps: { type: "string" },
+    "step-list": { type: "string", default: STEPS.join(",") },
     help: { type: "boolean", short: "h" },
   },
 });
 if (values.help) {
   console.log(`Usage: node dist/bench/builds.js [--rows ${ROWS.join(",")}] [--rounds 3] [--duration 4]
-       [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] [--steps LABEL] LABEL=REPO_DIR ...
+       [--nar-gib 1] [--small 100] [--keep-fixture DIR] [--bare LABEL] [--steps LABEL]
+       [--step-list ${STEPS.join(",")}] LABEL=REPO_DIR ...
 
 Agent builds side by side with nginx, each measurement taken for every server in turn, medians
 of the rounds (BENCHMARKS.md). REPO_DIR is a checkout with a built dist/ ("." is this one).
 --bare LABEL: a bare node:http server replaying build LABEL's answers runs alongside (the floor).
---steps LABEL: the steps from that bare server to the agent run alongside too.
+--steps LABEL: the steps from that bare server to the agent run alongside too
+  (--step-list ${STEPS.join(",")} picks some of them).
 Needs root (chroot store), nginx, wrk and curl.`);
   process.exit(0);
 }
@@ -109,7 +113,9 @@ async function main(): Promise<void> {
     const recorded = await recordResponses(from.baseUrl, hitPaths, missPaths[0]!);
     const file = join(run, "steps-responses.json");
     writeFileSync(file, JSON.stringify(recorded));
-    for (const step of STEPS) {
+    const only = values["step-list"].split(",");
+    for (const x of only) if (!(STEPS as readonly string[]).includes(x)) throw new Error(`unknown step ${x} (known: ${STEPS.join(", ")})`);
+    for (const step of STEPS.filter((x) => only.includes(x))) {
       const s = await startBare(join(run, `step-${step}`), file, step, { step, storeRoot: fx.storeRoot, keyFile: join(run, `agent-${values.steps}`, "key.sec") });
       // Each step must answer as the agent does, or its figures say nothing about the agent.
       const got = await recordResponses(s.baseUrl, hitPaths, missPaths[1]!);

@@ -1,8 +1,10 @@
 // How long a new client waits while another holds every connection slot with idle keep-alive
 // sockets. Starts an agent (no store needed for /health), opens N idle sockets to it, then times
-// fresh GET /health requests. Loopback only; bounded in count and time.
+// fresh GET /health requests. Loopback only; bounded in count and time. With --path
+// /nix-cache-info the idle sockets' one request is one the HTTP fast path answers
+// (agent/http/fast-path.ts), so they stay on it; /health hands them to node:http.
 //
-//   node dist/bench/idle-sockets.js [--sockets 4200] [--tries 5]
+//   node dist/bench/idle-sockets.js [--sockets 4200] [--tries 5] [--path /health]
 import { execFileSync } from "node:child_process";
 import { get } from "node:http";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -12,12 +14,14 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { startAgentProcess } from "../test/helpers/agent.js";
 
-const { values } = parseArgs({ options: { sockets: { type: "string", default: "4200" }, tries: { type: "string", default: "5" } } });
+const { values } = parseArgs({
+  options: { sockets: { type: "string", default: "4200" }, tries: { type: "string", default: "5" }, path: { type: "string", default: "/health" } },
+});
 const SOCKETS = Number(values.sockets);
 
 function idle(port: number): Promise<Socket> {
   return new Promise((resolve) => {
-    const s = connect(port, "127.0.0.1", () => s.write("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    const s = connect(port, "127.0.0.1", () => s.write(`GET ${values.path} HTTP/1.1\r\nHost: x\r\n\r\n`));
     s.once("data", () => resolve(s)); // answered: now an idle keep-alive socket
     s.once("close", () => resolve(s)); // refused
     s.on("error", () => {});

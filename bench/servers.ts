@@ -170,7 +170,7 @@ export async function startBare(dir: string, responses: string, name = "bare", s
   const stop = () => stopChild(child, "SIGTERM");
   onCleanup(stop);
   // The recorded answers have no nix-cache-info (a 404); the agent's HTTP layer has one.
-  const recordedOnly = !step || step.step === "bare" || step.step === "options";
+  const recordedOnly = !step || step.step === "bare" || step.step === "net" || step.step === "options";
   await waitReady(child, `http://127.0.0.1:${port}/nix-cache-info`, logFile, 10_000, recordedOnly ? 404 : 200);
   return { name, baseUrl: `http://127.0.0.1:${port}`, pid: child.pid ?? 0, child, logFile, stop };
 }

@@ -15,6 +15,7 @@ import { HttpError, send, sendError } from "./respond.js";
 import type { Logger } from "../log.js";
 import type { AgentMetrics, Outcome } from "../metrics.js";
 import { drainOrClose } from "../drain.js";
+import type { Reply } from "./fast-path.js";
 
 export interface CacheContext {
   /** Where narinfo and NAR requests are answered from. */
@@ -40,11 +41,18 @@ export interface CacheContext {
 // (about 5 µs of CPU a request here, a sixth of a bare node:http answer; BENCHMARKS.md).
 // An ASCII body (every narinfo Nix writes) goes out as "latin1": the same bytes, copied as they
 // are, where "utf8" has Node convert them.
-const rendered = new WeakMap<PathInfo, { body: string; head: readonly string[]; encoding: BufferEncoding }>();
+// The same Reply objects serve node:http (res.writeHead and res.end) and the fast path
+// (fast-path.ts), so both send the same status, headers and body.
+const rendered = new WeakMap<PathInfo, Reply>();
 
 const NOT_FOUND_HEADERS = { "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store" };
 const NOT_FOUND_BODY = "not found\n";
-const NOT_FOUND_HEAD = Object.freeze(flat({ ...NOT_FOUND_HEADERS, "Content-Length": String(Buffer.byteLength(NOT_FOUND_BODY)) }));
+const NOT_FOUND: Reply = Object.freeze({
+  status: 404,
+  head: Object.freeze(flat({ ...NOT_FOUND_HEADERS, "Content-Length": String(Buffer.byteLength(NOT_FOUND_BODY)) })),
+  body: NOT_FOUND_BODY,
+  encoding: "latin1", // ASCII
+});
 
 /** Headers as res.writeHead takes them fastest: names and values, flat. */
 function flat(headers: Record<string, string>): string[] {
@@ -53,6 +61,12 @@ function flat(headers: Record<string, string>): string[] {
 
 export function handleCacheInfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse): void {
   send(req, res, 200, nixCacheInfo(ctx.priority), { "Content-Type": "text/x-nix-cache-info" });
+}
+
+/** handleCacheInfo's answer as a Reply, for the fast path. */
+export function cacheInfoReply(priority: number): Reply {
+  const body = nixCacheInfo(priority);
+  return { status: 200, head: flat({ "Content-Type": "text/x-nix-cache-info", "Content-Length": String(Buffer.byteLength(body)) }), body, encoding: bodyEncoding(body) };
 }
 
 /**
@@ -72,24 +86,42 @@ export function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: Serv
 }
 
 function answerNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string, info: PathInfo | undefined): Outcome {
-  if (!info) {
-    res.writeHead(404, NOT_FOUND_HEAD as string[]);
-    if (req.method === "HEAD") res.end();
-    else res.end(NOT_FOUND_BODY, "latin1"); // ASCII
-    return "miss";
+  const answer = narinfoReply(hashPart, info);
+  res.writeHead(answer.status, answer.head as string[]);
+  if (req.method === "HEAD") res.end();
+  else res.end(answer.body, answer.encoding);
+  return narinfoOutcome(ctx, info);
+}
+
+/**
+ * For the fast path: the store's answer for a narinfo request when it needs no waiting, else
+ * NOT_NOW (also for an invalid hash part or a store that failed: node:http's route answers those).
+ */
+export function narinfoNow(ctx: CacheContext, hashPart: string): PathInfo | undefined | typeof NOT_NOW {
+  if (!ctx.source.pathInfoNow || !isValidHashPart(hashPart)) return NOT_NOW;
+  try {
+    return ctx.source.pathInfoNow(hashPart);
+  } catch {
+    return NOT_NOW;
   }
+}
+
+/** The narinfo answer for `info` (the 404 when there is none), rendered once per PathInfo. */
+export function narinfoReply(hashPart: string, info: PathInfo | undefined): Reply {
+  if (!info) return NOT_FOUND;
   let answer = rendered.get(info);
   if (!answer) {
     const body = renderNarinfo(info, narUrl(hashPart, info.narHash));
     // Short-lived: a garbage-collected path must not linger in an intermediate cache.
     const head = flat({ "Content-Type": "text/x-nix-narinfo", "Cache-Control": "max-age=60", "Content-Length": String(Buffer.byteLength(body)) });
-    answer = { body, head: Object.freeze(head), encoding: bodyEncoding(body) };
+    answer = { status: 200, body, head: Object.freeze(head), encoding: bodyEncoding(body) };
     rendered.set(info, answer);
   }
-  res.writeHead(200, answer.head as string[]);
-  if (req.method === "HEAD") res.end();
-  else res.end(answer.body, answer.encoding);
-  return ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
+  return answer;
+}
+
+export function narinfoOutcome(ctx: CacheContext, info: PathInfo | undefined): Outcome {
+  return !info ? "miss" : ctx.fromPeer?.(info) ? "hit_peer" : "hit_local";
 }
 
 /** "latin1" when every character is ASCII (then its bytes are the UTF-8 ones), else "utf8". */

@@ -11,12 +11,19 @@ import type { Socket } from "node:net";
 const BUSY = Symbol("requests in progress");
 type Tracked = Socket & { [BUSY]?: number };
 
-/**
- * Installs the cap on `server`. Returns the function that marks a request in progress: the
- * server's own request listener calls it first thing (one listener a request instead of two:
- * each extra one costs an emit with its listener array copied, per request).
- */
-export function limitConnections(server: Server, limit: number): (req: IncomingMessage, res: ServerResponse) => void {
+export interface ConnectionLimiter {
+  /**
+   * Marks a request in progress: the server's own request listener calls it first thing (one
+   * listener a request instead of two: each extra one costs an emit with its listener array
+   * copied, per request).
+   */
+  track(req: IncomingMessage, res: ServerResponse): void;
+  /** A socket just answered without a request object (the fast path): now the most recently idle. */
+  touch(socket: Socket): void;
+}
+
+/** Installs the cap on `server` (its "connection" listener: install it before the fast path's). */
+export function limitConnections(server: Server, limit: number): ConnectionLimiter {
   const live = new Set<Socket>();
   // Sockets with no request in progress, longest idle first (a Set keeps insertion order).
   const idle = new Set<Socket>();
@@ -51,11 +58,17 @@ export function limitConnections(server: Server, limit: number): (req: IncomingM
     if (n === 0 && !socket.destroyed) idle.add(socket);
   }
 
-  return (req: IncomingMessage, res: ServerResponse): void => {
-    const socket = req.socket as Tracked;
-    const n = (socket[BUSY] ?? 0) + 1;
-    socket[BUSY] = n;
-    if (n === 1) idle.delete(socket);
-    res.on("close", answered); // emitted once (Node guards it); on() spares once()'s wrapper
+  return {
+    track(req: IncomingMessage, res: ServerResponse): void {
+      const socket = req.socket as Tracked;
+      const n = (socket[BUSY] ?? 0) + 1;
+      socket[BUSY] = n;
+      if (n === 1) idle.delete(socket);
+      res.on("close", answered); // emitted once (Node guards it); on() spares once()'s wrapper
+    },
+    touch(socket: Socket): void {
+      // Fast-path answers are written whole at once: such a socket is never busy, only idle for less time.
+      if (idle.delete(socket)) idle.add(socket);
+    },
   };
 }

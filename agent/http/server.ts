@@ -2,7 +2,9 @@
 // Every request is hostile until validated; a client's mistake gets a 4xx and the agent lives on.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { VERSION } from "../version.js";
-import { handleCacheInfo, handleNar, handleNarinfo, type CacheContext } from "./cache-routes.js";
+import { cacheInfoReply, handleCacheInfo, handleNar, handleNarinfo, narinfoNow, narinfoOutcome, narinfoReply, type CacheContext } from "./cache-routes.js";
+import { installFastPath, type FastAnswer } from "./fast-path.js";
+import { NOT_NOW } from "../source.js";
 import type { Outcome, Route } from "../metrics.js";
 import { handleMetrics, handleStatus, requireLoopback } from "./admin-routes.js";
 import { limitConnections } from "./connections.js";
@@ -17,29 +19,61 @@ const MAX_CONNECTIONS = 4096;
 export interface HttpServerOptions {
   /** Open connections allowed (default 4096); tests use fewer. */
   maxConnections?: number;
+  /** The fast path for narinfo and nix-cache-info requests (fast-path.ts); default on. Off: node:http answers everything. */
+  fastPath?: boolean;
+  /** Tests only: shorter timeouts (ms) than the agent's. */
+  timeouts?: { headers: number; keepAlive: number; checkInterval: number };
 }
 
 export function createHttpServer(ctx: CacheContext, opts: HttpServerOptions = {}): Server {
-  return createListener((req, res) => route(ctx, req, res), opts);
+  return createListener((req, res) => route(ctx, req, res), opts, opts.fastPath === false ? undefined : fastAnswer(ctx));
+}
+
+/**
+ * The requests the fast path answers itself: narinfo lookups the source can answer without
+ * waiting (as handleNarinfo does, with the same Reply objects and metrics) and nix-cache-info.
+ * Everything else, and the connection with it, goes to node:http and route().
+ */
+function fastAnswer(ctx: CacheContext): FastAnswer {
+  const cacheInfo = cacheInfoReply(ctx.priority);
+  return (method, target) => {
+    // "/" + 32 characters of hash part + ".narinfo"
+    if (target.length === 41 && target.endsWith(".narinfo")) {
+      const start = ctx.metrics ? performance.now() : 0;
+      const hashPart = target.slice(1, 33);
+      const info = narinfoNow(ctx, hashPart);
+      if (info === NOT_NOW) return undefined;
+      ctx.metrics?.request("narinfo", method, narinfoOutcome(ctx, info), start);
+      return narinfoReply(hashPart, info);
+    }
+    if (target === "/nix-cache-info") {
+      ctx.metrics?.request("nix-cache-info", method, "ok", ctx.metrics ? performance.now() : 0);
+      return cacheInfo;
+    }
+    return undefined;
+  };
 }
 
 /**
  * The agent's node:http server (limits, timeouts, connection cap, half-open and malformed-request
  * handling) around `answer`; bench/bare-narinfo.ts measures it with a fixed answer.
  */
-export function createListener(answer: (req: IncomingMessage, res: ServerResponse) => void, opts: HttpServerOptions = {}): Server {
+export function createListener(answer: (req: IncomingMessage, res: ServerResponse) => void, opts: HttpServerOptions = {}, fast?: FastAnswer): Server {
+  const t = opts.timeouts;
   const server = createServer({
     maxHeaderSize: MAX_HEADER_BYTES, // larger headers are answered 431 by Node itself
-    requestTimeout: 30_000, // time to receive a whole request, not to send a response
-    headersTimeout: 20_000,
-    keepAliveTimeout: 30_000,
+    requestTimeout: t ? t.headers : 30_000, // time to receive a whole request, not to send a response
+    headersTimeout: t ? t.headers : 20_000,
+    keepAliveTimeout: t ? t.keepAlive : 30_000,
+    ...(t && { connectionsCheckingInterval: t.checkInterval, keepAliveTimeoutBuffer: 0 }),
   });
-  const track = limitConnections(server, opts.maxConnections ?? MAX_CONNECTIONS);
+  const limiter = limitConnections(server, opts.maxConnections ?? MAX_CONNECTIONS);
   // The only request listener: the limiter's bookkeeping, then the answer.
   server.on("request", (req: IncomingMessage, res: ServerResponse) => {
-    track(req, res);
+    limiter.track(req, res);
     answer(req, res);
   });
+  if (fast) installFastPath(server, fast, limiter.touch);
   // A client may send its request and then close its side (FIN, as `nc -N` or a shutdown()
   // after writing do). Node otherwise ends the socket at that FIN, dropping every answer not yet
   // written, which is every answer that waits on the store. With this it answers what was

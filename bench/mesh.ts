@@ -40,6 +40,8 @@ export interface MeshResult {
    */
   copyWindowsUs: [number, number][];
   fastest: number;
+  /** A's and B's agent processes (a CPU profile's file name carries its process's). */
+  pids: [number, number];
   /** V8's collections in the fastest agent copy, A's and B's, when the agents run with --trace-gc (FLEETCACHE_TEST_NODE_ARGS). */
   gc?: { holder: GcCount; requester: GcCount };
 }
@@ -236,7 +238,7 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
     return {
       paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb,
-      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t, perNarMs, bulk, pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest,
+      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t, perNarMs, bulk, pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
       ...(traceGc && { gc: { holder: agentGc[fastest]![0], requester: agentGc[fastest]![1] } }),
     };
   } finally {

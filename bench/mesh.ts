@@ -234,7 +234,11 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
     const [from, to] = spans[fastest]!;
     const t = timeline(B.agent!.logs(), from, to);
-    if (process.env.MESH_BENCH_B_LOG) writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs()); // B's agent's log, for a closer look
+    if (process.env.MESH_BENCH_B_LOG) {
+      // B's agent's log, for a closer look (and its --trace-gc lines, if any)
+      writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs());
+      if (traceGc) writeFileSync(`${process.env.MESH_BENCH_B_LOG}.gc`, B.agent!.stdout());
+    }
     log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
     return {
       paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb,

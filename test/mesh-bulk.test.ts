@@ -18,7 +18,7 @@ import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { openNar, serveNar } from "../agent/mesh/nar-service.js";
 import { NarCompression, type CompressionMode } from "../agent/mesh/nar-compression.js";
 import { BULK_INBOUND_PER_HOST, BulkListener, BulkTicketExpired } from "../agent/mesh/bulk-listener.js";
-import { BULK_MIN_BYTES, BulkRoutes, connectBulk } from "../agent/mesh/bulk-client.js";
+import { BULK_GATHER_BYTES, BULK_MIN_BYTES, BulkRoutes, bulkChunks, connectBulk } from "../agent/mesh/bulk-client.js";
 import { Mesh } from "../agent/mesh/mesh.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
@@ -85,6 +85,35 @@ for (const mode of ["off", "zstd"] as const) {
     assert.equal(routes.fallbacks, 0);
   });
 }
+
+test("a body on the bulk port is handed on in whole pooled megabytes, not in TLS's 16 KiB pieces", async (t) => {
+  if (!(await needNix(t))) return;
+  const { b, peer, compression } = await pair({ holderBulk: true });
+  const req = { hashPart: storePathHashPart(fx!.path), narHash: fx!.narHash, offset: 0, narSize: fx!.narSize };
+  const parts: Uint8Array[] = [];
+  for await (const c of await openNar(b, peer, req, { compression, bulk: new BulkRoutes() })) parts.push(c);
+  assert.ok(Buffer.concat(parts).equals(await nixDump()), "the bytes are Nix's NAR");
+  // Each piece costs a trip through every step to the HTTP response, and each held one is garbage later.
+  assert.equal(parts.length, Math.ceil(fx!.narSize / BULK_GATHER_BYTES), `${parts.length} chunks for ${fx!.narSize} bytes`);
+  for (const c of parts.slice(0, -1)) assert.equal(c.length, BULK_GATHER_BYTES);
+});
+
+test("bytes that trickle in on a bulk connection go on before a buffer fills, and a short body fails", async (t) => {
+  const bulk = await BulkListener.start("127.0.0.1", 0, log);
+  t.after(() => bulk.close());
+  const ticket = bulk.issue();
+  const client = await connectBulk("127.0.0.1", bulk.port, ticket.ticket, ticket.key, 3000);
+  const server = await ticket.connection;
+  t.after(() => server.destroy());
+  const it = bulkChunks(client, 1000)[Symbol.asyncIterator]();
+  server.write(Buffer.from("first bytes"));
+  // The holder sends nothing more until these arrived: a reader waiting for a full buffer would wait for ever.
+  const first = await it.next();
+  assert.equal(Buffer.from(first.value!).toString(), "first bytes");
+  server.end(Buffer.from("and the last"));
+  assert.equal(Buffer.from((await it.next()).value!).toString(), "and the last");
+  await assert.rejects(it.next(), /ended after 23 of 1000 bytes/);
+});
 
 test("bulk is offered only where it pays: bodies of a MiB or more, to a holder whose port was reachable", () => {
   const routes = new BulkRoutes(1000);

@@ -122,6 +122,16 @@ test("bytes that trickle in on a bulk connection go on before a buffer fills, an
   await assert.rejects(it.next(), /ended after 23 of 1000 bytes/);
 });
 
+test("a bulk body that came whole before anyone read it is still all there", { timeout: 30_000 }, async (t) => {
+  const { server, client, body } = await bulkPair(t);
+  const data = randomBytes(300_000);
+  server.end(data);
+  await new Promise((r) => client.once("end", r)); // the end came and went with no reader
+  const parts: Uint8Array[] = [];
+  for await (const c of body.chunks(client, data.length)) parts.push(Buffer.from(c));
+  assert.ok(Buffer.concat(parts).equals(data));
+});
+
 test("a bulk body read slower than it arrives: the socket stops and starts again, and every byte comes in order", async (t) => {
   const { server, client, body } = await bulkPair(t);
   const data = randomBytes(12 << 20);

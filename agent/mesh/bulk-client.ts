@@ -233,6 +233,9 @@ export class BulkBody {
     socket.once("end", onEnd);
     socket.on("error", onError);
     socket.once("close", onClose);
+    // What happened before we listened (the body may have come whole before the first next()).
+    if (socket.readableEnded) onEnd();
+    else if (socket.destroyed) onError(socket.errored ?? new Error("bulk connection closed before its end"));
     let n = 0;
     try {
       for (;;) {

@@ -3,11 +3,12 @@
 // once from nginx on A serving the same closure as a static cache. Hosts are network namespaces
 // on a private bridge (test/helpers), so the bytes cross a (virtual) network in both cases.
 import { randomBytes } from "node:crypto";
-import { mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { parseArgs } from "node:util";
 import { createFleet, eventually, P2P_PORT, type Fleet } from "../test/helpers/fleet.js";
 import { addToStore, NIX_FLAGS, pathInfo, run } from "../test/helpers/nix.js";
-import { descendants, readStatus, treeCpuSeconds } from "./load.js";
+import { descendants, pinTree, readStatus, treeCpuSeconds } from "./load.js";
 
 export interface MeshResult {
   paths: number;
@@ -25,7 +26,36 @@ export interface MeshResult {
   agentPeakRssMiB: [number, number];
   /** Where the fastest agent copy's wall time went, from B's per-NAR timing lines. */
   timeline?: Timeline;
+  /** CPU ms per NAR in the fastest copies: A's and B's agents, and Nix (through the agents; from nginx). */
+  perNarMs: { holder: number; requester: number; nixAgents: number; nixNginx: number };
+  /** NAR bodies on the bulk port in the whole case: sent by A, taken by B, fallbacks to the stream. */
+  bulk: { sent: number; received: number; fallbacks: number };
+  /** pinned: host A (its agent, nginx) on CPU 1, host B (its agent, Nix) on CPU 0. */
+  pinned: boolean;
+  /** 1-minute load average before and after the case. */
+  load: [number, number];
+  /**
+   * Each agent copy's start and end on the monotonic clock in µs, as V8's CPU profiles count
+   * time (profile-summary.js --from/--to takes them), in the order run; fastest is its index.
+   */
+  copyWindowsUs: [number, number][];
+  fastest: number;
+  /** A's and B's agent processes (a CPU profile's file name carries its process's). */
+  pids: [number, number];
+  /** V8's collections in the fastest agent copy, A's and B's, when the agents run with --trace-gc (FLEETCACHE_TEST_NODE_ARGS). */
+  gc?: { holder: GcCount; requester: GcCount };
 }
+
+export interface GcCount {
+  scavenges: number;
+  markCompacts: number;
+}
+
+/** Counts --trace-gc's lines ("Scavenge", "Mark-Compact"; also "Mark-Compact (reduce)"). */
+function gcCount(traceGc: string): GcCount {
+  return { scavenges: traceGc.match(/: Scavenge/g)?.length ?? 0, markCompacts: traceGc.match(/: Mark-Compact/g)?.length ?? 0 };
+}
+const minus = (a: GcCount, b: GcCount): GcCount => ({ scavenges: a.scavenges - b.scavenges, markCompacts: a.markCompacts - b.markCompacts });
 
 /**
  * B's peer NARs in one copy: each is fetched from A (and verified) and then sent to Nix, in
@@ -79,10 +109,25 @@ function peakRssMiB(pid: number): number {
 
 const NGINX_PORT = 8080;
 
-/** Runs the case: `mib` MiB of content in `count` paths (plus a small path referencing them all). */
-export async function meshCase(opts: { mib?: number; count?: number; log?: (s: string) => void } = {}): Promise<MeshResult> {
+/** CPU seconds of this process's children that have ended and been waited for (cutime + cstime): the Nix copies. */
+function waitedChildrenCpuSeconds(): number {
+  const stat = readFileSync("/proc/self/stat", "utf8");
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(f[13]) + Number(f[14])) / 100; // USER_HZ
+}
+
+const loadAverage = () => Number(readFileSync("/proc/loadavg", "utf8").split(" ")[0]);
+
+/**
+ * Runs the case: `mib` MiB of content in `count` paths (plus a small path referencing them all).
+ * `pin`: host A's processes (its agent, nginx) on CPU 1 and host B's (its agent, Nix) on CPU 0,
+ * as two hosts would have a CPU each, instead of all of them sharing both CPUs.
+ */
+export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; log?: (s: string) => void } = {}): Promise<MeshResult> {
   const mib = opts.mib ?? 400;
   const count = opts.count ?? 40;
+  const pin = opts.pin ?? false;
+  const load0 = loadAverage();
   const log = opts.log ?? (() => {});
   const fleet: Fleet = await createFleet(["bench-a", "bench-b"]);
   let nginx: { kill(): boolean } | undefined;
@@ -113,37 +158,59 @@ events { worker_connections 768; }
 http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
   server { listen ${A.net.ip}:${NGINX_PORT}; root ${cache}; } }
 `);
-    nginx = A.net.spawn("nginx", ["-c", conf, "-e", `${A.dir}/nginx.err`], { stdio: "ignore" });
+    nginx = pin ? A.net.spawn("taskset", ["-c", "1", "nginx", "-c", conf, "-e", `${A.dir}/nginx.err`], { stdio: "ignore" }) : A.net.spawn("nginx", ["-c", conf, "-e", `${A.dir}/nginx.err`], { stdio: "ignore" });
 
-    await A.start(["--p2p-listen", `0.0.0.0:${P2P_PORT}`]);
-    await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`]);
+    // --trace-gc's lines are C stdio, block-buffered on a pipe: line-buffered, so counts between copies are exact.
+    const traceGc = (process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").includes("--trace-gc");
+    const env = traceGc ? { LD_PRELOAD: "/usr/libexec/coreutils/libstdbuf.so", _STDBUF_O: "L" } : {};
+    await A.start(["--p2p-listen", `0.0.0.0:${P2P_PORT}`], undefined, env);
+    await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`], undefined, env);
     const aPaths = (await A.status()).self.paths;
     await eventually("B has A's summary", async () => (await B.status()).peers.find((p) => p.connected)?.pathCount === aPaths, 30_000);
     await eventually("nginx answers", async () => (await B.exec("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", `http://${A.net.ip}:${NGINX_PORT}/nix-cache-info`])) === "200", 10_000);
+    if (pin) {
+      // nginx's workers were forked under taskset; the agents (and their threads) are moved now.
+      await pinTree(A.agent!.child.pid!, "1");
+      await pinTree(B.agent!.child.pid!, "0");
+    }
 
     const spans: [number, number][] = []; // each agent copy's start and end, epoch ms
+    const windows: [number, number][] = []; // the same on the monotonic clock, µs
+    const nixCpu: number[] = []; // Nix's CPU seconds in each copy, in order
     const copy = async (from: string, dest: string, sigs: string[]): Promise<number> => {
       const t0 = process.hrtime.bigint();
       const start = Date.now();
+      const c0 = waitedChildrenCpuSeconds();
       // A fresh narinfo cache each time: Nix looks the closure up as a host deploying it for the
       // first time does (with its 30-day positive cache, a second copy would skip the lookups).
       const cacheHome = `${dest}-xdg-cache`;
-      await B.exec("env", [`XDG_CACHE_HOME=${cacheHome}`, "nix", ...NIX_FLAGS, "copy", "--from", from, "--to", dest, "--option", "narinfo-cache-negative-ttl", "0", ...sigs, ...paths]);
+      const nixCopy = ["env", `XDG_CACHE_HOME=${cacheHome}`, "nix", ...NIX_FLAGS, "copy", "--from", from, "--to", dest, "--option", "narinfo-cache-negative-ttl", "0", ...sigs, ...paths];
+      await (pin ? B.exec("taskset", ["-c", "0", ...nixCopy]) : B.exec(nixCopy[0]!, nixCopy.slice(1)));
+      const t1 = process.hrtime.bigint();
+      nixCpu.push(waitedChildrenCpuSeconds() - c0);
       rmSync(cacheHome, { recursive: true, force: true });
-      if (from === B.agent!.url) spans.push([start, Date.now()]);
-      return Number(process.hrtime.bigint() - t0) / 1e9;
+      if (from === B.agent!.url) {
+        spans.push([start, Date.now()]);
+        windows.push([Number(t0 / 1000n), Number(t1 / 1000n)]);
+      }
+      return Number(t1 - t0) / 1e9;
     };
     // Alternate, twice each, and keep the faster of each (the first may pay for cold caches).
     const agentRuns: number[] = [];
     const agentCpu: [number, number][] = [];
     const nginxRuns: number[] = [];
     const agentsCpu = (): [number, number] => [treeCpuSeconds(A.agent!.child.pid!), treeCpuSeconds(B.agent!.child.pid!)];
+    const gcs = (): [GcCount, GcCount] => [gcCount(A.agent!.stdout()), gcCount(B.agent!.stdout())];
+    const agentGc: [GcCount, GcCount][] = [];
     for (let round = 0; round < 2; round++) {
       const trust = ["--option", "trusted-public-keys", fleet.trustedKeys.join(" "), "--option", "require-sigs", "true"];
       const [a0, b0] = agentsCpu();
+      const [ga0, gb0] = gcs();
       agentRuns.push(await copy(B.agent!.url, join(B.dir, `dest-agent-${round}`), trust));
       const [a1, b1] = agentsCpu();
+      const [ga1, gb1] = gcs();
       agentCpu.push([a1 - a0, b1 - b0]);
+      agentGc.push([minus(ga1, ga0), minus(gb1, gb0)]);
       log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${(a1 - a0).toFixed(2)} s (A) + ${(b1 - b0).toFixed(2)} s (B)`);
       // The static cache holds unsigned paths (they were added, not built by a signer).
       nginxRuns.push(await copy(`http://${A.net.ip}:${NGINX_PORT}`, join(B.dir, `dest-nginx-${round}`), ["--option", "require-sigs", "false"]));
@@ -153,23 +220,40 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     }
     const agentSeconds = Math.min(...agentRuns);
     const nginxSeconds = Math.min(...nginxRuns);
-    const [holderCpu, requesterCpu] = agentCpu[agentRuns.indexOf(agentSeconds)]!;
+    const fastest = agentRuns.indexOf(agentSeconds);
+    const [holderCpu, requesterCpu] = agentCpu[fastest]!;
+    // Copies ran agents, nginx, agents, nginx: Nix's CPU in the fastest of each kind.
+    const nixAgents = nixCpu[2 * fastest]!;
+    const nixNginx = nixCpu[2 * nginxRuns.indexOf(nginxSeconds) + 1]!;
+    const [sa, sb] = [(await A.status()).counters, (await B.status()).counters];
+    const bulk = { sent: sa.bulkNarsSent ?? 0, received: sb.bulkNarsReceived ?? 0, fallbacks: sb.bulkFallbacks ?? 0 };
+    const perNarMs = { holder: (holderCpu / count) * 1e3, requester: (requesterCpu / count) * 1e3, nixAgents: (nixAgents / count) * 1e3, nixNginx: (nixNginx / count) * 1e3 };
+    log(`mesh: CPU ms per NAR: A ${perNarMs.holder.toFixed(1)}, B ${perNarMs.requester.toFixed(1)}, Nix ${perNarMs.nixAgents.toFixed(1)} (through the agents) / ${perNarMs.nixNginx.toFixed(1)} (from nginx); bulk bodies sent ${bulk.sent}, received ${bulk.received}, fallbacks ${bulk.fallbacks}`);
     const gb = narBytes / 1e9;
     const agentCpuPerGb = (holderCpu + requesterCpu) / gb;
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
-    const [from, to] = spans[agentRuns.indexOf(agentSeconds)]!;
+    const [from, to] = spans[fastest]!;
     const t = timeline(B.agent!.logs(), from, to);
-    if (process.env.MESH_BENCH_B_LOG) writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs()); // B's agent's log, for a closer look
+    if (process.env.MESH_BENCH_B_LOG) {
+      // B's agent's log, for a closer look (and its --trace-gc lines, if any)
+      writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs());
+      if (traceGc) writeFileSync(`${process.env.MESH_BENCH_B_LOG}.gc`, B.agent!.stdout());
+    }
     log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
-    return { paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb, ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t };
+    return {
+      paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb,
+      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t, perNarMs, bulk, pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
+      ...(traceGc && { gc: { holder: agentGc[fastest]![0], requester: agentGc[fastest]![1] } }),
+    };
   } finally {
     nginx?.kill();
     await fleet.destroy();
   }
 }
 
-// Standalone: `node dist/bench/mesh.js [MiB]`.
+// Standalone: `node dist/bench/mesh.js [MiB] [--count PATHS] [--pin]`.
 if (process.argv[1]?.endsWith("bench/mesh.js")) {
-  const r = await meshCase({ mib: Number(process.argv[2] ?? 400), log: (s) => console.error(s) });
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false } } });
+  const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, log: (s) => console.error(s) });
   console.log(JSON.stringify(r));
 }

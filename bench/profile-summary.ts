@@ -1,7 +1,10 @@
 // Summarizes a V8 .cpuprofile (from `npm run bench -- --agent-cpu-prof DIR`): the functions with
 // the most self time, and the most inclusive time, so a profile can be read without DevTools.
-// Usage: node dist/bench/profile-summary.js FILE.cpuprofile [TOP]
+// Usage: node dist/bench/profile-summary.js FILE.cpuprofile [TOP] [--from US --to US]
+// --from/--to keep the samples taken in that window of the monotonic clock, in µs (V8 stamps
+// samples with it; bench/mesh.js prints each copy's window as copyWindowsUs).
 import { readFileSync } from "node:fs";
+import { parseArgs } from "node:util";
 
 interface ProfileNode {
   id: number;
@@ -26,20 +29,26 @@ function label(n: ProfileNode): string {
 }
 
 function main(): void {
-  const [file, topText] = process.argv.slice(2);
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { from: { type: "string" }, to: { type: "string" } } });
+  const [file, topText] = positionals;
   if (!file) {
-    console.error("usage: profile-summary FILE.cpuprofile [TOP]");
+    console.error("usage: profile-summary FILE.cpuprofile [TOP] [--from US --to US]");
     process.exit(2);
   }
   const top = Number(topText ?? 25);
+  const from = Number(values.from ?? -Infinity);
+  const to = Number(values.to ?? Infinity);
   const p = JSON.parse(readFileSync(file, "utf8")) as Profile;
   const byId = new Map(p.nodes.map((n) => [n.id, n]));
   // Self time per node from samples and their time deltas (µs).
   const selfUs = new Map<number, number>();
   const samples = p.samples ?? [];
   const deltas = p.timeDeltas ?? [];
+  let at = p.startTime;
   for (let i = 0; i < samples.length; i++) {
     const id = samples[i] as number;
+    at += deltas[i] ?? 0; // this sample's time stamp
+    if (at < from || at > to) continue;
     const dt = deltas[i + 1] ?? deltas[i] ?? 0;
     selfUs.set(id, (selfUs.get(id) ?? 0) + dt);
   }

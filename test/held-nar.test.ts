@@ -4,7 +4,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { HeldNar } from "../agent/mesh/held-nar.js";
+import { BufferPool } from "../agent/buffer-pool.js";
 
 /** Spool files this process has open (unlinked: no other way to see them). */
 function openSpools(): number {
@@ -33,6 +35,33 @@ test("spooling: nothing flows while held, everything comes back in order, and th
   assert.equal(openSpools(), 1, "past the memory limit, a spool file");
   assert.ok((await all(held.drain())).equals(data));
   assert.equal(openSpools(), 0, "closed after the drain");
+});
+
+test("pooled chunks go back to the pool once in the spool file, and the file is read back into pooled buffers", async (t) => {
+  const pool = new BufferPool(64 << 20);
+  const data = randomBytes(12 << 20);
+  const held = new HeldNar(1 << 20, true, tmpdir(), pool);
+  t.after(() => held.discard()); // its file closed even if an assertion fails first
+  // As a bulk body's chunks come (bulk-client.ts); all taken first, so none is a reused one.
+  const chunks = Array.from({ length: 12 }, (_, i) => {
+    const chunk = pool.acquire(1 << 20);
+    data.copy(chunk, 0, i << 20, (i + 1) << 20);
+    return chunk;
+  });
+  for (const chunk of chunks) await held.push(chunk);
+  // All but the memory's first MiB and the last batch waiting to be written went to the file.
+  assert.equal(pool.freeBytes, 10 << 20, "the chunks written to the file are back in the pool");
+  const out: Buffer[] = [];
+  for await (const b of held.drain()) out.push(b);
+  assert.ok(Buffer.concat(out).equals(data), "everything comes back in order");
+  // As the HTTP response does once it has written them: every one is the pool's (release ignores others).
+  let pooled = 0;
+  for (const b of out) {
+    const free = pool.freeBytes;
+    pool.release(b);
+    if (pool.freeBytes > free) pooled++;
+  }
+  assert.equal(pooled, out.length, "the read-back buffers are the pool's too");
 });
 
 test("a discarded spool (a wrong NAR, a client gone) closes its file", async () => {

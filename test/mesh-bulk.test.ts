@@ -18,7 +18,7 @@ import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { openNar, serveNar } from "../agent/mesh/nar-service.js";
 import { NarCompression, type CompressionMode } from "../agent/mesh/nar-compression.js";
 import { BULK_INBOUND_PER_HOST, BulkListener, BulkTicketExpired } from "../agent/mesh/bulk-listener.js";
-import { BULK_MIN_BYTES, BulkRoutes, connectBulk } from "../agent/mesh/bulk-client.js";
+import { BULK_GATHER_BYTES, BULK_MIN_BYTES, BulkBody, BulkRoutes, connectBulk } from "../agent/mesh/bulk-client.js";
 import { Mesh } from "../agent/mesh/mesh.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
@@ -85,6 +85,64 @@ for (const mode of ["off", "zstd"] as const) {
     assert.equal(routes.fallbacks, 0);
   });
 }
+
+test("a body on the bulk port is handed on in whole pooled megabytes, not in TLS's 16 KiB pieces", async (t) => {
+  if (!(await needNix(t))) return;
+  const { b, peer, compression } = await pair({ holderBulk: true });
+  const req = { hashPart: storePathHashPart(fx!.path), narHash: fx!.narHash, offset: 0, narSize: fx!.narSize };
+  const parts: Uint8Array[] = [];
+  for await (const c of await openNar(b, peer, req, { compression, bulk: new BulkRoutes() })) parts.push(c);
+  assert.ok(Buffer.concat(parts).equals(await nixDump()), "the bytes are Nix's NAR");
+  // Each piece costs a trip through every step to the HTTP response, and each held one is garbage later.
+  assert.equal(parts.length, Math.ceil(fx!.narSize / BULK_GATHER_BYTES), `${parts.length} chunks for ${fx!.narSize} bytes`);
+  for (const c of parts.slice(0, -1)) assert.equal(c.length, BULK_GATHER_BYTES);
+});
+
+/** A ticketed bulk connection on 127.0.0.1: the holder's socket, and the requester's with its body. */
+async function bulkPair(t: { after(fn: () => unknown): void }) {
+  const bulk = await BulkListener.start("127.0.0.1", 0, log);
+  t.after(() => bulk.close());
+  const ticket = bulk.issue();
+  const body = new BulkBody();
+  const client = await connectBulk("127.0.0.1", bulk.port, ticket.ticket, ticket.key, 3000, body);
+  const server = await ticket.connection;
+  t.after(() => server.destroy());
+  return { server, client, body };
+}
+
+test("bytes that trickle in on a bulk connection go on before a buffer fills, and a short body fails", async (t) => {
+  const { server, client, body } = await bulkPair(t);
+  const it = body.chunks(client, 1000)[Symbol.asyncIterator]();
+  server.write(Buffer.from("first bytes"));
+  // The holder sends nothing more until these arrived: a reader waiting for a full buffer would wait for ever.
+  const first = await it.next();
+  assert.equal(Buffer.from(first.value!).toString(), "first bytes");
+  server.end(Buffer.from("and the last"));
+  assert.equal(Buffer.from((await it.next()).value!).toString(), "and the last");
+  await assert.rejects(it.next(), /ended after 23 of 1000 bytes/);
+});
+
+test("a bulk body that came whole before anyone read it is still all there", { timeout: 30_000 }, async (t) => {
+  const { server, client, body } = await bulkPair(t);
+  const data = randomBytes(300_000);
+  server.end(data);
+  await new Promise((r) => client.once("end", r)); // the end came and went with no reader
+  const parts: Uint8Array[] = [];
+  for await (const c of body.chunks(client, data.length)) parts.push(Buffer.from(c));
+  assert.ok(Buffer.concat(parts).equals(data));
+});
+
+test("a bulk body read slower than it arrives: the socket stops and starts again, and every byte comes in order", async (t) => {
+  const { server, client, body } = await bulkPair(t);
+  const data = randomBytes(12 << 20);
+  server.end(data);
+  const parts: Uint8Array[] = [];
+  for await (const c of body.chunks(client, data.length)) {
+    parts.push(Buffer.from(c));
+    if (parts.length === 1) await sleep(200); // meanwhile more than the queue's 2 MiB arrive: reading stops
+  }
+  assert.ok(Buffer.concat(parts).equals(data));
+});
 
 test("bulk is offered only where it pays: bodies of a MiB or more, to a holder whose port was reachable", () => {
   const routes = new BulkRoutes(1000);
@@ -193,7 +251,7 @@ test("a bulk port taken by another program: the mesh starts without one, and ser
 /** Tries a TLS connection with this ticket and key; the error, or undefined if it connected (kept open until `done`). */
 async function tryTicket(bulk: BulkListener, ticket: Uint8Array, key: Uint8Array, done?: { after(fn: () => void): void }): Promise<Error | undefined> {
   try {
-    const s = await connectBulk("127.0.0.1", bulk.port, ticket, key, 3000);
+    const s = await connectBulk("127.0.0.1", bulk.port, ticket, key, 3000, new BulkBody());
     done?.after(() => s.destroy());
     return undefined;
   } catch (err) {

@@ -2,10 +2,11 @@
 // holder's bulk port with the ticket it gave us over the mesh, and remembering which holders'
 // bulk ports we could not reach (a firewall or tailnet ACL that opens only the mesh port), so
 // their NARs go on the mesh stream without a wasted attempt each time.
-import { connect, type TLSSocket } from "node:tls";
+import { connect, createSecureContext, type ConnectionOptions, type SecureContext, type TLSSocket } from "node:tls";
 import type { Multiaddr } from "@multiformats/multiaddr";
 import type { MeshNode } from "./node.js";
 import { onLink } from "./on-link.js";
+import { narBuffers, type BufferPool } from "../buffer-pool.js";
 import { BULK_CIPHER, BULK_HANDSHAKE_MS } from "./bulk-listener.js";
 
 /** After a failed bulk connection, a holder's NARs use the mesh stream for this long. */
@@ -83,17 +84,32 @@ export class BulkConnectError extends Error {
   }
 }
 
+/**
+ * One TLS context for every bulk connection: without it Node makes a new one (an OpenSSL SSL_CTX)
+ * per connection, about half a millisecond of CPU per NAR. It holds no key: each connection's PSK
+ * comes from its own callback.
+ */
+let bulkContext: SecureContext | undefined;
+
 /** A TLS 1.3 connection to a holder's bulk port, authenticated by the ticket's PSK alone. */
-export function connectBulk(host: string, port: number, ticket: Uint8Array, key: Uint8Array, timeoutMs: number, signal?: AbortSignal): Promise<TLSSocket> {
+export function connectBulk(host: string, port: number, ticket: Uint8Array, key: Uint8Array, timeoutMs: number, body: BulkBody, signal?: AbortSignal): Promise<TLSSocket> {
   return new Promise((resolve, reject) => {
-    const socket = connect({
+    bulkContext ??= createSecureContext({ minVersion: "TLSv1.3", ciphers: BULK_CIPHER });
+    // allowHalfOpen: tls.connect passes it on to the socket, though @types/node leaves it out.
+    const socket = connect(<ConnectionOptions & { allowHalfOpen: boolean; onread: BulkBody["onread"] }>{
       host,
       port,
+      secureContext: bulkContext,
       minVersion: "TLSv1.3",
       ciphers: BULK_CIPHER,
       pskCallback: () => ({ psk: Buffer.from(key), identity: Buffer.from(ticket).toString("hex") }),
       // No certificate: the PSK, known only to the holder we asked over the mesh, authenticates it.
       checkServerIdentity: () => undefined,
+      // We send nothing, so nothing to close: at the holder's end bulkChunks destroys the socket,
+      // sparing a close_notify and a shutdown per NAR that Node would otherwise send back.
+      allowHalfOpen: true,
+      // The body's bytes go straight into pooled buffers (BulkBody), never into 'data' events.
+      onread: body.onread,
     });
     let reached = false;
     socket.once("connect", () => (reached = true));
@@ -118,15 +134,134 @@ export function connectBulk(host: string, port: number, ticket: Uint8Array, key:
   });
 }
 
+/** A bulk body is handed on in pooled buffers of this size (the size of the store's reads). */
+export const BULK_GATHER_BYTES = 1 << 20;
+/** Gathered bytes wait at most this long for their buffer to fill (a slow link still makes progress). */
+export const BULK_GATHER_MS = 100;
+/** Past this many bytes gathered and not yet taken, the socket stops reading (TCP pushes back on the holder). */
+const BULK_QUEUE_BYTES = 2 * BULK_GATHER_BYTES;
+
 /**
- * The bytes of a bulk connection; throws if it fails or ends before `expected` bytes (Infinity for
- * a compressed body, whose decoder checks its end). Breaking out destroys the socket.
+ * Where a bulk connection's body goes: pooled 1 MiB buffers that Node's TLS decrypts straight into
+ * (the socket's `onread` option), each handed on once full (or at the end). Read the usual way,
+ * TLS hands over 16 KiB pieces (one SSL_read each), each a fresh Buffer and an event, then a trip
+ * through every async step down to the HTTP response, and the held ones were garbage for full
+ * collections (BENCHMARKS.md, "Per-NAR costs at 5 MiB"). The consumer owns the buffers handed on
+ * and gives them back (the HTTP response does, once written). Bytes that wait BULK_GATHER_MS
+ * without filling their buffer go on in a copy of their own size, so a slow link neither looks
+ * stalled nor pins a pooled megabyte per few bytes.
  */
-export async function* bulkChunks(socket: TLSSocket, expected: number): AsyncGenerator<Uint8Array> {
-  let n = 0;
-  for await (const chunk of socket as AsyncIterable<Buffer>) {
-    n += chunk.length;
-    yield chunk;
+export class BulkBody {
+  readonly #queue: Buffer[] = [];
+  #queued = 0;
+  /** The buffer being filled: bytes [#handed, #filled) are not handed on yet. */
+  #cur: Buffer | undefined;
+  #filled = 0;
+  #handed = 0;
+  #timer: NodeJS.Timeout | undefined;
+  #wake: (() => void) | undefined;
+  #ended = false;
+  #failure: Error | undefined;
+  /** The callback said stop: the socket reads nothing until resumed. */
+  #stopped = false;
+
+  constructor(private readonly pool: BufferPool = narBuffers) {}
+
+  /**
+   * For tls.connect: Node asks `buffer` where the next read goes (once at the start, then after
+   * each callback), so the position handed out is never moved back while Node may write there.
+   */
+  readonly onread = {
+    buffer: (): Buffer => {
+      this.#cur ??= this.pool.acquire(BULK_GATHER_BYTES);
+      return this.#cur.subarray(this.#filled);
+    },
+    callback: (n: number): boolean => {
+      this.#filled += n;
+      if (this.#filled === this.#cur!.length) {
+        this.#handOn(this.#cur!.subarray(this.#handed));
+        this.#cur = undefined;
+        this.#filled = this.#handed = 0;
+        clearTimeout(this.#timer);
+        this.#timer = undefined;
+      } else if (this.#timer === undefined) {
+        // Armed by a buffer's first bytes, not per read (a timer per 16 KiB costs more than it saves).
+        this.#timer = setTimeout(() => this.#flushPartial(), BULK_GATHER_MS);
+      }
+      // false: Node stops reading the socket until chunks() has taken enough to resume it.
+      this.#stopped = this.#queued >= BULK_QUEUE_BYTES;
+      return !this.#stopped;
+    },
+  };
+
+  #handOn(chunk: Buffer): void {
+    this.#queue.push(chunk);
+    this.#queued += chunk.length;
+    this.#notify();
   }
-  if (Number.isFinite(expected) && n < expected) throw new Error(`bulk connection ended after ${n} of ${expected} bytes`);
+
+  #notify(): void {
+    const w = this.#wake;
+    this.#wake = undefined;
+    w?.();
+  }
+
+  #flushPartial(): void {
+    this.#timer = undefined;
+    if (this.#filled === this.#handed) return;
+    this.#handOn(Buffer.from(this.#cur!.subarray(this.#handed, this.#filled))); // a copy: the buffer goes on filling
+    this.#handed = this.#filled;
+  }
+
+  /**
+   * The body's bytes; throws if the connection fails or ends before `expected` bytes (Infinity
+   * for a compressed body, whose decoder checks its end). Breaking out destroys the socket.
+   */
+  async *chunks(socket: TLSSocket, expected: number): AsyncGenerator<Uint8Array> {
+    const onEnd = () => {
+      clearTimeout(this.#timer);
+      if (this.#filled > this.#handed) this.#handOn(this.#cur!.subarray(this.#handed, this.#filled));
+      this.#cur = undefined;
+      this.#ended = true;
+      this.#notify();
+    };
+    const onError = (err: Error) => {
+      this.#failure ??= err;
+      this.#notify();
+    };
+    // A reset or a destroy ends without 'end': the body is cut short.
+    const onClose = () => onError(new Error("bulk connection closed before its end"));
+    socket.once("end", onEnd);
+    socket.on("error", onError);
+    socket.once("close", onClose);
+    // What happened before we listened (the body may have come whole before the first next()).
+    if (socket.readableEnded) onEnd();
+    else if (socket.destroyed) onError(socket.errored ?? new Error("bulk connection closed before its end"));
+    let n = 0;
+    try {
+      for (;;) {
+        const chunk = this.#queue.shift();
+        if (chunk) {
+          this.#queued -= chunk.length;
+          if (this.#stopped && this.#queued < BULK_QUEUE_BYTES) {
+            this.#stopped = false;
+            socket.resume(); // starts the reads again
+          }
+          n += chunk.length;
+          yield chunk;
+          continue;
+        }
+        if (this.#ended) break;
+        if (this.#failure) throw this.#failure;
+        await new Promise<void>((resolve) => (this.#wake = resolve));
+      }
+    } finally {
+      clearTimeout(this.#timer);
+      socket.off("end", onEnd);
+      socket.off("error", onError);
+      socket.off("close", onClose);
+      socket.destroy(); // ended already, or abandoned: either way nothing more is read
+    }
+    if (Number.isFinite(expected) && n < expected) throw new Error(`bulk connection ended after ${n} of ${expected} bytes`);
+  }
 }

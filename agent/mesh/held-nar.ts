@@ -5,9 +5,14 @@
 // temporary file (unlinked at once, so it vanishes with the process), read back once verified.
 // A NAR too large to spool (`spool: false`) keeps the old shape instead: everything but the
 // last chunk flows on as it comes, so a wrong one is cut short, never complete.
+//
+// Chunks from the NAR buffer pool (a bulk body's, bulk-client.ts) go back to it once written to
+// the spool file, and the file is read back into pooled buffers (the HTTP response gives those
+// back once written): a fresh megabyte costs its page faults (buffer-pool.ts), a reused one not.
 import { mkdtemp, open, rm, type FileHandle } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { narBuffers, type BufferPool } from "../buffer-pool.js";
 
 /** Reads back from the spool file in pieces of this size. */
 const READ_BYTES = 1 << 20;
@@ -31,6 +36,7 @@ export class HeldNar {
     private readonly memoryBytes: number,
     private readonly spool: boolean,
     private readonly dir = tmpdir(),
+    private readonly pool: BufferPool = narBuffers,
   ) {}
 
   /** Bytes held so far. */
@@ -45,6 +51,8 @@ export class HeldNar {
     const { bytesWritten } = await this.#file.writev(this.#pending, this.#fileBytes);
     this.#fileBytes += bytesWritten;
     if (bytesWritten === this.#pendingBytes) {
+      // In the file now, and read by nobody else (push's rule): pooled ones can be reused.
+      for (const b of this.#pending) this.pool.release(b);
       this.#pending = [];
       this.#pendingBytes = 0;
       return;
@@ -59,7 +67,8 @@ export class HeldNar {
 
   /**
    * Holds `chunk`, as a view: the caller hands it over and never writes into it again (peer NAR
-   * chunks are the receiver's to keep, PeerRequests.nar). Returns what may go to the client
+   * chunks are the receiver's to keep, PeerRequests.nar), and is done reading it before its next
+   * push() (which may write it to the spool file and give it back to the buffer pool). Returns what may go to the client
    * now: nothing when spooling; without a spool, what is beyond the memory limit (all but the last chunk).
    */
   async push(chunk: Uint8Array): Promise<Buffer[]> {
@@ -105,8 +114,8 @@ export class HeldNar {
       this.#memoryBytes = 0;
       for (let i = start; i < memory.length; i++) yield memory[i]!;
       for (let pos = 0; this.#file && pos < this.#fileBytes; ) {
-        const buf = Buffer.allocUnsafe(Math.min(READ_BYTES, this.#fileBytes - pos));
-        const { bytesRead } = await this.#file.read(buf, 0, buf.length, pos);
+        const buf = this.pool.acquire(READ_BYTES);
+        const { bytesRead } = await this.#file.read(buf, 0, Math.min(READ_BYTES, this.#fileBytes - pos), pos);
         if (bytesRead === 0) throw new Error(`spool file ended at ${pos} of ${this.#fileBytes} bytes`);
         pos += bytesRead;
         yield buf.subarray(0, bytesRead);

@@ -35,7 +35,7 @@ import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
 import { CompressedStreamError, type NarCompression } from "./nar-compression.js";
 import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
 import type { BulkListener } from "./bulk-listener.js";
-import { BulkConnectError, bulkChunks, bulkHost, connectBulk, type BulkRoutes } from "./bulk-client.js";
+import { BulkBody, BulkConnectError, bulkHost, connectBulk, type BulkRoutes } from "./bulk-client.js";
 import type { TLSSocket } from "node:tls";
 import { drainOrClose } from "../drain.js";
 
@@ -353,8 +353,9 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   }
   if (header.type === "bulk") {
     let socket: TLSSocket;
+    const received = new BulkBody();
     try {
-      socket = await connectBulk(bulkAt!, header.port, header.ticket, header.key, opts.bulk!.connectMs, opts.signal);
+      socket = await connectBulk(bulkAt!, header.port, header.ticket, header.key, opts.bulk!.connectMs, received, opts.signal);
     } catch (err) {
       stream.abort(new Error("bulk connection failed"));
       if (opts.signal?.aborted) throw new NarFetchError("failed", "aborted", { cause: err });
@@ -381,7 +382,7 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
       socket.destroy(err);
       stream.abort(err);
     };
-    const wire = body(abort, bulkChunks(socket, expected), opts.stallMs ?? NAR_RECEIVE_STALL_MS, done);
+    const wire = body(abort, received.chunks(socket, expected), opts.stallMs ?? NAR_RECEIVE_STALL_MS, done);
     return compression ? decoded(abort, compression.receive(peerId, header.encoding, req.narSize - req.offset, wire)) : wire;
   }
   // We send nothing more; half-closing now lets the stream end fully once the responder is done.

@@ -24,6 +24,8 @@ export interface AgentProcess {
   child: ChildProcess;
   /** Everything the agent logged so far (JSON lines on stderr). */
   logs(): string;
+  /** What it printed on stdout: kept only when FLEETCACHE_TEST_NODE_ARGS has --trace-gc (V8's lines), else "". */
+  stdout(): string;
   stop(): Promise<void>;
 }
 
@@ -46,7 +48,9 @@ export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv =
     env: { ...process.env, FLEETCACHE_LOG_LEVEL: "debug", ...env },
   });
   let stderr = "";
-  child.stdout!.resume();
+  let stdout = "";
+  if (nodeArgs.includes("--trace-gc")) child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+  else child.stdout!.resume();
   const port = await new Promise<number>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`agent did not start in 20 s:\n${stderr}`)), 20_000);
     child.stderr!.on("data", (d: Buffer) => {
@@ -67,6 +71,7 @@ export async function startAgentProcess(args: string[], env: NodeJS.ProcessEnv =
     port,
     child,
     logs: () => stderr,
+    stdout: () => stdout,
     stop: () =>
       new Promise<void>((resolve) => {
         if (child.exitCode !== null) return resolve();

@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdirSync, rmSync } from "node:fs";
+import { connect } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { run } from "./nix.js";
@@ -20,8 +21,14 @@ export class Daemon {
       stdio: "ignore",
       env: { ...process.env, NIX_DAEMON_SOCKET_PATH: this.socket, NIX_CONFIG: "sandbox = false\nsubstituters =" },
     });
-    for (let i = 0; i < 200 && !existsSync(this.socket); i++) await sleep(25);
-    assert.ok(existsSync(this.socket), "nix-daemon made its socket");
+    // Ready once it accepts a connection: the socket file appears at bind(), before listen(), and
+    // a client in between is refused (seen with Nix 2.26 in its chroot under load).
+    let ready = false;
+    for (let i = 0; i < 400 && !ready; i++) {
+      ready = existsSync(this.socket) && (await accepts(this.socket));
+      if (!ready) await sleep(25);
+    }
+    assert.ok(ready, "nix-daemon listens on its socket");
   }
   /** Kills the daemon and the per-connection processes it forked (ours, by their ids). */
   async stop(): Promise<void> {
@@ -41,3 +48,14 @@ export class Daemon {
   }
 }
 
+
+function accepts(socket: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = connect(socket);
+    c.once("connect", () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once("error", () => resolve(false));
+  });
+}

@@ -253,7 +253,15 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
 
 // Standalone: `node dist/bench/mesh.js [MiB] [--count PATHS] [--pin]`.
 if (process.argv[1]?.endsWith("bench/mesh.js")) {
-  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false } } });
-  const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, log: (s) => console.error(s) });
-  console.log(JSON.stringify(r));
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, help: { type: "boolean", default: false } } });
+  if (values.help) {
+    console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin]
+Nix on host B copies PATHS paths (default 40) of MIB MiB in all (default 400), held by host A,
+through B's and A's agents and from nginx on A, in network namespaces (root); prints the figures
+as JSON on stdout, progress on stderr.
+  --pin   host A's processes on CPU 1, host B's and Nix on CPU 0 (two hosts with a core each)`);
+  } else {
+    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, log: (s) => console.error(s) });
+    console.log(JSON.stringify(r));
+  }
 }

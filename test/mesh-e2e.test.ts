@@ -210,8 +210,19 @@ test("a peer killed in the middle of a large NAR: the transfer completes from an
   const out = join(C.dir, "big.nar");
   // A slow download through C, so that A can be killed while it is sending.
   const download = C.exec("curl", ["-sS", "--fail", "--limit-rate", "16M", "-o", out, `${C.agent!.url}/${narinfo.url}`]);
-  await eventually("the download is under way", async () => ((await C.status()).counters.bytesFromPeers ?? 0) > 8 << 20);
-  await A.stop();
+  // C holds a peer NAR until it is verified, so curl's rate limit does not slow A, which sends at
+  // hundreds of MB/s: watch C's count closely and crash A (SIGKILL) as soon as it is sending. (With
+  // a 200 ms poll and a graceful stop, A had sometimes sent all 96 MiB first: no failover.)
+  const before = (await C.status()).counters.bytesFromPeers ?? 0;
+  for (let i = 0; ((await C.status()).counters.bytesFromPeers ?? 0) - before < 4 << 20; i++) {
+    assert.ok(i < 3000, "the download got under way");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  const child = A.agent!.child;
+  const gone = new Promise((r) => child.once("exit", r));
+  child.kill("SIGKILL");
+  await gone;
+  A.agent = undefined;
   await download.catch((e: Error) => {
     throw new Error(`${e.message}\nC's log:\n${C.agent!.logs().split("\n").filter((l) => /NAR|transfer|peer/.test(l)).slice(-15).join("\n")}`);
   });

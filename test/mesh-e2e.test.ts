@@ -218,11 +218,7 @@ test("a peer killed in the middle of a large NAR: the transfer completes from an
     assert.ok(i < 3000, "the download got under way");
     await new Promise((r) => setTimeout(r, 10));
   }
-  const child = A.agent!.child;
-  const gone = new Promise((r) => child.once("exit", r));
-  child.kill("SIGKILL");
-  await gone;
-  A.agent = undefined;
+  await A.crash();
   await download.catch((e: Error) => {
     throw new Error(`${e.message}\nC's log:\n${C.agent!.logs().split("\n").filter((l) => /NAR|transfer|peer/.test(l)).slice(-15).join("\n")}`);
   });

@@ -25,15 +25,6 @@ async function bytesByPeer(b: FleetHost): Promise<Record<string, number>> {
   return Object.fromEntries(s.peers.map((p) => [p.name, (p as { bytesReceived?: number }).bytesReceived ?? 0]));
 }
 
-/** Kills the host's agent with SIGKILL and waits until it is gone. */
-async function kill(h: FleetHost): Promise<void> {
-  const child = h.agent!.child;
-  const gone = new Promise((r) => child.once("exit", r));
-  child.kill("SIGKILL");
-  await gone;
-  h.agent = undefined;
-}
-
 /**
  * Watches B's per-peer byte counts while `transfer` runs; kills the first of `holders` that has
  * sent KILL_AT bytes of it. Returns which one and how much it had sent.
@@ -47,7 +38,7 @@ async function killMidway(b: FleetHost, holders: FleetHost[], transfer: Promise<
     const h = holders.find((x) => (now[`${x.name}-1`] ?? 0) - (base[`${x.name}-1`] ?? 0) >= KILL_AT);
     if (h) {
       const at = Date.now();
-      await kill(h);
+      await h.crash();
       const after = await bytesByPeer(b);
       return { killed: h, sentMiB: mib((after[`${h.name}-1`] ?? 0) - (base[`${h.name}-1`] ?? 0)), at };
     }

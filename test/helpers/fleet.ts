@@ -18,6 +18,8 @@ export interface FleetHost {
   /** Starts this host's agent in its namespace; trusts `trusted` keys (default: the whole fleet); `env` adds to its environment. */
   start(extra?: string[], trusted?: string[], env?: NodeJS.ProcessEnv): Promise<AgentProcess>;
   stop(): Promise<void>;
+  /** Kills the agent with SIGKILL (a crash, the OOM killer, a power cut) and waits until it is gone. */
+  crash(): Promise<void>;
   /** Runs a command inside the host's namespace. */
   exec(cmd: string, args: string[]): Promise<string>;
   /** `nix <args>` in the host's namespace. */
@@ -96,6 +98,14 @@ function makeHost(name: string, net: NetHost, dir: string, keyFile: string, publ
     async stop() {
       await host.agent?.stop();
       host.agent = undefined;
+    },
+    async crash() {
+      const child = host.agent?.child;
+      host.agent = undefined;
+      if (!child || child.exitCode !== null || child.signalCode !== null) return;
+      const gone = new Promise((r) => child.once("exit", r));
+      child.kill("SIGKILL");
+      await gone;
     },
     exec: (cmd, args) => net.exec(cmd, args),
     nix: (args) => net.exec("nix", [...NIX_FLAGS, ...args]),

@@ -214,7 +214,10 @@ describe("status and metrics after B fetches a path held only by A", { concurren
     const before = await fromA();
     const response = fetch(`${B.url}/${largeInfo.url}`);
     let got = before;
-    while (got === before) got = await fromA(); // A has started sending
+    // A has started sending (bounded: a run in CI once hung at this point, cause not found).
+    for (const until = Date.now() + 30_000; got === before; got = await fromA()) {
+      assert.ok(Date.now() < until, `A never started sending; B's request: ${await Promise.race([response.then((r) => String(r.status)), new Promise((r) => setTimeout(() => r("pending"), 100))])}`);
+    }
     A.child.kill("SIGKILL");
     await new Promise((resolve) => A.child.once("exit", resolve));
     agents.splice(agents.indexOf(A), 1);

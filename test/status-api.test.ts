@@ -176,18 +176,29 @@ describe("status and metrics after B fetches a path held only by A", { concurren
     // Idle sockets from 127.0.0.2 (B dials from 127.0.0.1): the first 4 wait in their handshake,
     // a fifth is refused. A pause keeps them under libp2p's own rate limit (5 a second a host).
     const sockets: Socket[] = [];
-    const open = () =>
-      new Promise<Socket>((resolve) => {
-        const s = connect({ host: "127.0.0.1", port: portA, localAddress: "127.0.0.2" }, () => resolve(s));
-        s.on("error", () => undefined);
-        sockets.push(s);
+    // Settles when the socket connects or closes: a refused socket may be reset before its
+    // connect is reported (then it errors and never connects: seen under load, the test hung).
+    const open = () => {
+      const s = connect({ host: "127.0.0.1", port: portA, localAddress: "127.0.0.2" });
+      s.on("error", () => undefined);
+      sockets.push(s);
+      const closed = new Promise<void>((r) => s.once("close", () => r()));
+      return new Promise<{ s: Socket; closed: Promise<void> }>((resolve) => {
+        s.once("connect", () => resolve({ s, closed }));
+        void closed.then(() => resolve({ s, closed }));
       });
+    };
     try {
-      for (let i = 0; i < 4; i++) await open();
+      for (let i = 0; i < 4; i++) {
+        const { s } = await open();
+        assert.ok(!s.destroyed, `idle socket ${i + 1} of 4 was closed at once`);
+      }
       await new Promise((r) => setTimeout(r, 1100));
       const before = Date.now();
       const fifth = await open();
-      await new Promise((r) => fifth.once("close", r)); // refused: A closes it at once
+      // Refused: A closes it at once. Read, so a FIN (not only a reset) is seen and closes it.
+      fifth.s.resume();
+      await fifth.closed;
       const st = await status(A);
       assert.equal(st.counters.admissionRefused, 1);
       assert.equal(st.admission?.refused, 1);
@@ -214,7 +225,7 @@ describe("status and metrics after B fetches a path held only by A", { concurren
     const before = await fromA();
     const response = fetch(`${B.url}/${largeInfo.url}`);
     let got = before;
-    // A has started sending (bounded: a run in CI once hung at this point, cause not found).
+    // A has started sending (bounded, so a transfer that never starts fails here rather than hangs).
     for (const until = Date.now() + 30_000; got === before; got = await fromA()) {
       assert.ok(Date.now() < until, `A never started sending; B's request: ${await Promise.race([response.then((r) => String(r.status)), new Promise((r) => setTimeout(() => r("pending"), 100))])}`);
     }

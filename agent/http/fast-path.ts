@@ -251,10 +251,8 @@ class FastConnection {
     this.waiting = true;
     this.pending = rest;
     this.headSince = -1;
-    if (this.#idleArmed) {
-      this.socket.setTimeout(0);
-      this.#idleArmed = false;
-    }
+    // The keep-alive timer stays armed (disarming and re-arming it a lookup costs more than the
+    // rest of the wait here): #onTimeout ignores it while waiting.
     this.fast.hooks?.busy(this.socket, true);
     lookup.then(
       (reply) => this.#settled(() => this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1")),
@@ -361,6 +359,10 @@ class FastConnection {
   }
 
   #onTimeout = (): void => {
+    if (this.waiting) {
+      this.socket.setTimeout(this.fast.idleTimeout); // silent while its lookup waits: armed again
+      return;
+    }
     if (!this.fast.server.emit("timeout", this.socket)) this.socket.destroy();
   };
 

@@ -239,6 +239,34 @@ test("a client that closes or resets while its lookup waits gets nothing written
   assert.deepEqual(fast.seen, []);
 });
 
+test("connection cap: a connection whose lookup waits is busy, not reaped as idle to make room", { timeout: 60_000 }, async (t) => {
+  if (!local) return t.skip("needs Nix");
+  let release: () => void = () => {};
+  const { fast, sources } = await pair({ maxConnections: 3 }, () => new Promise<void>((r) => (release = r)));
+  const opened: Socket[] = [];
+  try {
+    // The oldest connection waits for its lookup; two more sit idle.
+    const waiting = await connected(fast);
+    opened.push(waiting.client);
+    let got = "";
+    waiting.client.on("data", (d: Buffer) => (got += d.toString("latin1")));
+    waiting.client.write(req(`/${slow}.narinfo`));
+    await eventually("the lookup waits", async () => sources[0].inFlight === 1);
+    const idle = [await connected(fast), await connected(fast)];
+    opened.push(...idle.map((c) => c.client));
+    const closed = new Set<string>();
+    for (const [name, c] of [["waiting", waiting], ["idle 1", idle[0]!], ["idle 2", idle[1]!]] as const) c.server.once("close", () => closed.add(name));
+    // Two newcomers over the cap: the idle ones make room, the waiting one is kept.
+    for (let i = 0; i < 2; i++) opened.push((await connected(fast)).client);
+    await eventually("two connections closed", async () => closed.size >= 2);
+    assert.deepEqual([...closed].sort(), ["idle 1", "idle 2"]);
+    release();
+    await eventually("the waiting connection is answered", async () => got.includes("\r\n\r\nStorePath: "));
+  } finally {
+    for (const s of opened) s.destroy();
+  }
+});
+
 test("a waiting connection is busy: the headers and keep-alive timeouts and closeIdleConnections() spare it, as node:http does", { timeout: 60_000 }, async (t) => {
   if (!local) return t.skip("needs Nix");
   const timeouts = { headers: 200, keepAlive: 300, checkInterval: 50 };

@@ -308,9 +308,6 @@ class FastConnection {
     const socket = this.socket;
     this.#detach();
     if (this.#idleArmed) socket.setTimeout(0);
-    // Paused, so that the bytes put back wait for node:http's listeners instead of being
-    // emitted at once; resumed after, which delivers them (in the next tick, before any new
-    // read from the network) to node:http's parser.
     if (this.#ended) {
       // The client's FIN was read while an answer was awaited: the stream has ended, so nothing
       // can be put back on it. node:http gets the bytes and the end as the events it listens to.
@@ -319,6 +316,9 @@ class FastConnection {
       socket.emit("end");
       return;
     }
+    // Paused, so that the bytes put back wait for node:http's listeners instead of being
+    // emitted at once; resumed after, which delivers them (in the next tick, before any new
+    // read from the network) to node:http's parser.
     socket.pause();
     if (rest !== "") socket.unshift(Buffer.from(rest, "latin1"));
     this.fast.nodeListener.call(this.fast.server, socket);

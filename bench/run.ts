@@ -24,6 +24,7 @@ import { meshCase, type MeshResult } from "./mesh.js";
 import { slowLinkMain } from "./slow-link.js";
 import { gcStallMain } from "./gc-stall.js";
 import { daemonHitMain } from "./daemon-hit.js";
+import { peerNarinfoMain } from "./peer-narinfo.js";
 import {
   agentBuilt, httpGet, parseNarinfo, startAgent, startNginx, type Server,
 } from "./servers.js";
@@ -57,6 +58,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
                      (first argument; \`npm run bench -- --case gc-stall --help\`)
   --case daemon-hit  instead: narinfo hits and misses with the database and the daemon backend
                      (first argument; \`npm run bench -- --case daemon-hit --help\`)
+  --case peer-narinfo  instead: narinfo lookups an agent must ask a peer for (two agents on 127.0.0.1;
+                     \`npm run bench -- --case peer-narinfo --help\`)
   --case slow-link   instead: Nix copies real binaries from a peer over a 100 Mbit/s link and the
                      LAN, per --mesh-compression mode (\`npm run bench -- --case slow-link --help\`)
   --tmpdir DIR       where to make the temporary directory (default: $TMPDIR or /tmp)
@@ -373,7 +376,8 @@ async function main(): Promise<void> {
     if (name === "gc-stall") return gcStallMain(process.argv.slice(2), repoRoot);
     if (name === "daemon-hit") return daemonHitMain(process.argv.slice(2), repoRoot);
     if (name === "slow-link") return slowLinkMain(process.argv.slice(2));
-    throw new Error(`unknown --case ${name} (known: gc-stall, daemon-hit, slow-link)`);
+    if (name === "peer-narinfo") return peerNarinfoMain(process.argv.slice(2), repoRoot);
+    throw new Error(`unknown --case ${name} (known: gc-stall, daemon-hit, slow-link, peer-narinfo)`);
   }
   const opts = parseOptions();
   if (opts.candidate === "agent" && !agentBuilt(repoRoot)) {

@@ -20,6 +20,7 @@ import { NOT_NOW, type PathSource } from "../agent/source.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { readSecretKeyFile } from "../agent/keys-file.js";
 import { addToStore, hasNix, nix, NIX_FLAGS, pathInfo, run, tempDir } from "./helpers/nix.js";
+import { closing, exchange, req, undated } from "./helpers/raw-http.js";
 
 let tmp: ReturnType<typeof tempDir> | undefined;
 let local: LocalStore | undefined;
@@ -70,42 +71,6 @@ async function start(opts: HttpServerOptions): Promise<{ server: Server; port: n
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   return { server, port: (server.address() as AddressInfo).port, metrics };
 }
-
-/**
- * Writes `parts` one after another (a pause between them, so that they tend to arrive as
- * separate reads), then half-closes unless `keepOpen`; resolves with every byte received until
- * the server closed the connection.
- */
-function exchange(port: number, parts: string[], keepOpen = false, readAfterMs = 0): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const sock = connect(port, "127.0.0.1");
-    sock.setNoDelay(true);
-    if (readAfterMs > 0) {
-      // A client that does not read for a while: the server must wait for it, not buffer for it.
-      sock.pause();
-      setTimeout(() => sock.resume(), readAfterMs);
-    }
-    let got = "";
-    sock.on("data", (d: Buffer) => (got += d.toString("latin1")));
-    sock.on("close", () => resolve(got));
-    sock.on("error", (e: NodeJS.ErrnoException) => (e.code === "ECONNRESET" ? resolve(got + "<reset>") : reject(e)));
-    sock.on("connect", async () => {
-      for (const [i, p] of parts.entries()) {
-        if (i > 0) await new Promise((r) => setTimeout(r, 5));
-        if (!sock.destroyed) sock.write(p, "latin1");
-      }
-      if (!keepOpen && !sock.destroyed) sock.end();
-    });
-  });
-}
-
-/** The answer with each Date header's value blanked (the two servers may cross a second). */
-function undated(raw: string): string {
-  return raw.replace(/\r\nDate: [^\r]*\r\n/g, "\r\nDate: -\r\n");
-}
-
-const req = (target: string, extra = "", method = "GET", version = "HTTP/1.1") => `${method} ${target} ${version}\r\nHost: localhost\r\n${extra}\r\n`;
-const closing = (target: string) => req(target, "Connection: close\r\n");
 
 /** Named request sequences, each sent on one connection; the corpus of the differential test. */
 function corpus(): [string, string][] {

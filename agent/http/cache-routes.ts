@@ -93,16 +93,21 @@ function answerNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   return narinfoOutcome(ctx, info);
 }
 
+/** narinfoLookup's answer for a request node:http's route must answer itself. */
+export const LEAVE = Symbol("leave to node:http");
+
 /**
- * For the fast path: the store's answer for a narinfo request when it needs no waiting, else
- * NOT_NOW (also for an invalid hash part or a store that failed: node:http's route answers those).
+ * For the fast path: the store's answer for a narinfo request, at once when it needs no waiting,
+ * else a promise of it (pathInfo(), as handleNarinfo asks); LEAVE for what node:http's route
+ * answers itself (an invalid hash part, a store that failed at once).
  */
-export function narinfoNow(ctx: CacheContext, hashPart: string): PathInfo | undefined | typeof NOT_NOW {
-  if (!ctx.source.pathInfoNow || !isValidHashPart(hashPart)) return NOT_NOW;
+export function narinfoLookup(ctx: CacheContext, hashPart: string): PathInfo | undefined | Promise<PathInfo | undefined> | typeof LEAVE {
+  if (!isValidHashPart(hashPart)) return LEAVE;
   try {
-    return ctx.source.pathInfoNow(hashPart);
+    const now = ctx.source.pathInfoNow ? ctx.source.pathInfoNow(hashPart) : NOT_NOW;
+    return now === NOT_NOW ? ctx.source.pathInfo(hashPart) : now;
   } catch {
-    return NOT_NOW;
+    return LEAVE;
   }
 }
 

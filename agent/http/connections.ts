@@ -20,6 +20,8 @@ export interface ConnectionLimiter {
   track(req: IncomingMessage, res: ServerResponse): void;
   /** A socket just answered without a request object (the fast path): now the most recently idle. */
   touch(socket: Socket): void;
+  /** The fast path waits for an answer on this socket (busy: never reaped as idle), or no longer does. */
+  busy(socket: Socket, busy: boolean): void;
 }
 
 /** Installs the cap on `server` (its "connection" listener: install it before the fast path's). */
@@ -49,22 +51,32 @@ export function limitConnections(server: Server, limit: number): ConnectionLimit
     }
   });
 
-  // One shared listener, no closure per request: the response's socket is its request's.
-  function answered(this: ServerResponse): void {
-    const socket = this.req.socket as Tracked;
+  function started(socket: Tracked): void {
+    const n = (socket[BUSY] ?? 0) + 1;
+    socket[BUSY] = n;
+    if (n === 1) idle.delete(socket);
+  }
+
+  function finished(socket: Tracked): void {
     const n = (socket[BUSY] ?? 1) - 1;
     socket[BUSY] = n;
     // Re-inserted at the end: it has been idle for the shortest time.
-    if (n === 0 && !socket.destroyed) idle.add(socket);
+    if (n === 0 && !socket.destroyed && live.has(socket)) idle.add(socket);
+  }
+
+  // One shared listener, no closure per request: the response's socket is its request's.
+  function answered(this: ServerResponse): void {
+    finished(this.req.socket as Tracked);
   }
 
   return {
     track(req: IncomingMessage, res: ServerResponse): void {
-      const socket = req.socket as Tracked;
-      const n = (socket[BUSY] ?? 0) + 1;
-      socket[BUSY] = n;
-      if (n === 1) idle.delete(socket);
+      started(req.socket as Tracked);
       res.on("close", answered); // emitted once (Node guards it); on() spares once()'s wrapper
+    },
+    busy(socket: Socket, busy: boolean): void {
+      if (busy) started(socket);
+      else finished(socket);
     },
     touch(socket: Socket): void {
       // Fast-path answers are written whole at once: such a socket is never busy, only idle for less time.

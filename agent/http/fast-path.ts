@@ -8,8 +8,17 @@
 // answers only the simple cases, each with one socket write, and leaves everything else to
 // node:http.
 //
+// An answer that needs waiting (a narinfo the daemon or a peer must be asked for) is awaited
+// here too, one a connection at a time: requests after it are read but not parsed until it is
+// written, so answers go out in request order, every request is looked up (and counted in the
+// metrics) once, and a client pipelining thousands of lookups holds one promise, not thousands
+// (Nix does not pipeline: it opens parallel connections). While it waits the connection is busy,
+// as node:http's with a request in progress: no headers or keep-alive timer, not idle for
+// closeIdleConnections() or the connection cap. A lookup that fails hands the connection over
+// with that request's bytes, and node:http asks again and answers its error (503).
+//
 // Every connection starts here. The first request this module does not answer itself (another
-// URL, an answer that needs waiting, a body, an odd version, anything malformed or large) hands
+// URL, a body, an odd version, anything malformed or large, a lookup that failed) hands
 // the connection to node:http for good: at a request boundary, with the bytes not consumed yet
 // put back on the socket (unshift) and Node's own connection listener run on it. Answers already
 // written are queued on the socket ahead of anything node:http writes, so the order holds.
@@ -32,13 +41,26 @@ export interface Reply {
   readonly encoding: BufferEncoding;
 }
 
-/** The answer to a request the fast path may answer, or undefined to leave the connection to node:http. */
-export type FastAnswer = (method: "GET" | "HEAD", target: string) => Reply | undefined;
+/**
+ * The answer to a request the fast path may answer, a promise of it when it needs waiting (a
+ * rejection hands the request to node:http), or undefined to leave the connection to node:http.
+ */
+export type FastAnswer = (method: "GET" | "HEAD", target: string) => Reply | Promise<Reply> | undefined;
+
+/** The connection cap's view of the fast path's sockets (connections.ts). */
+export interface FastHooks {
+  /** A socket just answered: now the most recently idle. */
+  touch(socket: Socket): void;
+  /** A socket waits for an answer (busy, not idle), or no longer does. */
+  busy(socket: Socket, busy: boolean): void;
+}
 
 /** Request heads longer than this go to node:http, which applies its own limits (431). */
 const HEAD_LIMIT = 4096;
 /** Answers to pipelined requests are written in batches of about this many characters (bytes). */
 const FLUSH_AT = 64 * 1024;
+/** While an answer is awaited, the socket stops reading once this many bytes of later requests are held. */
+const HELD_WHILE_WAITING = 64 * 1024;
 
 type ConnectionListener = (this: Server, socket: Socket) => void;
 
@@ -48,7 +70,7 @@ type ConnectionListener = (this: Server, socket: Socket) => void;
  * timeouts and keep-alive settings when called. Returns false, leaving the server as it was, when
  * this Node's server does not look as expected.
  */
-export function installFastPath(server: Server, answer: FastAnswer, touched?: (socket: Socket) => void): boolean {
+export function installFastPath(server: Server, answer: FastAnswer, hooks?: FastHooks): boolean {
   // node:http's Server registers its connectionListener in its constructor; the fast path takes
   // its place and calls it for the connections it hands over.
   const nodeListener = server.listeners("connection").find((l) => l.name === "connectionListener") as ConnectionListener | undefined;
@@ -61,7 +83,7 @@ export function installFastPath(server: Server, answer: FastAnswer, touched?: (s
   const fast: FastPath = {
     server,
     answer,
-    touched,
+    hooks,
     nodeListener,
     tail,
     idleTimeout: keepAlive > 0 ? keepAlive + (server.keepAliveTimeoutBuffer ?? 1000) : 0,
@@ -88,7 +110,7 @@ export function installFastPath(server: Server, answer: FastAnswer, touched?: (s
   const closeIdle = server.closeIdleConnections.bind(server);
   server.closeIdleConnections = () => {
     closeIdle();
-    for (const c of fast.connections) if (c.headSince < 0) c.socket.destroy();
+    for (const c of fast.connections) if (c.headSince < 0 && !c.waiting) c.socket.destroy();
   };
   const closeAll = server.closeAllConnections.bind(server);
   server.closeAllConnections = () => {
@@ -101,7 +123,7 @@ export function installFastPath(server: Server, answer: FastAnswer, touched?: (s
 interface FastPath {
   server: Server;
   answer: FastAnswer;
-  touched: ((socket: Socket) => void) | undefined;
+  hooks: FastHooks | undefined;
   nodeListener: ConnectionListener;
   /** The end of every head after Date. */
   tail: string;
@@ -116,7 +138,15 @@ class FastConnection {
   pending = "";
   /** When the request head being received began (performance.now()), -1 between requests. As Node, from the connection's start. */
   headSince = performance.now();
+  /** An answer is awaited; `pending` then holds every byte received after its request, unparsed. */
+  waiting = false;
   #idleArmed = false;
+  /** The socket was paused because too many bytes came in while waiting. */
+  #heldBack = false;
+  /** The client half-closed while an answer was awaited ("end" was emitted, to be acted on after it). */
+  #ended = false;
+  /** Handed over, failed or closed: a lookup that settles now writes nothing. */
+  #gone = false;
 
   constructor(
     readonly socket: Socket,
@@ -133,21 +163,30 @@ class FastConnection {
 
   #onData = (chunk: Buffer): void => {
     const text = chunk.toString("latin1");
+    if (this.waiting) {
+      // Kept for after the answer; read on (to see a client that closes or resets) up to a bound.
+      this.pending += text;
+      if (this.pending.length > HELD_WHILE_WAITING && !this.socket.isPaused()) {
+        this.#heldBack = true;
+        this.socket.pause();
+      }
+      return;
+    }
     const seen = this.pending.length;
     const buf = seen === 0 ? text : this.pending + text;
     this.pending = "";
     this.#run(buf, seen);
+    if (this.#ended) this.#endIfDone();
   };
 
   /**
    * Answers every complete request head in `buf`, in order; keeps a partial one for later.
    * `seen`: the length of its start already looked at (a head arriving in many small pieces
-   * costs each piece its own length, not the whole head's, in these searches).
+   * costs each piece its own length, not the whole head's, in these searches). `out`: answers
+   * not written yet, to go first (an awaited one).
    */
-  #run(buf: string, seen: number): void {
+  #run(buf: string, seen: number, out = "", encoding: BufferEncoding = "latin1"): void {
     const socket = this.socket;
-    let out = "";
-    let encoding: BufferEncoding = "latin1";
     let pos = 0;
     let end: number;
     let from = seen > 3 ? seen - 3 : 0;
@@ -176,11 +215,12 @@ class FastConnection {
         this.#write(out, encoding);
         return this.#handOver(buf.slice(pos));
       }
-      out += rawHead(reply) + utcDate() + this.fast.tail;
-      if (method === "GET") {
-        out += reply.body;
-        if (reply.encoding !== "latin1") encoding = "utf8"; // the rest is ASCII: the same bytes either way
+      if (reply instanceof Promise) {
+        if (out !== "") this.#answered(out, encoding);
+        return this.#wait(reply, method!, buf.slice(pos, end + 4), buf.slice(end + 4));
       }
+      out += this.#rendered(reply, method!);
+      if (method === "GET" && reply.encoding !== "latin1") encoding = "utf8"; // the rest is ASCII: the same bytes either way
       pos = end + 4;
       from = pos;
     }
@@ -195,6 +235,58 @@ class FastConnection {
     else if (pos > 0 || this.headSince < 0) this.headSince = performance.now();
   }
 
+  /** The answer's bytes: status line and headers, and for GET the body. */
+  #rendered(reply: Reply, method: "GET" | "HEAD"): string {
+    const head = rawHead(reply) + utcDate() + this.fast.tail;
+    return method === "GET" ? head + reply.body : head;
+  }
+
+  /**
+   * Waits for the answer to `request` (its bytes, for node:http if the lookup fails); `rest`, the
+   * bytes after it, and whatever comes meanwhile are parsed once it is written. Busy meanwhile, as
+   * node:http's connection with a request in progress: no headers timeout (headSince -1), no
+   * keep-alive timeout (it has none while a request is processed, and a lookup may take longer).
+   */
+  #wait(lookup: Promise<Reply>, method: "GET" | "HEAD", request: string, rest: string): void {
+    this.waiting = true;
+    this.pending = rest;
+    this.headSince = -1;
+    // The keep-alive timer stays armed (disarming and re-arming it a lookup costs more than the
+    // rest of the wait here): #onTimeout ignores it while waiting.
+    this.fast.hooks?.busy(this.socket, true);
+    lookup.then(
+      (reply) => this.#settled(() => this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1")),
+      () => this.#settled(() => this.#handOver(request + this.#takePending())),
+    );
+  }
+
+  #settled(next: () => void): void {
+    this.waiting = false;
+    if (this.#gone) return; // the client left (or failed): nothing to write
+    this.fast.hooks?.busy(this.socket, false);
+    if (this.#heldBack) {
+      // Resumed before parsing: if the answers fill the socket's buffer, #run pauses it again.
+      this.#heldBack = false;
+      this.socket.resume();
+    }
+    next();
+    if (this.#ended) this.#endIfDone();
+  }
+
+  /**
+   * The client's FIN came while an answer was awaited: act on it once everything before it is
+   * answered (not while requests wait on the paused socket for the client to read).
+   */
+  #endIfDone(): void {
+    if (!this.waiting && !this.#gone && this.socket.readableLength === 0) this.#onEnd();
+  }
+
+  #takePending(): string {
+    const p = this.pending;
+    this.pending = "";
+    return p;
+  }
+
   #write(out: string, encoding: BufferEncoding): void {
     if (out !== "") this.socket.write(out, encoding);
   }
@@ -202,7 +294,7 @@ class FastConnection {
   /** Sends the answers to one or more requests. */
   #answered(out: string, encoding: BufferEncoding): void {
     this.socket.write(out, encoding);
-    this.fast.touched?.(this.socket);
+    this.fast.hooks?.touch(this.socket);
     if (!this.#idleArmed && this.fast.idleTimeout > 0) {
       // As node:http after an answer: a connection silent this long is closed. The socket
       // restarts the timer on every read and write.
@@ -216,6 +308,14 @@ class FastConnection {
     const socket = this.socket;
     this.#detach();
     if (this.#idleArmed) socket.setTimeout(0);
+    if (this.#ended) {
+      // The client's FIN was read while an answer was awaited: the stream has ended, so nothing
+      // can be put back on it. node:http gets the bytes and the end as the events it listens to.
+      this.fast.nodeListener.call(this.fast.server, socket);
+      if (rest !== "") socket.emit("data", Buffer.from(rest, "latin1"));
+      socket.emit("end");
+      return;
+    }
     // Paused, so that the bytes put back wait for node:http's listeners instead of being
     // emitted at once; resumed after, which delivers them (in the next tick, before any new
     // read from the network) to node:http's parser.
@@ -227,6 +327,7 @@ class FastConnection {
 
   #detach(): void {
     const socket = this.socket;
+    this.#gone = true;
     this.fast.connections.delete(this);
     socket.off("data", this.#onData);
     socket.off("end", this.#onEnd);
@@ -237,13 +338,17 @@ class FastConnection {
   }
 
   #onDrain = (): void => {
-    if (this.socket.isPaused()) this.socket.resume();
+    if (this.socket.isPaused() && !this.#heldBack) this.socket.resume();
   };
 
   // The client half-closed: as node:http with httpAllowHalfOpen, answered requests are already
   // written, so the connection ends; an incomplete head is a client error (node:http's parser
   // fails at the end of input, HPE_INVALID_EOF_STATE).
   #onEnd = (): void => {
+    if (this.waiting) {
+      this.#ended = true;
+      return;
+    }
     if (this.pending === "") this.socket.end();
     else this.#clientError(Object.assign(new Error("Parse Error: Invalid EOF state"), { code: "HPE_INVALID_EOF_STATE" }));
   };
@@ -254,6 +359,10 @@ class FastConnection {
   }
 
   #onTimeout = (): void => {
+    if (this.waiting) {
+      this.socket.setTimeout(this.fast.idleTimeout); // silent while its lookup waits: armed again
+      return;
+    }
     if (!this.fast.server.emit("timeout", this.socket)) this.socket.destroy();
   };
 
@@ -267,6 +376,7 @@ class FastConnection {
   }
 
   #onClose = (): void => {
+    this.#gone = true;
     this.fast.connections.delete(this);
   };
 }

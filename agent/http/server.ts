@@ -2,9 +2,8 @@
 // Every request is hostile until validated; a client's mistake gets a 4xx and the agent lives on.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { VERSION } from "../version.js";
-import { cacheInfoReply, handleCacheInfo, handleNar, handleNarinfo, narinfoNow, narinfoOutcome, narinfoReply, type CacheContext } from "./cache-routes.js";
+import { cacheInfoReply, handleCacheInfo, handleNar, handleNarinfo, LEAVE, narinfoLookup, narinfoOutcome, narinfoReply, type CacheContext } from "./cache-routes.js";
 import { installFastPath, type FastAnswer } from "./fast-path.js";
-import { NOT_NOW } from "../source.js";
 import type { Outcome, Route } from "../metrics.js";
 import { handleMetrics, handleStatus, requireLoopback } from "./admin-routes.js";
 import { limitConnections } from "./connections.js";
@@ -30,9 +29,11 @@ export function createHttpServer(ctx: CacheContext, opts: HttpServerOptions = {}
 }
 
 /**
- * The requests the fast path answers itself: narinfo lookups the source can answer without
- * waiting (as handleNarinfo does, with the same Reply objects and metrics) and nix-cache-info.
- * Everything else, and the connection with it, goes to node:http and route().
+ * The requests the fast path answers itself: narinfo lookups (as handleNarinfo does, with the
+ * same Reply objects and metrics: at once when the source knows the answer without waiting, else
+ * once its pathInfo() has answered) and nix-cache-info. Everything else, and the connection with
+ * it, goes to node:http and route(); so does a lookup that fails (node:http asks again and
+ * answers 503 or 500 as it does).
  */
 function fastAnswer(ctx: CacheContext): FastAnswer {
   const cacheInfo = cacheInfoReply(ctx.priority);
@@ -41,8 +42,14 @@ function fastAnswer(ctx: CacheContext): FastAnswer {
     if (target.length === 41 && target.endsWith(".narinfo")) {
       const start = ctx.metrics ? performance.now() : 0;
       const hashPart = target.slice(1, 33);
-      const info = narinfoNow(ctx, hashPart);
-      if (info === NOT_NOW) return undefined;
+      const info = narinfoLookup(ctx, hashPart);
+      if (info === LEAVE) return undefined;
+      if (info instanceof Promise) {
+        return info.then((info) => {
+          ctx.metrics?.request("narinfo", method, narinfoOutcome(ctx, info), start);
+          return narinfoReply(hashPart, info);
+        });
+      }
       ctx.metrics?.request("narinfo", method, narinfoOutcome(ctx, info), start);
       return narinfoReply(hashPart, info);
     }
@@ -73,7 +80,7 @@ export function createListener(answer: (req: IncomingMessage, res: ServerRespons
     limiter.track(req, res);
     answer(req, res);
   });
-  if (fast) installFastPath(server, fast, limiter.touch);
+  if (fast) installFastPath(server, fast, limiter);
   // A client may send its request and then close its side (FIN, as `nc -N` or a shutdown()
   // after writing do). Node otherwise ends the socket at that FIN, dropping every answer not yet
   // written, which is every answer that waits on the store. With this it answers what was

@@ -33,7 +33,7 @@ export class Daemon {
   /** Kills the daemon and the per-connection processes it forked (ours, by their ids). */
   async stop(): Promise<void> {
     const child = this.child;
-    if (!child || child.exitCode !== null) return;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return; // not started, or stopped already
     const kids = (await run("pgrep", ["-P", String(child.pid)]).catch(() => "")).split("\n").filter(Boolean).map(Number);
     for (const pid of kids) {
       try {

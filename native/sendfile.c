@@ -87,6 +87,8 @@ static const char* code_of(int err) {
     case EIO: return "EIO";
     case ENOMEM: return "ENOMEM";
     case EOVERFLOW: return "EOVERFLOW";
+    case EMFILE: return "EMFILE";
+    case ENFILE: return "ENFILE";
     default: return "EUNKNOWN";
   }
 }

@@ -104,7 +104,9 @@ export async function sendRegion(
       }
       if (err) {
         if (err.code === "EPIPE" || err.code === "ECONNRESET") throw prematureClose();
-        if (err.code !== "EAGAIN") {
+        // Out of descriptors for the dup(): this piece goes the ordinary way, the next tries again.
+        if (err.code === "EMFILE" || err.code === "ENFILE") full = true;
+        else if (err.code !== "EAGAIN") {
           // ENOSYS, EINVAL (a file system without sendfile support), ...: send it the ordinary way.
           if (sent === 0 && (err.code === "ENOSYS" || err.code === "EINVAL" || err.code === "ENOTSOCK")) binding = undefined;
           else throw err;
@@ -142,5 +144,12 @@ export async function sendRegion(
 }
 
 function call(binding: SendfileBinding, outFd: number, inFd: number, off: number, len: number): Promise<{ err: NodeJS.ErrnoException | null; sent: number }> {
-  return new Promise((resolve) => binding.sendfile(outFd, inFd, off, len, (err, sent) => resolve({ err, sent })));
+  return new Promise((resolve) => {
+    try {
+      binding.sendfile(outFd, inFd, off, len, (err, sent) => resolve({ err, sent }));
+    } catch (e) {
+      // The addon could not dup() the descriptors (EMFILE, ENFILE): nothing was sent.
+      resolve({ err: e as NodeJS.ErrnoException, sent: 0 });
+    }
+  });
 }

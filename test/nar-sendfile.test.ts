@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { createHttpServer } from "../agent/http/server.js";
 import type { CacheContext } from "../agent/http/cache-routes.js";
-import { loadSendfile, type SendfileBinding } from "../agent/http/send-file.js";
+import { loadSendfile, REGION_MIN, type SendfileBinding } from "../agent/http/send-file.js";
 import { createLogger } from "../agent/log.js";
 import { AgentMetrics, type Outcome } from "../agent/metrics.js";
 import { Signer } from "../agent/signer.js";
@@ -92,12 +92,12 @@ before(async () => {
   }
   tmp = tempDir();
   root = join(tmp.dir, "store");
-  // One big file; a tree with files around the region threshold (64 KiB), an executable, empty
+  // One big file; a tree with files around the region threshold (REGION_MIN), an executable, empty
   // files, small files, a symlink and a subdirectory; files to shrink and to hang up on.
   writeFileSync(join(tmp.dir, "big"), randomBytes(24 << 20));
   const tree = join(tmp.dir, "tree");
   mkdirSync(join(tree, "sub"), { recursive: true });
-  const sizes = [0, 1, 4096, 65_535, 65_536, 65_537, 100_000, 262_144, 1 << 20, 3_000_001];
+  const sizes = [0, 1, 4096, 65_536, REGION_MIN - 1, REGION_MIN, REGION_MIN + 1, 262_144, 1 << 20, 3_000_001];
   for (let i = 0; i < 120; i++) writeFileSync(join(tree, `f${String(i).padStart(3, "0")}`), randomBytes(sizes[i % sizes.length]! + (i >= 60 ? i : 0)));
   writeFileSync(join(tree, "empty"), "");
   writeFileSync(join(tree, "sub", "empty"), "");

@@ -26,8 +26,13 @@ export interface SendfileBinding {
   sendfile(outFd: number, inFd: number, offset: number, length: number, cb: (err: NodeJS.ErrnoException | null, sent: number) => void): void;
 }
 
-/** Regions smaller than this are read like any other bytes (BENCHMARKS.md, "NAR: sendfile"). */
-export const REGION_MIN = 64 << 10;
+/**
+ * Regions smaller than this are read like any other bytes. A region costs a sendfile call, the
+ * wait for earlier writes and an fstat after it (each a trip to the thread pool): for NARs of 400
+ * files of one size, sendfile cost more CPU per GB than pooled reads at 16 and 32 KiB, about
+ * the same at 64 and 128 KiB, less from 256 KiB (BENCHMARKS.md, "NAR: sendfile").
+ */
+export const REGION_MIN = 128 << 10;
 /** Bytes written the ordinary way while waiting for a full socket buffer to drain. */
 const PIECE = 64 << 10;
 /** At most this much per sendfile call, so that progress (metrics, timeouts) is seen often. */

@@ -9,11 +9,14 @@
 // This is one call of sendfile(2), on libuv's thread pool, so a file that is not in the page
 // cache never blocks the event loop.
 //
-// sendfile(outFd, inFd, offset, length, callback(err, bytesSent))
+// sendfile(outFd, inFd, offset, length, [piece,] callback(err, bytesSent, pieceBytes))
 //   Calls sendfile once. bytesSent may be less than length: the socket's buffer is full (the
 //   caller waits for writability), or the file ended early (0: it shrank). EAGAIN with nothing
 //   sent comes back as bytesSent 0 with err.code "EAGAIN". Other failures: err with .code
 //   ("EPIPE", "ECONNRESET", ...). Platforms without sendfile to sockets: ENOSYS.
+//   With a Buffer `piece`: when the socket's buffer filled up, the file's next bytes (after
+//   those sent, up to the piece's length and the region's end) are read into it on the same
+//   pool thread; pieceBytes says how many (0 if none or the read failed).
 //
 // Both descriptors are dup()ed on the calling (main) thread and closed when the call is done:
 // if the socket is destroyed meanwhile, its number cannot be reused by another open() and
@@ -22,6 +25,7 @@
 #include <node_api.h>
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +48,12 @@ typedef struct {
   int64_t length;
   int64_t sent;
   int err;
+  // Optional: where to read the bytes after those sent when the socket's buffer filled up, so
+  // that the caller can write them the ordinary way without another trip to the thread pool.
+  napi_ref piece_ref;
+  char* piece;
+  size_t piece_len;
+  int64_t piece_read;
 } Call;
 
 static void execute(napi_env env, void* data) {
@@ -73,6 +83,17 @@ static void execute(napi_env env, void* data) {
 #else
   c->err = ENOSYS;
 #endif
+  // The socket is full (a partial count, or EAGAIN): read what the caller will write meanwhile.
+  int full = (c->err == 0 && c->sent > 0 && c->sent < c->length) || (c->err == EAGAIN);
+  if (c->piece != NULL && full) {
+    int64_t want = c->length - c->sent;
+    if (want > (int64_t)c->piece_len) want = (int64_t)c->piece_len;
+    ssize_t r;
+    do {
+      r = pread(c->in_fd, c->piece, (size_t)want, (off_t)(c->offset + c->sent));
+    } while (r < 0 && errno == EINTR);
+    c->piece_read = r < 0 ? 0 : r;
+  }
 }
 
 static const char* code_of(int err) {
@@ -97,7 +118,7 @@ static void complete(napi_env env, napi_status status, void* data) {
   Call* c = data;
   close(c->out_fd);
   close(c->in_fd);
-  napi_value cb, global, argv[2];
+  napi_value cb, global, argv[3];
   napi_get_reference_value(env, c->callback, &cb);
   napi_get_global(env, &global);
   if (status != napi_ok && c->err == 0) c->err = ECANCELED;
@@ -113,10 +134,12 @@ static void complete(napi_env env, napi_status status, void* data) {
     napi_get_null(env, &argv[0]);
   }
   napi_create_int64(env, c->sent, &argv[1]);
+  napi_create_int64(env, c->piece_read, &argv[2]);
+  if (c->piece_ref != NULL) napi_delete_reference(env, c->piece_ref);
   napi_delete_reference(env, c->callback);
   napi_delete_async_work(env, c->work);
   free(c);
-  napi_call_function(env, global, cb, 2, argv, NULL);
+  napi_call_function(env, global, cb, 3, argv, NULL);
 }
 
 #define THROW(msg)                            \
@@ -126,15 +149,24 @@ static void complete(napi_env env, napi_status status, void* data) {
   } while (0)
 
 static napi_value js_sendfile(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
+  size_t argc = 6;
+  napi_value argv[6];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc != 5) THROW("sendfile(outFd, inFd, offset, length, callback)");
+  if (argc != 5 && argc != 6) THROW("sendfile(outFd, inFd, offset, length, [piece,] callback)");
+  napi_value callback = argv[argc - 1];
   int32_t out_fd, in_fd;
   int64_t offset, length;
   napi_valuetype t;
-  napi_typeof(env, argv[4], &t);
+  napi_typeof(env, callback, &t);
   if (t != napi_function) THROW("callback must be a function");
+  char* piece = NULL;
+  size_t piece_len = 0;
+  if (argc == 6) {
+    bool is_buffer = false;
+    napi_is_buffer(env, argv[4], &is_buffer);
+    if (!is_buffer) THROW("piece must be a Buffer");
+    napi_get_buffer_info(env, argv[4], (void**)&piece, &piece_len);
+  }
   if (napi_get_value_int32(env, argv[0], &out_fd) != napi_ok || out_fd < 0) THROW("bad outFd");
   if (napi_get_value_int32(env, argv[1], &in_fd) != napi_ok || in_fd < 0) THROW("bad inFd");
   if (napi_get_value_int64(env, argv[2], &offset) != napi_ok || offset < 0) THROW("bad offset");
@@ -155,7 +187,13 @@ static napi_value js_sendfile(napi_env env, napi_callback_info info) {
   }
   napi_value name;
   napi_create_string_utf8(env, "fleetcache:sendfile", NAPI_AUTO_LENGTH, &name);
-  napi_create_reference(env, argv[4], 1, &c->callback);
+  napi_create_reference(env, callback, 1, &c->callback);
+  if (piece != NULL && piece_len > 0) {
+    // Held until the call is done: the pool thread writes into it.
+    napi_create_reference(env, argv[4], 1, &c->piece_ref);
+    c->piece = piece;
+    c->piece_len = piece_len;
+  }
   napi_create_async_work(env, NULL, name, execute, complete, c, &c->work);
   napi_queue_async_work(env, c->work);
   return NULL;

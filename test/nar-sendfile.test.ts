@@ -59,24 +59,43 @@ test("the sendfile addon is built and loads (required under CI=true)", async (t)
   await fh.close();
   server.close();
   assert.deepEqual(Buffer.concat(got), data.subarray(100));
+  // With a piece: when the socket is full, the next bytes come back read (into a paused reader).
+  const sink = (await import("node:net")).createServer((s) => s.pause()); // takes nothing: the socket fills
+  await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
+  const paused = connect((sink.address() as AddressInfo).port, "127.0.0.1");
+  await new Promise((r) => paused.once("connect", r));
+  const pfd = (paused as unknown as { _handle: { fd: number } })._handle.fd;
+  const big = join(tmp.dir, "big");
+  writeFileSync(big, randomBytes(64 << 20));
+  const bh = await open(big);
+  const piece = Buffer.alloc(4096);
+  const [perr, psent, pbytes] = await new Promise<[NodeJS.ErrnoException | null, number, number]>((r) => loaded.binding!.sendfile(pfd, bh.fd, 0, 64 << 20, piece, (e, n, p) => r([e, n, p])));
+  assert.equal(perr, null);
+  assert.ok(psent > 0 && psent < 64 << 20, `a partial count on a full socket (${psent})`);
+  assert.equal(pbytes, 4096);
+  assert.deepEqual(piece, readFileSync(big).subarray(psent, psent + 4096), "the bytes after those sent");
+  paused.destroy();
+  sink.close();
+  await bh.close();
   // Bad arguments are refused at once, not on the thread pool.
   assert.throws(() => loaded.binding!.sendfile(-1, fh.fd, 0, 1, () => {}), TypeError);
 });
 
 /** The real addon, counting its calls: proof the bytes went the sendfile way. */
 function spy(): SendfileBinding & { calls: number; bytes: number } {
+  type Done = (e: NodeJS.ErrnoException | null, n: number, piece: number) => void;
   const s = {
     calls: 0,
     bytes: 0,
-    sendfile(out: number, inFd: number, off: number, len: number, cb: (e: NodeJS.ErrnoException | null, n: number) => void) {
+    sendfile(out: number, inFd: number, off: number, len: number, piece: Buffer, cb: Done) {
       s.calls++;
-      loaded.binding!.sendfile(out, inFd, off, len, (e, n) => {
+      loaded.binding!.sendfile(out, inFd, off, len, piece, (e, n, p) => {
         s.bytes += n;
-        cb(e, n);
+        cb(e, n, p);
       });
     },
   };
-  return s;
+  return s as unknown as SendfileBinding & { calls: number; bytes: number };
 }
 
 let tmp: { dir: string; cleanup: () => void } | undefined;

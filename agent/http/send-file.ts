@@ -10,9 +10,10 @@
 //    response's last write has run (so the headers and the framing before the region are in the
 //    kernel), and no other write is made while it runs;
 //  - a partial count (or EAGAIN) means the socket's buffer is full: the next small piece is read
-//    into a pooled buffer and written the ordinary way, and sendfile resumes in that write's
-//    callback, when libuv has found the socket writable again. A slow client so holds one small
-//    buffer at most, as with pooled reads;
+//    into a pooled buffer (by the addon, on the same pool thread, right after the sendfile) and
+//    written the ordinary way, and sendfile resumes in that write's callback, when libuv has
+//    found the socket writable again. A slow client so holds one small buffer at most, as with
+//    pooled reads;
 //  - a count of 0 with no error is the file's end before the region's: it shrank; the caller
 //    destroys the socket, so the client sees a short body.
 import { createRequire } from "node:module";
@@ -24,6 +25,8 @@ import { narBuffers } from "../buffer-pool.js";
 /** The addon's one function (native/sendfile.c). */
 export interface SendfileBinding {
   sendfile(outFd: number, inFd: number, offset: number, length: number, cb: (err: NodeJS.ErrnoException | null, sent: number) => void): void;
+  /** With `piece`: when the socket filled up, the next bytes are read into it too (pieceBytes of them). */
+  sendfile(outFd: number, inFd: number, offset: number, length: number, piece: Buffer, cb: (err: NodeJS.ErrnoException | null, sent: number, pieceBytes: number) => void): void;
 }
 
 /**
@@ -97,9 +100,13 @@ export async function sendRegion(
     if (!socket || socket.destroyed || res.destroyed) throw prematureClose();
     const fd = binding ? socketFd(socket) : -1;
     let full = true; // the socket's buffer is full: write the next piece the ordinary way
+    let buf: Buffer | undefined; // that piece, if the addon has read it already
+    let got = 0;
     if (fd >= 0) {
       const want = Math.min(left, MAX_CALL);
-      const { err, sent } = await call(binding!, fd, region.fh.fd, off, want);
+      buf = narBuffers.acquire(PIECE);
+      const { err, sent, pieceBytes } = await call(binding!, fd, region.fh.fd, off, want, buf);
+      got = pieceBytes;
       if (sent > 0) {
         off += sent;
         left -= sent;
@@ -107,25 +114,33 @@ export async function sendRegion(
         // sendfile bypasses the socket's own activity tracking: restart its idle timer, if any.
         if (socket.timeout) socket.setTimeout(socket.timeout);
       }
+      const fail = (e: Error): Error => {
+        narBuffers.release(buf!);
+        return e;
+      };
       if (err) {
-        if (err.code === "EPIPE" || err.code === "ECONNRESET") throw prematureClose();
+        if (err.code === "EPIPE" || err.code === "ECONNRESET") throw fail(prematureClose());
         // Out of descriptors for the dup(): this piece goes the ordinary way, the next tries again.
         if (err.code === "EMFILE" || err.code === "ENFILE") full = true;
         else if (err.code !== "EAGAIN") {
           // ENOSYS, EINVAL (a file system without sendfile support), ...: send it the ordinary way.
           if (sent === 0 && (err.code === "ENOSYS" || err.code === "EINVAL" || err.code === "ENOTSOCK")) binding = undefined;
-          else throw err;
+          else throw fail(err);
         }
       } else if (sent === 0) {
-        throw new Error(`${region.path.toString()} shrank while being sent`);
+        throw fail(new Error(`${region.path.toString()} shrank while being sent`));
       } else {
         full = sent < want;
       }
     }
-    if (left > 0 && full) {
+    if (!(left > 0 && full) || socket.destroyed || res.destroyed) {
+      if (buf) narBuffers.release(buf);
+      continue; // the loop's first check throws when the client left
+    }
+    {
       const n = Math.min(PIECE, left);
-      const buf = narBuffers.acquire(n);
-      let got = 0;
+      buf ??= narBuffers.acquire(n);
+      if (got > n) got = 0; // not expected: read it again
       try {
         while (got < n) {
           const { bytesRead } = await region.fh.read(buf, got, n - got, off + got);
@@ -136,10 +151,6 @@ export async function sendRegion(
         narBuffers.release(buf);
         throw e;
       }
-      if (socket.destroyed || res.destroyed) {
-        narBuffers.release(buf);
-        throw prematureClose();
-      }
       await writeAndWait(res, buf.subarray(0, n));
       off += n;
       left -= n;
@@ -148,13 +159,13 @@ export async function sendRegion(
   }
 }
 
-function call(binding: SendfileBinding, outFd: number, inFd: number, off: number, len: number): Promise<{ err: NodeJS.ErrnoException | null; sent: number }> {
+function call(binding: SendfileBinding, outFd: number, inFd: number, off: number, len: number, piece: Buffer): Promise<{ err: NodeJS.ErrnoException | null; sent: number; pieceBytes: number }> {
   return new Promise((resolve) => {
     try {
-      binding.sendfile(outFd, inFd, off, len, (err, sent) => resolve({ err, sent }));
+      binding.sendfile(outFd, inFd, off, len, piece, (err, sent, pieceBytes) => resolve({ err, sent, pieceBytes }));
     } catch (e) {
       // The addon could not dup() the descriptors (EMFILE, ENFILE): nothing was sent.
-      resolve({ err: e as NodeJS.ErrnoException, sent: 0 });
+      resolve({ err: e as NodeJS.ErrnoException, sent: 0, pieceBytes: 0 });
     }
   });
 }

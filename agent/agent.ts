@@ -6,6 +6,7 @@ import { formatPublicKey, type SecretKey } from "../protocol/keys.js";
 import type { AgentConfig } from "./config.js";
 import type { StatusDocument } from "./http/admin-routes.js";
 import { createHttpServer } from "./http/server.js";
+import { loadSendfile } from "./http/send-file.js";
 import { handleDashboard } from "./http/dashboard.js";
 import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
@@ -140,7 +141,11 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       ...(mesh && { admission: mesh.admissionStatus() }),
     };
   };
+  const sendfile = config.sendfile ? loadSendfile() : { why: "switched off (sendfile = false)" };
+  if (sendfile.binding) log.info({ narSend: "sendfile" }, "NAR bodies from this host's store go out with sendfile(2)");
+  else log.info({ narSend: "pooled", reason: sendfile.why }, "NAR bodies from this host's store go out through pooled reads");
   const server = createHttpServer({
+    sendfile: sendfile.binding,
     source,
     local: store,
     priority: config.priority,

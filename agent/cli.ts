@@ -51,6 +51,8 @@ program
   .option("--mesh-compression <mode>", "compress NAR transfers between agents with zstd: auto (when the link from the peer is slow, under 40 MB/s measured, or its ping is 5 ms or more before any measurement), zstd (whenever the peer can) or off (env FLEETCACHE_MESH_COMPRESSION; default auto)")
   .option("--mesh-bulk", "send and take NAR bodies between agents on the bulk port (mesh port + 1: TLS 1.3 keyed by one-time tickets given over the mesh), falling back to the mesh stream where it cannot be reached (env FLEETCACHE_MESH_BULK; default on)")
   .option("--no-mesh-bulk", "NAR bodies on the mesh stream only; no bulk port")
+  .option("--sendfile", "send NAR file contents from this host's store with sendfile(2), when the native addon is built (env FLEETCACHE_SENDFILE; default on)")
+  .option("--no-sendfile", "read NAR file contents into pooled buffers and write them")
   .option("--summary-budget <keys>", "summary keys a peer may send in a burst (then 20,000 a second); a peer over it is disconnected and refused for a while (env FLEETCACHE_SUMMARY_BUDGET; default 8454144: two snapshots of the largest summary)")
   .option("--reconnect-wait <seconds>", "how long a lookup waits for a peer that just disconnected (an agent restarting) when it alone holds the path, before answering 404 (env FLEETCACHE_RECONNECT_WAIT; default 5; 0: at once)")
   .option("--upstream-key <name:base64>", "Nix public key of an upstream cache this host trusts (cache.nixos.org-1:...), repeatable: a peer's narinfo for a path such a key signed is used only with that signature; fleet keys alone suffice only for paths no upstream signed (env FLEETCACHE_UPSTREAM_KEYS, comma-separated; default: Nix's trusted-public-keys that are not fleet keys; \"none\" for none)", collect)
@@ -83,6 +85,7 @@ program
           upstreamCaches: opts.upstreamCache,
           meshCompression: opts.meshCompression,
           meshBulk: opts.meshBulk,
+          sendfile: opts.sendfile,
         },
       });
     } catch (e) {

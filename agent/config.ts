@@ -53,6 +53,8 @@ export interface AgentConfig {
   meshCompression: CompressionMode;
   /** NAR bodies between agents on the bulk port (mesh port + 1, TLS keyed by one-time tickets) instead of the mesh stream. */
   meshBulk: boolean;
+  /** NAR bodies from this host's store sent with sendfile(2) when the addon is built (agent/http/send-file.ts). */
+  sendfile: boolean;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -195,6 +197,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   upstreamCaches: { key: "upstreamCaches", toml: "upstream_caches", env: "FLEETCACHE_UPSTREAM_CACHES", parse: upstreamCaches },
   meshCompression: { key: "meshCompression", toml: "mesh_compression", env: "FLEETCACHE_MESH_COMPRESSION", parse: meshCompression },
   meshBulk: { key: "meshBulk", toml: "mesh_bulk", env: "FLEETCACHE_MESH_BULK", parse: bool },
+  sendfile: { key: "sendfile", toml: "sendfile", env: "FLEETCACHE_SENDFILE", parse: bool },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -218,6 +221,7 @@ export const DEFAULTS: AgentConfig = {
   upstreamCaches: [],
   meshCompression: "auto",
   meshBulk: true,
+  sendfile: true,
 };
 
 export class ConfigError extends Error {}

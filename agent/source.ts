@@ -1,6 +1,7 @@
 // Where store paths come from. The HTTP side asks a PathSource and does not care whether the
 // answer comes from this host's store or (later) from a peer's: keep that decision behind this.
 import type { PathInfo } from "../protocol/path-info.js";
+import type { NarPiece } from "./store/nar-dump.js";
 
 /** What pathInfoNow() returns when the answer needs I/O (the daemon, a peer): ask pathInfo(). */
 export const NOT_NOW = Symbol("ask pathInfo()");
@@ -23,6 +24,18 @@ export interface PathSource {
    * `readSize`, asked before each read from the local store, bounds what one read holds in memory.
    */
   narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncIterable<Buffer>;
+  /**
+   * narStream(), where bytes of this host's store files may come as FileRegions (with
+   * `opts.regionMin`) for the HTTP side to send with sendfile(2); bytes from peers stay Buffers.
+   */
+  narPieces?(info: PathInfo, start: number, end: number, opts?: NarPieceOptions): AsyncIterable<NarPiece>;
+}
+
+export interface NarPieceOptions {
+  /** As narStream's readSize. */
+  readSize?: () => number;
+  /** File contents of at least this many bytes come as FileRegions (nar-dump.ts narPieces). */
+  regionMin?: number;
 }
 
 /** The path's bytes are no longer anywhere the source can reach (collected here, no peer holds it). */
@@ -36,7 +49,7 @@ export class NarUnavailableError extends Error {}
  * throws here, before the caller commits to an answer (an HTTP status, a peer's "ok" header).
  * The generator returned yields every chunk; closing it early closes the source.
  */
-export async function primed(chunks: AsyncIterable<Buffer>): Promise<AsyncGenerator<Buffer>> {
+export async function primed<T = Buffer>(chunks: AsyncIterable<T>): Promise<AsyncGenerator<T>> {
   const it = chunks[Symbol.asyncIterator]();
   const first = await it.next();
   const gen = (async function* () {

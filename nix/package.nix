@@ -3,6 +3,7 @@
   lib,
   buildNpmPackage,
   nodejs_24,
+  python3,
 }:
 let
   packageJson = lib.importJSON ../package.json;
@@ -20,6 +21,8 @@ buildNpmPackage {
       ../tsconfig.json
       ../agent
       ../protocol
+      ../binding.gyp
+      ../native
     ];
   };
 
@@ -32,8 +35,17 @@ buildNpmPackage {
   # The active LTS line, the one the tests run on (.ci/run) and package.json's engines name.
   nodejs = nodejs_24;
 
-  # No native addons: the agent reads Nix's database with Node's own node:sqlite, so nothing is
-  # compiled and the build is the same on Linux and macOS.
+  # One native addon, native/sendfile.c (NAR bodies with sendfile(2); README "Set-up"), built
+  # with node-gyp. npmConfigHook installs with --ignore-scripts, so package.json's install script
+  # (node-gyp rebuild) does not run: it is built here after tsc. The hook sets
+  # npm_config_nodedir to this nodejs's headers and npm_config_node_gyp to its bundled node-gyp,
+  # so nothing is downloaded; node-gyp needs Python, and the stdenv's C compiler (gcc on Linux,
+  # clang on macOS). The addon uses N-API only, so it does not depend on the Node release.
+  # The agent reads Nix's database with Node's own node:sqlite: nothing else is compiled.
+  nativeBuildInputs = [ python3 ];
+  postBuild = ''
+    node "$npm_config_node_gyp" rebuild
+  '';
 
   # `npm run build` (tsc) is the build phase. The install phase keeps the files that package.json
   # lists, prunes dev dependencies and links bin/fleetcache; its `npm pack` would run the

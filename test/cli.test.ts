@@ -87,6 +87,7 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       upstreamCaches: [],
       meshCompression: "auto",
       meshBulk: true,
+      sendfile: true,
     });
     assert.equal((await cfg(["--reconnect-wait", "20"], { FLEETCACHE_CONFIG: "" })).config.reconnectWait, 20);
     assert.equal((await cfg(["--reconnect-wait", "600"], { FLEETCACHE_CONFIG: "" })).code, 2, "longer than Nix should be held");
@@ -100,6 +101,8 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
     assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_MESH_COMPRESSION: "zstd" })).config.meshCompression, "zstd");
     assert.equal((await cfg(["--no-mesh-bulk"], { FLEETCACHE_CONFIG: "" })).config.meshBulk, false);
     assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_MESH_BULK: "false" })).config.meshBulk, false);
+    assert.equal((await cfg(["--no-sendfile"], { FLEETCACHE_CONFIG: "" })).config.sendfile, false);
+    assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_SENDFILE: "false" })).config.sendfile, false);
     assert.equal((await cfg(["--mesh-compression", "gzip"], { FLEETCACHE_CONFIG: "" })).code, 2, "an unknown compression mode");
     assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);

@@ -15,6 +15,8 @@ import { HttpError, send, sendError } from "./respond.js";
 import type { Logger } from "../log.js";
 import type { AgentMetrics, Outcome } from "../metrics.js";
 import { drainOrClose } from "../drain.js";
+import type { NarPiece } from "../store/nar-dump.js";
+import { REGION_MIN, sendRegion, type SendfileBinding } from "./send-file.js";
 import type { Reply } from "./fast-path.js";
 
 export interface CacheContext {
@@ -30,6 +32,11 @@ export interface CacheContext {
   metrics?: AgentMetrics;
   /** Whether a PathInfo the source returned came from a peer (else from this host's store). */
   fromPeer?: (info: PathInfo) => boolean;
+  /**
+   * The sendfile addon (send-file.ts), when NAR bodies from this host's store go out with
+   * sendfile(2); undefined: file contents are read into pooled buffers and written.
+   */
+  sendfile?: SendfileBinding | undefined;
   /** The operators' dashboard (GET / and /dashboard/...), when one is installed. */
   dashboard?: (req: IncomingMessage, res: ServerResponse, path: string) => void | Promise<void>;
 }
@@ -188,10 +195,15 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   const count = served ? (n: number) => void (served[key] += n) : undefined;
   // Reads follow the client's pace, so a slow client holds a small read, not a large one.
   const pace = new ReadPace();
-  const chunks = checkedLength(ctx.source.narStream(info, start, end, () => pace.size), end - start, count, pace);
+  const readSize = () => pace.size;
+  // With sendfile, large file contents of this host's store come as regions (peers' bytes never).
+  const pieces: AsyncIterable<NarPiece> = ctx.sendfile && ctx.source.narPieces
+    ? ctx.source.narPieces(info, start, end, { readSize, regionMin: REGION_MIN })
+    : ctx.source.narStream(info, start, end, readSize);
+  const chunks = checkedLength(pieces, end - start, count, pace);
   // The status goes out only once a source has produced the first chunk: a source failing before
   // that gets a real error status, not a 200 followed by a dropped connection.
-  let body: AsyncGenerator<Buffer>;
+  let body: AsyncGenerator<NarPiece>;
   try {
     body = await primed(chunks);
   } catch (e) {
@@ -199,7 +211,7 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   }
   res.writeHead(status, head);
   try {
-    await writeBody(body, res);
+    await writeBody(body, res, ctx.sendfile, count);
     return outcome;
   } catch (e) {
     // writeBody has destroyed the socket, so the client sees a short body against Content-Length,
@@ -243,14 +255,35 @@ function failedBeforeFirstByte(ctx: CacheContext, req: IncomingMessage, res: Ser
  * buffer pool in its write's callback, once the socket has written it (or dropped it): never
  * earlier, or a read for another client would overwrite bytes still queued for this one.
  * (Chunks from elsewhere, a peer's, are not the pool's, and release() ignores them.)
+ * A FileRegion is sent with sendfile (send-file.ts) once every earlier write's callback has run,
+ * so that the kernel has the bytes before it; `count` is told of its bytes as they go.
  * On failure, of the source or of the client, destroys `res` and throws.
  */
-async function writeBody(body: AsyncGenerator<Buffer>, res: ServerResponse): Promise<void> {
+async function writeBody(body: AsyncGenerator<NarPiece>, res: ServerResponse, sendfile?: SendfileBinding, count?: (n: number) => void): Promise<void> {
+  let inFlight = 0; // writes whose callback has not run
+  let flushed: (() => void) | undefined;
   try {
-    for await (const chunk of body) {
+    for await (const piece of body) {
+      if (!Buffer.isBuffer(piece)) {
+        if (inFlight > 0 && !res.destroyed) {
+          await new Promise<void>((resolve) => {
+            flushed = resolve;
+            res.once("close", resolve);
+          });
+          res.off("close", flushed!);
+          flushed = undefined;
+        }
+        await sendRegion(sendfile, res, piece, count);
+        continue;
+      }
+      inFlight++;
+      const written = (): void => {
+        narBuffers.release(piece);
+        if (--inFlight === 0) flushed?.();
+      };
       // A response whose client left while the chunk was being read is destroyed already: its
       // write returns false and neither "drain" nor "close" will come (that close has passed).
-      if (!res.write(chunk, () => narBuffers.release(chunk)) && !res.destroyed) await drainOrClose(res);
+      if (!res.write(piece, written) && !res.destroyed) await drainOrClose(res);
       if (res.destroyed) throw prematureClose();
     }
     res.end();
@@ -265,13 +298,16 @@ function prematureClose(): Error {
   return Object.assign(new Error("the client closed the connection"), { code: "ERR_STREAM_PREMATURE_CLOSE" });
 }
 
-/** Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each was taken. */
-async function* checkedLength(chunks: AsyncIterable<Buffer>, expected: number, count?: (n: number) => void, pace?: ReadPace): AsyncGenerator<Buffer> {
+/**
+ * Passes chunks through, and fails unless exactly `expected` bytes went by; tells `pace` when each
+ * was taken. Counts Buffers; a region's bytes are counted as sendRegion sends them.
+ */
+async function* checkedLength(chunks: AsyncIterable<NarPiece>, expected: number, count?: (n: number) => void, pace?: ReadPace): AsyncGenerator<NarPiece> {
   let seen = 0;
   for await (const chunk of chunks) {
     seen += chunk.length;
     if (seen > expected) throw new Error(`NAR is longer than the ${expected} bytes announced`);
-    count?.(chunk.length);
+    if (Buffer.isBuffer(chunk)) count?.(chunk.length);
     yield chunk;
     pace?.took(chunk.length); // resumed: the response has taken the chunk (or buffered under its limit)
   }

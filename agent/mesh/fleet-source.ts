@@ -10,7 +10,8 @@ import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
-import { NarGoneError, NarUnavailableError, NOT_NOW, type PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, NOT_NOW, type NarPieceOptions, type PathSource } from "../source.js";
+import type { NarPiece } from "../store/nar-dump.js";
 import type { LocalStore } from "../store/local-store.js";
 import { MAX_NAR_TRANSFERS_PER_PEER, NarFetchError, NarVerifier } from "./nar-service.js";
 import type { HolderPenalties } from "./holder-penalties.js";
@@ -214,13 +215,19 @@ export class FleetSource implements PathSource {
     return info;
   }
 
-  async *narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
+  narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
+    // Without regionMin the local store yields Buffers only.
+    return this.narPieces(info, start, end, { ...(readSize ? { readSize } : {}) }) as AsyncGenerator<Buffer>;
+  }
+
+  /** From this host's store when it holds the path (FileRegions as asked), else from peers (Buffers). */
+  async *narPieces(info: PathInfo, start: number, end: number, opts: NarPieceOptions = {}): AsyncGenerator<NarPiece> {
     const hashPart = hashPartOf(info.storePath);
     const local = await this.local.pathInfo(hashPart);
     if (local && local.narHash === info.narHash) {
       let sent = false;
       try {
-        for await (const chunk of this.local.narStream(local, start, end, readSize)) {
+        for await (const chunk of this.local.narPieces(local, start, end, opts)) {
           sent = true;
           yield chunk;
         }

@@ -4,13 +4,13 @@ import { accessSync, constants } from "node:fs";
 import { join } from "node:path";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Listing } from "../../protocol/listing.js";
-import { NarGoneError, type NOT_NOW, type PathSource } from "../source.js";
+import { NarGoneError, type NarPieceOptions, type NOT_NOW, type PathSource } from "../source.js";
 import type { Signer } from "../signer.js";
 import { DaemonClient } from "./daemon-client.js";
 import { DaemonMetadata } from "./daemon-metadata.js";
 import { DatabaseMetadata } from "./db-metadata.js";
 import type { PathWatcher, StoreBackend, StoreMetadata } from "./metadata.js";
-import { narListing, narStream } from "./nar-dump.js";
+import { narListing, narPieces, type NarPiece } from "./nar-dump.js";
 
 export type { StoreBackend } from "./metadata.js";
 
@@ -103,9 +103,18 @@ export class LocalStore implements PathSource {
   }
 
   /** A path whose files are gone (a GC between lookup and read) throws NarGoneError. */
-  async *narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
+  narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
+    return this.narPieces(info, start, end, { ...(readSize ? { readSize } : {}) }) as AsyncGenerator<Buffer>;
+  }
+
+  /** narStream(), with large file contents as FileRegions (see PathSource.narPieces). */
+  async *narPieces(info: PathInfo, start: number, end: number, opts: NarPieceOptions = {}): AsyncGenerator<NarPiece> {
     try {
-      yield* narStream(this.realPath(info.storePath), { start, end, caseHack: this.caseHack, ...(readSize ? { chunkSize: readSize } : {}) });
+      yield* narPieces(this.realPath(info.storePath), {
+        start, end, caseHack: this.caseHack,
+        ...(opts.readSize ? { chunkSize: opts.readSize } : {}),
+        ...(opts.regionMin !== undefined ? { regionMin: opts.regionMin } : {}),
+      });
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new NarGoneError(`${info.storePath} is gone from the store`, { cause: e });
       throw e;

@@ -119,6 +119,30 @@ export interface NarStreamOptions extends WalkOptions {
   pool?: BufferPool;
 }
 
+/**
+ * `length` content bytes of the file open as `fh`, from `offset`: what narPieces() yields instead
+ * of reading them, so that a consumer can send them with sendfile(2). The handle is open only
+ * until the consumer asks for the next piece (or closes the generator): use it before that.
+ */
+export interface FileRegion {
+  fh: FileHandle;
+  path: Buffer;
+  offset: number;
+  length: number;
+}
+
+/** Literal NAR bytes, or a region of a file's contents (narPieces with `regionMin`). */
+export type NarPiece = Buffer | FileRegion;
+
+export interface NarPiecesOptions extends NarStreamOptions {
+  /**
+   * File contents of at least this many bytes (of the range) come as FileRegions instead of
+   * Buffers, except at the very start of the output: the first bytes are always a Buffer, so the
+   * consumer's first write (with the HTTP headers) goes through the socket first. Default: never.
+   */
+  regionMin?: number;
+}
+
 const DEFAULT_CHUNK = 1 << 20;
 /** Headers and small files are gathered into buffers of this size before being yielded. */
 const COALESCE = 64 << 10;
@@ -178,7 +202,19 @@ async function readExact(
  * Throws if a file changes size or disappears while the stream runs, rather than yield a NAR
  * whose length disagrees with its headers.
  */
-export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): AsyncGenerator<Buffer> {
+export function narStream(fsPath: string, opts: NarStreamOptions = {}): AsyncGenerator<Buffer> {
+  // Without regionMin narPieces yields Buffers only.
+  return narPieces(fsPath, { ...opts, regionMin: Infinity }) as AsyncGenerator<Buffer>;
+}
+
+/**
+ * narStream(), with file contents of `opts.regionMin` bytes or more given as FileRegions. After a
+ * region the file's size is checked again (a file that grew or shrank while the consumer sent
+ * it throws, as narStream's reads do); a consumer sending a region must itself fail when the file
+ * ends early (sendfile(2) returns 0).
+ */
+export async function* narPieces(fsPath: string, opts: NarPiecesOptions = {}): AsyncGenerator<NarPiece> {
+  const regionMin = opts.regionMin ?? Infinity;
   const start = opts.start ?? 0;
   const end = opts.end ?? Number.MAX_SAFE_INTEGER;
   const sizing = opts.chunkSize ?? DEFAULT_CHUNK;
@@ -196,6 +232,7 @@ export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): A
   const pool = opts.pool ?? narBuffers;
   const gather = new Gather(pool);
   let pos = 0; // NAR offset of the next byte the walk produces
+  let produced = false; // a byte of the output has been yielded or gathered
   for await (const ev of walk(Buffer.from(fsPath), opts.caseHack ?? false)) {
     if (pos >= end) break;
     if (ev.kind === "bytes") {
@@ -204,6 +241,7 @@ export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): A
       const hi = Math.min(end - pos, b.length);
       pos += b.length;
       if (lo >= hi) continue;
+      produced = true;
       const part = b.subarray(lo, hi);
       if (part.length > gather.room()) yield gather.take();
       if (part.length > gather.room()) yield Buffer.from(part); // larger than a whole gather buffer
@@ -220,6 +258,14 @@ export async function* narStream(fsPath: string, opts: NarStreamOptions = {}): A
         if (!st.isFile() || st.size !== ev.size) throw changed(ev.path, "changed");
         const toEof = hi === ev.size;
         for (let at = lo; at < hi; ) {
+          if (produced && hi - at >= regionMin) {
+            if (gather.len > 0) yield gather.take();
+            yield { fh, path: ev.path, offset: at, length: hi - at };
+            // Sent by the consumer: the file must still be as large as its header said.
+            if ((await fh.stat()).size !== ev.size) throw changed(ev.path, "changed size");
+            break;
+          }
+          produced = true;
           const n = Math.min(chunkSize(), hi - at);
           const last = at + n === hi;
           const probe = last && toEof;

@@ -1,0 +1,388 @@
+// NAR bodies with sendfile(2) (agent/http/send-file.ts, native/sendfile.c): the same bytes as
+// `nix store dump-path` and as the pooled path, from any Range offset, with the failures a
+// transfer can meet (a file shrinking under it, a client hanging up, a slow client against the
+// server's timeouts) handled as the pooled path handles them. Real Nix copies from the agent.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { chmodSync, mkdirSync, readdirSync, symlinkSync, truncateSync, writeFileSync, readFileSync } from "node:fs";
+import { connect, type AddressInfo } from "node:net";
+import type { Server } from "node:http";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { createHttpServer } from "../agent/http/server.js";
+import type { CacheContext } from "../agent/http/cache-routes.js";
+import { loadSendfile, REGION_MIN, type SendfileBinding } from "../agent/http/send-file.js";
+import { createLogger } from "../agent/log.js";
+import { AgentMetrics, type Outcome } from "../agent/metrics.js";
+import { Signer } from "../agent/signer.js";
+import { LocalStore } from "../agent/store/local-store.js";
+import type { PathInfo } from "../protocol/path-info.js";
+import { narUrl } from "../protocol/nar-url.js";
+import { startAgentProcess } from "./helpers/agent.js";
+import { addToStore, dumpPath, hasNix, nix, NIX_FLAGS, run, tempDir } from "./helpers/nix.js";
+
+const execFileP = promisify(execFile);
+const loaded = loadSendfile();
+
+test("the sendfile addon is built and loads (required under CI=true)", async (t) => {
+  if (!loaded.binding) {
+    if (process.env.CI === "true") assert.fail(`no sendfile addon under CI: ${loaded.why}`);
+    t.skip(loaded.why);
+    return;
+  }
+  // One real call: a file's bytes over a loopback TCP connection.
+  const tmp = tempDir();
+  t.after(tmp.cleanup);
+  const data = randomBytes(200_000);
+  writeFileSync(join(tmp.dir, "f"), data);
+  const { open } = await import("node:fs/promises");
+  const fh = await open(join(tmp.dir, "f"));
+  const got: Buffer[] = [];
+  const server = (await import("node:net")).createServer((s) => {
+    s.on("data", (d: Buffer) => got.push(d));
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const sock = connect((server.address() as AddressInfo).port, "127.0.0.1");
+  await new Promise((r) => sock.once("connect", r));
+  const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
+  let off = 100;
+  while (off < data.length) {
+    const [err, sent] = await new Promise<[NodeJS.ErrnoException | null, number]>((r) => loaded.binding!.sendfile(fd, fh.fd, off, data.length - off, (e, n) => r([e, n])));
+    if (err && err.code !== "EAGAIN") throw err;
+    off += sent;
+    if (sent === 0) await new Promise((r) => setTimeout(r, 5));
+  }
+  sock.end();
+  await waitFor(() => got.reduce((n, b) => n + b.length, 0) >= data.length - 100);
+  await fh.close();
+  server.close();
+  assert.deepEqual(Buffer.concat(got), data.subarray(100));
+  // With a piece: when the socket is full, the next bytes come back read (into a paused reader).
+  const sink = (await import("node:net")).createServer((s) => s.pause()); // takes nothing: the socket fills
+  await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
+  const paused = connect((sink.address() as AddressInfo).port, "127.0.0.1");
+  await new Promise((r) => paused.once("connect", r));
+  const pfd = (paused as unknown as { _handle: { fd: number } })._handle.fd;
+  const big = join(tmp.dir, "big");
+  writeFileSync(big, randomBytes(64 << 20));
+  const bh = await open(big);
+  const piece = Buffer.alloc(4096);
+  const [perr, psent, pbytes] = await new Promise<[NodeJS.ErrnoException | null, number, number]>((r) => loaded.binding!.sendfile(pfd, bh.fd, 0, 64 << 20, piece, (e, n, p) => r([e, n, p])));
+  assert.equal(perr, null);
+  assert.ok(psent > 0 && psent < 64 << 20, `a partial count on a full socket (${psent})`);
+  assert.equal(pbytes, 4096);
+  assert.deepEqual(piece, readFileSync(big).subarray(psent, psent + 4096), "the bytes after those sent");
+  paused.destroy();
+  sink.close();
+  await bh.close();
+  // Bad arguments are refused at once, not on the thread pool.
+  assert.throws(() => loaded.binding!.sendfile(-1, fh.fd, 0, 1, () => {}), TypeError);
+});
+
+/** The real addon, counting its calls: proof the bytes went the sendfile way. */
+function spy(): SendfileBinding & { calls: number; bytes: number } {
+  type Done = (e: NodeJS.ErrnoException | null, n: number, piece: number) => void;
+  const s = {
+    calls: 0,
+    bytes: 0,
+    sendfile(out: number, inFd: number, off: number, len: number, piece: Buffer, cb: Done) {
+      s.calls++;
+      loaded.binding!.sendfile(out, inFd, off, len, piece, (e, n, p) => {
+        s.bytes += n;
+        cb(e, n, p);
+      });
+    },
+  };
+  return s as unknown as SendfileBinding & { calls: number; bytes: number };
+}
+
+let tmp: { dir: string; cleanup: () => void } | undefined;
+let root: string;
+let local: LocalStore;
+const paths: Record<"big" | "tree" | "shrink" | "hangup", string> = { big: "", tree: "", shrink: "", hangup: "" };
+const dumps: Record<string, Buffer> = {};
+
+before(async () => {
+  if (!(await hasNix())) {
+    if (process.env.CI === "true") throw new Error("real Nix is required under CI=true");
+    return;
+  }
+  tmp = tempDir();
+  root = join(tmp.dir, "store");
+  // One big file; a tree with files around the region threshold (REGION_MIN), an executable, empty
+  // files, small files, a symlink and a subdirectory; files to shrink and to hang up on.
+  writeFileSync(join(tmp.dir, "big"), randomBytes(24 << 20));
+  const tree = join(tmp.dir, "tree");
+  mkdirSync(join(tree, "sub"), { recursive: true });
+  const sizes = [0, 1, 4096, 65_536, REGION_MIN - 1, REGION_MIN, REGION_MIN + 1, 262_144, 1 << 20, 3_000_001];
+  for (let i = 0; i < 120; i++) writeFileSync(join(tree, `f${String(i).padStart(3, "0")}`), randomBytes(sizes[i % sizes.length]! + (i >= 60 ? i : 0)));
+  writeFileSync(join(tree, "empty"), "");
+  writeFileSync(join(tree, "sub", "empty"), "");
+  writeFileSync(join(tree, "sub", "run"), randomBytes(300_000));
+  chmodSync(join(tree, "sub", "run"), 0o755);
+  symlinkSync("sub/run", join(tree, "link"));
+  writeFileSync(join(tmp.dir, "shrink"), randomBytes(48 << 20));
+  writeFileSync(join(tmp.dir, "hangup"), randomBytes(48 << 20));
+  for (const k of Object.keys(paths) as (keyof typeof paths)[]) paths[k] = await addToStore(root, join(tmp.dir, k));
+  local = new LocalStore(root, new Signer([]));
+  for (const k of ["big", "tree"] as const) dumps[k] = await collect(dumpPath(root, paths[k]));
+});
+
+after(() => {
+  local?.close();
+  tmp?.cleanup();
+});
+
+async function collect(s: NodeJS.ReadableStream & { done: Promise<void> }): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const c of s) parts.push(c as Buffer);
+  await s.done;
+  return Buffer.concat(parts);
+}
+
+interface Served {
+  server: Server;
+  port: number;
+  outcomes: Outcome[];
+  metrics: AgentMetrics;
+  close(): Promise<void>;
+}
+
+async function serve(sendfile: SendfileBinding | undefined, timeouts?: { headers: number; keepAlive: number; checkInterval: number }): Promise<Served> {
+  const metrics = new AgentMetrics({ storePaths: () => 0, peers: () => [], mesh: () => undefined });
+  const outcomes: Outcome[] = [];
+  const request = metrics.request.bind(metrics);
+  metrics.request = (route, method, outcome, start) => {
+    if (route === "nar") outcomes.push(outcome);
+    request(route, method, outcome, start);
+  };
+  const ctx = { source: local, local, priority: 30, log: createLogger({ level: "silent", pretty: false }), metrics, sendfile } as unknown as CacheContext;
+  const server = createHttpServer(ctx, timeouts ? { timeouts } : {});
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    server,
+    port: (server.address() as AddressInfo).port,
+    outcomes,
+    metrics,
+    close: async () => {
+      server.closeAllConnections();
+      await new Promise((r) => server.close(r));
+      metrics.close();
+    },
+  };
+}
+
+async function infoOf(storePath: string): Promise<PathInfo> {
+  return (await local.pathInfo(storePath.slice(11, 43)))!;
+}
+
+async function urlOf(storePath: string): Promise<string> {
+  return "/" + narUrl(storePath.slice(11, 43), (await infoOf(storePath)).narHash);
+}
+
+function ready(t: { skip: (m: string) => void }): boolean {
+  if (!tmp) t.skip("nix not installed");
+  else if (!loaded.binding) t.skip(loaded.why);
+  else return true;
+  return false;
+}
+
+const fdCount = () => readdirSync("/proc/self/fd").length;
+
+test("NARs sent with sendfile equal nix store dump-path and the pooled path's, byte for byte", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  const [a, b] = [await serve(on), await serve(undefined)];
+  try {
+    for (const k of ["big", "tree"] as const) {
+      const url = await urlOf(paths[k]);
+      const withSendfile = Buffer.from(await (await fetch(`http://127.0.0.1:${a.port}${url}`)).arrayBuffer());
+      const pooled = Buffer.from(await (await fetch(`http://127.0.0.1:${b.port}${url}`)).arrayBuffer());
+      assert.ok(withSendfile.equals(dumps[k]!), `${k}: sendfile NAR differs from nix store dump-path`);
+      assert.ok(pooled.equals(dumps[k]!), `${k}: pooled NAR differs from nix store dump-path`);
+    }
+    assert.ok(on.calls > 0 && on.bytes > 24 << 20, `sendfile carried the file contents (calls ${on.calls}, bytes ${on.bytes})`);
+    assert.deepEqual(a.outcomes, ["hit_local", "hit_local"]);
+    assert.equal(a.metrics.narBytesServed.local, dumps.big!.length + dumps.tree!.length, "every byte counted once");
+  } finally {
+    await a.close();
+    await b.close();
+  }
+});
+
+test("Range requests from offsets in the framing and inside file contents, and HEAD", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  const a = await serve(on);
+  try {
+    const tree = dumps.tree!;
+    const big = dumps.big!;
+    // The first file's contents start after the magic and the headers: find a big file's.
+    const cases: ["big" | "tree", number, number][] = [
+      ["tree", 0, 10], // the magic
+      ["tree", 5, 300_000], // from inside the magic into file contents
+      ["tree", 200, tree.length], // framing to the end
+      ["tree", 70_000, 4_000_000], // inside contents, across files and their framing
+      ["tree", tree.length - 100_000, tree.length], // the last bytes
+      ["big", 123_457, 20_000_003], // mid-file to mid-file
+      ["big", 1_000_001, big.length], // mid-file to the end, with the closing framing
+      ["big", big.length - 1, big.length],
+    ];
+    for (const [k, s, e] of cases) {
+      const res = await fetch(`http://127.0.0.1:${a.port}${await urlOf(paths[k])}`, { headers: { Range: `bytes=${s}-${e - 1}` } });
+      assert.equal(res.status, 206);
+      assert.equal(res.headers.get("content-range"), `bytes ${s}-${e - 1}/${dumps[k]!.length}`);
+      const got = Buffer.from(await res.arrayBuffer());
+      assert.ok(got.equals(dumps[k]!.subarray(s, e)), `${k} [${s}, ${e}) differs`);
+    }
+    assert.ok(on.calls > 0, "ranges inside large contents were sent with sendfile");
+    const head = await fetch(`http://127.0.0.1:${a.port}${await urlOf(paths.big)}`, { method: "HEAD" });
+    assert.equal(head.status, 200);
+    assert.equal(head.headers.get("content-length"), String(big.length));
+    assert.equal((await head.arrayBuffer()).byteLength, 0);
+  } finally {
+    await a.close();
+  }
+});
+
+/** Sends a GET on a raw socket, paused; returns the socket and a promise of everything it received. */
+function rawGet(port: number, path: string): { sock: ReturnType<typeof connect>; all: Promise<Buffer> } {
+  const sock = connect(port, "127.0.0.1", () => sock.write(`GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`));
+  sock.pause();
+  const chunks: Buffer[] = [];
+  const all = new Promise<Buffer>((resolve) => {
+    sock.on("data", (d: Buffer) => chunks.push(d));
+    sock.on("close", () => resolve(Buffer.concat(chunks)));
+    sock.on("error", () => {});
+  });
+  return { sock, all };
+}
+
+test("a file that shrinks mid-transfer cuts the connection: the client sees a short body", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  const a = await serve(on);
+  try {
+    const info = await infoOf(paths.shrink);
+    const { sock, all } = rawGet(a.port, await urlOf(paths.shrink));
+    // The client reads nothing: the agent fills the socket buffers and waits. Then the file shrinks.
+    await waitFor(() => on.calls > 0);
+    await new Promise((r) => setTimeout(r, 200));
+    truncateSync(join(root, paths.shrink), 8 << 20);
+    sock.resume();
+    const got = await all;
+    const body = got.subarray(got.indexOf("\r\n\r\n") + 4);
+    assert.match(got.subarray(0, 20).toString(), /^HTTP\/1\.1 200 /);
+    assert.ok(body.length < info.narSize, `short body (${body.length} of ${info.narSize})`);
+    await waitFor(() => a.outcomes.length === 1);
+    assert.deepEqual(a.outcomes, ["server_error"]);
+    assert.equal((await fetch(`http://127.0.0.1:${a.port}/nix-cache-info`)).status, 200, "the agent lives on");
+  } finally {
+    await a.close();
+  }
+});
+
+test("a client hanging up mid-sendfile is 'aborted', the agent lives on, no descriptor leaks", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  const a = await serve(on);
+  try {
+    const url = await urlOf(paths.hangup);
+    await fetch(`http://127.0.0.1:${a.port}/nix-cache-info`); // warm the server's lazily opened state
+    const fds = fdCount();
+    for (let i = 0; i < 5; i++) {
+      const { sock, all } = rawGet(a.port, url);
+      let seen = 0;
+      sock.on("data", (d: Buffer) => (seen += d.length));
+      sock.resume();
+      await waitFor(() => seen > (4 << 20) && on.calls > 0);
+      sock.resetAndDestroy(); // RST: the agent's next sendfile gets ECONNRESET or EPIPE
+      await all;
+      await waitFor(() => a.outcomes.length === i + 1);
+    }
+    assert.deepEqual(a.outcomes, ["aborted", "aborted", "aborted", "aborted", "aborted"]);
+    await waitFor(() => fdCount() <= fds);
+    assert.equal(fdCount(), fds, "descriptors back to where they were");
+    const whole = Buffer.from(await (await fetch(`http://127.0.0.1:${a.port}${url}`)).arrayBuffer());
+    assert.equal(whole.length, (await infoOf(paths.hangup)).narSize, "the next client gets the whole NAR");
+  } finally {
+    await a.close();
+  }
+});
+
+test("a slow client: the transfer outlasts the server's timeouts, memory stays flat", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  // Timeouts of 300 ms (the agent's are 20-30 s); curl takes the 24 MiB NAR at 8 MiB/s, about 3 s.
+  const a = await serve(on, { headers: 300, keepAlive: 300, checkInterval: 50 });
+  try {
+    const fds = fdCount();
+    const before = process.memoryUsage();
+    let peakArrayBuffers = before.arrayBuffers;
+    let peakRss = before.rss;
+    const sampler = setInterval(() => {
+      const m = process.memoryUsage();
+      peakArrayBuffers = Math.max(peakArrayBuffers, m.arrayBuffers);
+      peakRss = Math.max(peakRss, m.rss);
+    }, 20);
+    const { stdout } = await execFileP("curl", ["-s", "--limit-rate", "8M", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", `http://127.0.0.1:${a.port}${await urlOf(paths.big)}`]);
+    clearInterval(sampler);
+    assert.equal(stdout, `200 ${dumps.big!.length}`, "the whole NAR arrived");
+    assert.deepEqual(a.outcomes, ["hit_local"]);
+    assert.ok(on.calls > 0);
+    const grew = peakArrayBuffers - before.arrayBuffers;
+    assert.ok(grew < 4 << 20, `buffers held for the slow client: +${(grew / 2 ** 20).toFixed(1)} MiB (NAR 24 MiB)`);
+    t.diagnostic(`arrayBuffers +${(grew / 2 ** 20).toFixed(2)} MiB, rss +${((peakRss - before.rss) / 2 ** 20).toFixed(1)} MiB, sendfile calls ${on.calls}`);
+    await waitFor(() => fdCount() <= fds);
+  } finally {
+    await a.close();
+  }
+});
+
+test("keep-alive: the next request on the connection is answered after a sendfile body", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  const a = await serve(on);
+  try {
+    const base = `http://127.0.0.1:${a.port}`;
+    const w = ["-o", "/dev/null", "-w", "%{http_code} %{size_download} %{num_connects}\n"];
+    const { stdout } = await execFileP("curl", ["-s", ...w, base + (await urlOf(paths.big)), ...w, base + (await urlOf(paths.tree)), ...w, base + "/nix-cache-info"]);
+    const lines = stdout.trim().split("\n");
+    assert.deepEqual(lines.slice(0, 2), [`200 ${dumps.big!.length} 1`, `200 ${dumps.tree!.length} 0`], "one connection for all");
+    assert.match(lines[2]!, /^200 \d+ 0$/);
+    assert.ok(on.calls > 0);
+  } finally {
+    await a.close();
+  }
+});
+
+test("nix copy --from the agent (sendfile on), signatures required, then nix store verify", async (t) => {
+  if (!ready(t)) return;
+  const work = tempDir();
+  t.after(work.cleanup);
+  await run("nix-store", ["--generate-binary-cache-key", "sendfile-test-1", join(work.dir, "sec"), join(work.dir, "pub")]);
+  const publicKey = readFileSync(join(work.dir, "pub"), "utf8").trim();
+  const agent = await startAgentProcess(["--store-root", root, "--sign-key", join(work.dir, "sec"), "--state-dir", join(work.dir, "state")]);
+  t.after(() => agent.stop());
+  assert.match(agent.logs(), /"narSend":"sendfile"/, "the agent says it sends NARs with sendfile");
+  const dest = join(work.dir, "dest");
+  await nix([
+    "copy", "--from", agent.url, "--to", dest,
+    "--option", "trusted-public-keys", publicKey, "--option", "require-sigs", "true",
+    "--option", "narinfo-cache-negative-ttl", "0",
+    paths.big, paths.tree,
+  ]);
+  await run("nix", [...NIX_FLAGS, "store", "verify", "--store", dest, "--trusted-public-keys", publicKey, "--sigs-needed", "1", paths.big, paths.tree]);
+  const copied = await collect(dumpPath(dest, paths.tree));
+  assert.ok(copied.equals(dumps.tree!));
+});
+
+async function waitFor(cond: () => boolean, ms = 20_000): Promise<void> {
+  const until = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > until) throw new Error("timed out waiting");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

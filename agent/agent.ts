@@ -12,7 +12,7 @@ import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
 import { Signer } from "./signer.js";
 import { chooseBackend, defaultDaemonSocket, LocalStore } from "./store/local-store.js";
-import { databaseFilesVisible } from "./store/db-version.js";
+import { databaseFilesVisible, nativeLooks } from "./store/db-version.js";
 import { AgentMetrics } from "./metrics.js";
 import { tuneGcForBuffers } from "./gc-tuning.js";
 import { Mesh } from "./mesh/mesh.js";
@@ -48,7 +48,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       : `cannot reach the Nix daemon at ${daemonSocket} (is nix-daemon running, and this user allowed?): ${(e as Error).message}`);
   }
   log.info(
-    { storeBackend: backend, ...(backend === "daemon" ? { daemonSocket } : {}), configured: config.storeBackend },
+    { storeBackend: backend, ...(backend === "daemon" ? { daemonSocket, dbLooks: nativeLooks ? "addon" : "fstatSync" } : {}), configured: config.storeBackend },
     backend === "database" ? "store metadata from the Nix database" : "store metadata from the Nix daemon",
   );
   const dbDir = join(config.storeRoot, "nix/var/nix/db");

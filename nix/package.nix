@@ -35,7 +35,8 @@ buildNpmPackage {
   # The active LTS line, the one the tests run on (.ci/run) and package.json's engines name.
   nodejs = nodejs_24;
 
-  # One native addon, native/sendfile.c (NAR bodies with sendfile(2); README "Set-up"), built
+  # Two native addons, native/sendfile.c (NAR bodies with sendfile(2)) and native/file-version.c
+  # (the daemon backend's fstat of Nix's database files; README "Set-up"), built
   # with node-gyp. npmConfigHook installs with --ignore-scripts, so package.json's install script
   # (node-gyp rebuild) does not run: it is built here after tsc. The hook sets
   # npm_config_nodedir to this nodejs's headers and npm_config_node_gyp to its bundled node-gyp,

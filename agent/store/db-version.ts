@@ -22,6 +22,7 @@
 //   look cheap per lookup under concurrency: the fstat costs about 5 µs of the agent's CPU in the
 //   HTTP path here, more than in a loop on its own (BENCHMARKS.md, "Daemon backend").
 import { closeSync, fstatSync, openSync, statSync, type Stats } from "node:fs";
+import { createRequire } from "node:module";
 import { join } from "node:path";
 
 /** How long after the last write a look at the files tells every later write apart. */
@@ -38,9 +39,18 @@ export class DbVersion {
   /** How many next() calls the last look answered. */
   lastShared = 0;
   private closed = false;
+  /** The last look's file metadata (DEV, INO, SIZE, MTIME, NLINK), and the look before's with its token. */
+  private readonly st = new Float64Array(5);
+  private readonly last = new Float64Array(5);
+  private lastKind = "";
+  private lastToken: string | undefined;
+
+  /** Looks with the addon when it is built, else with fs.fstatSync (`native: false`: always, for tests). */
+  private readonly look: (fd: number, out: Float64Array) => void;
 
   /** `dbDir`: Nix's database directory, `<root>/nix/var/nix/db`. */
-  constructor(dbDir: string) {
+  constructor(dbDir: string, opts: { native?: boolean } = {}) {
+    this.look = opts.native === false || !native ? fstatLook : native.look;
     this.db = join(dbDir, "db.sqlite");
     this.wal = join(dbDir, "db.sqlite-wal");
   }
@@ -51,15 +61,27 @@ export class DbVersion {
    */
   current(now = Date.now()): string | undefined {
     try {
-      const wal = this.walStats();
       // WAL mode (a WAL exists only then): every commit writes the WAL, db.sqlite only gets copies.
-      if (wal) return settled(wal, now) ? `wal ${fileVersion(wal)}` : undefined;
-      const db = statSync(this.db);
+      if (this.walLook()) return this.token("wal", now);
       // Not in WAL mode, or no connection open: commits write db.sqlite (a WAL made since shows above).
-      return settled(db, now) ? `db ${fileVersion(db)}` : undefined;
+      copyStats(statSync(this.db), this.st);
+      return this.token("db", now);
     } catch {
       return undefined; // no database there, or not allowed to look
     }
+  }
+
+  /** The version of the file last looked at (in `st`); the string is made anew only when it changed. */
+  private token(kind: string, now: number): string | undefined {
+    const st = this.st;
+    if (!(now - st[MTIME]! >= SETTLED_MS)) return undefined; // false for times in the future too
+    const last = this.last;
+    if (this.lastToken === undefined || this.lastKind !== kind || st[DEV] !== last[DEV] || st[INO] !== last[INO] || st[SIZE] !== last[SIZE] || st[MTIME] !== last[MTIME]) {
+      last.set(st);
+      this.lastKind = kind;
+      this.lastToken = `${kind} ${st[DEV]}:${st[INO]}:${st[SIZE]}:${st[MTIME]}`;
+    }
+    return this.lastToken;
   }
 
   /**
@@ -90,20 +112,21 @@ export class DbVersion {
     this.walFd = undefined;
   }
 
-  /** The WAL's metadata, or undefined if there is none. */
-  private walStats(): Stats | undefined {
+  /** Looks at the WAL (into `st`); false if there is none. */
+  private walLook(): boolean {
     if (this.walFd !== undefined) {
-      const st = fstatSync(this.walFd);
-      if (st.nlink > 0) return st;
+      this.look(this.walFd, this.st);
+      if (this.st[NLINK]! > 0) return true;
       this.closeWal(); // deleted: a new one may have been made under the same name
     }
     try {
       this.walFd = openSync(this.wal, "r");
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
       throw e;
     }
-    return fstatSync(this.walFd);
+    this.look(this.walFd, this.st);
+    return true;
   }
 }
 
@@ -118,8 +141,46 @@ export function databaseFilesVisible(dbDir: string): boolean {
   }
 }
 
-const settled = (st: Stats, now: number) => now - st.mtimeMs >= SETTLED_MS; // false for times in the future too
-
 // Not the change time: each daemon process running as root that opens the WAL changes it (SQLite
 // gives a journal the database's owner), and every write changes the modification time anyway.
-const fileVersion = (st: Stats) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}`;
+const [DEV, INO, SIZE, MTIME, NLINK] = [0, 1, 2, 3, 4];
+
+interface FileVersionBinding {
+  fileVersion(fd: number, out: Float64Array): number;
+}
+
+/**
+ * The addon (native/file-version.c): fstat without the Stats object fs.fstatSync makes, about
+ * 2 µs less CPU a narinfo hit in the agent (BENCHMARKS.md, "Daemon backend").
+ */
+const native = ((): { look(fd: number, out: Float64Array): void } | undefined => {
+  try {
+    const addon = new URL("../../../build/Release/file_version.node", import.meta.url);
+    const binding = createRequire(import.meta.url)(addon.pathname) as FileVersionBinding;
+    if (typeof binding.fileVersion !== "function") return undefined;
+    return {
+      look(fd, out) {
+        const errno = binding.fileVersion(fd, out);
+        if (errno !== 0) throw Object.assign(new Error(`fstat of fd ${fd}: errno ${errno}`), { errno });
+      },
+    };
+  } catch {
+    return undefined; // not built: fstatSync
+  }
+})();
+
+/** Whether looks use the addon (else fs.fstatSync). */
+export const nativeLooks = native !== undefined;
+
+/** fstat(fd) into `out` (DEV, INO, SIZE, MTIME in ms, NLINK). */
+function fstatLook(fd: number, out: Float64Array): void {
+  copyStats(fstatSync(fd), out);
+}
+
+function copyStats(st: Stats, out: Float64Array): void {
+  out[DEV] = st.dev;
+  out[INO] = st.ino;
+  out[SIZE] = st.size;
+  out[MTIME] = st.mtimeMs;
+  out[NLINK] = st.nlink;
+}

@@ -34,12 +34,14 @@ export const wanLatency: Scenario = {
       // Lookups and samples every 2 s while downloads run back to back.
       const lookups: number[] = [];
       const rtts: number[] = [];
-      let lookupFailures = 0;
+      // Lookups not answered 200: the status (0: curl failed), when, and how long it took.
+      const lookupFailures: string[] = [];
       const sampler = (async () => {
         while (Date.now() < end) {
-          const r = await narinfoLatencyMs(b, blob).catch(() => ({ status: 0, ms: 0 }));
+          const at = Date.now();
+          const r = await narinfoLatencyMs(b, blob).catch(() => ({ status: 0, ms: Date.now() - at }));
           if (r.status === 200) lookups.push(r.ms);
-          else lookupFailures++;
+          else lookupFailures.push(`${r.status} at ${Math.round((at - start) / 1000)} s after ${Math.round(r.ms)} ms`);
           const peer = (await b.status().catch(() => undefined))?.peers.find((p) => p.name === "a-1") as { rttMs?: number } | undefined;
           if (peer?.rttMs !== undefined) rtts.push(peer.rttMs);
           meters.a.sample();
@@ -77,7 +79,7 @@ export const wanLatency: Scenario = {
           ["downloads at 1 MiB/s (64 MiB)", `${downloads.length - failed.length} of ${downloads.length} complete`],
           ...(failed.length > 0 ? [["first failure", failed[0]!.error ?? ""] as [string, string]] : []),
           ["download time", downloads.filter((d) => d.ok).map((d) => `${(d.ms / 1000).toFixed(1)} s`).join(", ") || "-"],
-          ["narinfo on B (held by A)", `${percentiles(lookups)}${lookupFailures ? `, ${lookupFailures} failed` : ""}`],
+          ["narinfo on B (held by A)", `${percentiles(lookups)}${lookupFailures.length ? `; not 200: ${lookupFailures.join(", ")}` : ""}`],
           ["RTT B reports for A", percentiles(rtts)],
           ["NAR bodies B took on the bulk port", `${counters.bulkNarsReceived ?? 0} (fell back to the mesh stream: ${counters.bulkFallbacks ?? 0})`],
           ["agent A", meters.a.summary()],

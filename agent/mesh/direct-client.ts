@@ -36,8 +36,11 @@ export class DirectRoutes {
     if (host === undefined) return undefined;
     // A link slow enough for zstd is not a LAN Nix should pull plain bytes over.
     if (this.compression?.wantsZstd(peerId)) return undefined;
+    const asked = performance.now();
     try {
       const t = await askDirect(this.node, peerId, req, { headerTimeoutMs: DIRECT_ASK_MS, ...(signal && { signal }) });
+      // For bench/mesh.ts: the ticket's round trip is the latency this mode adds per NAR.
+      this.log?.debug({ peer: peerId, hashPart: req.hashPart, ms: Math.round((performance.now() - asked) * 10) / 10, ticket: typeof t === "object" }, "mesh: direct ticket asked");
       if (typeof t === "string") {
         this.fallbacks++;
         if (t === "no-direct") this.#noDirectUntil.set(peerId, Date.now() + DIRECT_RETRY_AFTER_MS);

@@ -146,7 +146,9 @@ export class DirectListener {
     if (req.url !== t.path) return this.#refuse(res, 404);
     this.admission.admitted(req.socket);
     this.counters.served++;
+    const started = performance.now();
     await serve(req, res, t.info, (n) => (this.counters.bytes += n));
+    this.log.debug({ path: t.info.storePath, ms: Math.round((performance.now() - started) * 10) / 10 }, "mesh: NAR sent on the direct port");
   }
 
   #refuse(res: ServerResponse, status: number, headers: Record<string, string> = {}): void {

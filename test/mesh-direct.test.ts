@@ -109,6 +109,25 @@ test("direct_lan on both: Nix on B fetches every NAR from A's direct port (redir
   assert.match(status, new RegExp(`LAN-direct NARs: ${closure.length} redirected to peers \\(0 relayed instead\\)`));
 });
 
+test("the redirect: 307 to A's address on the mesh and the direct port (mesh port + 2), no-store; its URL works once; A's port refuses the rest", { timeout: 60_000 }, async (t) => {
+  if (!ready(t)) return;
+  if (!B.agent || !(await A.status()).counters.directNarsSent) await start(["--direct-lan"], ["--direct-lan"]);
+  const hashPart = bigPath.slice(11, 43);
+  const url = /^URL: (.*)$/m.exec((await B.http(`/${hashPart}.narinfo`)).body)![1]!;
+  const head = await B.exec("curl", ["-sS", "-o", "/dev/null", "-D", "-", `${B.agent!.url}/${url}`]);
+  assert.match(head, /^HTTP\/1\.1 307 /);
+  assert.match(head, /^cache-control: no-store\r$/im);
+  const location = /^location: (.*)\r$/im.exec(head)![1]!;
+  assert.match(location, new RegExp(`^http://${A.net.ip.replaceAll(".", "\\.")}:${P2P_PORT + 2}/[0-9a-f]{32}/${url.replaceAll(".", "\\.")}$`));
+  const fetch = (u: string) => B.exec("curl", ["-sS", "-o", join(B.dir, "direct.nar"), "-w", "%{http_code}", u]);
+  assert.equal(await fetch(location), "200");
+  assert.equal(sha(readFileSync(join(B.dir, "direct.nar"))), sha(await dump(A.storeRoot, bigPath)));
+  assert.equal(await fetch(location), "404", "used");
+  assert.equal(await fetch(location.replace(/\/[0-9a-f]{32}\//, "/" + "0".repeat(32) + "/")), "404", "a made-up ticket");
+  assert.equal(await fetch(`http://${A.net.ip}:${P2P_PORT + 2}/nix-cache-info`), "404", "nothing but ticketed NARs");
+  assert.ok((await A.status()).counters.directRefused! >= 3);
+});
+
 test("a Range request to B with direct_lan on is relayed and verified (206), not redirected", { timeout: 60_000 }, async (t) => {
   if (!ready(t)) return;
   if (!B.agent || !(await A.status()).counters.directNarsSent) await start(["--direct-lan"], ["--direct-lan"]);

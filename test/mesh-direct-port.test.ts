@@ -20,6 +20,7 @@ import { parseHash } from "../protocol/hash.js";
 import { encodeNix32 } from "../protocol/nix32.js";
 import { createMeshNode } from "../agent/mesh/node.js";
 import { askDirect, serveNar } from "../agent/mesh/nar-service.js";
+import { DirectRoutes } from "../agent/mesh/direct-client.js";
 import { NarCompression } from "../agent/mesh/nar-compression.js";
 import { BulkListener } from "../agent/mesh/bulk-listener.js";
 import { DIRECT_HEADERS_MS, DIRECT_INBOUND_PER_HOST, DirectListener } from "../agent/mesh/direct-listener.js";
@@ -86,7 +87,7 @@ async function pair(o: { direct?: boolean } = {}) {
   await b.libp2p.dial(a.addresses()[0]!);
   const peer = a.peerId.toString();
   const ticket = (n: Nar) => askDirect(b, peer, { hashPart: n.hashPart, narHash: n.narHash, narSize: n.narSize });
-  return { direct, ticket, local };
+  return { direct, ticket, local, b, peer, bulk };
 }
 
 interface Got {
@@ -265,4 +266,27 @@ test("askDirect: a holder without direct (direct_lan off) answers with the body,
   const other = { ...fx!.small, narHash: "sha256:" + "0".repeat(52) };
   assert.equal(await on.ticket(other), "refused");
   assert.equal(on.direct.tickets, 0, "no ticket for a NAR not held");
+});
+
+test("DirectRoutes: a URL on the holder's address for an on-link holder; none over a compressing link, and none (without asking) from a holder that did not offer direct", async (t) => {
+  if (!(await needNix(t))) return;
+  const n = fx!.big;
+  const req = { hashPart: n.hashPart, narHash: n.narHash, narSize: n.narSize };
+  const on = await pair();
+  const routes = new DirectRoutes(on.b, new NarCompression("off"));
+  const url = await routes.url(on.peer, req);
+  assert.match(url ?? "", new RegExp(`^http://127\\.0\\.0\\.1:${on.direct.port}/[0-9a-f]{32}/nar/${n.hashPart}-`));
+  const got = await get(on.direct.port, new URL(url!).pathname);
+  assert.equal(sha(got.body), sha(n.dump));
+  assert.deepEqual([routes.redirects, routes.fallbacks], [1, 0]);
+  // A link slow enough for zstd (here: compression forced on) is relayed; the holder is not even asked.
+  const zstd = new DirectRoutes(on.b, new NarCompression("zstd"));
+  assert.equal(await zstd.url(on.peer, req), undefined);
+  assert.equal(on.direct.tickets, 0, "no ticket was asked for");
+  // A holder without direct answers with the body once; it is not asked again for a while.
+  const off = await pair({ direct: false });
+  const r = new DirectRoutes(off.b, new NarCompression("off"));
+  assert.equal(await r.url(off.peer, req), undefined);
+  assert.equal(await r.url(off.peer, req), undefined);
+  assert.deepEqual([r.redirects, r.fallbacks], [0, 1], "asked once");
 });

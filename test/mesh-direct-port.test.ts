@@ -290,3 +290,16 @@ test("DirectRoutes: a URL on the holder's address for an on-link holder; none ov
   assert.equal(await r.url(off.peer, req), undefined);
   assert.deepEqual([r.redirects, r.fallbacks], [0, 1], "asked once");
 });
+
+test("DirectRoutes: a holder whose direct port cannot be reached from here (a firewall) is relayed, and not asked again for a while", async (t) => {
+  if (!(await needNix(t))) return;
+  const n = fx!.small;
+  const req = { hashPart: n.hashPart, narHash: n.narHash, narSize: n.narSize };
+  const p = await pair();
+  // The holder still hands out tickets for its port, but nothing listens there any more.
+  await new Promise<void>((r) => p.direct.server.close(() => r()));
+  const routes = new DirectRoutes(p.b, new NarCompression("off"));
+  assert.equal(await routes.url(p.peer, req), undefined);
+  assert.equal(await routes.url(p.peer, req), undefined);
+  assert.deepEqual([routes.redirects, routes.fallbacks], [0, 1], "probed and asked once");
+});

@@ -17,6 +17,7 @@ import { databaseFilesVisible } from "./store/db-version.js";
 import { AgentMetrics } from "./metrics.js";
 import { tuneGcForBuffers } from "./gc-tuning.js";
 import { Mesh } from "./mesh/mesh.js";
+import { directSource } from "./mesh/direct-listener.js";
 import { meshListenPort } from "./address.js";
 import type { PathSource } from "./source.js";
 import { VERSION } from "./version.js";
@@ -85,7 +86,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       compression: config.meshCompression,
       bulk: config.meshBulk,
       // The direct port sends NARs of this store exactly as the local NAR route does.
-      ...(config.directLan && { direct: { serve: (req, res, info, count) => sendNar({ source: store, local: store, priority: config.priority, log, sendfile: sendfile.binding }, req, res, info, count) } }),
+      ...(config.directLan && { direct: { serve: (req, res, info, count) => sendNar({ source: directSource(store), local: store, priority: config.priority, log, sendfile: sendfile.binding }, req, res, info, count) } }),
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();

@@ -23,13 +23,13 @@ import { askDirect, serveNar } from "../agent/mesh/nar-service.js";
 import { DirectRoutes } from "../agent/mesh/direct-client.js";
 import { NarCompression } from "../agent/mesh/nar-compression.js";
 import { BulkListener } from "../agent/mesh/bulk-listener.js";
-import { DIRECT_HEADERS_MS, DIRECT_INBOUND_PER_HOST, DirectListener } from "../agent/mesh/direct-listener.js";
+import { DIRECT_HEADERS_MS, DIRECT_INBOUND_PER_HOST, DirectListener, directSource } from "../agent/mesh/direct-listener.js";
 import { sendNar } from "../agent/http/cache-routes.js";
 import { loadSendfile } from "../agent/http/send-file.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { exchange, req as rawReq } from "./helpers/raw-http.js";
-import { addToStore, dumpPath, hasNix, needNix, pathInfo, tempDir } from "./helpers/nix.js";
+import { addToStore, dumpPath, hasNix, needNix, pathInfo, run, tempDir } from "./helpers/nix.js";
 
 const log = pino({ level: "silent" });
 const ka = generateKeyPair("direct-a");
@@ -78,7 +78,7 @@ async function pair(o: { direct?: boolean } = {}) {
   const local = new LocalStore(fx!.root, new Signer([ka]));
   const sendfile = loadSendfile().binding;
   const serve = (req: Parameters<typeof sendNar>[1], res: Parameters<typeof sendNar>[2], info: PathInfo, count: (n: number) => void) =>
-    sendNar({ source: local, local, priority: 30, log, sendfile }, req, res, info, count);
+    sendNar({ source: directSource(local), local, priority: 30, log, sendfile }, req, res, info, count);
   const direct = await DirectListener.start("127.0.0.1", 0, serve, log);
   // Without direct the holder is an agent with direct_lan off: 3.0.0 with its bulk port only.
   const bulk = o.direct === false ? await BulkListener.start("127.0.0.1", 0, log) : undefined;
@@ -302,4 +302,18 @@ test("DirectRoutes: a holder whose direct port cannot be reached from here (a fi
   assert.equal(await routes.url(p.peer, req), undefined);
   assert.equal(await routes.url(p.peer, req), undefined);
   assert.deepEqual([routes.redirects, routes.fallbacks], [0, 1], "probed and asked once");
+});
+
+test("a path collected between its ticket and the request: 502 (Nix retries through its agent, which can fail over), not 404", async (t) => {
+  if (!(await needNix(t))) return;
+  const { dir, cleanup } = tempDir("fleetcache-direct-gone-");
+  t.after(cleanup);
+  writeFileSync(join(dir, "gone.txt"), "collected soon\n");
+  const gone = await nar(fx!.root, await addToStore(fx!.root, join(dir, "gone.txt")));
+  const { ticket } = await pair();
+  const tk = await ticket(gone);
+  assert.ok(typeof tk === "object");
+  await run("nix-store", ["--store", fx!.root, "--delete", gone.path]);
+  const got = await get(tk.port, tk.path);
+  assert.equal(got.status, 502);
 });

@@ -14,6 +14,7 @@ import { BULK_TICKET_BYTES } from "../../protocol/peer-codec.js";
 import { narUrl } from "../../protocol/nar-url.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Logger } from "../log.js";
+import { NarGoneError, NarUnavailableError, type PathSource } from "../source.js";
 import { InboundPerHost } from "./admission.js";
 import { BULK_HANDSHAKE_MS, BULK_INBOUND_PER_HOST, BULK_TICKET_MS } from "./bulk-listener.js";
 
@@ -174,4 +175,26 @@ export class DirectListener {
 /** The URL path a direct ticket opens. */
 export function directPath(ticketHex: string, hashPart: string, narHash: string): string {
   return `/${ticketHex}/${narUrl(hashPart, narHash)}`;
+}
+
+/**
+ * The store as the direct port's NAR source: a path collected between its ticket and the request
+ * is a 502, not the local route's 404. Nix gives a path up on a 404 ("not in this cache") but
+ * retries a 502 from its agent's URL, which can then fail over to another holder.
+ */
+export function directSource(local: PathSource): PathSource {
+  return {
+    pathInfo: (hashPart) => local.pathInfo(hashPart),
+    narStream: (info, start, end, readSize) => notGone(local.narStream(info, start, end, readSize)),
+    ...(local.narPieces && { narPieces: (info, start, end, opts) => notGone(local.narPieces!(info, start, end, opts)) }),
+  };
+}
+
+async function* notGone<T>(chunks: AsyncIterable<T>): AsyncGenerator<T> {
+  try {
+    yield* chunks;
+  } catch (e) {
+    if (e instanceof NarGoneError) throw new NarUnavailableError(e.message, { cause: e });
+    throw e;
+  }
 }

@@ -67,6 +67,14 @@ export function meshListenPort(s: string): number {
  * The bulk port's address (agent/mesh/bulk-listener.ts): the mesh's IP and the next port (37517
  * beside 37516); any free port when the mesh's is 0; none past 65535.
  */
+/** The direct port (LAN-direct NARs, direct-listener.ts): the mesh address's IP, the mesh port + 2 (any free port for mesh port 0). */
+export function directListenAddr(s: string): { host: string; port: number } | undefined {
+  const [ip, tcp] = meshListenAddr(s).getComponents();
+  const port = Number(tcp!.value);
+  if (port >= 65534) return undefined;
+  return { host: ip!.value!, port: port === 0 ? 0 : port + 2 };
+}
+
 export function bulkListenAddr(s: string): { host: string; port: number } | undefined {
   const [ip, tcp] = meshListenAddr(s).getComponents();
   const port = Number(tcp!.value);

@@ -7,6 +7,7 @@ import type { AgentConfig } from "./config.js";
 import type { StatusDocument } from "./http/admin-routes.js";
 import { createHttpServer } from "./http/server.js";
 import { loadSendfile } from "./http/send-file.js";
+import { sendNar } from "./http/cache-routes.js";
 import { handleDashboard } from "./http/dashboard.js";
 import { ensureHostKey, readSecretKeyFile } from "./keys-file.js";
 import type { Logger } from "./log.js";
@@ -16,6 +17,7 @@ import { databaseFilesVisible, nativeLooks } from "./store/db-version.js";
 import { AgentMetrics } from "./metrics.js";
 import { tuneGcForBuffers } from "./gc-tuning.js";
 import { Mesh } from "./mesh/mesh.js";
+import { directSource } from "./mesh/direct-listener.js";
 import { meshListenPort } from "./address.js";
 import type { PathSource } from "./source.js";
 import { VERSION } from "./version.js";
@@ -62,6 +64,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
     peers: () => mesh?.peerGauges() ?? [],
     mesh: () => mesh?.tallies(),
   });
+  const sendfile = config.sendfile ? loadSendfile() : { why: "switched off (sendfile = false)" };
   if (config.p2pListen) {
     const upstreamKeys = await resolveUpstreamKeys(config, keys, log);
     if (config.upstreamCaches.length > 0 && upstreamKeys.length === 0) {
@@ -82,6 +85,8 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
       reconnectWaitMs: config.reconnectWait * 1000,
       compression: config.meshCompression,
       bulk: config.meshBulk,
+      // The direct port sends NARs of this store exactly as the local NAR route does.
+      ...(config.directLan && { direct: { serve: (req, res, info, count) => sendNar({ source: directSource(store), local: store, priority: config.priority, log, sendfile: sendfile.binding }, req, res, info, count) } }),
       onError: (e) => metrics.errors.add(e),
     }).catch((e: Error) => {
       store.close();
@@ -136,12 +141,13 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         admissionRefused: mesh?.tallies().admissionRefused ?? 0,
         ...(mesh?.bulk && { bulkNarsSent: mesh.bulk.served, bulkRefused: mesh.bulk.refused }),
         ...(mesh?.bulkRoutes && { bulkNarsReceived: mesh.bulkRoutes.received, bulkFallbacks: mesh.bulkRoutes.fallbacks }),
+        ...(mesh?.direct && { directRequests: mesh.direct.counters.requests, directNarsSent: mesh.direct.counters.served, directRefused: mesh.direct.counters.refused, directBytesSent: mesh.direct.counters.bytes }),
+        ...(mesh?.directRoutes && { directRedirects: mesh.directRoutes.redirects, directFallbacks: mesh.directRoutes.fallbacks }),
       },
       recentErrors: metrics.errors.list(),
       ...(mesh && { admission: mesh.admissionStatus() }),
     };
   };
-  const sendfile = config.sendfile ? loadSendfile() : { why: "switched off (sendfile = false)" };
   if (sendfile.binding) log.info({ narSend: "sendfile" }, "NAR bodies from this host's store go out with sendfile(2)");
   else log.info({ narSend: "pooled", reason: sendfile.why }, "NAR bodies from this host's store go out through pooled reads");
   const server = createHttpServer({

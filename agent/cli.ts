@@ -53,6 +53,8 @@ program
   .option("--no-mesh-bulk", "NAR bodies on the mesh stream only; no bulk port")
   .option("--sendfile", "send NAR file contents from this host's store with sendfile(2), when the native addon is built (env FLEETCACHE_SENDFILE; default on)")
   .option("--no-sendfile", "read NAR file contents into pooled buffers and write them")
+  .option("--direct-lan", "trusted LANs only: serve NARs to peers' Nix on a plain-HTTP direct port (mesh port + 2, one-time tickets) and answer Nix's NAR requests for paths an on-link peer holds with a redirect to that peer's direct port; NAR bytes then cross the LAN unencrypted and are checked by Nix alone (env FLEETCACHE_DIRECT_LAN; default off)")
+  .option("--no-direct-lan", "relay and verify every peer's NAR (no direct port)")
   .option("--summary-budget <keys>", "summary keys a peer may send in a burst (then 20,000 a second); a peer over it is disconnected and refused for a while (env FLEETCACHE_SUMMARY_BUDGET; default 8454144: two snapshots of the largest summary)")
   .option("--reconnect-wait <seconds>", "how long a lookup waits for a peer that just disconnected (an agent restarting) when it alone holds the path, before answering 404 (env FLEETCACHE_RECONNECT_WAIT; default 5; 0: at once)")
   .option("--upstream-key <name:base64>", "Nix public key of an upstream cache this host trusts (cache.nixos.org-1:...), repeatable: a peer's narinfo for a path such a key signed is used only with that signature; fleet keys alone suffice only for paths no upstream signed (env FLEETCACHE_UPSTREAM_KEYS, comma-separated; default: Nix's trusted-public-keys that are not fleet keys; \"none\" for none)", collect)
@@ -86,6 +88,7 @@ program
           meshCompression: opts.meshCompression,
           meshBulk: opts.meshBulk,
           sendfile: opts.sendfile,
+          directLan: opts.directLan,
         },
       });
     } catch (e) {

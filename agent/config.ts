@@ -55,6 +55,12 @@ export interface AgentConfig {
   meshBulk: boolean;
   /** NAR bodies from this host's store sent with sendfile(2) when the addon is built (agent/http/send-file.ts). */
   sendfile: boolean;
+  /**
+   * LAN-direct NARs (trusted LANs only, both ends): as holder, a plain-HTTP direct port (mesh port
+   * + 2) serving NARs to one-time tickets; as requester, Nix's NAR GET answered with a redirect
+   * to an on-link holder's direct port. Off: NARs are relayed and verified by this agent.
+   */
+  directLan: boolean;
 }
 
 export const DEFAULT_PORT = 37515;
@@ -198,6 +204,7 @@ const SETTINGS: { [K in keyof AgentConfig]: Setting<K> } = {
   meshCompression: { key: "meshCompression", toml: "mesh_compression", env: "FLEETCACHE_MESH_COMPRESSION", parse: meshCompression },
   meshBulk: { key: "meshBulk", toml: "mesh_bulk", env: "FLEETCACHE_MESH_BULK", parse: bool },
   sendfile: { key: "sendfile", toml: "sendfile", env: "FLEETCACHE_SENDFILE", parse: bool },
+  directLan: { key: "directLan", toml: "direct_lan", env: "FLEETCACHE_DIRECT_LAN", parse: bool },
 };
 
 export const DEFAULTS: AgentConfig = {
@@ -222,6 +229,7 @@ export const DEFAULTS: AgentConfig = {
   meshCompression: "auto",
   meshBulk: true,
   sendfile: true,
+  directLan: false,
 };
 
 export class ConfigError extends Error {}

@@ -64,6 +64,16 @@ export interface MeshTallies {
   bulkNarsReceived: number;
   bulkFallbacks: number;
   bulkRefused: number;
+  /**
+   * LAN-direct NARs: requests to the direct port, NARs sent there, requests and sockets refused,
+   * bytes sent; Nix's NAR requests redirected to a peer's direct port, and tickets not had (relayed).
+   */
+  directRequests: number;
+  directNarsSent: number;
+  directRefused: number;
+  directBytesSent: number;
+  directRedirects: number;
+  directFallbacks: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -292,6 +302,12 @@ export class AgentMetrics {
     mirror("fleetcache_bulk_nars_sent_total", "NAR bodies sent to peers on the bulk port (TLS keyed by a one-time ticket) instead of the mesh stream.", (t) => t.bulkNarsSent);
     mirror("fleetcache_bulk_nars_received_total", "NAR bodies received from peers on their bulk port.", (t) => t.bulkNarsReceived);
     mirror("fleetcache_bulk_fallbacks_total", "Bulk connections to a peer that failed (unreachable port, failed handshake); that NAR and the peer's next ones for 10 minutes went on the mesh stream.", (t) => t.bulkFallbacks);
+    mirror("fleetcache_direct_requests_total", "Requests to the direct port (direct_lan): peers' Nix fetching NARs of this host's store.", (t) => t.directRequests);
+    mirror("fleetcache_direct_nars_sent_total", "NARs sent on the direct port for a live one-time ticket.", (t) => t.directNarsSent);
+    mirror("fleetcache_direct_refused_total", "Requests and sockets refused on the direct port: no such ticket (forged, used, expired, for another NAR), a bad request, or over the per-host limit.", (t) => t.directRefused);
+    mirror("fleetcache_direct_bytes_sent_total", "NAR bytes sent on the direct port.", (t) => t.directBytesSent);
+    mirror("fleetcache_direct_redirects_total", "NAR requests from Nix answered with a redirect to a peer's direct port.", (t) => t.directRedirects);
+    mirror("fleetcache_direct_fallbacks_total", "NAR requests for which no direct ticket was had (the holder does not offer it, refused, or failed): relayed instead.", (t) => t.directFallbacks);
     mirror("fleetcache_bulk_refused_total", "Connections to the bulk port refused: no such ticket (forged, used or expired) or over the per-host limit of sockets in their handshake.", (t) => t.bulkRefused);
     mirror("fleetcache_admission_refused_total", "Inbound mesh sockets refused before any handshake because their remote host already held its limit of sockets in their handshake (status lists recent offenders).", (t) => t.admissionRefused);
     const gauge = (name: string, help: string, read: () => number) =>

@@ -29,6 +29,12 @@ export interface PathSource {
    * `opts.regionMin`) for the HTTP side to send with sendfile(2); bytes from peers stay Buffers.
    */
   narPieces?(info: PathInfo, start: number, end: number, opts?: NarPieceOptions): AsyncIterable<NarPiece>;
+  /**
+   * LAN-direct NARs: an absolute URL where Nix can fetch the whole NAR straight from a peer that
+   * holds it (a one-time ticket to its direct port), or undefined to have it sent from here. Never
+   * throws: any failure means "send it from here".
+   */
+  directUrl?(info: PathInfo): Promise<string | undefined>;
 }
 
 export interface NarPieceOptions {

@@ -30,6 +30,8 @@ export interface MeshResult {
   perNarMs: { holder: number; requester: number; nixAgents: number; nixNginx: number };
   /** NAR bodies on the bulk port in the whole case: sent by A, taken by B, fallbacks to the stream. */
   bulk: { sent: number; received: number; fallbacks: number };
+  /** LAN-direct NARs (`--direct`: both agents with direct_lan): B's redirects, NARs A's direct port sent, B's fallbacks to relaying. */
+  direct?: { redirects: number; sent: number; fallbacks: number };
   /** pinned: host A (its agent, nginx) on CPU 1, host B (its agent, Nix) on CPU 0. */
   pinned: boolean;
   /** 1-minute load average before and after the case. */
@@ -123,7 +125,7 @@ const loadAverage = () => Number(readFileSync("/proc/loadavg", "utf8").split(" "
  * `pin`: host A's processes (its agent, nginx) on CPU 1 and host B's (its agent, Nix) on CPU 0,
  * as two hosts would have a CPU each, instead of all of them sharing both CPUs.
  */
-export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; log?: (s: string) => void } = {}): Promise<MeshResult> {
+export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; direct?: boolean; log?: (s: string) => void } = {}): Promise<MeshResult> {
   const mib = opts.mib ?? 400;
   const count = opts.count ?? 40;
   const pin = opts.pin ?? false;
@@ -163,8 +165,9 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     // --trace-gc's lines are C stdio, block-buffered on a pipe: line-buffered, so counts between copies are exact.
     const traceGc = (process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").includes("--trace-gc");
     const env = traceGc ? { LD_PRELOAD: "/usr/libexec/coreutils/libstdbuf.so", _STDBUF_O: "L" } : {};
-    await A.start(["--p2p-listen", `0.0.0.0:${P2P_PORT}`], undefined, env);
-    await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`], undefined, env);
+    const direct = opts.direct ? ["--direct-lan"] : [];
+    await A.start(["--p2p-listen", `0.0.0.0:${P2P_PORT}`, ...direct], undefined, env);
+    await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`, ...direct], undefined, env);
     const aPaths = (await A.status()).self.paths;
     await eventually("B has A's summary", async () => (await B.status()).peers.find((p) => p.connected)?.pathCount === aPaths, 30_000);
     await eventually("nginx answers", async () => (await B.exec("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", `http://${A.net.ip}:${NGINX_PORT}/nix-cache-info`])) === "200", 10_000);
@@ -227,6 +230,8 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const nixNginx = nixCpu[2 * nginxRuns.indexOf(nginxSeconds) + 1]!;
     const [sa, sb] = [(await A.status()).counters, (await B.status()).counters];
     const bulk = { sent: sa.bulkNarsSent ?? 0, received: sb.bulkNarsReceived ?? 0, fallbacks: sb.bulkFallbacks ?? 0 };
+    const directCounts = opts.direct ? { redirects: sb.directRedirects ?? 0, sent: sa.directNarsSent ?? 0, fallbacks: sb.directFallbacks ?? 0 } : undefined;
+    if (directCounts) log(`mesh: LAN-direct: ${directCounts.redirects} redirects by B, ${directCounts.sent} NARs sent by A's direct port, ${directCounts.fallbacks} fallbacks`);
     const perNarMs = { holder: (holderCpu / count) * 1e3, requester: (requesterCpu / count) * 1e3, nixAgents: (nixAgents / count) * 1e3, nixNginx: (nixNginx / count) * 1e3 };
     log(`mesh: CPU ms per NAR: A ${perNarMs.holder.toFixed(1)}, B ${perNarMs.requester.toFixed(1)}, Nix ${perNarMs.nixAgents.toFixed(1)} (through the agents) / ${perNarMs.nixNginx.toFixed(1)} (from nginx); bulk bodies sent ${bulk.sent}, received ${bulk.received}, fallbacks ${bulk.fallbacks}`);
     const gb = narBytes / 1e9;
@@ -238,11 +243,12 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
       // B's agent's log, for a closer look (and its --trace-gc lines, if any)
       writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs());
       if (traceGc) writeFileSync(`${process.env.MESH_BENCH_B_LOG}.gc`, B.agent!.stdout());
+      writeFileSync(`${process.env.MESH_BENCH_B_LOG}.a`, A.agent!.logs()); // and A's, beside it
     }
     log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
     return {
       paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb,
-      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t, perNarMs, bulk, pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
+      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t, perNarMs, bulk, ...(directCounts && { direct: directCounts }), pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
       ...(traceGc && { gc: { holder: agentGc[fastest]![0], requester: agentGc[fastest]![1] } }),
     };
   } finally {
@@ -253,15 +259,16 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
 
 // Standalone: `node dist/bench/mesh.js [MiB] [--count PATHS] [--pin]`.
 if (process.argv[1]?.endsWith("bench/mesh.js")) {
-  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, help: { type: "boolean", default: false } } });
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, direct: { type: "boolean", default: false }, help: { type: "boolean", default: false } } });
   if (values.help) {
-    console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin]
+    console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin] [--direct]
 Nix on host B copies PATHS paths (default 40) of MIB MiB in all (default 400), held by host A,
 through B's and A's agents and from nginx on A, in network namespaces (root); prints the figures
 as JSON on stdout, progress on stderr.
-  --pin   host A's processes on CPU 1, host B's and Nix on CPU 0 (two hosts with a core each)`);
+  --pin     host A's processes on CPU 1, host B's and Nix on CPU 0 (two hosts with a core each)
+  --direct  both agents with direct_lan: B redirects Nix to A's direct port (LAN-direct NARs)`);
   } else {
-    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, log: (s) => console.error(s) });
+    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, direct: values.direct, log: (s) => console.error(s) });
     console.log(JSON.stringify(r));
   }
 }

@@ -603,7 +603,12 @@ async function main(): Promise<void> {
   if (opts.meshMib > 0) {
     try {
       const m = await meshCase({ mib: opts.meshMib, log });
-      meshMd = renderMesh(m);
+      // The opt-in LAN-direct mode (direct_lan on both agents) as a row of its own; the default row stays.
+      const d = await meshCase({ mib: opts.meshMib, direct: true, log }).catch((e: Error) => {
+        warnings.push(`mesh case with direct_lan failed: ${e.message}`);
+        return undefined;
+      });
+      meshMd = renderMesh(m, d);
     } catch (e) {
       warnings.push(`mesh case failed: ${(e as Error).message}`);
     }
@@ -624,19 +629,29 @@ async function main(): Promise<void> {
   }
 }
 
-function renderMesh(m: MeshResult): string {
+function renderMesh(m: MeshResult, d?: MeshResult): string {
   const mb = m.narBytes / 1e6;
+  const direct = d
+    ? [
+        ["seconds, LAN-direct (\`direct_lan\` on both)", d.nginxSeconds.toFixed(2), d.agentSeconds.toFixed(2), ""],
+        ["MB/s, LAN-direct", fmtNum(mb / d.nginxSeconds), fmtNum(mb / d.agentSeconds), d.ratio.toFixed(2) + "×"],
+        ["agents' CPU s/GB, LAN-direct", "", d.agentCpuPerGb.toFixed(2), ""],
+      ]
+    : [];
   return `### Mesh: Nix on one host copying a closure held by a peer
 
 Two hosts in network namespaces on a private bridge. Host A holds ${m.paths} paths (${fmtBytes(m.narBytes)} of NARs);
 Nix on host B copies them with \`nix copy --from URL\` into an empty store, either through B's
 agent (which fetches them from A's agent over the mesh; signatures required) or from nginx on A
 serving the same closure as a static cache (unsigned, \`require-sigs false\`). Best of two runs each.
+The LAN-direct rows are a second case with \`direct_lan\` on both agents: B's agent redirects each
+NAR request to A's direct port and Nix fetches the bytes from A's agent itself (README, "LAN-direct NARs").
 
 ${table(["", "nginx on the peer", "through the agents", "agents/nginx"], [
     ["seconds", m.nginxSeconds.toFixed(2), m.agentSeconds.toFixed(2), ""],
     ["MB/s", fmtNum(mb / m.nginxSeconds), fmtNum(mb / m.agentSeconds), m.ratio.toFixed(2) + "×"],
     ["agents' CPU s/GB (both hosts)", "", m.agentCpuPerGb.toFixed(2), ""],
+    ...direct,
   ])}
 
 `;

@@ -30,6 +30,7 @@ export const TAG_NAR_REQUEST_V2 = 0x23;
 export const TAG_NAR_OK_V2 = 0x24;
 export const TAG_NAR_REQUEST_V3 = 0x25;
 export const TAG_NAR_BULK = 0x26;
+export const TAG_NAR_DIRECT = 0x27;
 export const TAG_PEERS_REQUEST = 0x30;
 export const TAG_PEERS_RESPONSE = 0x31;
 
@@ -74,6 +75,11 @@ export const ACCEPT_ZSTD = 1 << NAR_ENCODING.zstd;
  * separate TCP connection keyed by a one-time external PSK (NarBulk's ticket and key).
  */
 export const BULK_TLS_PSK = 1;
+/**
+ * Bit 2 of NarRequest3's `bulk`: a one-time ticket for the requester's Nix to fetch the whole NAR
+ * over plain HTTP from the responder's direct port (NarDirect). Only with offset 0.
+ */
+export const BULK_DIRECT_HTTP = 2;
 export const BULK_TICKET_BYTES = 16;
 export const BULK_KEY_BYTES = 32;
 /** Largest zstd window a requester must decode (2^23 bytes): bounds its memory per stream. */
@@ -92,7 +98,7 @@ export interface NarRequest {
    * 1 << NAR_ENCODING; bits this version does not define are ignored by the responder.
    */
   accept?: number;
-  /** /fleetcache/nar/3.0.0 only (NarRequest3): the bulk transports the requester can take (BULK_TLS_PSK). */
+  /** /fleetcache/nar/3.0.0 only (NarRequest3): the bulk transports the requester can take (BULK_TLS_PSK, BULK_DIRECT_HTTP). */
   bulk?: number;
 }
 
@@ -104,6 +110,11 @@ export type NarResponseHeader =
    * responder's `port`, PSK identity = the ticket (hex), key = `key`; nothing more on this stream.
    */
   | { type: "bulk"; narSize: number; encoding: NarEncoding; port: number; ticket: Uint8Array; key: Uint8Array }
+  /**
+   * 3.0.0 only (NarDirect): the whole NAR, unencoded, is for one plain-HTTP GET of
+   * http://<responder>:<port>/<ticket hex>/nar/<hash part>-<NAR hash>.nar; nothing more on this stream.
+   */
+  | { type: "direct"; narSize: number; port: number; ticket: Uint8Array }
   | { type: "error"; code: number; message: string };
 
 export interface PeerRecord {
@@ -201,6 +212,12 @@ export function decodeNarRequest(payload: Uint8Array, version: boolean | 1 | 2 |
 
 export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
   const w = new Writer(80);
+  if (m.type === "direct") {
+    if (m.narSize === 0) throw new PeerProtocolError("NAR response: NAR size must be positive");
+    if (!Number.isInteger(m.port) || m.port < 1 || m.port > 65535) throw new PeerProtocolError(`NAR response: invalid port ${m.port}`);
+    if (m.ticket.length !== BULK_TICKET_BYTES) throw new PeerProtocolError("NAR response: bad ticket length");
+    return w.u8(TAG_NAR_DIRECT).uint("NAR size", m.narSize).uint("port", m.port, 65535).fixed(m.ticket).finish();
+  }
   if (m.type === "bulk") {
     if (m.narSize === 0) throw new PeerProtocolError("NAR response: NAR size must be positive");
     if (!Number.isInteger(m.port) || m.port < 1 || m.port > 65535) throw new PeerProtocolError(`NAR response: invalid port ${m.port}`);
@@ -219,14 +236,21 @@ export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
  * After an "ok" header the stream carries the NAR's bytes from the requested offset to its end
  * (in 2.0.0, encoded as `encoding` says). `accept` (2.0.0): what the request accepted; a NarOk2
  * naming another encoding is a protocol error. `bulk` (3.0.0): what the request's `bulk` said;
- * a NarBulk is valid only when it had BULK_TLS_PSK.
+ * a NarBulk is valid only when it had BULK_TLS_PSK, a NarDirect only when it had BULK_DIRECT_HTTP.
  */
 export function decodeNarResponseHeader(payload: Uint8Array, accept?: number, bulk?: number): NarResponseHeader {
   const r = new Reader(payload, "NAR response");
   const bulkOk = accept !== undefined && bulk !== undefined && (bulk & BULK_TLS_PSK) !== 0;
-  const tag = tagOf(r, [accept === undefined ? TAG_NAR_OK : TAG_NAR_OK_V2, TAG_NAR_ERROR, ...(bulkOk ? [TAG_NAR_BULK] : [])]);
+  const directOk = accept !== undefined && bulk !== undefined && (bulk & BULK_DIRECT_HTTP) !== 0;
+  const tag = tagOf(r, [accept === undefined ? TAG_NAR_OK : TAG_NAR_OK_V2, TAG_NAR_ERROR, ...(bulkOk ? [TAG_NAR_BULK] : []), ...(directOk ? [TAG_NAR_DIRECT] : [])]);
   let m: NarResponseHeader;
-  if (tag === TAG_NAR_BULK) {
+  if (tag === TAG_NAR_DIRECT) {
+    const narSize = r.uint("NAR size");
+    if (narSize === 0) r.fail("NAR size must be positive");
+    const port = r.uint("port", 65535);
+    if (port === 0) r.fail("port 0");
+    m = { type: "direct", narSize, port, ticket: r.fixed("ticket", BULK_TICKET_BYTES).slice() };
+  } else if (tag === TAG_NAR_BULK) {
     const narSize = r.uint("NAR size");
     if (narSize === 0) r.fail("NAR size must be positive");
     const encoding = r.uint("encoding", 255);

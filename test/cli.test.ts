@@ -88,6 +88,7 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
       meshCompression: "auto",
       meshBulk: true,
       sendfile: true,
+      directLan: false,
     });
     assert.equal((await cfg(["--reconnect-wait", "20"], { FLEETCACHE_CONFIG: "" })).config.reconnectWait, 20);
     assert.equal((await cfg(["--reconnect-wait", "600"], { FLEETCACHE_CONFIG: "" })).code, 2, "longer than Nix should be held");
@@ -103,6 +104,9 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
     assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_MESH_BULK: "false" })).config.meshBulk, false);
     assert.equal((await cfg(["--no-sendfile"], { FLEETCACHE_CONFIG: "" })).config.sendfile, false);
     assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_SENDFILE: "false" })).config.sendfile, false);
+    assert.equal((await cfg(["--direct-lan"], { FLEETCACHE_CONFIG: "" })).config.directLan, true);
+    assert.equal((await cfg(["--direct-lan", "--no-direct-lan"], { FLEETCACHE_CONFIG: "" })).config.directLan, false);
+    assert.equal((await cfg([], { FLEETCACHE_CONFIG: "", FLEETCACHE_DIRECT_LAN: "true" })).config.directLan, true);
     assert.equal((await cfg(["--mesh-compression", "gzip"], { FLEETCACHE_CONFIG: "" })).code, 2, "an unknown compression mode");
     assert.equal((await cfg(["--summary-budget", "12"], { FLEETCACHE_CONFIG: "" })).code, 2, "a budget too small for any summary");
     const fromFile = await cfg(["--config", toml]);
@@ -113,6 +117,8 @@ test("configuration: flags over environment over TOML over defaults; mistakes ex
     assert.equal((await cfg(["--config", toml], { FLEETCACHE_PRIORITY: "50" })).config.priority, 50);
     assert.equal((await cfg(["--config", toml, "--priority", "60"], { FLEETCACHE_PRIORITY: "50" })).config.priority, 60);
     assert.equal((await cfg([], { FLEETCACHE_CONFIG: toml })).config.storeRoot, "/srv/store");
+    writeFileSync(toml, "direct_lan = true\n");
+    assert.equal((await cfg(["--config", toml])).config.directLan, true);
     for (const [bad, why] of [
       ['listen = "nonsense"', /ADDR:PORT/],
       ['listen = "1.2.3.4:99999"', /ADDR:PORT/],

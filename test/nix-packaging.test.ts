@@ -355,6 +355,9 @@ test("NixOS module: options reach the agent's configuration and the system", asy
   const noBulk = await evalModule(lib, "nixos", `{ openFirewall = true; mdns = false; settings.mesh_bulk = false; }`);
   assert.deepEqual(noBulk.firewall?.allowedTCPPorts, [37516], "no bulk port opened with mesh_bulk off");
   assert.equal((await checkConfig(noBulk.configText)).code, 0);
+  const direct = await evalModule(lib, "nixos", `{ openFirewall = true; mdns = false; settings.direct_lan = true; }`);
+  assert.deepEqual(direct.firewall?.allowedTCPPorts, [37516, 37517, 37518], "the direct port opened with direct_lan on");
+  assert.equal((await checkConfig(direct.configText)).code, 0);
 
   // The negative TTL is the operator's choice (bench/negative-ttl.ts measures what it costs).
   const fresh = await evalModule(lib, "nixos", `{ narinfoCacheNegativeTtl = 0; }`);

@@ -47,6 +47,8 @@ import {
   type SummarySnapshotChunk,
   ACCEPT_ZSTD,
   NAR_ENCODING,
+  BULK_DIRECT_HTTP,
+  BULK_TLS_PSK,
 } from "../protocol/peer-codec.js";
 
 const hashPart = () => encodeNix32(randomBytes(20));
@@ -725,6 +727,50 @@ test("NAR 2.0.0 messages: accept and encoding round-trip; each version refuses t
   rejects(() => decodeNarResponseHeader(encodeNarResponseHeader(ok)), /unknown message tag 0x24/); // a 1.0.0 requester
   rejects(() => decodeNarResponseHeader(encodeNarResponseHeader({ type: "ok", narSize: 1000 }), ACCEPT_ZSTD), /unknown message tag 0x21/);
   assert.deepEqual(decodeNarResponseHeader(encodeNarResponseHeader({ type: "error", code: 3, message: "busy" }), ACCEPT_ZSTD), { type: "error", code: 3, message: "busy" });
+});
+
+test("NAR 3.0.0 direct: bit 2 round-trips; NarDirect only when asked for, bounded, no trailing bytes", () => {
+  const m = { hashPart: hashPart(), narHash: narHash(), offset: 0, accept: 0, bulk: BULK_DIRECT_HTTP };
+  const req = encodeNarRequest(m);
+  assert.equal(req[0], 0x25);
+  assert.deepEqual(decodeNarRequest(req, 3), m);
+  assert.deepEqual(decodeNarRequest(encodeNarRequest({ ...m, bulk: BULK_DIRECT_HTTP | BULK_TLS_PSK | 8 }), 3).bulk, 11, "unknown bits are carried");
+  const ticket = new Uint8Array(randomBytes(16));
+  const d = { type: "direct", narSize: 9 * 2 ** 20, port: 37518, ticket } as const;
+  const wire = encodeNarResponseHeader(d);
+  assert.equal(wire[0], 0x27);
+  assert.deepEqual(decodeNarResponseHeader(wire, 0, BULK_DIRECT_HTTP), d);
+  assert.deepEqual(decodeNarResponseHeader(wire, 0, BULK_DIRECT_HTTP | BULK_TLS_PSK), d);
+  // Not asked for: an old requester (bulk 0 or TLS only, or 2.0.0) takes it as an unknown tag.
+  rejects(() => decodeNarResponseHeader(wire, 0, BULK_TLS_PSK), /unknown message tag 0x27/);
+  rejects(() => decodeNarResponseHeader(wire, 0, 0), /unknown message tag 0x27/);
+  rejects(() => decodeNarResponseHeader(wire, 0), /unknown message tag 0x27/);
+  rejects(() => decodeNarResponseHeader(wire), /unknown message tag 0x27/);
+  // A NarBulk is still refused when only direct was asked for.
+  const bulk = encodeNarResponseHeader({ type: "bulk", narSize: 5, encoding: 0, port: 1, ticket, key: new Uint8Array(32) });
+  rejects(() => decodeNarResponseHeader(bulk, 0, BULK_DIRECT_HTTP), /unknown message tag 0x26/);
+  // The ordinary answers stay valid to a direct request (an old responder ignores bit 2).
+  assert.deepEqual(decodeNarResponseHeader(encodeNarResponseHeader({ type: "ok", narSize: 5, encoding: 0 }), 0, BULK_DIRECT_HTTP), { type: "ok", narSize: 5, encoding: 0 });
+  // Bounds and garbage.
+  rejects(() => encodeNarResponseHeader({ ...d, narSize: 0 }), /positive/);
+  rejects(() => encodeNarResponseHeader({ ...d, port: 0 }), /invalid port/);
+  rejects(() => encodeNarResponseHeader({ ...d, port: 65536 }), /invalid port/);
+  rejects(() => encodeNarResponseHeader({ ...d, ticket: new Uint8Array(15) }), /ticket length/);
+  rejects(() => decodeNarResponseHeader(bytes(0x27, 0, 1, ticket), 0, 2), /positive/);
+  rejects(() => decodeNarResponseHeader(bytes(0x27, 5, 0, ticket), 0, 2), /port 0/);
+  rejects(() => decodeNarResponseHeader(bytes(0x27, 5, 0x80, 0x80, 0x04, ticket), 0, 2), /exceeds the limit 65535/);
+  rejects(() => decodeNarResponseHeader(bytes(0x27, 5, 1, ticket.subarray(0, 15)), 0, 2), /truncated/);
+  rejects(() => decodeNarResponseHeader(bytes(...wire, 0), 0, 2), /trailing/);
+  for (let i = 0; i < 500; i++) {
+    const junk = bytes(0x27, ...randomBytes(Math.floor(Math.random() * 30)));
+    try {
+      const h = decodeNarResponseHeader(junk, 0, 2);
+      assert.equal(h.type, "direct");
+      if (h.type === "direct") assert.ok(h.narSize > 0 && h.port >= 1 && h.port <= 65535 && h.ticket.length === 16);
+    } catch (e) {
+      assert.ok(isPPE(e), String(e));
+    }
+  }
 });
 
 test("NAR messages: round trips, header then raw bytes, hostile input", () => {

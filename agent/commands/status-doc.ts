@@ -59,6 +59,12 @@ export interface StatusView {
     narWireBytesToPeers?: number;
     compressedNarsFromPeers?: number;
     compressedNarsToPeers?: number;
+    /** LAN-direct NARs (direct_lan): Nix redirected to peers' direct ports, fallbacks to relaying; NARs and bytes our direct port sent, requests it refused. */
+    directRedirects?: number;
+    directFallbacks?: number;
+    directNarsSent?: number;
+    directBytesSent?: number;
+    directRefused?: number;
     peerQueries?: number;
     failovers?: number;
     transferFailures?: number;
@@ -149,6 +155,11 @@ export function readStatus(doc: unknown): StatusView {
       narWireBytesToPeers: counter(c, "narWireBytesToPeers"),
       compressedNarsFromPeers: counter(c, "compressedNarsFromPeers"),
       compressedNarsToPeers: counter(c, "compressedNarsToPeers"),
+      directRedirects: counter(c, "directRedirects"),
+      directFallbacks: counter(c, "directFallbacks"),
+      directNarsSent: counter(c, "directNarsSent"),
+      directBytesSent: counter(c, "directBytesSent"),
+      directRefused: counter(c, "directRefused"),
       peerQueries: counter(c, "peerQueries"),
       failovers: counter(c, "failovers"),
       transferFailures: counter(c, "transferFailures"),

@@ -88,6 +88,11 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
     if (c.compressedNarsFromPeers || c.compressedNarsToPeers) {
       lines.push(`  compressed NAR transfers (zstd): ${n(c.compressedNarsFromPeers)} from peers, ${n(c.compressedNarsToPeers)} to peers`);
     }
+    // Present only with direct_lan on: Nix sent to peers' direct ports, and what ours served.
+    if (c.directRedirects !== undefined || c.directNarsSent !== undefined) {
+      lines.push(`  LAN-direct NARs: ${n(c.directRedirects)} redirected to peers (${n(c.directFallbacks)} relayed instead), ` +
+        `${n(c.directNarsSent)} sent from this host's direct port (${b(c.directBytesSent)}, ${n(c.directRefused)} requests refused)`);
+    }
     lines.push(`  peer queries ${n(c.peerQueries)}, failovers ${n(c.failovers)}, transfer failures ${n(c.transferFailures)}` +
       (c.verifyFailures !== undefined ? `, wrong NARs ${n(c.verifyFailures)}, queued ${n(c.queuedTransfers)}` : "") +
       (c.narinfoConflicts ? `, narinfos contradicting upstream ${n(c.narinfoConflicts)}` : ""));

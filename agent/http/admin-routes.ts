@@ -141,6 +141,13 @@ export interface StatusCounters {
   bulkNarsReceived?: number;
   bulkFallbacks?: number;
   bulkRefused?: number;
+  /** LAN-direct NARs: our direct port's requests, NARs, refusals and bytes; redirects of Nix to peers' direct ports and fallbacks to relaying. */
+  directRequests?: number;
+  directNarsSent?: number;
+  directRefused?: number;
+  directBytesSent?: number;
+  directRedirects?: number;
+  directFallbacks?: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

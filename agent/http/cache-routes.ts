@@ -154,6 +154,17 @@ export async function handleNar(ctx: CacheContext, req: IncomingMessage, res: Se
     send(req, res, 404, "not found\n", NOT_FOUND_HEADERS);
     return "miss";
   }
+  // LAN-direct NARs: a whole NAR an on-link peer holds is fetched by Nix from that peer itself.
+  // A Range (a resumed download) or HEAD stays here, relayed and verified.
+  if (req.method === "GET" && req.headers.range === undefined && ctx.source.directUrl) {
+    const location = await ctx.source.directUrl(info);
+    if (location) {
+      // Not cacheable: the ticket in it works once, for a few seconds.
+      res.writeHead(307, { Location: location, "Cache-Control": "no-store", "Content-Length": "0" });
+      res.end();
+      return "hit_peer";
+    }
+  }
   return sendNar(ctx, req, res, info);
 }
 
@@ -163,7 +174,11 @@ export function storeUnavailable(e: unknown): never {
   throw e;
 }
 
-async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo): Promise<Outcome> {
+/**
+ * Sends `info`'s NAR from ctx.source (Range, If-Range, HEAD; sendfile regions when ctx.sendfile).
+ * `countBytes` replaces the metrics' NAR byte counters (the direct port counts its own).
+ */
+export async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, info: PathInfo, countBytes?: (n: number) => void): Promise<Outcome> {
   const size = info.narSize;
   const etag = `"${info.narHash.replace(/^sha256:/, "")}"`;
   const headers = {
@@ -192,7 +207,7 @@ async function sendNar(ctx: CacheContext, req: IncomingMessage, res: ServerRespo
   // Counted as they go, so a scrape during a long transfer sees progress.
   const served = ctx.metrics?.narBytesServed;
   const key = outcome === "hit_peer" ? "peer" : "local";
-  const count = served ? (n: number) => void (served[key] += n) : undefined;
+  const count = countBytes ?? (served ? (n: number) => void (served[key] += n) : undefined);
   // Reads follow the client's pace, so a slow client holds a small read, not a large one.
   const pace = new ReadPace();
   const readSize = () => pace.size;

@@ -38,6 +38,11 @@ export interface PeerRequests {
    * caller's to keep: the producer never writes into one it has handed out.
    */
   nar(peerId: string, req: NarRequestFromPeer, signal: AbortSignal): Promise<AsyncIterable<Uint8Array>>;
+  /**
+   * LAN-direct NARs (DirectRoutes.url): a URL where Nix fetches the whole NAR from this holder
+   * itself, or undefined; never throws. Absent: every NAR is relayed.
+   */
+  direct?(peerId: string, req: Omit<NarRequestFromPeer, "offset">): Promise<string | undefined>;
 }
 
 export interface FleetSourceOptions {
@@ -218,6 +223,28 @@ export class FleetSource implements PathSource {
   narStream(info: PathInfo, start: number, end: number, readSize?: () => number): AsyncGenerator<Buffer> {
     // Without regionMin the local store yields Buffers only.
     return this.narPieces(info, start, end, { ...(readSize ? { readSize } : {}) }) as AsyncGenerator<Buffer>;
+  }
+
+  /**
+   * A URL on the chosen holder's direct port for the whole NAR (PathSource.directUrl), when the
+   * requests can get one: only for a path from a peer that this host does not hold itself, and
+   * from the holder its NAR would be relayed from first. Undefined: relay it.
+   */
+  async directUrl(info: PathInfo): Promise<string | undefined> {
+    if (!this.requests.direct || !this.#fromPeers.has(info)) return undefined;
+    const hashPart = hashPartOf(info.storePath);
+    try {
+      const local = await this.local.pathInfo(hashPart);
+      if (local && local.narHash === info.narHash) return undefined;
+    } catch {
+      return undefined;
+    }
+    // As holderSlot orders them: the holder whose narinfo we have, else the fastest unpenalised one.
+    const holders = this.holders(hashPart);
+    const cachedFrom = this.cache.get(hashPart)?.from;
+    const peer = cachedFrom !== undefined && holders.includes(cachedFrom) ? cachedFrom : holders[0];
+    if (peer === undefined) return undefined;
+    return this.requests.direct(peer, { hashPart, narHash: info.narHash, narSize: info.narSize });
   }
 
   /** From this host's store when it holds the path (FileRegions as asked), else from peers (Buffers). */

@@ -23,7 +23,9 @@ import { UpstreamCheck } from "./upstream-check.js";
 import { InboundPerHost, type AdmissionOffender } from "./admission.js";
 import { BulkListener } from "./bulk-listener.js";
 import { BulkRoutes } from "./bulk-client.js";
-import { bulkListenAddr } from "../address.js";
+import { bulkListenAddr, directListenAddr } from "../address.js";
+import { DirectListener, type ServeNar } from "./direct-listener.js";
+import { DirectRoutes } from "./direct-client.js";
 
 export interface MeshOptions {
   key: SecretKey;
@@ -47,6 +49,11 @@ export interface MeshOptions {
   compression?: CompressionMode;
   /** NAR bodies on the bulk port, mesh port + 1 (default on): served there and taken from peers' (bulk-listener.ts). */
   bulk?: boolean;
+  /**
+   * LAN-direct NARs (default off; trusted LANs only): a direct port (mesh port + 2) that serves
+   * NARs to peers' Nix with `serveDirect`, and Nix's NAR requests redirected to on-link holders'.
+   */
+  direct?: { serve: ServeNar };
   /** Told of failures operators should see; `peer` is the peer's key name. */
   onError?: (e: { message: string; path?: string; peer?: string }) => void;
 }
@@ -91,6 +98,9 @@ export class Mesh {
     /** The bulk port, when on; and which peers' bulk ports we fall back from. */
     readonly bulk: BulkListener | undefined,
     readonly bulkRoutes: BulkRoutes | undefined,
+    /** LAN-direct NARs, when on: our direct port, and the redirects to peers'. */
+    readonly direct: DirectListener | undefined,
+    readonly directRoutes: DirectRoutes | undefined,
   ) {}
 
   static async start(opts: MeshOptions): Promise<Mesh> {
@@ -111,6 +121,7 @@ export class Mesh {
     const admission = new InboundPerHost();
     const node = await createMeshNode({ key: opts.key, trusted, listen: opts.listen, log, mdns: opts.mdns, discovery, onRefused, denied, admission });
     let bulk: BulkListener | undefined;
+    let direct: DirectListener | undefined;
     try {
       const bulkAddr = opts.bulk === false ? undefined : bulkListenAddr(opts.listen);
       if (bulkAddr) {
@@ -122,13 +133,23 @@ export class Mesh {
         if (bulk) log.info({ host: bulkAddr.host, port: bulk.port }, "mesh: bulk port listening");
       }
       const bulkRoutes = bulk ? new BulkRoutes() : undefined;
+      const directAddr = opts.direct ? directListenAddr(opts.listen) : undefined;
+      if (opts.direct && directAddr) {
+        // As the bulk port: a port taken by something else costs only speed (NARs are relayed).
+        direct = await DirectListener.start(directAddr.host, directAddr.port, opts.direct.serve, log).catch((err: Error) => {
+          log.warn({ host: directAddr.host, port: directAddr.port, err: err.message }, "mesh: cannot open the direct port; peers' NARs are relayed");
+          return undefined;
+        });
+        if (direct) log.info({ host: directAddr.host, port: direct.port }, "mesh: direct port listening (direct_lan: NARs to peers' Nix in plain HTTP)");
+      }
       const watcher = local.watch();
       const publisher = new SummaryPublisher(node, watcher, log);
       await publisher.start();
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
       const compression = new NarCompression(opts.compression ?? "auto", (peerId) => connectionRtt(node, peerId));
-      await serveNar(sent.countingNode(node), sent.countingStore(local), log, { compression, ...(bulk && { bulk }) });
+      await serveNar(sent.countingNode(node), sent.countingStore(local), log, { compression, ...(bulk && { bulk }), ...(direct && { direct }) });
+      const directRoutes = opts.direct ? new DirectRoutes(node, compression, log) : undefined;
       const summaries = new SummaryTable(node, log, { penalties, ...(opts.summaryBudget ? { budget: { burstKeys: opts.summaryBudget } } : {}) });
       summaries.on("overBudget", (peerId, reason) => opts.onError?.({ message: reason, peer: node.trusted.get(peerId)?.name ?? peerId }));
       const manager = new PeerManager(node, {
@@ -146,15 +167,17 @@ export class Mesh {
       const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
         nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression, ...(bulkRoutes && { bulk: bulkRoutes }) }),
+        ...(directRoutes && { direct: (peer: string, req: { hashPart: string; narHash: string; narSize: number }) => directRoutes.url(peer, req) }),
       }, log, {
         trust: new TrustPolicy(upstreamKeys, upstreamCheck),
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission, bulk, bulkRoutes);
+      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission, bulk, bulkRoutes, direct, directRoutes);
     } catch (e) {
       await bulk?.close();
+      await direct?.close();
       await node.stop();
       throw e;
     }
@@ -218,6 +241,12 @@ export class Mesh {
       bulkNarsReceived: this.bulkRoutes?.received ?? 0,
       bulkFallbacks: this.bulkRoutes?.fallbacks ?? 0,
       bulkRefused: this.bulk?.refused ?? 0,
+      directRequests: this.direct?.counters.requests ?? 0,
+      directNarsSent: this.direct?.counters.served ?? 0,
+      directRefused: this.direct?.counters.refused ?? 0,
+      directBytesSent: this.direct?.counters.bytes ?? 0,
+      directRedirects: this.directRoutes?.redirects ?? 0,
+      directFallbacks: this.directRoutes?.fallbacks ?? 0,
     };
   }
 
@@ -227,6 +256,7 @@ export class Mesh {
     this.summaries.stop();
     await this.manager.stop();
     await this.bulk?.close();
+    await this.direct?.close();
     await this.node.stop();
   }
 }

@@ -189,6 +189,11 @@ export class NarCompression {
     return this.#wants(peerId, l, true) ? ACCEPT_ZSTD : 0;
   }
 
+  /** Whether NARs from this peer would be asked for compressed now (no request counted, no probe started). */
+  wantsZstd(peerId: string): boolean {
+    return this.#wants(peerId, this.#link(peerId), false);
+  }
+
   /** `asking`: for a request being made (probes may be due), not a status read. */
   #wants(peerId: string, l: PeerLink, asking: boolean): boolean {
     if (this.mode !== "auto") return this.mode === "zstd";

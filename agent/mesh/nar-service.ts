@@ -13,6 +13,7 @@ import {
   PROTOCOL_NAR_V2,
   PROTOCOL_NAR_V3,
   BULK_TLS_PSK,
+  BULK_DIRECT_HTTP,
   decodeNarRequest,
   decodeNarResponseHeader,
   encodeNarRequest,
@@ -35,6 +36,7 @@ import { SlotTimeoutError, TransferSlots } from "./transfer-slots.js";
 import { CompressedStreamError, type NarCompression } from "./nar-compression.js";
 import { FIRST_REQUEST_MS, TIMED_OUT, deadline, readFrameWithin, resetOnAbort } from "./narinfo-service.js";
 import type { BulkListener } from "./bulk-listener.js";
+import type { DirectListener } from "./direct-listener.js";
 import { BulkBody, BulkConnectError, bulkHost, connectBulk, type BulkRoutes } from "./bulk-client.js";
 import type { TLSSocket } from "node:tls";
 import { drainOrClose } from "../drain.js";
@@ -62,6 +64,8 @@ export interface NarServeOptions {
   compression?: NarCompression;
   /** Serves /fleetcache/nar/3.0.0 too (with compression): NAR bodies on this bulk port when the requester can take them. */
   bulk?: BulkListener;
+  /** With bulk: answers a 3.0.0 request with bit BULK_DIRECT_HTTP with a ticket for this direct port (NarDirect). */
+  direct?: DirectListener;
 }
 
 /** Serves NARs of `local` only; never asks another peer. */
@@ -72,6 +76,7 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
   const slotWaitMs = opts.slotWaitMs ?? NAR_SLOT_WAIT_MS;
   const compression = opts.compression;
   const bulk = opts.bulk;
+  const direct = opts.direct;
   const handler = (version: 1 | 2 | 3): MeshHandler => async ({ stream, reader, peerId, peer }) => {
       const v2 = version >= 2;
       const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.nar, firstMs);
@@ -81,6 +86,12 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
       const encoding = v2 ? compression!.choose(req.accept!) : NAR_ENCODING.identity;
       const found = await lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
       if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
+      if (direct && req.bulk! & BULK_DIRECT_HTTP && req.offset === 0) {
+        // The requester's Nix fetches it from the direct port: no transfer slot here (the direct port admits its own sockets).
+        const { ticket } = direct.issue(req.hashPart, found);
+        log.debug({ peer: peer.name, path: found.storePath }, "mesh: NAR ticket for the direct port issued");
+        return writeFrame(stream, encodeNarResponseHeader({ type: "direct", narSize: found.narSize, port: direct.port, ticket }));
+      }
       try {
         await slots.acquire(peerId, slotWaitMs);
       } catch (err) {
@@ -127,7 +138,7 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
   const limits = { maxInboundStreams: 4 * slots.limit, maxOutboundStreams: 64 };
   await node.handle(PROTOCOL_NAR, handler(1), limits);
   if (compression) await node.handle(PROTOCOL_NAR_V2, handler(2), limits);
-  if (compression && bulk) await node.handle(PROTOCOL_NAR_V3, handler(3), limits);
+  if (compression && (bulk || direct)) await node.handle(PROTOCOL_NAR_V3, handler(3), limits);
 }
 
 /**
@@ -351,6 +362,11 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
     stream.abort(new Error("unexpected NAR size"));
     throw new NarFetchError("size-mismatch", `peer announced ${header.narSize} bytes, the narinfo says ${req.narSize}`);
   }
+  if (header.type === "direct") {
+    // Never asked for here (decodeNarResponseHeader refuses it unless it was): askDirect's answer.
+    stream.abort(new Error("unexpected NarDirect"));
+    throw new NarFetchError("protocol", "NarDirect in answer to a transfer");
+  }
   if (header.type === "bulk") {
     let socket: TLSSocket;
     const received = new BulkBody();
@@ -478,5 +494,50 @@ export class NarVerifier {
     }
     const got = this.#hash.digest();
     if (!timingSafeEqual(got, this.#expected)) throw new NarFetchError("hash-mismatch", `NAR hash differs from ${this.narHash}`);
+  }
+}
+
+// --- requester: a ticket for the direct port ----------------------------------------------------
+
+/** Where the requester's Nix gets a NAR straight from the holder (LAN-direct NARs). */
+export interface DirectTicket {
+  /** The holder's direct port, at the address of the mesh connection. */
+  port: number;
+  /** The URL path the ticket opens: /<ticket hex>/nar/<hash part>-<NAR hash>.nar. */
+  path: string;
+}
+
+/**
+ * Asks `peerId` for a ticket to its direct port for the whole NAR (one round trip on a 3.0.0
+ * stream with BULK_DIRECT_HTTP). "no-direct" when the holder answers with the body instead (an
+ * older agent, or direct_lan off there: the body is dropped), "refused" when it answers NarError
+ * (not held, busy). Throws on a broken stream, a malformed answer or the deadline.
+ */
+export async function askDirect(node: MeshNode, peerId: string, req: Omit<NarFetchRequest, "offset">, opts: { signal?: AbortSignal; headerTimeoutMs?: number } = {}): Promise<DirectTicket | "no-direct" | "refused"> {
+  if (!isValidHashPart(req.hashPart)) throw new TypeError(`invalid store path hash part ${JSON.stringify(req.hashPart)}`);
+  const narHash = encodeNix32(parseHash(req.narHash));
+  const signal = deadline(opts.headerTimeoutMs ?? NAR_HEADER_DEADLINE_MS, opts.signal);
+  let ms: MeshStream | undefined;
+  let release = () => {};
+  try {
+    ms = await node.open(peerId, [PROTOCOL_NAR_V3], { signal });
+    release = resetOnAbort(ms.stream, signal);
+    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: 0, accept: 0, bulk: BULK_DIRECT_HTTP }), { signal });
+    const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.nar);
+    if (frame === undefined) throw new Error("stream ended without an answer");
+    const header = decodeNarResponseHeader(frame, 0, BULK_DIRECT_HTTP);
+    if (header.type !== "direct") {
+      // A body we did not ask for, or an error: dropped; the caller relays the NAR as usual.
+      ms.stream.abort(new Error("no direct ticket"));
+      return header.type === "error" ? "refused" : "no-direct";
+    }
+    if (header.narSize !== req.narSize) throw new NarFetchError("size-mismatch", `peer announced ${header.narSize} bytes, the narinfo says ${req.narSize}`);
+    ms.stream.close().catch(() => {});
+    return { port: header.port, path: `/${Buffer.from(header.ticket).toString("hex")}/nar/${req.hashPart}-${narHash}.nar` };
+  } catch (err) {
+    ms?.stream.abort(err instanceof Error ? err : new Error(String(err)));
+    throw err;
+  } finally {
+    release();
   }
 }

@@ -12,7 +12,7 @@ in
   options.services.fleetcache.openFirewall = mkOption {
     type = types.bool;
     default = false;
-    description = "Open the mesh port (p2pPort, TCP), the bulk port next to it (p2pPort + 1, TCP) unless settings.mesh_bulk is false, and, when mdns is on, multicast DNS (UDP 5353) in the firewall.";
+    description = "Open the mesh port (p2pPort, TCP), the bulk port next to it (p2pPort + 1, TCP) unless settings.mesh_bulk is false, the direct port (p2pPort + 2, TCP) when settings.direct_lan is true, and, when mdns is on, multicast DNS (UDP 5353) in the firewall.";
   };
 
   config = mkIf cfg.enable {
@@ -29,7 +29,7 @@ in
 
     networking.firewall = mkIf cfg.openFirewall {
       # The bulk port (mesh port + 1) carries NAR bodies; closed, transfers fall back to the mesh port.
-      allowedTCPPorts = [ cfg.p2pPort ] ++ optional (cfg.settings.mesh_bulk or true) (cfg.p2pPort + 1);
+      allowedTCPPorts = [ cfg.p2pPort ] ++ optional (cfg.settings.mesh_bulk or true) (cfg.p2pPort + 1) ++ optional (cfg.settings.direct_lan or false) (cfg.p2pPort + 2);
       allowedUDPPorts = optional cfg.mdns 5353;
     };
 

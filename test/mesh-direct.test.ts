@@ -1,0 +1,166 @@
+// LAN-direct NARs end to end (direct_lan): two hosts in their own network namespaces on one
+// bridge, each with its own store and agent. Nix on B copies a closure that only A holds
+// through B's agent with signatures required; with direct_lan on both, B's agent answers each
+// NAR request with a redirect and Nix fetches the bytes from A's direct port itself. Nix is the
+// judge: the copy, `nix store verify`, and NAR dumps byte for byte; the agents' counters show
+// which way the bytes went. With direct_lan on one side only, NARs are relayed as before. A Range
+// request to B (a resumed download) is relayed and verified, never redirected.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { createHash, randomBytes } from "node:crypto";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { announcedTo, createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
+import { canUseNetns } from "./helpers/netns.js";
+import { CLI } from "./helpers/agent.js";
+import { dumpPath, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
+
+let fleet: Fleet | undefined;
+let A: FleetHost, B: FleetHost;
+let closure: string[];
+let bigPath: string;
+
+// A closure with a big path (a 12 MiB random file, past the 8 MiB a relayed NAR is held in
+// memory) and small ones: top refers to the big file and to a small one.
+const EXPR = `
+let
+  mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+  small = mk "direct-small" "/bin/mkdir $out; echo small > $out/data";
+in mk "direct-top" "/bin/mkdir $out; echo \${./big.bin} > $out/big-ref; echo \${small} > $out/small-ref"
+`;
+
+before(async () => {
+  if (!(await hasNix()) || !(await canUseNetns())) {
+    if (process.env.CI === "true") throw new Error("the mesh tests need Nix and network namespaces (root) under CI=true");
+    return;
+  }
+  fleet = await createFleet(["a", "b"]);
+  [A, B] = fleet.hosts as [FleetHost, FleetHost];
+  writeFileSync(join(A.dir, "big.bin"), randomBytes(12 << 20));
+  const file = join(A.dir, "closure.nix");
+  writeFileSync(file, EXPR);
+  const out = (await run("nix-build", ["--store", A.storeRoot, ...OFFLINE, file, "--no-out-link"])).trim();
+  const infos = await pathInfo(A.storeRoot, [out], true);
+  closure = infos.map((i) => i.path);
+  bigPath = infos.find((i) => i.path.endsWith("-big.bin"))!.path;
+  assert.ok(infos.find((i) => i.path === bigPath)!.narSize > 8 << 20);
+  // B's store must exist for its agent: one unrelated path.
+  writeFileSync(join(B.dir, "b.txt"), "b\n");
+  await run("nix-store", ["--store", B.storeRoot, "--add", join(B.dir, "b.txt")]);
+});
+
+after(async () => {
+  await fleet?.destroy();
+});
+
+function ready(t: { skip: (m: string) => void }): boolean {
+  if (fleet) return true;
+  t.skip("needs Nix and root for network namespaces");
+  return false;
+}
+
+/** Starts A and B with these extra flags, B dialling A, and waits until B knows A's paths. */
+async function start(aFlags: string[], bFlags: string[]): Promise<void> {
+  await A.start(aFlags);
+  await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`, ...bFlags]);
+  await announcedTo(B, A);
+}
+
+const sha = (b: Buffer | string) => createHash("sha256").update(b).digest("hex");
+
+/** `nix store dump-path` of `path` in the store at `root` (the NAR, byte for byte). */
+async function dump(root: string, path: string): Promise<Buffer> {
+  const s = dumpPath(root, path);
+  const parts: Buffer[] = [];
+  for await (const c of s) parts.push(c as Buffer);
+  await s.done;
+  return Buffer.concat(parts);
+}
+
+/** Nix on B copies the closure from B's agent into a fresh store, signatures required; verified and compared with A's NARs. */
+async function copyAndCheck(dest: string): Promise<void> {
+  const keys = fleet!.trustedKeys.join(" ");
+  await B.nix([
+    "copy", "--from", B.agent!.url, "--to", dest,
+    "--option", "trusted-public-keys", keys, "--option", "require-sigs", "true",
+    "--option", "narinfo-cache-negative-ttl", "0",
+    ...closure,
+  ]);
+  await B.nix(["store", "verify", "--store", dest, "--trusted-public-keys", keys, "--sigs-needed", "1", ...closure]);
+  for (const p of closure) assert.equal(sha(await dump(dest, p)), sha(await dump(A.storeRoot, p)), `NAR of ${p}`);
+}
+
+test("direct_lan on both: Nix on B fetches every NAR from A's direct port (redirected by B), verified, byte-identical", { timeout: 180_000 }, async (t) => {
+  if (!ready(t)) return;
+  await start(["--direct-lan"], ["--direct-lan"]);
+  await copyAndCheck(join(B.dir, "dest-direct"));
+  const [a, b] = [(await A.status()).counters, (await B.status()).counters];
+  assert.equal(b.directRedirects, closure.length, "every NAR redirected");
+  assert.equal(b.directFallbacks, 0);
+  assert.equal(a.directNarsSent, closure.length, "every NAR sent by A's direct port");
+  const narBytes = (await pathInfo(A.storeRoot, closure)).reduce((n, i) => n + i.narSize, 0);
+  assert.equal(a.directBytesSent, narBytes, "the closure's NAR bytes, once");
+  assert.equal(a.narBytesToPeers, 0, "nothing on mesh streams");
+  assert.equal(a.bulkNarsSent ?? 0, 0, "nothing on the bulk port");
+  assert.equal(b.narBytesFromPeers, 0, "B relayed nothing");
+  const metrics = (await B.http("/metrics")).body;
+  assert.match(metrics, new RegExp(`^fleetcache_direct_redirects_total ${closure.length}$`, "m"));
+  const status = await B.exec(process.execPath, [CLI, "status", "--agent", B.agent!.url]);
+  assert.match(status, new RegExp(`LAN-direct NARs: ${closure.length} redirected to peers \\(0 relayed instead\\)`));
+});
+
+test("the redirect: 307 to A's address on the mesh and the direct port (mesh port + 2), no-store; its URL works once; A's port refuses the rest", { timeout: 60_000 }, async (t) => {
+  if (!ready(t)) return;
+  if (!B.agent || !(await A.status()).counters.directNarsSent) await start(["--direct-lan"], ["--direct-lan"]);
+  const hashPart = bigPath.slice(11, 43);
+  const url = /^URL: (.*)$/m.exec((await B.http(`/${hashPart}.narinfo`)).body)![1]!;
+  const head = await B.exec("curl", ["-sS", "-o", "/dev/null", "-D", "-", `${B.agent!.url}/${url}`]);
+  assert.match(head, /^HTTP\/1\.1 307 /);
+  assert.match(head, /^cache-control: no-store\r$/im);
+  const location = /^location: (.*)\r$/im.exec(head)![1]!;
+  assert.match(location, new RegExp(`^http://${A.net.ip.replaceAll(".", "\\.")}:${P2P_PORT + 2}/[0-9a-f]{32}/${url.replaceAll(".", "\\.")}$`));
+  const fetch = (u: string) => B.exec("curl", ["-sS", "-o", join(B.dir, "direct.nar"), "-w", "%{http_code}", u]);
+  assert.equal(await fetch(location), "200");
+  assert.equal(sha(readFileSync(join(B.dir, "direct.nar"))), sha(await dump(A.storeRoot, bigPath)));
+  assert.equal(await fetch(location), "404", "used");
+  assert.equal(await fetch(location.replace(/\/[0-9a-f]{32}\//, "/" + "0".repeat(32) + "/")), "404", "a made-up ticket");
+  assert.equal(await fetch(`http://${A.net.ip}:${P2P_PORT + 2}/nix-cache-info`), "404", "nothing but ticketed NARs");
+  assert.ok((await A.status()).counters.directRefused! >= 3);
+});
+
+test("a Range request to B with direct_lan on is relayed and verified (206), not redirected", { timeout: 60_000 }, async (t) => {
+  if (!ready(t)) return;
+  if (!B.agent || !(await A.status()).counters.directNarsSent) await start(["--direct-lan"], ["--direct-lan"]);
+  const hashPart = bigPath.slice(11, 43);
+  const narinfo = (await B.http(`/${hashPart}.narinfo`)).body;
+  const url = /^URL: (.*)$/m.exec(narinfo)![1]!;
+  const before = (await B.status()).counters;
+  const file = join(B.dir, "range.part");
+  const code = await B.exec("curl", ["-sS", "-o", file, "-w", "%{http_code}", "-H", "Range: bytes=1000000-", `${B.agent!.url}/${url}`]);
+  assert.equal(code.trim(), "206");
+  assert.ok(readFileSync(file).equals((await dump(A.storeRoot, bigPath)).subarray(1_000_000)), "the range is Nix's bytes");
+  const after = (await B.status()).counters;
+  assert.equal(after.directRedirects, before.directRedirects, "not redirected");
+  assert.ok(after.narBytesFromPeers! > before.narBytesFromPeers!, "relayed from A");
+  // HEAD is answered by B itself too.
+  const head = await B.exec("curl", ["-sS", "-I", "-o", "/dev/null", "-w", "%{http_code}", `${B.agent!.url}/${url}`]);
+  assert.equal(head.trim(), "200");
+});
+
+for (const [name, aFlags, bFlags] of [
+  ["B only (A does not offer direct)", [], ["--direct-lan"]],
+  ["A only (B does not ask for it)", ["--direct-lan"], []],
+] as const) {
+  test(`direct_lan on ${name}: NARs are relayed and verified as before, same result`, { timeout: 180_000 }, async (t) => {
+    if (!ready(t)) return;
+    await start([...aFlags], [...bFlags]);
+    await copyAndCheck(join(B.dir, `dest-${aFlags.length}-${bFlags.length}`));
+    const [a, b] = [(await A.status()).counters, (await B.status()).counters];
+    assert.equal(b.directRedirects ?? 0, 0, "no redirect");
+    assert.ok(b.narBytesFromPeers! > 12 << 20, "relayed by B");
+    assert.equal(a.directNarsSent ?? 0, 0);
+    if (bFlags.length > 0) assert.ok(b.directFallbacks! >= 1, "B asked, A answered with the body");
+    else assert.equal(a.directRequests, 0, "B never asked");
+    await eventually("both agents still up", async () => (await A.status()) && (await B.status()));
+  });
+}

@@ -6,20 +6,37 @@
 // libuv of Node 24 (src/unix/fs.c) tries copy_file_range first, which fails with EINVAL for a
 // socket; only ENOSYS leads on to sendfile, and EINVAL goes to uv__fs_sendfile_emul, a read()
 // into a buffer and write() loop that polls the socket: the user-space copy again, silently.
-// This is one call of sendfile(2), on libuv's thread pool, so a file that is not in the page
-// cache never blocks the event loop.
+//
+// Three ways in, as nginx does it (non-blocking sendfile on the event loop until the socket is
+// full, then wait for writability) without ever blocking the event loop on a disk read:
+//
+// sendfileNow(outFd, inFd, offset, length) -> bytes sent, or -errno
+//   On the calling (main) thread, and only when the file's bytes [offset, offset + n) are all in
+//   the page cache (n = length, at most NOW_MAX): else -ENODATA at once, nothing sent, and the
+//   caller uses sendfile() below. A partial count or -EAGAIN: the socket's buffer is full. 0:
+//   the file ended early (it shrank). Not on Linux: always -ENODATA.
 //
 // sendfile(outFd, inFd, offset, length, [piece,] callback(err, bytesSent, pieceBytes))
-//   Calls sendfile once. bytesSent may be less than length: the socket's buffer is full (the
-//   caller waits for writability), or the file ended early (0: it shrank). EAGAIN with nothing
-//   sent comes back as bytesSent 0 with err.code "EAGAIN". Other failures: err with .code
-//   ("EPIPE", "ECONNRESET", ...). Platforms without sendfile to sockets: ENOSYS.
+//   Calls sendfile once on libuv's thread pool, where a read from disk may block. bytesSent may
+//   be less than length: the socket's buffer is full (the caller waits for writability), or the
+//   file ended early (0: it shrank). EAGAIN with nothing sent comes back as bytesSent 0 with
+//   err.code "EAGAIN". Other failures: err with .code ("EPIPE", "ECONNRESET", ...). Platforms
+//   without sendfile to sockets: ENOSYS.
 //   With a Buffer `piece`: when the socket's buffer filled up, the file's next bytes (after
 //   those sent, up to the piece's length and the region's end) are read into it on the same
 //   pool thread; pieceBytes says how many (0 if none or the read failed).
 //
-// Both descriptors are dup()ed on the calling (main) thread and closed when the call is done:
-// if the socket is destroyed meanwhile, its number cannot be reused by another open() and
+// waitWritable(fd, callback(status)) -> handle;  cancelWait(handle)
+//   Calls back once (status 0, or a negative libuv error) when the socket can take bytes again,
+//   from a uv_poll_t on the event loop: no bytes moved, no thread woken. The poll watches a dup()
+//   of the socket: libuv allows one watcher per descriptor, and its own stream watcher keeps
+//   the original (epoll keys its entries by descriptor and file, so the two do not meet).
+//   cancelWait (idempotent) stops it with no callback; either way the poll handle is closed and
+//   the dup with it. The caller cancels when the socket closes: the dup would otherwise hold the
+//   connection open, with nothing to wake the poll if the client never reads again.
+//
+// Descriptors given to the pool and to the poll are dup()ed on the main thread and closed when
+// done: if the socket is destroyed meanwhile, its number cannot be reused by another open() and
 // receive NAR bytes while the pool thread still writes.
 #define NAPI_VERSION 8
 #include <node_api.h>
@@ -30,9 +47,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <uv.h>
 
 #if defined(__linux__)
+#include <sys/mman.h>
 #include <sys/sendfile.h>
+#include <sys/syscall.h>
 #elif defined(__APPLE__)
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -106,6 +126,7 @@ static const char* code_of(int err) {
     case ENOSYS: return "ENOSYS";
     case ENOTSOCK: return "ENOTSOCK";
     case EIO: return "EIO";
+    case ENODATA: return "ENODATA";
     case ENOMEM: return "ENOMEM";
     case EOVERFLOW: return "EOVERFLOW";
     case EMFILE: return "EMFILE";
@@ -199,10 +220,220 @@ static napi_value js_sendfile(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+// ---- sendfileNow: on the main thread, for bytes already in the page cache ----
+
+// At most this much per sendfileNow call: more than a socket's buffer takes at once (loopback's
+// grows to 4 MiB), little enough that checking the page cache for it costs next to nothing.
+#define NOW_MAX ((int64_t)8 << 20)
+
+#if defined(__linux__)
+#ifndef __NR_cachestat
+#define __NR_cachestat 451  // Linux 6.5; the same number on every architecture
+#endif
+struct fc_cachestat_range {
+  uint64_t off;
+  uint64_t len;
+};
+struct fc_cachestat {
+  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+static int no_cachestat = 0;
+
+// Whether every page of [off, off + len) of the file is in the page cache: cachestat(2) where
+// the kernel has it, else mincore(2) on a mapping of the range (no page is touched, so nothing
+// is read). Anything unexpected counts as "not cached": the pool then does the work.
+static bool resident(int fd, int64_t off, int64_t len) {
+  long page = sysconf(_SC_PAGESIZE);
+  int64_t first = off / page, last = (off + len - 1) / page;
+  if (!no_cachestat) {
+    struct fc_cachestat_range range = {(uint64_t)off, (uint64_t)len};
+    struct fc_cachestat cs;
+    if (syscall(__NR_cachestat, fd, &range, &cs, 0) == 0) return cs.nr_cache >= (uint64_t)(last - first + 1);
+    if (errno != ENOSYS) return false;
+    no_cachestat = 1;
+  }
+  size_t span = (size_t)((last - first + 1) * page);
+  void* p = mmap(NULL, span, PROT_READ, MAP_SHARED, fd, (off_t)(first * page));
+  if (p == MAP_FAILED) return false;
+  unsigned char vec[NOW_MAX / 4096 + 2];
+  bool all = (size_t)(last - first + 1) <= sizeof vec && mincore(p, span, vec) == 0;
+  for (int64_t i = 0; all && i <= last - first; i++) all = vec[i] & 1;
+  munmap(p, span);
+  return all;
+}
+#endif
+
+static napi_value js_sendfile_now(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 4) THROW("sendfileNow(outFd, inFd, offset, length)");
+  int32_t out_fd, in_fd;
+  int64_t offset, length;
+  if (napi_get_value_int32(env, argv[0], &out_fd) != napi_ok || out_fd < 0) THROW("bad outFd");
+  if (napi_get_value_int32(env, argv[1], &in_fd) != napi_ok || in_fd < 0) THROW("bad inFd");
+  if (napi_get_value_int64(env, argv[2], &offset) != napi_ok || offset < 0) THROW("bad offset");
+  if (napi_get_value_int64(env, argv[3], &length) != napi_ok || length < 1) THROW("bad length");
+  int64_t result = -ENODATA;
+#if defined(__linux__)
+  if (length > NOW_MAX) length = NOW_MAX;
+  if (resident(in_fd, offset, length)) {
+    // The socket is non-blocking (libuv's) and the file's pages are in memory: this returns
+    // as soon as the socket's buffer is full, without waiting for anything.
+    off_t off = (off_t)offset;
+    ssize_t n;
+    do {
+      n = sendfile(out_fd, in_fd, &off, (size_t)length);
+    } while (n < 0 && errno == EINTR);
+    result = n < 0 ? -errno : n;
+  }
+#endif
+  napi_value out;
+  napi_create_int64(env, result, &out);
+  return out;
+}
+
+// ---- waitWritable / cancelWait: a one-shot uv_poll_t on a dup of the socket ----
+
+typedef struct {
+  uv_poll_t poll;
+  int fd;                // the dup, closed with the handle
+  napi_env env;
+  napi_ref callback;     // until called or cancelled
+  bool closing;          // uv_close called
+  bool closed;           // its callback ran: the memory is libuv's no more
+  bool js_gone;          // the External was collected
+} Wait;
+
+// One for all waits, their callbacks' async resource (the agent loads the addon in its main
+// thread only).
+static napi_async_context wait_context;
+
+static void wait_free_if_done(Wait* w) {
+  if (w->closed && w->js_gone) free(w);
+}
+
+static void wait_closed(uv_handle_t* h) {
+  Wait* w = h->data;
+  close(w->fd);
+  w->closed = true;
+  wait_free_if_done(w);
+}
+
+static void wait_stop(Wait* w) {
+  if (w->callback != NULL) {
+    napi_delete_reference(w->env, w->callback);
+    w->callback = NULL;
+  }
+  if (!w->closing) {
+    w->closing = true;
+    uv_poll_stop(&w->poll);
+    uv_close((uv_handle_t*)&w->poll, wait_closed);
+  }
+}
+
+static void wait_ready(uv_poll_t* h, int status, int events) {
+  (void)events;
+  Wait* w = h->data;
+  napi_env env = w->env;
+  napi_ref ref = w->callback;
+  w->callback = NULL;
+  wait_stop(w);
+  if (ref == NULL) return;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value cb, recv, argv[1];
+  napi_get_reference_value(env, ref, &cb);
+  napi_delete_reference(env, ref);
+  napi_get_global(env, &recv);  // make_callback wants an object
+  napi_create_int32(env, status, &argv[0]);
+  // make_callback, not call_function: we are in a libuv callback, so the promise jobs this
+  // callback queues must be run after it, as for any I/O callback.
+  napi_make_callback(env, wait_context, recv, cb, 1, argv, NULL);
+  napi_close_handle_scope(env, scope);
+}
+
+static void wait_finalize(napi_env env, void* data, void* hint) {
+  (void)env;
+  (void)hint;
+  Wait* w = data;
+  w->js_gone = true;
+  wait_free_if_done(w);
+}
+
+static napi_value js_wait_writable(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 2) THROW("waitWritable(fd, callback)");
+  int32_t fd;
+  napi_valuetype t;
+  napi_typeof(env, argv[1], &t);
+  if (t != napi_function) THROW("callback must be a function");
+  if (napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) THROW("bad fd");
+  uv_loop_t* loop;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) THROW("no event loop");
+  Wait* w = calloc(1, sizeof(Wait));
+  if (w == NULL) THROW("out of memory");
+  w->env = env;
+  w->fd = dup(fd);
+  int r = w->fd < 0 ? -errno : uv_poll_init(loop, &w->poll, w->fd);
+  if (r == 0) {
+    w->poll.data = w;
+    r = uv_poll_start(&w->poll, UV_WRITABLE, wait_ready);
+    if (r != 0) {
+      // Initialized: closed the libuv way. No callback, and the External below never exists.
+      w->js_gone = true;
+      wait_stop(w);
+    }
+  } else {
+    if (w->fd >= 0) close(w->fd);
+    free(w);
+  }
+  if (r != 0) {
+    int e = -r;  // libuv's errors are negative errno values on Unix
+    napi_throw_error(env, code_of(e), strerror(e));
+    return NULL;
+  }
+  // The socket's own handle keeps the process alive while the client is served; this need not.
+  uv_unref((uv_handle_t*)&w->poll);
+  napi_create_reference(env, argv[1], 1, &w->callback);
+  napi_value handle;
+  napi_create_external(env, w, wait_finalize, NULL, &handle);
+  return handle;
+}
+
+static napi_value js_cancel_wait(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void* data = NULL;
+  napi_valuetype t;
+  if (argc != 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_external) THROW("cancelWait(handle)");
+  napi_get_value_external(env, argv[0], &data);
+  wait_stop(data);
+  return NULL;
+}
+
+static void export_fn(napi_env env, napi_value exports, const char* name, napi_callback fn) {
+  napi_value f;
+  napi_create_function(env, name, NAPI_AUTO_LENGTH, fn, NULL, &f);
+  napi_set_named_property(env, exports, name, f);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
   napi_create_function(env, "sendfile", NAPI_AUTO_LENGTH, js_sendfile, NULL, &fn);
   napi_set_named_property(env, exports, "sendfile", fn);
+  export_fn(env, exports, "sendfileNow", js_sendfile_now);
+  export_fn(env, exports, "waitWritable", js_wait_writable);
+  export_fn(env, exports, "cancelWait", js_cancel_wait);
+  napi_value resource, name;
+  napi_create_object(env, &resource);
+  napi_create_string_utf8(env, "fleetcache:writable", NAPI_AUTO_LENGTH, &name);
+  napi_async_init(env, resource, name, &wait_context);
+  napi_ref keep;  // held for good: the context does not hold its resource itself
+  napi_create_reference(env, resource, 1, &keep);
   return exports;
 }
 

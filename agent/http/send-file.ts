@@ -5,29 +5,49 @@
 // or with it switched off, regions are read into pooled buffers and written as before.
 //
 // libuv owns the socket and keeps it non-blocking, so sendfile(2) sends what fits in the socket's
-// buffer and returns. The rules that keep the bytes in order and memory bounded:
+// buffer and returns. As nginx does: send until the socket is full, then wait for it to be
+// writable, and again. The rules that keep the bytes in order, the event loop free and memory
+// bounded:
 //  - sendfile is called only when nothing of Node's is queued on the socket: the callback of the
 //    response's last write has run (so the headers and the framing before the region are in the
-//    kernel), and no other write is made while it runs;
-//  - a partial count (or EAGAIN) means the socket's buffer is full: the next small piece is read
-//    into a pooled buffer (by the addon, on the same pool thread, right after the sendfile) and
-//    written the ordinary way, and sendfile resumes in that write's callback, when libuv has
-//    found the socket writable again. A slow client so holds one small buffer at most, as with
-//    pooled reads;
+//    kernel), and no other write is made until the region is sent;
+//  - on the event loop itself (sendfileNow) only when the addon has found the bytes in the page
+//    cache: nothing to wait for. Else on libuv's thread pool, where a disk read may block;
+//  - a partial count (or EAGAIN) means the socket's buffer is full: the addon's poll handle says
+//    when it can take more (waitWritable; no bytes moved, no thread woken), and sendfile resumes.
+//    A slow client holds no buffer at all. Where the socket has an idle timeout (socket.timeout,
+//    which node:http does not set for a response in progress) the wait is a 64 KiB piece written
+//    the ordinary way instead, so that Node sees the client take bytes;
 //  - a count of 0 with no error is the file's end before the region's: it shrank; the caller
 //    destroys the socket, so the client sees a short body.
 import { createRequire } from "node:module";
+import { constants as osConstants } from "node:os";
 import type { ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import type { FileRegion } from "../store/nar-dump.js";
 import { narBuffers } from "../buffer-pool.js";
 
-/** The addon's one function (native/sendfile.c). */
+/** The addon's functions (native/sendfile.c). */
 export interface SendfileBinding {
+  /** One sendfile on libuv's thread pool. */
   sendfile(outFd: number, inFd: number, offset: number, length: number, cb: (err: NodeJS.ErrnoException | null, sent: number) => void): void;
   /** With `piece`: when the socket filled up, the next bytes are read into it too (pieceBytes of them). */
   sendfile(outFd: number, inFd: number, offset: number, length: number, piece: Buffer, cb: (err: NodeJS.ErrnoException | null, sent: number, pieceBytes: number) => void): void;
+  /**
+   * One sendfile on this thread if the bytes (up to 8 MiB of them) are in the page cache: the
+   * count sent, or -errno; -ENODATA (nothing sent) when they are not. Older builds lack it.
+   */
+  sendfileNow?(outFd: number, inFd: number, offset: number, length: number): number;
+  /** Calls back once when the socket can take bytes (status 0 or a negative libuv error). */
+  waitWritable?(fd: number, cb: (status: number) => void): WaitHandle;
+  /** Stops a wait without its callback; idempotent. */
+  cancelWait?(handle: WaitHandle): void;
 }
+
+/** A pending waitWritable (the addon's poll handle). */
+export type WaitHandle = { readonly __wait: unique symbol };
+
+const ENODATA = -(osConstants.errno.ENODATA ?? 61);
 
 /**
  * Regions smaller than this are read like any other bytes. A region costs a sendfile call, the
@@ -40,6 +60,8 @@ export const REGION_MIN = 128 << 10;
 const PIECE = 64 << 10;
 /** At most this much per sendfile call, so that progress (metrics, timeouts) is seen often. */
 const MAX_CALL = 16 << 20;
+/** At most this much per sendfileNow call (the addon's NOW_MAX). */
+const NOW_MAX = 8 << 20;
 
 /** Where the addon is, from dist/agent/http/ (and from agent/http/ under ts-node-like loaders). */
 const ADDON = new URL("../../../build/Release/sendfile.node", import.meta.url);
@@ -85,6 +107,15 @@ export function writeAndWait(res: ServerResponse, buf: Buffer): Promise<void> {
   });
 }
 
+/** What one sendfile did: the bytes sent; `full` when the socket's buffer filled up. */
+interface Sent {
+  sent: number;
+  full: boolean;
+  err?: NodeJS.ErrnoException | null;
+  /** Bytes after those sent read into `piece` by the pool call (0 if none). */
+  pieceBytes: number;
+}
+
 /**
  * Sends `region` on `res`'s socket. The caller has waited for the callback of its last write.
  * Resolves when every byte is sent; throws ERR_STREAM_PREMATURE_CLOSE if the client left, or an
@@ -99,44 +130,55 @@ export async function sendRegion(
   while (left > 0) {
     if (!socket || socket.destroyed || res.destroyed) throw prematureClose();
     const fd = binding ? socketFd(socket) : -1;
-    let full = true; // the socket's buffer is full: write the next piece the ordinary way
+    // Waiting the addon's way needs its poll handle, and no idle timeout on the socket (above).
+    const poll = fd >= 0 && binding!.waitWritable !== undefined && !socket.timeout;
+    let full = true; // the socket's buffer is full: wait, or write the next piece the ordinary way
     let buf: Buffer | undefined; // that piece, if the addon has read it already
     let got = 0;
     if (fd >= 0) {
       const want = Math.min(left, MAX_CALL);
-      buf = narBuffers.acquire(PIECE);
-      const { err, sent, pieceBytes } = await call(binding!, fd, region.fh.fd, off, want, buf);
-      got = pieceBytes;
-      if (sent > 0) {
-        off += sent;
-        left -= sent;
-        count?.(sent);
+      const now = binding!.sendfileNow?.(fd, region.fh.fd, off, want) ?? ENODATA;
+      let r: Sent;
+      if (now === ENODATA) {
+        // Not all in the page cache (or an old addon): on the pool, where a disk read may block.
+        if (!poll) buf = narBuffers.acquire(PIECE);
+        r = await call(binding!, fd, region.fh.fd, off, want, buf);
+      } else {
+        r = now >= 0 ? { sent: now, full: now < Math.min(want, NOW_MAX), pieceBytes: 0 } : { sent: 0, full: true, pieceBytes: 0, err: errnoError(-now) };
+      }
+      got = r.pieceBytes;
+      if (r.sent > 0) {
+        off += r.sent;
+        left -= r.sent;
+        count?.(r.sent);
         // sendfile bypasses the socket's own activity tracking: restart its idle timer, if any.
         if (socket.timeout) socket.setTimeout(socket.timeout);
       }
       const fail = (e: Error): Error => {
-        narBuffers.release(buf!);
+        if (buf) narBuffers.release(buf);
         return e;
       };
+      const err = r.err;
       if (err) {
         if (err.code === "EPIPE" || err.code === "ECONNRESET") throw fail(prematureClose());
         // Out of descriptors for the dup(): this piece goes the ordinary way, the next tries again.
         if (err.code === "EMFILE" || err.code === "ENFILE") full = true;
         else if (err.code !== "EAGAIN") {
           // ENOSYS, EINVAL (a file system without sendfile support), ...: send it the ordinary way.
-          if (sent === 0 && (err.code === "ENOSYS" || err.code === "EINVAL" || err.code === "ENOTSOCK")) binding = undefined;
+          if (r.sent === 0 && (err.code === "ENOSYS" || err.code === "EINVAL" || err.code === "ENOTSOCK")) binding = undefined;
           else throw fail(err);
         }
-      } else if (sent === 0) {
+      } else if (r.sent === 0) {
         throw fail(new Error(`${region.path.toString()} shrank while being sent`));
       } else {
-        full = sent < want;
+        full = r.full;
       }
     }
     if (!(left > 0 && full) || socket.destroyed || res.destroyed) {
       if (buf) narBuffers.release(buf);
       continue; // the loop's first check throws when the client left
     }
+    if (poll && binding && (await writable(binding, socket, fd))) continue;
     {
       const n = Math.min(PIECE, left);
       buf ??= narBuffers.acquire(n);
@@ -159,13 +201,47 @@ export async function sendRegion(
   }
 }
 
-function call(binding: SendfileBinding, outFd: number, inFd: number, off: number, len: number, piece: Buffer): Promise<{ err: NodeJS.ErrnoException | null; sent: number; pieceBytes: number }> {
+/**
+ * Waits until `socket` (descriptor `fd`) can take bytes, or closes. False when the addon could
+ * not start the wait (out of descriptors for its dup): the caller writes a piece instead.
+ */
+function writable(binding: SendfileBinding, socket: Socket, fd: number): Promise<boolean> {
   return new Promise((resolve) => {
+    let handle: WaitHandle | undefined;
+    const closed = (): void => {
+      // Destroyed while waiting (the client left, or the server closed it): the poll's dup would
+      // hold the connection open, and a client that never reads again would never wake it.
+      if (handle) binding.cancelWait!(handle);
+      resolve(true);
+    };
     try {
-      binding.sendfile(outFd, inFd, off, len, piece, (err, sent, pieceBytes) => resolve({ err, sent, pieceBytes }));
+      handle = binding.waitWritable!(fd, () => {
+        socket.off("close", closed);
+        resolve(true);
+      });
+    } catch {
+      resolve(false);
+      return;
+    }
+    socket.once("close", closed);
+  });
+}
+
+function errnoError(errno: number): NodeJS.ErrnoException {
+  const code = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? "EUNKNOWN";
+  return Object.assign(new Error(`sendfile: ${code}`), { code, errno: -errno });
+}
+
+function call(binding: SendfileBinding, outFd: number, inFd: number, off: number, len: number, piece: Buffer | undefined): Promise<Sent> {
+  return new Promise((resolve) => {
+    const done = (err: NodeJS.ErrnoException | null, sent: number, pieceBytes = 0): void =>
+      resolve({ err, sent, pieceBytes, full: err ? err.code === "EAGAIN" : sent > 0 && sent < len });
+    try {
+      if (piece) binding.sendfile(outFd, inFd, off, len, piece, done);
+      else binding.sendfile(outFd, inFd, off, len, done);
     } catch (e) {
       // The addon could not dup() the descriptors (EMFILE, ENFILE): nothing was sent.
-      resolve({ err: e as NodeJS.ErrnoException, sent: 0, pieceBytes: 0 });
+      resolve({ err: e as NodeJS.ErrnoException, sent: 0, pieceBytes: 0, full: true });
     }
   });
 }

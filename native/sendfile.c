@@ -27,15 +27,18 @@
 //   those sent, up to the piece's length and the region's end) are read into it on the same
 //   pool thread; pieceBytes says how many (0 if none or the read failed).
 //
-// waitWritable(fd, callback(status)) -> handle;  cancelWait(handle)
-//   Calls back once (status 0, or a negative libuv error) when the socket can take bytes again,
-//   from a uv_poll_t on the event loop: no bytes moved, no thread woken. The poll watches a dup()
-//   of the socket: libuv allows one watcher per descriptor, and its own stream watcher keeps
-//   the original (epoll keys its entries by descriptor and file, so the two do not meet).
-//   cancelWait (idempotent) stops it with no callback; either way the poll handle is closed and
-//   the dup with it. The caller cancels when the socket closes: the dup would otherwise hold the
-//   connection open, with nothing to wake the poll if the client never reads again.
-//
+// pollOpen(fd, callback(status)) -> handle; pollStart(handle) -> 0 or a libuv error;
+// pollStop(handle); pollClose(handle)
+//   A uv_poll_t for writability on the event loop: while started, the callback runs (status 0,
+//   or a negative libuv error) whenever the socket can take bytes: no bytes moved, no thread
+//   woken. One per region sent: started while the caller waits (epoll is level-triggered, so it
+//   must be stopped while the socket is writable and nobody sends, e.g. during a pool call),
+//   closed at the end. It watches a dup() of the socket: libuv allows one watcher per
+//   descriptor, and its own stream watcher keeps the original (epoll keys its entries by
+//   descriptor and file, so the two do not meet). pollClose (idempotent) closes the handle and
+//   the dup with it; the caller closes it when the socket closes too: the dup would otherwise
+//   hold the connection open, with nothing to wake the poll if the client never reads again.
+
 // Descriptors given to the pool and to the poll are dup()ed on the main thread and closed when
 // done: if the socket is destroyed meanwhile, its number cannot be reused by another open() and
 // receive NAR bytes while the pool thread still writes.
@@ -306,79 +309,88 @@ static napi_value js_sendfile_now(napi_env env, napi_callback_info info) {
   return out;
 }
 
-// ---- waitWritable / cancelWait: a one-shot uv_poll_t on a dup of the socket ----
+// ---- pollOpen / pollStart / pollStop / pollClose: a uv_poll_t on a dup of the socket ----
 
 typedef struct {
   uv_poll_t poll;
   int fd;                // the dup, closed with the handle
   napi_env env;
-  napi_ref callback;     // until called or cancelled
+  napi_ref callback;     // until closed
+  bool started;
   bool closing;          // uv_close called
   bool closed;           // its callback ran: the memory is libuv's no more
   bool js_gone;          // the External was collected
-} Wait;
+} Poll;
 
-// One for all waits, their callbacks' async resource (the agent loads the addon in its main
+// One for all polls, their callbacks' async resource (the agent loads the addon in its main
 // thread only).
-static napi_async_context wait_context;
+static napi_async_context poll_context;
 
-static void wait_free_if_done(Wait* w) {
+static void poll_free_if_done(Poll* w) {
   if (w->closed && w->js_gone) free(w);
 }
 
-static void wait_closed(uv_handle_t* h) {
-  Wait* w = h->data;
+static void poll_closed(uv_handle_t* h) {
+  Poll* w = h->data;
   close(w->fd);
   w->closed = true;
-  wait_free_if_done(w);
+  poll_free_if_done(w);
 }
 
-static void wait_stop(Wait* w) {
+static void poll_close(Poll* w) {
+  if (w->closing) return;
+  w->closing = true;
   if (w->callback != NULL) {
     napi_delete_reference(w->env, w->callback);
     w->callback = NULL;
   }
-  if (!w->closing) {
-    w->closing = true;
-    uv_poll_stop(&w->poll);
-    uv_close((uv_handle_t*)&w->poll, wait_closed);
-  }
+  uv_close((uv_handle_t*)&w->poll, poll_closed);  // stops it too
 }
 
-static void wait_ready(uv_poll_t* h, int status, int events) {
+static void poll_ready(uv_poll_t* h, int status, int events) {
   (void)events;
-  Wait* w = h->data;
+  Poll* w = h->data;
+  if (w->closing || w->callback == NULL) return;
+  // An error stops libuv's watcher: said so to the caller, who closes or starts it again.
+  if (status != 0) w->started = false;
   napi_env env = w->env;
-  napi_ref ref = w->callback;
-  w->callback = NULL;
-  wait_stop(w);
-  if (ref == NULL) return;
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
   napi_value cb, recv, argv[1];
-  napi_get_reference_value(env, ref, &cb);
-  napi_delete_reference(env, ref);
+  napi_get_reference_value(env, w->callback, &cb);
   napi_get_global(env, &recv);  // make_callback wants an object
   napi_create_int32(env, status, &argv[0]);
   // make_callback, not call_function: we are in a libuv callback, so the promise jobs this
   // callback queues must be run after it, as for any I/O callback.
-  napi_make_callback(env, wait_context, recv, cb, 1, argv, NULL);
+  napi_make_callback(env, poll_context, recv, cb, 1, argv, NULL);
   napi_close_handle_scope(env, scope);
 }
 
-static void wait_finalize(napi_env env, void* data, void* hint) {
+static void poll_finalize(napi_env env, void* data, void* hint) {
   (void)env;
   (void)hint;
-  Wait* w = data;
+  Poll* w = data;
   w->js_gone = true;
-  wait_free_if_done(w);
+  poll_close(w);  // no longer reachable from JS: nobody could close it
+  poll_free_if_done(w);
 }
 
-static napi_value js_wait_writable(napi_env env, napi_callback_info info) {
+static Poll* poll_arg(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void* data = NULL;
+  napi_valuetype t;
+  if (argc != 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_external) return NULL;
+  napi_get_value_external(env, argv[0], &data);
+  return data;
+}
+
+static napi_value js_poll_open(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc != 2) THROW("waitWritable(fd, callback)");
+  if (argc != 2) THROW("pollOpen(fd, callback)");
   int32_t fd;
   napi_valuetype t;
   napi_typeof(env, argv[1], &t);
@@ -386,45 +398,54 @@ static napi_value js_wait_writable(napi_env env, napi_callback_info info) {
   if (napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) THROW("bad fd");
   uv_loop_t* loop;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok) THROW("no event loop");
-  Wait* w = calloc(1, sizeof(Wait));
+  Poll* w = calloc(1, sizeof(Poll));
   if (w == NULL) THROW("out of memory");
   w->env = env;
   w->fd = dup(fd);
   int r = w->fd < 0 ? -errno : uv_poll_init(loop, &w->poll, w->fd);
-  if (r == 0) {
-    w->poll.data = w;
-    r = uv_poll_start(&w->poll, UV_WRITABLE, wait_ready);
-    if (r != 0) {
-      // Initialized: closed the libuv way. No callback, and the External below never exists.
-      w->js_gone = true;
-      wait_stop(w);
-    }
-  } else {
+  if (r != 0) {
     if (w->fd >= 0) close(w->fd);
     free(w);
-  }
-  if (r != 0) {
     int e = -r;  // libuv's errors are negative errno values on Unix
     napi_throw_error(env, code_of(e), strerror(e));
     return NULL;
   }
+  w->poll.data = w;
   // The socket's own handle keeps the process alive while the client is served; this need not.
   uv_unref((uv_handle_t*)&w->poll);
   napi_create_reference(env, argv[1], 1, &w->callback);
   napi_value handle;
-  napi_create_external(env, w, wait_finalize, NULL, &handle);
+  napi_create_external(env, w, poll_finalize, NULL, &handle);
   return handle;
 }
 
-static napi_value js_cancel_wait(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  void* data = NULL;
-  napi_valuetype t;
-  if (argc != 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_external) THROW("cancelWait(handle)");
-  napi_get_value_external(env, argv[0], &data);
-  wait_stop(data);
+static napi_value js_poll_start(napi_env env, napi_callback_info info) {
+  Poll* w = poll_arg(env, info);
+  if (w == NULL) THROW("pollStart(handle)");
+  int r = 0;
+  if (!w->closing && !w->started) {
+    r = uv_poll_start(&w->poll, UV_WRITABLE, poll_ready);
+    w->started = r == 0;
+  }
+  napi_value out;
+  napi_create_int32(env, w->closing ? UV_EBADF : r, &out);
+  return out;
+}
+
+static napi_value js_poll_stop(napi_env env, napi_callback_info info) {
+  Poll* w = poll_arg(env, info);
+  if (w == NULL) THROW("pollStop(handle)");
+  if (!w->closing && w->started) {
+    uv_poll_stop(&w->poll);
+    w->started = false;
+  }
+  return NULL;
+}
+
+static napi_value js_poll_close(napi_env env, napi_callback_info info) {
+  Poll* w = poll_arg(env, info);
+  if (w == NULL) THROW("pollClose(handle)");
+  poll_close(w);
   return NULL;
 }
 
@@ -439,12 +460,14 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_create_function(env, "sendfile", NAPI_AUTO_LENGTH, js_sendfile, NULL, &fn);
   napi_set_named_property(env, exports, "sendfile", fn);
   export_fn(env, exports, "sendfileNow", js_sendfile_now);
-  export_fn(env, exports, "waitWritable", js_wait_writable);
-  export_fn(env, exports, "cancelWait", js_cancel_wait);
+  export_fn(env, exports, "pollOpen", js_poll_open);
+  export_fn(env, exports, "pollStart", js_poll_start);
+  export_fn(env, exports, "pollStop", js_poll_stop);
+  export_fn(env, exports, "pollClose", js_poll_close);
   napi_value resource, name;
   napi_create_object(env, &resource);
   napi_create_string_utf8(env, "fleetcache:writable", NAPI_AUTO_LENGTH, &name);
-  napi_async_init(env, resource, name, &wait_context);
+  napi_async_init(env, resource, name, &poll_context);
   napi_ref keep;  // held for good: the context does not hold its resource itself
   napi_create_reference(env, resource, 1, &keep);
   return exports;

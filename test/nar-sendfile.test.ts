@@ -82,7 +82,7 @@ test("the sendfile addon is built and loads (required under CI=true)", async (t)
   assert.throws(() => loaded.binding!.sendfile(-1, fh.fd, 0, 1, () => {}), TypeError);
 });
 
-test("sendfileNow sends only bytes in the page cache; waitWritable wakes when a full socket drains, cancelWait leaks nothing", async (t) => {
+test("sendfileNow sends only bytes in the page cache; the poll wakes when a full socket drains, and closing it leaks nothing", async (t) => {
   if (!loaded.binding) {
     t.skip(loaded.why);
     return;
@@ -122,29 +122,43 @@ test("sendfileNow sends only bytes in the page cache; waitWritable wakes when a 
   for (let n = b.sendfileNow!(fd, fh.fd, off, data.length); n > 0; n = b.sendfileNow!(fd, fh.fd, off, data.length - off)) off += n;
   assert.ok(off > 0 && off < data.length, `the socket took part of the file (${off} bytes)`);
   assert.equal(b.sendfileNow!(fd, fh.fd, off, data.length - off), -osConstants.errno.EAGAIN);
-  // A wait cancelled: no callback, its dup closed.
+  // A poll closed while started: no callback, its dup closed.
   const fds = fdCount();
-  let cancelledCalled = false;
-  const h = b.waitWritable!(fd, () => (cancelledCalled = true));
+  let closedCalled = false;
+  const h = b.pollOpen!(fd, () => (closedCalled = true));
   assert.equal(fdCount(), fds + 1, "the poll watches a dup of the socket");
-  b.cancelWait!(h);
-  b.cancelWait!(h); // idempotent
-  // A wait that is woken when the reader drains the socket; then the rest of the file.
-  const woken = new Promise<number>((r) => b.waitWritable!(fd, r));
+  assert.equal(b.pollStart!(h), 0);
+  b.pollClose!(h);
+  b.pollClose!(h); // idempotent
+  // A poll that calls back when the reader drains the socket, stopped and started again.
+  let wake: ((status: number) => void) | undefined;
+  let calls = 0;
+  const p = b.pollOpen!(fd, (status) => {
+    calls++;
+    b.pollStop!(p); // as the agent does when nobody waits
+    wake?.(status);
+  });
+  const writable = (): Promise<number> => new Promise((r) => {
+    wake = r;
+    assert.equal(b.pollStart!(p), 0);
+  });
+  const woken = writable();
   peer!.resume();
   assert.equal(await woken, 0);
   while (off < data.length) {
     const n = b.sendfileNow!(fd, fh.fd, off, data.length - off);
     if (n > 0) off += n;
-    else if (n === -osConstants.errno.EAGAIN) assert.equal(await new Promise<number>((r) => b.waitWritable!(fd, r)), 0);
+    else if (n === -osConstants.errno.EAGAIN) assert.equal(await writable(), 0);
     else assert.fail(`sendfileNow: ${n}`);
   }
+  b.pollClose!(p);
   await waitFor(() => got.reduce((n, d) => n + d.length, 0) >= data.length);
   assert.ok(Buffer.concat(got).equals(data), "the receiver got the file, in order");
+  assert.ok(calls > 0);
   await new Promise((r) => setTimeout(r, 20)); // the poll handles' close callbacks
   assert.equal(fdCount(), fds, "every dup closed");
-  assert.equal(cancelledCalled, false, "a cancelled wait never calls back");
-  assert.throws(() => b.waitWritable!(-1, () => {}), TypeError);
+  assert.equal(closedCalled, false, "a closed poll never calls back");
+  assert.throws(() => b.pollOpen!(-1, () => {}), TypeError);
 });
 
 /** The real addon, counting its calls: proof the bytes went the sendfile way, and which way. */
@@ -156,7 +170,7 @@ interface Spy extends SendfileBinding {
   pool: number;
   now: number;
   notCached: number;
-  /** waitWritable calls. */
+  /** Waits for writability (pollStart calls). */
   waits: number;
 }
 
@@ -191,11 +205,13 @@ function spy(): Spy {
       }
       return n;
     },
-    waitWritable(fd: number, cb: (status: number) => void) {
+    pollOpen: (fd, cb) => real.pollOpen!(fd, cb),
+    pollStart(h) {
       s.waits++;
-      return real.waitWritable!(fd, cb);
+      return real.pollStart!(h);
     },
-    cancelWait: (h) => real.cancelWait!(h),
+    pollStop: (h) => real.pollStop!(h),
+    pollClose: (h) => real.pollClose!(h),
   } as Spy;
   return s;
 }

@@ -14,7 +14,8 @@
 //  - on the event loop itself (sendfileNow) only when the addon has found the bytes in the page
 //    cache: nothing to wait for. Else on libuv's thread pool, where a disk read may block;
 //  - a partial count (or EAGAIN) means the socket's buffer is full: the addon's poll handle says
-//    when it can take more (waitWritable; no bytes moved, no thread woken), and sendfile resumes.
+//    when it can take more (one poll per region; no bytes moved, no thread woken), and sendfile
+//    resumes.
 //    A slow client holds no buffer at all. Where the socket has an idle timeout (socket.timeout,
 //    which node:http does not set for a response in progress) the wait is a 64 KiB piece written
 //    the ordinary way instead, so that Node sees the client take bytes;
@@ -38,14 +39,17 @@ export interface SendfileBinding {
    * count sent, or -errno; -ENODATA (nothing sent) when they are not. Older builds lack it.
    */
   sendfileNow?(outFd: number, inFd: number, offset: number, length: number): number;
-  /** Calls back once when the socket can take bytes (status 0 or a negative libuv error). */
-  waitWritable?(fd: number, cb: (status: number) => void): WaitHandle;
-  /** Stops a wait without its callback; idempotent. */
-  cancelWait?(handle: WaitHandle): void;
+  /** A poll for the socket's writability (on a dup of fd): while started, `cb` whenever it can take bytes. */
+  pollOpen?(fd: number, cb: (status: number) => void): PollHandle;
+  /** 0, or a negative libuv error. */
+  pollStart?(handle: PollHandle): number;
+  pollStop?(handle: PollHandle): void;
+  /** Closes the poll and its dup; idempotent. */
+  pollClose?(handle: PollHandle): void;
 }
 
-/** A pending waitWritable (the addon's poll handle). */
-export type WaitHandle = { readonly __wait: unique symbol };
+/** The addon's poll handle. */
+export type PollHandle = { readonly __poll: unique symbol };
 
 const ENODATA = -(osConstants.errno.ENODATA ?? 61);
 
@@ -124,14 +128,27 @@ interface Sent {
 export async function sendRegion(
   binding: SendfileBinding | undefined, res: ServerResponse, region: FileRegion, count?: (n: number) => void,
 ): Promise<void> {
+  const socket = res.socket;
+  let poll: Writability | undefined;
+  try {
+    await send(binding, res, region, count, () => (poll ??= Writability.open(binding, socket)));
+  } finally {
+    poll?.close();
+  }
+}
+
+async function send(
+  binding: SendfileBinding | undefined, res: ServerResponse, region: FileRegion, count: ((n: number) => void) | undefined,
+  writability: () => Writability | undefined,
+): Promise<void> {
   let off = region.offset;
   let left = region.length;
   const socket = res.socket;
   while (left > 0) {
     if (!socket || socket.destroyed || res.destroyed) throw prematureClose();
     const fd = binding ? socketFd(socket) : -1;
-    // Waiting the addon's way needs its poll handle, and no idle timeout on the socket (above).
-    const poll = fd >= 0 && binding!.waitWritable !== undefined && !socket.timeout;
+    // Waiting the addon's way needs its poll, and no idle timeout on the socket (above).
+    const poll = fd >= 0 && !socket.timeout ? writability() : undefined;
     let full = true; // the socket's buffer is full: wait, or write the next piece the ordinary way
     let buf: Buffer | undefined; // that piece, if the addon has read it already
     let got = 0;
@@ -141,6 +158,8 @@ export async function sendRegion(
       let r: Sent;
       if (now === ENODATA) {
         // Not all in the page cache (or an old addon): on the pool, where a disk read may block.
+        // The poll is stopped meanwhile: the socket may be writable all that time.
+        poll?.pause();
         if (!poll) buf = narBuffers.acquire(PIECE);
         r = await call(binding!, fd, region.fh.fd, off, want, buf);
       } else {
@@ -178,7 +197,7 @@ export async function sendRegion(
       if (buf) narBuffers.release(buf);
       continue; // the loop's first check throws when the client left
     }
-    if (poll && binding && (await writable(binding, socket, fd))) continue;
+    if (poll && (await poll.wait())) continue;
     {
       const n = Math.min(PIECE, left);
       buf ??= narBuffers.acquire(n);
@@ -202,29 +221,65 @@ export async function sendRegion(
 }
 
 /**
- * Waits until `socket` (descriptor `fd`) can take bytes, or closes. False when the addon could
- * not start the wait (out of descriptors for its dup): the caller writes a piece instead.
+ * The addon's poll for one socket's writability, for one region: started while waited on,
+ * closed at the region's end or when the socket closes (its dup would otherwise hold the
+ * connection open, with nothing to wake it if the client never reads again).
  */
-function writable(binding: SendfileBinding, socket: Socket, fd: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    let handle: WaitHandle | undefined;
-    const closed = (): void => {
-      // Destroyed while waiting (the client left, or the server closed it): the poll's dup would
-      // hold the connection open, and a client that never reads again would never wake it.
-      if (handle) binding.cancelWait!(handle);
-      resolve(true);
-    };
+class Writability {
+  #waiter: ((ok: boolean) => void) | undefined;
+  #closed = false;
+  readonly #onClose = (): void => this.close();
+
+  private constructor(
+    private readonly binding: SendfileBinding,
+    private readonly socket: Socket,
+    private readonly handle: PollHandle,
+  ) {
+    socket.once("close", this.#onClose);
+  }
+
+  /** Undefined when the addon has no poll, or cannot dup the socket now (out of descriptors). */
+  static open(binding: SendfileBinding | undefined, socket: Socket | null): Writability | undefined {
+    const fd = socket ? socketFd(socket) : -1;
+    if (!binding?.pollOpen || fd < 0) return undefined;
+    let w: Writability | undefined = undefined;
     try {
-      handle = binding.waitWritable!(fd, () => {
-        socket.off("close", closed);
-        resolve(true);
-      });
+      const handle = binding.pollOpen(fd, () => w?.ready());
+      w = new Writability(binding, socket!, handle);
     } catch {
-      resolve(false);
-      return;
+      return undefined;
     }
-    socket.once("close", closed);
-  });
+    return w;
+  }
+
+  /** Resolves when the socket can take bytes or closed (true), or false if the poll failed to start. */
+  wait(): Promise<boolean> {
+    if (this.#closed) return Promise.resolve(true);
+    if (this.binding.pollStart!(this.handle) !== 0) return Promise.resolve(false);
+    return new Promise((resolve) => (this.#waiter = resolve));
+  }
+
+  /** Stops watching until the next wait. */
+  pause(): void {
+    if (!this.#closed) this.binding.pollStop!(this.handle);
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.socket.off("close", this.#onClose);
+    this.binding.pollClose!(this.handle);
+    this.ready();
+  }
+
+  private ready(): void {
+    const waiter = this.#waiter;
+    this.#waiter = undefined;
+    // Level-triggered: with nobody waiting (nobody sends), a writable socket would call back on
+    // every turn of the event loop.
+    if (!waiter) this.pause();
+    waiter?.(true);
+  }
 }
 
 function errnoError(errno: number): NodeJS.ErrnoException {

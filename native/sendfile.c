@@ -27,8 +27,8 @@
 //   those sent, up to the piece's length and the region's end) are read into it on the same
 //   pool thread; pieceBytes says how many (0 if none or the read failed).
 //
-// pollOpen(fd, callback(status)) -> handle; pollStart(handle) -> 0 or a libuv error;
-// pollStop(handle); pollClose(handle)
+// pollOpen(fd, callback(status, sent)) -> handle; pollStart(handle) -> 0 or a libuv error;
+// pollStop(handle); pollClose(handle); pollSend(handle, inFd, offset, length) -> 0 or an error
 //   A uv_poll_t for writability on the event loop: while started, the callback runs (status 0,
 //   or a negative libuv error) whenever the socket can take bytes: no bytes moved, no thread
 //   woken. One per region sent: started while the caller waits (epoll is level-triggered, so it
@@ -38,6 +38,10 @@
 //   descriptor and file, so the two do not meet). pollClose (idempotent) closes the handle and
 //   the dup with it; the caller closes it when the socket closes too: the dup would otherwise
 //   hold the connection open, with nothing to wake the poll if the client never reads again.
+//   pollSend is sendfileNow at every writability, here in C, without a trip to JS for each
+//   ~1.6 MiB the socket takes: the callback runs once, with the bytes sent, when all `length`
+//   are (status 0), or when the next bytes are not in the page cache (-ENODATA), the file
+//   ended (0, fewer bytes) or sendfile failed (-errno); the poll is then stopped.
 
 // Descriptors given to the pool and to the poll are dup()ed on the main thread and closed when
 // done: if the socket is destroyed meanwhile, its number cannot be reused by another open() and
@@ -268,6 +272,50 @@ static bool resident(int fd, int64_t off, int64_t len) {
 }
 #endif
 
+enum stop { STOP_DONE, STOP_FULL, STOP_COLD, STOP_EOF, STOP_ERR };
+
+// Sends bytes of [offset, offset + length) found in the page cache, 2 MiB at a time (so that
+// checking costs in proportion to what the socket takes, about 1.6 MiB a call on loopback):
+// returns the count sent and why it stopped (*err set for STOP_ERR).
+static int64_t send_cached(int out_fd, int in_fd, int64_t offset, int64_t length, enum stop* why, int* err) {
+  int64_t sent = 0;
+  *why = STOP_DONE;
+#if defined(__linux__)
+  while (sent < length) {
+    int64_t chunk = length - sent < NOW_CHUNK ? length - sent : NOW_CHUNK;
+    if (!resident(in_fd, offset + sent, chunk)) {
+      *why = STOP_COLD;
+      break;
+    }
+    // The socket is non-blocking (libuv's) and the file's pages are in memory: this returns
+    // as soon as the socket's buffer is full, without waiting for anything.
+    off_t off = (off_t)(offset + sent);
+    ssize_t n;
+    do {
+      n = sendfile(out_fd, in_fd, &off, (size_t)chunk);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      *why = errno == EAGAIN ? STOP_FULL : STOP_ERR;
+      *err = errno;
+      break;
+    }
+    sent += n;
+    if (n == 0) {
+      *why = STOP_EOF;
+      break;
+    }
+    if (n < chunk) {
+      *why = STOP_FULL;
+      break;
+    }
+  }
+#else
+  (void)out_fd, (void)in_fd, (void)offset, (void)length, (void)err;
+  *why = STOP_COLD;
+#endif
+  return sent;
+}
+
 static napi_value js_sendfile_now(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
@@ -279,31 +327,12 @@ static napi_value js_sendfile_now(napi_env env, napi_callback_info info) {
   if (napi_get_value_int32(env, argv[1], &in_fd) != napi_ok || in_fd < 0) THROW("bad inFd");
   if (napi_get_value_int64(env, argv[2], &offset) != napi_ok || offset < 0) THROW("bad offset");
   if (napi_get_value_int64(env, argv[3], &length) != napi_ok || length < 1) THROW("bad length");
-  int64_t result = -ENODATA;
-#if defined(__linux__)
-  // Checked and sent a chunk at a time, so that checking costs in proportion to what the socket
-  // takes (about 1.6 MiB a call on loopback), not to the 8 MiB it might.
-  int64_t sent = 0;
   if (length > NOW_MAX) length = NOW_MAX;
-  while (sent < length) {
-    int64_t chunk = length - sent < NOW_CHUNK ? length - sent : NOW_CHUNK;
-    if (!resident(in_fd, offset + sent, chunk)) break;
-    // The socket is non-blocking (libuv's) and the file's pages are in memory: this returns
-    // as soon as the socket's buffer is full, without waiting for anything.
-    off_t off = (off_t)(offset + sent);
-    ssize_t n;
-    do {
-      n = sendfile(out_fd, in_fd, &off, (size_t)chunk);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0) {
-      if (sent == 0) result = -errno;
-      break;
-    }
-    sent += n;
-    result = sent;
-    if (n < chunk) break;  // the socket is full, or the file ended
-  }
-#endif
+  enum stop why;
+  int err = 0;
+  int64_t result = send_cached(out_fd, in_fd, offset, length, &why, &err);
+  if (result == 0 && why == STOP_COLD) result = -ENODATA;
+  else if (result == 0 && (why == STOP_FULL || why == STOP_ERR)) result = -err;
   napi_value out;
   napi_create_int64(env, result, &out);
   return out;
@@ -320,6 +349,10 @@ typedef struct {
   bool closing;          // uv_close called
   bool closed;           // its callback ran: the memory is libuv's no more
   bool js_gone;          // the External was collected
+  // pollSend: what is left to send at each writability, from a dup of the file.
+  bool sending;
+  int in_fd;
+  int64_t off, left, sent;
 } Poll;
 
 // One for all polls, their callbacks' async resource (the agent loads the addon in its main
@@ -333,6 +366,7 @@ static void poll_free_if_done(Poll* w) {
 static void poll_closed(uv_handle_t* h) {
   Poll* w = h->data;
   close(w->fd);
+  if (w->sending) close(w->in_fd);
   w->closed = true;
   poll_free_if_done(w);
 }
@@ -347,23 +381,53 @@ static void poll_close(Poll* w) {
   uv_close((uv_handle_t*)&w->poll, poll_closed);  // stops it too
 }
 
+static void poll_call(Poll* w, int status, int64_t sent) {
+  napi_env env = w->env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value cb, recv, argv[2];
+  napi_get_reference_value(env, w->callback, &cb);
+  napi_get_global(env, &recv);  // make_callback wants an object
+  napi_create_int32(env, status, &argv[0]);
+  napi_create_int64(env, sent, &argv[1]);
+  // make_callback, not call_function: we are in a libuv callback, so the promise jobs this
+  // callback queues must be run after it, as for any I/O callback.
+  napi_make_callback(env, poll_context, recv, cb, 2, argv, NULL);
+  napi_close_handle_scope(env, scope);
+}
+
 static void poll_ready(uv_poll_t* h, int status, int events) {
   (void)events;
   Poll* w = h->data;
   if (w->closing || w->callback == NULL) return;
   // An error stops libuv's watcher: said so to the caller, who closes or starts it again.
   if (status != 0) w->started = false;
-  napi_env env = w->env;
-  napi_handle_scope scope;
-  napi_open_handle_scope(env, &scope);
-  napi_value cb, recv, argv[1];
-  napi_get_reference_value(env, w->callback, &cb);
-  napi_get_global(env, &recv);  // make_callback wants an object
-  napi_create_int32(env, status, &argv[0]);
-  // make_callback, not call_function: we are in a libuv callback, so the promise jobs this
-  // callback queues must be run after it, as for any I/O callback.
-  napi_make_callback(env, poll_context, recv, cb, 1, argv, NULL);
-  napi_close_handle_scope(env, scope);
+  if (!w->sending) {
+    poll_call(w, status, 0);
+    return;
+  }
+  // pollSend: send what the socket takes now; call back only when done, or when the pool or
+  // the caller must take over (bytes not cached, the file's end, an error).
+  int err = 0;
+  enum stop why = STOP_DONE;
+  if (status == 0) {
+    while (w->left > 0) {
+      int64_t n = send_cached(w->fd, w->in_fd, w->off, w->left < NOW_MAX ? w->left : NOW_MAX, &why, &err);
+      w->off += n;
+      w->left -= n;
+      w->sent += n;
+      if (why != STOP_DONE) break;
+    }
+    if (why == STOP_FULL && w->left > 0) return;  // wait for the next writability
+  }
+  int result = status != 0 ? status : why == STOP_COLD ? -ENODATA : why == STOP_ERR ? -err : 0;
+  w->sending = false;
+  close(w->in_fd);
+  if (w->started) {
+    uv_poll_stop(&w->poll);
+    w->started = false;
+  }
+  poll_call(w, result, w->sent);
 }
 
 static void poll_finalize(napi_env env, void* data, void* hint) {
@@ -442,6 +506,41 @@ static napi_value js_poll_stop(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static napi_value js_poll_send(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void* data = NULL;
+  napi_valuetype t;
+  if (argc != 4 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_external) THROW("pollSend(handle, inFd, offset, length)");
+  napi_get_value_external(env, argv[0], &data);
+  Poll* w = data;
+  int32_t in_fd;
+  int64_t offset, length;
+  if (napi_get_value_int32(env, argv[1], &in_fd) != napi_ok || in_fd < 0) THROW("bad inFd");
+  if (napi_get_value_int64(env, argv[2], &offset) != napi_ok || offset < 0) THROW("bad offset");
+  if (napi_get_value_int64(env, argv[3], &length) != napi_ok || length < 1) THROW("bad length");
+  if (w->closing || w->sending) THROW("pollSend on a closed or busy poll");
+  int r = 0;
+  int fd = dup(in_fd);  // the caller may close its own while this runs
+  if (fd < 0) r = -errno;
+  else if (!w->started) {
+    r = uv_poll_start(&w->poll, UV_WRITABLE, poll_ready);
+    w->started = r == 0;
+    if (r != 0) close(fd);
+  }
+  if (r == 0) {
+    w->sending = true;
+    w->in_fd = fd;
+    w->off = offset;
+    w->left = length;
+    w->sent = 0;
+  }
+  napi_value out;
+  napi_create_int32(env, r, &out);
+  return out;
+}
+
 static napi_value js_poll_close(napi_env env, napi_callback_info info) {
   Poll* w = poll_arg(env, info);
   if (w == NULL) THROW("pollClose(handle)");
@@ -463,6 +562,7 @@ static napi_value init(napi_env env, napi_value exports) {
   export_fn(env, exports, "pollOpen", js_poll_open);
   export_fn(env, exports, "pollStart", js_poll_start);
   export_fn(env, exports, "pollStop", js_poll_stop);
+  export_fn(env, exports, "pollSend", js_poll_send);
   export_fn(env, exports, "pollClose", js_poll_close);
   napi_value resource, name;
   napi_create_object(env, &resource);

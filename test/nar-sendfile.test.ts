@@ -159,6 +159,31 @@ test("sendfileNow sends only bytes in the page cache; the poll wakes when a full
   assert.equal(fdCount(), fds, "every dup closed");
   assert.equal(closedCalled, false, "a closed poll never calls back");
   assert.throws(() => b.pollOpen!(-1, () => {}), TypeError);
+  // pollSend: the addon sends at each writability until done, or until the bytes are not cached.
+  got.length = 0;
+  peer = undefined;
+  const sock2 = connect((server.address() as AddressInfo).port, "127.0.0.1");
+  t.after(() => sock2.destroy());
+  await new Promise((r) => sock2.once("connect", r));
+  await waitFor(() => peer !== undefined);
+  const fd2 = (sock2 as unknown as { _handle: { fd: number } })._handle.fd;
+  let done: ((r: [number, number]) => void) | undefined;
+  const q = b.pollOpen!(fd2, (status, sent) => done?.([status, sent]));
+  const send = (from: number): Promise<[number, number]> => new Promise((r) => {
+    done = r;
+    assert.equal(b.pollSend!(q, fh.fd, from, data.length - from), 0);
+  });
+  await evict(file);
+  assert.deepEqual(await send(0), [-ENODATA, 0], "not cached: nothing sent, the pool's turn");
+  readFileSync(file);
+  const sending = send(0);
+  peer!.resume();
+  assert.deepEqual(await sending, [0, data.length], "all sent, across many socket-fulls");
+  b.pollClose!(q);
+  await waitFor(() => got.reduce((n, d) => n + d.length, 0) >= data.length);
+  assert.ok(Buffer.concat(got).equals(data), "the receiver got the file, in order");
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(fdCount(), fds + 2, "only the second test connection (both ends) is new: every dup closed");
 });
 
 /** The real addon, counting its calls: proof the bytes went the sendfile way, and which way. */
@@ -170,8 +195,9 @@ interface Spy extends SendfileBinding {
   pool: number;
   now: number;
   notCached: number;
-  /** Waits for writability (pollStart calls). */
+  /** Waits for writability (pollStart and pollSend calls); pollSend calls. */
   waits: number;
+  pollSends: number;
 }
 
 function spy(): Spy {
@@ -184,6 +210,7 @@ function spy(): Spy {
     now: 0,
     notCached: 0,
     waits: 0,
+    pollSends: 0,
     sendfile(out: number, inFd: number, off: number, len: number, ...rest: unknown[]) {
       s.calls++;
       s.pool++;
@@ -205,10 +232,19 @@ function spy(): Spy {
       }
       return n;
     },
-    pollOpen: (fd, cb) => real.pollOpen!(fd, cb),
+    pollOpen: (fd, cb) =>
+      real.pollOpen!(fd, (status, sent) => {
+        s.bytes += sent;
+        cb(status, sent);
+      }),
     pollStart(h) {
       s.waits++;
       return real.pollStart!(h);
+    },
+    pollSend(h, inFd, off, len) {
+      s.waits++;
+      s.pollSends++;
+      return real.pollSend!(h, inFd, off, len);
     },
     pollStop: (h) => real.pollStop!(h),
     pollClose: (h) => real.pollClose!(h),

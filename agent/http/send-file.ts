@@ -40,7 +40,13 @@ export interface SendfileBinding {
    */
   sendfileNow?(outFd: number, inFd: number, offset: number, length: number): number;
   /** A poll for the socket's writability (on a dup of fd): while started, `cb` whenever it can take bytes. */
-  pollOpen?(fd: number, cb: (status: number) => void): PollHandle;
+  pollOpen?(fd: number, cb: (status: number, sent: number) => void): PollHandle;
+  /**
+   * sendfileNow at each writability, in the addon, until `length` bytes are sent (cb status 0),
+   * the next are not cached (-ENODATA), the file ended (0, fewer sent) or an error (-errno).
+   * Returns 0, or an error (nothing started).
+   */
+  pollSend?(handle: PollHandle, inFd: number, offset: number, length: number): number;
   /** 0, or a negative libuv error. */
   pollStart?(handle: PollHandle): number;
   pollStop?(handle: PollHandle): void;
@@ -52,6 +58,8 @@ export interface SendfileBinding {
 export type PollHandle = { readonly __poll: unique symbol };
 
 const ENODATA = -(osConstants.errno.ENODATA ?? 61);
+const EPIPE = osConstants.errno.EPIPE;
+const ECONNRESET = osConstants.errno.ECONNRESET;
 
 /**
  * Regions smaller than this are read like any other bytes. A region costs a sendfile call, the
@@ -197,7 +205,21 @@ async function send(
       if (buf) narBuffers.release(buf);
       continue; // the loop's first check throws when the client left
     }
-    if (poll && (await poll.wait())) continue;
+    if (poll) {
+      // Wait for writability and send from there on, in the addon, while the bytes are cached.
+      const r = await poll.send(region.fh.fd, off, Math.min(left, MAX_CALL));
+      if (r) {
+        if (r.sent > 0) {
+          off += r.sent;
+          left -= r.sent;
+          count?.(r.sent);
+        }
+        // Errors: sendfileNow at the loop's top meets them again and tells what they are; the
+        // bytes not cached go to the pool from there too.
+        if (r.status === -EPIPE || r.status === -ECONNRESET) throw prematureClose();
+        continue;
+      }
+    }
     {
       const n = Math.min(PIECE, left);
       buf ??= narBuffers.acquire(n);
@@ -226,7 +248,7 @@ async function send(
  * connection open, with nothing to wake it if the client never reads again).
  */
 class Writability {
-  #waiter: ((ok: boolean) => void) | undefined;
+  #waiter: ((r: { status: number; sent: number }) => void) | undefined;
   #closed = false;
   readonly #onClose = (): void => this.close();
 
@@ -244,7 +266,7 @@ class Writability {
     if (!binding?.pollOpen || fd < 0) return undefined;
     let w: Writability | undefined = undefined;
     try {
-      const handle = binding.pollOpen(fd, () => w?.ready());
+      const handle = binding.pollOpen(fd, (status, sent) => w?.ready(status, sent));
       w = new Writability(binding, socket!, handle);
     } catch {
       return undefined;
@@ -252,10 +274,15 @@ class Writability {
     return w;
   }
 
-  /** Resolves when the socket can take bytes or closed (true), or false if the poll failed to start. */
-  wait(): Promise<boolean> {
-    if (this.#closed) return Promise.resolve(true);
-    if (this.binding.pollStart!(this.handle) !== 0) return Promise.resolve(false);
+  /**
+   * Waits for the socket to take bytes, and sends what it takes, from the page cache, until
+   * `length` bytes are sent or it cannot go on (see pollSend). Undefined if the poll could not
+   * start (the caller writes a piece instead); status 0 and the bytes sent so far if the socket
+   * closed meanwhile.
+   */
+  send(inFd: number, offset: number, length: number): Promise<{ status: number; sent: number }> | undefined {
+    if (this.#closed) return Promise.resolve({ status: 0, sent: 0 });
+    if (this.binding.pollSend!(this.handle, inFd, offset, length) !== 0) return undefined;
     return new Promise((resolve) => (this.#waiter = resolve));
   }
 
@@ -269,16 +296,16 @@ class Writability {
     this.#closed = true;
     this.socket.off("close", this.#onClose);
     this.binding.pollClose!(this.handle);
-    this.ready();
+    this.ready(0, 0);
   }
 
-  private ready(): void {
+  private ready(status: number, sent: number): void {
     const waiter = this.#waiter;
     this.#waiter = undefined;
     // Level-triggered: with nobody waiting (nobody sends), a writable socket would call back on
-    // every turn of the event loop.
+    // every turn of the event loop. (The addon stops it itself at the end of a pollSend.)
     if (!waiter) this.pause();
-    waiter?.(true);
+    waiter?.({ status, sent });
   }
 }
 

@@ -11,7 +11,7 @@
 // full, then wait for writability) without ever blocking the event loop on a disk read:
 //
 // sendfileNow(outFd, inFd, offset, length) -> bytes sent, or -errno
-//   On the calling (main) thread, and only bytes found in the page cache, 2 MiB at a time, up
+//   On the calling (main) thread, and only bytes found in the page cache (resident()), 2 MiB at a time, up
 //   to length (at most NOW_MAX): -ENODATA at once when the first of them are not, nothing sent,
 //   and the caller uses sendfile() below. A partial count or -EAGAIN: the socket's buffer is
 //   full, or (rarely) the bytes after those sent are not cached: the caller's next call tells.
@@ -46,6 +46,7 @@
 // Descriptors given to the pool and to the poll are dup()ed on the main thread and closed when
 // done: if the socket is destroyed meanwhile, its number cannot be reused by another open() and
 // receive NAR bytes while the pool thread still writes.
+#define _GNU_SOURCE  // preadv2, RWF_NOWAIT
 #define NAPI_VERSION 8
 #include <node_api.h>
 
@@ -58,9 +59,8 @@
 #include <uv.h>
 
 #if defined(__linux__)
-#include <sys/mman.h>
 #include <sys/sendfile.h>
-#include <sys/syscall.h>
+#include <sys/uio.h>
 #elif defined(__APPLE__)
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -231,44 +231,35 @@ static napi_value js_sendfile(napi_env env, napi_callback_info info) {
 // ---- sendfileNow: on the main thread, for bytes already in the page cache ----
 
 // At most this much per sendfileNow call: more than a socket's buffer takes at once (loopback's
-// grows to 4 MiB), little enough that checking the page cache for it costs next to nothing.
+// grows to 4 MiB).
 #define NOW_MAX ((int64_t)8 << 20)
 #define NOW_CHUNK ((int64_t)2 << 20)
 
 #if defined(__linux__)
-#ifndef __NR_cachestat
-#define __NR_cachestat 451  // Linux 6.5; the same number on every architecture
-#endif
-struct fc_cachestat_range {
-  uint64_t off;
-  uint64_t len;
-};
-struct fc_cachestat {
-  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
-};
-static int no_cachestat = 0;
+// Between two probes: the kernel's default readahead window, so that a window still being read
+// (its pages in the cache, not yet filled) holds at least one probe.
+#define PROBE_STRIDE ((int64_t)128 << 10)
 
-// Whether every page of [off, off + len) of the file is in the page cache: cachestat(2) where
-// the kernel has it, else mincore(2) on a mapping of the range (no page is touched, so nothing
-// is read). Anything unexpected counts as "not cached": the pool then does the work.
+// Whether [off, off + len) of the file can be read without waiting for the disk: a one-byte
+// preadv2(RWF_NOWAIT) every PROBE_STRIDE and at the last byte, each failing with EAGAIN at once
+// for a page not in the page cache or still being read. Not cachestat(2) or mincore(2): for a
+// file the process could not open for writing (the Nix store's, to the agent's own user)
+// cachestat fails with EPERM on current kernels, and mincore reports every page as resident.
+// A sample, not every page: a page evicted alone between two probes still costs the event loop
+// one read (LRU eviction takes whole folios, often larger than a page). Anything unexpected
+// counts as "not cached": the pool then does the work.
 static bool resident(int fd, int64_t off, int64_t len) {
-  long page = sysconf(_SC_PAGESIZE);
-  int64_t first = off / page, last = (off + len - 1) / page;
-  if (!no_cachestat) {
-    struct fc_cachestat_range range = {(uint64_t)off, (uint64_t)len};
-    struct fc_cachestat cs;
-    if (syscall(__NR_cachestat, fd, &range, &cs, 0) == 0) return cs.nr_cache >= (uint64_t)(last - first + 1);
-    if (errno != ENOSYS) return false;
-    no_cachestat = 1;
+  char byte;
+  struct iovec v = {&byte, 1};
+  for (int64_t at = off;; at += PROBE_STRIDE) {
+    if (at > off + len - 1) at = off + len - 1;
+    ssize_t n;
+    do {
+      n = preadv2(fd, &v, 1, (off_t)at, RWF_NOWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n != 1) return false;
+    if (at == off + len - 1) return true;
   }
-  size_t span = (size_t)((last - first + 1) * page);
-  void* p = mmap(NULL, span, PROT_READ, MAP_SHARED, fd, (off_t)(first * page));
-  if (p == MAP_FAILED) return false;
-  unsigned char vec[NOW_CHUNK / 4096 + 2];
-  bool all = (size_t)(last - first + 1) <= sizeof vec && mincore(p, span, vec) == 0;
-  for (int64_t i = 0; all && i <= last - first; i++) all = vec[i] & 1;
-  munmap(p, span);
-  return all;
 }
 #endif
 
@@ -277,16 +268,21 @@ enum stop { STOP_DONE, STOP_FULL, STOP_COLD, STOP_EOF, STOP_ERR };
 // Sends bytes of [offset, offset + length) found in the page cache, 2 MiB at a time (so that
 // checking costs in proportion to what the socket takes, about 1.6 MiB a call on loopback):
 // returns the count sent and why it stopped (*err set for STOP_ERR).
-static int64_t send_cached(int out_fd, int in_fd, int64_t offset, int64_t length, enum stop* why, int* err) {
+// *checked (if given): bytes below it were found cached by an earlier call and are not probed
+// again (the next call starts where the socket filled up, inside the last chunk probed).
+static int64_t send_cached(int out_fd, int in_fd, int64_t offset, int64_t length, int64_t* checked, enum stop* why, int* err) {
   int64_t sent = 0;
   *why = STOP_DONE;
 #if defined(__linux__)
   while (sent < length) {
     int64_t chunk = length - sent < NOW_CHUNK ? length - sent : NOW_CHUNK;
-    if (!resident(in_fd, offset + sent, chunk)) {
+    int64_t from = offset + sent, to = from + chunk;
+    if (checked != NULL && *checked > from) from = *checked < to ? *checked : to;
+    if (from < to && !resident(in_fd, from, to - from)) {
       *why = STOP_COLD;
       break;
     }
+    if (checked != NULL && to > *checked) *checked = to;
     // The socket is non-blocking (libuv's) and the file's pages are in memory: this returns
     // as soon as the socket's buffer is full, without waiting for anything.
     off_t off = (off_t)(offset + sent);
@@ -310,7 +306,7 @@ static int64_t send_cached(int out_fd, int in_fd, int64_t offset, int64_t length
     }
   }
 #else
-  (void)out_fd, (void)in_fd, (void)offset, (void)length, (void)err;
+  (void)out_fd, (void)in_fd, (void)offset, (void)length, (void)checked, (void)err;
   *why = STOP_COLD;
 #endif
   return sent;
@@ -330,7 +326,7 @@ static napi_value js_sendfile_now(napi_env env, napi_callback_info info) {
   if (length > NOW_MAX) length = NOW_MAX;
   enum stop why;
   int err = 0;
-  int64_t result = send_cached(out_fd, in_fd, offset, length, &why, &err);
+  int64_t result = send_cached(out_fd, in_fd, offset, length, NULL, &why, &err);
   if (result == 0 && why == STOP_COLD) result = -ENODATA;
   else if (result == 0 && (why == STOP_FULL || why == STOP_ERR)) result = -err;
   napi_value out;
@@ -353,6 +349,7 @@ typedef struct {
   bool sending;
   int in_fd;
   int64_t off, left, sent;
+  int64_t checked;  // bytes below this offset were found in the page cache (send_cached)
 } Poll;
 
 // One for all polls, their callbacks' async resource (the agent loads the addon in its main
@@ -412,7 +409,7 @@ static void poll_ready(uv_poll_t* h, int status, int events) {
   enum stop why = STOP_DONE;
   if (status == 0) {
     while (w->left > 0) {
-      int64_t n = send_cached(w->fd, w->in_fd, w->off, w->left < NOW_MAX ? w->left : NOW_MAX, &why, &err);
+      int64_t n = send_cached(w->fd, w->in_fd, w->off, w->left < NOW_MAX ? w->left : NOW_MAX, &w->checked, &why, &err);
       w->off += n;
       w->left -= n;
       w->sent += n;
@@ -535,6 +532,7 @@ static napi_value js_poll_send(napi_env env, napi_callback_info info) {
     w->off = offset;
     w->left = length;
     w->sent = 0;
+    w->checked = offset;
   }
   napi_value out;
   napi_create_int32(env, r, &out);

@@ -25,6 +25,8 @@ import { startAgentProcess } from "./helpers/agent.js";
 import { addToStore, dumpPath, hasNix, nix, NIX_FLAGS, run, tempDir } from "./helpers/nix.js";
 
 const execFileP = promisify(execFile);
+/** The addon, as loadSendfile finds it (dist/test/ -> build/Release/). */
+const ADDON_PATH = new URL("../../build/Release/sendfile.node", import.meta.url).pathname;
 const loaded = loadSendfile();
 
 test("the sendfile addon is built and loads (required under CI=true)", async (t) => {
@@ -184,6 +186,42 @@ test("sendfileNow sends only bytes in the page cache; the poll wakes when a full
   assert.ok(Buffer.concat(got).equals(data), "the receiver got the file, in order");
   await new Promise((r) => setTimeout(r, 20));
   assert.equal(fdCount(), fds + 2, "only the second test connection (both ends) is new: every dup closed");
+});
+
+test("sendfileNow's page cache check works for an agent that does not own the store's files (not root)", async (t) => {
+  if (!loaded.binding || process.getuid?.() !== 0) {
+    t.skip(loaded.binding ? "needs root, to run a child as another user" : loaded.why);
+    return;
+  }
+  // The store's files belong to root, 0444; the agent runs as its own user. cachestat(2) refuses
+  // such a file (EPERM) and mincore(2) calls all its pages resident: the check must do neither.
+  const tmp = tempDir();
+  t.after(tmp.cleanup);
+  chmodSync(tmp.dir, 0o755);
+  const file = join(tmp.dir, "f");
+  writeFileSync(file, randomBytes(4 << 20));
+  chmodSync(file, 0o444);
+  const child = `
+    const b = require(${JSON.stringify(ADDON_PATH)});
+    const fs = require("node:fs"), net = require("node:net");
+    const fd = fs.openSync(${JSON.stringify(file)}, "r");
+    const srv = net.createServer((s) => s.pause()).listen(0, "127.0.0.1", () => {
+      const c = net.connect(srv.address().port, "127.0.0.1", () => {
+        const out = c._handle.fd;
+        const evicted = b.sendfileNow(out, fd, 0, 1 << 20);
+        fs.readFileSync(${JSON.stringify(file)});
+        const cached = b.sendfileNow(out, fd, 0, 1 << 20);
+        console.log(JSON.stringify({ uid: process.getuid(), evicted, cached }));
+        c.destroy();
+        srv.close();
+      });
+    });`;
+  await evict(file);
+  const { stdout } = await execFileP(process.execPath, ["-e", child], { uid: 65534, gid: 65534 });
+  const r = JSON.parse(stdout) as { uid: number; evicted: number; cached: number };
+  assert.equal(r.uid, 65534);
+  assert.equal(r.evicted, -ENODATA, "evicted: not sent on the event loop");
+  assert.equal(r.cached, 1 << 20, "cached: sent on the event loop");
 });
 
 /** The real addon, counting its calls: proof the bytes went the sendfile way, and which way. */

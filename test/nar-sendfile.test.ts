@@ -7,7 +7,8 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { chmodSync, mkdirSync, readdirSync, symlinkSync, truncateSync, writeFileSync, readFileSync } from "node:fs";
-import { connect, type AddressInfo } from "node:net";
+import { connect, type AddressInfo, type Socket } from "node:net";
+import { constants as osConstants } from "node:os";
 import type { Server } from "node:http";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -24,6 +25,8 @@ import { startAgentProcess } from "./helpers/agent.js";
 import { addToStore, dumpPath, hasNix, nix, NIX_FLAGS, run, tempDir } from "./helpers/nix.js";
 
 const execFileP = promisify(execFile);
+/** The addon, as loadSendfile finds it (dist/test/ -> build/Release/). */
+const ADDON_PATH = new URL("../../build/Release/sendfile.node", import.meta.url).pathname;
 const loaded = loadSendfile();
 
 test("the sendfile addon is built and loads (required under CI=true)", async (t) => {
@@ -81,27 +84,226 @@ test("the sendfile addon is built and loads (required under CI=true)", async (t)
   assert.throws(() => loaded.binding!.sendfile(-1, fh.fd, 0, 1, () => {}), TypeError);
 });
 
-/** The real addon, counting its calls: proof the bytes went the sendfile way. */
-function spy(): SendfileBinding & { calls: number; bytes: number } {
+test("sendfileNow sends only bytes in the page cache; the poll wakes when a full socket drains, and closing it leaks nothing", async (t) => {
+  if (!loaded.binding) {
+    t.skip(loaded.why);
+    return;
+  }
+  const b = loaded.binding;
+  assert.equal(typeof b.sendfileNow, "function");
+  const tmp = tempDir();
+  t.after(tmp.cleanup);
+  const file = join(tmp.dir, "f");
+  const data = randomBytes(12 << 20);
+  writeFileSync(file, data);
+  const { open } = await import("node:fs/promises");
+  const fh = await open(file);
+  t.after(() => fh.close());
+  let peer: Socket | undefined;
+  const got: Buffer[] = [];
+  const server = (await import("node:net")).createServer((s) => {
+    peer = s;
+    s.pause(); // takes nothing until resumed: the socket fills
+    s.on("data", (d: Buffer) => got.push(d));
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  t.after(() => server.close());
+  const sock = connect((server.address() as AddressInfo).port, "127.0.0.1");
+  t.after(() => sock.destroy());
+  await new Promise((r) => sock.once("connect", r));
+  await waitFor(() => peer !== undefined);
+  const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
+  // Not in the page cache: nothing is sent, nothing is read on this thread.
+  await evict(file);
+  assert.equal(b.sendfileNow!(fd, fh.fd, 0, data.length), -ENODATA);
+  const { stdout: res } = await execFileP("fincore", ["--bytes", "--noheadings", "--output", "RES", file]);
+  assert.ok(Number(res.trim()) < 1 << 20, "sendfileNow read nothing from disk");
+  // In the page cache: sent, until the socket is full (a partial count, then -EAGAIN).
+  readFileSync(file);
+  let off = 0;
+  for (let n = b.sendfileNow!(fd, fh.fd, off, data.length); n > 0; n = b.sendfileNow!(fd, fh.fd, off, data.length - off)) off += n;
+  assert.ok(off > 0 && off < data.length, `the socket took part of the file (${off} bytes)`);
+  assert.equal(b.sendfileNow!(fd, fh.fd, off, data.length - off), -osConstants.errno.EAGAIN);
+  // A poll closed while started: no callback, its dup closed.
+  const fds = fdCount();
+  let closedCalled = false;
+  const h = b.pollOpen!(fd, () => (closedCalled = true));
+  assert.equal(fdCount(), fds + 1, "the poll watches a dup of the socket");
+  assert.equal(b.pollStart!(h), 0);
+  b.pollClose!(h);
+  b.pollClose!(h); // idempotent
+  // A poll that calls back when the reader drains the socket, stopped and started again.
+  let wake: ((status: number) => void) | undefined;
+  let calls = 0;
+  const p = b.pollOpen!(fd, (status) => {
+    calls++;
+    b.pollStop!(p); // as the agent does when nobody waits
+    wake?.(status);
+  });
+  const writable = (): Promise<number> => new Promise((r) => {
+    wake = r;
+    assert.equal(b.pollStart!(p), 0);
+  });
+  const woken = writable();
+  peer!.resume();
+  assert.equal(await woken, 0);
+  while (off < data.length) {
+    const n = b.sendfileNow!(fd, fh.fd, off, data.length - off);
+    if (n > 0) off += n;
+    else if (n === -osConstants.errno.EAGAIN) assert.equal(await writable(), 0);
+    else assert.fail(`sendfileNow: ${n}`);
+  }
+  b.pollClose!(p);
+  await waitFor(() => got.reduce((n, d) => n + d.length, 0) >= data.length);
+  assert.ok(Buffer.concat(got).equals(data), "the receiver got the file, in order");
+  assert.ok(calls > 0);
+  await new Promise((r) => setTimeout(r, 20)); // the poll handles' close callbacks
+  assert.equal(fdCount(), fds, "every dup closed");
+  assert.equal(closedCalled, false, "a closed poll never calls back");
+  assert.throws(() => b.pollOpen!(-1, () => {}), TypeError);
+  // pollSend: the addon sends at each writability until done, or until the bytes are not cached.
+  got.length = 0;
+  peer = undefined;
+  const sock2 = connect((server.address() as AddressInfo).port, "127.0.0.1");
+  t.after(() => sock2.destroy());
+  await new Promise((r) => sock2.once("connect", r));
+  await waitFor(() => peer !== undefined);
+  const fd2 = (sock2 as unknown as { _handle: { fd: number } })._handle.fd;
+  let done: ((r: [number, number]) => void) | undefined;
+  const q = b.pollOpen!(fd2, (status, sent) => done?.([status, sent]));
+  const send = (from: number): Promise<[number, number]> => new Promise((r) => {
+    done = r;
+    assert.equal(b.pollSend!(q, fh.fd, from, data.length - from), 0);
+  });
+  await evict(file);
+  assert.deepEqual(await send(0), [-ENODATA, 0], "not cached: nothing sent, the pool's turn");
+  readFileSync(file);
+  const sending = send(0);
+  peer!.resume();
+  assert.deepEqual(await sending, [0, data.length], "all sent, across many socket-fulls");
+  b.pollClose!(q);
+  await waitFor(() => got.reduce((n, d) => n + d.length, 0) >= data.length);
+  assert.ok(Buffer.concat(got).equals(data), "the receiver got the file, in order");
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(fdCount(), fds + 2, "only the second test connection (both ends) is new: every dup closed");
+});
+
+test("sendfileNow's page cache check works for an agent that does not own the store's files (not root)", async (t) => {
+  if (!loaded.binding || process.getuid?.() !== 0) {
+    t.skip(loaded.binding ? "needs root, to run a child as another user" : loaded.why);
+    return;
+  }
+  // The store's files belong to root, 0444; the agent runs as its own user. cachestat(2) refuses
+  // such a file (EPERM) and mincore(2) calls all its pages resident: the check must do neither.
+  const tmp = tempDir();
+  t.after(tmp.cleanup);
+  chmodSync(tmp.dir, 0o755);
+  const file = join(tmp.dir, "f");
+  writeFileSync(file, randomBytes(4 << 20));
+  chmodSync(file, 0o444);
+  const child = `
+    const b = require(${JSON.stringify(ADDON_PATH)});
+    const fs = require("node:fs"), net = require("node:net");
+    const fd = fs.openSync(${JSON.stringify(file)}, "r");
+    const srv = net.createServer((s) => s.pause()).listen(0, "127.0.0.1", () => {
+      const c = net.connect(srv.address().port, "127.0.0.1", () => {
+        const out = c._handle.fd;
+        const evicted = b.sendfileNow(out, fd, 0, 1 << 20);
+        fs.readFileSync(${JSON.stringify(file)});
+        const cached = b.sendfileNow(out, fd, 0, 1 << 20);
+        console.log(JSON.stringify({ uid: process.getuid(), evicted, cached }));
+        c.destroy();
+        srv.close();
+      });
+    });`;
+  await evict(file);
+  const { stdout } = await execFileP(process.execPath, ["-e", child], { uid: 65534, gid: 65534 });
+  const r = JSON.parse(stdout) as { uid: number; evicted: number; cached: number };
+  assert.equal(r.uid, 65534);
+  assert.equal(r.evicted, -ENODATA, "evicted: not sent on the event loop");
+  assert.equal(r.cached, 1 << 20, "cached: sent on the event loop");
+});
+
+/** The real addon, counting its calls: proof the bytes went the sendfile way, and which way. */
+interface Spy extends SendfileBinding {
+  /** sendfile calls, on the pool or on the event loop, and the bytes they sent. */
+  calls: number;
+  bytes: number;
+  /** Calls on the pool; calls on the event loop that sent (or failed), that found the bytes not cached. */
+  pool: number;
+  now: number;
+  notCached: number;
+  /** Waits for writability (pollStart and pollSend calls); pollSend calls. */
+  waits: number;
+  pollSends: number;
+}
+
+function spy(): Spy {
   type Done = (e: NodeJS.ErrnoException | null, n: number, piece: number) => void;
-  const s = {
+  const real = loaded.binding!;
+  const s: Spy = {
     calls: 0,
     bytes: 0,
-    sendfile(out: number, inFd: number, off: number, len: number, piece: Buffer, cb: Done) {
+    pool: 0,
+    now: 0,
+    notCached: 0,
+    waits: 0,
+    pollSends: 0,
+    sendfile(out: number, inFd: number, off: number, len: number, ...rest: unknown[]) {
       s.calls++;
-      loaded.binding!.sendfile(out, inFd, off, len, piece, (e, n, p) => {
+      s.pool++;
+      const cb = rest.pop() as Done;
+      const done = (e: NodeJS.ErrnoException | null, n: number, p = 0): void => {
         s.bytes += n;
         cb(e, n, p);
-      });
+      };
+      if (rest.length > 0) real.sendfile(out, inFd, off, len, rest[0] as Buffer, done);
+      else real.sendfile(out, inFd, off, len, done);
     },
-  };
-  return s as unknown as SendfileBinding & { calls: number; bytes: number };
+    sendfileNow(out: number, inFd: number, off: number, len: number) {
+      const n = real.sendfileNow!(out, inFd, off, len);
+      if (n === -ENODATA) s.notCached++;
+      else {
+        s.calls++;
+        s.now++;
+        if (n > 0) s.bytes += n;
+      }
+      return n;
+    },
+    pollOpen: (fd, cb) =>
+      real.pollOpen!(fd, (status, sent) => {
+        s.bytes += sent;
+        cb(status, sent);
+      }),
+    pollStart(h) {
+      s.waits++;
+      return real.pollStart!(h);
+    },
+    pollSend(h, inFd, off, len) {
+      s.waits++;
+      s.pollSends++;
+      return real.pollSend!(h, inFd, off, len);
+    },
+    pollStop: (h) => real.pollStop!(h),
+    pollClose: (h) => real.pollClose!(h),
+  } as Spy;
+  return s;
+}
+
+const ENODATA = osConstants.errno.ENODATA;
+
+/** Drops a file's pages from the page cache (POSIX_FADV_DONTNEED on this file only) and checks it. */
+async function evict(file: string): Promise<void> {
+  await execFileP("sync", [file]); // dirty pages cannot be dropped
+  await execFileP("dd", [`if=${file}`, "iflag=nocache", "count=0", "status=none"]);
+  const { stdout } = await execFileP("fincore", ["--bytes", "--noheadings", "--output", "RES", file]);
+  assert.ok(Number(stdout.trim()) < 1 << 20, `${file} evicted from the page cache (${stdout.trim()} bytes left)`);
 }
 
 let tmp: { dir: string; cleanup: () => void } | undefined;
 let root: string;
 let local: LocalStore;
-const paths: Record<"big" | "tree" | "shrink" | "hangup", string> = { big: "", tree: "", shrink: "", hangup: "" };
+const paths: Record<"big" | "tree" | "shrink" | "hangup" | "cold", string> = { big: "", tree: "", shrink: "", hangup: "", cold: "" };
 const dumps: Record<string, Buffer> = {};
 
 before(async () => {
@@ -125,9 +327,10 @@ before(async () => {
   symlinkSync("sub/run", join(tree, "link"));
   writeFileSync(join(tmp.dir, "shrink"), randomBytes(48 << 20));
   writeFileSync(join(tmp.dir, "hangup"), randomBytes(48 << 20));
+  writeFileSync(join(tmp.dir, "cold"), randomBytes(24 << 20));
   for (const k of Object.keys(paths) as (keyof typeof paths)[]) paths[k] = await addToStore(root, join(tmp.dir, k));
   local = new LocalStore(root, new Signer([]));
-  for (const k of ["big", "tree"] as const) dumps[k] = await collect(dumpPath(root, paths[k]));
+  for (const k of ["big", "tree", "cold"] as const) dumps[k] = await collect(dumpPath(root, paths[k]));
 });
 
 after(() => {
@@ -353,6 +556,91 @@ test("keep-alive: the next request on the connection is answered after a sendfil
     assert.deepEqual(lines.slice(0, 2), [`200 ${dumps.big!.length} 1`, `200 ${dumps.tree!.length} 0`], "one connection for all");
     assert.match(lines[2]!, /^200 \d+ 0$/);
     assert.ok(on.calls > 0);
+  } finally {
+    await a.close();
+  }
+});
+
+test("a full socket is waited for with the poll: no file bytes pass through Node's writes", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  const a = await serve(on);
+  const sockets: Socket[] = [];
+  a.server.on("connection", (s: Socket) => sockets.push(s));
+  try {
+    const url = await urlOf(paths.big);
+    readFileSync(join(root, paths.big)); // in the page cache
+    const { sock, all } = rawGet(a.port, url);
+    await new Promise((r) => setTimeout(r, 300)); // the client reads nothing: the socket fills
+    sock.resume();
+    await waitFor(() => a.outcomes.length === 1); // the response ended: every byte is in the kernel
+    sock.destroy();
+    await all;
+    assert.deepEqual(a.outcomes, ["hit_local"]);
+    const server = sockets[0]!;
+    // Node wrote the headers and the NAR's framing; the 24 MiB of contents went by sendfile,
+    // also while the client was not reading (the old way wrote 64 KiB pieces meanwhile).
+    assert.ok(server.bytesWritten < 4096, `bytes written through Node: ${server.bytesWritten}`);
+    assert.ok(on.waits > 0, "the agent waited for writability");
+  } finally {
+    await a.close();
+  }
+});
+
+test("file contents in the page cache go out on the event loop, evicted ones through the thread pool", async (t) => {
+  if (!ready(t)) return;
+  const file = join(root, paths.cold);
+  const url = await urlOf(paths.cold);
+  // Evicted: the first bytes are not in the page cache, so the first call must go to the pool.
+  {
+    const on = spy();
+    const a = await serve(on);
+    try {
+      await evict(file);
+      const body = Buffer.from(await (await fetch(`http://127.0.0.1:${a.port}${url}`)).arrayBuffer());
+      assert.ok(body.equals(dumps.cold!), "the NAR equals nix store dump-path");
+      assert.ok(on.notCached > 0 && on.pool > 0, `not cached ${on.notCached}, pool calls ${on.pool}`);
+      t.diagnostic(`evicted: pool calls ${on.pool}, event-loop calls ${on.now}, not cached ${on.notCached}`);
+    } finally {
+      await a.close();
+    }
+  }
+  // In the page cache (the download above read it): no trip to the pool at all.
+  {
+    const on = spy();
+    const a = await serve(on);
+    try {
+      const body = Buffer.from(await (await fetch(`http://127.0.0.1:${a.port}${url}`)).arrayBuffer());
+      assert.ok(body.equals(dumps.cold!), "the NAR equals nix store dump-path");
+      assert.equal(on.pool, 0, "no sendfile on the pool");
+      assert.ok(on.now > 0 && on.bytes === 24 << 20, `event-loop calls ${on.now}, bytes ${on.bytes}`);
+    } finally {
+      await a.close();
+    }
+  }
+});
+
+test("the server closing a connection while it waits for the client frees the poll and its descriptor", async (t) => {
+  if (!ready(t)) return;
+  const on = spy();
+  const a = await serve(on);
+  try {
+    await fetch(`http://127.0.0.1:${a.port}/nix-cache-info`); // warm the server's lazily opened state
+    a.server.closeAllConnections(); // and close that keep-alive connection before counting
+    await new Promise((r) => setTimeout(r, 50));
+    readFileSync(join(root, paths.hangup));
+    const fds = fdCount();
+    const { sock, all } = rawGet(a.port, await urlOf(paths.hangup)); // never reads
+    await waitFor(() => on.waits > 0);
+    await new Promise((r) => setTimeout(r, 50));
+    a.server.closeAllConnections();
+    // With the client still not reading (nothing would wake the poll), its dup is closed.
+    await waitFor(() => fdCount() <= fds + 1, 5_000).catch(() => {});
+    assert.equal(fdCount(), fds + 1, "only the test client's own socket is left (the poll's dup closed)");
+    sock.resume();
+    const closed = await Promise.race([all.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 10_000))]);
+    assert.ok(closed, "the client saw the connection close");
+    await waitFor(() => fdCount() <= fds);
   } finally {
     await a.close();
   }

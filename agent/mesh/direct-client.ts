@@ -45,8 +45,11 @@ export class DirectRoutes {
   readonly #noDirectUntil = new Map<string, number>();
   /** Minting keys by holder. */
   readonly #keys = new Map<string, HeldKey>();
-  /** Holders a key is being asked of (one at a time: the holder keeps only a peer's last two keys). */
-  readonly #askingKey = new Set<string>();
+  /**
+   * Holders a key is being asked of, settled when it is in (one ask at a time: the holder keeps
+   * only a peer's last two keys; NARs Nix asks for meanwhile wait for it rather than ask too).
+   */
+  readonly #askingKey = new Map<string, Promise<unknown>>();
   /** "peer hashPart" of minted redirects, until when a repeat counts as one (performance.now()). */
   readonly #recent = new Map<string, number>();
   /** "host:port" of direct ports a TCP connection reached, until when. */
@@ -106,6 +109,8 @@ export class DirectRoutes {
     if (host === undefined) return undefined;
     // A link slow enough for zstd is not a LAN Nix should pull plain bytes over.
     if (this.compression?.wantsZstd(peerId)) return undefined;
+    const pending = this.#askingKey.get(peerId);
+    if (pending && !this.#usable(peerId)) await pending;
     const minted = this.#mint(peerId, req);
     // The port was reachable when the key came (probed then); probed again once that has lapsed.
     if (minted && (await this.#reachable(host, minted.port))) {
@@ -115,7 +120,8 @@ export class DirectRoutes {
     }
     const asked = performance.now();
     const wantKey = !this.#askingKey.has(peerId) && !this.#usable(peerId);
-    if (wantKey) this.#askingKey.add(peerId);
+    const keyIn = { resolve: () => {} };
+    if (wantKey) this.#askingKey.set(peerId, new Promise<void>((r) => (keyIn.resolve = r)));
     try {
       this.asked++;
       const t = await askDirect(this.node, peerId, req, { headerTimeoutMs: DIRECT_ASK_MS, wantKey, ...(signal && { signal }) });
@@ -130,6 +136,7 @@ export class DirectRoutes {
         const lifetimeMs = t.mint.lifetimeS * 1000;
         const goodFor = lifetimeMs > 2 * MINT_KEY_MARGIN_MS ? lifetimeMs - MINT_KEY_MARGIN_MS : lifetimeMs / 2;
         this.#keys.set(peerId, { keyId: t.mint.keyId, key: t.mint.key, port: t.port, goodUntil: asked + goodFor, mints: 0 });
+        keyIn.resolve();
       }
       if (!(await this.#reachable(host, t.port))) {
         // The ticket expires unused; Nix gets the NAR relayed, and so do this holder's next ones for a while.
@@ -145,7 +152,10 @@ export class DirectRoutes {
       this.log?.debug({ peer: peerId, hashPart: req.hashPart, err: (err as Error).message }, "mesh: no direct ticket; relaying");
       return undefined;
     } finally {
-      if (wantKey) this.#askingKey.delete(peerId);
+      if (wantKey) {
+        this.#askingKey.delete(peerId);
+        keyIn.resolve();
+      }
     }
   }
 

@@ -32,6 +32,9 @@ export const MINT_KEY_MARGIN_MS = 60_000;
 /** A NAR Nix asks for again this soon after a minted redirect (a 502, a broken download) gets an asked-for ticket: the holder checks it holds it. */
 export const MINT_REPEAT_MS = 60_000;
 
+/** Minted redirects remembered for MINT_REPEAT_MS (a minute of NARs at 160 a second). */
+const MAX_RECENT = 10_000;
+
 interface HeldKey {
   keyId: Uint8Array;
   key: Uint8Array;
@@ -92,7 +95,11 @@ export class DirectRoutes {
       this.#recent.delete(recentKey);
       return undefined;
     }
-    if (this.#recent.size >= 10_000) for (const [key, until] of this.#recent) if (until <= now) this.#recent.delete(key);
+    if (this.#recent.size >= MAX_RECENT) {
+      for (const [key, until] of this.#recent) if (until <= now) this.#recent.delete(key);
+      // Bounded whatever Nix asks: past it, only the newest repeats are caught.
+      if (this.#recent.size >= MAX_RECENT) this.#recent.clear();
+    }
     this.#recent.set(recentKey, now + MINT_REPEAT_MS);
     k.mints++;
     const tail = narUrl(req.hashPart, req.narHash);

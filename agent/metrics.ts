@@ -74,6 +74,10 @@ export interface MeshTallies {
   directBytesSent: number;
   directRedirects: number;
   directFallbacks: number;
+  /** Of the redirects: tickets asked of the holder over the mesh, and tickets minted here without asking; of directNarsSent, those for a minted ticket. */
+  directTicketsAsked: number;
+  directTicketsMinted: number;
+  directMintedServed: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -303,10 +307,13 @@ export class AgentMetrics {
     mirror("fleetcache_bulk_nars_received_total", "NAR bodies received from peers on their bulk port.", (t) => t.bulkNarsReceived);
     mirror("fleetcache_bulk_fallbacks_total", "Bulk connections to a peer that failed (unreachable port, failed handshake); that NAR and the peer's next ones for 10 minutes went on the mesh stream.", (t) => t.bulkFallbacks);
     mirror("fleetcache_direct_requests_total", "Requests to the direct port (direct_lan): peers' Nix fetching NARs of this host's store.", (t) => t.directRequests);
-    mirror("fleetcache_direct_nars_sent_total", "NARs sent on the direct port for a live one-time ticket.", (t) => t.directNarsSent);
+    mirror("fleetcache_direct_nars_sent_total", "NARs sent on the direct port for a live ticket (one-time or minted).", (t) => t.directNarsSent);
     mirror("fleetcache_direct_refused_total", "Requests and sockets refused on the direct port: no such ticket (forged, used, expired, for another NAR), a bad request, or over the per-host limit.", (t) => t.directRefused);
     mirror("fleetcache_direct_bytes_sent_total", "NAR bytes sent on the direct port.", (t) => t.directBytesSent);
     mirror("fleetcache_direct_redirects_total", "NAR requests from Nix answered with a redirect to a peer's direct port.", (t) => t.directRedirects);
+    mirror("fleetcache_direct_tickets_asked_total", "Direct tickets asked of a holder over the mesh (a round trip each; the first from a holder also brings a minting key).", (t) => t.directTicketsAsked);
+    mirror("fleetcache_direct_tickets_minted_total", "Redirects to a peer's direct port with a ticket minted here with that peer's minting key (no round trip).", (t) => t.directTicketsMinted);
+    mirror("fleetcache_direct_minted_nars_sent_total", "NARs sent on the direct port for a ticket a peer minted.", (t) => t.directMintedServed);
     mirror("fleetcache_direct_fallbacks_total", "NAR requests for which no direct ticket was had (the holder does not offer it, refused, or failed): relayed instead.", (t) => t.directFallbacks);
     mirror("fleetcache_bulk_refused_total", "Connections to the bulk port refused: no such ticket (forged, used or expired) or over the per-host limit of sockets in their handshake.", (t) => t.bulkRefused);
     mirror("fleetcache_admission_refused_total", "Inbound mesh sockets refused before any handshake because their remote host already held its limit of sockets in their handshake (status lists recent offenders).", (t) => t.admissionRefused);

@@ -31,7 +31,7 @@ export interface MeshResult {
   /** NAR bodies on the bulk port in the whole case: sent by A, taken by B, fallbacks to the stream. */
   bulk: { sent: number; received: number; fallbacks: number };
   /** LAN-direct NARs (`--direct`: both agents with direct_lan): B's redirects, NARs A's direct port sent, B's fallbacks to relaying. */
-  direct?: { redirects: number; sent: number; fallbacks: number };
+  direct?: { redirects: number; sent: number; fallbacks: number; asked?: number; minted?: number };
   /** pinned: host A (its agent, nginx) on CPU 1, host B (its agent, Nix) on CPU 0. */
   pinned: boolean;
   /** 1-minute load average before and after the case. */
@@ -230,8 +230,8 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const nixNginx = nixCpu[2 * nginxRuns.indexOf(nginxSeconds) + 1]!;
     const [sa, sb] = [(await A.status()).counters, (await B.status()).counters];
     const bulk = { sent: sa.bulkNarsSent ?? 0, received: sb.bulkNarsReceived ?? 0, fallbacks: sb.bulkFallbacks ?? 0 };
-    const directCounts = opts.direct ? { redirects: sb.directRedirects ?? 0, sent: sa.directNarsSent ?? 0, fallbacks: sb.directFallbacks ?? 0 } : undefined;
-    if (directCounts) log(`mesh: LAN-direct: ${directCounts.redirects} redirects by B, ${directCounts.sent} NARs sent by A's direct port, ${directCounts.fallbacks} fallbacks`);
+    const directCounts = opts.direct ? { redirects: sb.directRedirects ?? 0, sent: sa.directNarsSent ?? 0, fallbacks: sb.directFallbacks ?? 0, asked: sb.directTicketsAsked ?? 0, minted: sb.directTicketsMinted ?? 0 } : undefined;
+    if (directCounts) log(`mesh: LAN-direct: ${directCounts.redirects} redirects by B (tickets: ${directCounts.asked} asked of A, ${directCounts.minted} minted by B), ${directCounts.sent} NARs sent by A's direct port, ${directCounts.fallbacks} fallbacks`);
     const perNarMs = { holder: (holderCpu / count) * 1e3, requester: (requesterCpu / count) * 1e3, nixAgents: (nixAgents / count) * 1e3, nixNginx: (nixNginx / count) * 1e3 };
     log(`mesh: CPU ms per NAR: A ${perNarMs.holder.toFixed(1)}, B ${perNarMs.requester.toFixed(1)}, Nix ${perNarMs.nixAgents.toFixed(1)} (through the agents) / ${perNarMs.nixNginx.toFixed(1)} (from nginx); bulk bodies sent ${bulk.sent}, received ${bulk.received}, fallbacks ${bulk.fallbacks}`);
     const gb = narBytes / 1e9;

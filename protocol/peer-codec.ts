@@ -7,6 +7,7 @@ import { decodeNix32, encodeNix32 } from "./nix32.js";
 import { isValidHashPart } from "./store-path.js";
 import { PeerProtocolError, Reader, Writer } from "./peer-wire.js";
 import { MAX_SUMMARY_FRAME_BYTES } from "./peer-summary.js";
+import { MAX_MINT_KEY_LIFETIME_S, MIN_MINT_KEY_LIFETIME_S, MINT_KEY_BYTES, MINT_KEY_ID_BYTES } from "./direct-ticket.js";
 
 export * from "./peer-wire.js";
 export * from "./peer-summary.js";
@@ -31,6 +32,7 @@ export const TAG_NAR_OK_V2 = 0x24;
 export const TAG_NAR_REQUEST_V3 = 0x25;
 export const TAG_NAR_BULK = 0x26;
 export const TAG_NAR_DIRECT = 0x27;
+export const TAG_NAR_DIRECT_KEY = 0x28;
 export const TAG_PEERS_REQUEST = 0x30;
 export const TAG_PEERS_RESPONSE = 0x31;
 
@@ -80,6 +82,11 @@ export const BULK_TLS_PSK = 1;
  * over plain HTTP from the responder's direct port (NarDirect). Only with offset 0.
  */
 export const BULK_DIRECT_HTTP = 2;
+/**
+ * Bit 4 of NarRequest3's `bulk`, only with BULK_DIRECT_HTTP: the requester also wants a minting
+ * key (NarDirectKey), to make the tickets for this responder's next NARs itself.
+ */
+export const BULK_DIRECT_MINT = 4;
 export const BULK_TICKET_BYTES = 16;
 export const BULK_KEY_BYTES = 32;
 /** Largest zstd window a requester must decode (2^23 bytes): bounds its memory per stream. */
@@ -114,8 +121,15 @@ export type NarResponseHeader =
    * 3.0.0 only (NarDirect): the whole NAR, unencoded, is for one plain-HTTP GET of
    * http://<responder>:<port>/<ticket hex>/nar/<hash part>-<NAR hash>.nar; nothing more on this stream.
    */
-  | { type: "direct"; narSize: number; port: number; ticket: Uint8Array }
+  | { type: "direct"; narSize: number; port: number; ticket: Uint8Array; mint?: MintKey }
   | { type: "error"; code: number; message: string };
+
+/** NarDirectKey's minting key (direct-ticket.ts): for tickets to the responder's direct port, good for `lifetimeS` from its receipt. */
+export interface MintKey {
+  keyId: Uint8Array;
+  key: Uint8Array;
+  lifetimeS: number;
+}
 
 export interface PeerRecord {
   /** libp2p peer ID, as text (base58btc "12D3KooW..." for Ed25519 keys). */
@@ -216,6 +230,12 @@ export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
     if (m.narSize === 0) throw new PeerProtocolError("NAR response: NAR size must be positive");
     if (!Number.isInteger(m.port) || m.port < 1 || m.port > 65535) throw new PeerProtocolError(`NAR response: invalid port ${m.port}`);
     if (m.ticket.length !== BULK_TICKET_BYTES) throw new PeerProtocolError("NAR response: bad ticket length");
+    if (m.mint) {
+      const { keyId, key, lifetimeS } = m.mint;
+      if (keyId.length !== MINT_KEY_ID_BYTES || key.length !== MINT_KEY_BYTES) throw new PeerProtocolError("NAR response: bad minting key or key id length");
+      if (!Number.isInteger(lifetimeS) || lifetimeS < MIN_MINT_KEY_LIFETIME_S || lifetimeS > MAX_MINT_KEY_LIFETIME_S) throw new PeerProtocolError(`NAR response: minting key lifetime ${lifetimeS} s out of bounds`);
+      return w.u8(TAG_NAR_DIRECT_KEY).uint("NAR size", m.narSize).uint("port", m.port, 65535).fixed(m.ticket).fixed(keyId).fixed(key).uint("lifetime", lifetimeS, MAX_MINT_KEY_LIFETIME_S).finish();
+    }
     return w.u8(TAG_NAR_DIRECT).uint("NAR size", m.narSize).uint("port", m.port, 65535).fixed(m.ticket).finish();
   }
   if (m.type === "bulk") {
@@ -236,20 +256,29 @@ export function encodeNarResponseHeader(m: NarResponseHeader): Uint8Array {
  * After an "ok" header the stream carries the NAR's bytes from the requested offset to its end
  * (in 2.0.0, encoded as `encoding` says). `accept` (2.0.0): what the request accepted; a NarOk2
  * naming another encoding is a protocol error. `bulk` (3.0.0): what the request's `bulk` said;
- * a NarBulk is valid only when it had BULK_TLS_PSK, a NarDirect only when it had BULK_DIRECT_HTTP.
+ * a NarBulk is valid only when it had BULK_TLS_PSK, a NarDirect only when it had BULK_DIRECT_HTTP,
+ * a NarDirectKey only when it had BULK_DIRECT_HTTP and BULK_DIRECT_MINT.
  */
 export function decodeNarResponseHeader(payload: Uint8Array, accept?: number, bulk?: number): NarResponseHeader {
   const r = new Reader(payload, "NAR response");
   const bulkOk = accept !== undefined && bulk !== undefined && (bulk & BULK_TLS_PSK) !== 0;
   const directOk = accept !== undefined && bulk !== undefined && (bulk & BULK_DIRECT_HTTP) !== 0;
-  const tag = tagOf(r, [accept === undefined ? TAG_NAR_OK : TAG_NAR_OK_V2, TAG_NAR_ERROR, ...(bulkOk ? [TAG_NAR_BULK] : []), ...(directOk ? [TAG_NAR_DIRECT] : [])]);
+  const mintOk = directOk && (bulk! & BULK_DIRECT_MINT) !== 0;
+  const tag = tagOf(r, [accept === undefined ? TAG_NAR_OK : TAG_NAR_OK_V2, TAG_NAR_ERROR, ...(bulkOk ? [TAG_NAR_BULK] : []), ...(directOk ? [TAG_NAR_DIRECT] : []), ...(mintOk ? [TAG_NAR_DIRECT_KEY] : [])]);
   let m: NarResponseHeader;
-  if (tag === TAG_NAR_DIRECT) {
+  if (tag === TAG_NAR_DIRECT || tag === TAG_NAR_DIRECT_KEY) {
     const narSize = r.uint("NAR size");
     if (narSize === 0) r.fail("NAR size must be positive");
     const port = r.uint("port", 65535);
     if (port === 0) r.fail("port 0");
     m = { type: "direct", narSize, port, ticket: r.fixed("ticket", BULK_TICKET_BYTES).slice() };
+    if (tag === TAG_NAR_DIRECT_KEY) {
+      const keyId = r.fixed("key id", MINT_KEY_ID_BYTES).slice();
+      const key = r.fixed("minting key", MINT_KEY_BYTES).slice();
+      const lifetimeS = r.uint("lifetime", MAX_MINT_KEY_LIFETIME_S);
+      if (lifetimeS < MIN_MINT_KEY_LIFETIME_S) r.fail(`minting key lifetime ${lifetimeS} s`);
+      m.mint = { keyId, key, lifetimeS };
+    }
   } else if (tag === TAG_NAR_BULK) {
     const narSize = r.uint("NAR size");
     if (narSize === 0) r.fail("NAR size must be positive");

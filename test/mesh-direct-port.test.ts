@@ -28,6 +28,7 @@ import { sendNar } from "../agent/http/cache-routes.js";
 import { loadSendfile } from "../agent/http/send-file.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
+import { mintTicket } from "../protocol/direct-ticket.js";
 import { exchange, req as rawReq } from "./helpers/raw-http.js";
 import { addToStore, dumpPath, hasNix, needNix, pathInfo, run, tempDir } from "./helpers/nix.js";
 
@@ -79,7 +80,7 @@ async function pair(o: { direct?: boolean } = {}) {
   const sendfile = loadSendfile().binding;
   const serve = (req: Parameters<typeof sendNar>[1], res: Parameters<typeof sendNar>[2], info: PathInfo, count: (n: number) => void) =>
     sendNar({ source: directSource(local), local, priority: 30, log, sendfile }, req, res, info, count);
-  const direct = await DirectListener.start("127.0.0.1", 0, serve, log);
+  const direct = await DirectListener.start("127.0.0.1", 0, serve, log, (h) => local.pathInfo(h));
   // Without direct the holder is an agent with direct_lan off: 3.0.0 with its bulk port only.
   const bulk = o.direct === false ? await BulkListener.start("127.0.0.1", 0, log) : undefined;
   cleanups.push(() => a.stop(), () => b.stop(), () => local.close(), () => direct.close(), () => bulk?.close());
@@ -87,7 +88,7 @@ async function pair(o: { direct?: boolean } = {}) {
   await b.libp2p.dial(a.addresses()[0]!);
   const peer = a.peerId.toString();
   const ticket = (n: Nar) => askDirect(b, peer, { hashPart: n.hashPart, narHash: n.narHash, narSize: n.narSize });
-  return { direct, ticket, local, b, peer, bulk };
+  return { direct, ticket, local, a, b, peer, bulk };
 }
 
 interface Got {
@@ -316,4 +317,93 @@ test("a path collected between its ticket and the request: 502 (Nix retries thro
   await run("nix-store", ["--store", fx!.root, "--delete", gone.path]);
   const got = await get(tk.port, tk.path);
   assert.equal(got.status, 502);
+});
+
+test("minted tickets: asked with bit 4, the first ticket brings a minting key; a ticket minted with it opens its NAR once; another NAR's MAC, a reused nonce, an unknown, expired or retired key, a wrong key, truncated/overlong/uppercase tickets: empty 404; a NAR not held: 502; the port serves on", async (t) => {
+  if (!(await needNix(t))) return;
+  const { direct, b, peer } = await pair();
+  const { big, small } = fx!;
+  const first = await askDirect(b, peer, { hashPart: big.hashPart, narHash: big.narHash, narSize: big.narSize }, { wantKey: true });
+  assert.ok(typeof first === "object" && first.mint, "a one-time ticket and a minting key");
+  const { keyId, key, lifetimeS } = first.mint;
+  assert.ok(lifetimeS >= 60 && lifetimeS <= 3600, `lifetime ${lifetimeS} s`);
+  assert.equal((await get(first.port, first.path)).status, 200, "the one-time ticket works as before");
+  const tail = (n: Nar) => `nar/${n.hashPart}-${n.narHash.replace("sha256:", "")}.nar`;
+  const hexOf = (n: Nar, nonce = randomBytes(12), k: Uint8Array = key, id: Uint8Array = keyId) => mintTicket(k, id, nonce, tail(n)).toString("hex");
+  const refused = async (path: string, why: string) => assert.deepEqual(await get(direct.port, path).then((g) => [g.status, g.body.length]), [404, 0], why);
+
+  // Honest: the NAR, Nix's bytes, once.
+  const honest = `/${hexOf(small)}/${tail(small)}`;
+  const got = await get(direct.port, honest);
+  assert.equal(got.status, 200);
+  assert.ok(got.body.equals(small.dump), "Nix's NAR");
+  await refused(honest, "a reused nonce");
+  // The same nonce with a fresh MAC for the other NAR is still a reused nonce.
+  await refused(`/${hexOf(big, Buffer.from(honest.slice(17, 41), "hex"))}/${tail(big)}`, "a reused nonce, other NAR");
+
+  // A MAC for one NAR on another's path; the ticket is not spent by it (its MAC was never right there).
+  const forSmall = hexOf(small);
+  await refused(`/${forSmall}/${tail(big)}`, "another NAR's MAC");
+  await refused(`/${hexOf(small, randomBytes(12), randomBytes(32))}/${tail(small)}`, "a wrong key");
+  await refused(`/${hexOf(small, randomBytes(12), key, randomBytes(8))}/${tail(small)}`, "an unknown key id");
+  await refused(`/${forSmall.slice(0, -2)}/${tail(small)}`, "truncated");
+  await refused(`/${forSmall}00/${tail(small)}`, "overlong");
+  await refused(`/${forSmall.toUpperCase()}/${tail(small)}`, "uppercase hex");
+  await refused(`/${forSmall}/${tail(small)}?x=1`, "a query");
+  await refused(`/${forSmall}/${tail(small).replace("nar/", "nar/../nar/")}`, "dot segments");
+  assert.equal((await get(direct.port, `/${forSmall}/${tail(small)}`, "HEAD")).status, 200, "HEAD spends it");
+  await refused(`/${forSmall}/${tail(small)}`, "spent by HEAD");
+  assert.ok((direct.mintRefusals.get(b.peerId.toString()) ?? 0) >= 4, "refusals under a live key are accounted to its peer");
+
+  // Expired by the holder's clock: a key issued for 50 ms.
+  const short = direct.issueKey(b.peerId.toString(), 50);
+  await sleep(150);
+  await refused(`/${hexOf(small, randomBytes(12), short.key, short.keyId)}/${tail(small)}`, "an expired key");
+  // Retired: a peer holds its last two keys; the first is gone after two more.
+  direct.issueKey(b.peerId.toString());
+  const last = direct.issueKey(b.peerId.toString());
+  await refused(`/${hexOf(small)}/${tail(small)}`, "a retired key");
+  assert.equal((await get(direct.port, `/${hexOf(small, randomBytes(12), last.key, last.keyId)}/${tail(small)}`)).status, 200, "the newest key works");
+
+  // A NAR this holder no longer has: 502, as for a one-time ticket (Nix retries through its agent).
+  const { dir, cleanup } = tempDir("fleetcache-direct-minted-gone-");
+  t.after(cleanup);
+  writeFileSync(join(dir, "gone.txt"), "collected before the minted ticket\n");
+  const gone = await nar(fx!.root, await addToStore(fx!.root, join(dir, "gone.txt")));
+  await run("nix-store", ["--store", fx!.root, "--delete", gone.path]);
+  assert.equal((await get(direct.port, `/${hexOf(gone, randomBytes(12), last.key, last.keyId)}/${tail(gone)}`)).status, 502);
+
+  assert.equal(direct.counters.minted, 3, "only the honest minted tickets were served");
+  assert.equal(direct.counters.served, 4);
+  assert.equal(sha((await get(direct.port, `/${hexOf(big, randomBytes(12), last.key, last.keyId)}/${tail(big)}`)).body), sha(big.dump), "the port still serves");
+});
+
+test("DirectRoutes: only the first NAR from a holder asks for a ticket (and a key), the next are minted here; a NAR asked for again soon asks; a disconnect drops the key", async (t) => {
+  if (!(await needNix(t))) return;
+  const { direct, a, b, peer } = await pair();
+  const routes = new DirectRoutes(b, new NarCompression("off"));
+  t.after(() => routes.close());
+  const req = (n: Nar) => ({ hashPart: n.hashPart, narHash: n.narHash, narSize: n.narSize });
+  const fetchVia = async (n: Nar) => {
+    const url = await routes.url(peer, req(n));
+    assert.ok(url, "a redirect");
+    const got = await get(direct.port, new URL(url).pathname);
+    assert.equal(got.status, 200);
+    assert.ok(got.body.equals(n.dump));
+    return new URL(url).pathname;
+  };
+  const p1 = await fetchVia(fx!.big);
+  assert.match(p1, /^\/[0-9a-f]{32}\//, "the first: a one-time ticket");
+  assert.match(await fetchVia(fx!.small), /^\/[0-9a-f]{72}\//, "then minted");
+  assert.deepEqual([routes.asked, routes.minted, routes.redirects, direct.tickets], [1, 1, 2, 0]);
+  // Nix asking for the same NAR again within a minute (a 502, a broken download): asked, so the holder checks it.
+  assert.match(await fetchVia(fx!.small), /^\/[0-9a-f]{32}\//, "a repeat asks");
+  assert.match(await fetchVia(fx!.big), /^\/[0-9a-f]{72}\//);
+  assert.deepEqual([routes.asked, routes.minted], [2, 2]);
+  assert.equal(direct.keys, 1, "one key: the repeat did not ask for another");
+  // The holder's agent restarted: the connection closes, the key is dropped, the next NAR asks.
+  await b.libp2p.hangUp(a.peerId);
+  await b.libp2p.dial(a.addresses()[0]!);
+  assert.match(await fetchVia(fx!.small), /^\/[0-9a-f]{32}\//);
+  assert.equal(routes.asked, 3);
 });

@@ -4,7 +4,8 @@
 // NAR request with a redirect and Nix fetches the bytes from A's direct port itself. Nix is the
 // judge: the copy, `nix store verify`, and NAR dumps byte for byte; the agents' counters show
 // which way the bytes went. With direct_lan on one side only, NARs are relayed as before. A Range
-// request to B (a resumed download) is relayed and verified, never redirected.
+// request to B (a resumed download) is relayed and verified, never redirected. Only the first NAR
+// from A costs B a ticket round trip: its answer brings a minting key, and B mints the rest.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
@@ -97,6 +98,10 @@ test("direct_lan on both: Nix on B fetches every NAR from A's direct port (redir
   const [a, b] = [(await A.status()).counters, (await B.status()).counters];
   assert.equal(b.directRedirects, closure.length, "every NAR redirected");
   assert.equal(b.directFallbacks, 0);
+  // Only the first NAR from A cost a round trip for its ticket (and brought a minting key); B minted the rest.
+  assert.equal(b.directTicketsAsked, 1, "one ticket asked of A");
+  assert.equal(b.directTicketsMinted, closure.length - 1, "the rest minted by B");
+  assert.equal(a.directMintedServed, closure.length - 1, "A served the minted tickets");
   assert.equal(a.directNarsSent, closure.length, "every NAR sent by A's direct port");
   const narBytes = (await pathInfo(A.storeRoot, closure)).reduce((n, i) => n + i.narSize, 0);
   assert.equal(a.directBytesSent, narBytes, "the closure's NAR bytes, once");

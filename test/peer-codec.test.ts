@@ -48,8 +48,11 @@ import {
   ACCEPT_ZSTD,
   NAR_ENCODING,
   BULK_DIRECT_HTTP,
+  BULK_DIRECT_MINT,
   BULK_TLS_PSK,
 } from "../protocol/peer-codec.js";
+
+import { MINTED_TICKET_BYTES, mintTicket, mintedMacOk } from "../protocol/direct-ticket.js";
 
 const hashPart = () => encodeNix32(randomBytes(20));
 const narHash = () => encodeNix32(randomBytes(32));
@@ -771,6 +774,61 @@ test("NAR 3.0.0 direct: bit 2 round-trips; NarDirect only when asked for, bounde
       assert.ok(isPPE(e), String(e));
     }
   }
+});
+
+test("NAR 3.0.0 minting key: NarDirectKey only when bits 2 and 4 were asked, key and id of fixed length, lifetime 60..3600 s, no trailing bytes", () => {
+  const ticket = new Uint8Array(randomBytes(16));
+  const mint = { keyId: new Uint8Array(randomBytes(8)), key: new Uint8Array(randomBytes(32)), lifetimeS: 600 };
+  const d = { type: "direct", narSize: 5 << 20, port: 37518, ticket, mint } as const;
+  const wire = encodeNarResponseHeader(d);
+  assert.equal(wire[0], 0x28);
+  const both = BULK_DIRECT_HTTP | BULK_DIRECT_MINT;
+  assert.deepEqual(decodeNarResponseHeader(wire, 0, both), d);
+  // Not asked for (an old requester, or one holding a key): an unknown tag; bit 4 alone opens nothing.
+  rejects(() => decodeNarResponseHeader(wire, 0, BULK_DIRECT_HTTP), /unknown message tag 0x28/);
+  rejects(() => decodeNarResponseHeader(wire, 0, BULK_DIRECT_MINT), /unknown message tag 0x28/);
+  rejects(() => decodeNarResponseHeader(wire, 0), /unknown message tag 0x28/);
+  // A plain NarDirect stays a valid answer to bit 4 (a responder that does not mint).
+  const plain = { type: "direct", narSize: 5, port: 1, ticket } as const;
+  assert.deepEqual(decodeNarResponseHeader(encodeNarResponseHeader(plain), 0, both), plain);
+  // Bounds and garbage.
+  rejects(() => encodeNarResponseHeader({ ...d, mint: { ...mint, keyId: new Uint8Array(7) } }), /key id length/);
+  rejects(() => encodeNarResponseHeader({ ...d, mint: { ...mint, key: new Uint8Array(33) } }), /key id length/);
+  for (const lifetimeS of [0, 59, 3601, 1.5]) rejects(() => encodeNarResponseHeader({ ...d, mint: { ...mint, lifetimeS } }), /lifetime/);
+  const head = bytes(0x28, 5, 1, ticket, mint.keyId, mint.key);
+  assert.equal(decodeNarResponseHeader(bytes(...head, 60), 0, both).type, "direct");
+  rejects(() => decodeNarResponseHeader(bytes(...head, 59), 0, both), /lifetime 59/);
+  rejects(() => decodeNarResponseHeader(bytes(...head, 0x91, 0x1c), 0, both), /exceeds the limit 3600/);
+  rejects(() => decodeNarResponseHeader(head, 0, both), /truncated/);
+  rejects(() => decodeNarResponseHeader(bytes(0x28, 5, 1, ticket, mint.keyId, mint.key.subarray(0, 31)), 0, both), /truncated/);
+  rejects(() => decodeNarResponseHeader(bytes(...wire, 0), 0, both), /trailing/);
+  for (let i = 0; i < 500; i++) {
+    const junk = bytes(0x28, ...randomBytes(Math.floor(Math.random() * 80)));
+    try {
+      const h = decodeNarResponseHeader(junk, 0, both);
+      assert.ok(h.type === "direct" && h.mint && h.mint.key.length === 32 && h.mint.keyId.length === 8 && h.mint.lifetimeS >= 60 && h.mint.lifetimeS <= 3600);
+    } catch (e) {
+      assert.ok(isPPE(e), String(e));
+    }
+  }
+});
+
+test("minted tickets: key id, nonce, 16-byte MAC bound to one NAR path and key", () => {
+  const key = randomBytes(32);
+  const keyId = randomBytes(8);
+  const nonce = randomBytes(12);
+  const tail = `nar/${hashPart()}-${narHash()}.nar`;
+  const t = mintTicket(key, keyId, nonce, tail);
+  assert.equal(t.length, MINTED_TICKET_BYTES);
+  assert.ok(t.subarray(0, 8).equals(keyId) && t.subarray(8, 20).equals(nonce));
+  assert.ok(mintedMacOk(key, t, tail));
+  assert.ok(!mintedMacOk(key, t, `nar/${hashPart()}-${narHash()}.nar`), "another NAR");
+  assert.ok(!mintedMacOk(randomBytes(32), t, tail), "another key");
+  const flipped = Buffer.from(t);
+  flipped[5]! ^= 1; // the key id is under the MAC too
+  assert.ok(!mintedMacOk(key, flipped, tail));
+  assert.ok(!mintedMacOk(key, t.subarray(0, 35), tail) && !mintedMacOk(key, Buffer.concat([t, Buffer.of(0)]), tail), "wrong lengths");
+  assert.throws(() => mintTicket(key, keyId, randomBytes(8), tail), RangeError);
 });
 
 test("NAR messages: round trips, header then raw bytes, hostile input", () => {

@@ -148,6 +148,10 @@ export interface StatusCounters {
   directBytesSent?: number;
   directRedirects?: number;
   directFallbacks?: number;
+  /** Of the redirects: tickets asked of holders, tickets minted here; of directNarsSent, those for minted tickets. */
+  directTicketsAsked?: number;
+  directTicketsMinted?: number;
+  directMintedServed?: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

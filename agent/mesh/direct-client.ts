@@ -4,7 +4,14 @@
 // over a link where NARs go uncompressed, and only while the holder offers direct at all and its
 // direct port can be reached from here (Nix, on this host, would otherwise fail the download on
 // every retry: a firewall that opens only the mesh and bulk ports).
+// The first ticket from a holder is asked for over the mesh (a round trip, ~4 ms on a LAN); its
+// answer carries a minting key too, and until that key nears its end the tickets for that
+// holder's NARs are minted here, with no round trip (protocol/direct-ticket.ts).
+import { randomBytes } from "node:crypto";
 import { connect, isIPv6 } from "node:net";
+import type { PeerId } from "@libp2p/interface";
+import { MAX_MINTS_PER_KEY, MINT_NONCE_BYTES, mintTicket } from "../../protocol/direct-ticket.js";
+import { narUrl } from "../../protocol/nar-url.js";
 import type { Logger } from "../log.js";
 import { bulkHost } from "./bulk-client.js";
 import type { NarCompression } from "./nar-compression.js";
@@ -20,20 +27,85 @@ export const DIRECT_REACHABLE_MS = 10 * 60_000;
 /** How long the reachability probe waits for the TCP connection. */
 export const DIRECT_PROBE_MS = 1_000;
 
+/** A minting key is used until this long before its lifetime (from its receipt, by this host's clock) runs out. */
+export const MINT_KEY_MARGIN_MS = 60_000;
+/** A NAR Nix asks for again this soon after a minted redirect (a 502, a broken download) gets an asked-for ticket: the holder checks it holds it. */
+export const MINT_REPEAT_MS = 60_000;
+
+/** Minted redirects remembered for MINT_REPEAT_MS (a minute of NARs at 160 a second). */
+const MAX_RECENT = 10_000;
+
+interface HeldKey {
+  keyId: Uint8Array;
+  key: Uint8Array;
+  port: number;
+  /** performance.now() after which no more tickets are minted with it. */
+  goodUntil: number;
+  mints: number;
+}
+
 export class DirectRoutes {
   readonly #noDirectUntil = new Map<string, number>();
+  /** Minting keys by holder. */
+  readonly #keys = new Map<string, HeldKey>();
+  /**
+   * Holders a key is being asked of, settled when it is in (one ask at a time: the holder keeps
+   * only a peer's last two keys; NARs Nix asks for meanwhile wait for it rather than ask too).
+   */
+  readonly #askingKey = new Map<string, Promise<unknown>>();
+  /** "peer hashPart" of minted redirects, until when a repeat counts as one (performance.now()). */
+  readonly #recent = new Map<string, number>();
   /** "host:port" of direct ports a TCP connection reached, until when. */
   readonly #reachableUntil = new Map<string, number>();
   /** NAR requests answered with a redirect to a holder's direct port. */
   redirects = 0;
   /** Tickets asked for and not had (no offer, an error, the deadline): those NARs were relayed. */
   fallbacks = 0;
+  /** Tickets asked of holders over the mesh (a round trip each). */
+  asked = 0;
+  /** Of `redirects`: tickets minted here, without asking. */
+  minted = 0;
 
   constructor(
     readonly node: MeshNode,
     readonly compression: NarCompression | undefined,
     readonly log?: Logger,
-  ) {}
+  ) {
+    // A holder's keys die with its agent (a restart): a new connection, a new key.
+    node.libp2p.addEventListener("peer:disconnect", this.#onDisconnect);
+  }
+
+  readonly #onDisconnect = (evt: CustomEvent<PeerId>): void => {
+    this.#keys.delete(evt.detail.toString());
+  };
+
+  close(): void {
+    this.node.libp2p.removeEventListener("peer:disconnect", this.#onDisconnect);
+    this.#keys.clear();
+  }
+
+  /** A ticket minted with `peerId`'s key for this NAR, or undefined (no usable key, or Nix asks again: see MINT_REPEAT_MS). */
+  #mint(peerId: string, req: Omit<NarFetchRequest, "offset">): { port: number; path: string } | undefined {
+    const now = performance.now();
+    const k = this.#keys.get(peerId);
+    if (!k || now >= k.goodUntil || k.mints >= MAX_MINTS_PER_KEY) return undefined;
+    const recentKey = `${peerId} ${req.hashPart}`;
+    const repeat = this.#recent.get(recentKey);
+    if (repeat !== undefined && now < repeat) {
+      this.#recent.delete(recentKey);
+      return undefined;
+    }
+    if (this.#recent.size >= MAX_RECENT) {
+      for (const [key, until] of this.#recent) if (until <= now) this.#recent.delete(key);
+      // Bounded whatever Nix asks: past it, only the newest repeats are caught.
+      if (this.#recent.size >= MAX_RECENT) this.#recent.clear();
+    }
+    this.#recent.set(recentKey, now + MINT_REPEAT_MS);
+    k.mints++;
+    const tail = narUrl(req.hashPart, req.narHash);
+    const ticket = mintTicket(k.key, k.keyId, randomBytes(MINT_NONCE_BYTES), tail);
+    return { port: k.port, path: `/${ticket.toString("hex")}/${tail}` };
+  }
 
   /** The URL for Nix to fetch the whole NAR from `peerId` directly, or undefined: relay it. Never throws. */
   async url(peerId: string, req: Omit<NarFetchRequest, "offset">, signal?: AbortSignal): Promise<string | undefined> {
@@ -44,15 +116,34 @@ export class DirectRoutes {
     if (host === undefined) return undefined;
     // A link slow enough for zstd is not a LAN Nix should pull plain bytes over.
     if (this.compression?.wantsZstd(peerId)) return undefined;
+    const pending = this.#askingKey.get(peerId);
+    if (pending && !this.#usable(peerId)) await pending;
+    const minted = this.#mint(peerId, req);
+    // The port was reachable when the key came (probed then); probed again once that has lapsed.
+    if (minted && (await this.#reachable(host, minted.port))) {
+      this.redirects++;
+      this.minted++;
+      return `http://${isIPv6(host) ? `[${host}]` : host}:${minted.port}${minted.path}`;
+    }
     const asked = performance.now();
+    const wantKey = !this.#askingKey.has(peerId) && !this.#usable(peerId);
+    const keyIn = { resolve: () => {} };
+    if (wantKey) this.#askingKey.set(peerId, new Promise<void>((r) => (keyIn.resolve = r)));
     try {
-      const t = await askDirect(this.node, peerId, req, { headerTimeoutMs: DIRECT_ASK_MS, ...(signal && { signal }) });
+      this.asked++;
+      const t = await askDirect(this.node, peerId, req, { headerTimeoutMs: DIRECT_ASK_MS, wantKey, ...(signal && { signal }) });
       // For bench/mesh.ts: the ticket's round trip is the latency this mode adds per NAR.
       this.log?.debug({ peer: peerId, hashPart: req.hashPart, ms: Math.round((performance.now() - asked) * 10) / 10, ticket: typeof t === "object" }, "mesh: direct ticket asked");
       if (typeof t === "string") {
         this.fallbacks++;
         if (t === "no-direct") this.#noDirectUntil.set(peerId, Date.now() + DIRECT_RETRY_AFTER_MS);
         return undefined;
+      }
+      if (t.mint) {
+        const lifetimeMs = t.mint.lifetimeS * 1000;
+        const goodFor = lifetimeMs > 2 * MINT_KEY_MARGIN_MS ? lifetimeMs - MINT_KEY_MARGIN_MS : lifetimeMs / 2;
+        this.#keys.set(peerId, { keyId: t.mint.keyId, key: t.mint.key, port: t.port, goodUntil: asked + goodFor, mints: 0 });
+        keyIn.resolve();
       }
       if (!(await this.#reachable(host, t.port))) {
         // The ticket expires unused; Nix gets the NAR relayed, and so do this holder's next ones for a while.
@@ -67,7 +158,18 @@ export class DirectRoutes {
       this.fallbacks++;
       this.log?.debug({ peer: peerId, hashPart: req.hashPart, err: (err as Error).message }, "mesh: no direct ticket; relaying");
       return undefined;
+    } finally {
+      if (wantKey) {
+        this.#askingKey.delete(peerId);
+        keyIn.resolve();
+      }
     }
+  }
+
+  /** Whether tickets for `peerId` can be minted now. */
+  #usable(peerId: string): boolean {
+    const k = this.#keys.get(peerId);
+    return k !== undefined && performance.now() < k.goodUntil && k.mints < MAX_MINTS_PER_KEY;
   }
 
   /** Whether a TCP connection to the direct port can be made from here (probed once per DIRECT_REACHABLE_MS). */

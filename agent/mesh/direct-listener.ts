@@ -3,14 +3,17 @@
 // as the local NAR route sends it, so neither agent copies, encrypts or hashes its bytes. Nix
 // checks them against the NarHash of the signed narinfo it got from its own agent.
 // It has no identity of its own: the only thing it serves is GET/HEAD of
-// /<ticket>/nar/<hash part>-<NAR hash>.nar, where the ticket is 16 random bytes (hex) that the
-// NAR responder handed to an authenticated fleet peer over the mesh for exactly that NAR. A ticket
-// is good for one request within a few seconds. Everything else is an empty 404/405/400. Sockets
-// are admitted as on the bulk port: a few per remote host until a request names a live ticket.
+// /<ticket>/nar/<hash part>-<NAR hash>.nar, where the ticket is either 16 random bytes (hex) that the
+// NAR responder handed to an authenticated fleet peer over the mesh for exactly that NAR, or one
+// that peer minted itself with a minting key handed to it the same way (direct-ticket.ts). A
+// ticket is good for one request (a one-time one within a few seconds, a minted one while its key
+// lives). Everything else is an empty 404/405/400. Sockets are admitted as on the bulk port: a few
+// per remote host until a request names a live ticket.
 import { randomBytes } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 import { BULK_TICKET_BYTES } from "../../protocol/peer-codec.js";
+import { MAX_MINTS_PER_KEY, MINT_KEY_BYTES, MINT_KEY_ID_BYTES, MINTED_TICKET_BYTES, mintedMacOk, splitMinted } from "../../protocol/direct-ticket.js";
 import { narUrl } from "../../protocol/nar-url.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Logger } from "../log.js";
@@ -29,6 +32,11 @@ export const DIRECT_MAX_HEADER_BYTES = 4096;
 /** A response whose reader takes nothing for this long is cut (the mesh's NAR send stall, 60 s). */
 export const DIRECT_STALL_MS = 60_000;
 
+/** How long a minting key opens tickets (by this host's clock; the requester stops earlier by its own). */
+export const MINT_KEY_LIFETIME_MS = 10 * 60_000;
+/** Keys one peer holds at once: the newest and the one before (tickets it minted just before it got the new one are in flight). */
+export const MINT_KEYS_PER_PEER = 2;
+
 /** Sends `info`'s NAR as the local NAR route does (Range, HEAD, sendfile); `count` is told of bytes sent. */
 export type ServeNar = (req: IncomingMessage, res: ServerResponse, info: PathInfo, count: (n: number) => void) => Promise<unknown>;
 
@@ -36,6 +44,17 @@ interface Ticket {
   /** The one path this ticket opens: /<ticket hex>/nar/<hash part>-<NAR hash>.nar. */
   path: string;
   info: PathInfo;
+  timer: NodeJS.Timeout;
+}
+
+/** This host's store: the path with this hash part, if held (for minted tickets, which name a NAR nothing here was asked about). */
+export type HeldPath = (hashPart: string) => Promise<PathInfo | undefined>;
+
+interface MintKey {
+  peer: string;
+  key: Buffer;
+  /** Nonces of tickets already spent with this key (kept until it expires). */
+  nonces: Set<string>;
   timer: NodeJS.Timeout;
 }
 
@@ -48,24 +67,38 @@ export interface DirectCounters {
   refused: number;
   /** NAR bytes sent. */
   bytes: number;
+  /** Of `served`: NARs sent for a ticket the requester minted. */
+  minted: number;
 }
 
 const TICKET_PATH = /^\/([0-9a-f]{32})\//;
+/** A minted ticket's path; the tail is checked against the MAC, and then as a NAR URL. */
+const MINTED_PATH = new RegExp(`^/([0-9a-f]{${2 * MINTED_TICKET_BYTES}})/(nar/([0-9a-df-np-sv-z]{32})-[0-9a-df-np-sv-z]{52}\\.nar)$`);
 
 export class DirectListener {
   readonly #tickets = new Map<string, Ticket>();
+  /** Minting keys by key id (hex). */
+  readonly #keys = new Map<string, MintKey>();
+  /** Key ids per peer, oldest first. */
+  readonly #peerKeys = new Map<string, string[]>();
+  /** Minted tickets refused per peer whose key id they named (a bad MAC, a reused nonce): for the log and tests. */
+  readonly mintRefusals = new Map<string, number>();
   readonly admission = new InboundPerHost(DIRECT_INBOUND_PER_HOST);
-  readonly counters: DirectCounters = { requests: 0, served: 0, refused: 0, bytes: 0 };
+  readonly counters: DirectCounters = { requests: 0, served: 0, refused: 0, bytes: 0, minted: 0 };
   /** The port listened on (kept: the server's address is gone once it closes). */
   port = 0;
 
   private constructor(
     readonly server: Server,
     readonly log: Logger,
+    readonly held: HeldPath | undefined,
   ) {}
 
-  /** Listens on `host:port` (port 0: any free port); `serve` sends a NAR from this host's store. */
-  static async start(host: string, port: number, serve: ServeNar, log: Logger): Promise<DirectListener> {
+  /**
+   * Listens on `host:port` (port 0: any free port); `serve` sends a NAR from this host's store.
+   * Without `held`, no minting keys are handed out (minted tickets name NARs only it can find).
+   */
+  static async start(host: string, port: number, serve: ServeNar, log: Logger, held?: HeldPath): Promise<DirectListener> {
     const server = createServer({
       maxHeaderSize: DIRECT_MAX_HEADER_BYTES,
       headersTimeout: DIRECT_HEADERS_MS,
@@ -74,7 +107,7 @@ export class DirectListener {
       connectionsCheckingInterval: 500,
       keepAliveTimeout: DIRECT_HEADERS_MS,
     });
-    const self = new DirectListener(server, log);
+    const self = new DirectListener(server, log, held);
     server.timeout = DIRECT_STALL_MS;
     server.maxHeadersCount = 32;
     // Node's headersTimeout is checked only when bytes arrive (Node 24): a socket that sent half a
@@ -135,9 +168,73 @@ export class DirectListener {
     return { ticket, path };
   }
 
+  /** Whether minting keys can be handed out. */
+  get mints(): boolean {
+    return this.held !== undefined;
+  }
+
+  /**
+   * A new minting key for `peer` (its tickets are accounted to it), good for `lifetimeMs` by this
+   * host's clock. The peer's key before the last stays good until it expires; older ones are retired.
+   */
+  issueKey(peer: string, lifetimeMs = MINT_KEY_LIFETIME_MS): { keyId: Buffer; key: Buffer; lifetimeS: number } {
+    const keyId = randomBytes(MINT_KEY_ID_BYTES);
+    const key = randomBytes(MINT_KEY_BYTES);
+    const id = keyId.toString("hex");
+    const timer = setTimeout(() => this.#retire(id), lifetimeMs);
+    timer.unref();
+    this.#keys.set(id, { peer, key, nonces: new Set(), timer });
+    const ids = [...(this.#peerKeys.get(peer) ?? []), id];
+    this.#peerKeys.set(peer, ids.slice(-MINT_KEYS_PER_PEER));
+    for (const old of ids.slice(0, -MINT_KEYS_PER_PEER)) this.#retire(old);
+    return { keyId, key, lifetimeS: Math.max(1, Math.floor(lifetimeMs / 1000)) };
+  }
+
+  #retire(id: string): void {
+    const k = this.#keys.get(id);
+    if (!k) return;
+    clearTimeout(k.timer);
+    this.#keys.delete(id);
+    const ids = this.#peerKeys.get(k.peer)?.filter((i) => i !== id) ?? [];
+    if (ids.length > 0) this.#peerKeys.set(k.peer, ids);
+    else this.#peerKeys.delete(k.peer);
+  }
+
+  /** The NAR a minted ticket opens, or why not: "refuse" (no such key, a bad MAC, a spent nonce), "gone" (not held here). */
+  async #minted(ticketHex: string, urlTail: string, hashPart: string): Promise<PathInfo | "refuse" | "gone"> {
+    const ticket = Buffer.from(ticketHex, "hex");
+    const parts = splitMinted(ticket)!;
+    const id = parts.keyId.toString("hex");
+    const k = this.#keys.get(id);
+    if (!k) return "refuse";
+    const nonce = parts.nonce.toString("hex");
+    if (!mintedMacOk(k.key, ticket, urlTail) || k.nonces.has(nonce)) {
+      this.mintRefusals.set(k.peer, (this.mintRefusals.get(k.peer) ?? 0) + 1);
+      return "refuse";
+    }
+    k.nonces.add(nonce);
+    // The memory a key may take is bounded: past its quota the peer asks for a new one.
+    if (k.nonces.size >= MAX_MINTS_PER_KEY) this.#retire(id);
+    const info = await this.held!(hashPart);
+    return info && urlTail === narUrl(hashPart, info.narHash) ? info : "gone";
+  }
+
   async #handle(req: IncomingMessage, res: ServerResponse, serve: ServeNar): Promise<void> {
     this.counters.requests++;
     if (req.method !== "GET" && req.method !== "HEAD") return this.#refuse(res, 405, { Allow: "GET, HEAD" });
+    const minted = this.held && MINTED_PATH.exec(req.url ?? "");
+    if (minted) {
+      const info = await this.#minted(minted[1]!, minted[2]!, minted[3]!);
+      if (info === "refuse") return this.#refuse(res, 404);
+      // Not held (collected, or the requester's view of this host is stale): as a path collected
+      // since its one-time ticket, a 502, which Nix retries through its agent.
+      if (info === "gone") return this.#refuse(res, 502);
+      this.admission.admitted(req.socket);
+      this.counters.served++;
+      this.counters.minted++;
+      await serve(req, res, info, (n) => (this.counters.bytes += n));
+      return;
+    }
     // The ticket is spent by the first request that names it, whatever else that request says.
     const id = TICKET_PATH.exec(req.url ?? "")?.[1];
     const t = id === undefined ? undefined : this.#tickets.get(id);
@@ -163,7 +260,13 @@ export class DirectListener {
     return this.#tickets.size;
   }
 
+  /** Live minting keys (for tests). */
+  get keys(): number {
+    return this.#keys.size;
+  }
+
   async close(): Promise<void> {
+    for (const id of [...this.#keys.keys()]) this.#retire(id);
     for (const t of this.#tickets.values()) clearTimeout(t.timer);
     this.#tickets.clear();
     const closed = new Promise<void>((r) => this.server.close(() => r()));

@@ -136,7 +136,7 @@ export class Mesh {
       const directAddr = opts.direct ? directListenAddr(opts.listen) : undefined;
       if (opts.direct && directAddr) {
         // As the bulk port: a port taken by something else costs only speed (NARs are relayed).
-        direct = await DirectListener.start(directAddr.host, directAddr.port, opts.direct.serve, log).catch((err: Error) => {
+        direct = await DirectListener.start(directAddr.host, directAddr.port, opts.direct.serve, log, (hashPart) => local.pathInfo(hashPart)).catch((err: Error) => {
           log.warn({ host: directAddr.host, port: directAddr.port, err: err.message }, "mesh: cannot open the direct port; peers' NARs are relayed");
           return undefined;
         });
@@ -247,6 +247,9 @@ export class Mesh {
       directBytesSent: this.direct?.counters.bytes ?? 0,
       directRedirects: this.directRoutes?.redirects ?? 0,
       directFallbacks: this.directRoutes?.fallbacks ?? 0,
+      directTicketsAsked: this.directRoutes?.asked ?? 0,
+      directTicketsMinted: this.directRoutes?.minted ?? 0,
+      directMintedServed: this.direct?.counters.minted ?? 0,
     };
   }
 
@@ -257,6 +260,7 @@ export class Mesh {
     await this.manager.stop();
     await this.bulk?.close();
     await this.direct?.close();
+    this.directRoutes?.close();
     await this.node.stop();
   }
 }

@@ -14,10 +14,12 @@ import {
   PROTOCOL_NAR_V3,
   BULK_TLS_PSK,
   BULK_DIRECT_HTTP,
+  BULK_DIRECT_MINT,
   decodeNarRequest,
   decodeNarResponseHeader,
   encodeNarRequest,
   encodeNarResponseHeader,
+  type MintKey,
   type NarEncoding,
   type NarResponseHeader,
 } from "../../protocol/peer-codec.js";
@@ -89,8 +91,10 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
       if (direct && req.bulk! & BULK_DIRECT_HTTP && req.offset === 0) {
         // The requester's Nix fetches it from the direct port: no transfer slot here (the direct port admits its own sockets).
         const { ticket } = direct.issue(req.hashPart, found);
-        log.debug({ peer: peer.name, path: found.storePath }, "mesh: NAR ticket for the direct port issued");
-        return writeFrame(stream, encodeNarResponseHeader({ type: "direct", narSize: found.narSize, port: direct.port, ticket }));
+        // Asked for: a minting key too, so that this peer's next tickets need no round trip (NarDirectKey).
+        const mint = req.bulk! & BULK_DIRECT_MINT && direct.mints ? direct.issueKey(peerId) : undefined;
+        log.debug({ peer: peer.name, path: found.storePath, mintingKey: mint !== undefined }, "mesh: NAR ticket for the direct port issued");
+        return writeFrame(stream, encodeNarResponseHeader({ type: "direct", narSize: found.narSize, port: direct.port, ticket, ...(mint && { mint }) }));
       }
       try {
         await slots.acquire(peerId, slotWaitMs);
@@ -505,6 +509,8 @@ export interface DirectTicket {
   port: number;
   /** The URL path the ticket opens: /<ticket hex>/nar/<hash part>-<NAR hash>.nar. */
   path: string;
+  /** When asked for (and the holder mints): a key for tickets to this holder's next NARs. */
+  mint?: MintKey;
 }
 
 /**
@@ -513,7 +519,8 @@ export interface DirectTicket {
  * older agent, or direct_lan off there: the body is dropped), "refused" when it answers NarError
  * (not held, busy). Throws on a broken stream, a malformed answer or the deadline.
  */
-export async function askDirect(node: MeshNode, peerId: string, req: Omit<NarFetchRequest, "offset">, opts: { signal?: AbortSignal; headerTimeoutMs?: number } = {}): Promise<DirectTicket | "no-direct" | "refused"> {
+export async function askDirect(node: MeshNode, peerId: string, req: Omit<NarFetchRequest, "offset">, opts: { signal?: AbortSignal; headerTimeoutMs?: number; wantKey?: boolean } = {}): Promise<DirectTicket | "no-direct" | "refused"> {
+  const bulk = BULK_DIRECT_HTTP | (opts.wantKey ? BULK_DIRECT_MINT : 0);
   if (!isValidHashPart(req.hashPart)) throw new TypeError(`invalid store path hash part ${JSON.stringify(req.hashPart)}`);
   const narHash = encodeNix32(parseHash(req.narHash));
   const signal = deadline(opts.headerTimeoutMs ?? NAR_HEADER_DEADLINE_MS, opts.signal);
@@ -522,10 +529,10 @@ export async function askDirect(node: MeshNode, peerId: string, req: Omit<NarFet
   try {
     ms = await node.open(peerId, [PROTOCOL_NAR_V3], { signal });
     release = resetOnAbort(ms.stream, signal);
-    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: 0, accept: 0, bulk: BULK_DIRECT_HTTP }), { signal });
+    await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: 0, accept: 0, bulk }), { signal });
     const frame = await ms.reader.readFrame(MAX_FRAME_BYTES.nar);
     if (frame === undefined) throw new Error("stream ended without an answer");
-    const header = decodeNarResponseHeader(frame, 0, BULK_DIRECT_HTTP);
+    const header = decodeNarResponseHeader(frame, 0, bulk);
     if (header.type !== "direct") {
       // A body we did not ask for, or an error: dropped; the caller relays the NAR as usual.
       ms.stream.abort(new Error("no direct ticket"));
@@ -533,7 +540,7 @@ export async function askDirect(node: MeshNode, peerId: string, req: Omit<NarFet
     }
     if (header.narSize !== req.narSize) throw new NarFetchError("size-mismatch", `peer announced ${header.narSize} bytes, the narinfo says ${req.narSize}`);
     ms.stream.close().catch(() => {});
-    return { port: header.port, path: `/${Buffer.from(header.ticket).toString("hex")}/nar/${req.hashPart}-${narHash}.nar` };
+    return { port: header.port, path: `/${Buffer.from(header.ticket).toString("hex")}/nar/${req.hashPart}-${narHash}.nar`, ...(header.mint && { mint: header.mint }) };
   } catch (err) {
     ms?.stream.abort(err instanceof Error ? err : new Error(String(err)));
     throw err;

@@ -200,13 +200,17 @@ export class DirectListener {
     else this.#peerKeys.delete(k.peer);
   }
 
-  /** The NAR a minted ticket opens, or why not: "refuse" (no such key, a bad MAC, a spent nonce), "gone" (not held here). */
-  async #minted(ticketHex: string, urlTail: string, hashPart: string): Promise<PathInfo | "refuse" | "gone"> {
+  /**
+   * The NAR a minted ticket opens, or why not: "refuse" (a bad MAC or a spent nonce under a live
+   * key), "unknown" (no such key: expired, retired, or issued before this agent restarted), "gone"
+   * (not held here).
+   */
+  async #minted(ticketHex: string, urlTail: string, hashPart: string): Promise<PathInfo | "refuse" | "unknown" | "gone"> {
     const ticket = Buffer.from(ticketHex, "hex");
     const parts = splitMinted(ticket)!;
     const id = parts.keyId.toString("hex");
     const k = this.#keys.get(id);
-    if (!k) return "refuse";
+    if (!k) return "unknown";
     const nonce = parts.nonce.toString("hex");
     if (!mintedMacOk(k.key, ticket, urlTail) || k.nonces.has(nonce)) {
       this.mintRefusals.set(k.peer, (this.mintRefusals.get(k.peer) ?? 0) + 1);
@@ -226,9 +230,11 @@ export class DirectListener {
     if (minted) {
       const info = await this.#minted(minted[1]!, minted[2]!, minted[3]!);
       if (info === "refuse") return this.#refuse(res, 404);
-      // Not held (collected, or the requester's view of this host is stale): as a path collected
-      // since its one-time ticket, a 502, which Nix retries through its agent.
-      if (info === "gone") return this.#refuse(res, 502);
+      // Not held (collected, or the requester's view of this host is stale), or a key this agent
+      // no longer knows (it restarted, or the key ran out while the redirect was on its way): as a
+      // path collected since its one-time ticket, a 502, which Nix retries through its agent; a
+      // 404 would make Nix give the path up for this run. A forged key id gains nothing by it.
+      if (info === "gone" || info === "unknown") return this.#refuse(res, 502);
       this.admission.admitted(req.socket);
       this.counters.served++;
       this.counters.minted++;

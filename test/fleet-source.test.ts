@@ -401,6 +401,27 @@ test("narinfo: when no holder answers, the deadline ends the lookup as a miss", 
   assert.equal(source.counters.misses, 1);
 });
 
+test("narinfo: over a link with a long measured RTT the deadline stretches (3x the best holder's RTT), up to its cap", async () => {
+  // A holder whose answer takes 120 ms (a lookup queued behind NAR bytes on a busy WAN link),
+  // against a 30 ms deadline: a miss unless the holder's measured RTT (60 ms) stretches it.
+  const { narinfo } = nar(100);
+  const slowAnswer = (after: number): PeerRequests => ({
+    narinfo: (_peer, _hashPart, signal) =>
+      new Promise((resolve, reject) => {
+        const t = setTimeout(() => resolve(narinfo), after);
+        signal.addEventListener("abort", () => (clearTimeout(t), reject(new Error("aborted"))));
+      }),
+    nar: () => Promise.reject(new Error("not used")),
+  });
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const make = (opts: Options) => new FleetSource(local, new FakeFleet(["a"]), slowAnswer(120), log, { hedgeAfterMs: 1, narinfoDeadlineMs: 30, ...opts });
+  assert.equal(await make({}).pathInfo(HASH_PART), undefined, "no RTT known: the configured deadline");
+  assert.equal(await make({ rttMs: () => 5 }).pathInfo(HASH_PART), undefined, "a short RTT: the configured deadline");
+  assert.ok(await make({ rttMs: () => 60 }).pathInfo(HASH_PART), "RTT 60 ms: waits up to 180 ms, the answer comes at 120");
+  assert.equal(await make({ rttMs: () => 60, maxNarinfoDeadlineMs: 50 }).pathInfo(HASH_PART), undefined, "capped");
+  assert.equal(await make({ rttMs: (p) => (p === "a" ? undefined : 1000) }).pathInfo(HASH_PART), undefined, "only the holders' RTTs count");
+});
+
 test("narinfo: concurrent lookups share one round of questions, and an answer is reused within its TTL", async () => {
   const { source, asked } = lookupFleet({ a: "yes" }, { cacheTtlMs: 60_000 });
   const [x, y] = await Promise.all([source.pathInfo(HASH_PART), source.pathInfo(HASH_PART)]);

@@ -46,8 +46,15 @@ export interface PeerRequests {
 }
 
 export interface FleetSourceOptions {
-  /** How long a narinfo lookup may wait on peers in all. */
+  /** How long a narinfo lookup may wait on peers in all (longer over a slow link: see rttMs). */
   narinfoDeadlineMs?: number;
+  /**
+   * The measured round trip to a peer (the mesh connection's pings), if known. A lookup's deadline
+   * is at least RTT_DEADLINE_FACTOR times the best holder's, up to maxNarinfoDeadlineMs.
+   */
+  rttMs?: (peer: string) => number | undefined;
+  /** The most an RTT may stretch a lookup's deadline to (default 6 s). */
+  maxNarinfoDeadlineMs?: number;
   /** After this long without an answer, the next holder is asked as well. */
   hedgeAfterMs?: number;
   /** How long an answer from a peer is reused. */
@@ -101,6 +108,10 @@ interface Cached {
 const MAX_CACHED = 50_000;
 /** Nix waits for a response up to stalled-download-timeout (300 s) before giving up. */
 const QUEUE_DEADLINE_MS = 120_000;
+/** A narinfo lookup waits at least this many times the best holder's measured round trip... */
+const RTT_DEADLINE_FACTOR = 3;
+/** ...but never longer than this (Nix's narinfo lookups have no deadline of their own short of curl's). */
+const MAX_NARINFO_DEADLINE_MS = 6_000;
 /** What one answer holds back in memory until verified: most store paths' NARs fit whole. */
 const HOLD_BYTES = 8 * 1024 * 1024;
 /**
@@ -127,6 +138,8 @@ export class FleetSource implements PathSource {
   private readonly cache = new Map<string, Cached>();
   private readonly inflight = new Map<string, Promise<PathInfo | undefined>>();
   private readonly deadlineMs: number;
+  private readonly maxDeadlineMs: number;
+  private readonly rttMs: (peer: string) => number | undefined;
   private readonly hedgeMs: number;
   private readonly ttlMs: number;
   private readonly queueMs: number;
@@ -144,6 +157,8 @@ export class FleetSource implements PathSource {
     opts: FleetSourceOptions = {},
   ) {
     this.deadlineMs = opts.narinfoDeadlineMs ?? 2000;
+    this.maxDeadlineMs = Math.max(this.deadlineMs, opts.maxNarinfoDeadlineMs ?? MAX_NARINFO_DEADLINE_MS);
+    this.rttMs = opts.rttMs ?? (() => undefined);
     this.hedgeMs = opts.hedgeAfterMs ?? 250;
     this.ttlMs = opts.cacheTtlMs ?? 30_000;
     this.#onError = opts.onError ?? (() => {});
@@ -326,6 +341,22 @@ export class FleetSource implements PathSource {
   }
 
   /**
+   * How long a lookup waits on `holders` in all: the configured deadline, stretched over a link
+   * whose measured round trip is long. A lookup shares the mesh connection with NAR bodies, and
+   * over a busy WAN link it queues behind them as the pings do (the fault suite's wan-latency:
+   * pings up to 1 s over a 60 ms link carrying a NAR, and 3 of 287 lookups of a held path answered
+   * 404 at the 2 s deadline). A dead holder still cannot hold Nix up for more than the cap.
+   */
+  private lookupDeadlineMs(holders: string[]): number {
+    let best: number | undefined;
+    for (const h of holders) {
+      const rtt = this.rttMs(h);
+      if (rtt !== undefined && (best === undefined || rtt < best)) best = rtt;
+    }
+    return best === undefined ? this.deadlineMs : Math.min(this.maxDeadlineMs, Math.max(this.deadlineMs, RTT_DEADLINE_FACTOR * best));
+  }
+
+  /**
    * Asks the holders in order, starting the next one when the previous has not answered within
    * the hedge delay (or has answered "no"); the deadline bounds the whole lookup so a dead peer
    * never holds Nix up. An answer with an upstream signature (or whose store path names its
@@ -338,7 +369,7 @@ export class FleetSource implements PathSource {
     const deadline = setTimeout(() => {
       settle();
       controller.abort();
-    }, this.deadlineMs);
+    }, this.lookupDeadlineMs(holders));
     const answers: PeerAnswer[] = [];
     const started = performance.now();
     const took: Record<string, number> = {}; // ms to each holder's answer (debug log: where a lookup's time goes)

@@ -170,6 +170,7 @@ export class Mesh {
         ...(directRoutes && { direct: (peer: string, req: { hashPart: string; narHash: string; narSize: number }) => directRoutes.url(peer, req) }),
       }, log, {
         trust: new TrustPolicy(upstreamKeys, upstreamCheck),
+        rttMs: (peerId) => connectionRtt(node, peerId),
         onError: (e) => opts.onError?.({ ...e, peer: node.trusted.get(e.peer)?.name ?? e.peer }),
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });

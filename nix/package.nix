@@ -41,7 +41,8 @@ buildNpmPackage {
   # (node-gyp rebuild) does not run: it is built here after tsc. The hook sets
   # npm_config_nodedir to this nodejs's headers and npm_config_node_gyp to its bundled node-gyp,
   # so nothing is downloaded; node-gyp needs Python, and the stdenv's C compiler (gcc on Linux,
-  # clang on macOS). The addon uses N-API only, so it does not depend on the Node release.
+  # clang on macOS). The addons use N-API (and sendfile.c libuv's
+  # stable 1.x API from Node's headers), so they do not depend on the Node release.
   # The agent reads Nix's database with Node's own node:sqlite: nothing else is compiled.
   nativeBuildInputs = [ python3 ];
   postBuild = ''

@@ -112,6 +112,7 @@ test("direct_lan on both: Nix on B fetches every NAR from A's direct port (redir
   assert.match(metrics, new RegExp(`^fleetcache_direct_redirects_total ${closure.length}$`, "m"));
   const status = await B.exec(process.execPath, [CLI, "status", "--agent", B.agent!.url]);
   assert.match(status, new RegExp(`LAN-direct NARs: ${closure.length} redirected to peers \\(0 relayed instead\\)`));
+  assert.match(status, new RegExp(`LAN-direct tickets: 1 asked of holders, ${closure.length - 1} minted here;`));
 });
 
 test("the redirect: 307 to A's address on the mesh and the direct port (mesh port + 2), no-store; its URL works once; A's port refuses the rest", { timeout: 60_000 }, async (t) => {

@@ -65,6 +65,10 @@ export interface StatusView {
     directNarsSent?: number;
     directBytesSent?: number;
     directRefused?: number;
+    /** Of the redirects: tickets asked of holders over the mesh, tickets minted here; of directNarsSent, those for tickets minted by the requester. */
+    directTicketsAsked?: number;
+    directTicketsMinted?: number;
+    directMintedServed?: number;
     peerQueries?: number;
     failovers?: number;
     transferFailures?: number;
@@ -160,6 +164,9 @@ export function readStatus(doc: unknown): StatusView {
       directNarsSent: counter(c, "directNarsSent"),
       directBytesSent: counter(c, "directBytesSent"),
       directRefused: counter(c, "directRefused"),
+      directTicketsAsked: counter(c, "directTicketsAsked"),
+      directTicketsMinted: counter(c, "directTicketsMinted"),
+      directMintedServed: counter(c, "directMintedServed"),
       peerQueries: counter(c, "peerQueries"),
       failovers: counter(c, "failovers"),
       transferFailures: counter(c, "transferFailures"),

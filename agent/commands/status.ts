@@ -92,6 +92,11 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
     if (c.directRedirects !== undefined || c.directNarsSent !== undefined) {
       lines.push(`  LAN-direct NARs: ${n(c.directRedirects)} redirected to peers (${n(c.directFallbacks)} relayed instead), ` +
         `${n(c.directNarsSent)} sent from this host's direct port (${b(c.directBytesSent)}, ${n(c.directRefused)} requests refused)`);
+      // Minted tickets cost no round trip; a run of asked ones means holders' minting keys are not reaching us.
+      if (c.directTicketsAsked !== undefined || c.directTicketsMinted !== undefined) {
+        lines.push(`  LAN-direct tickets: ${n(c.directTicketsAsked)} asked of holders, ${n(c.directTicketsMinted)} minted here; ` +
+          `${n(c.directMintedServed)} of this host's direct NARs on tickets peers minted`);
+      }
     }
     lines.push(`  peer queries ${n(c.peerQueries)}, failovers ${n(c.failovers)}, transfer failures ${n(c.transferFailures)}` +
       (c.verifyFailures !== undefined ? `, wrong NARs ${n(c.verifyFailures)}, queued ${n(c.queuedTransfers)}` : "") +

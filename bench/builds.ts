@@ -138,7 +138,8 @@ async function main(): Promise<void> {
     await runWrk(s.baseUrl, misses, { connections: 1, threads: 1, durationSec: 1 });
   }
 
-  // both: NAR rows, server + clients (curl) CPU per GB (part of loopback's TCP work is charged to either).
+  // both: NAR rows, server + clients CPU per GB (curl's, and this process's own, which is small):
+  // part of loopback's TCP work is charged to either, as scheduling has it.
   const results = new Map<string, { rate: number; cost: number; other: number; both?: number }[]>();
   for (let round = 0; round < rounds; round++) {
     for (const row of rows) {

@@ -710,7 +710,8 @@ function renderResults(r: {
     "Server CPU per unit of work (user + system time of the server's processes during the run, from " +
       "/proc). For NARs on loopback part of the TCP work (the receive softirq, sends clocked by the " +
       "client's ACKs or the pacing timer) is charged to whichever process the CPU was running, server or " +
-      "curl, so the server's figure moves with scheduling; the last rows add the clients' CPU (BENCHMARKS.md, " +
+      "curl, so the server's figure moves with scheduling; the last rows add the clients' CPU (curl's, and " +
+      "the benchmark process's own, which is small; BENCHMARKS.md, " +
       '"NAR: where the per-byte gap to nginx goes"):',
     "",
   );

@@ -27,14 +27,14 @@ import {
 import { storePathHashPart } from "../protocol/store-path.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { send, writeAll, writeFrame } from "../agent/mesh/stream-io.js";
-import { fetchNarinfo, serveNarinfo } from "../agent/mesh/narinfo-service.js";
+import { fetchNarinfo, narinfoStreamCounts, serveNarinfo } from "../agent/mesh/narinfo-service.js";
 import { NarFetchError, NarVerifier, openNar, serveNar, type NarFetchReason } from "../agent/mesh/nar-service.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { makeShapesClosure, type ShapesClosure } from "./helpers/fixtures.js";
 import { addToStore, dumpPath, hasNix, needNix, nix, pathInfo, tempDir, toPathInfo } from "./helpers/nix.js";
 
-const log = pino({ level: "silent" });
+const log = pino({ level: process.env.PC_DEBUG ? "debug" : "silent" });
 const MiB = 1024 * 1024;
 
 interface Fixture {
@@ -222,6 +222,26 @@ test("narinfo: refused unless a signature verifies with a key the requester trus
   assert.equal(viaD?.storePath, f.closure.built);
   const viaE = await fetchNarinfo(b.node, eId, hashPart, { trusted: [impostor], log });
   assert.equal(viaE?.storePath, f.closure.built);
+});
+
+test("narinfo: Nix's burst of parallel lookups reuses the streams of the burst before instead of opening new ones", async (t) => {
+  const f = await ready(t);
+  if (!f) return;
+  const k = keys();
+  const a = await server(k.a, [k.b], f.rootA);
+  const b = await server(k.b, [k.a], f.rootB);
+  const aId = await connect(b.node, a.node);
+  // Nix 2.8 and 2.26 look a closure's paths up at once, over up to 25 connections (http-connections).
+  const burst = 25;
+  const paths = [...f.closure.paths, f.bigFile, f.bigDir];
+  const ask = () => Promise.all(Array.from({ length: burst }, (_, i) => fetchNarinfo(b.node, aId, hp(paths[i % paths.length]!), { trusted: [k.a], log, timeoutMs: 20_000 })));
+  const c0 = narinfoStreamCounts(b.node);
+  for (const got of await ask()) assert.ok(got, "every lookup of the first burst answered");
+  const c1 = narinfoStreamCounts(b.node);
+  assert.equal(c1.opened - c0.opened + c1.reused - c0.reused, burst);
+  for (const [i, got] of (await ask()).entries()) assert.equal(got?.storePath, paths[i % paths.length], "every lookup of the second burst answered, verified");
+  const c2 = narinfoStreamCounts(b.node);
+  assert.deepEqual({ opened: c2.opened - c1.opened, reused: c2.reused - c1.reused }, { opened: 0, reused: burst });
 });
 
 test("narinfo: a peer that lies, sends junk, stalls or resets gives undefined, never a throw", async (t) => {

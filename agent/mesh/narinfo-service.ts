@@ -25,6 +25,7 @@ import type { LocalStore } from "../store/local-store.js";
 import type { MeshNode, MeshStream } from "./node.js";
 import type { StreamReader } from "./stream-io.js";
 import { writeFrame } from "./stream-io.js";
+import { quietWindowUpdates } from "./yamux-window.js";
 
 /** Responder limits from the spec; tests shorten the timeouts. */
 export interface NarinfoServeOptions {
@@ -56,6 +57,7 @@ export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logge
     async ({ stream, reader, peerId, peer }) => {
       // No "busy" message exists for narinfo: a stream over the limit is reset.
       if (!slots.tryAcquire(peerId)) throw new Error(`more than ${slots.limit} narinfo streams from ${peer.name}`);
+      quietWindowUpdates(stream); // small frames: no window update for each request
       try {
         for (let first = true; ; first = false) {
           const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.narinfo, first ? firstMs : idleMs);
@@ -201,7 +203,9 @@ class NarinfoStreamPool {
       s.abort(new Error("stale pooled narinfo stream"));
     }
     this.counts.opened++;
-    return { ms: await this.node.open(peerId, PROTOCOL_NARINFO, { signal }), reused: false };
+    const ms = await this.node.open(peerId, PROTOCOL_NARINFO, { signal });
+    quietWindowUpdates(ms.stream); // small frames: no window update for each answer
+    return { ms, reused: false };
   }
 
   give(peerId: string, ms: MeshStream): void {

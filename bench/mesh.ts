@@ -128,7 +128,7 @@ function waitedChildrenCpuSeconds(): number {
 const loadAverage = () => Number(readFileSync("/proc/loadavg", "utf8").split(" ")[0]);
 
 /**
- * Runs the case: `mib` MiB of content in `count` paths (plus a small path referencing them all).
+ * Runs the case: `mib` MiB of content in `count` paths.
  * `pin`: host A's processes (its agent, nginx) on CPU 1 and host B's (its agent, Nix) on CPU 0,
  * as two hosts would have a CPU each, instead of all of them sharing both CPUs.
  */
@@ -229,8 +229,7 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
       agentRuns.push(await copy(B.agent!.url, join(B.dir, `dest-agent-${round}`), trust));
       const [a1, b1] = agentsCpu();
       const l1 = await lookups();
-      // count + 1: the closure's paths and the small one referencing them all.
-      narinfoPerPath.push({ nixToB: (l1[0] - l0[0]) / (count + 1), bToA: (l1[1] - l0[1]) / (count + 1), streamsOpened: (l1[2] - l0[2]) / (count + 1) });
+      narinfoPerPath.push({ nixToB: (l1[0] - l0[0]) / count, bToA: (l1[1] - l0[1]) / count, streamsOpened: (l1[2] - l0[2]) / count });
       const [ga1, gb1] = gcs();
       agentCpu.push([a1 - a0, b1 - b0]);
       agentGc.push([minus(ga1, ga0), minus(gb1, gb0)]);

@@ -1,9 +1,9 @@
 // js-yamux (@chainsafe/libp2p-yamux 8) answers every data frame it receives with a window update
-// frame, however little of the 256 KiB window the frame used. On a narinfo stream that is one
-// extra frame each way per lookup (a request, an answer, and an update for each): each is a
-// noise message, a socket write on one side and a read, a decryption and a dispatch on the
-// other, about a fifth of a peer lookup's CPU on each agent (BENCHMARKS.md, "Peer lookups: where
-// the CPU goes"). go-yamux and Hashicorp's yamux wait until half the window is used; this makes
+// frame, however little of the 256 KiB window the frame used. On a narinfo stream that is an
+// extra frame for the request and one for the answer: each a noise message, a socket write on one
+// side and a read, a decryption and a dispatch on the other, 9 % of a peer lookup's CPU on the
+// asking agent and 14 % on the holder (BENCHMARKS.md, "Peer lookups and per-NAR CPU").
+// go-yamux and Hashicorp's yamux wait until half the window is used; this makes
 // one stream do the same. The peer needs nothing new: it only gets fewer updates, always before
 // its window could run out, so it never waits for one. Streams that open, acknowledge or are
 // paused keep the library's behaviour (those updates carry flags or state).

@@ -123,6 +123,8 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         narBytesServed: served.local + served.peer,
         narBytesFromPeers: c?.bytesFromPeers ?? 0,
         peerQueries: c?.peerQueries ?? 0,
+        narinfoStreamsOpened: mesh?.tallies().narinfoStreamsOpened ?? 0,
+        narinfoStreamsReused: mesh?.tallies().narinfoStreamsReused ?? 0,
         failovers: c?.failovers ?? 0,
         transferFailures: c?.transferFailures ?? 0,
         verifyFailures: c?.verifyFailures ?? 0,

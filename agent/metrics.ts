@@ -26,6 +26,9 @@ const LOOP_DELAY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 /** Mesh-side tallies (FleetSource's counters and the mesh's byte counts), read on scrape. */
 export interface MeshTallies {
   peerQueries: number;
+  /** Narinfo requests to peers that opened a stream of their own, and that reused an idle pooled one. */
+  narinfoStreamsOpened: number;
+  narinfoStreamsReused: number;
   failovers: number;
   transferFailures: number;
   bytesFromPeers: number;

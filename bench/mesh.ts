@@ -24,8 +24,15 @@ export interface MeshResult {
   ratio: number;
   /** Peak RSS (VmHWM) of A's and of B's agent over the whole case, MiB. */
   agentPeakRssMiB: [number, number];
-  /** Where the fastest agent copy's wall time went, from B's per-NAR timing lines. */
+  /** Where the fastest agent copy's wall time went, from B's per-NAR timing lines (only with logLevel "debug"). */
   timeline?: Timeline;
+  /** The agents' log level (FLEETCACHE_LOG_LEVEL): "info" (an operator's default) unless asked. */
+  logLevel: string;
+  /**
+   * Per path, in each agent copy: Nix's narinfo requests to B (hits and misses), B's narinfo
+   * questions to A (peerQueries), and how many of those opened a mesh stream rather than reusing one.
+   */
+  narinfoPerPath: { nixToB: number; bToA: number; streamsOpened: number }[];
   /** CPU ms per NAR in the fastest copies: A's and B's agents, and Nix (through the agents; from nginx). */
   perNarMs: { holder: number; requester: number; nixAgents: number; nixNginx: number };
   /** NAR bodies on the bulk port in the whole case: sent by A, taken by B, fallbacks to the stream. */
@@ -121,14 +128,17 @@ function waitedChildrenCpuSeconds(): number {
 const loadAverage = () => Number(readFileSync("/proc/loadavg", "utf8").split(" ")[0]);
 
 /**
- * Runs the case: `mib` MiB of content in `count` paths (plus a small path referencing them all).
+ * Runs the case: `mib` MiB of content in `count` paths.
  * `pin`: host A's processes (its agent, nginx) on CPU 1 and host B's (its agent, Nix) on CPU 0,
  * as two hosts would have a CPU each, instead of all of them sharing both CPUs.
  */
-export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; direct?: boolean; log?: (s: string) => void } = {}): Promise<MeshResult> {
+export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; direct?: boolean; logLevel?: string; log?: (s: string) => void } = {}): Promise<MeshResult> {
   const mib = opts.mib ?? 400;
   const count = opts.count ?? 40;
   const pin = opts.pin ?? false;
+  // The agents log as an operator's do ("info"): at "debug" each writes a line or two per NAR to a
+  // pipe the bench reads, which costs them CPU a deployed agent does not spend. The timeline needs debug.
+  const logLevel = opts.logLevel ?? "info";
   const load0 = loadAverage();
   const log = opts.log ?? (() => {});
   const fleet: Fleet = await createFleet(["bench-a", "bench-b"]);
@@ -164,7 +174,7 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
 
     // --trace-gc's lines are C stdio, block-buffered on a pipe: line-buffered, so counts between copies are exact.
     const traceGc = (process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").includes("--trace-gc");
-    const env = traceGc ? { LD_PRELOAD: "/usr/libexec/coreutils/libstdbuf.so", _STDBUF_O: "L" } : {};
+    const env = { FLEETCACHE_LOG_LEVEL: logLevel, ...(traceGc ? { LD_PRELOAD: "/usr/libexec/coreutils/libstdbuf.so", _STDBUF_O: "L" } : {}) };
     const direct = opts.direct ? ["--direct-lan"] : [];
     await A.start(["--p2p-listen", `0.0.0.0:${P2P_PORT}`, ...direct], undefined, env);
     await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`, ...direct], undefined, env);
@@ -205,16 +215,25 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const agentsCpu = (): [number, number] => [treeCpuSeconds(A.agent!.child.pid!), treeCpuSeconds(B.agent!.child.pid!)];
     const gcs = (): [GcCount, GcCount] => [gcCount(A.agent!.stdout()), gcCount(B.agent!.stdout())];
     const agentGc: [GcCount, GcCount][] = [];
+    const narinfoPerPath: MeshResult["narinfoPerPath"] = [];
+    // B's narinfo requests from Nix (every outcome), its questions to A, and the streams they opened.
+    const lookups = async () => {
+      const c = (await B.status()).counters;
+      return [(c.narinfoHitsLocal ?? 0) + (c.narinfoHitsPeer ?? 0) + (c.narinfoMisses ?? 0), c.peerQueries ?? 0, c.narinfoStreamsOpened ?? 0] as const;
+    };
     for (let round = 0; round < 2; round++) {
       const trust = ["--option", "trusted-public-keys", fleet.trustedKeys.join(" "), "--option", "require-sigs", "true"];
       const [a0, b0] = agentsCpu();
       const [ga0, gb0] = gcs();
+      const l0 = await lookups();
       agentRuns.push(await copy(B.agent!.url, join(B.dir, `dest-agent-${round}`), trust));
       const [a1, b1] = agentsCpu();
+      const l1 = await lookups();
+      narinfoPerPath.push({ nixToB: (l1[0] - l0[0]) / count, bToA: (l1[1] - l0[1]) / count, streamsOpened: (l1[2] - l0[2]) / count });
       const [ga1, gb1] = gcs();
       agentCpu.push([a1 - a0, b1 - b0]);
       agentGc.push([minus(ga1, ga0), minus(gb1, gb0)]);
-      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${(a1 - a0).toFixed(2)} s (A) + ${(b1 - b0).toFixed(2)} s (B)`);
+      log(`mesh: through the agents ${agentRuns.at(-1)!.toFixed(2)} s, agents' CPU ${(a1 - a0).toFixed(2)} s (A) + ${(b1 - b0).toFixed(2)} s (B); per path ${JSON.stringify(narinfoPerPath.at(-1))}`);
       // The static cache holds unsigned paths (they were added, not built by a signer).
       nginxRuns.push(await copy(`http://${A.net.ip}:${NGINX_PORT}`, join(B.dir, `dest-nginx-${round}`), ["--option", "require-sigs", "false"]));
       log(`mesh: from nginx ${nginxRuns.at(-1)!.toFixed(2)} s`);
@@ -238,17 +257,17 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const agentCpuPerGb = (holderCpu + requesterCpu) / gb;
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
     const [from, to] = spans[fastest]!;
-    const t = timeline(B.agent!.logs(), from, to);
+    const t = logLevel === "debug" ? timeline(B.agent!.logs(), from, to) : undefined;
     if (process.env.MESH_BENCH_B_LOG) {
       // B's agent's log, for a closer look (and its --trace-gc lines, if any)
       writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs());
       if (traceGc) writeFileSync(`${process.env.MESH_BENCH_B_LOG}.gc`, B.agent!.stdout());
       writeFileSync(`${process.env.MESH_BENCH_B_LOG}.a`, A.agent!.logs()); // and A's, beside it
     }
-    log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
+    if (t) log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
     return {
       paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb,
-      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, timeline: t, perNarMs, bulk, ...(directCounts && { direct: directCounts }), pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
+      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, ...(t && { timeline: t }), logLevel, narinfoPerPath, perNarMs, bulk, ...(directCounts && { direct: directCounts }), pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
       ...(traceGc && { gc: { holder: agentGc[fastest]![0], requester: agentGc[fastest]![1] } }),
     };
   } finally {
@@ -257,18 +276,20 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
   }
 }
 
-// Standalone: `node dist/bench/mesh.js [MiB] [--count PATHS] [--pin]`.
+// Standalone: `node dist/bench/mesh.js [MiB] [--count PATHS] [--pin] [--direct] [--log-level LEVEL]`.
 if (process.argv[1]?.endsWith("bench/mesh.js")) {
-  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, direct: { type: "boolean", default: false }, help: { type: "boolean", default: false } } });
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, direct: { type: "boolean", default: false }, "log-level": { type: "string", default: "info" }, help: { type: "boolean", default: false } } });
   if (values.help) {
     console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin] [--direct]
 Nix on host B copies PATHS paths (default 40) of MIB MiB in all (default 400), held by host A,
 through B's and A's agents and from nginx on A, in network namespaces (root); prints the figures
 as JSON on stdout, progress on stderr.
   --pin     host A's processes on CPU 1, host B's and Nix on CPU 0 (two hosts with a core each)
-  --direct  both agents with direct_lan: B redirects Nix to A's direct port (LAN-direct NARs)`);
+  --direct  both agents with direct_lan: B redirects Nix to A's direct port (LAN-direct NARs)
+  --log-level LEVEL  the agents' log level (default info, as operators run them; "debug" adds
+            the timeline of B's peer NARs, from its per-NAR debug lines)`);
   } else {
-    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, direct: values.direct, log: (s) => console.error(s) });
+    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, direct: values.direct, logLevel: values["log-level"], log: (s) => console.error(s) });
     console.log(JSON.stringify(r));
   }
 }

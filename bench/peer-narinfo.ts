@@ -12,6 +12,7 @@ import { parseArgs } from "node:util";
 import { treeCpuSeconds } from "./load.js";
 import { installSignalHandlers, registerTempDir, run, setRepoRoot, setTmpRoot, spawnTracked, stopChild } from "./proc.js";
 import { fmtNum, table } from "./report.js";
+import { AGENT_NODE_FLAGS } from "../test/helpers/agent.js";
 import { AGENT_CLI, freePort, httpGet } from "./servers.js";
 
 const HELP = `Usage: npm run bench -- --case peer-narinfo [options]
@@ -34,8 +35,10 @@ interface Agent {
 async function startMeshAgent(dir: string, work: string, root: string, key: string, p2pPort: number, extra: string[]): Promise<Agent> {
   mkdirSync(work, { recursive: true });
   const port = await freePort();
+  // As shipped (AGENT_NODE_FLAGS), plus FLEETCACHE_TEST_NODE_ARGS (e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
+  const nodeArgs = [...AGENT_NODE_FLAGS, ...(process.env.FLEETCACHE_TEST_NODE_ARGS ?? "").split(" ").filter(Boolean)];
   const child = spawnTracked(process.execPath, [
-    join(dir, AGENT_CLI), "agent", "--listen", `127.0.0.1:${port}`, "--store-root", root, "--state-dir", work, "--sign-key", key,
+    ...nodeArgs, join(dir, AGENT_CLI), "agent", "--listen", `127.0.0.1:${port}`, "--store-root", root, "--state-dir", work, "--sign-key", key,
     "--p2p-listen", `127.0.0.1:${p2pPort}`, "--no-mdns", "--no-mesh-bulk", "--upstream-key", "none", ...extra,
   ], { stdio: "ignore" });
   const url = `http://127.0.0.1:${port}`;

@@ -388,6 +388,31 @@ test("narinfo: a silent first holder is hedged: the next is asked too, and its a
   assert.ok(source.fromPeer((await source.pathInfo(HASH_PART))!));
 });
 
+test("narinfo: a lookup whose questions were all answered aborts nothing; one still in flight is cancelled", async () => {
+  // Aborting is not free (an AbortError DOMException with its stack, and the abort event run on
+  // every dependent signal: about 20 µs of a peer lookup's 1.1 ms): only when a question is pending.
+  const { narinfo } = nar(100);
+  const signals: AbortSignal[] = [];
+  const requests: PeerRequests = {
+    narinfo: (peer, _hashPart, signal) => {
+      signals.push(signal);
+      if (peer === "silent") return new Promise((_, reject) => signal.addEventListener("abort", () => reject(new Error("aborted"))));
+      return Promise.resolve(narinfo);
+    },
+    nar: () => Promise.reject(new Error("not used")),
+  };
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const answered = new FleetSource(local, new FakeFleet(["a"]), requests, log, { hedgeAfterMs: 60_000 });
+  assert.ok(await answered.pathInfo(HASH_PART));
+  assert.equal(signals.length, 1);
+  assert.equal(signals[0]!.aborted, false, "nothing was in flight: nothing to cancel");
+  signals.length = 0;
+  const hedged = new FleetSource(local, new FakeFleet(["silent", "a"]), requests, log, { hedgeAfterMs: 1, narinfoDeadlineMs: 60_000 });
+  assert.ok(await hedged.pathInfo(HASH_PART));
+  assert.equal(signals.length, 2);
+  assert.equal(signals[0]!.aborted, true, "the silent holder's question is cancelled once another answered");
+});
+
 test("narinfo: a 'no' or an error moves on to the next holder at once, in order", async () => {
   const { source, asked } = lookupFleet({ a: "no", b: "error", c: "yes" }, { hedgeAfterMs: 60_000 });
   assert.ok(await source.pathInfo(HASH_PART));

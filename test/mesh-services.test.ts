@@ -26,15 +26,16 @@ import {
 } from "../protocol/peer-codec.js";
 import { storePathHashPart } from "../protocol/store-path.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
+import { YamuxStream } from "@chainsafe/libp2p-yamux/stream";
 import { send, writeAll, writeFrame } from "../agent/mesh/stream-io.js";
-import { fetchNarinfo, serveNarinfo } from "../agent/mesh/narinfo-service.js";
+import { fetchNarinfo, narinfoStreamCounts, serveNarinfo } from "../agent/mesh/narinfo-service.js";
 import { NarFetchError, NarVerifier, openNar, serveNar, type NarFetchReason } from "../agent/mesh/nar-service.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { makeShapesClosure, type ShapesClosure } from "./helpers/fixtures.js";
 import { addToStore, dumpPath, hasNix, needNix, nix, pathInfo, tempDir, toPathInfo } from "./helpers/nix.js";
 
-const log = pino({ level: "silent" });
+const log = pino({ level: process.env.PC_DEBUG ? "debug" : "silent" });
 const MiB = 1024 * 1024;
 
 interface Fixture {
@@ -222,6 +223,72 @@ test("narinfo: refused unless a signature verifies with a key the requester trus
   assert.equal(viaD?.storePath, f.closure.built);
   const viaE = await fetchNarinfo(b.node, eId, hashPart, { trusted: [impostor], log });
   assert.equal(viaE?.storePath, f.closure.built);
+});
+
+test("narinfo: Nix's burst of parallel lookups reuses the streams of the burst before instead of opening new ones", async (t) => {
+  const f = await ready(t);
+  if (!f) return;
+  const k = keys();
+  const a = await server(k.a, [k.b], f.rootA);
+  const b = await server(k.b, [k.a], f.rootB);
+  const aId = await connect(b.node, a.node);
+  // Nix 2.8 and 2.26 look a closure's paths up at once, over up to 25 connections (http-connections).
+  const paths = [...f.closure.paths, f.bigFile, f.bigDir];
+  const ask = (n: number) => Promise.all(Array.from({ length: n }, (_, i) => fetchNarinfo(b.node, aId, hp(paths[i % paths.length]!), { trusted: [k.a], log, timeoutMs: 20_000 })));
+  const c0 = narinfoStreamCounts(b.node);
+  // On a connection just made: past yamux's default of 10 streams opened before the responder had
+  // set the connection up, the whole connection was aborted (MaxEarlyStreamsError) and every
+  // lookup of the burst failed.
+  const kept = (await ask(25)).filter(Boolean).length;
+  assert.equal(kept, 25, "every lookup of the first burst answered");
+  const c1 = narinfoStreamCounts(b.node);
+  assert.equal(c1.opened - c0.opened + c1.reused - c0.reused, 25);
+  for (const [i, got] of (await ask(kept)).entries()) assert.equal(got?.storePath, paths[i % paths.length], "every lookup of the second burst answered, verified");
+  const c2 = narinfoStreamCounts(b.node);
+  assert.deepEqual({ opened: c2.opened - c1.opened, reused: c2.reused - c1.reused }, { opened: 0, reused: kept });
+});
+
+test("narinfo: a stream carries many lookups without a window update per frame, and still past its 256 KiB window", async (t) => {
+  const f = await ready(t);
+  if (!f) return;
+  // Count the updates js-yamux's streams would send (A's and B's, both in this process).
+  const proto = YamuxStream.prototype;
+  const eager = proto.sendWindowUpdate;
+  let updates = 0;
+  proto.sendWindowUpdate = function (this: YamuxStream) {
+    if (this.protocol === PROTOCOL_NARINFO) updates++;
+    eager.call(this);
+  };
+  // And the data frames they send: a frame's length prefix and payload in one.
+  const sendData = proto.sendData;
+  let dataFrames = 0;
+  proto.sendData = function (this: YamuxStream, ...args: Parameters<YamuxStream["sendData"]>) {
+    if (this.protocol === PROTOCOL_NARINFO) dataFrames++;
+    return sendData.apply(this, args);
+  };
+  t.after(() => {
+    proto.sendWindowUpdate = eager;
+    proto.sendData = sendData;
+  });
+  const k = keys();
+  const a = await server(k.a, [k.b], f.rootA);
+  const b = await server(k.b, [k.a], f.rootB);
+  const aId = await connect(b.node, a.node);
+  const paths = [...f.closure.paths, f.bigFile, f.bigDir];
+  const c0 = narinfoStreamCounts(b.node);
+  let answerBytes = 0;
+  for (let i = 0; i < 800; i++) {
+    const path = paths[i % paths.length]!;
+    const got = await fetchNarinfo(b.node, aId, hp(path), { trusted: [k.a], log, timeoutMs: 20_000 });
+    assert.equal(got?.storePath, path);
+    answerBytes += renderNarinfo(got, got.url).length;
+  }
+  const c1 = narinfoStreamCounts(b.node);
+  assert.equal(c1.opened - c0.opened, 1, "one stream for all");
+  assert.ok(answerBytes > 256 * 1024, `${answerBytes} bytes of answers: more than one window, so it was refilled`);
+  // Eager: one for every request A read and every answer B read (1,600); half-window: a handful.
+  assert.ok(updates <= 20, `${updates} window updates for 800 lookups`);
+  assert.ok(dataFrames <= 2 * 800 + 10, `${dataFrames} data frames for 800 requests and answers`);
 });
 
 test("narinfo: a peer that lies, sends junk, stalls or resets gives undefined, never a throw", async (t) => {

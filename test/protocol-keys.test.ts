@@ -245,3 +245,14 @@ test("Verifier agrees with @noble/ed25519 (RFC 8032 rules) on valid and tampered
     }
   }
 });
+
+test("sign (OpenSSL) gives the bytes RFC 8032 Ed25519 gives (@noble/ed25519), for many keys and fingerprints", () => {
+  for (let i = 0; i < 200; i++) {
+    const key = generateKeyPair(`k-${i}`);
+    const fp = `1;/nix/store/${"x".repeat(32)}-p${i};sha256:${"0".repeat(52)};${i * 977};${"/nix/store/r,".repeat(i % 7)}`;
+    const expected = `k-${i}:${Buffer.from(ed.sign(Buffer.from(fp), key.seed)).toString("base64")}`;
+    assert.equal(sign(key, fp), expected);
+    // A copy of the key (another object, as a reloaded key file) signs the same.
+    assert.equal(sign({ ...key }, fp), expected);
+  }
+});

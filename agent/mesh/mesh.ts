@@ -8,7 +8,7 @@ import type { MeshTallies } from "../metrics.js";
 import type { LocalStore } from "../store/local-store.js";
 import { FleetSource } from "./fleet-source.js";
 import { openNar } from "./nar-service.js";
-import { fetchNarinfo, serveNarinfo } from "./narinfo-service.js";
+import { fetchNarinfo, narinfoStreamCounts, serveNarinfo } from "./narinfo-service.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
 import { FleetTable, type FleetRow } from "./fleet-table.js";
@@ -214,7 +214,10 @@ export class Mesh {
 
   tallies(): MeshTallies {
     const c = this.source.counters;
+    const streams = narinfoStreamCounts(this.node);
     return {
+      narinfoStreamsOpened: streams.opened,
+      narinfoStreamsReused: streams.reused,
       peerQueries: c.peerQueries,
       failovers: c.failovers,
       transferFailures: c.transferFailures,

@@ -25,6 +25,7 @@ import type { LocalStore } from "../store/local-store.js";
 import type { MeshNode, MeshStream } from "./node.js";
 import type { StreamReader } from "./stream-io.js";
 import { writeFrame } from "./stream-io.js";
+import { quietWindowUpdates } from "./yamux-window.js";
 
 /** Responder limits from the spec; tests shorten the timeouts. */
 export interface NarinfoServeOptions {
@@ -56,6 +57,7 @@ export async function serveNarinfo(node: MeshNode, local: LocalStore, log: Logge
     async ({ stream, reader, peerId, peer }) => {
       // No "busy" message exists for narinfo: a stream over the limit is reset.
       if (!slots.tryAcquire(peerId)) throw new Error(`more than ${slots.limit} narinfo streams from ${peer.name}`);
+      quietWindowUpdates(stream); // small frames: no window update for each request
       try {
         for (let first = true; ; first = false) {
           const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.narinfo, first ? firstMs : idleMs);
@@ -159,8 +161,14 @@ export async function fetchNarinfo(node: MeshNode, peerId: string, hashPart: str
 
 // --- requester stream pool -----------------------------------------------------------------------
 
-/** Idle narinfo streams kept per peer; concurrent requests beyond this open (then close) their own. */
-export const NARINFO_POOL_PER_PEER = 4;
+/**
+ * Idle narinfo streams kept per peer; concurrent requests beyond this open (then close) their own.
+ * Nix looks a closure's paths up at once over up to 25 connections (http-connections), so a pool
+ * of 4 had 31 of a 40-path copy's 40 peer lookups open a stream (and close it after one answer);
+ * 32 keeps such a burst's streams for the next. Idle streams count against the responder's 64
+ * per peer (MAX_NARINFO_STREAMS_PER_PEER), but no more than the burst itself did.
+ */
+export const NARINFO_POOL_PER_PEER = 32;
 /** An idle pooled stream is closed well before the responder's idle timeout (30 s) would. */
 const NARINFO_POOL_IDLE_MS = 20_000;
 
@@ -177,6 +185,8 @@ interface Pooled {
  */
 class NarinfoStreamPool {
   readonly #idle = new Map<string, Pooled[]>();
+  /** Streams opened for a request, and requests that reused an idle one (status counters). */
+  readonly counts = { opened: 0, reused: 0 };
   constructor(readonly node: MeshNode) {}
 
   async take(peerId: string, signal: AbortSignal): Promise<{ ms: MeshStream; reused: boolean }> {
@@ -187,11 +197,15 @@ class NarinfoStreamPool {
       if (list.length === 0) this.#idle.delete(peerId);
       const s = ms.stream;
       if (s.status === "open" && s.writeStatus === "writable" && s.remoteWriteStatus === "writable" && ms.reader.buffered === 0) {
+        this.counts.reused++;
         return { ms, reused: true };
       }
       s.abort(new Error("stale pooled narinfo stream"));
     }
-    return { ms: await this.node.open(peerId, PROTOCOL_NARINFO, { signal }), reused: false };
+    this.counts.opened++;
+    const ms = await this.node.open(peerId, PROTOCOL_NARINFO, { signal });
+    quietWindowUpdates(ms.stream); // small frames: no window update for each answer
+    return { ms, reused: false };
   }
 
   give(peerId: string, ms: MeshStream): void {
@@ -216,6 +230,11 @@ class NarinfoStreamPool {
 }
 
 const pools = new WeakMap<MeshNode, NarinfoStreamPool>();
+
+/** How many narinfo requests to peers opened a stream, and how many reused a pooled one. */
+export function narinfoStreamCounts(node: MeshNode): { opened: number; reused: number } {
+  return { ...narinfoStreams(node).counts };
+}
 function narinfoStreams(node: MeshNode): NarinfoStreamPool {
   let pool = pools.get(node);
   if (!pool) pools.set(node, (pool = new NarinfoStreamPool(node)));

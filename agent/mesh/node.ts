@@ -114,6 +114,9 @@ export interface MeshNode {
 
 export const MDNS_SERVICE_TAG = "_fleetcache._udp.local";
 
+/** Streams queued while a new connection is being set up (see streamMuxers in createMeshNode). */
+const MAX_EARLY_STREAMS = 256;
+
 export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
   const { log } = opts;
   const privateKey = await libp2pPrivateKey(opts.key);
@@ -132,7 +135,11 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     // A bounded per-stream window bounds what is in flight when a reader pauses (stream-io.ts).
     // The initial window stays yamux's 256 KiB: a sender assumes it of its peer, and a peer on
     // an older version would reset a stream that overran it (BENCHMARKS.md, "Mesh transfer").
-    streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
+    // Streams a peer opens before this side has set the new connection up ("early") are queued,
+    // and past yamux's default of 10 the whole connection is aborted (MaxEarlyStreamsError): Nix's
+    // burst of 25+ parallel narinfo lookups right after a (re)connect did that. The per-protocol
+    // limits (64 narinfo streams, 8 NAR transfers per peer) apply once the streams are handed over.
+    streamMuxers: [yamux({ maxEarlyStreams: MAX_EARLY_STREAMS, streamOptions: { maxStreamWindowSize: MAX_STREAM_WINDOW } })],
     connectionGater: meshGater(self, trusted, opts.onRefused, opts.denied, opts.admission),
     peerDiscovery: [...(opts.mdns ? [mdns({ serviceTag: MDNS_SERVICE_TAG })] : []), ...(opts.discovery ?? []).map((d) => () => d)],
     connectionMonitor: connectionMonitorSettings(opts.pingIntervalMs ?? pingIntervalFromEnv()),

@@ -264,9 +264,23 @@ function writeQueueEmpty(stream: Stream, opts?: AbortOptions): Promise<void> {
   });
 }
 
-/** Writes one varint length-prefixed frame. */
+/** Frames up to this size go out with their length prefix in one send (a copy of the payload). */
+const JOIN_FRAME_BYTES = 64 * 1024;
+
+/**
+ * Writes one varint length-prefixed frame. A small one goes in one send: each send is a yamux
+ * data frame and a noise message, so a prefix sent apart cost the peer a second read,
+ * decryption and dispatch (and js-yamux a window update) for one or two bytes.
+ */
 export async function writeFrame(stream: Stream, payload: Uint8Array, opts?: AbortOptions): Promise<void> {
-  await send(stream, encodeVarint(payload.length), opts);
+  const prefix = encodeVarint(payload.length);
+  if (payload.length > 0 && payload.length <= JOIN_FRAME_BYTES) {
+    const frame = new Uint8Array(prefix.length + payload.length);
+    frame.set(prefix);
+    frame.set(payload, prefix.length);
+    return send(stream, frame, opts);
+  }
+  await send(stream, prefix, opts);
   if (payload.length > 0) await send(stream, payload, opts);
 }
 

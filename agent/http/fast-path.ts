@@ -8,8 +8,8 @@
 // answers only the simple cases, each with one socket write, and leaves everything else to
 // node:http.
 //
-// An answer that needs waiting (a narinfo the daemon or a peer must be asked for) is awaited
-// here too, one a connection at a time: requests after it are read but not parsed until it is
+// An answer that needs waiting (a narinfo the daemon or a peer must be asked for, or one asked
+// again later in the turn: AskAgain) is awaited here too, one a connection at a time: requests after it are read but not parsed until it is
 // written, so answers go out in request order, every request is looked up (and counted in the
 // metrics) once, and a client pipelining thousands of lookups holds one promise, not thousands
 // (Nix does not pipeline: it opens parallel connections). While it waits the connection is busy,
@@ -42,10 +42,21 @@ export interface Reply {
 }
 
 /**
- * The answer to a request the fast path may answer, a promise of it when it needs waiting (a
- * rejection hands the request to node:http), or undefined to leave the connection to node:http.
+ * "Ask again soon": `when(run)` calls `run` later in this event-loop turn, when the same request,
+ * asked again, is answered without waiting (a Reply, or a promise: never AskAgain again). The
+ * connection waits meanwhile as for a promise, without one (a narinfo lookup that shares the daemon
+ * backend's look with the other lookups of its turn: agent/store/db-version.ts).
  */
-export type FastAnswer = (method: "GET" | "HEAD", target: string) => Reply | Promise<Reply> | undefined;
+export class AskAgain {
+  constructor(readonly when: (run: () => void) => void) {}
+}
+
+/**
+ * The answer to a request the fast path may answer, a promise of it when it needs waiting (a
+ * rejection hands the request to node:http), AskAgain, or undefined to leave the connection to
+ * node:http.
+ */
+export type FastAnswer = (method: "GET" | "HEAD", target: string) => Reply | Promise<Reply> | AskAgain | undefined;
 
 /** The connection cap's view of the fast path's sockets (connections.ts). */
 export interface FastHooks {
@@ -219,6 +230,12 @@ class FastConnection {
         if (out !== "") this.#answered(out, encoding);
         return this.#wait(reply, method!, buf.slice(pos, end + 4), buf.slice(end + 4));
       }
+      if (reply instanceof AskAgain) {
+        // The request and everything after it are parsed again when `run` is called.
+        if (out !== "") this.#answered(out, encoding);
+        this.#park(buf.slice(pos));
+        return reply.when(this.#askAgain);
+      }
       out += this.#rendered(reply, method!);
       if (method === "GET" && reply.encoding !== "latin1") encoding = "utf8"; // the rest is ASCII: the same bytes either way
       pos = end + 4;
@@ -248,17 +265,26 @@ class FastConnection {
    * keep-alive timeout (it has none while a request is processed, and a lookup may take longer).
    */
   #wait(lookup: Promise<Reply>, method: "GET" | "HEAD", request: string, rest: string): void {
-    this.waiting = true;
-    this.pending = rest;
-    this.headSince = -1;
-    // The keep-alive timer stays armed (disarming and re-arming it a lookup costs more than the
-    // rest of the wait here): #onTimeout ignores it while waiting.
-    this.fast.hooks?.busy(this.socket, true);
+    this.#park(rest);
     lookup.then(
       (reply) => this.#settled(() => this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1")),
       () => this.#settled(() => this.#handOver(request + this.#takePending())),
     );
   }
+
+  /** Waits (see #wait), holding `held`, the bytes not parsed yet, and whatever comes meanwhile. */
+  #park(held: string): void {
+    this.waiting = true;
+    this.pending = held;
+    this.headSince = -1;
+    // The keep-alive timer stays armed (disarming and re-arming it a lookup costs more than the
+    // rest of the wait here): #onTimeout ignores it while waiting.
+    this.fast.hooks?.busy(this.socket, true);
+  }
+
+  /** AskAgain's `run` for this connection (one function for all its requests): parse what was held, from the request asked again. */
+  #askAgain = (): void => this.#settled(this.#runHeld);
+  #runHeld = (): void => this.#run(this.#takePending(), 0);
 
   #settled(next: () => void): void {
     this.waiting = false;

@@ -221,7 +221,8 @@ class FastConnection {
       const eol = buf.indexOf("\r\n", pos);
       const method = requestLine(buf, pos, eol);
       // The target: from after the method to before " HTTP/1.1".
-      const reply = method && headersOk(buf, eol + 2, end) ? this.fast.answer(method, buf.slice(pos + method.length + 1, eol - 9)) : undefined;
+      const target = method && headersOk(buf, eol + 2, end) ? buf.slice(pos + method.length + 1, eol - 9) : undefined;
+      const reply = target !== undefined ? this.fast.answer(method!, target) : undefined;
       if (!reply) {
         this.#write(out, encoding);
         return this.#handOver(buf.slice(pos));
@@ -231,10 +232,8 @@ class FastConnection {
         return this.#wait(reply, method!, buf.slice(pos, end + 4), buf.slice(end + 4));
       }
       if (reply instanceof AskAgain) {
-        // The request and everything after it are parsed again when `run` is called.
         if (out !== "") this.#answered(out, encoding);
-        this.#park(buf.slice(pos));
-        return reply.when(this.#askAgain);
+        return this.#askLater(reply, method!, target!, buf.slice(pos, end + 4), buf.slice(end + 4));
       }
       out += this.#rendered(reply, method!);
       if (method === "GET" && reply.encoding !== "latin1") encoding = "utf8"; // the rest is ASCII: the same bytes either way
@@ -282,9 +281,28 @@ class FastConnection {
     this.fast.hooks?.busy(this.socket, true);
   }
 
-  /** AskAgain's `run` for this connection (one function for all its requests): parse what was held, from the request asked again. */
-  #askAgain = (): void => this.#settled(this.#runHeld);
-  #runHeld = (): void => this.#run(this.#takePending(), 0);
+  /**
+   * Waits for AskAgain's `run` (#askAgain, one function for all of this connection's requests),
+   * then asks again for `target` and goes on as for an answer that was awaited.
+   */
+  #askLater(later: AskAgain, method: "GET" | "HEAD", target: string, request: string, rest: string): void {
+    this.#park(rest);
+    [this.#askMethod, this.#askTarget, this.#askRequest] = [method, target, request];
+    later.when(this.#askAgain);
+  }
+
+  #askMethod: "GET" | "HEAD" = "GET";
+  #askTarget = "";
+  #askRequest = "";
+  #askAgain = (): void => this.#settled(this.#answerAgain);
+  #answerAgain = (): void => {
+    const [method, request] = [this.#askMethod, this.#askRequest];
+    const reply = this.fast.answer(method, this.#askTarget);
+    if (!reply) return this.#handOver(request + this.#takePending());
+    if (reply instanceof Promise) return this.#wait(reply, method, request, this.#takePending());
+    if (reply instanceof AskAgain) return this.#askLater(reply, method, this.#askTarget, request, this.#takePending());
+    this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1");
+  };
 
   #settled(next: () => void): void {
     this.waiting = false;

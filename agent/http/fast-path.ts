@@ -233,7 +233,7 @@ class FastConnection {
       }
       if (reply instanceof AskAgain) {
         if (out !== "") this.#answered(out, encoding);
-        return this.#askLater(reply, method!, target!, buf.slice(pos, end + 4), buf.slice(end + 4));
+        return this.#askLater(reply, method!, target!, buf, pos, end + 4);
       }
       out += this.#rendered(reply, method!);
       if (method === "GET" && reply.encoding !== "latin1") encoding = "utf8"; // the rest is ASCII: the same bytes either way
@@ -285,23 +285,37 @@ class FastConnection {
    * Waits for AskAgain's `run` (#askAgain, one function for all of this connection's requests),
    * then asks again for `target` and goes on as for an answer that was awaited.
    */
-  #askLater(later: AskAgain, method: "GET" | "HEAD", target: string, request: string, rest: string): void {
-    this.#park(rest);
-    [this.#askMethod, this.#askTarget, this.#askRequest] = [method, target, request];
+  #askLater(later: AskAgain, method: "GET" | "HEAD", target: string, buf: string, start: number, end: number): void {
+    this.#park(buf.slice(end));
+    // The request's bytes (for node:http, should the lookup fail) are cut out only if needed.
+    this.#askMethod = method;
+    this.#askTarget = target;
+    this.#askBuf = buf;
+    this.#askStart = start;
+    this.#askEnd = end;
     later.when(this.#askAgain);
   }
 
   #askMethod: "GET" | "HEAD" = "GET";
   #askTarget = "";
-  #askRequest = "";
+  /** The request asked again is #askBuf from #askStart to #askEnd. */
+  #askBuf = "";
+  #askStart = 0;
+  #askEnd = 0;
   #askAgain = (): void => this.#settled(this.#answerAgain);
   #answerAgain = (): void => {
-    const [method, request] = [this.#askMethod, this.#askRequest];
+    const method = this.#askMethod;
     const reply = this.fast.answer(method, this.#askTarget);
+    const buf = this.#askBuf;
+    this.#askBuf = ""; // not kept alive until the next lookup
+    if (reply !== undefined && !(reply instanceof Promise) && !(reply instanceof AskAgain)) {
+      return this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1");
+    }
+    const request = buf.slice(this.#askStart, this.#askEnd);
     if (!reply) return this.#handOver(request + this.#takePending());
     if (reply instanceof Promise) return this.#wait(reply, method, request, this.#takePending());
-    if (reply instanceof AskAgain) return this.#askLater(reply, method, this.#askTarget, request, this.#takePending());
-    this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1");
+    const held = this.#takePending();
+    this.#askLater(reply, method, this.#askTarget, request + held, 0, request.length);
   };
 
   #settled(next: () => void): void {

@@ -121,7 +121,10 @@ export class DbVersion {
     const runs = this.queue;
     const lookups = this.waiting;
     // Runs queued from here on (from these runs too) wait for a later look.
-    [this.queue, this.armed, this.waiting, this.pending] = [[], false, 0, undefined];
+    this.queue = [];
+    this.armed = false;
+    this.waiting = 0;
+    this.pending = undefined;
     this.looked = this.closed ? undefined : this.current();
     this.looking = true;
     let failure: { error: unknown } | undefined;

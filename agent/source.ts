@@ -6,6 +6,13 @@ import type { NarPiece } from "./store/nar-dump.js";
 /** What pathInfoNow() returns when the answer needs I/O (the daemon, a peer): ask pathInfo(). */
 export const NOT_NOW = Symbol("ask pathInfo()");
 
+/**
+ * What pathInfoNow() returns when it will answer without waiting if asked again from a callback
+ * of whenSoon(), later in this event-loop turn (the daemon backend: once the look at Nix's
+ * database that the turn's lookups share is taken). A caller without whenSoon() asks pathInfo().
+ */
+export const SOON = Symbol("ask pathInfoNow() again from whenSoon()");
+
 export interface PathSource {
   /** Metadata (with signatures to offer) of the path with this 32-character hash part, if held. */
   pathInfo(hashPart: string): Promise<PathInfo | undefined>;
@@ -13,9 +20,15 @@ export interface PathSource {
    * pathInfo()'s answer when it can be had without waiting (from memory, or the database's
    * synchronous read), else NOT_NOW. The HTTP side answers such lookups (most of what Nix asks)
    * from request to res.end in one go, with no promise in between. Counts as a lookup as
-   * pathInfo() does, except when it returns NOT_NOW.
+   * pathInfo() does, except when it returns NOT_NOW or SOON.
    */
-  pathInfoNow?(hashPart: string): PathInfo | undefined | typeof NOT_NOW;
+  pathInfoNow?(hashPart: string): PathInfo | undefined | typeof NOT_NOW | typeof SOON;
+  /**
+   * After pathInfoNow() said SOON: calls `run` later in this event-loop turn, when pathInfoNow(),
+   * asked again from `run` for a request that came in before `run` was called, answers without
+   * waiting (a path, undefined, or NOT_NOW; never SOON). Only with a pathInfoNow() that says SOON.
+   */
+  whenSoon?(run: () => void): void;
   /**
    * NAR bytes [start, end) of a path that pathInfo returned. Throws (never ends early) if the
    * path disappears or changes while streaming, so that a truncated body is never passed off

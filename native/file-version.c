@@ -1,6 +1,7 @@
 // fstat(2) for the daemon backend's look at Nix's database files (agent/store/db-version.ts),
 // without the Stats object Node's fstatSync builds. A narinfo hit with the daemon backend looks
-// once per lookup; in the agent's HTTP path fstatSync cost about 5 µs of CPU a look (the object,
+// once per lookup (or once per event-loop turn, shared by concurrent lookups); in the agent's HTTP
+// path fstatSync cost about 5 µs of CPU a look (the object,
 // its fields, the garbage), a third of what separates that backend's hit from the database
 // backend's (BENCHMARKS.md, "Daemon backend").
 //

@@ -13,7 +13,7 @@ import { encodeQueryAllValidPaths } from "../protocol/daemon-wire.js";
 import { DaemonWatcher } from "../agent/store/daemon-watch.js";
 import { databaseFilesVisible, DbVersion } from "../agent/store/db-version.js";
 import { LocalStore } from "../agent/store/local-store.js";
-import { NOT_NOW } from "../agent/source.js";
+import { SOON } from "../agent/source.js";
 import type { PathInfo } from "../protocol/path-info.js";
 import type { StoreChange } from "../agent/store/watch.js";
 import { runCli, startAgentProcess } from "./helpers/agent.js";
@@ -200,7 +200,7 @@ test("the daemon backend's lookups of one event-loop turn share one look at the 
 
     // Twenty lookups at once (as from concurrent connections): one look, no daemon request.
     const built = await untilCached(store, meta.client, hp(f.built));
-    await untilCached(store, meta.client, hp(f.plain));
+    const plainInfo = await untilCached(store, meta.client, hp(f.plain));
     const [looks0, requests0] = [looks, meta.client.requests];
     const answers = await Promise.all(Array.from({ length: 20 }, (_, i) => store.pathInfo(hp(i % 2 ? f.built : f.plain))));
     assert.equal(looks - looks0, 1, "one look for all of them");
@@ -210,20 +210,52 @@ test("the daemon backend's lookups of one event-loop turn share one look at the 
     assert.equal(looks - looks0, 2, "a lookup after that look: a look of its own");
 
     // Without waiting (the HTTP side's first try), lookups look on their own while they come one
-    // to a turn; after a turn with several they share (NOT_NOW: pathInfo() waits for the shared
-    // look), and after shared looks of one lookup each they look on their own again.
+    // to a turn; after a turn with several they share (SOON: asked again from whenSoon(), or
+    // pathInfo(), after the shared look), and after shared looks of one lookup each they look on
+    // their own again.
     const turn = () => new Promise((r) => setImmediate(r));
+    const toShare = async () => {
+      for (let i = 0; i < 40; i++) assert.equal((store.pathInfoNow(hp(i % 2 ? f.plain : f.built)) as PathInfo).sigs.length, i % 2 ? 0 : 1, "forty in a turn");
+      await turn();
+    };
     for (let i = 0; i < 40; i++) {
       await turn();
       assert.equal(store.pathInfoNow(hp(f.built)), built, "one a turn: each looks on its own");
     }
-    for (let i = 0; i < 40; i++) assert.equal((store.pathInfoNow(hp(i % 2 ? f.plain : f.built)) as PathInfo).sigs.length, i % 2 ? 0 : 1, "forty in a turn");
-    await turn();
-    assert.equal(store.pathInfoNow(hp(f.built)), NOT_NOW, "then they share");
+    await toShare();
+    assert.equal(store.pathInfoNow(hp(f.built)), SOON, "then they share");
     const looks1 = looks;
     for (let i = 0; i < 8; i++) assert.equal(await store.pathInfo(hp(f.built)), built);
     assert.equal(looks - looks1, 8, "a shared look each, one lookup to each");
     assert.equal(store.pathInfoNow(hp(f.built)), built, "then they look on their own again");
+
+    // Asked again from whenSoon()'s runs: one look for all of them, taken after they were queued,
+    // answered at once from memory; the look stands only while its runs are called.
+    await toShare();
+    const [looks2, requests2] = [looks, meta.client.requests];
+    const asked = [f.built, f.plain, f.built, f.plain, f.built];
+    const again = await new Promise<unknown[]>((resolve) => {
+      const got: unknown[] = [];
+      for (const p of asked) {
+        assert.equal(store.pathInfoNow(hp(p)), SOON);
+        store.whenSoon(() => got.push(store.pathInfoNow(hp(p))) === asked.length && resolve(got));
+      }
+    });
+    assert.equal(looks - looks2, 1, "one look for the five");
+    assert.equal(meta.client.requests, requests2, "no daemon request");
+    assert.deepEqual(again.map((i) => (i as PathInfo).storePath), asked);
+    assert.equal(again[0], built);
+    assert.equal(store.pathInfoNow(hp(f.built)), SOON, "after its runs, that look answers nothing");
+    // Deleted after a look, before the next lookup came in: that lookup's look is a later one (a
+    // run queued while runs are called waits for it), so the cached answer is not given.
+    const afterDelete = await new Promise((resolve) =>
+      store.whenSoon(() => {
+        viaDaemonSync(f.daemon, ["--delete", f.plain]);
+        store.whenSoon(() => resolve(store.pathInfoNow(hp(f.plain))));
+      }),
+    );
+    assert.notEqual(afterDelete, plainInfo, "not the answer from before the deletion");
+    assert.equal(await store.pathInfo(hp(f.plain)), undefined, "deleted: a miss");
   } finally {
     store.close();
     await f.daemon.stop();

@@ -113,3 +113,51 @@ test("next(): one look for all the calls before it, taken after them; a call aft
     tmp.cleanup();
   }
 });
+
+test("afterLook(): one look for the runs queued before it, standing only while they are called; a run queued meanwhile waits for the next", async () => {
+  const tmp = tempDir();
+  const wal = join(tmp.dir, "db.sqlite-wal");
+  const settle = () => {
+    const t = (Date.now() - SETTLED_MS - 1000) / 1000;
+    utimesSync(wal, t, t);
+  };
+  writeFileSync(join(tmp.dir, "db.sqlite"), "database");
+  writeFileSync(wal, "frame 1");
+  settle();
+  const shared: number[] = [];
+  const version = new DbVersion(tmp.dir, { onShared: (n) => shared.push(n) });
+  try {
+    const v1 = version.current();
+    const seen: (string | undefined)[] = [];
+    let fromNext: string | undefined;
+    const done = new Promise<void>((resolve) => {
+      version.afterLook(() => seen.push(version.looking ? version.looked : "not looking"));
+      const promised = version.next();
+      version.afterLook(() => {
+        seen.push(version.looked);
+        // Written after this look: a run queued now must see it.
+        appendFileSync(wal, ", frame 2");
+        settle();
+        version.afterLook(() => {
+          seen.push(version.looked);
+          resolve();
+        });
+      });
+      assert.equal(version.looking, false, "no look before the runs are called");
+      appendFileSync(wal, ", frame 1b"); // after the calls, before the look
+      settle();
+      void promised.then((v) => (fromNext = v));
+    });
+    await done;
+    await new Promise((r) => setImmediate(r));
+    assert.equal(version.looking, false, "not after its runs");
+    assert.ok(seen[0]?.startsWith("wal ") && seen[0] !== v1, `looking while runs are called, a look after the calls and the write: ${seen[0]}`);
+    assert.equal(seen[1], seen[0], "one look for the runs queued before it");
+    assert.ok(seen[2] !== undefined && seen[2] !== seen[1], "a run queued while runs were called: a later look");
+    assert.equal(fromNext, seen[0], "next() shares afterLook()'s look");
+    assert.deepEqual(shared, [3, 1], "lookups told after each look (two runs and a next(), then one)");
+  } finally {
+    version.close();
+    tmp.cleanup();
+  }
+});

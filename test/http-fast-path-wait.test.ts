@@ -1,5 +1,6 @@
 // The HTTP fast path (agent/http/fast-path.ts) with answers that need waiting: narinfo lookups
-// the source answers only through pathInfo() (the daemon backend, a peer). Against node:http alone
+// the source answers only through pathInfo() (the daemon backend, a peer), or when asked again
+// from its whenSoon() later in the turn (SOON: the daemon backend's shared look). Against node:http alone
 // (`fastPath: false`) over the same source, byte for byte but the Date header: pipelines mixing
 // awaited and immediate answers, split at every byte, half-closed while a lookup waits, followed
 // by requests node:http must answer; with a real nix-daemon, also a daemon that is gone (503).
@@ -18,7 +19,7 @@ import { createHttpServer, type HttpServerOptions } from "../agent/http/server.j
 import { createLogger } from "../agent/log.js";
 import { AgentMetrics } from "../agent/metrics.js";
 import { Signer } from "../agent/signer.js";
-import { NOT_NOW, type PathSource } from "../agent/source.js";
+import { NOT_NOW, SOON, type PathSource } from "../agent/source.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { readSecretKeyFile } from "../agent/keys-file.js";
 import { startAgent } from "../agent/agent.js";
@@ -94,6 +95,45 @@ class WaitingSource implements PathSource {
   }
 }
 
+/**
+ * A lookup source over `store` that says SOON for the paths `waitsFor` picks and answers them
+ * when asked again from whenSoon()'s runs, called together in an immediate (as the daemon
+ * backend's shared look); counts the runs.
+ */
+class SoonSource implements PathSource {
+  asked = 0;
+  private queued: (() => void)[] = [];
+  private looking = false;
+  constructor(
+    private readonly store: LocalStore,
+    private readonly waitsFor: (hashPart: string) => boolean,
+  ) {}
+  pathInfo(h: string) {
+    return this.store.pathInfo(h);
+  }
+  pathInfoNow(h: string) {
+    return this.waitsFor(h) && !this.looking ? SOON : this.store.pathInfoNow(h);
+  }
+  whenSoon(run: () => void) {
+    this.asked++;
+    this.queued.push(run);
+    if (this.queued.length > 1) return;
+    setImmediate(() => {
+      const runs = this.queued;
+      this.queued = [];
+      this.looking = true;
+      try {
+        for (const r of runs) r();
+      } finally {
+        this.looking = false;
+      }
+    });
+  }
+  narStream(...args: Parameters<LocalStore["narStream"]>) {
+    return this.store.narStream(...args);
+  }
+}
+
 interface Started {
   server: Server;
   port: number;
@@ -119,11 +159,30 @@ async function pair(opts: HttpServerOptions = {}, delay?: () => Promise<unknown>
   return { fast: await serve(sources[0], local!, opts), plain: await serve(sources[1], local!, { ...opts, fastPath: false }), sources };
 }
 
+/** The same SOON-saying source behind a server with the fast path and one without. */
+async function soonPair() {
+  const sources = [new SoonSource(local!, (h) => h === slow), new SoonSource(local!, (h) => h === slow)] as const;
+  return { fast: await serve(sources[0], local!, {}), plain: await serve(sources[1], local!, { fastPath: false }), sources };
+}
+
 const counts = async (m: AgentMetrics) => (await m.text()).split("\n").filter((l) => l.startsWith("fleetcache_http_requests_total")).sort();
 
 test("answers that need waiting: the same bytes as node:http's, pipelined with immediate ones, half-closed while waiting, followed by what node:http answers", { timeout: 120_000 }, async (t) => {
   if (!local) return t.skip("needs Nix");
-  const { fast, plain } = await pair();
+  await sameAsNodeHttp(await pair());
+});
+
+test("answers asked again later in the turn (SOON): the same bytes as node:http's, in the same cases", { timeout: 120_000 }, async (t) => {
+  if (!local) return t.skip("needs Nix");
+  const both = await soonPair();
+  await sameAsNodeHttp(both, false); // node:http's route asks pathInfo(): the database's, at once
+  t.diagnostic(`asked again: ${both.sources[0].asked} times`);
+  assert.ok(both.sources[0].asked >= 11, "the fast path asked again (at least once in each case)");
+  assert.equal(both.sources[1].asked, 0, "node:http's route waits for pathInfo() instead");
+});
+
+/** The byte comparisons; `slowPlain`: node:http's lookups wait (then node:http's 400 quirk below shows). */
+async function sameAsNodeHttp({ fast, plain }: { fast: Started; plain: Started }, slowPlain = true) {
   const h = `/${hit}.narinfo`;
   const s = `/${slow}.narinfo`;
   const m = `/${miss}.narinfo`;
@@ -157,11 +216,12 @@ test("answers that need waiting: the same bytes as node:http's, pipelined with i
   // dropping the answer in progress; the fast path writes that answer before handing over.
   // The same for an incomplete head at the client's FIN.
   const statuses = (raw: string) => [...raw.matchAll(/^HTTP\/1\.1 (\d+)/gm)].map((x) => x[1]);
+  if (!slowPlain) return;
   for (const then of ["GARBAGE\r\n\r\n", `GET ${h} HTTP/1.1\r\nHo`]) {
     assert.deepEqual(statuses(await exchange(plain.port, [req(s) + then])), ["400"], JSON.stringify(then));
     assert.deepEqual(statuses(await exchange(fast.port, [req(s) + then])), ["200", "400"], JSON.stringify(then));
   }
-});
+}
 
 test("narinfo lookups that wait are answered by the fast path, not node:http, in order", { timeout: 60_000 }, async (t) => {
   if (!local) return t.skip("needs Nix");
@@ -302,15 +362,18 @@ test("daemon backend: pipelines split at every byte, real Nix copies with signat
   store.watch().on("error", () => {}); // the daemon stopped below
   try {
     assert.equal(store.backend, "daemon");
-    // Counts the lookups that had to wait (pathInfo), to show the pipelines mixed both kinds.
-    let [waited, atOnce] = [0, 0];
+    // Counts the lookups that had to wait (pathInfo), were asked again after the turn's shared
+    // look (SOON), or were answered at once, to show the pipelines mixed these kinds.
+    let [waited, soon, atOnce] = [0, 0, 0];
     const source: PathSource = {
       pathInfo: (h) => (waited++, store.pathInfo(h)),
       pathInfoNow: (h) => {
         const now = store.pathInfoNow(h);
-        if (now !== NOT_NOW) atOnce++;
+        if (now === SOON) soon++;
+        else if (now !== NOT_NOW) atOnce++;
         return now;
       },
+      whenSoon: (run) => store.whenSoon(run),
       narStream: store.narStream.bind(store),
     };
     const fast = await serve(source, store, {});
@@ -334,8 +397,8 @@ test("daemon backend: pipelines split at every byte, real Nix copies with signat
       assert.equal(undated(await exchange(fast.port, [text.slice(0, k), text.slice(k)], true)), expected, `split at byte ${k}, alone`);
     }
     assert.equal(undated(await exchange(fast.port, [...text], true)), expected, "one byte a write");
-    t.diagnostic(`lookups that waited: ${waited}, answered at once: ${atOnce}`);
-    assert.ok(waited > 0 && atOnce > 0, `lookups that waited (${waited}) and lookups answered at once (${atOnce})`);
+    t.diagnostic(`lookups that waited: ${waited}, asked again after a shared look: ${soon}, answered at once: ${atOnce}`);
+    assert.ok(waited > 0 && soon > 0 && atOnce > 0, `lookups that waited (${waited}), asked again (${soon}) and answered at once (${atOnce})`);
     assert.equal(fast.seen.length, offsets.length + offsets.filter((k) => k % 9 === 0).length + 1, "node:http saw only the last (Connection: close) request of each exchange");
 
     // Real Nix (2.8, or 2.26 when test/run puts it first on PATH) copies the closure.
@@ -358,6 +421,65 @@ test("daemon backend: pipelines split at every byte, real Nix copies with signat
     assert.match(b, /^HTTP\/1\.1 200 [^]*HTTP\/1\.1 503 [^]*HTTP\/1\.1 200 /);
     assert.equal(undated(a), undated(b));
     assert.deepEqual(fast.seen.slice(seenBefore), [`/${later}.narinfo`, p1], "handed over at the failed lookup");
+  } finally {
+    await daemon.stop();
+    store.close();
+    dir.cleanup();
+  }
+});
+
+// The daemon backend under concurrent connections (as wrk -c8, or Nix's parallel connections):
+// lookups of a turn share one look at Nix's database files and are asked again right after it,
+// answered on the fast path in that turn without a promise a lookup (pathInfo() is never called).
+test("daemon backend, concurrent connections: lookups sharing a look are asked again after it and answered at once, never through pathInfo()", { timeout: 120_000 }, async (t) => {
+  if (!local) return t.skip("needs Nix");
+  const dir = tempDir();
+  const { root, paths } = await plainAndBuiltPaths(dir.dir);
+  const daemon = new Daemon(root);
+  await daemon.start();
+  const store = await LocalStore.open(root, new Signer([]), { backend: "daemon", daemonSocket: daemon.socket });
+  const meta = (store as unknown as { meta: { client: { requests: number }; dbVersion: { current(now?: number): string | undefined }; watcher: { refresh(): Promise<unknown> } } }).meta;
+  try {
+    const fast = await serve(store, store, {});
+    const plain = await serve(store, store, { fastPath: false });
+    const targets = [...paths.map((p) => `/${hp(p)}.narinfo`), `/${miss}.narinfo`];
+    const get = async (port: number, target: string) => {
+      const r = await fetch(`http://127.0.0.1:${port}${target}`);
+      return `${r.status} ${r.headers.get("content-type")}\n${await r.text()}`;
+    };
+    // Until every answer comes from memory (the daemon asked once, the database quiet for a
+    // second, the store listed since: the miss).
+    const expected = new Map<string, string>();
+    await eventually("answers from memory", async () => {
+      await meta.watcher.refresh();
+      const before = meta.client.requests;
+      for (const target of targets) expected.set(target, await get(plain.port, target));
+      return meta.client.requests === before && meta.dbVersion.current() !== undefined;
+    }, 20_000);
+    assert.match(expected.get(targets[0]!)!, /^200 text\/x-nix-narinfo\nStorePath: /);
+    assert.match(expected.get(targets.at(-1)!)!, /^404 /);
+    let [waited, looks] = [0, 0];
+    const pathInfo = store.pathInfo.bind(store);
+    store.pathInfo = (h) => (waited++, pathInfo(h));
+    const current = meta.dbVersion.current.bind(meta.dbVersion);
+    meta.dbVersion.current = (now) => (looks++, current(now));
+    const requests = meta.client.requests;
+    // Eight connections, each asking again as soon as answered, 60 lookups each.
+    const perConnection = 60;
+    await Promise.all(
+      Array.from({ length: 8 }, async (_, c) => {
+        for (let i = 0; i < perConnection; i++) {
+          const target = targets[(c + i) % targets.length]!;
+          assert.equal(await get(fast.port, target), expected.get(target), target);
+        }
+      }),
+    );
+    const lookups = 8 * perConnection;
+    t.diagnostic(`${lookups} lookups, ${looks} looks, pathInfo() called ${waited} times`);
+    assert.ok(looks < lookups / 2, `lookups shared looks (${looks} looks for ${lookups})`);
+    assert.equal(waited, 0, "no lookup waited for a promise");
+    assert.deepEqual(fast.seen, [], "node:http saw none of them");
+    assert.equal(meta.client.requests, requests, "all from memory: no daemon request");
   } finally {
     await daemon.stop();
     store.close();

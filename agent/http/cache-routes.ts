@@ -6,7 +6,7 @@ import { nixCacheInfo, renderNarinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
 import { narBuffers } from "../buffer-pool.js";
-import { NarGoneError, NarUnavailableError, NOT_NOW, primed, type PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, NOT_NOW, primed, SOON, type PathSource } from "../source.js";
 import type { LocalStore } from "../store/local-store.js";
 import { StoreUnavailableError } from "../store/daemon-client.js";
 import { parseRange } from "./range.js";
@@ -82,13 +82,14 @@ export function cacheInfoReply(priority: number): Reply {
  */
 export function handleNarinfo(ctx: CacheContext, req: IncomingMessage, res: ServerResponse, hashPart: string): Outcome | Promise<Outcome> {
   if (!isValidHashPart(hashPart)) throw new HttpError(400, `invalid store path hash "${hashPart}": expected 32 nix32 characters`);
-  let now: PathInfo | undefined | typeof NOT_NOW = NOT_NOW;
+  let now: PathInfo | undefined | typeof NOT_NOW | typeof SOON = NOT_NOW;
   try {
     if (ctx.source.pathInfoNow) now = ctx.source.pathInfoNow(hashPart);
   } catch (e) {
     storeUnavailable(e);
   }
-  if (now !== NOT_NOW) return answerNarinfo(ctx, req, res, hashPart, now);
+  // SOON: node:http's route waits for pathInfo() instead (the fast path answers most of these).
+  if (now !== NOT_NOW && now !== SOON) return answerNarinfo(ctx, req, res, hashPart, now);
   return ctx.source.pathInfo(hashPart).then((info) => answerNarinfo(ctx, req, res, hashPart, info), storeUnavailable);
 }
 
@@ -105,13 +106,15 @@ export const LEAVE = Symbol("leave to node:http");
 
 /**
  * For the fast path: the store's answer for a narinfo request, at once when it needs no waiting,
- * else a promise of it (pathInfo(), as handleNarinfo asks); LEAVE for what node:http's route
- * answers itself (an invalid hash part, a store that failed at once).
+ * SOON when it will have it at once if asked again from the source's whenSoon() (then not
+ * counted yet), else a promise of it (pathInfo(), as handleNarinfo asks); LEAVE for what
+ * node:http's route answers itself (an invalid hash part, a store that failed at once).
  */
-export function narinfoLookup(ctx: CacheContext, hashPart: string): PathInfo | undefined | Promise<PathInfo | undefined> | typeof LEAVE {
+export function narinfoLookup(ctx: CacheContext, hashPart: string): PathInfo | undefined | Promise<PathInfo | undefined> | typeof SOON | typeof LEAVE {
   if (!isValidHashPart(hashPart)) return LEAVE;
   try {
     const now = ctx.source.pathInfoNow ? ctx.source.pathInfoNow(hashPart) : NOT_NOW;
+    if (now === SOON) return ctx.source.whenSoon ? SOON : ctx.source.pathInfo(hashPart);
     return now === NOT_NOW ? ctx.source.pathInfo(hashPart) : now;
   } catch {
     return LEAVE;

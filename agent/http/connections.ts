@@ -9,7 +9,9 @@ import type { Socket } from "node:net";
 
 /** Requests in progress on a socket (a property rather than a WeakMap: cheaper per request). */
 const BUSY = Symbol("requests in progress");
-type Tracked = Socket & { [BUSY]?: number };
+/** The fast path waits for an answer on this socket. */
+const WAITING = Symbol("fast path waiting");
+type Tracked = Socket & { [BUSY]?: number; [WAITING]?: boolean };
 
 export interface ConnectionLimiter {
   /**
@@ -27,7 +29,8 @@ export interface ConnectionLimiter {
 /** Installs the cap on `server` (its "connection" listener: install it before the fast path's). */
 export function limitConnections(server: Server, limit: number): ConnectionLimiter {
   const live = new Set<Socket>();
-  // Sockets with no request in progress, longest idle first (a Set keeps insertion order).
+  // Sockets with no request in progress, longest idle first (a Set keeps insertion order); those
+  // the fast path marks as waiting for an answer stay in it, passed over by the reaper.
   const idle = new Set<Socket>();
 
   server.on("connection", (socket: Socket) => {
@@ -40,7 +43,7 @@ export function limitConnections(server: Server, limit: number): ConnectionLimit
     // Make room before refusing; the newcomer itself is the newest idle socket, reaped last.
     for (const victim of idle) {
       if (live.size <= limit) break;
-      if (victim === socket) continue;
+      if (victim === socket || (victim as Tracked)[WAITING]) continue;
       idle.delete(victim);
       live.delete(victim); // gone now, though its "close" event comes later
       victim.destroy();
@@ -75,8 +78,10 @@ export function limitConnections(server: Server, limit: number): ConnectionLimit
       res.on("close", answered); // emitted once (Node guards it); on() spares once()'s wrapper
     },
     busy(socket: Socket, busy: boolean): void {
-      if (busy) started(socket);
-      else finished(socket);
+      // A mark the reaper skips, the socket left where it is in `idle`: taking it out and putting
+      // it back, twice a lookup that waits, made V8 grow and shrink the set's table over and over
+      // (BENCHMARKS.md, "Daemon backend"). The answer's touch() then moves it to the end.
+      (socket as Tracked)[WAITING] = busy;
     },
     touch(socket: Socket): void {
       // Fast-path answers are written whole at once: such a socket is never busy, only idle for less time.

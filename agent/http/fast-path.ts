@@ -8,8 +8,8 @@
 // answers only the simple cases, each with one socket write, and leaves everything else to
 // node:http.
 //
-// An answer that needs waiting (a narinfo the daemon or a peer must be asked for) is awaited
-// here too, one a connection at a time: requests after it are read but not parsed until it is
+// An answer that needs waiting (a narinfo the daemon or a peer must be asked for, or one asked
+// again later in the turn: AskAgain) is awaited here too, one a connection at a time: requests after it are read but not parsed until it is
 // written, so answers go out in request order, every request is looked up (and counted in the
 // metrics) once, and a client pipelining thousands of lookups holds one promise, not thousands
 // (Nix does not pipeline: it opens parallel connections). While it waits the connection is busy,
@@ -42,10 +42,21 @@ export interface Reply {
 }
 
 /**
- * The answer to a request the fast path may answer, a promise of it when it needs waiting (a
- * rejection hands the request to node:http), or undefined to leave the connection to node:http.
+ * "Ask again soon": `when(run)` calls `run` later in this event-loop turn, when the same request,
+ * asked again, is answered without waiting (a Reply, or a promise: never AskAgain again). The
+ * connection waits meanwhile as for a promise, without one (a narinfo lookup that shares the daemon
+ * backend's look with the other lookups of its turn: agent/store/db-version.ts).
  */
-export type FastAnswer = (method: "GET" | "HEAD", target: string) => Reply | Promise<Reply> | undefined;
+export class AskAgain {
+  constructor(readonly when: (run: () => void) => void) {}
+}
+
+/**
+ * The answer to a request the fast path may answer, a promise of it when it needs waiting (a
+ * rejection hands the request to node:http), AskAgain, or undefined to leave the connection to
+ * node:http.
+ */
+export type FastAnswer = (method: "GET" | "HEAD", target: string) => Reply | Promise<Reply> | AskAgain | undefined;
 
 /** The connection cap's view of the fast path's sockets (connections.ts). */
 export interface FastHooks {
@@ -210,7 +221,8 @@ class FastConnection {
       const eol = buf.indexOf("\r\n", pos);
       const method = requestLine(buf, pos, eol);
       // The target: from after the method to before " HTTP/1.1".
-      const reply = method && headersOk(buf, eol + 2, end) ? this.fast.answer(method, buf.slice(pos + method.length + 1, eol - 9)) : undefined;
+      const target = method && headersOk(buf, eol + 2, end) ? buf.slice(pos + method.length + 1, eol - 9) : undefined;
+      const reply = target !== undefined ? this.fast.answer(method!, target) : undefined;
       if (!reply) {
         this.#write(out, encoding);
         return this.#handOver(buf.slice(pos));
@@ -218,6 +230,10 @@ class FastConnection {
       if (reply instanceof Promise) {
         if (out !== "") this.#answered(out, encoding);
         return this.#wait(reply, method!, buf.slice(pos, end + 4), buf.slice(end + 4));
+      }
+      if (reply instanceof AskAgain) {
+        if (out !== "") this.#answered(out, encoding);
+        return this.#askLater(reply, method!, target!, buf, pos, end + 4);
       }
       out += this.#rendered(reply, method!);
       if (method === "GET" && reply.encoding !== "latin1") encoding = "utf8"; // the rest is ASCII: the same bytes either way
@@ -248,17 +264,59 @@ class FastConnection {
    * keep-alive timeout (it has none while a request is processed, and a lookup may take longer).
    */
   #wait(lookup: Promise<Reply>, method: "GET" | "HEAD", request: string, rest: string): void {
-    this.waiting = true;
-    this.pending = rest;
-    this.headSince = -1;
-    // The keep-alive timer stays armed (disarming and re-arming it a lookup costs more than the
-    // rest of the wait here): #onTimeout ignores it while waiting.
-    this.fast.hooks?.busy(this.socket, true);
+    this.#park(rest);
     lookup.then(
       (reply) => this.#settled(() => this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1")),
       () => this.#settled(() => this.#handOver(request + this.#takePending())),
     );
   }
+
+  /** Waits (see #wait), holding `held`, the bytes not parsed yet, and whatever comes meanwhile. */
+  #park(held: string): void {
+    this.waiting = true;
+    this.pending = held;
+    this.headSince = -1;
+    // The keep-alive timer stays armed (disarming and re-arming it a lookup costs more than the
+    // rest of the wait here): #onTimeout ignores it while waiting.
+    this.fast.hooks?.busy(this.socket, true);
+  }
+
+  /**
+   * Waits for AskAgain's `run` (#askAgain, one function for all of this connection's requests),
+   * then asks again for `target` and goes on as for an answer that was awaited.
+   */
+  #askLater(later: AskAgain, method: "GET" | "HEAD", target: string, buf: string, start: number, end: number): void {
+    this.#park(buf.slice(end));
+    // The request's bytes (for node:http, should the lookup fail) are cut out only if needed.
+    this.#askMethod = method;
+    this.#askTarget = target;
+    this.#askBuf = buf;
+    this.#askStart = start;
+    this.#askEnd = end;
+    later.when(this.#askAgain);
+  }
+
+  #askMethod: "GET" | "HEAD" = "GET";
+  #askTarget = "";
+  /** The request asked again is #askBuf from #askStart to #askEnd. */
+  #askBuf = "";
+  #askStart = 0;
+  #askEnd = 0;
+  #askAgain = (): void => this.#settled(this.#answerAgain);
+  #answerAgain = (): void => {
+    const method = this.#askMethod;
+    const reply = this.fast.answer(method, this.#askTarget);
+    const buf = this.#askBuf;
+    this.#askBuf = ""; // not kept alive until the next lookup
+    if (reply !== undefined && !(reply instanceof Promise) && !(reply instanceof AskAgain)) {
+      return this.#run(this.#takePending(), 0, this.#rendered(reply, method), method === "GET" ? reply.encoding : "latin1");
+    }
+    const request = buf.slice(this.#askStart, this.#askEnd);
+    if (!reply) return this.#handOver(request + this.#takePending());
+    if (reply instanceof Promise) return this.#wait(reply, method, request, this.#takePending());
+    const held = this.#takePending();
+    this.#askLater(reply, method, this.#askTarget, request + held, 0, request.length);
+  };
 
   #settled(next: () => void): void {
     this.waiting = false;

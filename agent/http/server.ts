@@ -3,7 +3,8 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { VERSION } from "../version.js";
 import { cacheInfoReply, handleCacheInfo, handleNar, handleNarinfo, LEAVE, narinfoLookup, narinfoOutcome, narinfoReply, type CacheContext } from "./cache-routes.js";
-import { installFastPath, type FastAnswer } from "./fast-path.js";
+import { AskAgain, installFastPath, type FastAnswer } from "./fast-path.js";
+import { SOON } from "../source.js";
 import type { Outcome, Route } from "../metrics.js";
 import { handleMetrics, handleStatus, requireLoopback } from "./admin-routes.js";
 import { limitConnections } from "./connections.js";
@@ -30,13 +31,15 @@ export function createHttpServer(ctx: CacheContext, opts: HttpServerOptions = {}
 
 /**
  * The requests the fast path answers itself: narinfo lookups (as handleNarinfo does, with the
- * same Reply objects and metrics: at once when the source knows the answer without waiting, else
- * once its pathInfo() has answered) and nix-cache-info. Everything else, and the connection with
- * it, goes to node:http and route(); so does a lookup that fails (node:http asks again and
- * answers 503 or 500 as it does).
+ * same Reply objects and metrics: at once when the source knows the answer without waiting, or
+ * when asked again from the source's whenSoon(), else once its pathInfo() has answered) and
+ * nix-cache-info. Everything else, and the connection with it, goes to node:http and route(); so
+ * does a lookup that fails (node:http asks again and answers 503 or 500 as it does).
  */
 function fastAnswer(ctx: CacheContext): FastAnswer {
   const cacheInfo = cacheInfoReply(ctx.priority);
+  // One object for every "ask again": no allocation a lookup.
+  const soon = new AskAgain((run) => ctx.source.whenSoon!(run));
   return (method, target) => {
     // "/" + 32 characters of hash part + ".narinfo"
     if (target.length === 41 && target.endsWith(".narinfo")) {
@@ -44,6 +47,8 @@ function fastAnswer(ctx: CacheContext): FastAnswer {
       const hashPart = target.slice(1, 33);
       const info = narinfoLookup(ctx, hashPart);
       if (info === LEAVE) return undefined;
+      // Asked again (and counted then, its time measured from then: the rest of this turn is not in it).
+      if (info === SOON) return soon;
       if (info instanceof Promise) {
         return info.then((info) => {
           ctx.metrics?.request("narinfo", method, narinfoOutcome(ctx, info), start);

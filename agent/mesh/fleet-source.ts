@@ -10,7 +10,7 @@ import type { Narinfo } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
-import { NarGoneError, NarUnavailableError, NOT_NOW, type NarPieceOptions, type PathSource } from "../source.js";
+import { NarGoneError, NarUnavailableError, NOT_NOW, SOON, type NarPieceOptions, type PathSource } from "../source.js";
 import type { NarPiece } from "../store/nar-dump.js";
 import type { LocalStore } from "../store/local-store.js";
 import { MAX_NAR_TRANSFERS_PER_PEER, NarFetchError, NarVerifier } from "./nar-service.js";
@@ -185,11 +185,11 @@ export class FleetSource implements PathSource {
    * The answer without waiting, when there is one: a path in this host's store (as the store
    * knows it without I/O), one that no connected or reconnecting peer holds (a miss, from the
    * summaries in memory), or a peer's answer still cached. Anything that needs a peer, or the
-   * daemon, is NOT_NOW.
+   * daemon, is NOT_NOW; SOON when the local store says so (asked again from whenSoon()).
    */
-  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
+  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW | typeof SOON {
     const local = this.local.pathInfoNow(hashPart);
-    if (local === NOT_NOW) return NOT_NOW;
+    if (local === NOT_NOW || local === SOON) return local;
     if (local) {
       this.counters.localHits++;
       return local;
@@ -206,6 +206,11 @@ export class FleetSource implements PathSource {
       return cached.info;
     }
     return NOT_NOW;
+  }
+
+  /** After pathInfoNow() said SOON: the local store's (see PathSource.whenSoon). */
+  whenSoon(run: () => void): void {
+    this.local.whenSoon(run);
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {

@@ -4,7 +4,7 @@
 // or since it listed the store's paths without it (a miss). A path deleted, re-added or re-signed
 // is a write to the database, so an answer is never staler than the daemon's own. Whether the
 // database is unchanged is a look at its files taken after the lookup came in: its own, or one
-// shared by the lookups of an event-loop turn (DbVersion.next()). The daemon
+// shared by the lookups of an event-loop turn (DbVersion.afterLook(), next()). The daemon
 // cannot find a path by its NAR hash, so the legacy NAR URL that carries nothing else is a miss
 // with this backend.
 import { join } from "node:path";
@@ -12,10 +12,11 @@ import { STORE_DIR, type PathInfo } from "../../protocol/path-info.js";
 import { hashPartOf } from "../../protocol/store-path.js";
 import type { DaemonPathInfo } from "../../protocol/daemon-wire.js";
 import type { Signer } from "../signer.js";
-import { NOT_NOW } from "../source.js";
+import { NOT_NOW, SOON } from "../source.js";
 import type { DaemonClient } from "./daemon-client.js";
 import { DaemonWatcher } from "./daemon-watch.js";
 import { DbVersion } from "./db-version.js";
+import { RecentlyUsed } from "./recent.js";
 import { toPathInfo, type StoreMetadata } from "./metadata.js";
 
 interface CachedInfo {
@@ -26,7 +27,7 @@ interface CachedInfo {
   dbVersion: string | undefined;
 }
 
-/** Answers kept, the most recently used (a PathInfo with its references: 1.1-3 KB of heap each with 0-20 references). */
+/** Answers kept, about the most recently used (a PathInfo with its references: 1.1-3 KB of heap each with 0-20 references). */
 const MAX_CACHED = 100_000;
 /** Shared looks answering one lookup each, in a row, after which lookups look on their own again. */
 const SINGLE_SHARES = 8;
@@ -36,18 +37,19 @@ const COUNT_EVERY = 16;
 export class DaemonMetadata implements StoreMetadata {
   readonly backend = "daemon";
   readonly watcher: DaemonWatcher;
-  // Answers by hash part, the least recently used first. Reusing the PathInfo object lets the
-  // HTTP side reuse the rendered narinfo.
-  private readonly infos = new Map<string, CachedInfo>();
+  // Answers by hash part (recent.ts: a hit only marks its entry). Reusing the PathInfo object lets
+  // the HTTP side reuse the rendered narinfo.
+  private readonly infos = new RecentlyUsed<string, CachedInfo>(MAX_CACHED);
   private readonly dbVersion: DbVersion;
   // A lookup looks at the database's files on its own (answered at once, in one go with the HTTP
-  // answer) or shares a look with the other lookups of its event-loop turn (DbVersion.next(): a
-  // promise and a setImmediate later, about 5 µs more a lookup here). Sharing pays only when
-  // lookups come several to a turn (concurrent connections): lookups share from a turn that had
-  // more than one on (counted in one turn of COUNT_EVERY lookups: a setImmediate a lookup cost a
-  // few µs at one connection in the benchmark), and look on their own again after SINGLE_SHARES
-  // shared looks of one lookup each. Either way every look is taken after the lookups it answers
-  // came in.
+  // answer) or shares a look with the other lookups of its event-loop turn: pathInfoNow() says
+  // SOON and answers when asked again from whenSoon()'s run, right after the turn's look
+  // (DbVersion.afterLook(): an immediate later, one fstat for all; pathInfo() awaits the same
+  // look). Sharing pays only when lookups come several to a turn (concurrent connections):
+  // lookups share from a turn that had more than one on (counted in one turn of COUNT_EVERY
+  // lookups: a setImmediate a lookup cost a few µs at one connection in the benchmark), and look
+  // on their own again after SINGLE_SHARES shared looks of one lookup each. Either way every look
+  // is taken after the lookups it answers came in.
   private sharing = false;
   /** Whether this turn's lookups are counted (in ownLooks), until turnEnded. */
   private counting = false;
@@ -60,7 +62,7 @@ export class DaemonMetadata implements StoreMetadata {
     readonly client: DaemonClient,
     private readonly signer: Signer,
   ) {
-    this.dbVersion = new DbVersion(join(root, "nix/var/nix/db"));
+    this.dbVersion = new DbVersion(join(root, "nix/var/nix/db"), { onShared: this.shared });
     this.watcher = new DaemonWatcher(client, join(root, STORE_DIR), { dbVersion: () => this.dbVersion.current() });
   }
 
@@ -74,11 +76,14 @@ export class DaemonMetadata implements StoreMetadata {
   }
 
   /**
-   * The answer from memory, with a look of its own, while Nix's database is unchanged since the
-   * daemon gave it; NOT_NOW when lookups share looks (see above) or the daemon must be asked.
+   * The answer from memory while Nix's database is unchanged since the daemon gave it, with a look
+   * of its own or, asked from whenSoon()'s run, the look of the turn; SOON when lookups share looks
+   * (see above); NOT_NOW when the daemon must be asked.
    */
-  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
-    if (this.sharing) return NOT_NOW;
+  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW | typeof SOON {
+    // From a run of whenSoon(): a request that came in before the look (db-version.ts).
+    if (this.dbVersion.looking) return this.fromMemory(hashPart, this.dbVersion.looked);
+    if (this.sharing) return SOON;
     if (this.counting) this.ownLooks++;
     else if (++this.uncounted >= COUNT_EVERY) {
       [this.counting, this.ownLooks, this.uncounted] = [true, 1, 0];
@@ -87,43 +92,48 @@ export class DaemonMetadata implements StoreMetadata {
     return this.fromMemory(hashPart, this.dbVersion.current());
   }
 
+  /** After pathInfoNow() said SOON: `run` is called right after the turn's shared look. */
+  whenSoon(run: () => void): void {
+    this.dbVersion.afterLook(run);
+  }
+
   private readonly turnEnded = (): void => {
     if (this.ownLooks > 1) this.sharing = true;
     this.counting = false;
   };
 
+  /** After each shared look: back to looks of their own after SINGLE_SHARES in a row answered one lookup each. */
+  private readonly shared = (lookups: number): void => {
+    if (lookups > 1) this.singleShares = 0;
+    else if (++this.singleShares >= SINGLE_SHARES) [this.sharing, this.singleShares] = [false, 0];
+  };
+
   private fromMemory(hashPart: string, dbVersion: string | undefined): PathInfo | undefined | typeof NOT_NOW {
     if (dbVersion === undefined) return NOT_NOW;
     const cached = this.infos.get(hashPart);
-    if (cached?.dbVersion === dbVersion) {
-      // Set again, as the most recently used.
-      this.infos.delete(hashPart);
-      this.infos.set(hashPart, cached);
-      return cached.info;
-    }
+    if (cached?.dbVersion === dbVersion) return cached.info;
     // The last listing is still the store's list: a path not in it is not valid.
     if (this.watcher.listedVersion === dbVersion && !this.watcher.has(hashPart)) return undefined;
     return NOT_NOW;
   }
 
   async pathInfo(hashPart: string): Promise<PathInfo | undefined> {
-    // A look after this call: the answer from memory is then at least as new as the database
-    // when the lookup came in, and the daemon's answer (asked after the look) as this version.
-    const dbVersion = await this.dbVersion.next();
-    if (this.dbVersion.lastShared > 1) this.singleShares = 0;
-    else if (++this.singleShares >= SINGLE_SHARES) [this.sharing, this.singleShares] = [false, 0];
+    // A look after this call (or, from whenSoon()'s run, the turn's, taken after the request came
+    // in): the answer from memory is then at least as new as the database when the lookup came
+    // in, and the daemon's answer (asked after the look) as this version.
+    const dbVersion = this.dbVersion.looking ? this.dbVersion.looked : await this.dbVersion.next();
     const known = this.fromMemory(hashPart, dbVersion);
     if (known !== NOT_NOW) return known;
-    const cached = this.infos.get(hashPart);
-    if (cached) this.infos.delete(hashPart); // set again below, as the most recent
+    const cached = this.infos.peek(hashPart);
     const storePath = await this.client.queryPathFromHashPart(hashPart);
-    if (!storePath) return undefined;
     // Deleted in between: QueryPathInfo says "not valid" (protocol >= 1.17), also a miss.
-    const raw = await this.client.queryPathInfo(storePath);
-    if (!raw) return undefined;
+    const raw = storePath ? await this.client.queryPathInfo(storePath) : undefined;
+    if (!storePath || !raw) {
+      this.infos.delete(hashPart); // not valid: nothing to keep for it
+      return undefined;
+    }
     const key = [storePath, raw.narHash, raw.narSize, raw.registrationTime, raw.deriver, raw.ca, ...raw.sigs].join("\n");
     const info = cached?.key === key ? cached.info : this.toPathInfo(storePath, raw);
-    if (this.infos.size >= MAX_CACHED) this.infos.delete(this.infos.keys().next().value!);
     this.infos.set(hashPart, { key, info, dbVersion });
     return info;
   }

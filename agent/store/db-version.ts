@@ -17,10 +17,18 @@
 //   at all means looking at db.sqlite (by its path) and the WAL's path instead.
 // - A look vouches only for lookups that came in before it: a lookup whose client saw Nix commit
 //   (`nix-store --delete` returned) came in after that commit, and a look taken before the lookup
-//   came in may predate the commit. So a look is never reused for a later lookup; next() shares
-//   one among the lookups that wait for it (all of an event-loop turn's), which is what makes the
-//   look cheap per lookup under concurrency: the fstat costs about 5 µs of the agent's CPU in the
-//   HTTP path here, more than in a loop on its own (BENCHMARKS.md, "Daemon backend").
+//   came in may predate the commit. So a look is never reused for a later lookup; afterLook() and
+//   next() share one among the lookups that wait for it (all of an event-loop turn's), which is
+//   what makes the look cheap per lookup under concurrency (BENCHMARKS.md, "Daemon backend").
+//
+// Why a shared look vouches for every lookup answered from afterLook()'s runs: the look is taken
+// in an immediate (the event loop's check phase), right before the runs queued until then are
+// called, one after the other, in that same callback. A run asks for requests that came in before
+// it was called (the fast path's: the one that was told to ask again, and those pipelined behind
+// it, all read in earlier callbacks), so before the look. Nothing read while the runs are called
+// can reach them: Node reads sockets only in the poll phase, and the promises the runs settle
+// react only after the callback. The look stands only while the runs are called (`looking`):
+// a run queued meanwhile, or a lookup after the callback, waits for a later look.
 import { closeSync, fstatSync, openSync, statSync, type Stats } from "node:fs";
 import { createRequire } from "node:module";
 import { join } from "node:path";
@@ -33,11 +41,15 @@ export class DbVersion {
   private readonly wal: string;
   /** The WAL, open while it exists (one fstat a look instead of stats by path). */
   private walFd: number | undefined;
-  /** The look that next()'s callers so far wait for, not taken yet, and how many they are. */
-  private pending: Promise<string | undefined> | undefined;
+  /** The runs waiting for the next shared look (afterLook), whether its immediate is set, and how many lookups wait. */
+  private queue: (() => void)[] = [];
+  private armed = false;
   private waiting = 0;
-  /** How many next() calls the last look answered. */
-  lastShared = 0;
+  /** The promise next()'s callers so far share, not resolved yet. */
+  private pending: Promise<string | undefined> | undefined;
+  /** True only while the runs of a shared look are called; `looked` is that look. */
+  looking = false;
+  looked: string | undefined;
   private closed = false;
   /** The last look's file metadata (DEV, INO, SIZE, MTIME, NLINK), and the look before's with its token. */
   private readonly st = new Float64Array(5);
@@ -48,9 +60,13 @@ export class DbVersion {
   /** Looks with the addon when it is built, else with fs.fstatSync (`native: false`: always, for tests). */
   private readonly look: (fd: number, out: Float64Array) => void;
 
+  /** Told after each shared look how many lookups it answered (afterLook() runs and next() calls). */
+  private readonly onShared: ((lookups: number) => void) | undefined;
+
   /** `dbDir`: Nix's database directory, `<root>/nix/var/nix/db`. */
-  constructor(dbDir: string, opts: { native?: boolean } = {}) {
+  constructor(dbDir: string, opts: { native?: boolean; onShared?: (lookups: number) => void } = {}) {
     this.look = opts.native === false || !native ? fstatLook : native.look;
+    this.onShared = opts.onShared;
     this.db = join(dbDir, "db.sqlite");
     this.wal = join(dbDir, "db.sqlite-wal");
   }
@@ -85,21 +101,57 @@ export class DbVersion {
   }
 
   /**
-   * current() as a look taken after this call sees it, shared by every call made before that
-   * look: the look is taken once the event loop has read what it had to read this turn (in
-   * setImmediate), so however many lookups came in, one fstat answers for all of them.
+   * Calls `run` right after a look taken after this call, shared with every run queued before
+   * that look: the look is taken once the event loop has read what it had to read this turn (in
+   * an immediate), so however many lookups came in, one fstat answers for all of them. While the
+   * runs are called, `looking` is true and `looked` is that look (see the top of this file: it
+   * vouches only for requests that came in before the run was called). Runs do not throw (one
+   * that does is rethrown after the others ran).
    */
-  next(): Promise<string | undefined> {
+  afterLook(run: () => void): void {
+    this.queue.push(run);
     this.waiting++;
-    this.pending ??= new Promise((resolve) =>
-      setImmediate(() => {
-        this.pending = undefined; // calls from here on wait for a later look
-        this.lastShared = this.waiting;
-        this.waiting = 0;
-        resolve(this.closed ? undefined : this.current());
-      }),
-    );
-    return this.pending;
+    if (!this.armed) {
+      this.armed = true;
+      setImmediate(this.lookNow);
+    }
+  }
+
+  private readonly lookNow = (): void => {
+    const runs = this.queue;
+    const lookups = this.waiting;
+    // Runs queued from here on (from these runs too) wait for a later look.
+    this.queue = [];
+    this.armed = false;
+    this.waiting = 0;
+    this.pending = undefined;
+    this.looked = this.closed ? undefined : this.current();
+    this.looking = true;
+    let failure: { error: unknown } | undefined;
+    try {
+      this.onShared?.(lookups);
+      for (const run of runs) {
+        try {
+          run();
+        } catch (error) {
+          failure ??= { error };
+        }
+      }
+    } finally {
+      this.looking = false;
+    }
+    if (failure) throw failure.error;
+  };
+
+  /** afterLook()'s look as a promise, one for all the calls before the look (for code that awaits). */
+  next(): Promise<string | undefined> {
+    if (this.pending) {
+      this.waiting++;
+      return this.pending;
+    }
+    const looked = new Promise<string | undefined>((resolve) => this.afterLook(() => resolve(this.looked)));
+    this.pending = looked;
+    return looked;
   }
 
   close(): void {

@@ -4,7 +4,7 @@ import { accessSync, constants } from "node:fs";
 import { join } from "node:path";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Listing } from "../../protocol/listing.js";
-import { NarGoneError, type NarPieceOptions, type NOT_NOW, type PathSource } from "../source.js";
+import { NarGoneError, type NarPieceOptions, type NOT_NOW, type PathSource, type SOON } from "../source.js";
 import type { Signer } from "../signer.js";
 import { DaemonClient } from "./daemon-client.js";
 import { DaemonMetadata } from "./daemon-metadata.js";
@@ -83,9 +83,15 @@ export class LocalStore implements PathSource {
     return this.meta.pathInfo(hashPart);
   }
 
-  /** pathInfo()'s answer when it needs no I/O to wait for (see PathSource), else NOT_NOW. */
-  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW {
+  /** pathInfo()'s answer when it needs no I/O to wait for (see PathSource), else NOT_NOW or SOON. */
+  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW | typeof SOON {
     return this.meta.pathInfoNow(hashPart);
+  }
+
+  /** See PathSource.whenSoon (the daemon backend's look shared by a turn's lookups). */
+  whenSoon(run: () => void): void {
+    if (!this.meta.whenSoon) throw new Error(`the ${this.meta.backend} backend never says SOON`);
+    this.meta.whenSoon(run);
   }
 
   /** Lookup by NAR hash ("sha256:..." in any encoding), for legacy NAR URLs; the daemon backend has none. */

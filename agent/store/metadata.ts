@@ -5,7 +5,7 @@ import { parseHash, toNix32Hash } from "../../protocol/hash.js";
 import { fingerprint } from "../../protocol/narinfo.js";
 import type { PathInfo } from "../../protocol/path-info.js";
 import type { Signer } from "../signer.js";
-import type { NOT_NOW } from "../source.js";
+import type { NOT_NOW, SOON } from "../source.js";
 import type { StoreChange } from "./watch.js";
 
 export type StoreBackend = "database" | "daemon";
@@ -25,8 +25,10 @@ export interface StoreMetadata {
   readonly backend: StoreBackend;
   /** The valid path with this hash part, with our signatures added; undefined when not valid. */
   pathInfo(hashPart: string): Promise<PathInfo | undefined>;
-  /** pathInfo()'s answer if it needs no I/O to wait for, else NOT_NOW. */
-  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW;
+  /** pathInfo()'s answer if it needs no I/O to wait for, else NOT_NOW (or SOON: see PathSource). */
+  pathInfoNow(hashPart: string): PathInfo | undefined | typeof NOT_NOW | typeof SOON;
+  /** As PathSource.whenSoon(), for a backend whose pathInfoNow() may say SOON. */
+  whenSoon?(run: () => void): void;
   /** Lookup by NAR hash ("sha256:..." in any encoding), for legacy NAR URLs; may be unsupported (undefined). */
   pathInfoByNarHash(narHash: string): Promise<PathInfo | undefined>;
   /** Whether this full store path is valid. */

@@ -22,7 +22,7 @@ import { BULK_GATHER_BYTES, BULK_MIN_BYTES, BulkBody, BulkRoutes, connectBulk } 
 import { Mesh } from "../agent/mesh/mesh.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
-import { addToStore, dumpPath, hasNix, needNix, pathInfo, tempDir } from "./helpers/nix.js";
+import { addToStore, dumpNar, hasNix, needNix, pathInfo, tempDir } from "./helpers/nix.js";
 
 const log = pino({ level: "silent" });
 const ka = generateKeyPair("bulk-a");
@@ -65,13 +65,7 @@ async function fetch(b: MeshNode, peer: string, opts: Parameters<typeof openNar>
   return Buffer.concat(parts);
 }
 
-async function nixDump(): Promise<Buffer> {
-  const s = dumpPath(fx!.root, fx!.path);
-  const parts: Buffer[] = [];
-  for await (const c of s) parts.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(parts);
-}
+const nixDump = (): Promise<Buffer> => dumpNar(fx!.root, fx!.path);
 
 for (const mode of ["off", "zstd"] as const) {
   test(`a NAR body on the bulk port (compression ${mode}) is Nix's own dump, and the mesh stream did not carry it`, async (t) => {

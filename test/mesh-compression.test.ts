@@ -19,7 +19,7 @@ import { FleetSource } from "../agent/mesh/fleet-source.js";
 import { HolderPenalties } from "../agent/mesh/holder-penalties.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
-import { addToStore, dumpPath, hasNix, needNix, tempDir } from "./helpers/nix.js";
+import { addToStore, dumpNar, hasNix, needNix, tempDir } from "./helpers/nix.js";
 
 const log = pino({ level: "silent" });
 const MiB = 1024 * 1024;
@@ -91,14 +91,6 @@ async function connect(from: MeshNode, to: MeshNode): Promise<string> {
 
 const hp = storePathHashPart;
 
-async function dump(root: string, storePath: string): Promise<Buffer> {
-  const s = dumpPath(root, storePath);
-  const parts: Buffer[] = [];
-  for await (const c of s) parts.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(parts);
-}
-
 async function collect(src: AsyncIterable<Uint8Array>): Promise<Buffer> {
   const parts: Buffer[] = [];
   for await (const c of src) parts.push(Buffer.from(c));
@@ -120,7 +112,7 @@ test("negotiation: a requester that accepts zstd gets Nix's NAR in fewer wire by
   const b = await meshNode(k.b, [k.a]);
   const aId = await connect(b, a.node);
   const want = new NarCompression("zstd");
-  const nar = await dump(f.root, f.bins);
+  const nar = await dumpNar(f.root, f.bins);
   const { req } = await request(a.local, f.bins);
   assert.ok((await collect(await openNar(b, aId, req, { compression: want }))).equals(nar));
   const offset = Math.floor(nar.length / 3);
@@ -143,7 +135,7 @@ test("negotiation: a holder set to off, or a requester that does not accept zstd
   const b = await meshNode(k.b, [k.a, k.c]);
   const offId = await connect(b, off.node);
   const onId = await connect(b, on.node);
-  const nar = await dump(f.root, f.bins);
+  const nar = await dumpNar(f.root, f.bins);
   const { req } = await request(off.local, f.bins);
   const wants = new NarCompression("zstd");
   assert.ok((await collect(await openNar(b, offId, req, { compression: wants }))).equals(nar));
@@ -164,7 +156,7 @@ test("old peers: a holder that knows only 1.0.0 serves a new requester, and a ne
   const b = await meshNode(k.b, [k.a, k.c]);
   const oldId = await connect(b, old.node);
   const freshId = await connect(b, fresh.node);
-  const nar = await dump(f.root, f.bins);
+  const nar = await dumpNar(f.root, f.bins);
   const { req } = await request(old.local, f.bins);
   const wants = new NarCompression("zstd");
   assert.ok((await collect(await openNar(b, oldId, req, { compression: wants }))).equals(nar));
@@ -259,7 +251,7 @@ test("a holder whose zstd stream is corrupt is penalised, and the NAR comes from
     const { info } = await request(local, p);
     const pathInfo: PathInfo = { ...info };
     const got = await collect(source.narStream(pathInfo, 0, info.narSize));
-    assert.ok(got.equals(await dump(f.root, p)), p);
+    assert.ok(got.equals(await dumpNar(f.root, p)), p);
   }
   assert.equal(source.penalties.status(corruptId).badNars, 2);
   assert.equal(source.penalties.status(goodId).badNars, 0);

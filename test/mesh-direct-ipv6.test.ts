@@ -10,7 +10,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { announcedTo, createFleet, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns, createNetwork } from "./helpers/netns.js";
-import { dumpPath, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
+import { dumpNar, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
 
 let fleet: Fleet | undefined;
 let A: FleetHost, B: FleetHost;
@@ -57,14 +57,6 @@ after(async () => {
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
-async function dump(root: string, path: string): Promise<Buffer> {
-  const s = dumpPath(root, path);
-  const parts: Buffer[] = [];
-  for await (const c of s) parts.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(parts);
-}
-
 test("IPv6-only LAN: B redirects Nix to A's direct port at [A's IPv6 address], Nix copies the closure verified and byte-identical", { timeout: 180_000 }, async (t) => {
   if (!fleet) return t.skip("needs Nix and root for network namespaces");
   const listen = ["--p2p-listen", `[::]:${P2P_PORT}`, "--direct-lan"];
@@ -90,7 +82,7 @@ test("IPv6-only LAN: B redirects Nix to A's direct port at [A's IPv6 address], N
     ...closure,
   ]);
   await B.nix(["store", "verify", "--store", dest, "--trusted-public-keys", keys, "--sigs-needed", "1", ...closure]);
-  for (const p of closure) assert.equal(sha(await dump(dest, p)), sha(await dump(A.storeRoot, p)), `NAR of ${p}`);
+  for (const p of closure) assert.equal(sha(await dumpNar(dest, p)), sha(await dumpNar(A.storeRoot, p)), `NAR of ${p}`);
   const [a, b] = [(await A.status()).counters, (await B.status()).counters];
   assert.equal(b.directRedirects! - (before.directRedirects ?? 0), closure.length, "every NAR of the copy redirected");
   assert.equal(b.directFallbacks, 0);

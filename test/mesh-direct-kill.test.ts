@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { announcedTo, createFleet, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns } from "./helpers/netns.js";
-import { addToStore, dumpPath, hasNix, pathInfo } from "./helpers/nix.js";
+import { addToStore, dumpNar, hasNix, pathInfo } from "./helpers/nix.js";
 
 let fleet: Fleet | undefined;
 let A: FleetHost, B: FleetHost, C: FleetHost;
@@ -49,14 +49,6 @@ after(async () => {
 let narSize = 0;
 const s0NarSize = () => narSize;
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
-
-async function dump(root: string, path: string): Promise<Buffer> {
-  const s = dumpPath(root, path);
-  const parts: Buffer[] = [];
-  for await (const c of s) parts.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(parts);
-}
 
 test("the holder's agent killed mid-NAR on the direct port: Nix resumes through B with a Range, relayed from the other holder, intact", { timeout: 240_000 }, async (t) => {
   if (!fleet) return t.skip("needs Nix and root for network namespaces");
@@ -94,6 +86,6 @@ test("the holder's agent killed mid-NAR on the direct port: Nix resumes through 
   assert.equal(relayed.length, 1);
   assert.ok(relayed[0]! < narSize && relayed[0]! > 0, `resumed part-way: ${relayed[0]} of ${narSize} bytes relayed to Nix`);
   assert.equal(s.narBytesToPeers, narSize, "the survivor sent B the whole NAR, which B verified");
-  assert.equal(sha(await dump(dest, big)), sha(await dump(survivor.storeRoot, big)), "byte-identical");
+  assert.equal(sha(await dumpNar(dest, big)), sha(await dumpNar(survivor.storeRoot, big)), "byte-identical");
   await B.nix(["store", "verify", "--store", dest, "--trusted-public-keys", keys, "--sigs-needed", "1", big]);
 });

@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { announcedTo, createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns } from "./helpers/netns.js";
 import { CLI } from "./helpers/agent.js";
-import { dumpPath, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
+import { dumpNar, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
 
 let fleet: Fleet | undefined;
 let A: FleetHost, B: FleetHost;
@@ -69,15 +69,6 @@ async function start(aFlags: string[], bFlags: string[]): Promise<void> {
 
 const sha = (b: Buffer | string) => createHash("sha256").update(b).digest("hex");
 
-/** `nix store dump-path` of `path` in the store at `root` (the NAR, byte for byte). */
-async function dump(root: string, path: string): Promise<Buffer> {
-  const s = dumpPath(root, path);
-  const parts: Buffer[] = [];
-  for await (const c of s) parts.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(parts);
-}
-
 /** Nix on B copies the closure from B's agent into a fresh store, signatures required; verified and compared with A's NARs. */
 async function copyAndCheck(dest: string): Promise<void> {
   const keys = fleet!.trustedKeys.join(" ");
@@ -88,7 +79,7 @@ async function copyAndCheck(dest: string): Promise<void> {
     ...closure,
   ]);
   await B.nix(["store", "verify", "--store", dest, "--trusted-public-keys", keys, "--sigs-needed", "1", ...closure]);
-  for (const p of closure) assert.equal(sha(await dump(dest, p)), sha(await dump(A.storeRoot, p)), `NAR of ${p}`);
+  for (const p of closure) assert.equal(sha(await dumpNar(dest, p)), sha(await dumpNar(A.storeRoot, p)), `NAR of ${p}`);
 }
 
 test("direct_lan on both: Nix on B fetches every NAR from A's direct port (redirected by B), verified, byte-identical", { timeout: 180_000 }, async (t) => {
@@ -129,7 +120,7 @@ test("the redirect: 307 to A's address on the mesh and the direct port (mesh por
   assert.match(location, new RegExp(`^http://${A.net.ip.replaceAll(".", "\\.")}:${P2P_PORT + 2}/([0-9a-f]{32}|[0-9a-f]{72})/${url.replaceAll(".", "\\.")}$`));
   const fetch = (u: string) => B.exec("curl", ["-sS", "-o", join(B.dir, "direct.nar"), "-w", "%{http_code}", u]);
   assert.equal(await fetch(location), "200");
-  assert.equal(sha(readFileSync(join(B.dir, "direct.nar"))), sha(await dump(A.storeRoot, bigPath)));
+  assert.equal(sha(readFileSync(join(B.dir, "direct.nar"))), sha(await dumpNar(A.storeRoot, bigPath)));
   assert.equal(await fetch(location), "404", "used");
   assert.equal(await fetch(location.replace(/\/[0-9a-f]{32}(?:[0-9a-f]{40})?\//, "/" + "0".repeat(32) + "/")), "404", "a made-up ticket");
   assert.equal(await fetch(`http://${A.net.ip}:${P2P_PORT + 2}/nix-cache-info`), "404", "nothing but ticketed NARs");
@@ -146,7 +137,7 @@ test("a Range request to B with direct_lan on is relayed and verified (206), not
   const file = join(B.dir, "range.part");
   const code = await B.exec("curl", ["-sS", "-o", file, "-w", "%{http_code}", "-H", "Range: bytes=1000000-", `${B.agent!.url}/${url}`]);
   assert.equal(code.trim(), "206");
-  assert.ok(readFileSync(file).equals((await dump(A.storeRoot, bigPath)).subarray(1_000_000)), "the range is Nix's bytes");
+  assert.ok(readFileSync(file).equals((await dumpNar(A.storeRoot, bigPath)).subarray(1_000_000)), "the range is Nix's bytes");
   const after = (await B.status()).counters;
   assert.equal(after.directRedirects, before.directRedirects, "not redirected");
   assert.ok(after.narBytesFromPeers! > before.narBytesFromPeers!, "relayed from A");

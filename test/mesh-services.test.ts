@@ -33,7 +33,7 @@ import { NarFetchError, NarVerifier, openNar, serveNar, type NarFetchReason } fr
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { makeShapesClosure, type ShapesClosure } from "./helpers/fixtures.js";
-import { addToStore, dumpPath, hasNix, needNix, nix, pathInfo, tempDir, toPathInfo } from "./helpers/nix.js";
+import { addToStore, dumpNar, hasNix, needNix, nix, pathInfo, tempDir, toPathInfo } from "./helpers/nix.js";
 
 const log = pino({ level: process.env.PC_DEBUG ? "debug" : "silent" });
 const MiB = 1024 * 1024;
@@ -119,14 +119,6 @@ async function connect(from: MeshNode, to: MeshNode): Promise<string> {
 
 const hp = storePathHashPart;
 const randomHashPart = () => encodeNix32(randomBytes(20));
-
-async function dump(root: string, storePath: string): Promise<Buffer> {
-  const s = dumpPath(root, storePath);
-  const parts: Buffer[] = [];
-  for await (const c of s) parts.push(c as Buffer);
-  await s.done;
-  return Buffer.concat(parts);
-}
 
 async function collect(src: AsyncIterable<Uint8Array>): Promise<Buffer> {
   const parts: Uint8Array[] = [];
@@ -329,7 +321,7 @@ test("NAR: every NAR streams byte-identical to nix store dump-path, whole and fr
   const aId = await connect(b.node, a.node);
   for (const p of f.closure.paths) {
     const info = (await a.local.pathInfo(hp(p)))!;
-    const nar = await dump(f.rootA, p);
+    const nar = await dumpNar(f.rootA, p);
     assert.equal(nar.length, info.narSize);
     const req = { hashPart: hp(p), narHash: info.narHash, narSize: info.narSize };
     assert.ok((await collect(await openNar(b.node, aId, { ...req, offset: 0 }))).equals(nar), `NAR of ${p}`);
@@ -396,7 +388,7 @@ test("NAR: wrong NAR hash, unknown path, offset past the end and a size disagree
 test("NarVerifier: right bytes pass; a wrong hash, a short stream and a long one fail", async (t) => {
   const f = await ready(t);
   if (!f) return;
-  const nar = await dump(f.rootA, f.closure.tree);
+  const nar = await dumpNar(f.rootA, f.closure.tree);
   const [j] = await pathInfo(f.rootA, [f.closure.tree]);
   const { narHash, narSize } = toPathInfo(j!);
   const [o] = await pathInfo(f.rootA, [f.closure.singleFile]);

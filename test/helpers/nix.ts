@@ -118,6 +118,15 @@ export function dumpPath(root: string, storePath: string): NodeJS.ReadableStream
   return Object.assign(child.stdout, { done });
 }
 
+/** The NAR of `storePath` in the store at `root`, as `nix store dump-path` writes it (Nix's bytes, the judge's). */
+export async function dumpNar(root: string, storePath: string): Promise<Buffer> {
+  const s = dumpPath(root, storePath);
+  const parts: Buffer[] = [];
+  for await (const c of s) parts.push(c as Buffer);
+  await s.done;
+  return Buffer.concat(parts);
+}
+
 /** `nix path-info --json` output in our PathInfo form. */
 export function toPathInfo(j: NixPathInfoJson): PathInfo {
   const info: PathInfo = {

@@ -14,11 +14,11 @@
 // narinfo rows (its NAR rows are not measured). With --steps LABEL the steps from that bare server
 // to the agent run alongside too (bench/bare-narinfo.ts: options, routing, lookup, metrics; this
 // checkout's code, signing with build LABEL's key), each checked to answer as LABEL does. Needs root (chroot store), nginx, wrk and curl, as `npm run bench`.
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { hashPart, makeFixture, type Fixture } from "./fixture.js";
+import { hashPart, keptFixture, type Fixture } from "./fixture.js";
 import { narThroughput, pinTree, runWrk, warmFile, withCpuAccounting, writeWrkScript } from "./load.js";
 import { randomHashParts } from "./nix32.js";
 import { cleanup, installSignalHandlers, registerTempDir } from "./proc.js";
@@ -69,17 +69,9 @@ if (builds.length === 0) throw new Error("name at least one build: LABEL=REPO_DI
 
 const log = (m: string) => process.stderr.write(m + "\n");
 
-async function fixture(): Promise<Fixture> {
+function fixture(): Promise<Fixture> {
   const keep = values["keep-fixture"] ? resolve(values["keep-fixture"]) : undefined;
-  const saved = keep && join(keep, "fixture.json");
-  if (saved && existsSync(saved)) return JSON.parse(readFileSync(saved, "utf8")) as Fixture;
-  const dir = keep ?? mkdtempSync(join(tmpdir(), "fleetcache-builds-"));
-  mkdirSync(dir, { recursive: true });
-  chmodSync(dir, 0o755); // nginx workers read the cache below it
-  if (!keep) registerTempDir(dir);
-  const fx = await makeFixture(dir, { smallCount: Number(values.small), bigBytes: Math.round(Number(values["nar-gib"]) * 2 ** 30) }, log);
-  if (saved) writeFileSync(saved, JSON.stringify(fx));
-  return fx;
+  return keptFixture(keep, "fleetcache-builds-", { smallCount: Number(values.small), bigBytes: Math.round(Number(values["nar-gib"]) * 2 ** 30) }, log);
 }
 
 async function main(): Promise<void> {

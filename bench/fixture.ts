@@ -1,10 +1,11 @@
 // The benchmark fixture: a temporary chroot Nix store with a few hundred small paths and one big
 // path, and the same closure exported as a static uncompressed binary cache for nginx.
 import { randomBytes } from "node:crypto";
-import { mkdirSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { open } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
-import { logCommand, run } from "./proc.js";
+import { logCommand, registerTempDir, run } from "./proc.js";
 
 export const NIX_FLAGS = ["--extra-experimental-features", "nix-command"];
 const OFFLINE = ["--option", "substituters", "", "--option", "sandbox-paths", "/bin /lib /lib64 /usr"];
@@ -69,6 +70,27 @@ async function writeRandomFile(path: string, bytes: number): Promise<void> {
   } finally {
     await fh.close();
   }
+}
+
+/**
+ * The fixture kept in `keep` (`--keep-fixture DIR`: made there once, its description saved as
+ * fixture.json and reused by later runs), or a fresh one in a temporary directory removed at exit.
+ */
+export async function keptFixture(
+  keep: string | undefined,
+  tmpPrefix: string,
+  opts: { smallCount: number; bigBytes: number },
+  progress: (msg: string) => void,
+): Promise<Fixture> {
+  const saved = keep && join(keep, "fixture.json");
+  if (saved && existsSync(saved)) return JSON.parse(readFileSync(saved, "utf8")) as Fixture;
+  const dir = keep ?? mkdtempSync(join(tmpdir(), tmpPrefix));
+  mkdirSync(dir, { recursive: true });
+  chmodSync(dir, 0o755); // nginx workers read the cache below it
+  if (!keep) registerTempDir(dir);
+  const fx = await makeFixture(dir, opts, progress);
+  if (saved) writeFileSync(saved, JSON.stringify(fx));
+  return fx;
 }
 
 export async function makeFixture(

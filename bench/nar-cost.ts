@@ -15,11 +15,11 @@
 // or `--nginx 'one:1:'` (one worker). --perf-record DIR: `perf record -a -g` (the whole machine)
 // around each measurement, DIR/LABEL-CLIENTS-ROUND.data (and .pids: the server's processes). Needs root, nginx, curl (and perf).
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { makeFixture, hashPart, type Fixture } from "./fixture.js";
+import { hashPart, keptFixture, type Fixture } from "./fixture.js";
 import { descendants, selfAndChildrenCpuSeconds, warmFile } from "./load.js";
 import { cleanup, installSignalHandlers, registerTempDir, run } from "./proc.js";
 import { httpGet, parseNarinfo, startAgent, startNginx, type Server } from "./servers.js";
@@ -194,17 +194,9 @@ async function measure(s: Server, nar: { url: string; size: number; file: string
   return row;
 }
 
-async function fixture(): Promise<Fixture> {
+function fixture(): Promise<Fixture> {
   const keep = values["keep-fixture"] ? resolve(values["keep-fixture"]) : undefined;
-  const saved = keep && join(keep, "fixture.json");
-  if (saved && existsSync(saved)) return JSON.parse(readFileSync(saved, "utf8")) as Fixture;
-  const dir = keep ?? mkdtempSync(join(tmpdir(), "fleetcache-nar-cost-"));
-  mkdirSync(dir, { recursive: true });
-  chmodSync(dir, 0o755); // nginx workers read the cache below it
-  if (!keep) registerTempDir(dir);
-  const fx = await makeFixture(dir, { smallCount: 10, bigBytes: 2 ** 30 }, log);
-  if (saved) writeFileSync(saved, JSON.stringify(fx));
-  return fx;
+  return keptFixture(keep, "fleetcache-nar-cost-", { smallCount: 10, bigBytes: 2 ** 30 }, log);
 }
 
 async function main(): Promise<void> {

@@ -447,6 +447,41 @@ test("narinfo: over a link with a long measured RTT the deadline stretches (3x t
   assert.equal(await make({ rttMs: (p) => (p === "a" ? undefined : 1000) }).pathInfo(HASH_PART), undefined, "only the holders' RTTs count");
 });
 
+test("narinfo: while a NAR from a peer is in flight, a lookup waits up to the cap whatever the last ping said", async () => {
+  // The fault suite's wan-latency: B pulls a 64 MiB NAR at the link's full rate, the link's queue
+  // fills within a second, and a lookup asked before the next ping (RTT still ~125 ms) queued
+  // behind those bytes past the 2 s deadline: a 404 for a held path, which Nix keeps for an hour.
+  // Here the holder's answer takes 120 ms against a 30 ms deadline and a measured RTT of 5 ms.
+  const { bytes, info, narinfo } = nar(64 * 1024);
+  const other = `/nix/store/${"2".repeat(32)}-other`;
+  let release = () => {};
+  const gate = new Promise<void>((r) => (release = r));
+  const requests: PeerRequests = {
+    narinfo: (_peer, _hashPart, signal) =>
+      new Promise((resolve, reject) => {
+        const t = setTimeout(() => resolve(narinfo), 120);
+        signal.addEventListener("abort", () => (clearTimeout(t), reject(new Error("aborted"))));
+      }),
+    // A NAR that sends its first half, then waits for the gate (the transfer stays in flight).
+    async nar() {
+      return (async function* () {
+        yield bytes.subarray(0, bytes.length / 2);
+        await gate;
+        yield bytes.subarray(bytes.length / 2);
+      })();
+    },
+  };
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const source = new FleetSource(local, new FakeFleet(["a"]), requests, log, { hedgeAfterMs: 1, narinfoDeadlineMs: 30, rttMs: () => 5, maxNarinfoDeadlineMs: 500, cacheTtlMs: 0 });
+  assert.equal(await source.pathInfo(HASH_PART), undefined, "no transfer in flight: the configured deadline");
+  const transfer = collect(source.narStream({ ...info, storePath: other }, 0, bytes.length));
+  await sleep(20); // the NAR's first half is in
+  assert.ok(await source.pathInfo(HASH_PART), "a NAR in flight: the lookup waits up to the cap, and the answer at 120 ms is taken");
+  release();
+  assert.ok((await transfer).equals(bytes));
+  assert.equal(await source.pathInfo(HASH_PART), undefined, "the transfer over: the configured deadline again");
+});
+
 test("narinfo: concurrent lookups share one round of questions, and an answer is reused within its TTL", async () => {
   const { source, asked } = lookupFleet({ a: "yes" }, { cacheTtlMs: 60_000 });
   const [x, y] = await Promise.all([source.pathInfo(HASH_PART), source.pathInfo(HASH_PART)]);

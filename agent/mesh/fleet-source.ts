@@ -350,9 +350,13 @@ export class FleetSource implements PathSource {
    * whose measured round trip is long. A lookup shares the mesh connection with NAR bodies, and
    * over a busy WAN link it queues behind them as the pings do (the fault suite's wan-latency:
    * pings up to 1 s over a 60 ms link carrying a NAR, and 3 of 287 lookups of a held path answered
-   * 404 at the 2 s deadline). A dead holder still cannot hold Nix up for more than the cap.
+   * 404 at the 2 s deadline). The pings come every 10 s, and a NAR fills the link's queue in well
+   * under that: while any peer NAR is in flight here the lookup gets the cap outright (this host's
+   * link carries those bytes whichever peer sends them, and the holder asked may be behind the
+   * same bottleneck). A dead holder still cannot hold Nix up for more than the cap.
    */
   private lookupDeadlineMs(holders: string[]): number {
+    if (this.slots.total > 0) return this.maxDeadlineMs;
     let best: number | undefined;
     for (const h of holders) {
       const rtt = this.rttMs(h);

@@ -14,6 +14,7 @@ interface Waiter {
 export class TransferSlots {
   readonly #used = new Map<string, number>();
   readonly #queues = new Map<string, Waiter[]>();
+  #total = 0;
 
   constructor(readonly limit: number) {
     if (!Number.isSafeInteger(limit) || limit < 1) throw new RangeError(`invalid transfer limit ${limit}`);
@@ -21,6 +22,11 @@ export class TransferSlots {
 
   inUse(peer: string): number {
     return this.#used.get(peer) ?? 0;
+  }
+
+  /** Slots in use on all peers together: transfers under way. */
+  get total(): number {
+    return this.#total;
   }
 
   /** Requests waiting for a slot on `peer`. */
@@ -36,6 +42,7 @@ export class TransferSlots {
   tryAcquire(peer: string): boolean {
     if (!this.hasRoom(peer)) return false;
     this.#used.set(peer, this.inUse(peer) + 1);
+    this.#total++;
     return true;
   }
 
@@ -81,7 +88,9 @@ export class TransferSlots {
     if (queue && queue.length === 0) this.#queues.delete(peer);
     if (next) return next.grant(); // the slot passes on: the count stays
     const n = this.inUse(peer) - 1;
-    if (n <= 0) this.#used.delete(peer);
+    if (n < 0) return;
+    this.#total--;
+    if (n === 0) this.#used.delete(peer);
     else this.#used.set(peer, n);
   }
 }

@@ -2,6 +2,11 @@
 // rate-limited 64 MiB NAR download through it must complete, for the whole run. Before the fix,
 // libp2p's ConnectionMonitor and the peer manager both pinged; their pings collided on the ping
 // protocol's one outbound stream and the loser closed the connection.
+// It also asks B for narinfos A holds throughout: one B has cached, and each time one of many
+// small paths B has not asked A for within its cache's 30 s, so that lookup crosses the link while
+// a NAR fills it. Such a lookup answered 404 at the 2 s peer deadline (a path the fleet holds,
+// which Nix would then remember as missing for an hour) until lookups got the longest deadline
+// while a peer NAR is in flight.
 import { downloadNar, linkedFleet, narinfoLatencyMs, narinfoVia, addBlob, type Download } from "../fleet-tools.js";
 import { eventually } from "../../test/helpers/fleet.js";
 import { logLines, percentiles, ProcessMeter, sleep, type Scenario } from "../scenario.js";
@@ -11,11 +16,13 @@ const LATENCY_MS = 60;
 const LINK_RATE = "4MiB";
 const DOWNLOAD_RATE = "1M"; // curl: 1 MiB/s
 const BLOB = 64 << 20;
+/** Small paths on A, asked in turn (one every 2 s: each is asked again after 2 min, past B's 30 s cache). */
+const SMALL_PATHS = 64;
 
 export const wanLatency: Scenario = {
   name: "wan-latency",
   title: "a healthy peer over a link with 60 ms each way",
-  goal: "0 drops for the whole run; every 1 MiB/s 64 MiB transfer completes intact",
+  goal: "0 drops for the whole run; every 1 MiB/s 64 MiB transfer completes intact; every lookup of a held path answered 200",
   defaultMinutes: 10,
   async run({ durationMs, log }) {
     const net = await linkedFleet({ latencyMs: LATENCY_MS, rate: LINK_RATE });
@@ -24,9 +31,12 @@ export const wanLatency: Scenario = {
       log(`A holds a ${BLOB >> 20} MiB path; B reaches A through the link proxy (${LATENCY_MS} ms each way, ${LINK_RATE}/s)`);
       const blob = await addBlob(a, "wan-blob", BLOB);
       await addBlob(b, "b-own", 1024); // an agent needs a store of its own
+      const small: string[] = [];
+      for (let i = 0; i < SMALL_PATHS; i++) small.push(await addBlob(a, `wan-small-${i}`, 4096));
       await a.start();
       await b.start(["--peer", net.aViaLink]);
       const info = await eventually("B sees A's blob", () => narinfoVia(b, blob), 60_000);
+      await eventually("B sees A's small paths", () => narinfoVia(b, small.at(-1)!), 60_000);
       const meters = { a: ProcessMeter.of(a.agent!), b: ProcessMeter.of(b.agent!) };
       const start = Date.now();
       const end = start + durationMs;
@@ -36,12 +46,18 @@ export const wanLatency: Scenario = {
       const rtts: number[] = [];
       // Lookups not answered 200: the status (0: curl failed), when, and how long it took.
       const lookupFailures: string[] = [];
+      // The same for the small paths, each asked anew of A (not in B's cache).
+      const fresh: number[] = [];
+      const freshFailures: string[] = [];
+      const ask = async (path: string, ok: number[], failures: string[]) => {
+        const at = Date.now();
+        const r = await narinfoLatencyMs(b, path).catch(() => ({ status: 0, ms: Date.now() - at }));
+        if (r.status === 200) ok.push(r.ms);
+        else failures.push(`${r.status} at ${Math.round((at - start) / 1000)} s after ${Math.round(r.ms)} ms`);
+      };
       const sampler = (async () => {
-        while (Date.now() < end) {
-          const at = Date.now();
-          const r = await narinfoLatencyMs(b, blob).catch(() => ({ status: 0, ms: Date.now() - at }));
-          if (r.status === 200) lookups.push(r.ms);
-          else lookupFailures.push(`${r.status} at ${Math.round((at - start) / 1000)} s after ${Math.round(r.ms)} ms`);
+        for (let i = 0; Date.now() < end; i++) {
+          await Promise.all([ask(blob, lookups, lookupFailures), ask(small[i % SMALL_PATHS]!, fresh, freshFailures)]);
           const peer = (await b.status().catch(() => undefined))?.peers.find((p) => p.name === "a-1") as { rttMs?: number } | undefined;
           if (peer?.rttMs !== undefined) rtts.push(peer.rttMs);
           meters.a.sample();
@@ -66,7 +82,7 @@ export const wanLatency: Scenario = {
       const streamLimit = ((a.agent?.logs() ?? "") + (b.agent?.logs() ?? "")).split("TooManyOutboundProtocolStreams").length - 1;
       const failed = downloads.filter((d) => !d.ok);
       const counters = (await b.status()).counters as { bulkNarsReceived?: number; bulkFallbacks?: number };
-      const ok = drops.length === 0 && failed.length === 0;
+      const ok = drops.length === 0 && failed.length === 0 && lookupFailures.length === 0 && freshFailures.length === 0;
       return {
         ok,
         figures: [
@@ -80,6 +96,7 @@ export const wanLatency: Scenario = {
           ...(failed.length > 0 ? [["first failure", failed[0]!.error ?? ""] as [string, string]] : []),
           ["download time", downloads.filter((d) => d.ok).map((d) => `${(d.ms / 1000).toFixed(1)} s`).join(", ") || "-"],
           ["narinfo on B (held by A)", `${percentiles(lookups)}${lookupFailures.length ? `; not 200: ${lookupFailures.join(", ")}` : ""}`],
+          ["narinfo on B, asked anew of A", `${fresh.length} of ${fresh.length + freshFailures.length} answered 200, ${percentiles(fresh)}${freshFailures.length ? `; not 200: ${freshFailures.join(", ")}` : ""}`],
           ["RTT B reports for A", percentiles(rtts)],
           ["NAR bodies B took on the bulk port", `${counters.bulkNarsReceived ?? 0} (fell back to the mesh stream: ${counters.bulkFallbacks ?? 0})`],
           ["agent A", meters.a.summary()],

@@ -217,6 +217,28 @@ test("narinfo: refused unless a signature verifies with a key the requester trus
   assert.equal(viaE?.storePath, f.closure.built);
 });
 
+test("narinfo: a slow answer is waited for as long as the caller's signal allows, not cut at a shorter deadline of its own", async (t) => {
+  // The lookup's deadline is FleetSource's (stretched over a slow or busy link, up to 6 s). The
+  // request used to end itself at 2 s whatever that deadline was: over a WAN link whose queue a NAR
+  // had filled, an answer on its way was dropped and Nix got a 404 for a held path (wan-latency).
+  const f = await ready(t);
+  if (!f) return;
+  const k = keys();
+  const b = await server(k.b, [k.a], f.rootB);
+  // A's answers take 2.5 s (a queue on the way, as far as B can tell).
+  const aNode = await meshNode(k.a, [k.b]);
+  const local = new LocalStore(f.rootA, new Signer([k.a]));
+  stores.push(local);
+  const slow = Object.create(local) as LocalStore;
+  slow.pathInfo = async (hashPart: string) => (await sleep(2500), local.pathInfo(hashPart));
+  await serveNarinfo(aNode, slow, log);
+  const aId = await connect(b.node, aNode);
+  const hashPart = hp(f.closure.paths[0]!);
+  assert.equal(await fetchNarinfo(b.node, aId, hashPart, { trusted: [k.a], signal: AbortSignal.timeout(500), log }), undefined, "the caller's deadline ends it");
+  const got = await fetchNarinfo(b.node, aId, hashPart, { trusted: [k.a], signal: AbortSignal.timeout(6000), log });
+  assert.equal(got?.storePath, f.closure.paths[0], "answered at 2.5 s within the caller's 6 s");
+});
+
 test("narinfo: Nix's burst of parallel lookups reuses the streams of the burst before instead of opening new ones", async (t) => {
   const f = await ready(t);
   if (!f) return;

@@ -43,7 +43,7 @@ export const FIRST_REQUEST_MS = 10_000;
 export const NARINFO_IDLE_MS = 30_000;
 export const MAX_NARINFO_STREAMS_PER_PEER = 64;
 export const NARINFO_PER_TURN = 4;
-/** Requester deadline for an answer (spec recommendation). */
+/** Requester deadline for an answer when the caller gives none (the spec's recommendation). */
 export const NARINFO_DEADLINE_MS = 2_000;
 
 /** Answers narinfo requests from `local` only: a path this host does not hold is not-found. */
@@ -101,7 +101,11 @@ export interface FetchNarinfoOptions {
   /** Keys whose signature makes a narinfo acceptable (the fleet's trusted keys): a Verifier made once, or a list for one request. */
   trusted: Verifier | readonly PublicKey[];
   signal?: AbortSignal;
-  /** Deadline for the whole exchange (default 2 s). */
+  /**
+   * Deadline for the whole exchange. Default: the signal's alone when one is given (the caller's
+   * lookup deadline, which FleetSource stretches over a slow or busy link; a shorter one here
+   * dropped answers on their way), else 2 s.
+   */
   timeoutMs?: number;
   log?: Logger;
 }
@@ -114,7 +118,7 @@ export interface FetchNarinfoOptions {
  */
 export async function fetchNarinfo(node: MeshNode, peerId: string, hashPart: string, opts: FetchNarinfoOptions): Promise<Narinfo | undefined> {
   if (!isValidHashPart(hashPart)) throw new TypeError(`invalid store path hash part ${JSON.stringify(hashPart)}`);
-  const signal = deadline(opts.timeoutMs ?? NARINFO_DEADLINE_MS, opts.signal);
+  const signal = opts.signal && opts.timeoutMs === undefined ? opts.signal : deadline(opts.timeoutMs ?? NARINFO_DEADLINE_MS, opts.signal);
   const why = (reason: string, err?: unknown) => {
     opts.log?.debug({ peer: peerId, hashPart, reason, err: err instanceof Error ? err.message : err }, "mesh: narinfo from peer not used");
     return undefined;

@@ -462,15 +462,22 @@ test("a storm of store changes is listed once, after it, not over and over durin
     const before = relay.listings;
     const changes: StoreChange[] = [];
     watcher.on("change", (c) => changes.push(c));
-    // The storm: a path added, entries coming and going in the store directory for 6 s, a path deleted.
+    // The storm: a path added, entries coming and going in the store directory for at least 6 s,
+    // a path deleted in the middle of it. The storm goes on until the deletion is done: on a loaded
+    // machine a nix-store run (in the Nix 2.26 chroot) took longer than the 2.5 s of quiet, so a
+    // deletion after the storm was a storm of its own.
     writeFileSync(join(f.tmp.dir, "storm.txt"), "storm\n");
     const added = await addToStore(f.root, join(f.tmp.dir, "storm.txt"));
-    for (let i = 0; i < 60; i++) {
+    let deleted = false;
+    const deletion = new Promise((r) => setTimeout(r, 3000))
+      .then(() => run("nix-store", ["--store", f.root, "--delete", f.plain]))
+      .finally(() => (deleted = true));
+    for (let i = 0; i < 60 || !deleted; i++) {
       writeFileSync(join(f.root, "nix/store", `.storm-${i}`), "");
       rmSync(join(f.root, "nix/store", `.storm-${i}`));
       await new Promise((r) => setTimeout(r, 100));
     }
-    await run("nix-store", ["--store", f.root, "--delete", f.plain]);
+    await deletion;
     assert.equal(relay.listings, before, "no listing while the store kept changing");
     while (!changes.some((c) => c.added.includes(hp(added)))) await new Promise((r) => watcher.once("change", r));
     assert.deepEqual(changes, [{ added: [hp(added)], removed: [hp(f.plain)] }], "one listing saw the whole storm");

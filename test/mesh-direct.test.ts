@@ -11,13 +11,14 @@ import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { announcedTo, createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns } from "./helpers/netns.js";
 import { CLI } from "./helpers/agent.js";
 import { dumpNar, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
 
 let fleet: Fleet | undefined;
-let A: FleetHost, B: FleetHost;
+let A: FleetHost, B: FleetHost, P: FleetHost;
 let closure: string[];
 let bigPath: string;
 
@@ -35,8 +36,9 @@ before(async () => {
     if (process.env.CI === "true") throw new Error("the mesh tests need Nix and network namespaces (root) under CI=true");
     return;
   }
-  fleet = await createFleet(["a", "b"]);
-  [A, B] = fleet.hosts as [FleetHost, FleetHost];
+  // P runs no agent: the slow-ping test puts a link proxy there, on the same bridge.
+  fleet = await createFleet(["a", "b", "p"]);
+  [A, B, P] = fleet.hosts as [FleetHost, FleetHost, FleetHost];
   writeFileSync(join(A.dir, "big.bin"), randomBytes(12 << 20));
   const file = join(A.dir, "closure.nix");
   writeFileSync(file, EXPR);
@@ -111,7 +113,21 @@ test("the redirect: 307 to A's address on the mesh and the direct port (mesh por
   if (!B.agent || !(await A.status()).counters.directNarsSent) await start(["--direct-lan"], ["--direct-lan"]);
   const hashPart = bigPath.slice(11, 43);
   const url = /^URL: (.*)$/m.exec((await B.http(`/${hashPart}.narinfo`)).body)![1]!;
-  const head = await B.exec("curl", ["-sS", "-o", "/dev/null", "-D", "-", `${B.agent!.url}/${url}`]);
+  const get = async () => {
+    const before = (await B.status()).counters.directFallbacks ?? 0;
+    const head = await B.exec("curl", ["-sS", "-o", "/dev/null", "-D", "-", `${B.agent!.url}/${url}`]);
+    return { head, fallbacks: ((await B.status()).counters.directFallbacks ?? 0) - before };
+  };
+  let { head, fallbacks } = await get();
+  if (/^HTTP\/1\.1 200 /.test(head)) {
+    // On a loaded machine (a fresh-clone CI beside benchmarks) the ticket's round trip (2 s) or the
+    // direct port's probe (1 s) can run out: B relays that NAR, as it should, counts a fallback, and
+    // after a failed probe relays that holder's NARs for 10 min. Then once more on fresh agents.
+    assert.equal(fallbacks, 1, "a relayed NAR is a counted fallback");
+    await start(["--direct-lan"], ["--direct-lan"]);
+    await B.http(`/${hashPart}.narinfo`);
+    ({ head } = await get());
+  }
   assert.match(head, /^HTTP\/1\.1 307 /);
   assert.match(head, /^cache-control: no-store\r$/im);
   const location = /^location: (.*)\r$/im.exec(head)![1]!;
@@ -125,6 +141,36 @@ test("the redirect: 307 to A's address on the mesh and the direct port (mesh por
   assert.equal(await fetch(location.replace(/\/[0-9a-f]{32}(?:[0-9a-f]{40})?\//, "/" + "0".repeat(32) + "/")), "404", "a made-up ticket");
   assert.equal(await fetch(`http://${A.net.ip}:${P2P_PORT + 2}/nix-cache-info`), "404", "nothing but ticketed NARs");
   assert.ok((await A.status()).counters.directRefused! >= 3);
+});
+
+test("an on-link holder whose pings take 20 ms (a loaded host) still gets every NAR direct", { timeout: 180_000 }, async (t) => {
+  // Before any NAR is timed, a ping of 5 ms or more makes the compression policy guess "WAN" and
+  // ask for zstd; LAN-direct went by that guess, and its NARs are never timed, so a holder whose
+  // agent was once slow to answer a ping had its NARs relayed for good, silently (seen in CI on a
+  // loaded machine). B reaches A here through a proxy on the same bridge that adds 10 ms each way.
+  if (!ready(t)) return;
+  const proxy = P.net.spawn(process.execPath, [
+    fileURLToPath(new URL("../faults/link-proxy-main.js", import.meta.url)),
+    "--listen", `${P.net.ip}:${P2P_PORT}`, "--target", `${A.net.ip}:${P2P_PORT}`, "--latency-ms", "10",
+    "--also", `${P2P_PORT + 1}=${A.net.ip}:${P2P_PORT + 1}`, "--also", `${P2P_PORT + 2}=${A.net.ip}:${P2P_PORT + 2}`,
+  ], { stdio: ["ignore", "pipe", "inherit"] });
+  try {
+    await new Promise((resolve, reject) => {
+      proxy.stdout!.once("data", resolve);
+      proxy.once("exit", (code) => reject(new Error(`link proxy exited with ${code}`)));
+    });
+    await A.start(["--direct-lan"]);
+    await B.start(["--peer", `${P.net.ip}:${P2P_PORT}`, "--direct-lan"]);
+    await announcedTo(B, A);
+    await eventually("B has measured A's ping", async () => ((await B.status()).peers.find((p) => p.connected) as { rttMs?: number } | undefined)?.rttMs! >= 15 || undefined, 60_000);
+    await copyAndCheck(join(B.dir, "dest-slow-ping"));
+    const b = (await B.status()).counters;
+    assert.equal(b.directRedirects, closure.length, "every NAR redirected (to the proxy's address, which is on-link)");
+    assert.equal(b.directFallbacks, 0);
+    assert.equal(b.narBytesFromPeers, 0, "B relayed nothing");
+  } finally {
+    proxy.kill();
+  }
 });
 
 test("a Range request to B with direct_lan on is relayed and verified (206), not redirected", { timeout: 60_000 }, async (t) => {

@@ -137,6 +137,25 @@ test("auto: a slow link from a peer turns zstd on, a fast one does not, measured
   assert.equal(p.c.peerStatus("fast").wireBytesReceived, binary.length);
 });
 
+test("a link is known to be slow only by measurement (LAN-direct's test): a long ping alone, as on a loaded host, is not", async () => {
+  // LAN-direct NARs are never timed here, so a ping of 5 ms or more (one agent's event loop
+  // busy) used to turn an on-link holder's direct NARs into relayed ones, silently and for good.
+  const p = policy("auto", 20);
+  assert.equal(p.c.wantsZstd("p"), true, "the ping's guess still picks zstd for relayed NARs");
+  assert.equal(p.c.slowLinkKnown("p"), false, "but says nothing about the link");
+  await transfer(p, "p", binary, NAR_ENCODING.identity, 40); // 200 MiB/s
+  assert.equal(p.c.slowLinkKnown("p"), false, "measured fast");
+  await transfer(p, "q", binary, NAR_ENCODING.identity, 800); // 10 MiB/s
+  assert.equal(p.c.slowLinkKnown("q"), true, "measured slow");
+  const r = policy("auto", 20);
+  await transfer(r, "r", binary, NAR_ENCODING.zstd, 100);
+  assert.equal(r.c.slowLinkKnown("r"), false, "a zstd figure alone says nothing of the plain link");
+  await transfer(r, "r", binary, NAR_ENCODING.identity, 160); // 50 MiB/s plain, zstd delivered 80
+  assert.equal(r.c.slowLinkKnown("r"), true, "zstd measured better than plain");
+  assert.equal(policy("zstd", 0.1).c.slowLinkKnown("p"), true, "zstd set by the operator");
+  assert.equal(policy("off", 20).c.slowLinkKnown("p"), false, "off: never");
+});
+
 test("auto: a slow client is not a slow link (only waits for the network are timed)", async () => {
   const p = policy("auto", 0.3);
   // The bytes arrive at 200 MiB/s; Nix takes them at 5 MiB/s.

@@ -114,8 +114,10 @@ export class DirectRoutes {
     // Not on-link (routed, a tailnet, IPv6 link-local): relay, as the bulk path does.
     const host = bulkHost(this.node, peerId);
     if (host === undefined) return undefined;
-    // A link slow enough for zstd is not a LAN Nix should pull plain bytes over.
-    if (this.compression?.wantsZstd(peerId)) return undefined;
+    // A link known to be slow enough for zstd (measured, or set so) is not a LAN Nix should pull
+    // plain bytes over. Not the ping's guess: a loaded agent's pings run long on a LAN too, and
+    // direct NARs are never timed, so that guess would never be corrected.
+    if (this.compression?.slowLinkKnown(peerId)) return undefined;
     const pending = this.#askingKey.get(peerId);
     if (pending && !this.#usable(peerId)) await pending;
     const minted = this.#mint(peerId, req);

@@ -194,6 +194,19 @@ export class NarCompression {
     return this.#wants(peerId, this.#link(peerId), false);
   }
 
+  /**
+   * Whether this peer's link is known to be one where NARs go compressed: set so (mode zstd), or
+   * measured (auto: plain transfers under SLOW_LINK_BYTES_PER_SEC, or zstd delivering more). Not
+   * the ping's guess before any measurement: a loaded host's pings run long on a LAN too. For
+   * LAN-direct NARs (direct-client.ts), which are never timed here.
+   */
+  slowLinkKnown(peerId: string): boolean {
+    if (this.mode !== "auto") return this.mode === "zstd";
+    const l = this.#links.get(peerId);
+    if (l?.plain === undefined) return false;
+    return l.plain < SLOW_LINK_BYTES_PER_SEC || (l.zstd !== undefined && l.zstd > l.plain * MARGIN);
+  }
+
   /** `asking`: for a request being made (probes may be due), not a status read. */
   #wants(peerId: string, l: PeerLink, asking: boolean): boolean {
     if (this.mode !== "auto") return this.mode === "zstd";

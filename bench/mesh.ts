@@ -3,10 +3,11 @@
 // once from nginx on A serving the same closure as a static cache. Hosts are network namespaces
 // on a private bridge (test/helpers), so the bytes cross a (virtual) network in both cases.
 import { randomBytes } from "node:crypto";
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { createFleet, eventually, P2P_PORT, type Fleet } from "../test/helpers/fleet.js";
+import { shapeLink, shapingStats, type NetHost } from "../test/helpers/netns.js";
 import { addToStore, NIX_FLAGS, pathInfo, run } from "../test/helpers/nix.js";
 import { descendants, pinTree, readStatus, treeCpuSeconds } from "./load.js";
 
@@ -41,6 +42,16 @@ export interface MeshResult {
   direct?: { redirects: number; sent: number; fallbacks: number; asked?: number; minted?: number };
   /** pinned: host A (its agent, nginx) on CPU 1, host B (its agent, Nix) on CPU 0. */
   pinned: boolean;
+  /** Both hosts' links shaped to this rate in each direction (tc syntax, "1gbit"), or null: unshaped. */
+  linkRate: string | null;
+  /**
+   * A plain transfer over the same links: curl on B fetching the closure's NAR files from nginx
+   * one after another on one connection, MB/s (the faster of two). What the wire and nginx give
+   * one TCP stream, without Nix.
+   */
+  plainMBps: number;
+  /** With a link rate: packets the shapers dropped (both hosts, both directions) and TCP segments A and B retransmitted, over the whole case. */
+  shaping?: { dropped: number; retransSegs: [number, number] };
   /** 1-minute load average before and after the case. */
   load: [number, number];
   /**
@@ -127,12 +138,28 @@ function waitedChildrenCpuSeconds(): number {
 
 const loadAverage = () => Number(readFileSync("/proc/loadavg", "utf8").split(" ")[0]);
 
+/** curl on `host` fetching `urls` one after another on one connection: MB/s (10^6 bytes/s) over the whole. */
+async function plainTransfer(host: NetHost, urls: string[], pin: boolean): Promise<number> {
+  const args = ["-s", "-w", "%{size_download}\n", ...urls.flatMap((u) => ["-o", "/dev/null", u])];
+  const t0 = process.hrtime.bigint();
+  const out = await (pin ? host.exec("taskset", ["-c", "0", "curl", ...args]) : host.exec("curl", args));
+  const bytes = out.trim().split("\n").reduce((n, l) => n + Number(l), 0);
+  return bytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+}
+
+/** TCP segments a host (its namespace) has retransmitted, from its /proc/net/snmp. */
+async function retransSegs(host: NetHost): Promise<number> {
+  const tcp = (await host.exec("cat", ["/proc/net/snmp"])).split("\n").filter((l) => l.startsWith("Tcp:"));
+  const [names, values] = tcp.map((l) => l.split(/\s+/));
+  return Number(values![names!.indexOf("RetransSegs")]);
+}
+
 /**
  * Runs the case: `mib` MiB of content in `count` paths.
  * `pin`: host A's processes (its agent, nginx) on CPU 1 and host B's (its agent, Nix) on CPU 0,
  * as two hosts would have a CPU each, instead of all of them sharing both CPUs.
  */
-export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; direct?: boolean; logLevel?: string; log?: (s: string) => void } = {}): Promise<MeshResult> {
+export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; direct?: boolean; linkRate?: string; logLevel?: string; log?: (s: string) => void } = {}): Promise<MeshResult> {
   const mib = opts.mib ?? 400;
   const count = opts.count ?? 40;
   const pin = opts.pin ?? false;
@@ -145,6 +172,10 @@ export async function meshCase(opts: { mib?: number; count?: number; pin?: boole
   let nginx: { kill(): boolean } | undefined;
   try {
     const [A, B] = fleet.hosts as [NonNullable<Fleet["hosts"][0]>, NonNullable<Fleet["hosts"][0]>];
+    // A switch port's line rate, both ways, for every copy (nginx's and the agents' alike).
+    const linkRate = opts.linkRate ?? null;
+    if (linkRate) for (const h of [A, B]) await shapeLink(h.net, linkRate);
+    const retrans0 = linkRate ? await Promise.all([A.net, B.net].map(retransSegs)) : [0, 0];
     log(`mesh: making ${count} paths of ${(mib / count).toFixed(0)} MiB in host A's store`);
     const paths: string[] = [];
     const per = Math.floor((mib << 20) / count);
@@ -186,6 +217,9 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
       await pinTree(A.agent!.child.pid!, "1");
       await pinTree(B.agent!.child.pid!, "0");
     }
+    const narUrls = readdirSync(join(cache, "nar")).map((f) => `http://${A.net.ip}:${NGINX_PORT}/nar/${f}`);
+    const plainMBps = Math.max(await plainTransfer(B.net, narUrls, pin), await plainTransfer(B.net, narUrls, pin));
+    log(`mesh: link ${linkRate ?? "unshaped"}; curl from nginx (the NARs one after another, one connection) ${plainMBps.toFixed(0)} MB/s`);
 
     const spans: [number, number][] = []; // each agent copy's start and end, epoch ms
     const windows: [number, number][] = []; // the same on the monotonic clock, µs
@@ -264,10 +298,12 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
       if (traceGc) writeFileSync(`${process.env.MESH_BENCH_B_LOG}.gc`, B.agent!.stdout());
       writeFileSync(`${process.env.MESH_BENCH_B_LOG}.a`, A.agent!.logs()); // and A's, beside it
     }
+    const shaping = linkRate ? { dropped: (await Promise.all([A.net, B.net].map(shapingStats))).flat().reduce((n, q) => n + q.dropped, 0), retransSegs: (await Promise.all([A.net, B.net].map(retransSegs))).map((n, i) => n - retrans0[i]!) as [number, number] } : undefined;
+    if (shaping) log(`mesh: shapers dropped ${shaping.dropped} packets; TCP segments retransmitted by A ${shaping.retransSegs[0]}, by B ${shaping.retransSegs[1]}`);
     if (t) log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
     return {
       paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb,
-      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, ...(t && { timeline: t }), logLevel, narinfoPerPath, perNarMs, bulk, ...(directCounts && { direct: directCounts }), pinned: pin, load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
+      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, ...(t && { timeline: t }), logLevel, narinfoPerPath, perNarMs, bulk, ...(directCounts && { direct: directCounts }), pinned: pin, linkRate, plainMBps, ...(shaping && { shaping }), load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
       ...(traceGc && { gc: { holder: agentGc[fastest]![0], requester: agentGc[fastest]![1] } }),
     };
   } finally {
@@ -278,18 +314,20 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
 
 // Standalone: `node dist/bench/mesh.js [MiB] [--count PATHS] [--pin] [--direct] [--log-level LEVEL]`.
 if (process.argv[1]?.endsWith("bench/mesh.js")) {
-  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, direct: { type: "boolean", default: false }, "log-level": { type: "string", default: "info" }, help: { type: "boolean", default: false } } });
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, direct: { type: "boolean", default: false }, "link-rate": { type: "string" }, "log-level": { type: "string", default: "info" }, help: { type: "boolean", default: false } } });
   if (values.help) {
-    console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin] [--direct]
+    console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin] [--direct] [--link-rate RATE]
 Nix on host B copies PATHS paths (default 40) of MIB MiB in all (default 400), held by host A,
 through B's and A's agents and from nginx on A, in network namespaces (root); prints the figures
 as JSON on stdout, progress on stderr.
   --pin     host A's processes on CPU 1, host B's and Nix on CPU 0 (two hosts with a core each)
   --direct  both agents with direct_lan: B redirects Nix to A's direct port (LAN-direct NARs)
+  --link-rate RATE  each host's link limited to RATE both ways (tc's syntax: 1gbit, 2500mbit), as
+            a switch port of that speed; default unshaped (memory speed between namespaces)
   --log-level LEVEL  the agents' log level (default info, as operators run them; "debug" adds
             the timeline of B's peer NARs, from its per-NAR debug lines)`);
   } else {
-    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, direct: values.direct, logLevel: values["log-level"], log: (s) => console.error(s) });
+    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, direct: values.direct, linkRate: values["link-rate"], logLevel: values["log-level"], log: (s) => console.error(s) });
     console.log(JSON.stringify(r));
   }
 }

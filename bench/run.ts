@@ -51,6 +51,8 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
   --mesh-mib N       the mesh case: Nix on one host copies N MiB held by a peer, through the two
                      agents vs from nginx on that peer (default 400; --quick: 64)
   --no-mesh          skip the mesh case (it needs root for network namespaces)
+  --mesh-link-rate R the mesh case once more with both hosts' links shaped to R each way (tc's
+                     syntax; default 1gbit, a common LAN's line rate; "none" skips it)
   --agent-arg ARG    pass ARG to the agent as well (repeatable); by default the agent gets
                      --p2p-listen off --no-mdns --no-tailscale when it knows them
   --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
@@ -94,6 +96,8 @@ interface Options {
   cpuProfDir?: string;
   agentArgs: string[];
   meshMib: number;
+  /** The mesh case's extra row on shaped links (tc rate), or undefined: none. */
+  meshLinkRate?: string;
   tmpBase: string;
   keep: boolean;
 }
@@ -116,6 +120,7 @@ function parseOptions(): Options {
       "agent-arg": { type: "string", multiple: true },
       "mesh-mib": { type: "string" },
       "no-mesh": { type: "boolean", default: false },
+      "mesh-link-rate": { type: "string", default: "1gbit" },
       tmpdir: { type: "string" },
       keep: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -152,6 +157,7 @@ function parseOptions(): Options {
     cpuProfDir: values["agent-cpu-prof"] ? resolve(values["agent-cpu-prof"]) : undefined,
     agentArgs: values["agent-arg"] ?? [],
     meshMib: values["no-mesh"] || candidate !== "agent" ? 0 : num(values["mesh-mib"], quick ? 64 : 400, "mesh-mib"),
+    meshLinkRate: values["mesh-link-rate"] === "none" ? undefined : values["mesh-link-rate"],
     tmpBase: values.tmpdir ? resolve(values.tmpdir) : tmpdir(),
     keep: values.keep ?? false,
   };
@@ -608,7 +614,14 @@ async function main(): Promise<void> {
         warnings.push(`mesh case with direct_lan failed: ${e.message}`);
         return undefined;
       });
-      meshMd = renderMesh(m, d);
+      // The default mode again where the wire, not the CPU, sets the pace (BENCHMARKS.md, "Mesh on a LAN with a line rate").
+      const l = opts.meshLinkRate
+        ? await meshCase({ mib: opts.meshMib, linkRate: opts.meshLinkRate, log }).catch((e: Error) => {
+            warnings.push(`mesh case on links at ${opts.meshLinkRate} failed: ${e.message}`);
+            return undefined;
+          })
+        : undefined;
+      meshMd = renderMesh(m, d, l);
     } catch (e) {
       warnings.push(`mesh case failed: ${(e as Error).message}`);
     }
@@ -629,8 +642,15 @@ async function main(): Promise<void> {
   }
 }
 
-function renderMesh(m: MeshResult, d?: MeshResult): string {
+function renderMesh(m: MeshResult, d?: MeshResult, l?: MeshResult): string {
   const mb = m.narBytes / 1e6;
+  const shaped = l
+    ? [
+        [`seconds, links at ${l.linkRate}`, l.nginxSeconds.toFixed(2), l.agentSeconds.toFixed(2), ""],
+        [`MB/s, links at ${l.linkRate}`, fmtNum(mb / l.nginxSeconds), fmtNum(mb / l.agentSeconds), l.ratio.toFixed(2) + "×"],
+        [`MB/s, links at ${l.linkRate}: curl of the NARs from nginx`, fmtNum(l.plainMBps), "", ""],
+      ]
+    : [];
   const direct = d
     ? [
         ["seconds, LAN-direct (\`direct_lan\` on both)", d.nginxSeconds.toFixed(2), d.agentSeconds.toFixed(2), ""],
@@ -645,13 +665,17 @@ Nix on host B copies them with \`nix copy --from URL\` into an empty store, eith
 agent (which fetches them from A's agent over the mesh; signatures required) or from nginx on A
 serving the same closure as a static cache (unsigned, \`require-sigs false\`). Best of two runs each.
 The LAN-direct rows are a second case with \`direct_lan\` on both agents: B's agent redirects each
-NAR request to A's direct port and Nix fetches the bytes from A's agent itself (README, "LAN-direct NARs").
+NAR request to A's direct port and Nix fetches the bytes from A's agent itself (README, "LAN-direct NARs").${l ? `
+The "links at ${l.linkRate}" rows are a third case, in the default mode, with each host's link shaped to
+that rate both ways (tc tbf), as on a LAN with a line rate; the curl row is a plain transfer over the
+same links, one connection (BENCHMARKS.md, "Mesh on a LAN with a line rate").` : ""}
 
 ${table(["", "nginx on the peer", "through the agents", "agents/nginx"], [
     ["seconds", m.nginxSeconds.toFixed(2), m.agentSeconds.toFixed(2), ""],
     ["MB/s", fmtNum(mb / m.nginxSeconds), fmtNum(mb / m.agentSeconds), m.ratio.toFixed(2) + "×"],
     ["agents' CPU s/GB (both hosts)", "", m.agentCpuPerGb.toFixed(2), ""],
     ...direct,
+    ...shaped,
   ])}
 
 `;

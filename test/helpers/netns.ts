@@ -143,3 +143,45 @@ function makeHost(ns: string, ip: string): NetHost {
     spawn: (cmd, args, opts = {}) => spawn("ip", ["netns", "exec", ns, cmd, ...args], opts),
   };
 }
+
+/** A tc rate ("1gbit", "2500mbit", "40mbit", "800kbit") in bytes per second. */
+export function rateBytesPerSecond(rate: string): number {
+  const m = /^(\d+(?:\.\d+)?)(k|m|g)?bit$/i.exec(rate.trim());
+  if (!m) throw new Error(`not a rate in bits per second (e.g. 1gbit, 2500mbit): ${rate}`);
+  const scale = { k: 1e3, m: 1e6, g: 1e9 }[(m[2] ?? "").toLowerCase()] ?? 1;
+  return (Number(m[1]) * scale) / 8;
+}
+
+/** The kernel's timer frequency (CONFIG_HZ) on the machine the tests run on. */
+const KERNEL_HZ = 250;
+
+/**
+ * Limits a host's link to `rate` in both directions, as a switch port of that speed would: a
+ * token bucket (tbf) on eth0's egress, and another on an IFB device that eth0's ingress is
+ * redirected to. All of it lives in the host's namespace and goes away with it.
+ * The bucket holds a timer tick's worth of bytes (rate / HZ, the usual rule; at least 128 KiB):
+ * measured at 1 Gbit/s between two namespaces, 128 KiB to 500 KB reached 117-120 MB/s of a
+ * 119.5 MB/s payload maximum, 64 KiB only 57-66. `latency` bounds the queue; with TCP's small
+ * queues on the sender it stays nearly empty (no drops in those runs).
+ */
+export async function shapeLink(host: NetHost, rate: string): Promise<void> {
+  const burst = String(Math.max(128 << 10, Math.ceil(rateBytesPerSecond(rate) / KERNEL_HZ)));
+  const tbf = ["root", "tbf", "rate", rate, "burst", burst, "latency", "20ms"];
+  const tc = (...args: string[]) => run("tc", ["-n", host.ns, ...args]);
+  await tc("qdisc", "add", "dev", "eth0", ...tbf);
+  await run("ip", ["-n", host.ns, "link", "add", "ifb0", "type", "ifb"]);
+  await run("ip", ["-n", host.ns, "link", "set", "ifb0", "up"]);
+  await tc("qdisc", "add", "dev", "ifb0", ...tbf);
+  await tc("qdisc", "add", "dev", "eth0", "handle", "ffff:", "ingress");
+  await tc("filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", "ifb0");
+}
+
+/** What a host's shaping did: bytes sent, drops and overlimits of each tbf (eth0's egress, ifb0's: the host's ingress). */
+export async function shapingStats(host: NetHost): Promise<{ dev: string; sentBytes: number; dropped: number; overlimits: number }[]> {
+  const out = await run("tc", ["-s", "-n", host.ns, "qdisc", "show"]);
+  const stats: { dev: string; sentBytes: number; dropped: number; overlimits: number }[] = [];
+  for (const m of out.matchAll(/qdisc tbf \S+ dev (\S+)[^\n]*\n\s*Sent (\d+) bytes \d+ pkt \(dropped (\d+), overlimits (\d+)/g)) {
+    stats.push({ dev: m[1]!, sentBytes: Number(m[2]), dropped: Number(m[3]), overlimits: Number(m[4]) });
+  }
+  return stats;
+}

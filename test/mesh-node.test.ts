@@ -117,6 +117,31 @@ test("two trusted nodes exchange framed requests and responses", async () => {
   assert.equal(a.libp2p.getConnections(b.peerId).length, 1);
 });
 
+test("small requests and answers cost noise's decoder no thrown RangeError (a stack trace each), and arrive intact", async () => {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  await serveEcho(b);
+  assert.equal(await echo(a, addr(b), "warm"), "host-a-1:WARM"); // connected, handshake done
+  // The library's length reader throws RangeError("Could not decode int16BE") through the global
+  // binding whenever its buffer runs dry; count those while requests go back and forth.
+  const Real = globalThis.RangeError;
+  let dry = 0;
+  function Counting(message?: string): RangeError {
+    if (message === "Could not decode int16BE") dry++;
+    return new Real(message);
+  }
+  Counting.prototype = Real.prototype; // so that the decoder's `instanceof RangeError` still holds
+  globalThis.RangeError = Counting as unknown as RangeErrorConstructor;
+  try {
+    for (let i = 0; i < 20; i++) assert.equal(await echo(a, b.peerId, `req ${i}`), `host-a-1:REQ ${i}`);
+  } finally {
+    globalThis.RangeError = Real;
+  }
+  assert.equal(dry, 0, `${dry} RangeErrors thrown by noise's decoder for 20 requests`);
+});
+
 test("a node whose key is not trusted is refused, in both directions", async () => {
   const kt = generateKeyPair("trusting-1");
   const ku = generateKeyPair("untrusted-1");

@@ -117,13 +117,19 @@ test("two trusted nodes exchange framed requests and responses", async () => {
   assert.equal(a.libp2p.getConnections(b.peerId).length, 1);
 });
 
-test("small requests and answers cost noise's decoder no thrown RangeError (a stack trace each), and arrive intact", async () => {
+/** Two trusted nodes, b serving echo, connected (handshake done) by a first request from a. */
+async function echoPair(): Promise<{ a: MeshNode; b: MeshNode }> {
   const ka = generateKeyPair("host-a-1");
   const kb = generateKeyPair("host-b-1");
   const a = await node(ka, [kb]);
   const b = await node(kb, [ka]);
   await serveEcho(b);
-  assert.equal(await echo(a, addr(b), "warm"), "host-a-1:WARM"); // connected, handshake done
+  assert.equal(await echo(a, addr(b), "first"), "host-a-1:FIRST");
+  return { a, b };
+}
+
+test("small requests and answers cost noise's decoder no thrown RangeError (a stack trace each), and arrive intact", async () => {
+  const { a, b } = await echoPair();
   // The library's length reader throws RangeError("Could not decode int16BE") through the global
   // binding whenever its buffer runs dry; count those while requests go back and forth.
   const Real = globalThis.RangeError;
@@ -143,12 +149,7 @@ test("small requests and answers cost noise's decoder no thrown RangeError (a st
 });
 
 test("a stream's protocol reaches the peer store once per peer and protocol, not per stream, and again after the record changes", async () => {
-  const ka = generateKeyPair("host-a-1");
-  const kb = generateKeyPair("host-b-1");
-  const a = await node(ka, [kb]);
-  const b = await node(kb, [ka]);
-  await serveEcho(b);
-  assert.equal(await echo(a, addr(b), "first"), "host-a-1:FIRST");
+  const { a, b } = await echoPair();
   const [a0, b0] = [{ ...a.protocolMerges }, { ...b.protocolMerges }];
   for (let i = 0; i < 20; i++) assert.equal(await echo(a, b.peerId, `req ${i}`), `host-a-1:REQ ${i}`);
   // libp2p merges on both ends of every stream; the protocol was recorded by the first. (Identify's

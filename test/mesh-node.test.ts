@@ -117,6 +117,55 @@ test("two trusted nodes exchange framed requests and responses", async () => {
   assert.equal(a.libp2p.getConnections(b.peerId).length, 1);
 });
 
+/** Two trusted nodes, b serving echo, connected (handshake done) by a first request from a. */
+async function echoPair(): Promise<{ a: MeshNode; b: MeshNode }> {
+  const ka = generateKeyPair("host-a-1");
+  const kb = generateKeyPair("host-b-1");
+  const a = await node(ka, [kb]);
+  const b = await node(kb, [ka]);
+  await serveEcho(b);
+  assert.equal(await echo(a, addr(b), "first"), "host-a-1:FIRST");
+  return { a, b };
+}
+
+test("small requests and answers cost noise's decoder no thrown RangeError (a stack trace each), and arrive intact", async () => {
+  const { a, b } = await echoPair();
+  // The library's length reader throws RangeError("Could not decode int16BE") through the global
+  // binding whenever its buffer runs dry; count those while requests go back and forth.
+  const Real = globalThis.RangeError;
+  let dry = 0;
+  function Counting(message?: string): RangeError {
+    if (message === "Could not decode int16BE") dry++;
+    return new Real(message);
+  }
+  Counting.prototype = Real.prototype; // so that the decoder's `instanceof RangeError` still holds
+  globalThis.RangeError = Counting as unknown as RangeErrorConstructor;
+  try {
+    for (let i = 0; i < 20; i++) assert.equal(await echo(a, b.peerId, `req ${i}`), `host-a-1:REQ ${i}`);
+  } finally {
+    globalThis.RangeError = Real;
+  }
+  assert.equal(dry, 0, `${dry} RangeErrors thrown by noise's decoder for 20 requests`);
+});
+
+test("a stream's protocol reaches the peer store once per peer and protocol, not per stream, and again after the record changes", async () => {
+  const { a, b } = await echoPair();
+  const [a0, b0] = [{ ...a.protocolMerges }, { ...b.protocolMerges }];
+  for (let i = 0; i < 20; i++) assert.equal(await echo(a, b.peerId, `req ${i}`), `host-a-1:REQ ${i}`);
+  // libp2p merges on both ends of every stream; the protocol was recorded by the first. (Identify's
+  // own update of the record, which may land meanwhile, lets one more through on each side.)
+  for (const [n, before] of [[a, a0], [b, b0]] as const) {
+    const passed = n.protocolMerges.passed - before.passed;
+    assert.ok(passed <= 1, `${passed} of 20 streams' merges reached the peer store`);
+    assert.equal(n.protocolMerges.skipped - before.skipped, 20 - passed);
+  }
+  assert.ok((await b.libp2p.peerStore.get(a.peerId)).protocols.includes(ECHO), "b's store says a speaks the echo protocol");
+  // The record replaced without it (as identify does with a peer's own list): the next stream puts it back.
+  await b.libp2p.peerStore.patch(a.peerId, { protocols: [] });
+  assert.equal(await echo(a, b.peerId, "again"), "host-a-1:AGAIN");
+  assert.ok((await b.libp2p.peerStore.get(a.peerId)).protocols.includes(ECHO), "recorded again after the change");
+});
+
 test("a node whose key is not trusted is refused, in both directions", async () => {
   const kt = generateKeyPair("trusting-1");
   const ku = generateKeyPair("untrusted-1");

@@ -18,6 +18,7 @@ import { meshGater, type DeniedPeer, type RefusedPeer } from "./gater.js";
 import { MAX_STREAM_WINDOW, StreamReader } from "./stream-io.js";
 import { meshListenAddr } from "../address.js";
 import { INBOUND_CONNECTION_SETTINGS, type InboundPerHost } from "./admission.js";
+import { fewerProtocolMerges, type MergeCounts } from "./protocol-merges.js";
 
 export interface MeshNodeOptions {
   /** This host's Nix signing key, also its libp2p identity. */
@@ -101,6 +102,8 @@ export interface MeshNode {
   readonly peerId: PeerId;
   /** Peer ID string -> Nix public key, including our own. */
   readonly trusted: ReadonlyMap<string, PublicKey>;
+  /** libp2p's per-stream peer store merges: how many went through, how many were skipped (protocol-merges.ts). */
+  readonly protocolMerges: MergeCounts;
   /** Where peers can reach us, each ending in /p2p/<our peer id>. */
   addresses(): Multiaddr[];
   handle(protocol: string, handler: MeshHandler, opts?: StreamHandlerOptions): Promise<void>;
@@ -162,6 +165,9 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     );
   });
 
+  // Each stream opened or accepted merges its protocol into the peer store; once in a while is enough.
+  const protocolMerges = fewerProtocolMerges(libp2p);
+
   await libp2p.start();
   log.info({ peerId: self, addrs: libp2p.getMultiaddrs().map(String) }, "mesh: listening");
 
@@ -169,6 +175,7 @@ export async function createMeshNode(opts: MeshNodeOptions): Promise<MeshNode> {
     libp2p,
     peerId: libp2p.peerId,
     trusted,
+    protocolMerges,
     addresses: () => libp2p.getMultiaddrs(),
     async handle(protocol, handler, handlerOpts) {
       await libp2p.handle(

@@ -42,10 +42,36 @@ export function framedNoise(init: Omit<NoiseInit, "crypto"> = {}): ReturnType<ty
     const inner = make(components);
     // Everything else (protocol, capabilities) as the library's.
     return Object.assign(Object.create(inner) as typeof inner, {
-      secureInbound: (conn: MultiaddrConnection, opts?: Parameters<typeof inner.secureInbound>[1]) => inner.secureInbound(framedConnection(conn), opts),
-      secureOutbound: (conn: MultiaddrConnection, opts?: Parameters<typeof inner.secureOutbound>[1]) => inner.secureOutbound(framedConnection(conn), opts),
+      secureInbound: async (conn: MultiaddrConnection, opts?: Parameters<typeof inner.secureInbound>[1]) => quietDecoder(await inner.secureInbound(framedConnection(conn), opts)),
+      secureOutbound: async (conn: MultiaddrConnection, opts?: Parameters<typeof inner.secureOutbound>[1]) => quietDecoder(await inner.secureOutbound(framedConnection(conn), opts)),
     });
   };
+}
+
+/** The library's transport decoder, as far as quietDecoder needs it (a field its class does not hide at run time). */
+interface LengthDecoding {
+  decoder?: { lengthDecoder?: unknown };
+}
+
+/**
+ * Gives the secured connection's message decoder a length reader that, when fewer than 2 bytes
+ * are buffered, answers a length no such buffer can hold instead of throwing. The library's
+ * reader throws a RangeError there, which its decoder catches to mean "wait for more": an Error
+ * and its stack trace every time a message arrives alone (a request, a window update, the last
+ * of a burst). #dispatch below avoids it when the next length has come; on a NAR request's few
+ * small messages it mostly has not, and the throws were 3 % of the holder's CPU per peer NAR
+ * (BENCHMARKS.md, "Relay: CPU per byte"). A library without that field is left as it is.
+ */
+export function quietDecoder<T extends { connection: unknown }>(secured: T): T {
+  const d = (secured.connection as LengthDecoding).decoder;
+  if (d && typeof d.lengthDecoder === "function") d.lengthDecoder = lengthOrWait;
+  return secured;
+}
+
+/** A noise message's length; with fewer than 2 bytes at hand, one longer than any message, so the decoder waits. */
+function lengthOrWait(data: Uint8Array | Uint8ArrayList): number {
+  if (data.length < PREFIX) return MAX_MESSAGE;
+  return data instanceof Uint8Array ? data[0]! * 256 + data[1]! : data.getUint16(0);
 }
 
 /** `conn` as seen by a reader of noise messages: one whole message per 'message' event. */

@@ -247,12 +247,13 @@ test("narinfo: streams opened ahead when a peer connects carry Nix's first burst
   const a = await server(k.a, [k.b], f.rootA);
   const b = await server(k.b, [k.a], f.rootB);
   const aId = await connect(b.node, a.node);
-  const idleWithin = async (n: number, ms: number) => {
-    for (let waited = 0; narinfoStreamCounts(b.node).idle !== n && waited < ms; waited += 20) await sleep(20);
-    return narinfoStreamCounts(b.node).idle;
+  // The pool's idle streams, once there are n of them (or 10 s have passed).
+  const idleWithin = async (node: MeshNode, n: number) => {
+    for (let waited = 0; narinfoStreamCounts(node).idle !== n && waited < 10_000; waited += 20) await sleep(20);
+    return narinfoStreamCounts(node).idle;
   };
   warmNarinfoStreams(b.node, aId); // as the mesh does on "connected"
-  assert.equal(await idleWithin(25, 10_000), 25, "25 streams open and idle before any lookup");
+  assert.equal(await idleWithin(b.node, 25), 25, "25 streams open and idle before any lookup");
   const c0 = narinfoStreamCounts(b.node);
   const paths = [...f.closure.paths, f.bigFile, f.bigDir];
   const got = await Promise.all(Array.from({ length: 25 }, (_, i) => fetchNarinfo(b.node, aId, hp(paths[i % paths.length]!), { trusted: [k.a], log, timeoutMs: 20_000 })));
@@ -270,8 +271,7 @@ test("narinfo: streams opened ahead when a peer connects carry Nix's first burst
   const d = await server(k2, [k.a], f.rootB);
   const a2Id = await connect(d.node, a2.node);
   warmNarinfoStreams(d.node, a2Id, { count: 3, idleMs: 300 });
-  for (let waited = 0; narinfoStreamCounts(d.node).idle !== 3 && waited < 10_000; waited += 20) await sleep(20);
-  assert.equal(narinfoStreamCounts(d.node).idle, 3);
+  assert.equal(await idleWithin(d.node, 3), 3);
   await sleep(600);
   assert.equal(narinfoStreamCounts(d.node).idle, 0, "unused warm streams closed after their idle time");
   const d0 = narinfoStreamCounts(d.node);

@@ -125,6 +125,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         peerQueries: c?.peerQueries ?? 0,
         narinfoStreamsOpened: mesh?.tallies().narinfoStreamsOpened ?? 0,
         narinfoStreamsReused: mesh?.tallies().narinfoStreamsReused ?? 0,
+        narinfoStreamsWarmed: mesh?.tallies().narinfoStreamsWarmed ?? 0,
         failovers: c?.failovers ?? 0,
         transferFailures: c?.transferFailures ?? 0,
         verifyFailures: c?.verifyFailures ?? 0,

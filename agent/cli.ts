@@ -111,7 +111,7 @@ program
       agent = await startAgent(config, log);
     } catch (e) {
       log.fatal({ err: (e as Error).message }, "agent failed to start");
-      await new Promise((r) => setTimeout(r, 100)); // let the async logger flush
+      await new Promise((r) => setTimeout(r, 100)); // let the pretty transport (a worker thread) flush
       process.exit(EXIT_FAILURE);
     }
     const shutdown = async (signal: string) => {

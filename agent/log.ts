@@ -13,5 +13,9 @@ export function createLogger(opts: { level?: LevelWithSilent; pretty?: boolean }
     });
   }
   // Logs go to stderr so that stdout stays free for command output (keygen prints the public key there).
-  return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: false }));
+  // Written synchronously, as Node writes process.stderr to a pipe: an asynchronous write hands
+  // every line to libuv's thread pool and back, which cost about 100 µs a line on these VMs, twice
+  // the line itself (BENCHMARKS.md, "Debug lines"). A stalled reader blocks the agent rather than
+  // growing an unbounded buffer.
+  return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
 }

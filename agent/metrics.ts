@@ -29,6 +29,8 @@ export interface MeshTallies {
   /** Narinfo requests to peers that opened a stream of their own, and that reused an idle pooled one. */
   narinfoStreamsOpened: number;
   narinfoStreamsReused: number;
+  /** Narinfo streams opened ahead for peers that connected (Nix's first burst of lookups finds them open). */
+  narinfoStreamsWarmed: number;
   failovers: number;
   transferFailures: number;
   bytesFromPeers: number;

@@ -28,7 +28,7 @@ import { storePathHashPart } from "../protocol/store-path.js";
 import { createMeshNode, type MeshNode } from "../agent/mesh/node.js";
 import { YamuxStream } from "@chainsafe/libp2p-yamux/stream";
 import { send, writeAll, writeFrame } from "../agent/mesh/stream-io.js";
-import { fetchNarinfo, narinfoStreamCounts, serveNarinfo } from "../agent/mesh/narinfo-service.js";
+import { fetchNarinfo, narinfoStreamCounts, serveNarinfo, warmNarinfoStreams } from "../agent/mesh/narinfo-service.js";
 import { NarFetchError, NarVerifier, openNar, serveNar, type NarFetchReason } from "../agent/mesh/nar-service.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
@@ -260,6 +260,45 @@ test("narinfo: Nix's burst of parallel lookups reuses the streams of the burst b
   for (const [i, got] of (await ask(kept)).entries()) assert.equal(got?.storePath, paths[i % paths.length], "every lookup of the second burst answered, verified");
   const c2 = narinfoStreamCounts(b.node);
   assert.deepEqual({ opened: c2.opened - c1.opened, reused: c2.reused - c1.reused }, { opened: 0, reused: kept });
+});
+
+test("narinfo: streams opened ahead when a peer connects carry Nix's first burst; unused ones are closed in time", async (t) => {
+  const f = await ready(t);
+  if (!f) return;
+  const k = keys();
+  const a = await server(k.a, [k.b], f.rootA);
+  const b = await server(k.b, [k.a], f.rootB);
+  const aId = await connect(b.node, a.node);
+  // The pool's idle streams, once there are n of them (or 10 s have passed).
+  const idleWithin = async (node: MeshNode, n: number) => {
+    for (let waited = 0; narinfoStreamCounts(node).idle !== n && waited < 10_000; waited += 20) await sleep(20);
+    return narinfoStreamCounts(node).idle;
+  };
+  warmNarinfoStreams(b.node, aId); // as the mesh does on "connected"
+  assert.equal(await idleWithin(b.node, 25), 25, "25 streams open and idle before any lookup");
+  const c0 = narinfoStreamCounts(b.node);
+  const paths = [...f.closure.paths, f.bigFile, f.bigDir];
+  const got = await Promise.all(Array.from({ length: 25 }, (_, i) => fetchNarinfo(b.node, aId, hp(paths[i % paths.length]!), { trusted: [k.a], log, timeoutMs: 20_000 })));
+  for (const [i, info] of got.entries()) assert.equal(info?.storePath, paths[i % paths.length], "every lookup of the burst answered, verified");
+  const c1 = narinfoStreamCounts(b.node);
+  assert.deepEqual({ opened: c1.opened - c0.opened, reused: c1.reused - c0.reused }, { opened: 0, reused: 25 }, "the first burst opened no stream of its own");
+  // Warming again tops the pool up to the count: the burst's 25 are idle, so nothing opens.
+  warmNarinfoStreams(b.node, aId);
+  assert.equal(narinfoStreamCounts(b.node).warmed, c1.warmed);
+
+  // A second requester whose warm streams go unused: closed by it (before the responder's 10 s
+  // first-request limit would reset them); a later lookup opens a stream of its own and is answered.
+  const k2 = generateKeyPair("host-d-1");
+  const a2 = await server(k.a, [k2], f.rootA);
+  const d = await server(k2, [k.a], f.rootB);
+  const a2Id = await connect(d.node, a2.node);
+  warmNarinfoStreams(d.node, a2Id, { count: 3, idleMs: 300 });
+  assert.equal(await idleWithin(d.node, 3), 3);
+  await sleep(600);
+  assert.equal(narinfoStreamCounts(d.node).idle, 0, "unused warm streams closed after their idle time");
+  const d0 = narinfoStreamCounts(d.node);
+  assert.equal((await fetchNarinfo(d.node, a2Id, hp(f.bigFile), { trusted: [k.a], log }))?.storePath, f.bigFile);
+  assert.equal(narinfoStreamCounts(d.node).opened - d0.opened, 1);
 });
 
 test("narinfo: a stream carries many lookups without a window update per frame, and still past its 256 KiB window", async (t) => {

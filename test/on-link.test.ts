@@ -2,7 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import type { NetworkInterfaceInfo } from "node:os";
-import { onLink, type Interfaces } from "../agent/mesh/on-link.js";
+import { LOCAL_NETS_TTL_MS, LocalNetworks, onLink, type Interfaces } from "../agent/mesh/on-link.js";
 
 const v4 = (cidr: string): NetworkInterfaceInfo => ({ address: cidr.split("/")[0]!, netmask: "", family: "IPv4", mac: "", internal: false, cidr });
 const v6 = (cidr: string): NetworkInterfaceInfo => ({ address: cidr.split("/")[0]!, netmask: "", family: "IPv6", mac: "", internal: false, cidr, scopeid: 0 });
@@ -37,4 +37,21 @@ test("IPv6 link-local is not (it needs a zone a mesh address lacks), nor anythin
 
 test("this host's own interfaces are what it reads by default", () => {
   assert.equal(onLink("127.0.0.1"), true);
+});
+
+test("this host's networks are read once per LOCAL_NETS_TTL_MS, not on every check, and read again after it", () => {
+  let reads = 0;
+  let now = 0;
+  let ifaces: Interfaces = laptop;
+  const nets = new LocalNetworks(() => (reads++, ifaces), LOCAL_NETS_TTL_MS, () => now);
+  for (let i = 0; i < 100; i++) assert.equal(nets.has("192.168.1.77"), true);
+  assert.equal(reads, 1, "one read for 100 checks");
+  // The laptop moves to another LAN: seen once the interval has passed, not before.
+  ifaces = { lo: laptop.lo, wlan0: [v4("10.9.8.7/24")] };
+  now = LOCAL_NETS_TTL_MS - 1;
+  assert.equal(nets.has("10.9.8.1"), false);
+  now = LOCAL_NETS_TTL_MS;
+  assert.equal(nets.has("10.9.8.1"), true);
+  assert.equal(nets.has("192.168.1.77"), false);
+  assert.equal(reads, 2);
 });

@@ -8,7 +8,7 @@ import type { MeshTallies } from "../metrics.js";
 import type { LocalStore } from "../store/local-store.js";
 import { FleetSource } from "./fleet-source.js";
 import { openNar } from "./nar-service.js";
-import { fetchNarinfo, narinfoStreamCounts, serveNarinfo } from "./narinfo-service.js";
+import { fetchNarinfo, narinfoStreamCounts, serveNarinfo, warmNarinfoStreams } from "./narinfo-service.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
 import { FleetTable, type FleetRow } from "./fleet-table.js";
@@ -159,6 +159,7 @@ export class Mesh {
         ...(opts.tailscale ? { tailscale: opts.tailscale } : {}),
       });
       const fleet = new FleetTable(manager, summaries, penalties);
+      manager.on("connected", (peerId) => warmNarinfoStreams(node, peerId));
       // Our own signatures count too: a path this host signed, held by a peer, is acceptable; so do
       // upstream ones. Which acceptable answer is believed is the trust policy's decision.
       const upstreamKeys = opts.upstreamKeys ?? [];
@@ -218,6 +219,7 @@ export class Mesh {
     return {
       narinfoStreamsOpened: streams.opened,
       narinfoStreamsReused: streams.reused,
+      narinfoStreamsWarmed: streams.warmed,
       peerQueries: c.peerQueries,
       failovers: c.failovers,
       transferFailures: c.transferFailures,

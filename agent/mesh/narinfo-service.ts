@@ -176,9 +176,25 @@ export const NARINFO_POOL_PER_PEER = 32;
 /** An idle pooled stream is closed well before the responder's idle timeout (30 s) would. */
 const NARINFO_POOL_IDLE_MS = 20_000;
 
+/**
+ * Streams opened ahead when a peer connects, for Nix's first burst of lookups (it asks up to 25
+ * at once: http-connections), which would otherwise open one each while Nix waits: a yamux SYN,
+ * multistream-select and the responder's handler setup, on both agents, in the middle of the copy.
+ */
+export const NARINFO_WARM_PER_PEER = 25;
+/**
+ * Warm streams not yet used, over all peers. A fleet of 100 peers connecting at once warms the
+ * first 8 fully and no more: 200 stream openings, each closed unused after NARINFO_WARM_IDLE_MS.
+ */
+export const NARINFO_WARM_MAX = 200;
+/** A warm stream no lookup took is closed before the responder's first-request limit (10 s) would reset it. */
+export const NARINFO_WARM_IDLE_MS = 8_000;
+
 interface Pooled {
   ms: MeshStream;
   timer: NodeJS.Timeout;
+  /** Opened ahead and not used yet (counts against NARINFO_WARM_MAX). */
+  warm: boolean;
 }
 
 /**
@@ -189,16 +205,20 @@ interface Pooled {
  */
 class NarinfoStreamPool {
   readonly #idle = new Map<string, Pooled[]>();
-  /** Streams opened for a request, and requests that reused an idle one (status counters). */
-  readonly counts = { opened: 0, reused: 0 };
+  /** Warm streams opening or idle, not yet used. */
+  #warmUnused = 0;
+  /** Streams opened for a request, requests that reused an idle one, streams opened ahead (status counters). */
+  readonly counts = { opened: 0, reused: 0, warmed: 0 };
   constructor(readonly node: MeshNode) {}
 
   async take(peerId: string, signal: AbortSignal): Promise<{ ms: MeshStream; reused: boolean }> {
     const list = this.#idle.get(peerId);
     while (list && list.length > 0) {
-      const { ms, timer } = list.pop()!;
-      clearTimeout(timer);
+      const entry = list.pop()!;
+      clearTimeout(entry.timer);
+      this.#used(entry);
       if (list.length === 0) this.#idle.delete(peerId);
+      const { ms } = entry;
       const s = ms.stream;
       if (s.status === "open" && s.writeStatus === "writable" && s.remoteWriteStatus === "writable" && ms.reader.buffered === 0) {
         this.counts.reused++;
@@ -207,38 +227,87 @@ class NarinfoStreamPool {
       s.abort(new Error("stale pooled narinfo stream"));
     }
     this.counts.opened++;
-    const ms = await this.node.open(peerId, PROTOCOL_NARINFO, { signal });
-    quietWindowUpdates(ms.stream); // small frames: no window update for each answer
-    return { ms, reused: false };
+    return { ms: await this.#open(peerId, signal), reused: false };
   }
 
   give(peerId: string, ms: MeshStream): void {
+    this.#add(peerId, ms, false);
+  }
+
+  /** Opens streams to `peerId` ahead of its lookups, up to `count` idle ones, within NARINFO_WARM_MAX. */
+  warm(peerId: string, count: number, idleMs: number): void {
+    const n = Math.min(count - (this.#idle.get(peerId)?.length ?? 0), NARINFO_WARM_MAX - this.#warmUnused);
+    for (let i = 0; i < n; i++) {
+      this.#warmUnused++;
+      this.counts.warmed++;
+      this.#open(peerId, AbortSignal.timeout(NARINFO_DEADLINE_MS)).then(
+        (ms) => this.#add(peerId, ms, true, idleMs),
+        () => this.#warmUnused--, // the peer went, or is too slow: its lookups open their own
+      );
+    }
+  }
+
+  /** Idle streams kept, over all peers (for tests). */
+  get idle(): number {
+    let n = 0;
+    for (const list of this.#idle.values()) n += list.length;
+    return n;
+  }
+
+  async #open(peerId: string, signal: AbortSignal): Promise<MeshStream> {
+    const ms = await this.node.open(peerId, PROTOCOL_NARINFO, { signal });
+    quietWindowUpdates(ms.stream); // small frames: no window update for each answer
+    return ms;
+  }
+
+  #used(entry: Pooled): void {
+    if (!entry.warm) return;
+    entry.warm = false;
+    this.#warmUnused--;
+  }
+
+  #add(peerId: string, ms: MeshStream, warm: boolean, idleMs = NARINFO_POOL_IDLE_MS): void {
     const list = this.#idle.get(peerId) ?? [];
     if (list.length >= NARINFO_POOL_PER_PEER || ms.stream.status !== "open") {
+      if (warm) this.#warmUnused--;
       ms.stream.close().catch(() => {}); // our FIN ends the responder's loop
       return;
     }
     const entry: Pooled = {
       ms,
+      warm,
       timer: setTimeout(() => {
         const i = list.indexOf(entry);
         if (i >= 0) list.splice(i, 1);
         if (list.length === 0 && this.#idle.get(peerId) === list) this.#idle.delete(peerId);
+        this.#used(entry);
         ms.stream.close().catch(() => {});
-      }, NARINFO_POOL_IDLE_MS),
+      }, idleMs),
     };
     entry.timer.unref();
-    list.push(entry);
+    // Warm streams at the bottom: a lookup takes a stream used before (its window known good) first.
+    if (warm) list.unshift(entry);
+    else list.push(entry);
     this.#idle.set(peerId, list);
   }
 }
 
 const pools = new WeakMap<MeshNode, NarinfoStreamPool>();
 
-/** How many narinfo requests to peers opened a stream, and how many reused a pooled one. */
-export function narinfoStreamCounts(node: MeshNode): { opened: number; reused: number } {
-  return { ...narinfoStreams(node).counts };
+/** How many narinfo requests to peers opened a stream, how many reused a pooled one, and how many streams were opened ahead. */
+export function narinfoStreamCounts(node: MeshNode): { opened: number; reused: number; warmed: number; idle: number } {
+  const pool = narinfoStreams(node);
+  return { ...pool.counts, idle: pool.idle };
 }
+
+/**
+ * Opens narinfo streams to a peer that just connected, so that Nix's first burst of lookups finds
+ * them open (NARINFO_WARM_PER_PEER). Unused, they are closed after `idleMs` (NARINFO_WARM_IDLE_MS).
+ */
+export function warmNarinfoStreams(node: MeshNode, peerId: string, opts: { count?: number; idleMs?: number } = {}): void {
+  narinfoStreams(node).warm(peerId, opts.count ?? NARINFO_WARM_PER_PEER, opts.idleMs ?? NARINFO_WARM_IDLE_MS);
+}
+
 function narinfoStreams(node: MeshNode): NarinfoStreamPool {
   let pool = pools.get(node);
   if (!pool) pools.set(node, (pool = new NarinfoStreamPool(node)));

@@ -18,6 +18,8 @@ import type { Narinfo } from "../protocol/narinfo.js";
 import { encodeNix32 } from "../protocol/nix32.js";
 import type { PathInfo } from "../protocol/path-info.js";
 import { NOT_NOW } from "../agent/source.js";
+import { TrustPolicy } from "../agent/mesh/trust-policy.js";
+import { generateKeyPair } from "../protocol/keys.js";
 
 const HASH_PART = "0".repeat(31) + "1";
 const log = createLogger({ level: "silent", pretty: false });
@@ -480,6 +482,29 @@ test("narinfo: while a NAR from a peer is in flight, a lookup waits up to the ca
   release();
   assert.ok((await transfer).equals(bytes));
   assert.equal(await source.pathInfo(HASH_PART), undefined, "the transfer over: the configured deadline again");
+});
+
+test("narinfo: with upstream keys, a fleet-only answer in hand is decided at the configured deadline, not held to a stretched one by a silent holder", { timeout: 20_000 }, async () => {
+  // A fleet-only answer waits for the other holders' (trust-policy.ts). The lookup's deadline
+  // stretches over a slow or busy link so that a held path is not answered 404 for want of any
+  // answer; once one is in hand, a stopped holder must not hold the decision to that stretch
+  // (here 60 s: the test's 20 s timeout fails first).
+  const { narinfo } = nar(100);
+  const requests: PeerRequests = {
+    narinfo: (peer, _hashPart, signal) =>
+      peer === "a" ? Promise.resolve(narinfo) : new Promise((_, reject) => signal.addEventListener("abort", () => reject(new Error("aborted")))),
+    nar: () => Promise.reject(new Error("not used")),
+  };
+  const local = { pathInfo: async () => undefined } as unknown as LocalStore;
+  const source = new FleetSource(local, new FakeFleet(["a", "b"]), requests, log, {
+    trust: new TrustPolicy([generateKeyPair("upstream-1")]),
+    hedgeAfterMs: 1,
+    narinfoDeadlineMs: 30,
+    rttMs: () => 20_000,
+    maxNarinfoDeadlineMs: 60_000,
+  });
+  const info = await source.pathInfo(HASH_PART);
+  assert.equal(info?.narHash, narinfo.narHash, "a's answer, decided without b's");
 });
 
 test("narinfo: concurrent lookups share one round of questions, and an answer is reused within its TTL", async () => {

@@ -390,6 +390,7 @@ export class FleetSource implements PathSource {
       let all = false; // a fleet-only answer came: ask every holder, wait for all
       let done = false;
       let hedge: NodeJS.Timeout | undefined;
+      let decideBy: NodeJS.Timeout | undefined; // once a fleet-only answer is in hand
       // Once upstream's contents are known, answers still on their way (until the deadline) are
       // judged too, so a forger that answers late is penalised all the same.
       let lateJudge: ((peer: string, narinfo: Narinfo) => void) | undefined;
@@ -405,6 +406,7 @@ export class FleetSource implements PathSource {
         if (done) return;
         done = true;
         clearTimeout(hedge);
+        clearTimeout(decideBy);
         stop();
         resolve(info);
       };
@@ -437,6 +439,10 @@ export class FleetSource implements PathSource {
         if (this.trust.conclusive(narinfo)) return settle();
         if (all) return maybeSettle();
         all = true;
+        // The others' answers are awaited up to the configured deadline only: the stretch (see
+        // lookupDeadlineMs) is there so that a held path is not a miss for want of any answer, and
+        // a stopped holder must not hold up one in hand that long.
+        decideBy = setTimeout(settle, Math.max(0, this.deadlineMs - (performance.now() - started)));
         const check = this.trust.upstream;
         if (check) {
           upstream = "pending";

@@ -40,6 +40,8 @@ export interface MeshResult {
   bulk: { sent: number; received: number; fallbacks: number };
   /** LAN-direct NARs (`--direct`: both agents with direct_lan): B's redirects, NARs A's direct port sent, B's fallbacks to relaying. */
   direct?: { redirects: number; sent: number; fallbacks: number; asked?: number; minted?: number };
+  /** How Nix fetched: "copy" (`nix copy --from`) or "substitute" (`nix-store --realise` with the server as substituter, max-jobs as given). */
+  nixMode: string;
   /** pinned: host A (its agent, nginx) on CPU 1, host B (its agent, Nix) on CPU 0. */
   pinned: boolean;
   /** Both hosts' links shaped to this rate in each direction (tc syntax, "1gbit"), or null: unshaped. */
@@ -159,8 +161,12 @@ async function retransSegs(host: NetHost): Promise<number> {
  * `pin`: host A's processes (its agent, nginx) on CPU 1 and host B's (its agent, Nix) on CPU 0,
  * as two hosts would have a CPU each, instead of all of them sharing both CPUs.
  */
-export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; direct?: boolean; linkRate?: string; logLevel?: string; log?: (s: string) => void } = {}): Promise<MeshResult> {
+export async function meshCase(opts: { mib?: number; count?: number; pin?: boolean; direct?: boolean; linkRate?: string; logLevel?: string; substitute?: boolean; jobs?: string; log?: (s: string) => void } = {}): Promise<MeshResult> {
   const mib = opts.mib ?? 400;
+  // How Nix on B fetches: `nix copy --from` (a thread pool the size of the core count), or a
+  // substitution into B's own kind of store, as `nix build` or a NixOS switch does (parallel up to
+  // max-jobs in Nix 2.8, max-substitution-jobs (16) in current Nix).
+  const substitute = opts.substitute ?? false;
   const count = opts.count ?? 40;
   const pin = opts.pin ?? false;
   // The agents log as an operator's do ("info"): at "debug" each writes a line or two per NAR to a
@@ -231,7 +237,10 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
       // A fresh narinfo cache each time: Nix looks the closure up as a host deploying it for the
       // first time does (with its 30-day positive cache, a second copy would skip the lookups).
       const cacheHome = `${dest}-xdg-cache`;
-      const nixCopy = ["env", `XDG_CACHE_HOME=${cacheHome}`, "nix", ...NIX_FLAGS, "copy", "--from", from, "--to", dest, "--option", "narinfo-cache-negative-ttl", "0", ...sigs, ...paths];
+      const common = ["--option", "narinfo-cache-negative-ttl", "0", ...sigs];
+      const nixCopy = substitute
+        ? ["env", `XDG_CACHE_HOME=${cacheHome}`, "nix-store", "--store", dest, "--realise", "--option", "substituters", from, "--option", "max-jobs", opts.jobs ?? "auto", ...common, ...paths]
+        : ["env", `XDG_CACHE_HOME=${cacheHome}`, "nix", ...NIX_FLAGS, "copy", "--from", from, "--to", dest, ...common, ...paths];
       await (pin ? B.exec("taskset", ["-c", "0", ...nixCopy]) : B.exec(nixCopy[0]!, nixCopy.slice(1)));
       const t1 = process.hrtime.bigint();
       nixCpu.push(waitedChildrenCpuSeconds() - c0);
@@ -303,7 +312,7 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     if (t) log(`mesh: fastest agent copy: ${t.nars} peer NARs, fetching ${t.fetchSeconds.toFixed(2)} s and sending ${t.sendSeconds.toFixed(2)} s in all (${t.meanFetching.toFixed(2)} / ${t.meanSending.toFixed(2)} at a time), no NAR going to Nix ${(t.idleShare * 100).toFixed(0)} % of the time, at most ${t.maxInFlight} at once, first request after ${t.firstRequestSeconds.toFixed(2)} s`);
     return {
       paths: count, narBytes, agentSeconds, nginxSeconds, agentCpuPerGb, holderCpuPerGb: holderCpu / gb, requesterCpuPerGb: requesterCpu / gb,
-      ratio: nginxSeconds / agentSeconds, agentPeakRssMiB, ...(t && { timeline: t }), logLevel, narinfoPerPath, perNarMs, bulk, ...(directCounts && { direct: directCounts }), pinned: pin, linkRate, plainMBps, ...(shaping && { shaping }), load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
+      ratio: nginxSeconds / agentSeconds, nixMode: substitute ? `substitute (max-jobs ${opts.jobs ?? "auto"})` : "copy", agentPeakRssMiB, ...(t && { timeline: t }), logLevel, narinfoPerPath, perNarMs, bulk, ...(directCounts && { direct: directCounts }), pinned: pin, linkRate, plainMBps, ...(shaping && { shaping }), load: [load0, loadAverage()], copyWindowsUs: windows, fastest, pids: [A.agent!.child.pid!, B.agent!.child.pid!],
       ...(traceGc && { gc: { holder: agentGc[fastest]![0], requester: agentGc[fastest]![1] } }),
     };
   } finally {
@@ -314,9 +323,9 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
 
 // Standalone: `node dist/bench/mesh.js [MiB] [--count PATHS] [--pin] [--direct] [--log-level LEVEL]`.
 if (process.argv[1]?.endsWith("bench/mesh.js")) {
-  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, direct: { type: "boolean", default: false }, "link-rate": { type: "string" }, "log-level": { type: "string", default: "info" }, help: { type: "boolean", default: false } } });
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { count: { type: "string" }, pin: { type: "boolean", default: false }, direct: { type: "boolean", default: false }, "link-rate": { type: "string" }, "log-level": { type: "string", default: "info" }, substitute: { type: "boolean", default: false }, jobs: { type: "string" }, help: { type: "boolean", default: false } } });
   if (values.help) {
-    console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin] [--direct] [--link-rate RATE]
+    console.log(`Usage: node dist/bench/mesh.js [MIB] [--count PATHS] [--pin] [--direct] [--link-rate RATE] [--substitute [--jobs N]]
 Nix on host B copies PATHS paths (default 40) of MIB MiB in all (default 400), held by host A,
 through B's and A's agents and from nginx on A, in network namespaces (root); prints the figures
 as JSON on stdout, progress on stderr.
@@ -325,9 +334,13 @@ as JSON on stdout, progress on stderr.
   --link-rate RATE  each host's link limited to RATE both ways (tc's syntax: 1gbit, 2500mbit), as
             a switch port of that speed; default unshaped (memory speed between namespaces)
   --log-level LEVEL  the agents' log level (default info, as operators run them; "debug" adds
-            the timeline of B's peer NARs, from its per-NAR debug lines)`);
+            the timeline of B's peer NARs, from its per-NAR debug lines)
+  --substitute  Nix substitutes the paths into a fresh store (nix-store --realise, the server as
+            its only substituter), as nix build or a system switch does, instead of nix copy
+  --jobs N  with --substitute: Nix's max-jobs (default auto), which bounds parallel substitutions
+            in Nix 2.8; current Nix bounds them by max-substitution-jobs (16) instead`);
   } else {
-    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, direct: values.direct, linkRate: values["link-rate"], logLevel: values["log-level"], log: (s) => console.error(s) });
+    const r = await meshCase({ mib: Number(positionals[0] ?? 400), count: Number(values.count ?? 40), pin: values.pin, direct: values.direct, substitute: values.substitute, jobs: values.jobs, linkRate: values["link-rate"], logLevel: values["log-level"], log: (s) => console.error(s) });
     console.log(JSON.stringify(r));
   }
 }

@@ -53,6 +53,9 @@ Benchmarks the fleetcache agent against nginx serving the same closure as a stat
   --no-mesh          skip the mesh case (it needs root for network namespaces)
   --mesh-link-rate R the mesh case once more with both hosts' links shaped to R each way (tc's
                      syntax; default 1gbit, a common LAN's line rate; "none" skips it)
+  --no-mesh-substitute  skip the mesh case's substitution rows (Nix on B substitutes the closure,
+                     as nix build or a system switch does, with Nix's own parallelism; hosts pinned
+                     to a CPU each; relayed and LAN-direct)
   --agent-arg ARG    pass ARG to the agent as well (repeatable); by default the agent gets
                      --p2p-listen off --no-mdns --no-tailscale when it knows them
   --agent-cpu-prof DIR   run the agent under node --cpu-prof, profile written to DIR at exit
@@ -98,6 +101,8 @@ interface Options {
   meshMib: number;
   /** The mesh case's extra row on shaped links (tc rate), or undefined: none. */
   meshLinkRate?: string;
+  /** The mesh case's substitution rows (relayed and LAN-direct, pinned). */
+  meshSubstitute: boolean;
   tmpBase: string;
   keep: boolean;
 }
@@ -121,6 +126,7 @@ function parseOptions(): Options {
       "mesh-mib": { type: "string" },
       "no-mesh": { type: "boolean", default: false },
       "mesh-link-rate": { type: "string", default: "1gbit" },
+      "no-mesh-substitute": { type: "boolean", default: false },
       tmpdir: { type: "string" },
       keep: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -158,6 +164,7 @@ function parseOptions(): Options {
     agentArgs: values["agent-arg"] ?? [],
     meshMib: values["no-mesh"] || candidate !== "agent" ? 0 : num(values["mesh-mib"], quick ? 64 : 400, "mesh-mib"),
     meshLinkRate: values["mesh-link-rate"] === "none" ? undefined : values["mesh-link-rate"],
+    meshSubstitute: !values["no-mesh-substitute"],
     tmpBase: values.tmpdir ? resolve(values.tmpdir) : tmpdir(),
     keep: values.keep ?? false,
   };
@@ -621,7 +628,18 @@ async function main(): Promise<void> {
             return undefined;
           })
         : undefined;
-      meshMd = renderMesh(m, d, l);
+      // How a fleet host mostly fetches: a substitution, with as many NARs at once as Nix allows
+      // (max-jobs in Nix 2.8, max-substitution-jobs in current Nix), each host on a CPU of its own.
+      const substitution = async (direct: boolean) =>
+        opts.meshSubstitute
+          ? await meshCase({ mib: opts.meshMib, substitute: true, pin: true, direct, log }).catch((e: Error) => {
+              warnings.push(`mesh substitution case${direct ? " with direct_lan" : ""} failed: ${e.message}`);
+              return undefined;
+            })
+          : undefined;
+      const sr = await substitution(false);
+      const sd = await substitution(true);
+      meshMd = renderMesh(m, d, l, sr, sd);
     } catch (e) {
       warnings.push(`mesh case failed: ${(e as Error).message}`);
     }
@@ -642,8 +660,16 @@ async function main(): Promise<void> {
   }
 }
 
-function renderMesh(m: MeshResult, d?: MeshResult, l?: MeshResult): string {
+function renderMesh(m: MeshResult, d?: MeshResult, l?: MeshResult, sr?: MeshResult, sd?: MeshResult): string {
   const mb = m.narBytes / 1e6;
+  const substituted = ([["relayed", sr], ["LAN-direct", sd]] as const).flatMap(([mode, r]) =>
+    r
+      ? [
+          [`seconds, substitution, ${mode}`, r.nginxSeconds.toFixed(2), r.agentSeconds.toFixed(2), ""],
+          [`MB/s, substitution, ${mode}`, fmtNum(mb / r.nginxSeconds), fmtNum(mb / r.agentSeconds), r.ratio.toFixed(2) + "×"],
+        ]
+      : [],
+  );
   const shaped = l
     ? [
         [`seconds, links at ${l.linkRate}`, l.nginxSeconds.toFixed(2), l.agentSeconds.toFixed(2), ""],
@@ -668,7 +694,12 @@ The LAN-direct rows are a second case with \`direct_lan\` on both agents: B's ag
 NAR request to A's direct port and Nix fetches the bytes from A's agent itself (README, "LAN-direct NARs").${l ? `
 The "links at ${l.linkRate}" rows are a third case, in the default mode, with each host's link shaped to
 that rate both ways (tc tbf), as on a LAN with a line rate; the curl row is a plain transfer over the
-same links, one connection (BENCHMARKS.md, "Mesh on a LAN with a line rate").` : ""}
+same links, one connection (BENCHMARKS.md, "Mesh on a LAN with a line rate").` : ""}${sr || sd ? `
+The "substitution" rows are Nix on B substituting the closure into an empty store (\`nix-store
+--realise\` with the agent or nginx as its only substituter, Nix's defaults otherwise, max-jobs
+auto), as \`nix build\` or a system switch does, with each host pinned to a CPU of its own (A's agent
+and nginx on one, B's agent and Nix on the other), relayed (the default) and LAN-direct
+(BENCHMARKS.md, "Mesh as fleets substitute").` : ""}
 
 ${table(["", "nginx on the peer", "through the agents", "agents/nginx"], [
     ["seconds", m.nginxSeconds.toFixed(2), m.agentSeconds.toFixed(2), ""],
@@ -676,6 +707,7 @@ ${table(["", "nginx on the peer", "through the agents", "agents/nginx"], [
     ["agents' CPU s/GB (both hosts)", "", m.agentCpuPerGb.toFixed(2), ""],
     ...direct,
     ...shaped,
+    ...substituted,
   ])}
 
 `;

@@ -81,10 +81,10 @@ test("zstd: a source that fails fails the compressed stream", async () => {
   await assert.rejects(collect(zstdCompress(failing())), /disk read failed/);
 });
 
-/** A NarCompression with a clock the test moves; `rtt` is every peer's ping. */
-function policy(mode: "auto" | "zstd" | "off", rtt?: number) {
+/** A NarCompression with a clock the test moves; `rtt` is every peer's ping; `onLink` the peers on this host's networks. */
+function policy(mode: "auto" | "zstd" | "off", rtt?: number, onLink: string[] = []) {
   const clock = { ms: 0 };
-  return { clock, c: new NarCompression(mode, () => rtt, () => clock.ms) };
+  return { clock, c: new NarCompression(mode, () => rtt, () => clock.ms, (peer) => onLink.includes(peer)) };
 }
 
 /**
@@ -118,6 +118,20 @@ test("auto: before any transfer, only a peer whose ping says WAN is asked for zs
   assert.equal(policy("auto").c.choose(ACCEPT_ZSTD), NAR_ENCODING.zstd);
   assert.equal(policy("auto").c.choose(0), NAR_ENCODING.identity);
   assert.equal(policy("zstd").c.choose(0), NAR_ENCODING.identity);
+});
+
+test("auto: before any transfer, a peer on this host's network is asked for plain NARs whatever its ping (a loaded host's pings run long on a LAN)", async () => {
+  // Small NARs (under MIN_SAMPLE_BYTES) are never timed: with the ping's guess alone, a closure of
+  // small paths from an on-link holder went compressed for as long as either agent was busy.
+  const p = policy("auto", 20, ["lan"]);
+  assert.equal(p.c.accept("lan"), 0, "on-link: plain");
+  assert.equal(p.c.peerStatus("lan").compression, "none");
+  assert.equal(p.c.accept("wan"), ACCEPT_ZSTD, "routed, with a WAN ping: zstd from the first transfer");
+  await transfer(p, "lan", Buffer.alloc(64 * 1024, 7), NAR_ENCODING.identity, 50); // small: not timed
+  assert.equal(p.c.accept("lan"), 0);
+  // A slow LAN (Wi-Fi) is found by measuring, as for any peer: 8 MiB in 800 ms.
+  await transfer(p, "lan", binary, NAR_ENCODING.identity, 800);
+  assert.equal(p.c.accept("lan"), ACCEPT_ZSTD, "measured slow: zstd");
 });
 
 test("auto: a slow link from a peer turns zstd on, a fast one does not, measured per peer", async () => {

@@ -22,7 +22,7 @@ import { TrustPolicy } from "./trust-policy.js";
 import { UpstreamCheck } from "./upstream-check.js";
 import { InboundPerHost, type AdmissionOffender } from "./admission.js";
 import { BulkListener } from "./bulk-listener.js";
-import { BulkRoutes } from "./bulk-client.js";
+import { BulkRoutes, bulkHost } from "./bulk-client.js";
 import { bulkListenAddr, directListenAddr } from "../address.js";
 import { DirectListener, type ServeNar } from "./direct-listener.js";
 import { DirectRoutes } from "./direct-client.js";
@@ -147,7 +147,7 @@ export class Mesh {
       await publisher.start();
       await serveNarinfo(node, local, log);
       const sent = new SentBytes();
-      const compression = new NarCompression(opts.compression ?? "auto", (peerId) => connectionRtt(node, peerId));
+      const compression = new NarCompression(opts.compression ?? "auto", (peerId) => connectionRtt(node, peerId), undefined, (peerId) => bulkHost(node, peerId) !== undefined);
       await serveNar(sent.countingNode(node), sent.countingStore(local), log, { compression, ...(bulk && { bulk }), ...(direct && { direct }) });
       const directRoutes = opts.direct ? new DirectRoutes(node, compression, log) : undefined;
       const summaries = new SummaryTable(node, log, { penalties, ...(opts.summaryBudget ? { budget: { burstKeys: opts.summaryBudget } } : {}) });

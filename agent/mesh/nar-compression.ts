@@ -13,7 +13,8 @@
 // backpressure, not a slow link). That gives NAR bytes per second of waiting, times the
 // transfers from that peer that ran alongside it on average (they share the link): a moving
 // average for plain and one for zstd transfers. Then:
-//   - nothing measured yet: zstd if the peer's ping RTT says it is not on the LAN (>= WAN_RTT_MS);
+//   - nothing measured yet: plain if the peer is on one of this host's networks (on-link.ts), else
+//     zstd if its ping RTT says it is not on the LAN (>= WAN_RTT_MS);
 //   - only a zstd figure: one plain transfer (at a time) to measure the link itself;
 //   - only a plain figure: zstd if the link delivered under SLOW_LINK_BYTES_PER_SEC;
 //   - both: whichever delivered more (zstd only by a MARGIN), and every RETRY_EVERY-th transfer
@@ -180,6 +181,8 @@ export class NarCompression {
     /** The peer's ping RTT in ms, if known. */
     private readonly rttMs: (peerId: string) => number | undefined = () => undefined,
     private readonly now: () => number = () => performance.now(),
+    /** Whether the peer's mesh connection is to an address on one of this host's networks (on-link.ts). */
+    private readonly onLink: (peerId: string) => boolean = () => false,
   ) {}
 
   /** Requester: the `accept` bits of a NarRequest2 to this peer (counts as a request made). */
@@ -211,7 +214,9 @@ export class NarCompression {
   #wants(peerId: string, l: PeerLink, asking: boolean): boolean {
     if (this.mode !== "auto") return this.mode === "zstd";
     if (l.plain === undefined) {
-      if (l.zstd === undefined) return (this.rttMs(peerId) ?? 0) >= WAN_RTT_MS;
+      // The ping's guess is for routed peers only: on a LAN a busy agent answers pings late too,
+      // and NARs under MIN_SAMPLE_BYTES never correct it. A slow LAN is found by measuring.
+      if (l.zstd === undefined) return !this.onLink(peerId) && (this.rttMs(peerId) ?? 0) >= WAN_RTT_MS;
       // One plain transfer at a time measures the link (it may take a while); the others stay zstd.
       const measuring = l.plainProbeAt !== undefined && this.now() - l.plainProbeAt < PLAIN_PROBE_MS;
       if (!asking || measuring) return true;

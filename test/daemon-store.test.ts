@@ -492,6 +492,45 @@ test("a storm of store changes is listed once, after it, not over and over durin
   }
 });
 
+test("a listing cut short by close() is not blamed on the daemon, and a stopped watcher does not report it", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  // Each relay holds its listings until released: they are under way when the client closes.
+  const relay = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay.sock"));
+  const relay2 = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay2.sock"));
+  await Promise.all([relay.listen(), relay2.listen()]);
+  const client = new DaemonClient(join(f.tmp.dir, "relay.sock"));
+  const client2 = new DaemonClient(join(f.tmp.dir, "relay2.sock"));
+  const watcher = new DaemonWatcher(client2, join(f.root, "nix/store"), { minGapMs: 100 });
+  const errors: string[] = [];
+  watcher.on("error", (e) => errors.push(e.message));
+  try {
+    const listing = client.queryAllValidHashParts();
+    await relay.asked;
+    client.close();
+    await assert.rejects(listing, (e: Error) => /the daemon client is closed/.test(e.message), "our own close, not the daemon's");
+
+    // The agent stops (watcher, then client, as DaemonMetadata.close does) during a listing of the watcher's.
+    watcher.start();
+    writeFileSync(join(f.root, "nix/store", ".poke"), "");
+    rmSync(join(f.root, "nix/store", ".poke"));
+    await relay2.asked;
+    watcher.stop();
+    client2.close();
+    // Queued behind the cut listing: when it fails, the cut one has failed and been reported, if at all.
+    await assert.rejects(watcher.refresh(), /the daemon client is closed/);
+    assert.deepEqual(errors, [], "a stopped watcher reports no error");
+  } finally {
+    client.close();
+    client2.close();
+    relay.release();
+    relay2.release();
+    await Promise.all([relay.close(), relay2.close()]);
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
 test("an unprivileged agent picks the daemon and serves Nix: nix copy, live additions and deletions, 503 without a daemon", async (t) => {
   if (!(await needNix(t))) return;
   const f = await fixture();

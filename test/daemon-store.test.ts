@@ -384,6 +384,8 @@ function listingHoldingRelay(daemonSocket: string, path: string, holdMs?: number
   const asked = new Promise<void>((resolve) => (listingAsked = resolve));
   const relay = {
     listings: 0,
+    /** Connections the daemon's side ended before the client's (for a failing test's message). */
+    closedByDaemon: [] as string[],
     asked,
     listen: () => new Promise<void>((resolve) => server.listen(path, resolve)),
     release: () => held.forEach(flush),
@@ -404,7 +406,10 @@ function listingHoldingRelay(daemonSocket: string, path: string, holdMs?: number
     });
     daemon.on("data", (d: Buffer) => (hold?.on ? hold.chunks.push(d) : client.write(d)));
     client.on("close", () => daemon.destroy());
-    daemon.on("close", () => client.destroy());
+    daemon.on("close", () => {
+      if (!client.destroyed) relay.closedByDaemon.push(`after ${daemon.bytesRead} bytes${hold?.on ? `, ${hold.chunks.length} chunks of them held` : ""}`);
+      client.destroy();
+    });
     client.on("error", () => {});
     daemon.on("error", () => {});
   });
@@ -462,6 +467,11 @@ test("a storm of store changes is listed once, after it, not over and over durin
     const before = relay.listings;
     const changes: StoreChange[] = [];
     watcher.on("change", (c) => changes.push(c));
+    // A failed listing fails the test with what the relay and the daemon saw (not as an uncaught
+    // "error" event that hides the assertion that failed first).
+    const errors: string[] = [];
+    watcher.on("error", (e) => errors.push(e.message));
+    const account = () => `the daemon's side ended: ${relay.closedByDaemon.join("; ") || "none"}; the daemon's stderr: ${f.daemon.log()}`;
     // The storm: a path added, entries coming and going in the store directory for at least 6 s,
     // a path deleted in the middle of it. The storm goes on until the deletion is done: on a loaded
     // machine a nix-store run (in the Nix 2.26 chroot) took longer than the 2.5 s of quiet, so a
@@ -479,7 +489,10 @@ test("a storm of store changes is listed once, after it, not over and over durin
     }
     await deletion;
     assert.equal(relay.listings, before, "no listing while the store kept changing");
-    while (!changes.some((c) => c.added.includes(hp(added)))) await new Promise((r) => watcher.once("change", r));
+    while (!changes.some((c) => c.added.includes(hp(added))) && errors.length === 0) {
+      await new Promise((r) => watcher.once("change", r).once("error", r));
+    }
+    assert.deepEqual(errors, [], `no listing failed (${account()})`);
     assert.deepEqual(changes, [{ added: [hp(added)], removed: [hp(f.plain)] }], "one listing saw the whole storm");
     assert.equal(relay.listings, before + 1);
   } finally {

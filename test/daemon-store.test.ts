@@ -384,6 +384,8 @@ function listingHoldingRelay(daemonSocket: string, path: string, holdMs?: number
   const asked = new Promise<void>((resolve) => (listingAsked = resolve));
   const relay = {
     listings: 0,
+    /** Connections the daemon's side ended before the client's (for a failing test's message). */
+    closedByDaemon: [] as string[],
     asked,
     listen: () => new Promise<void>((resolve) => server.listen(path, resolve)),
     release: () => held.forEach(flush),
@@ -404,7 +406,10 @@ function listingHoldingRelay(daemonSocket: string, path: string, holdMs?: number
     });
     daemon.on("data", (d: Buffer) => (hold?.on ? hold.chunks.push(d) : client.write(d)));
     client.on("close", () => daemon.destroy());
-    daemon.on("close", () => client.destroy());
+    daemon.on("close", () => {
+      if (!client.destroyed) relay.closedByDaemon.push(`after ${daemon.bytesRead} bytes${hold?.on ? `, ${hold.chunks.length} chunks of them held` : ""}`);
+      client.destroy();
+    });
     client.on("error", () => {});
     daemon.on("error", () => {});
   });
@@ -462,6 +467,11 @@ test("a storm of store changes is listed once, after it, not over and over durin
     const before = relay.listings;
     const changes: StoreChange[] = [];
     watcher.on("change", (c) => changes.push(c));
+    // A failed listing fails the test with what the relay and the daemon saw (not as an uncaught
+    // "error" event that hides the assertion that failed first).
+    const errors: string[] = [];
+    watcher.on("error", (e) => errors.push(e.message));
+    const account = () => `the daemon's side ended: ${relay.closedByDaemon.join("; ") || "none"}; the daemon's stderr: ${f.daemon.log()}`;
     // The storm: a path added, entries coming and going in the store directory for at least 6 s,
     // a path deleted in the middle of it. The storm goes on until the deletion is done: on a loaded
     // machine a nix-store run (in the Nix 2.26 chroot) took longer than the 2.5 s of quiet, so a
@@ -479,7 +489,10 @@ test("a storm of store changes is listed once, after it, not over and over durin
     }
     await deletion;
     assert.equal(relay.listings, before, "no listing while the store kept changing");
-    while (!changes.some((c) => c.added.includes(hp(added)))) await new Promise((r) => watcher.once("change", r));
+    while (!changes.some((c) => c.added.includes(hp(added))) && errors.length === 0) {
+      await new Promise((r) => watcher.once("change", r).once("error", r));
+    }
+    assert.deepEqual(errors, [], `no listing failed (${account()})`);
     assert.deepEqual(changes, [{ added: [hp(added)], removed: [hp(f.plain)] }], "one listing saw the whole storm");
     assert.equal(relay.listings, before + 1);
   } finally {
@@ -487,6 +500,45 @@ test("a storm of store changes is listed once, after it, not over and over durin
     watcher.stop();
     client.close();
     await relay.close();
+    await f.daemon.stop();
+    f.tmp.cleanup();
+  }
+});
+
+test("a listing cut short by close() is not blamed on the daemon, and a stopped watcher does not report it", async (t) => {
+  if (!(await needNix(t))) return;
+  const f = await fixture();
+  // Each relay holds its listings until released: they are under way when the client closes.
+  const relay = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay.sock"));
+  const relay2 = listingHoldingRelay(f.daemon.socket, join(f.tmp.dir, "relay2.sock"));
+  await Promise.all([relay.listen(), relay2.listen()]);
+  const client = new DaemonClient(join(f.tmp.dir, "relay.sock"));
+  const client2 = new DaemonClient(join(f.tmp.dir, "relay2.sock"));
+  const watcher = new DaemonWatcher(client2, join(f.root, "nix/store"), { minGapMs: 100 });
+  const errors: string[] = [];
+  watcher.on("error", (e) => errors.push(e.message));
+  try {
+    const listing = client.queryAllValidHashParts();
+    await relay.asked;
+    client.close();
+    await assert.rejects(listing, (e: Error) => /the daemon client is closed/.test(e.message), "our own close, not the daemon's");
+
+    // The agent stops (watcher, then client, as DaemonMetadata.close does) during a listing of the watcher's.
+    watcher.start();
+    writeFileSync(join(f.root, "nix/store", ".poke"), "");
+    rmSync(join(f.root, "nix/store", ".poke"));
+    await relay2.asked;
+    watcher.stop();
+    client2.close();
+    // Queued behind the cut listing: when it fails, the cut one has failed and been reported, if at all.
+    await assert.rejects(watcher.refresh(), /the daemon client is closed/);
+    assert.deepEqual(errors, [], "a stopped watcher reports no error");
+  } finally {
+    client.close();
+    client2.close();
+    relay.release();
+    relay2.release();
+    await Promise.all([relay.close(), relay2.close()]);
     await f.daemon.stop();
     f.tmp.cleanup();
   }

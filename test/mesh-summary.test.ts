@@ -60,6 +60,10 @@ async function pair(): Promise<{ a: MeshNode; b: MeshNode; aId: string }> {
   const a = await node(ka, [kb]);
   const b = await node(kb, [ka]);
   await b.libp2p.dial(a.addresses()[0]!);
+  // b's dial returns once b's side of the handshake is done, maybe before a's: a test that then
+  // holds the event loop (an 800,000-key publisher start takes seconds on a loaded host) would
+  // run a past its inbound handshake deadline (3 s, admission.ts) and lose the connection.
+  await waitFor(() => a.libp2p.getConnections(b.peerId).length > 0, "A to hold the connection too");
   return { a, b, aId: a.peerId.toString() };
 }
 

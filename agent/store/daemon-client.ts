@@ -16,6 +16,7 @@ import {
   encodeQueryAllValidPaths,
   encodeQueryPathFromHashPart,
   encodeQueryPathInfo,
+  OP,
   queryAllValidPathHashParts,
   queryPathFromHashPartReply,
   queryPathInfoReply,
@@ -184,6 +185,13 @@ export class DaemonClient {
   }
 }
 
+/** Bytes of the daemon's last answer that an error quotes (the last stderr message's code and the start of its text). */
+const LAST_BYTES = 32;
+
+const OP_NAMES = new Map<number, string>(Object.entries(OP).map(([name, code]) => [code, name]));
+/** A request's operation by name (its first word), for errors. */
+const opName = (payload: Buffer) => OP_NAMES.get(payload.readUInt32LE(0)) ?? `operation ${payload.readUInt32LE(0)}`;
+
 /** One socket to the daemon, after the handshake. Not shared: one exchange at a time. */
 class DaemonConnection {
   readonly openedAt = Date.now();
@@ -192,6 +200,10 @@ class DaemonConnection {
   exchanges = 0;
   private readonly queue = new ByteQueue();
   private current: { decoder: Incremental<unknown>; settle: (e?: Error) => void } | undefined;
+  /** For errors: what was asked last, how much of the answer came, and its last bytes. */
+  private asked = "the handshake";
+  private received = 0;
+  private lastBytes = Buffer.alloc(0);
 
   /** The negotiated protocol version and what the daemon said about itself (set by open()). */
   version = 0;
@@ -203,10 +215,10 @@ class DaemonConnection {
     const socket = connect(path);
     const conn = new DaemonConnection(socket);
     socket.on("data", (chunk: Buffer) => conn.onData(chunk));
-    socket.on("error", (e) => conn.fail(new StoreUnavailableError(`Nix daemon at ${path}: ${e.message}`)));
-    socket.on("close", () => conn.fail(new StoreUnavailableError(`the Nix daemon at ${path} closed the connection`)));
+    socket.on("error", (e) => conn.destroy(new StoreUnavailableError(`Nix daemon at ${path}: ${e.message} (${conn.progress()})`)));
+    socket.on("close", () => conn.destroy(new StoreUnavailableError(`the Nix daemon at ${path} closed the connection (${conn.progress()})`)));
     try {
-      const daemonVersion = await conn.exchange(encodeClientHello(), serverHello, timeoutMs);
+      const daemonVersion = await conn.exchange(encodeClientHello(), serverHello, timeoutMs, "the handshake");
       // Speak the daemon's version if it is older than ours; never newer than ours.
       const version = Math.min(daemonVersion, CLIENT_VERSION);
       conn.version = version;
@@ -214,7 +226,7 @@ class DaemonConnection {
         const info = yield* daemonInfo(q, version);
         yield* stderrStream(q, version);
         return info;
-      }, timeoutMs);
+      }, timeoutMs, "the handshake");
       return conn;
     } catch (e) {
       conn.destroy();
@@ -223,11 +235,12 @@ class DaemonConnection {
   }
 
   /** Sends `payload` and decodes the reply. Anything but a DaemonError leaves the connection broken. */
-  exchange<T>(payload: Buffer, decoder: (q: ByteQueue) => Decoder<T>, timeoutMs: number): Promise<T> {
+  exchange<T>(payload: Buffer, decoder: (q: ByteQueue) => Decoder<T>, timeoutMs: number, asked = opName(payload)): Promise<T> {
     if (this.broken) return Promise.reject(new StoreUnavailableError("connection to the Nix daemon is broken"));
+    [this.asked, this.received, this.lastBytes] = [asked, 0, Buffer.alloc(0)];
     return new Promise<T>((resolve, reject) => {
       const incremental = new Incremental(this.queue, decoder);
-      const timer = setTimeout(() => this.fail(new StoreUnavailableError(`the Nix daemon did not answer within ${timeoutMs} ms`)), timeoutMs);
+      const timer = setTimeout(() => this.destroy(new StoreUnavailableError(`the Nix daemon did not answer within ${timeoutMs} ms (${this.progress()})`)), timeoutMs);
       this.current = {
         decoder: incremental,
         settle: (e) => {
@@ -242,15 +255,28 @@ class DaemonConnection {
     });
   }
 
-  destroy(): void {
+  /**
+   * Ends the connection. An exchange under way fails with `e`: by default, that this side closed
+   * it (DaemonClient.close() during a listing), which its socket's "close" would blame on the daemon.
+   */
+  destroy(e: Error = new StoreUnavailableError("the daemon client is closed")): void {
     this.broken = true;
     this.socket.destroy();
+    this.current?.settle(e);
+  }
+
+  /** What the daemon had answered to the last request, for an error: its size and its last bytes. */
+  progress(): string {
+    if (this.received === 0) return `nothing of its answer to ${this.asked} had come`;
+    return `${this.received} bytes of its answer to ${this.asked} had come, the last ${this.lastBytes.length}: ${this.lastBytes.toString("hex")}`;
   }
 
   private onData(chunk: Buffer): void {
+    this.received += chunk.length;
+    this.lastBytes = Buffer.concat([this.lastBytes, chunk.subarray(-LAST_BYTES)]).subarray(-LAST_BYTES);
     if (!this.current) {
       // Nothing asked: the stream is out of step.
-      return this.fail(new StoreUnavailableError("the Nix daemon sent data nobody asked for"));
+      return this.destroy(new StoreUnavailableError("the Nix daemon sent data nobody asked for"));
     }
     this.step(chunk);
   }
@@ -269,13 +295,7 @@ class DaemonConnection {
     } catch (e) {
       // Whatever it was, the connection is not reused: after a daemon error some daemons close
       // it (an error before the operation started), and anything else means we lost the framing.
-      this.destroy();
-      cur.settle(e as Error);
+      this.destroy(e as Error);
     }
-  }
-
-  private fail(e: Error): void {
-    this.destroy();
-    this.current?.settle(e);
   }
 }

@@ -156,7 +156,8 @@ export class DaemonWatcher extends EventEmitter<{ change: [StoreChange]; error: 
       this.pending = undefined;
       if (this.busy || !this.firstSignal) return; // the listing under way re-arms at its end
       if (Date.now() < this.due()) return this.arm(); // more signals came: wait on
-      this.refresh().catch((e: Error) => this.emit("error", e));
+      // A listing that stop() and the client's close() cut short is nobody's error.
+      this.refresh().catch((e: Error) => this.running && this.emit("error", e));
     }, Math.max(0, this.due() - Date.now()));
     this.pending.unref();
   }

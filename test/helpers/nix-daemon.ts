@@ -1,7 +1,7 @@
 // A real nix-daemon for a chroot store, on the store's own socket, for tests and benchmarks.
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, rmSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -14,13 +14,23 @@ export class Daemon {
   get socket(): string {
     return join(this.root, "nix/var/nix/daemon-socket/socket");
   }
+  /** Where its stderr goes: why it refused or dropped a connection ("error processing connection", "unexpected Nix daemon error"). */
+  get logFile(): string {
+    return join(this.root, "nix/var/nix/daemon-socket/stderr.log");
+  }
+  /** The end of its stderr, for a failing test's message. */
+  log(): string {
+    return existsSync(this.logFile) ? readFileSync(this.logFile, "utf8").slice(-2000) : "";
+  }
   async start(): Promise<void> {
     mkdirSync(join(this.root, "nix/var/nix/daemon-socket"), { recursive: true, mode: 0o755 });
     rmSync(this.socket, { force: true });
+    const stderr = openSync(this.logFile, "a");
     this.child = spawn("nix-daemon", ["--store", this.root], {
-      stdio: "ignore",
+      stdio: ["ignore", "ignore", stderr],
       env: { ...process.env, NIX_DAEMON_SOCKET_PATH: this.socket, NIX_CONFIG: "sandbox = false\nsubstituters =" },
     });
+    closeSync(stderr);
     // Ready once it accepts a connection: the socket file appears at bind(), before listen(), and
     // a client in between is refused (seen with Nix 2.26 in its chroot under load).
     let ready = false;

@@ -73,6 +73,13 @@ for (let i = 0; i < NIX32_ALPHABET.length; i++) DIGIT[NIX32_ALPHABET.charCodeAt(
  * decoding the rest: this runs for every lookup and every path of the store.
  */
 export function summaryKey(hashPart: string): bigint {
+  writeKey(hashPart, SCRATCH, 0, 1);
+  return (BigInt(SCRATCH[0]!) << 32n) | BigInt(SCRATCH[1]!);
+}
+const SCRATCH = new Uint32Array(2);
+
+/** summaryKey's high and low 32 bits, written to words[hiAt] and words[loAt] (no BigInt made). */
+function writeKey(hashPart: string, words: Uint32Array, hiAt: number, loAt: number): void {
   if (!isValidHashPart(hashPart)) throw new PeerProtocolError(`invalid hash part ${JSON.stringify(String(hashPart).slice(0, 40))}`);
   // lo/hi: bits 0..31 and 32..63 of the decoded bytes as a little-endian bit string.
   let lo = 0;
@@ -84,18 +91,36 @@ export function summaryKey(hashPart: string): bigint {
     if (bit + 5 > 32) hi |= bit >= 32 ? d << (bit - 32) : d >>> (32 - bit); // ...and this keeps it
   }
   // Byte 0 is the most significant byte of the key: swap the byte order.
-  return (BigInt(bswap32(lo)) << 32n) | BigInt(bswap32(hi));
+  words[hiAt] = bswap32(lo);
+  words[loAt] = bswap32(hi);
 }
 
 function bswap32(x: number): number {
   return (((x & 0xff) << 24) | ((x & 0xff00) << 8) | ((x >>> 8) & 0xff00) | (x >>> 24)) >>> 0;
 }
 
-/** Sorted, duplicate-free keys from keys or hash parts. */
+/**
+ * Sorted, duplicate-free keys from keys or hash parts. Works on the keys' 32-bit words: reading
+ * or making a BigInt per element cost about 1.4 of the 1.9 s a million-path store took, all
+ * of it on the event loop (the summary publisher's start).
+ */
 export function sortedKeys(items: Iterable<bigint | string>): BigUint64Array {
-  const out = BigUint64Array.from(items, (x) => (typeof x === "string" ? summaryKey(x) : x)).sort();
+  const list = Array.isArray(items) ? (items as (bigint | string)[]) : [...items];
+  const out = new BigUint64Array(list.length);
+  const w = halves(out);
+  for (let i = 0; i < list.length; i++) {
+    const x = list[i]!;
+    if (typeof x === "string") writeKey(x, w, 2 * i + HI, 2 * i + LO);
+    else out[i] = x;
+  }
+  out.sort();
   let n = 0;
-  for (let i = 0; i < out.length; i++) if (i === 0 || out[i] !== out[n - 1]) out[n++] = out[i]!;
+  for (let i = 0; i < out.length; i++) {
+    if (n > 0 && w[2 * i] === w[2 * n - 2] && w[2 * i + 1] === w[2 * n - 1]) continue;
+    w[2 * n] = w[2 * i]!;
+    w[2 * n + 1] = w[2 * i + 1]!;
+    n++;
+  }
   return out.slice(0, n);
 }
 

@@ -136,6 +136,14 @@ test("summaryKey is bytes 0..7 of the decoded hash part, big-endian", () => {
     rejects(() => summaryKey(bad), /invalid hash part/);
   }
   assert.deepEqual(sortedKeys([3n, 1n, 3n, 2n, 1n]), keysOf(1n, 2n, 3n));
+  // Hash parts (written as 32-bit words, not BigInts), duplicates among them, mixed with keys, from an iterable.
+  const parts = Array.from({ length: 3000 }, hashPart);
+  const mixed = [...parts, parts[5]!, parts[17]!, summaryKey(parts[9]!), 0n, (1n << 64n) - 1n, (1n << 32n) + 1n, 1n << 32n];
+  const expected = [...new Set(mixed.map((x) => (typeof x === "string" ? summaryKey(x) : x)))].sort((x, y) => (x < y ? -1 : x > y ? 1 : 0));
+  assert.deepEqual(sortedKeys(mixed), BigUint64Array.from(expected));
+  assert.deepEqual(sortedKeys(new Set(mixed)), BigUint64Array.from(expected));
+  assert.deepEqual(sortedKeys([]), keysOf());
+  rejects(() => sortedKeys(["e".repeat(32)]), /invalid hash part/);
 });
 
 test("summary messages round trip", () => {

@@ -81,12 +81,15 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
   const direct = opts.direct;
   const handler = (version: 1 | 2 | 3): MeshHandler => async ({ stream, reader, peerId, peer }) => {
       const v2 = version >= 2;
+      const t0 = performance.now();
       const frame = await readFrameWithin(reader, MAX_FRAME_BYTES.nar, firstMs);
       if (frame === TIMED_OUT) throw new Error(`no NAR request within ${firstMs} ms`);
       if (frame === undefined) return; // opened and closed without asking
       const req = decodeNarRequest(frame, version); // malformed: throws, the stream is reset
       const encoding = v2 ? compression!.choose(req.accept!) : NAR_ENCODING.identity;
+      const requestMs = performance.now() - t0;
       const found = await lookup(local, req.hashPart, "sha256:" + req.narHash, req.offset, log);
+      const lookupMs = performance.now() - t0 - requestMs;
       if (!("storePath" in found)) return writeFrame(stream, encodeNarResponseHeader(found));
       if (direct && req.bulk! & BULK_DIRECT_HTTP && req.offset === 0) {
         // The requester's Nix fetches it from the direct port: no transfer slot here (the direct port admits its own sockets).
@@ -106,8 +109,10 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
         // The header only once the first bytes are read: a path collected since the lookup is
         // "not-found" (the requester then knows it is gone), not NarOk and a reset.
         let bytes: AsyncGenerator<Buffer>;
+        let firstBytesMs = 0;
         try {
           bytes = await primed(local.narStream(found, req.offset, found.narSize));
+          firstBytesMs = performance.now() - t0 - requestMs - lookupMs;
         } catch (err) {
           if (!(err instanceof NarGoneError)) throw err;
           return await writeFrame(stream, encodeNarResponseHeader(narError(NAR_ERROR.notFound, "collected since the lookup")));
@@ -133,7 +138,8 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
         } finally {
           watchdog.stop();
         }
-        log.debug({ peer: peer.name, path: found.storePath, offset: req.offset, encoding }, "mesh: NAR served");
+        // Times from the stream's start: the request's arrival, the store lookup, the first bytes read, the whole.
+        log.debug({ peer: peer.name, path: found.storePath, offset: req.offset, encoding, requestMs: round1(requestMs), lookupMs: round1(lookupMs), firstBytesMs: round1(firstBytesMs), totalMs: round1(performance.now() - t0) }, "mesh: NAR served");
       } finally {
         slots.release(peerId);
       }
@@ -332,10 +338,13 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   let bulk: number | undefined; // set when it speaks 3.0.0
   // Only where it pays (BulkRoutes.worth) and the bulk port can be reached at the mesh connection's address.
   const bulkAt = compression && opts.bulk?.worth(peerId, req.narSize - req.offset) ? bulkHost(node, peerId) : undefined;
+  const t0 = performance.now();
+  let openMs = 0;
   try {
     // An agent that does not know 3.0.0 or 2.0.0 refuses it in multistream-select, and the next follows.
     const protocols = bulkAt ? [PROTOCOL_NAR_V3, PROTOCOL_NAR_V2, PROTOCOL_NAR] : compression ? [PROTOCOL_NAR_V2, PROTOCOL_NAR] : [PROTOCOL_NAR];
     ms = await node.open(peerId, protocols, { signal: headerSignal });
+    openMs = performance.now() - t0;
     if (compression && ms.stream.protocol !== PROTOCOL_NAR) accept = compression.accept(peerId);
     if (ms.stream.protocol === PROTOCOL_NAR_V3) bulk = BULK_TLS_PSK;
     release = resetOnAbort(ms.stream, headerSignal);
@@ -357,6 +366,8 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   }
 
   const { stream, reader } = ms;
+  // Where a peer NAR's first round trip goes: opening the stream (and choosing its protocol), then the holder's answer.
+  opts.log?.debug({ peer: peerId, hashPart: req.hashPart, answer: header.type, openMs: round1(openMs), headerMs: round1(performance.now() - t0) }, "mesh: NAR header");
   if (header.type === "error") {
     stream.close().catch(() => {});
     opts.log?.debug({ peer: peerId, hashPart: req.hashPart, code: header.code, message: header.message }, "mesh: peer refused NAR");
@@ -548,3 +559,5 @@ export async function askDirect(node: MeshNode, peerId: string, req: Omit<NarFet
     release();
   }
 }
+
+const round1 = (ms: number) => Math.round(ms * 10) / 10;

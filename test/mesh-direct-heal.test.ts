@@ -94,12 +94,12 @@ test("a holder with wrong bytes and no intact one: Nix's first attempt fails its
   await freshB();
   const dest = join(B.dir, "dest-lone");
   const first = await copy(lone, dest);
-  t.diagnostic(`first attempt: ${first.slice(0, 300)}`);
+  t.diagnostic(`first attempt: ${first.slice(first.indexOf("error:"), first.indexOf("error:") + 300)}`);
   assert.match(first, /hash mismatch/i, "Nix fetched A's bytes itself and refused them");
   assert.equal((await counters(B)).directRedirects, 1, "redirected to A");
 
   const second = await copy(lone, dest);
-  t.diagnostic(`second attempt: ${second.slice(0, 300)}`);
+  t.diagnostic(`second attempt: ${second.slice(second.indexOf("error:"), second.indexOf("error:") + 300)}`);
   assert.notEqual(second, "ok");
   assert.doesNotMatch(second, /hash mismatch/i, "no wrong byte reached Nix");
   const b = await counters(B);
@@ -112,7 +112,10 @@ test("a holder with wrong bytes and no intact one: Nix's first attempt fails its
   assert.notEqual(third, "ok");
   assert.equal((await counters(B)).verifyFailures, 1, "A was not asked again for that NAR");
   assert.equal((await counters(B)).directRedirects, 1);
-  await assert.rejects(pathInfo(dest, [lone]), "nothing installed");
+  t.diagnostic(`third attempt: ${third.slice(third.indexOf("error:"), third.indexOf("error:") + 300)}`);
+  // Nix 2.8 lists an invalid path with "valid": false, 2.26 with null (the helper throws).
+  const installed = await pathInfo(dest, [lone]).catch(() => []);
+  assert.ok(installed.every((i) => i.narHash === undefined), `nothing installed: ${JSON.stringify(installed)}`);
 });
 
 test("a holder with wrong bytes and an intact one: Nix's first attempt fails its hash check, the next gets the NAR relayed from the intact holder, verified; the bad holder's other NARs are relayed, not redirected", { timeout: 180_000 }, async (t) => {
@@ -122,7 +125,7 @@ test("a holder with wrong bytes and an intact one: Nix's first attempt fails its
   await freshB();
   const dest = join(B.dir, "dest-shared");
   const first = await copy(shared, dest);
-  t.diagnostic(`first attempt: ${first.slice(0, 300)}`);
+  t.diagnostic(`first attempt: ${first.slice(first.indexOf("error:"), first.indexOf("error:") + 300)}`);
   assert.match(first, /hash mismatch/i, "Nix fetched A's bytes itself and refused them");
   assert.equal((await counters(B)).directRedirects, 1, "redirected to A");
   await C.start(["--direct-lan", "--peer", `${B.net.ip}:${P2P_PORT}`]);

@@ -10,12 +10,12 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { readFileSync, writeFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CLI } from "./helpers/agent.js";
-import { announcedTo, createFleet, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
+import { announcedTo, corruptOnDisk, createFleet, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns } from "./helpers/netns.js";
-import { addToStore, dumpNar, hasNix, pathInfo, run } from "./helpers/nix.js";
+import { addToStore, dumpNar, hasNix, pathInfo } from "./helpers/nix.js";
 
 let fleet: Fleet | undefined;
 let A: FleetHost, B: FleetHost, C: FleetHost;
@@ -60,14 +60,6 @@ function ready(t: { skip: (m: string) => void }): boolean {
   return false;
 }
 
-/** Changes one byte of a store file on disk under the agent; the database keeps the old NarHash. */
-async function corruptOnDisk(host: FleetHost, file: string, at: number): Promise<void> {
-  await run("chmod", ["u+w", join(host.storeRoot, file)]);
-  const buf = readFileSync(join(host.storeRoot, file));
-  buf[at] = buf[at]! ^ 0xff;
-  writeFileSync(join(host.storeRoot, file), buf);
-}
-
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
 /** A fresh agent on B (no memory of earlier redirects or penalties) dialling A only, with A's paths known. */
@@ -86,6 +78,16 @@ async function copy(path: string, dest: string): Promise<string> {
 }
 
 const counters = async (h: FleetHost) => (await h.status()).counters;
+/** Nix's error, without the command line before it. */
+const nixError = (out: string) => out.slice(out.indexOf("error:"), out.indexOf("error:") + 300);
+
+/** Nix's first attempt at `path`: redirected to A (the only holder B knows), it refuses A's bytes. */
+async function firstAttemptFailsInNix(t: { diagnostic: (m: string) => void }, path: string, dest: string): Promise<void> {
+  const first = await copy(path, dest);
+  t.diagnostic(`first attempt: ${nixError(first)}`);
+  assert.match(first, /hash mismatch/i, "Nix fetched A's bytes itself and refused them");
+  assert.equal((await counters(B)).directRedirects, 1, "redirected to A");
+}
 const badNarsOf = async (viewer: FleetHost, name: string) =>
   ((await viewer.status()).peers.find((p) => p.name === name) as { badNars?: number } | undefined)?.badNars ?? 0;
 
@@ -93,13 +95,10 @@ test("a holder with wrong bytes and no intact one: Nix's first attempt fails its
   if (!ready(t)) return;
   await freshB();
   const dest = join(B.dir, "dest-lone");
-  const first = await copy(lone, dest);
-  t.diagnostic(`first attempt: ${first.slice(first.indexOf("error:"), first.indexOf("error:") + 300)}`);
-  assert.match(first, /hash mismatch/i, "Nix fetched A's bytes itself and refused them");
-  assert.equal((await counters(B)).directRedirects, 1, "redirected to A");
+  await firstAttemptFailsInNix(t, lone, dest);
 
   const second = await copy(lone, dest);
-  t.diagnostic(`second attempt: ${second.slice(second.indexOf("error:"), second.indexOf("error:") + 300)}`);
+  t.diagnostic(`second attempt: ${nixError(second)}`);
   assert.notEqual(second, "ok");
   assert.doesNotMatch(second, /hash mismatch/i, "no wrong byte reached Nix");
   const b = await counters(B);
@@ -112,7 +111,7 @@ test("a holder with wrong bytes and no intact one: Nix's first attempt fails its
   assert.notEqual(third, "ok");
   assert.equal((await counters(B)).verifyFailures, 1, "A was not asked again for that NAR");
   assert.equal((await counters(B)).directRedirects, 1);
-  t.diagnostic(`third attempt: ${third.slice(third.indexOf("error:"), third.indexOf("error:") + 300)}`);
+  t.diagnostic(`third attempt: ${nixError(third)}`);
   // Nix 2.8 lists an invalid path with "valid": false, 2.26 with null (the helper throws).
   const installed = await pathInfo(dest, [lone]).catch(() => []);
   assert.ok(installed.every((i) => i.narHash === undefined), `nothing installed: ${JSON.stringify(installed)}`);
@@ -124,10 +123,7 @@ test("a holder with wrong bytes and an intact one: Nix's first attempt fails its
   await C.stop();
   await freshB();
   const dest = join(B.dir, "dest-shared");
-  const first = await copy(shared, dest);
-  t.diagnostic(`first attempt: ${first.slice(first.indexOf("error:"), first.indexOf("error:") + 300)}`);
-  assert.match(first, /hash mismatch/i, "Nix fetched A's bytes itself and refused them");
-  assert.equal((await counters(B)).directRedirects, 1, "redirected to A");
+  await firstAttemptFailsInNix(t, shared, dest);
   await C.start(["--direct-lan", "--peer", `${B.net.ip}:${P2P_PORT}`]);
   await announcedTo(B, C);
 

@@ -145,7 +145,7 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         ...(mesh?.bulk && { bulkNarsSent: mesh.bulk.served, bulkRefused: mesh.bulk.refused }),
         ...(mesh?.bulkRoutes && { bulkNarsReceived: mesh.bulkRoutes.received, bulkFallbacks: mesh.bulkRoutes.fallbacks }),
         ...(mesh?.direct && { directRequests: mesh.direct.counters.requests, directNarsSent: mesh.direct.counters.served, directRefused: mesh.direct.counters.refused, directBytesSent: mesh.direct.counters.bytes, directMintedServed: mesh.direct.counters.minted }),
-        ...(mesh?.directRoutes && { directRedirects: mesh.directRoutes.redirects, directFallbacks: mesh.directRoutes.fallbacks, directTicketsAsked: mesh.directRoutes.asked, directTicketsMinted: mesh.directRoutes.minted }),
+        ...(mesh?.directRoutes && { directRedirects: mesh.directRoutes.redirects, directFallbacks: mesh.directRoutes.fallbacks, directTicketsAsked: mesh.directRoutes.asked, directTicketsMinted: mesh.directRoutes.minted, directRepeatsRelayed: mesh.directRoutes.repeats }),
       },
       recentErrors: metrics.errors.list(),
       ...(mesh && { admission: mesh.admissionStatus() }),

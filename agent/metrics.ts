@@ -83,6 +83,8 @@ export interface MeshTallies {
   directTicketsAsked: number;
   directTicketsMinted: number;
   directMintedServed: number;
+  /** NAR requests relayed, not redirected, because Nix asked for the NAR again soon after a redirect for it. */
+  directRepeatsRelayed: number;
 }
 
 /** What gauges and mirrored counters read when Prometheus scrapes. */
@@ -319,6 +321,7 @@ export class AgentMetrics {
     mirror("fleetcache_direct_tickets_asked_total", "Direct tickets asked of a holder over the mesh (a round trip each; the first from a holder also brings a minting key).", (t) => t.directTicketsAsked);
     mirror("fleetcache_direct_tickets_minted_total", "Redirects to a peer's direct port with a ticket minted here with that peer's minting key (no round trip).", (t) => t.directTicketsMinted);
     mirror("fleetcache_direct_minted_nars_sent_total", "NARs sent on the direct port for a ticket a peer minted.", (t) => t.directMintedServed);
+    mirror("fleetcache_direct_repeats_relayed_total", "NAR requests relayed (verified, the holder Nix was sent to asked first) instead of redirected, because Nix asked for that NAR again within 10 minutes of a redirect for it: a failed download or hash mismatch, or a second copy.", (t) => t.directRepeatsRelayed);
     mirror("fleetcache_direct_fallbacks_total", "NAR requests for which no direct ticket was had (the holder does not offer it, refused, or failed): relayed instead.", (t) => t.directFallbacks);
     mirror("fleetcache_bulk_refused_total", "Connections to the bulk port refused: no such ticket (forged, used or expired) or over the per-host limit of sockets in their handshake.", (t) => t.bulkRefused);
     mirror("fleetcache_admission_refused_total", "Inbound mesh sockets refused before any handshake because their remote host already held its limit of sockets in their handshake (status lists recent offenders).", (t) => t.admissionRefused);

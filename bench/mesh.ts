@@ -39,7 +39,7 @@ export interface MeshResult {
   /** NAR bodies on the bulk port in the whole case: sent by A, taken by B, fallbacks to the stream. */
   bulk: { sent: number; received: number; fallbacks: number };
   /** LAN-direct NARs (`--direct`: both agents with direct_lan): B's redirects, NARs A's direct port sent, B's fallbacks to relaying. */
-  direct?: { redirects: number; sent: number; fallbacks: number; asked?: number; minted?: number };
+  direct?: { redirects: number; sent: number; fallbacks: number; asked?: number; minted?: number; repeats?: number; repeatSeconds?: number };
   /** How Nix fetched: "copy" (`nix copy --from`) or "substitute" (`nix-store --realise` with the server as substituter, max-jobs as given). */
   nixMode: string;
   /** pinned: host A (its agent, nginx) on CPU 1, host B (its agent, Nix) on CPU 0. */
@@ -214,15 +214,16 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const env = { FLEETCACHE_LOG_LEVEL: logLevel, ...(traceGc ? { LD_PRELOAD: "/usr/libexec/coreutils/libstdbuf.so", _STDBUF_O: "L" } : {}) };
     const direct = opts.direct ? ["--direct-lan"] : [];
     await A.start(["--p2p-listen", `0.0.0.0:${P2P_PORT}`, ...direct], undefined, env);
-    await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`, ...direct], undefined, env);
     const aPaths = (await A.status()).self.paths;
-    await eventually("B has A's summary", async () => (await B.status()).peers.find((p) => p.connected)?.pathCount === aPaths, 30_000);
+    const startB = async () => {
+      await B.start(["--peer", `${A.net.ip}:${P2P_PORT}`, ...direct], undefined, env);
+      await eventually("B has A's summary", async () => (await B.status()).peers.find((p) => p.connected)?.pathCount === aPaths, 30_000);
+      if (pin) await pinTree(B.agent!.child.pid!, "0");
+    };
+    await startB();
     await eventually("nginx answers", async () => (await B.exec("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", `http://${A.net.ip}:${NGINX_PORT}/nix-cache-info`])) === "200", 10_000);
-    if (pin) {
-      // nginx's workers were forked under taskset; the agents (and their threads) are moved now.
-      await pinTree(A.agent!.child.pid!, "1");
-      await pinTree(B.agent!.child.pid!, "0");
-    }
+    // nginx's workers were forked under taskset; A's agent (and its threads) is moved now.
+    if (pin) await pinTree(A.agent!.child.pid!, "1");
     const narUrls = readdirSync(join(cache, "nar")).map((f) => `http://${A.net.ip}:${NGINX_PORT}/nar/${f}`);
     const plainMBps = Math.max(await plainTransfer(B.net, narUrls, pin), await plainTransfer(B.net, narUrls, pin));
     log(`mesh: link ${linkRate ?? "unshaped"}; curl from nginx (the NARs one after another, one connection) ${plainMBps.toFixed(0)} MB/s`);
@@ -264,8 +265,17 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
       const c = (await B.status()).counters;
       return [(c.narinfoHitsLocal ?? 0) + (c.narinfoHitsPeer ?? 0) + (c.narinfoMisses ?? 0), c.peerQueries ?? 0, c.narinfoStreamsOpened ?? 0] as const;
     };
+    const trust = ["--option", "trusted-public-keys", fleet.trustedKeys.join(" "), "--option", "require-sigs", "true"];
+    // With --direct, B relays a NAR Nix asks for again within 10 minutes of a redirect for it (a
+    // retry after a failure looks the same), so the second round's copy gets a fresh B (its
+    // counters and log kept) to be LAN-direct as the first; a third copy on that B measures the
+    // repeat, relayed (direct.repeatSeconds).
+    let earlierB = { counters: {} as Record<string, number>, logs: "" };
     for (let round = 0; round < 2; round++) {
-      const trust = ["--option", "trusted-public-keys", fleet.trustedKeys.join(" "), "--option", "require-sigs", "true"];
+      if (round > 0 && opts.direct) {
+        earlierB = { counters: (await B.status()).counters, logs: B.agent!.logs() };
+        await startB();
+      }
       const [a0, b0] = agentsCpu();
       const [ga0, gb0] = gcs();
       const l0 = await lookups();
@@ -283,6 +293,14 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
       rmSync(join(B.dir, `dest-agent-${round}`), { recursive: true, force: true });
       rmSync(join(B.dir, `dest-nginx-${round}`), { recursive: true, force: true });
     }
+    let repeatSeconds: number | undefined;
+    if (opts.direct) {
+      repeatSeconds = await copy(B.agent!.url, join(B.dir, "dest-agent-repeat"), trust);
+      spans.pop(); // not one of the copies compared
+      windows.pop();
+      rmSync(join(B.dir, "dest-agent-repeat"), { recursive: true, force: true });
+      log(`mesh: the same closure again on that B (relayed: asked for again) ${repeatSeconds.toFixed(2)} s`);
+    }
     const agentSeconds = Math.min(...agentRuns);
     const nginxSeconds = Math.min(...nginxRuns);
     const fastest = agentRuns.indexOf(agentSeconds);
@@ -290,20 +308,24 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     // Copies ran agents, nginx, agents, nginx: Nix's CPU in the fastest of each kind.
     const nixAgents = nixCpu[2 * fastest]!;
     const nixNginx = nixCpu[2 * nginxRuns.indexOf(nginxSeconds) + 1]!;
-    const [sa, sb] = [(await A.status()).counters, (await B.status()).counters];
+    const sa = (await A.status()).counters;
+    // B's counters over the whole case (both agents on B, with --direct).
+    const sbNow = (await B.status()).counters;
+    const sb: Record<string, number> = { ...sbNow };
+    for (const [k, v] of Object.entries(earlierB.counters)) if (typeof v === "number" && typeof sbNow[k] === "number") sb[k] = sbNow[k] + v;
     const bulk = { sent: sa.bulkNarsSent ?? 0, received: sb.bulkNarsReceived ?? 0, fallbacks: sb.bulkFallbacks ?? 0 };
-    const directCounts = opts.direct ? { redirects: sb.directRedirects ?? 0, sent: sa.directNarsSent ?? 0, fallbacks: sb.directFallbacks ?? 0, asked: sb.directTicketsAsked ?? 0, minted: sb.directTicketsMinted ?? 0 } : undefined;
-    if (directCounts) log(`mesh: LAN-direct: ${directCounts.redirects} redirects by B (tickets: ${directCounts.asked} asked of A, ${directCounts.minted} minted by B), ${directCounts.sent} NARs sent by A's direct port, ${directCounts.fallbacks} fallbacks`);
+    const directCounts = opts.direct ? { redirects: sb.directRedirects ?? 0, sent: sa.directNarsSent ?? 0, fallbacks: sb.directFallbacks ?? 0, asked: sb.directTicketsAsked ?? 0, minted: sb.directTicketsMinted ?? 0, repeats: sb.directRepeatsRelayed ?? 0, ...(repeatSeconds !== undefined && { repeatSeconds }) } : undefined;
+    if (directCounts) log(`mesh: LAN-direct: ${directCounts.redirects} redirects by B (tickets: ${directCounts.asked} asked of A, ${directCounts.minted} minted by B), ${directCounts.sent} NARs sent by A's direct port, ${directCounts.fallbacks} fallbacks, ${directCounts.repeats} relayed as asked for again`);
     const perNarMs = { holder: (holderCpu / count) * 1e3, requester: (requesterCpu / count) * 1e3, nixAgents: (nixAgents / count) * 1e3, nixNginx: (nixNginx / count) * 1e3 };
     log(`mesh: CPU ms per NAR: A ${perNarMs.holder.toFixed(1)}, B ${perNarMs.requester.toFixed(1)}, Nix ${perNarMs.nixAgents.toFixed(1)} (through the agents) / ${perNarMs.nixNginx.toFixed(1)} (from nginx); bulk bodies sent ${bulk.sent}, received ${bulk.received}, fallbacks ${bulk.fallbacks}`);
     const gb = narBytes / 1e9;
     const agentCpuPerGb = (holderCpu + requesterCpu) / gb;
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];
     const [from, to] = spans[fastest]!;
-    const t = logLevel === "debug" ? timeline(B.agent!.logs(), from, to) : undefined;
+    const t = logLevel === "debug" ? timeline(earlierB.logs + B.agent!.logs(), from, to) : undefined;
     if (process.env.MESH_BENCH_B_LOG) {
       // B's agent's log, for a closer look (and its --trace-gc lines, if any)
-      writeFileSync(process.env.MESH_BENCH_B_LOG, B.agent!.logs());
+      writeFileSync(process.env.MESH_BENCH_B_LOG, earlierB.logs + B.agent!.logs());
       if (traceGc) writeFileSync(`${process.env.MESH_BENCH_B_LOG}.gc`, B.agent!.stdout());
       writeFileSync(`${process.env.MESH_BENCH_B_LOG}.a`, A.agent!.logs()); // and A's, beside it
     }
@@ -330,7 +352,9 @@ Nix on host B copies PATHS paths (default 40) of MIB MiB in all (default 400), h
 through B's and A's agents and from nginx on A, in network namespaces (root); prints the figures
 as JSON on stdout, progress on stderr.
   --pin     host A's processes on CPU 1, host B's and Nix on CPU 0 (two hosts with a core each)
-  --direct  both agents with direct_lan: B redirects Nix to A's direct port (LAN-direct NARs)
+  --direct  both agents with direct_lan: B redirects Nix to A's direct port (LAN-direct NARs);
+            B's agent is restarted before the second agent copy (it would relay NARs Nix asks
+            for again within 10 minutes), and a third copy on it times that relayed repeat
   --link-rate RATE  each host's link limited to RATE both ways (tc's syntax: 1gbit, 2500mbit), as
             a switch port of that speed; default unshaped (memory speed between namespaces)
   --log-level LEVEL  the agents' log level (default info, as operators run them; "debug" adds

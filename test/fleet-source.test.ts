@@ -108,8 +108,10 @@ function fleet(
   opts: Options = {},
   table = new FakeFleet(Object.keys(holders), opts),
   local = { pathInfo: async () => undefined, pathInfoNow: () => undefined } as unknown as LocalStore,
+  direct: Pick<PeerRequests, "direct" | "redirectedTo"> = {},
 ) {
   const requests: PeerRequests = {
+    ...direct,
     narinfo: async () => narinfo,
     async nar(peer, req, signal) {
       const h = holders[peer]!;
@@ -235,6 +237,38 @@ test("after repeated wrong bytes a holder is penalised as a peer: asked last for
   const status = source.penalties.status("bad");
   assert.ok(status.penalisedUntil && status.penalisedUntil > Date.now(), "penalised as a peer");
   assert.equal(source.penalties.peersPenalised(), 1);
+});
+
+test("LAN-direct: a NAR Nix was lately redirected for is relayed from that holder first (its bytes checked), not from the one whose narinfo came first", async () => {
+  const { bytes, info, narinfo } = nar(20_000);
+  const fast = holder(bytes);
+  const bad = holder(corrupt(bytes, 12_345));
+  const source = fleet({ fast, bad }, narinfo, {}, undefined, undefined, { redirectedTo: () => "bad" });
+  const peerInfo = (await source.pathInfo(HASH_PART))!;
+  assert.ok(source.fromPeer(peerInfo), "the narinfo came from a peer (fast, asked first)");
+  assert.ok((await collect(source.narStream(info, 0, info.narSize))).equals(bytes), "the right bytes, from fast");
+  assert.equal(bad.requests.length, 1, "the holder Nix was sent to was asked first");
+  assert.equal(source.penalties.status("bad").badNars, 1, "and caught");
+  assert.equal(source.counters.verifyFailures, 1);
+});
+
+test("LAN-direct: a holder caught with wrong bytes lately gets no redirects (its NARs are relayed, verified) once its bar for that path is over", async () => {
+  const { bytes, info, narinfo } = nar(4096);
+  const bad = holder(corrupt(bytes, 7));
+  const good = holder(bytes);
+  const asked: string[] = [];
+  const direct = { direct: async (peer: string) => (asked.push(peer), `http://${peer}/`) };
+  const fresh = fleet({ bad: holder(bytes), good }, narinfo, {}, undefined, undefined, direct);
+  assert.equal(await fresh.directUrl((await fresh.pathInfo(HASH_PART))!), "http://bad/", "an uncaught holder: redirected");
+  const source = fleet({ bad, good }, narinfo, { pathPenaltyMs: 1 }, undefined, undefined, direct);
+  const peerInfo = (await source.pathInfo(HASH_PART))!;
+  assert.ok((await collect(source.narStream(info, 0, info.narSize))).equals(bytes));
+  assert.equal(source.penalties.status("bad").badNars, 1);
+  await sleep(5);
+  assert.equal(source.penalties.barred("bad", HASH_PART), false, "its bar for the path is over");
+  assert.ok(source.penalties.caughtLately("bad"));
+  assert.equal(await source.directUrl(peerInfo), undefined, "relayed");
+  assert.deepEqual(asked, ["bad"], "no ticket asked of the caught holder");
 });
 
 test("the only holder serves wrong bytes: NarUnavailableError before any byte, and no complete wrong NAR ever", async () => {

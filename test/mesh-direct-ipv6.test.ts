@@ -71,6 +71,9 @@ test("IPv6-only LAN: B redirects Nix to A's direct port at [A's IPv6 address], N
   assert.match(head, /^HTTP\/1\.1 307 /);
   const location = /^location: (.*)\r$/im.exec(head)![1]!;
   assert.ok(location.startsWith(`http://[${v6(1)}]:${P2P_PORT + 2}/`), location);
+  // A fresh B for Nix: this one would relay the NAR curl was redirected for (asked for again soon).
+  await B.start([...listen, "--peer", `[${v6(1)}]:${P2P_PORT}`]);
+  await announcedTo(B, A);
 
   const keys = fleet.trustedKeys.join(" ");
   const dest = join(B.dir, "dest");

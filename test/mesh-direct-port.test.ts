@@ -380,7 +380,7 @@ test("minted tickets: asked with bit 4, the first ticket brings a minting key; a
   assert.equal(sha((await get(direct.port, `/${hexOf(big, randomBytes(12), last.key, last.keyId)}/${tail(big)}`)).body), sha(big.dump), "the port still serves");
 });
 
-test("DirectRoutes: only the first NAR from a holder asks for a ticket (and a key), the next are minted here; a NAR asked for again soon asks; a disconnect drops the key", async (t) => {
+test("DirectRoutes: only the first NAR from a holder asks for a ticket (and a key), the next are minted here; a NAR asked for again soon is relayed; a disconnect drops the key", async (t) => {
   if (!(await needNix(t))) return;
   const { direct, a, b, peer } = await pair();
   const routes = new DirectRoutes(b, new NarCompression("off"));
@@ -398,14 +398,22 @@ test("DirectRoutes: only the first NAR from a holder asks for a ticket (and a ke
   assert.match(p1, /^\/[0-9a-f]{32}\//, "the first: a one-time ticket");
   assert.match(await fetchVia(fx!.small), /^\/[0-9a-f]{72}\//, "then minted");
   assert.deepEqual([routes.asked, routes.minted, routes.redirects, direct.tickets], [1, 1, 2, 0]);
-  // Nix asking for the same NAR again within a minute (a 502, a broken download): asked, so the holder checks it.
-  assert.match(await fetchVia(fx!.small), /^\/[0-9a-f]{32}\//, "a repeat asks");
-  assert.match(await fetchVia(fx!.big), /^\/[0-9a-f]{72}\//);
-  assert.deepEqual([routes.asked, routes.minted], [2, 2]);
-  assert.equal(direct.keys, 1, "one key: the repeat did not ask for another");
+  // Nix asking for the same NAR again (a hash mismatch, a 502, a broken download): relayed, the
+  // holder it was sent to remembered (the relay asks it first), for a minted or an asked ticket alike.
+  assert.equal(await routes.url(peer, req(fx!.small)), undefined, "a repeat of a minted redirect is relayed");
+  assert.equal(await routes.url(peer, req(fx!.big)), undefined, "a repeat of an asked-for redirect is relayed");
+  assert.equal(await routes.url(peer, req(fx!.small)), undefined, "and again, within the window");
+  assert.deepEqual([routes.repeats, routes.redirects, routes.asked, routes.minted], [3, 2, 1, 1]);
+  assert.equal(routes.redirectedTo(fx!.small.hashPart), peer);
+  assert.equal(routes.redirectedTo("0".repeat(32)), undefined);
   // The holder's agent restarted: the connection closes, the key is dropped, the next NAR asks.
+  const { dir, cleanup } = tempDir("fleetcache-direct-routes-");
+  t.after(cleanup);
+  writeFileSync(join(dir, "third.txt"), "a NAR not redirected before\n");
+  const third = await nar(fx!.root, await addToStore(fx!.root, join(dir, "third.txt")));
   await b.libp2p.hangUp(a.peerId);
   await b.libp2p.dial(a.addresses()[0]!);
-  assert.match(await fetchVia(fx!.small), /^\/[0-9a-f]{32}\//);
-  assert.equal(routes.asked, 3);
+  assert.match(await fetchVia(third), /^\/[0-9a-f]{32}\//);
+  assert.equal(routes.asked, 2);
+  assert.equal(direct.keys, 2, "a new key after the reconnect");
 });

@@ -4,8 +4,9 @@
 // NAR request with a redirect and Nix fetches the bytes from A's direct port itself. Nix is the
 // judge: the copy, `nix store verify`, and NAR dumps byte for byte; the agents' counters show
 // which way the bytes went. With direct_lan on one side only, NARs are relayed as before. A Range
-// request to B (a resumed download) is relayed and verified, never redirected. Only the first NAR
-// from A costs B a ticket round trip: its answer brings a minting key, and B mints the rest.
+// request to B (a resumed download) is relayed and verified, never redirected, and so is a NAR Nix
+// asks for again soon after a redirect. Only the first NAR from A costs B a ticket round trip: its
+// answer brings a minting key, and B mints the rest.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
@@ -104,13 +105,22 @@ test("direct_lan on both: Nix on B fetches every NAR from A's direct port (redir
   const metrics = (await B.http("/metrics")).body;
   assert.match(metrics, new RegExp(`^fleetcache_direct_redirects_total ${closure.length}$`, "m"));
   const status = await B.exec(process.execPath, [CLI, "status", "--agent", B.agent!.url]);
-  assert.match(status, new RegExp(`LAN-direct NARs: ${closure.length} redirected to peers \\(0 relayed instead\\)`));
+  assert.match(status, new RegExp(`LAN-direct NARs: ${closure.length} redirected to peers \\(0 relayed instead, 0 relayed as asked for again\\)`));
   assert.match(status, new RegExp(`LAN-direct tickets: 1 asked of holders, ${closure.length - 1} minted here;`));
+  // The same closure again within REPEAT_RELAY_MS (into another store): B cannot tell it from
+  // Nix's retry after a failed redirect, so every NAR is relayed and verified, none redirected.
+  await copyAndCheck(join(B.dir, "dest-direct-again"));
+  const again = (await B.status()).counters;
+  assert.equal(again.directRedirects, closure.length, "no redirect the second time");
+  assert.equal(again.directRepeatsRelayed, closure.length, "every NAR relayed as asked for again");
+  assert.equal(again.narBytesFromPeers, narBytes, "relayed by B, once each");
+  assert.equal(again.verifyFailures, 0);
 });
 
 test("the redirect: 307 to A's address on the mesh and the direct port (mesh port + 2), no-store; its URL works once; A's port refuses the rest", { timeout: 60_000 }, async (t) => {
   if (!ready(t)) return;
-  if (!B.agent || !(await A.status()).counters.directNarsSent) await start(["--direct-lan"], ["--direct-lan"]);
+  // Fresh agents: B relays a NAR it redirected Nix for lately (the copy before), as asked for again.
+  await start(["--direct-lan"], ["--direct-lan"]);
   const hashPart = bigPath.slice(11, 43);
   const url = /^URL: (.*)$/m.exec((await B.http(`/${hashPart}.narinfo`)).body)![1]!;
   const get = async () => {

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { parseHash } from "../protocol/hash.js";
 import { parseNarinfo, type Narinfo } from "../protocol/narinfo.js";
 import { CLI } from "./helpers/agent.js";
-import { announcedTo, createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
+import { announcedTo, corruptOnDisk, createFleet, eventually, P2P_PORT, type Fleet, type FleetHost } from "./helpers/fleet.js";
 import { canUseNetns } from "./helpers/netns.js";
 import { addToStore, hasNix, OFFLINE, pathInfo, run } from "./helpers/nix.js";
 
@@ -75,14 +75,6 @@ async function download(url: string, out: string, headers: string[] = []): Promi
   const code = await C.exec("curl", ["-sS", "-o", out, "-w", "%{http_code}", ...headers.flatMap((h) => ["-H", h]), `${C.agent!.url}/${url}`]).catch(() => "0");
   const body = readFileSync(out);
   return { status: Number(code.trim()), sha256: createHash("sha256").update(body).digest(), bytes: body.length };
-}
-
-/** Changes one byte of a store file on disk under the agent; the database keeps the old NarHash. */
-async function corruptOnDisk(host: FleetHost, file: string, at: number): Promise<void> {
-  await run("chmod", ["u+w", join(host.storeRoot, file)]);
-  const buf = readFileSync(join(host.storeRoot, file));
-  buf[at] = buf[at]! ^ 0xff;
-  writeFileSync(join(host.storeRoot, file), buf);
 }
 
 test("16 parallel NAR downloads from one holder all complete with the right bytes", async (t) => {

@@ -69,6 +69,8 @@ export interface StatusView {
     directTicketsAsked?: number;
     directTicketsMinted?: number;
     directMintedServed?: number;
+    /** NAR requests relayed because Nix asked for the NAR again soon after a redirect for it. */
+    directRepeatsRelayed?: number;
     peerQueries?: number;
     failovers?: number;
     transferFailures?: number;
@@ -167,6 +169,7 @@ export function readStatus(doc: unknown): StatusView {
       directTicketsAsked: counter(c, "directTicketsAsked"),
       directTicketsMinted: counter(c, "directTicketsMinted"),
       directMintedServed: counter(c, "directMintedServed"),
+      directRepeatsRelayed: counter(c, "directRepeatsRelayed"),
       peerQueries: counter(c, "peerQueries"),
       failovers: counter(c, "failovers"),
       transferFailures: counter(c, "transferFailures"),

@@ -90,7 +90,7 @@ export function renderStatus(url: string, s: StatusView, now = Date.now()): stri
     }
     // Present only with direct_lan on: Nix sent to peers' direct ports, and what ours served.
     if (c.directRedirects !== undefined || c.directNarsSent !== undefined) {
-      lines.push(`  LAN-direct NARs: ${n(c.directRedirects)} redirected to peers (${n(c.directFallbacks)} relayed instead), ` +
+      lines.push(`  LAN-direct NARs: ${n(c.directRedirects)} redirected to peers (${n(c.directFallbacks)} relayed instead, ${n(c.directRepeatsRelayed)} relayed as asked for again), ` +
         `${n(c.directNarsSent)} sent from this host's direct port (${b(c.directBytesSent)}, ${n(c.directRefused)} requests refused)`);
       // Minted tickets cost no round trip; a run of asked ones means holders' minting keys are not reaching us.
       if (c.directTicketsAsked !== undefined || c.directTicketsMinted !== undefined) {

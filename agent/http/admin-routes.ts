@@ -152,6 +152,8 @@ export interface StatusCounters {
   directTicketsAsked?: number;
   directTicketsMinted?: number;
   directMintedServed?: number;
+  /** NAR requests relayed, not redirected, because Nix asked for the NAR again soon after a redirect for it. */
+  directRepeatsRelayed?: number;
 }
 
 /** Whether a socket's remote address is this host's loopback (IPv4, IPv6, or IPv4-mapped). */

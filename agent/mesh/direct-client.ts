@@ -7,6 +7,11 @@
 // The first ticket from a holder is asked for over the mesh (a round trip, ~4 ms on a LAN); its
 // answer carries a minting key too, and until that key nears its end the tickets for that
 // holder's NARs are minted here, with no round trip (protocol/direct-ticket.ts).
+// Nix checks a redirected NAR's bytes, not this agent, so a holder whose bytes are wrong (a store
+// file changed on disk, a lying peer) fails Nix's substitution unseen here. Nix asking for the NAR
+// again soon after a redirect is the sign that something went wrong there: that NAR is relayed
+// (verified, from the holder Nix was sent to first, fleet-source.ts), not redirected again, so a
+// holder with wrong bytes is caught and penalised and the NAR comes from an intact one.
 import { randomBytes } from "node:crypto";
 import { connect, isIPv6 } from "node:net";
 import type { PeerId } from "@libp2p/interface";
@@ -29,10 +34,20 @@ export const DIRECT_PROBE_MS = 1_000;
 
 /** A minting key is used until this long before its lifetime (from its receipt, by this host's clock) runs out. */
 export const MINT_KEY_MARGIN_MS = 60_000;
-/** A NAR Nix asks for again this soon after a minted redirect (a 502, a broken download) gets an asked-for ticket: the holder checks it holds it. */
-export const MINT_REPEAT_MS = 60_000;
+/**
+ * A NAR Nix asks for again this soon after a redirect for it (a hash mismatch, a 502, a broken
+ * download; or a second copy of the same closure) is relayed, not redirected. Long enough for a
+ * user's or a CI job's rerun after a failed build (minutes), and as long as the bar on a holder
+ * for a path whose bytes it got wrong (holder-penalties.ts), so a retry within it never goes
+ * back to an unchecked holder. The cost: a second copy of the same NARs within it is relayed.
+ */
+export const REPEAT_RELAY_MS = 10 * 60_000;
 
-/** Minted redirects remembered for MINT_REPEAT_MS (a minute of NARs at 160 a second). */
+/**
+ * Redirects remembered for REPEAT_RELAY_MS, the oldest forgotten first past this many (about a
+ * megabyte). Nix stops at a failed NAR, so the one to catch is among the last redirected before
+ * the rerun: only 10,000 other redirects in between (a large closure) lose it.
+ */
 const MAX_RECENT = 10_000;
 
 interface HeldKey {
@@ -53,8 +68,8 @@ export class DirectRoutes {
    * only a peer's last two keys; NARs Nix asks for meanwhile wait for it rather than ask too).
    */
   readonly #askingKey = new Map<string, Promise<unknown>>();
-  /** "peer hashPart" of minted redirects, until when a repeat counts as one (performance.now()). */
-  readonly #recent = new Map<string, number>();
+  /** Redirected NARs by hash part, oldest first: the holder, and until when a repeat is relayed (performance.now()). */
+  readonly #recent = new Map<string, { peer: string; until: number }>();
   /** "host:port" of direct ports a TCP connection reached, until when. */
   readonly #reachableUntil = new Map<string, number>();
   /** NAR requests answered with a redirect to a holder's direct port. */
@@ -65,6 +80,8 @@ export class DirectRoutes {
   asked = 0;
   /** Of `redirects`: tickets minted here, without asking. */
   minted = 0;
+  /** NAR requests relayed because Nix asked for the NAR again soon after a redirect (REPEAT_RELAY_MS). */
+  repeats = 0;
 
   constructor(
     readonly node: MeshNode,
@@ -84,23 +101,26 @@ export class DirectRoutes {
     this.#keys.clear();
   }
 
-  /** A ticket minted with `peerId`'s key for this NAR, or undefined (no usable key, or Nix asks again: see MINT_REPEAT_MS). */
+  /** The holder Nix was redirected to for this NAR within REPEAT_RELAY_MS, if any (asked first when it is relayed). */
+  redirectedTo(hashPart: string): string | undefined {
+    const r = this.#recent.get(hashPart);
+    if (r === undefined) return undefined;
+    if (performance.now() < r.until) return r.peer;
+    this.#recent.delete(hashPart);
+    return undefined;
+  }
+
+  /** Remembers a redirect of this NAR to `peerId`; the map stays bounded whatever Nix asks. */
+  #redirected(peerId: string, hashPart: string): void {
+    this.#recent.delete(hashPart); // re-inserted last: the map stays in order of redirects
+    if (this.#recent.size >= MAX_RECENT) this.#recent.delete(this.#recent.keys().next().value!);
+    this.#recent.set(hashPart, { peer: peerId, until: performance.now() + REPEAT_RELAY_MS });
+  }
+
+  /** A ticket minted with `peerId`'s key for this NAR, or undefined (no usable key). */
   #mint(peerId: string, req: Omit<NarFetchRequest, "offset">): { port: number; path: string } | undefined {
-    const now = performance.now();
     const k = this.#keys.get(peerId);
-    if (!k || now >= k.goodUntil || k.mints >= MAX_MINTS_PER_KEY) return undefined;
-    const recentKey = `${peerId} ${req.hashPart}`;
-    const repeat = this.#recent.get(recentKey);
-    if (repeat !== undefined && now < repeat) {
-      this.#recent.delete(recentKey);
-      return undefined;
-    }
-    if (this.#recent.size >= MAX_RECENT) {
-      for (const [key, until] of this.#recent) if (until <= now) this.#recent.delete(key);
-      // Bounded whatever Nix asks: past it, only the newest repeats are caught.
-      if (this.#recent.size >= MAX_RECENT) this.#recent.clear();
-    }
-    this.#recent.set(recentKey, now + MINT_REPEAT_MS);
+    if (!k || performance.now() >= k.goodUntil || k.mints >= MAX_MINTS_PER_KEY) return undefined;
     k.mints++;
     const tail = narUrl(req.hashPart, req.narHash);
     const ticket = mintTicket(k.key, k.keyId, randomBytes(MINT_NONCE_BYTES), tail);
@@ -109,6 +129,11 @@ export class DirectRoutes {
 
   /** The URL for Nix to fetch the whole NAR from `peerId` directly, or undefined: relay it. Never throws. */
   async url(peerId: string, req: Omit<NarFetchRequest, "offset">, signal?: AbortSignal): Promise<string | undefined> {
+    if (this.redirectedTo(req.hashPart) !== undefined) {
+      this.repeats++;
+      this.log?.debug({ peer: peerId, hashPart: req.hashPart }, "mesh: Nix asked again for a NAR it was redirected for; relaying it, verified");
+      return undefined;
+    }
     const until = this.#noDirectUntil.get(peerId);
     if (until !== undefined && Date.now() < until) return undefined;
     // Not on-link (routed, a tailnet, IPv6 link-local): relay, as the bulk path does.
@@ -125,6 +150,7 @@ export class DirectRoutes {
     if (minted && (await this.#reachable(host, minted.port))) {
       this.redirects++;
       this.minted++;
+      this.#redirected(peerId, req.hashPart);
       return `http://${isIPv6(host) ? `[${host}]` : host}:${minted.port}${minted.path}`;
     }
     const asked = performance.now();
@@ -155,6 +181,7 @@ export class DirectRoutes {
         return undefined;
       }
       this.redirects++;
+      this.#redirected(peerId, req.hashPart);
       return `http://${isIPv6(host) ? `[${host}]` : host}:${t.port}${t.path}`;
     } catch (err) {
       this.fallbacks++;

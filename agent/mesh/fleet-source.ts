@@ -43,6 +43,12 @@ export interface PeerRequests {
    * itself, or undefined; never throws. Absent: every NAR is relayed.
    */
   direct?(peerId: string, req: Omit<NarRequestFromPeer, "offset">): Promise<string | undefined>;
+  /**
+   * The holder Nix was lately redirected to for this NAR (DirectRoutes.redirectedTo): Nix asking
+   * for it again means that may have failed, so that holder is asked first when it is relayed,
+   * and its bytes checked.
+   */
+  redirectedTo?(hashPart: string): string | undefined;
 }
 
 export interface FleetSourceOptions {
@@ -263,7 +269,8 @@ export class FleetSource implements PathSource {
     const holders = this.holders(hashPart);
     const cachedFrom = this.cache.get(hashPart)?.from;
     const peer = cachedFrom !== undefined && holders.includes(cachedFrom) ? cachedFrom : holders[0];
-    if (peer === undefined) return undefined;
+    // A holder caught with wrong bytes lately is relayed, verified, rather than trusted to Nix.
+    if (peer === undefined || this.penalties.caughtLately(peer)) return undefined;
     return this.requests.direct(peer, { hashPart, narHash: info.narHash, narSize: info.narSize });
   }
 
@@ -639,9 +646,10 @@ export class FleetSource implements PathSource {
    * holder is left; NarUnavailableError when the queue's deadline passes.
    */
   private async holderSlot(hashPart: string, skip: Set<string>, storePath: string): Promise<string | undefined> {
-    const cachedFrom = this.cache.get(hashPart)?.from;
+    // The holder Nix was lately sent to for this NAR (its bytes are the ones to check), else the one whose narinfo we have.
+    const first = this.requests.redirectedTo?.(hashPart) ?? this.cache.get(hashPart)?.from;
     const holders = (skip.size === 0 ? await this.holdersOrWait(hashPart) : this.holders(hashPart)).filter((p) => !skip.has(p));
-    const order = cachedFrom && holders.includes(cachedFrom) ? [cachedFrom, ...holders.filter((p) => p !== cachedFrom)] : holders;
+    const order = first && holders.includes(first) ? [first, ...holders.filter((p) => p !== first)] : holders;
     if (order.length === 0) return undefined;
     const free = order.find((p) => this.slots.tryAcquire(p));
     if (free !== undefined) return free;

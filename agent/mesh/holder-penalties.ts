@@ -85,6 +85,14 @@ export class HolderPenalties {
     return until !== undefined && until > now;
   }
 
+  /**
+   * Whether `peer` sent wrong bytes or a contradicted narinfo within peerPenaltyMs (a strike):
+   * LAN-direct NARs from it are then relayed and verified, not left to Nix (direct-client.ts).
+   */
+  caughtLately(peer: string, now = Date.now()): boolean {
+    return this.#peers.get(peer)?.recent.some((t) => t > now - this.#peerMs) ?? false;
+  }
+
   /** `peers` with those barred for the path left out and penalised ones moved last (order kept otherwise). */
   order(peers: string[], hashPart: string, now = Date.now()): string[] {
     const allowed = peers.filter((p) => !this.barred(p, hashPart, now));

@@ -168,7 +168,10 @@ export class Mesh {
       const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
         nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression, ...(bulkRoutes && { bulk: bulkRoutes }) }),
-        ...(directRoutes && { direct: (peer: string, req: { hashPart: string; narHash: string; narSize: number }) => directRoutes.url(peer, req) }),
+        ...(directRoutes && {
+          direct: (peer: string, req: { hashPart: string; narHash: string; narSize: number }) => directRoutes.url(peer, req),
+          redirectedTo: (hashPart: string) => directRoutes.redirectedTo(hashPart),
+        }),
       }, log, {
         trust: new TrustPolicy(upstreamKeys, upstreamCheck),
         rttMs: (peerId) => connectionRtt(node, peerId),
@@ -255,6 +258,7 @@ export class Mesh {
       directFallbacks: this.directRoutes?.fallbacks ?? 0,
       directTicketsAsked: this.directRoutes?.asked ?? 0,
       directTicketsMinted: this.directRoutes?.minted ?? 0,
+      directRepeatsRelayed: this.directRoutes?.repeats ?? 0,
       directMintedServed: this.direct?.counters.minted ?? 0,
     };
   }

@@ -1,5 +1,6 @@
 // A simulated fleet: hosts in their own network namespaces, each with a chroot store, a key of
 // its own and a real agent process, so tests see what crosses a network.
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { startAgentProcess, CLI, type AgentProcess } from "./agent.js";
 import { createNetwork, type NetHost, type TestNetwork } from "./netns.js";
@@ -122,6 +123,14 @@ function makeHost(name: string, net: NetHost, dir: string, keyFile: string, publ
     },
   };
   return host;
+}
+
+/** Changes one byte of a store file on disk under the host's agent; its database keeps the old NarHash (a lying holder looks the same). */
+export async function corruptOnDisk(host: FleetHost, file: string, at: number): Promise<void> {
+  await run("chmod", ["u+w", join(host.storeRoot, file)]);
+  const buf = readFileSync(join(host.storeRoot, file));
+  buf[at] = buf[at]! ^ 0xff;
+  writeFileSync(join(host.storeRoot, file), buf);
 }
 
 /** Waits until `check` returns a truthy value (polling), or fails after `ms`. */

@@ -69,6 +69,10 @@ export interface MeshTallies {
   bulkNarsReceived: number;
   bulkFallbacks: number;
   bulkRefused: number;
+  /** Bulk sessions (kept connections): NARs sent and received on them, connections opened to peers. */
+  bulkSessionNarsSent: number;
+  bulkSessionNarsReceived: number;
+  bulkSessionConnections: number;
   /**
    * LAN-direct NARs: requests to the direct port, NARs sent there, requests and sockets refused,
    * bytes sent; Nix's NAR requests redirected to a peer's direct port, and tickets not had (relayed).
@@ -312,6 +316,9 @@ export class AgentMetrics {
     });
     mirror("fleetcache_bulk_nars_sent_total", "NAR bodies sent to peers on the bulk port (TLS keyed by a one-time ticket) instead of the mesh stream.", (t) => t.bulkNarsSent);
     mirror("fleetcache_bulk_nars_received_total", "NAR bodies received from peers on their bulk port.", (t) => t.bulkNarsReceived);
+    mirror("fleetcache_bulk_session_nars_sent_total", "NAR bodies sent to peers on bulk session connections (kept TLS connections to the bulk port, one NAR after another).", (t) => t.bulkSessionNarsSent);
+    mirror("fleetcache_bulk_session_nars_received_total", "NAR bodies received from peers on bulk session connections.", (t) => t.bulkSessionNarsReceived);
+    mirror("fleetcache_bulk_session_connections_total", "Bulk session connections opened to peers' bulk ports (each carries NARs until idle for 20 s).", (t) => t.bulkSessionConnections);
     mirror("fleetcache_bulk_fallbacks_total", "Bulk connections to a peer that failed (unreachable port, failed handshake); that NAR and the peer's next ones for 10 minutes went on the mesh stream.", (t) => t.bulkFallbacks);
     mirror("fleetcache_direct_requests_total", "Requests to the direct port (direct_lan): peers' Nix fetching NARs of this host's store.", (t) => t.directRequests);
     mirror("fleetcache_direct_nars_sent_total", "NARs sent on the direct port for a live ticket (one-time or minted).", (t) => t.directNarsSent);

@@ -293,3 +293,60 @@ export class FrameDecoder {
     return rest;
   }
 }
+
+/**
+ * One frame gathered from bytes the caller does not keep (a socket's read buffer, about to be
+ * reused for what follows the frame): take() copies only the frame's own bytes and says how many
+ * it used, so the caller knows where the unframed bytes after it begin.
+ */
+export class FrameCollector {
+  #len = 0;
+  #prefixBytes = 0;
+  #prefixDone = false;
+  #payload: Uint8Array | undefined;
+  #have = 0;
+
+  constructor(private readonly maxFrameBytes: number) {}
+
+  /** Consumes bytes of `src` up to the end of the frame; returns how many. Throws on a bad prefix. */
+  take(src: Uint8Array): number {
+    let i = 0;
+    while (!this.#prefixDone && i < src.length) {
+      if (this.#prefixBytes === 8) throw new PeerProtocolError("frame length: varint too long");
+      const b = src[i++]!;
+      this.#len += (b & 0x7f) * 2 ** (7 * this.#prefixBytes);
+      this.#prefixBytes++;
+      if (this.#len > this.maxFrameBytes) throw new PeerProtocolError(`frame of ${this.#len}+ bytes exceeds the limit ${this.maxFrameBytes}`);
+      if (b < 0x80) {
+        if (b === 0 && this.#prefixBytes > 1) throw new PeerProtocolError("frame length: non-minimal varint");
+        this.#prefixDone = true;
+        this.#payload = new Uint8Array(this.#len);
+      }
+    }
+    if (!this.#prefixDone) return i;
+    const n = Math.min(src.length - i, this.#len - this.#have);
+    this.#payload!.set(src.subarray(i, i + n), this.#have);
+    this.#have += n;
+    return i + n;
+  }
+
+  /** The whole frame has been taken. */
+  get done(): boolean {
+    return this.#prefixDone && this.#have === this.#len;
+  }
+
+  /** No byte of a frame taken yet. */
+  get empty(): boolean {
+    return this.#prefixBytes === 0;
+  }
+
+  /** The payload once done; the collector starts over for the next frame. */
+  frame(): Uint8Array {
+    if (!this.done) throw new Error("frame not complete");
+    const p = this.#payload!;
+    this.#len = this.#prefixBytes = this.#have = 0;
+    this.#prefixDone = false;
+    this.#payload = undefined;
+    return p;
+  }
+}

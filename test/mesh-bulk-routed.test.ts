@@ -44,7 +44,10 @@ test("a holder reached through a router sends a 2 MiB NAR on the mesh stream, no
   // Present (bulk is on in both agents), and 0.
   assert.equal(counters.bulkNarsReceived, 0, "no NAR body on the bulk port of a routed holder");
   assert.equal(counters.bulkFallbacks, 0, "and no bulk connection tried");
+  assert.equal(counters.bulkSessionNarsReceived, 0, "nor on a bulk session");
+  assert.equal(counters.bulkSessionConnections, 0);
   assert.equal((await a.status()).counters.bulkNarsSent, 0);
+  assert.equal((await a.status()).counters.bulkSessionNarsSent, 0);
   const stats = await net.linkStats();
   assert.ok(stats.bytesDown >= 2 << 20, `the NAR crossed the link: ${stats.bytesDown} bytes A -> B`);
 });

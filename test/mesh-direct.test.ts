@@ -101,6 +101,7 @@ test("direct_lan on both: Nix on B fetches every NAR from A's direct port (redir
   assert.equal(a.directBytesSent, narBytes, "the closure's NAR bytes, once");
   assert.equal(a.narBytesToPeers, 0, "nothing on mesh streams");
   assert.equal(a.bulkNarsSent ?? 0, 0, "nothing on the bulk port");
+  assert.equal(a.bulkSessionNarsSent ?? 0, 0, "nor on a bulk session");
   assert.equal(b.narBytesFromPeers, 0, "B relayed nothing");
   const metrics = (await B.http("/metrics")).body;
   assert.match(metrics, new RegExp(`^fleetcache_direct_redirects_total ${closure.length}$`, "m"));

@@ -23,8 +23,8 @@ const EXPR = `{ which }:
 let
   mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
   shared = mk "mesh-shared" "/bin/mkdir $out; echo shared > $out/data";
-  # 2 MiB made with the shell's own string doubling (the builder has no coreutils): a body large
-  # enough for the holder's bulk port (BULK_MIN_BYTES); the others are small and stay on the stream.
+  # 2 MiB made with the shell's own string doubling (the builder has no coreutils): a body past a
+  # gather buffer of the bulk connection (1 MiB); the others are small.
   a = mk "mesh-only-a" "/bin/mkdir $out; echo \${shared} > $out/ref; echo a > $out/a; s=a; for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21; do s=$s$s; done; printf %s $s > $out/big";
   b = mk "mesh-only-b" "/bin/mkdir $out; echo \${shared} > $out/ref; echo b > $out/b";
 in if which == "a" then a else b
@@ -98,11 +98,14 @@ test("Nix on C copies both closures through C's agent with require-sigs, and ver
   for (const o of originals) assert.equal(copied.find((c) => c.path === o.path)?.narHash, o.narHash, o.path);
   const s = await C.status();
   assert.ok(s.counters.peerHits! > 0 && s.counters.bytesFromPeers! > 0, "the paths came from peers");
-  // The one large body (mesh-only-a, 2 MiB) came on A's bulk port (default on); the small ones on
-  // the mesh stream; none fell back.
-  const sent = (await A.status()).counters.bulkNarsSent! + (await B.status()).counters.bulkNarsSent!;
-  assert.equal(s.counters.bulkNarsReceived, 1, `bulk: C received ${s.counters.bulkNarsReceived}`);
-  assert.equal(sent, 1, `A and B sent ${sent} on their bulk ports`);
+  // Every body, small or large, came on a bulk session's kept connection to A's or B's bulk port
+  // (default on): no one-time bulk connection, no mesh stream, none fell back.
+  const [cA, cB] = [(await A.status()).counters, (await B.status()).counters];
+  const n = new Set([...closureA, ...closureB]).size; // mesh-shared is in both
+  assert.equal(s.counters.bulkSessionNarsReceived, n, `sessions: C received ${s.counters.bulkSessionNarsReceived} of ${n}`);
+  assert.equal(cA.bulkSessionNarsSent! + cB.bulkSessionNarsSent!, n, "A and B sent them on bulk sessions");
+  assert.ok(s.counters.bulkSessionConnections! >= 2 && s.counters.bulkSessionConnections! < n, `${s.counters.bulkSessionConnections} connections for ${n} NARs`);
+  assert.equal(s.counters.bulkNarsReceived, 0);
   assert.equal(s.counters.bulkFallbacks, 0);
 });
 

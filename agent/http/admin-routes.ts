@@ -141,6 +141,10 @@ export interface StatusCounters {
   bulkNarsReceived?: number;
   bulkFallbacks?: number;
   bulkRefused?: number;
+  /** Bulk sessions: NARs sent and received on kept connections, and the connections opened to peers. */
+  bulkSessionNarsSent?: number;
+  bulkSessionNarsReceived?: number;
+  bulkSessionConnections?: number;
   /** LAN-direct NARs: our direct port's requests, NARs, refusals and bytes; redirects of Nix to peers' direct ports and fallbacks to relaying. */
   directRequests?: number;
   directNarsSent?: number;

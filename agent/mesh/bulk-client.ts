@@ -34,6 +34,11 @@ export class BulkRoutes {
     return bytes >= BULK_MIN_BYTES && this.#usable(peerId);
   }
 
+  /** Whether this holder's bulk port was not found unreachable lately. */
+  reachable(peerId: string): boolean {
+    return this.#usable(peerId);
+  }
+
   #usable(peerId: string): boolean {
     const until = this.#failedUntil.get(peerId);
     if (until === undefined) return true;
@@ -91,18 +96,27 @@ export class BulkConnectError extends Error {
  */
 let bulkContext: SecureContext | undefined;
 
-/** A TLS 1.3 connection to a holder's bulk port, authenticated by the ticket's PSK alone. */
-export function connectBulk(host: string, port: number, ticket: Uint8Array, key: Uint8Array, timeoutMs: number, body: BulkBody, signal?: AbortSignal): Promise<TLSSocket> {
+/** Where a bulk connection's decrypted bytes go: `onread` for tls.connect (BulkBody, SessionConnection). */
+export interface BulkReader {
+  readonly onread: { buffer(): Buffer; callback(n: number): boolean };
+}
+
+/**
+ * A TLS 1.3 connection to a holder's bulk port, authenticated by a PSK alone: a one-time
+ * ticket's (its bytes, sent as hex) or a bulk session's (`ticket` the PSK identity as text).
+ */
+export function connectBulk(host: string, port: number, ticket: Uint8Array | string, key: Uint8Array, timeoutMs: number, body: BulkReader, signal?: AbortSignal): Promise<TLSSocket> {
+  const identity = typeof ticket === "string" ? ticket : Buffer.from(ticket).toString("hex");
   return new Promise((resolve, reject) => {
     bulkContext ??= createSecureContext({ minVersion: "TLSv1.3", ciphers: BULK_CIPHER });
     // allowHalfOpen: tls.connect passes it on to the socket, though @types/node leaves it out.
-    const socket = connect(<ConnectionOptions & { allowHalfOpen: boolean; onread: BulkBody["onread"] }>{
+    const socket = connect(<ConnectionOptions & { allowHalfOpen: boolean; onread: BulkReader["onread"] }>{
       host,
       port,
       secureContext: bulkContext,
       minVersion: "TLSv1.3",
       ciphers: BULK_CIPHER,
-      pskCallback: () => ({ psk: Buffer.from(key), identity: Buffer.from(ticket).toString("hex") }),
+      pskCallback: () => ({ psk: Buffer.from(key), identity }),
       // No certificate: the PSK, known only to the holder we asked over the mesh, authenticates it.
       checkServerIdentity: () => undefined,
       // We send nothing, so nothing to close: at the holder's end bulkChunks destroys the socket,
@@ -139,7 +153,40 @@ export const BULK_GATHER_BYTES = 1 << 20;
 /** Gathered bytes wait at most this long for their buffer to fill (a slow link still makes progress). */
 export const BULK_GATHER_MS = 100;
 /** Past this many bytes gathered and not yet taken, the socket stops reading (TCP pushes back on the holder). */
-const BULK_QUEUE_BYTES = 2 * BULK_GATHER_BYTES;
+export const BULK_QUEUE_BYTES = 2 * BULK_GATHER_BYTES;
+
+/**
+ * Chunks a socket's `onread` callback handed on, waiting for their consumer; `queued` (bytes) is
+ * what decides when the socket stops reading.
+ */
+export class ChunkQueue {
+  readonly #chunks: Buffer[] = [];
+  queued = 0;
+  #wake: (() => void) | undefined;
+
+  push(chunk: Buffer): void {
+    this.#chunks.push(chunk);
+    this.queued += chunk.length;
+    this.notify();
+  }
+
+  shift(): Buffer | undefined {
+    const chunk = this.#chunks.shift();
+    if (chunk) this.queued -= chunk.length;
+    return chunk;
+  }
+
+  /** Wakes the consumer waiting in wait() (a chunk, the end or a failure). */
+  notify(): void {
+    const w = this.#wake;
+    this.#wake = undefined;
+    w?.();
+  }
+
+  wait(): Promise<void> {
+    return new Promise<void>((resolve) => (this.#wake = resolve));
+  }
+}
 
 /**
  * Where a bulk connection's body goes: pooled 1 MiB buffers that Node's TLS decrypts straight into
@@ -152,14 +199,12 @@ const BULK_QUEUE_BYTES = 2 * BULK_GATHER_BYTES;
  * stalled nor pins a pooled megabyte per few bytes.
  */
 export class BulkBody {
-  readonly #queue: Buffer[] = [];
-  #queued = 0;
+  readonly #queue = new ChunkQueue();
   /** The buffer being filled: bytes [#handed, #filled) are not handed on yet. */
   #cur: Buffer | undefined;
   #filled = 0;
   #handed = 0;
   #timer: NodeJS.Timeout | undefined;
-  #wake: (() => void) | undefined;
   #ended = false;
   #failure: Error | undefined;
   /** The callback said stop: the socket reads nothing until resumed. */
@@ -179,7 +224,7 @@ export class BulkBody {
     callback: (n: number): boolean => {
       this.#filled += n;
       if (this.#filled === this.#cur!.length) {
-        this.#handOn(this.#cur!.subarray(this.#handed));
+        this.#queue.push(this.#cur!.subarray(this.#handed));
         this.#cur = undefined;
         this.#filled = this.#handed = 0;
         clearTimeout(this.#timer);
@@ -189,27 +234,15 @@ export class BulkBody {
         this.#timer = setTimeout(() => this.#flushPartial(), BULK_GATHER_MS);
       }
       // false: Node stops reading the socket until chunks() has taken enough to resume it.
-      this.#stopped = this.#queued >= BULK_QUEUE_BYTES;
+      this.#stopped = this.#queue.queued >= BULK_QUEUE_BYTES;
       return !this.#stopped;
     },
   };
 
-  #handOn(chunk: Buffer): void {
-    this.#queue.push(chunk);
-    this.#queued += chunk.length;
-    this.#notify();
-  }
-
-  #notify(): void {
-    const w = this.#wake;
-    this.#wake = undefined;
-    w?.();
-  }
-
   #flushPartial(): void {
     this.#timer = undefined;
     if (this.#filled === this.#handed) return;
-    this.#handOn(Buffer.from(this.#cur!.subarray(this.#handed, this.#filled))); // a copy: the buffer goes on filling
+    this.#queue.push(Buffer.from(this.#cur!.subarray(this.#handed, this.#filled))); // a copy: the buffer goes on filling
     this.#handed = this.#filled;
   }
 
@@ -220,14 +253,14 @@ export class BulkBody {
   async *chunks(socket: TLSSocket, expected: number): AsyncGenerator<Uint8Array> {
     const onEnd = () => {
       clearTimeout(this.#timer);
-      if (this.#filled > this.#handed) this.#handOn(this.#cur!.subarray(this.#handed, this.#filled));
+      if (this.#filled > this.#handed) this.#queue.push(this.#cur!.subarray(this.#handed, this.#filled));
       this.#cur = undefined;
       this.#ended = true;
-      this.#notify();
+      this.#queue.notify();
     };
     const onError = (err: Error) => {
       this.#failure ??= err;
-      this.#notify();
+      this.#queue.notify();
     };
     // A reset or a destroy ends without 'end': the body is cut short.
     const onClose = () => onError(new Error("bulk connection closed before its end"));
@@ -242,8 +275,7 @@ export class BulkBody {
       for (;;) {
         const chunk = this.#queue.shift();
         if (chunk) {
-          this.#queued -= chunk.length;
-          if (this.#stopped && this.#queued < BULK_QUEUE_BYTES) {
+          if (this.#stopped && this.#queue.queued < BULK_QUEUE_BYTES) {
             this.#stopped = false;
             socket.resume(); // starts the reads again
           }
@@ -253,7 +285,7 @@ export class BulkBody {
         }
         if (this.#ended) break;
         if (this.#failure) throw this.#failure;
-        await new Promise<void>((resolve) => (this.#wake = resolve));
+        await this.#queue.wait();
       }
     } finally {
       clearTimeout(this.#timer);

@@ -23,6 +23,7 @@ import { UpstreamCheck } from "./upstream-check.js";
 import { InboundPerHost, type AdmissionOffender } from "./admission.js";
 import { BulkListener } from "./bulk-listener.js";
 import { BulkRoutes, bulkHost } from "./bulk-client.js";
+import { BulkSessions } from "./bulk-sessions.js";
 import { bulkListenAddr, directListenAddr } from "../address.js";
 import { DirectListener, type ServeNar } from "./direct-listener.js";
 import { DirectRoutes } from "./direct-client.js";
@@ -98,6 +99,8 @@ export class Mesh {
     /** The bulk port, when on; and which peers' bulk ports we fall back from. */
     readonly bulk: BulkListener | undefined,
     readonly bulkRoutes: BulkRoutes | undefined,
+    /** Kept connections to peers' bulk ports (bulk sessions), with bulk on. */
+    readonly bulkSessions: BulkSessions | undefined,
     /** LAN-direct NARs, when on: our direct port, and the redirects to peers'. */
     readonly direct: DirectListener | undefined,
     readonly directRoutes: DirectRoutes | undefined,
@@ -133,6 +136,7 @@ export class Mesh {
         if (bulk) log.info({ host: bulkAddr.host, port: bulk.port }, "mesh: bulk port listening");
       }
       const bulkRoutes = bulk ? new BulkRoutes() : undefined;
+      const bulkSessions = bulkRoutes ? new BulkSessions(node, bulkRoutes, log) : undefined;
       const directAddr = opts.direct ? directListenAddr(opts.listen) : undefined;
       if (opts.direct && directAddr) {
         // As the bulk port: a port taken by something else costs only speed (NARs are relayed).
@@ -167,7 +171,7 @@ export class Mesh {
       const upstreamCheck = opts.upstreamCaches?.length ? new UpstreamCheck(opts.upstreamCaches, upstreamKeys, { log }) : undefined;
       const source = new FleetSource(local, fleet, {
         narinfo: (peer, hashPart, signal) => fetchNarinfo(node, peer, hashPart, { trusted: keys, signal, log }),
-        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression, ...(bulkRoutes && { bulk: bulkRoutes }) }),
+        nar: (peer, req, signal) => openNar(node, peer, req, { signal, log, compression, ...(bulkRoutes && { bulk: bulkRoutes }), ...(bulkSessions && { sessions: bulkSessions }) }),
         ...(directRoutes && {
           direct: (peer: string, req: { hashPart: string; narHash: string; narSize: number }) => directRoutes.url(peer, req),
           redirectedTo: (hashPart: string) => directRoutes.redirectedTo(hashPart),
@@ -179,7 +183,7 @@ export class Mesh {
         ...(opts.reconnectWaitMs !== undefined && { reconnectWaitMs: opts.reconnectWaitMs }),
       });
       await manager.start();
-      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission, bulk, bulkRoutes, direct, directRoutes);
+      return new Mesh(node, source, publisher, summaries, manager, fleet, sent, refused, penalties, compression, admission, bulk, bulkRoutes, bulkSessions, direct, directRoutes);
     } catch (e) {
       await bulk?.close();
       await direct?.close();
@@ -250,6 +254,9 @@ export class Mesh {
       bulkNarsReceived: this.bulkRoutes?.received ?? 0,
       bulkFallbacks: this.bulkRoutes?.fallbacks ?? 0,
       bulkRefused: this.bulk?.refused ?? 0,
+      bulkSessionNarsSent: this.bulk?.sessionServed ?? 0,
+      bulkSessionNarsReceived: this.bulkSessions?.received ?? 0,
+      bulkSessionConnections: this.bulkSessions?.connections ?? 0,
       directRequests: this.direct?.counters.requests ?? 0,
       directNarsSent: this.direct?.counters.served ?? 0,
       directRefused: this.direct?.counters.refused ?? 0,
@@ -268,6 +275,7 @@ export class Mesh {
     this.fleet.stop();
     this.summaries.stop();
     await this.manager.stop();
+    this.bulkSessions?.close();
     await this.bulk?.close();
     await this.direct?.close();
     this.directRoutes?.close();

@@ -25,7 +25,6 @@ import {
 } from "../../protocol/peer-codec.js";
 import { parseHash } from "../../protocol/hash.js";
 import { encodeNix32 } from "../../protocol/nix32.js";
-import type { PathInfo } from "../../protocol/path-info.js";
 import { isValidHashPart } from "../../protocol/store-path.js";
 import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
@@ -41,7 +40,11 @@ import type { BulkListener } from "./bulk-listener.js";
 import type { DirectListener } from "./direct-listener.js";
 import { BulkBody, BulkConnectError, bulkHost, connectBulk, type BulkRoutes } from "./bulk-client.js";
 import type { TLSSocket } from "node:tls";
-import { drainOrClose } from "../drain.js";
+import { Watchdog, lookup, narError, writeBody } from "./nar-answer.js";
+import { NarFetchError, REASON_BY_CODE } from "./nar-fetch-error.js";
+import type { BulkSessions } from "./bulk-sessions.js";
+import { serveSessionConnection } from "./bulk-session-server.js";
+import { MAX_BULK_FRAME_BYTES, PROTOCOL_BULK_SESSION, decodeBulkSessionRequest, encodeBulkSession } from "../../protocol/bulk-session.js";
 
 export const MAX_NAR_TRANSFERS_PER_PEER = 8;
 /** A NAR stream whose reader takes nothing for this long is reset (spec: 60 s). */
@@ -66,6 +69,10 @@ export interface NarServeOptions {
   compression?: NarCompression;
   /** Serves /fleetcache/nar/3.0.0 too (with compression): NAR bodies on this bulk port when the requester can take them. */
   bulk?: BulkListener;
+  /** With bulk: serve bulk sessions (/fleetcache/bulk/1.0.0) too (default true; false: as an agent from before them). */
+  bulkSessions?: boolean;
+  /** With bulk: a bulk session connection without a request for this long is closed (spec: 30 s). */
+  sessionIdleMs?: number;
   /** With bulk: answers a 3.0.0 request with bit BULK_DIRECT_HTTP with a ticket for this direct port (NarDirect). */
   direct?: DirectListener;
 }
@@ -149,6 +156,46 @@ export async function serveNar(node: MeshNode, local: LocalStore, log: Logger, o
   await node.handle(PROTOCOL_NAR, handler(1), limits);
   if (compression) await node.handle(PROTOCOL_NAR_V2, handler(2), limits);
   if (compression && (bulk || direct)) await node.handle(PROTOCOL_NAR_V3, handler(3), limits);
+  if (compression && bulk && opts.bulkSessions !== false) await serveBulkSessions(node, local, log, { bulk, compression, slots, slotWaitMs, stallMs, firstMs, ...(opts.sessionIdleMs !== undefined && { idleMs: opts.sessionIdleMs }) });
+}
+
+/**
+ * Bulk sessions (/fleetcache/bulk/1.0.0): a key, asked for on the mesh, for TLS connections to
+ * the bulk port that carry one NAR request after another (bulk-session-server.ts).
+ */
+async function serveBulkSessions(
+  node: MeshNode,
+  local: LocalStore,
+  log: Logger,
+  o: { bulk: BulkListener; compression: NarCompression; slots: TransferSlots; slotWaitMs: number; stallMs: number; firstMs: number; idleMs?: number },
+): Promise<void> {
+  const { bulk, compression } = o;
+  bulk.serveSessions((socket, peerId, run) =>
+    serveSessionConnection(socket, peerId, {
+      local,
+      log,
+      slots: o.slots,
+      slotWaitMs: o.slotWaitMs,
+      stallMs: o.stallMs,
+      ...(o.idleMs !== undefined && { idleMs: o.idleMs }),
+      name: (p) => node.trusted.get(p)?.name ?? p,
+      // Counted as the mesh's NARs are: wire bytes sent to the peer, a plain transfer.
+      wire: (p, nar) => compression.encode(p, NAR_ENCODING.identity, nar),
+      onServed: () => bulk.sessionServed++,
+    }, run),
+  );
+  await node.handle(
+    PROTOCOL_BULK_SESSION,
+    async ({ stream, reader, peerId, peer }) => {
+      const frame = await readFrameWithin(reader, MAX_BULK_FRAME_BYTES, o.firstMs);
+      if (frame === TIMED_OUT) throw new Error(`no bulk session request within ${o.firstMs} ms`);
+      if (frame === undefined) return;
+      decodeBulkSessionRequest(frame); // malformed: throws, the stream is reset
+      await writeFrame(stream, encodeBulkSession(bulk.issueSession(peerId)));
+      log.debug({ peer: peer.name }, "mesh: bulk session issued");
+    },
+    { maxInboundStreams: 4, maxOutboundStreams: 4 },
+  );
 }
 
 /**
@@ -174,45 +221,20 @@ async function sendBulk(
     t.cancel();
   }
   bulk.served++;
-  // A requester that goes away mid-body resets the connection: an error to end on, not to throw.
-  let failure: Error | undefined;
-  socket.on("error", (err) => (failure ??= err));
-  const watchdog = new Watchdog(o.stallMs, `no progress for ${o.stallMs} ms`);
-  const abort = () => socket.destroy(watchdog.signal.reason as Error);
-  watchdog.signal.addEventListener("abort", abort);
+  // A reset by the requester while we end: writeBody has seen what matters; nothing to report.
+  socket.on("error", () => {});
   // The mesh stream reset under us (the requester aborted): stop reading the store.
   const onReset = () => socket.destroy();
   stream.addEventListener("close", onReset);
   try {
-    for await (const chunk of watchdog.feed(o.body())) {
-      if (socket.destroyed) throw failure ?? new Error("bulk connection closed");
-      // The pool takes a buffer back only in the write's callback: libuv holds it until then (buffer-pool.ts).
-      const written = o.pooled ? socket.write(chunk, () => narBuffers.release(chunk as Buffer)) : socket.write(chunk);
-      if (!written) await drainOrClose(socket);
-    }
+    await writeBody(socket, o.body(), o.pooled, o.stallMs);
     await new Promise<void>((resolve, reject) => socket.end((err?: Error | null) => (err ? reject(err) : resolve())));
   } catch (err) {
     socket.destroy();
     throw err;
   } finally {
-    watchdog.stop();
-    watchdog.signal.removeEventListener("abort", abort);
     stream.removeEventListener("close", onReset);
   }
-}
-
-async function lookup(local: LocalStore, hashPart: string, narHash: string, offset: number, log: Logger): Promise<PathInfo | NarResponseHeader> {
-  let info: PathInfo | undefined;
-  try {
-    info = await local.pathInfo(hashPart);
-  } catch (err) {
-    log.warn({ hashPart, err: (err as Error).message }, "mesh: store lookup failed");
-    return narError(NAR_ERROR.internal, "store lookup failed");
-  }
-  // The NAR hash pins the content: a path rebuilt with other bytes is not the NAR asked for.
-  if (!info || info.narHash !== narHash) return narError(NAR_ERROR.notFound, "no such path with that NAR hash");
-  if (offset > info.narSize) return narError(NAR_ERROR.badOffset, `offset ${offset} beyond NAR size ${info.narSize}`);
-  return info;
 }
 
 /**
@@ -227,72 +249,9 @@ async function* pooled(chunks: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
   }
 }
 
-function narError(code: number, message: string): NarResponseHeader {
-  return { type: "error", code, message };
-}
-
-/** Fires its signal when nothing passes through feed() for `ms` (a reader that stopped taking). */
-class Watchdog {
-  readonly #ctl = new AbortController();
-  #timer: NodeJS.Timeout | undefined;
-  constructor(
-    readonly ms: number,
-    readonly reason: string,
-  ) {
-    this.#arm();
-  }
-  get signal(): AbortSignal {
-    return this.#ctl.signal;
-  }
-  async *feed<T>(source: AsyncIterable<T>): AsyncGenerator<T> {
-    // writeAll asks for the next chunk only once the previous one is sent: that is progress.
-    for await (const item of source) {
-      this.#arm();
-      yield item;
-    }
-  }
-  stop(): void {
-    clearTimeout(this.#timer);
-  }
-  #arm(): void {
-    clearTimeout(this.#timer);
-    this.#timer = setTimeout(() => this.#ctl.abort(new Error(this.reason)), this.ms);
-  }
-}
-
 // --- requester --------------------------------------------------------------------------------
 
-export type NarFetchReason =
-  | "not-found"
-  | "bad-offset"
-  | "busy"
-  | "internal"
-  | "size-mismatch"
-  | "hash-mismatch"
-  | "timeout"
-  | "stalled"
-  | "failed" // could not open the stream, or it broke before the header
-  | "protocol" // a malformed header
-  | "corrupt" // a compressed stream that does not decode
-  | "interrupted"; // the bytes stopped before the end
-
-/** A NAR could not be had from this peer (or did not check out); try another holder. */
-export class NarFetchError extends Error {
-  override name = "NarFetchError";
-  constructor(
-    readonly reason: NarFetchReason,
-    message: string,
-    opts?: { cause?: unknown },
-  ) {
-    super(`${reason}: ${message}`, opts);
-  }
-}
-
-const REASON_BY_CODE: Record<number, NarFetchReason> = {
-  [NAR_ERROR.notFound]: "not-found",
-  [NAR_ERROR.badOffset]: "bad-offset",
-  [NAR_ERROR.busy]: "busy",
-};
+export { NarFetchError, type NarFetchReason } from "./nar-fetch-error.js";
 
 export interface NarFetchRequest {
   hashPart: string;
@@ -314,6 +273,8 @@ export interface OpenNarOptions {
   compression?: NarCompression;
   /** With compression: asks for /fleetcache/nar/3.0.0 and takes the body on the holder's bulk port when offered. */
   bulk?: BulkRoutes;
+  /** With compression and bulk: plain NARs from a holder on this host's networks on a bulk session's kept connection. */
+  sessions?: BulkSessions;
 }
 
 /**
@@ -329,11 +290,33 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   if (!Number.isSafeInteger(req.offset) || req.offset < 0) throw new RangeError(`invalid offset ${req.offset}`);
   const narHash = encodeNix32(parseHash(req.narHash));
 
+  const compression = opts.compression;
+  // Counted for this NAR already (compression.accept), when a bulk session was considered.
+  let counted: number | undefined;
+  if (opts.sessions && compression && opts.sessions.usable(peerId) && !compression.wantsZstd(peerId)) {
+    const host = bulkHost(node, peerId);
+    if (host) {
+      counted = compression.accept(peerId); // may start a zstd probe: then the mesh it is
+      if (counted === 0) {
+        const t0 = performance.now();
+        const got = await opts.sessions.fetch(peerId, host, { ...req, narHash }, { ...(opts.signal && { signal: opts.signal }), headerTimeoutMs: opts.headerTimeoutMs ?? NAR_HEADER_DEADLINE_MS });
+        if (got) {
+          opts.log?.debug({ peer: peerId, hashPart: req.hashPart, answer: "session", headerMs: round1(performance.now() - t0) }, "mesh: NAR header");
+          const onAbort = () => got.abort();
+          opts.signal?.addEventListener("abort", onAbort, { once: true });
+          const done = () => opts.signal?.removeEventListener("abort", onAbort);
+          const abort = () => got.abort();
+          const wire = body(abort, got.chunks, opts.stallMs ?? NAR_RECEIVE_STALL_MS, done);
+          return decoded(abort, compression.receive(peerId, NAR_ENCODING.identity, req.narSize - req.offset, wire));
+        }
+      }
+    }
+  }
+
   const headerSignal = deadline(opts.headerTimeoutMs ?? NAR_HEADER_DEADLINE_MS, opts.signal);
   let ms: MeshStream | undefined;
   let header: NarResponseHeader;
   let release = () => {};
-  const compression = opts.compression;
   let accept: number | undefined; // set when the peer speaks 2.0.0
   let bulk: number | undefined; // set when it speaks 3.0.0
   // Only where it pays (BulkRoutes.worth) and the bulk port can be reached at the mesh connection's address.
@@ -345,7 +328,7 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
     const protocols = bulkAt ? [PROTOCOL_NAR_V3, PROTOCOL_NAR_V2, PROTOCOL_NAR] : compression ? [PROTOCOL_NAR_V2, PROTOCOL_NAR] : [PROTOCOL_NAR];
     ms = await node.open(peerId, protocols, { signal: headerSignal });
     openMs = performance.now() - t0;
-    if (compression && ms.stream.protocol !== PROTOCOL_NAR) accept = compression.accept(peerId);
+    if (compression && ms.stream.protocol !== PROTOCOL_NAR) accept = counted ?? compression.accept(peerId);
     if (ms.stream.protocol === PROTOCOL_NAR_V3) bulk = BULK_TLS_PSK;
     release = resetOnAbort(ms.stream, headerSignal);
     await writeFrame(ms.stream, encodeNarRequest({ hashPart: req.hashPart, narHash, offset: req.offset, ...(accept !== undefined && { accept }), ...(bulk !== undefined && { bulk }) }), { signal: headerSignal });

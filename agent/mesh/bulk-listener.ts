@@ -198,6 +198,9 @@ export class BulkListener {
       return void socket.destroy();
     }
     session.open++;
+    // Small frames both ways between bodies: Nagle would hold our header until the requester's
+    // delayed ACK of the last one (up to 40 ms a NAR).
+    socket.setNoDelay(true);
     socket.once("close", () => session.open--);
     this.admission.admitted(socket);
     this.sessionConnections++;

@@ -179,6 +179,8 @@ export class BulkSessions {
         return undefined;
       }
       socket.once("close", () => p.open--);
+      // A request frame after each body: Nagle would hold it until the holder's delayed ACK.
+      socket.setNoDelay(true);
       conn.attach(socket);
       this.connections++;
       if (this.#closed) conn.destroy();

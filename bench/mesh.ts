@@ -37,7 +37,8 @@ export interface MeshResult {
   /** CPU ms per NAR in the fastest copies: A's and B's agents, and Nix (through the agents; from nginx). */
   perNarMs: { holder: number; requester: number; nixAgents: number; nixNginx: number };
   /** NAR bodies on the bulk port in the whole case: sent by A, taken by B, fallbacks to the stream. */
-  bulk: { sent: number; received: number; fallbacks: number };
+  /** One-time bulk connections' bodies, bulk session bodies, and the session connections B opened. */
+  bulk: { sent: number; received: number; fallbacks: number; sessionSent: number; sessionReceived: number; sessionConnections: number };
   /** LAN-direct NARs (`--direct`: both agents with direct_lan): B's redirects, NARs A's direct port sent, B's fallbacks to relaying. */
   direct?: { redirects: number; sent: number; fallbacks: number; asked?: number; minted?: number; repeats?: number; repeatSeconds?: number };
   /** How Nix fetched: "copy" (`nix copy --from`) or "substitute" (`nix-store --realise` with the server as substituter, max-jobs as given). */
@@ -313,11 +314,11 @@ http { sendfile on; tcp_nopush on; access_log off; keepalive_timeout 65;
     const sbNow = (await B.status()).counters;
     const sb: Record<string, number> = { ...sbNow };
     for (const [k, v] of Object.entries(earlierB.counters)) if (typeof v === "number" && typeof sbNow[k] === "number") sb[k] = sbNow[k] + v;
-    const bulk = { sent: sa.bulkNarsSent ?? 0, received: sb.bulkNarsReceived ?? 0, fallbacks: sb.bulkFallbacks ?? 0 };
+    const bulk = { sent: sa.bulkNarsSent ?? 0, received: sb.bulkNarsReceived ?? 0, fallbacks: sb.bulkFallbacks ?? 0, sessionSent: sa.bulkSessionNarsSent ?? 0, sessionReceived: sb.bulkSessionNarsReceived ?? 0, sessionConnections: sb.bulkSessionConnections ?? 0 };
     const directCounts = opts.direct ? { redirects: sb.directRedirects ?? 0, sent: sa.directNarsSent ?? 0, fallbacks: sb.directFallbacks ?? 0, asked: sb.directTicketsAsked ?? 0, minted: sb.directTicketsMinted ?? 0, repeats: sb.directRepeatsRelayed ?? 0, ...(repeatSeconds !== undefined && { repeatSeconds }) } : undefined;
     if (directCounts) log(`mesh: LAN-direct: ${directCounts.redirects} redirects by B (tickets: ${directCounts.asked} asked of A, ${directCounts.minted} minted by B), ${directCounts.sent} NARs sent by A's direct port, ${directCounts.fallbacks} fallbacks, ${directCounts.repeats} relayed as asked for again`);
     const perNarMs = { holder: (holderCpu / count) * 1e3, requester: (requesterCpu / count) * 1e3, nixAgents: (nixAgents / count) * 1e3, nixNginx: (nixNginx / count) * 1e3 };
-    log(`mesh: CPU ms per NAR: A ${perNarMs.holder.toFixed(1)}, B ${perNarMs.requester.toFixed(1)}, Nix ${perNarMs.nixAgents.toFixed(1)} (through the agents) / ${perNarMs.nixNginx.toFixed(1)} (from nginx); bulk bodies sent ${bulk.sent}, received ${bulk.received}, fallbacks ${bulk.fallbacks}`);
+    log(`mesh: CPU ms per NAR: A ${perNarMs.holder.toFixed(1)}, B ${perNarMs.requester.toFixed(1)}, Nix ${perNarMs.nixAgents.toFixed(1)} (through the agents) / ${perNarMs.nixNginx.toFixed(1)} (from nginx); bulk bodies sent ${bulk.sent}, received ${bulk.received}, fallbacks ${bulk.fallbacks}; on sessions sent ${bulk.sessionSent}, received ${bulk.sessionReceived} on ${bulk.sessionConnections} connections`);
     const gb = narBytes / 1e9;
     const agentCpuPerGb = (holderCpu + requesterCpu) / gb;
     const agentPeakRssMiB: [number, number] = [peakRssMiB(A.agent!.child.pid!), peakRssMiB(B.agent!.child.pid!)];

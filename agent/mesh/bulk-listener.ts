@@ -4,8 +4,10 @@
 // connection must present a one-time ticket that the NAR responder handed to an authenticated
 // fleet peer over the mesh, as a TLS 1.3 external PSK (identity = ticket id, key = a fresh random
 // 32-byte secret). No certificate: without a valid ticket the handshake fails before any
-// application byte, and a ticket is good for one connection within a few seconds. Sockets are
-// admitted as on the mesh port: a few per remote host before their handshake, a short deadline.
+// application byte, and a ticket is good for one connection within a few seconds. A bulk session
+// (PEER-PROTOCOL.md, "Bulk sessions") is a key of the same kind for one peer's kept connections,
+// each carrying NAR requests one after another (bulk-session-server.ts). Sockets are admitted as
+// on the mesh port: a few per remote host before their handshake, a short deadline.
 import { AsyncLocalStorage } from "node:async_hooks";
 import { randomBytes } from "node:crypto";
 import type { AddressInfo, Socket } from "node:net";

@@ -203,7 +203,7 @@ export class BulkSessions {
       ms = await this.node.open(peerId, [PROTOCOL_BULK_SESSION], { signal });
     } catch (err) {
       // An agent without sessions refuses the protocol; anything else (a deadline, a closed connection) costs only this NAR.
-      if (!signal.aborted) {
+      if ((err as Error).name === "UnsupportedProtocolError") {
         p.noSessionsUntil = Date.now() + SESSION_RETRY_AFTER_MS;
         this.log?.debug({ peer: peerId, err: (err as Error).message }, "mesh: no bulk sessions with this holder");
       }

@@ -126,6 +126,8 @@ export async function startAgent(config: AgentConfig, log: Logger): Promise<Runn
         narinfoStreamsOpened: mesh?.tallies().narinfoStreamsOpened ?? 0,
         narinfoStreamsReused: mesh?.tallies().narinfoStreamsReused ?? 0,
         narinfoStreamsWarmed: mesh?.tallies().narinfoStreamsWarmed ?? 0,
+        narStreamsOpened: mesh?.tallies().narStreamsOpened ?? 0,
+        narStreamsTakenAhead: mesh?.tallies().narStreamsTakenAhead ?? 0,
         failovers: c?.failovers ?? 0,
         transferFailures: c?.transferFailures ?? 0,
         verifyFailures: c?.verifyFailures ?? 0,

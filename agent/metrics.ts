@@ -31,6 +31,9 @@ export interface MeshTallies {
   narinfoStreamsReused: number;
   /** Narinfo streams opened ahead for peers that connected (Nix's first burst of lookups finds them open). */
   narinfoStreamsWarmed: number;
+  /** NAR requests to peers on the mesh that opened a stream of their own, and that took one opened ahead (nar-streams-ahead.ts). */
+  narStreamsOpened: number;
+  narStreamsTakenAhead: number;
   failovers: number;
   transferFailures: number;
   bytesFromPeers: number;

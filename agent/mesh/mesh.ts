@@ -9,6 +9,7 @@ import type { LocalStore } from "../store/local-store.js";
 import { FleetSource } from "./fleet-source.js";
 import { openNar } from "./nar-service.js";
 import { fetchNarinfo, narinfoStreamCounts, serveNarinfo, warmNarinfoStreams } from "./narinfo-service.js";
+import { narStreamsAhead } from "./nar-streams-ahead.js";
 import { serveNar } from "./nar-service.js";
 import { createMeshNode, type MeshNode } from "./node.js";
 import { FleetTable, type FleetRow } from "./fleet-table.js";
@@ -223,10 +224,13 @@ export class Mesh {
   tallies(): MeshTallies {
     const c = this.source.counters;
     const streams = narinfoStreamCounts(this.node);
+    const ahead = narStreamsAhead(this.node).counts;
     return {
       narinfoStreamsOpened: streams.opened,
       narinfoStreamsReused: streams.reused,
       narinfoStreamsWarmed: streams.warmed,
+      narStreamsOpened: ahead.opened,
+      narStreamsTakenAhead: ahead.taken,
       peerQueries: c.peerQueries,
       failovers: c.failovers,
       transferFailures: c.transferFailures,

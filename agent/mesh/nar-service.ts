@@ -43,6 +43,7 @@ import type { TLSSocket } from "node:tls";
 import { Watchdog, lookup, narError, writeBody } from "./nar-answer.js";
 import { NarFetchError, REASON_BY_CODE } from "./nar-fetch-error.js";
 import type { BulkSessions } from "./bulk-sessions.js";
+import { narStreamsAhead } from "./nar-streams-ahead.js";
 import { serveSessionConnection } from "./bulk-session-server.js";
 import { MAX_BULK_FRAME_BYTES, PROTOCOL_BULK_SESSION, decodeBulkSessionRequest, encodeBulkSession } from "../../protocol/bulk-session.js";
 
@@ -326,7 +327,7 @@ export async function openNar(node: MeshNode, peerId: string, req: NarFetchReque
   try {
     // An agent that does not know 3.0.0 or 2.0.0 refuses it in multistream-select, and the next follows.
     const protocols = bulkAt ? [PROTOCOL_NAR_V3, PROTOCOL_NAR_V2, PROTOCOL_NAR] : compression ? [PROTOCOL_NAR_V2, PROTOCOL_NAR] : [PROTOCOL_NAR];
-    ms = await node.open(peerId, protocols, { signal: headerSignal });
+    ms = await narStreamsAhead(node).take(peerId, protocols, headerSignal);
     openMs = performance.now() - t0;
     if (compression && ms.stream.protocol !== PROTOCOL_NAR) accept = counted ?? compression.accept(peerId);
     if (ms.stream.protocol === PROTOCOL_NAR_V3) bulk = BULK_TLS_PSK;

@@ -23,6 +23,7 @@ import { Mesh } from "../agent/mesh/mesh.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { addToStore, dumpNar, hasNix, needNix, pathInfo, tempDir } from "./helpers/nix.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: "silent" });
 const ka = generateKeyPair("bulk-a");
@@ -54,7 +55,7 @@ async function pair(o: { holderBulk: boolean; mode?: CompressionMode }) {
   const bulk = o.holderBulk ? await BulkListener.start("127.0.0.1", 0, log) : undefined;
   cleanups.push(() => a.stop(), () => b.stop(), () => local.close(), () => bulk?.close());
   await serveNar(a, local, log, { compression: new NarCompression(o.mode ?? "off"), ...(bulk && { bulk }) });
-  await b.libp2p.dial(a.addresses()[0]!);
+  await connectBoth(b, a);
   return { a, b, bulk, peer: a.peerId.toString(), compression: new NarCompression(o.mode ?? "off") };
 }
 

@@ -20,6 +20,7 @@ import { HolderPenalties } from "../agent/mesh/holder-penalties.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { addToStore, dumpNar, hasNix, needNix, tempDir } from "./helpers/nix.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: "silent" });
 const MiB = 1024 * 1024;
@@ -84,10 +85,7 @@ async function holder(key: SecretKey, trusted: readonly PublicKey[], root: strin
   return { node, local, compression };
 }
 
-async function connect(from: MeshNode, to: MeshNode): Promise<string> {
-  await from.libp2p.dial(to.addresses()[0]!);
-  return to.peerId.toString();
-}
+const connect = connectBoth;
 
 const hp = storePathHashPart;
 

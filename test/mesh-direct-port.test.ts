@@ -31,6 +31,7 @@ import { LocalStore } from "../agent/store/local-store.js";
 import { mintTicket } from "../protocol/direct-ticket.js";
 import { exchange, req as rawReq } from "./helpers/raw-http.js";
 import { addToStore, dumpPath, hasNix, needNix, pathInfo, run, tempDir } from "./helpers/nix.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: "silent" });
 const ka = generateKeyPair("direct-a");
@@ -85,7 +86,7 @@ async function pair(o: { direct?: boolean } = {}) {
   const bulk = o.direct === false ? await BulkListener.start("127.0.0.1", 0, log) : undefined;
   cleanups.push(() => a.stop(), () => b.stop(), () => local.close(), () => direct.close(), () => bulk?.close());
   await serveNar(a, local, log, { compression: new NarCompression("off"), ...(o.direct === false ? { bulk } : { direct }) });
-  await b.libp2p.dial(a.addresses()[0]!);
+  await connectBoth(b, a);
   const peer = a.peerId.toString();
   const ticket = (n: Nar) => askDirect(b, peer, { hashPart: n.hashPart, narHash: n.narHash, narSize: n.narSize });
   return { direct, ticket, local, a, b, peer, bulk };
@@ -412,7 +413,7 @@ test("DirectRoutes: only the first NAR from a holder asks for a ticket (and a ke
   writeFileSync(join(dir, "third.txt"), "a NAR not redirected before\n");
   const third = await nar(fx!.root, await addToStore(fx!.root, join(dir, "third.txt")));
   await b.libp2p.hangUp(a.peerId);
-  await b.libp2p.dial(a.addresses()[0]!);
+  await connectBoth(b, a);
   assert.match(await fetchVia(third), /^\/[0-9a-f]{32}\//);
   assert.equal(routes.asked, 2);
   assert.equal(direct.keys, 2, "a new key after the reconnect");

@@ -21,6 +21,7 @@ import { addToStore, hasNix, needNix, NIX_FLAGS, tempDir } from "./helpers/nix.j
 import { addBlob, linkedFleet, narinfoVia } from "../faults/fleet-tools.js";
 import { eventually } from "./helpers/fleet.js";
 import { canUseNetns } from "./helpers/netns.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: "silent" });
 
@@ -50,8 +51,7 @@ async function holderAndRequester(count: number, firstRequestMs?: number) {
   const b = await createMeshNode({ key: kb, trusted: [ka], listen: "/ip4/127.0.0.1/tcp/0", log });
   nodes.push(b);
   await serveNar(a, local, log, { ...(firstRequestMs !== undefined && { firstRequestMs }) });
-  await b.libp2p.dial(a.addresses()[0]!);
-  await waitFor("A to hold the connection too", () => a.libp2p.getConnections(b.peerId).length > 0);
+  await connectBoth(b, a);
   const requests = await Promise.all(paths.map(async (p) => {
     const info = (await local.pathInfo(storePathHashPart(p)))!;
     return { hashPart: storePathHashPart(p), narHash: info.narHash, narSize: info.narSize, offset: 0 };

@@ -19,6 +19,7 @@ import { narBuffers } from "../agent/buffer-pool.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { addToStore, needNix, tempDir } from "./helpers/nix.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: "silent" });
 
@@ -80,7 +81,7 @@ test("a slow reader's NAR stays intact while other transfers from the same holde
     const b = await createMeshNode({ key: kb, trusted: [ka], listen: "/ip4/127.0.0.1/tcp/0", log });
     nodes.push(b);
     await serveNar(a, local, log);
-    await b.libp2p.dial(a.addresses()[0]!);
+    await connectBoth(b, a);
     const aId = a.peerId.toString();
     const request = async (storePath: string) => {
       const info = (await local.pathInfo(storePathHashPart(storePath)))!;

@@ -34,6 +34,7 @@ import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { makeShapesClosure, type ShapesClosure } from "./helpers/fixtures.js";
 import { addToStore, dumpNar, hasNix, needNix, nix, pathInfo, tempDir, toPathInfo } from "./helpers/nix.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: process.env.PC_DEBUG ? "debug" : "silent" });
 const MiB = 1024 * 1024;
@@ -112,10 +113,7 @@ async function server(key: SecretKey, trusted: readonly PublicKey[], root: strin
   return { node, local };
 }
 
-async function connect(from: MeshNode, to: MeshNode): Promise<string> {
-  await from.libp2p.dial(to.addresses()[0]!);
-  return to.peerId.toString();
-}
+const connect = connectBoth;
 
 const hp = storePathHashPart;
 const randomHashPart = () => encodeNix32(randomBytes(20));

@@ -38,6 +38,7 @@ import { startSummaryFlooder } from "./helpers/summary-flood.js";
 import { NixDb } from "../agent/store/db.js";
 import { StoreWatcher, type StoreChange } from "../agent/store/watch.js";
 import { addToStore, needNix, run, tempDir } from "./helpers/nix.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: "silent" });
 const nodes: MeshNode[] = [];
@@ -59,11 +60,7 @@ async function pair(): Promise<{ a: MeshNode; b: MeshNode; aId: string }> {
   const kb = generateKeyPair("host-b-1");
   const a = await node(ka, [kb]);
   const b = await node(kb, [ka]);
-  await b.libp2p.dial(a.addresses()[0]!);
-  // b's dial returns once b's side of the handshake is done, maybe before a's: a test that then
-  // holds the event loop (an 800,000-key publisher start takes seconds on a loaded host) would
-  // run a past its inbound handshake deadline (3 s, admission.ts) and lose the connection.
-  await waitFor(() => a.libp2p.getConnections(b.peerId).length > 0, "A to hold the connection too");
+  await connectBoth(b, a); // an 800,000-key publisher start below holds the loop for seconds on a loaded host
   return { a, b, aId: a.peerId.toString() };
 }
 
@@ -462,7 +459,7 @@ test("a reconnecting subscriber resumes from its epoch and generation: only the 
   // A's store changes while B is away; then B is back.
   const h = randomHashPart();
   store.change({ added: [h], removed: [] });
-  await b.libp2p.dial(a.addresses()[0]!);
+  await connectBoth(b, a);
   await waitFor(() => table.holders(h).includes(aId), "the path added while away");
 
   const now = table.traffic(aId)!;
@@ -494,7 +491,7 @@ test("a resume the publisher cannot serve (it restarted) gets a whole snapshot",
   publisher = new SummaryPublisher(a, store, log);
   await publisher.start();
   cleanups.push(() => publisher.stop());
-  await b.libp2p.dial(a.addresses()[0]!);
+  await connectBoth(b, a);
   await waitFor(() => table.traffic(aId)!.snapshots === 2 && table.pathCount(aId) === 990, "the new snapshot");
   assert.equal(table.traffic(aId)!.resumes, 1);
   for (const p of gone) assert.deepEqual(table.holders(p), []);

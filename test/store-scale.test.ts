@@ -20,6 +20,7 @@ import { eventually } from "./helpers/fleet.js";
 import { addToStore, hasNix, needNix, tempDir } from "./helpers/nix.js";
 import { Daemon } from "./helpers/nix-daemon.js";
 import { addSyntheticPaths, deleteInSmallTransactions, sql } from "./helpers/scale-store.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const PATHS = Number(process.env.FLEETCACHE_SCALE_PATHS ?? 200_000);
 const log = pino({ level: "silent" });
@@ -90,7 +91,7 @@ test("database watcher: GC in small transactions, new rows and re-added paths re
   for (const [k, trusted] of [[ka, kb], [kb, ka]] as const) nodes.push(await createMeshNode({ key: k, trusted: [trusted], listen: "/ip4/127.0.0.1/tcp/0", log }));
   cleanups.push(() => Promise.allSettled(nodes.map((n) => n.stop())));
   const [a, b] = nodes as [MeshNode, MeshNode];
-  await b.libp2p.dial(a.addresses()[0]!);
+  await connectBoth(b, a);
   const publisher = new SummaryPublisher(a, watcher, log);
   await publisher.start();
   const table = new SummaryTable(b, log);

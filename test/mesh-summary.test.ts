@@ -586,3 +586,34 @@ test("a real agent disconnects a peer over its summary budget, and says so in st
   // The agent still serves its own store.
   assert.equal((await fetch(`${agent.url}/${hashOf(local)}.narinfo`)).status, 200);
 });
+
+test("the publisher's start lets the event loop run while it builds the keys, and a change that comes meanwhile is announced", async () => {
+  const store = new FakeStore(300_000);
+  const { a, b, aId } = await pair();
+  const publisher = new SummaryPublisher(a, store, log);
+  cleanups.push(() => publisher.stop());
+  // Turns of the event loop while start() runs (HTTP requests, pings and handshakes get these).
+  let turns = 0;
+  let starting = true;
+  const turn = () => {
+    turns++;
+    if (starting) setImmediate(turn);
+  };
+  setImmediate(turn);
+  const started = publisher.start();
+  // A change right after start() began: the keys are being built from the store as it was.
+  const gone = [...store.parts][0]!;
+  const added = randomHashPart();
+  store.change({ added: [added], removed: [gone] });
+  await started;
+  starting = false;
+  assert.ok(turns >= 5, `the event loop ran during start(): ${turns} turns`);
+  assert.equal(publisher.size, 300_000);
+  const table = new SummaryTable(b, log);
+  cleanups.push(() => table.stop());
+  table.subscribe(aId);
+  await waitFor(() => table.pathCount(aId) === 300_000, "A's summary");
+  assert.deepEqual(table.holders(added), [aId], "the path added during start()");
+  assert.deepEqual(table.holders(gone), [], "the path removed during start()");
+  for (const h of [...store.parts].slice(1, 200)) assert.deepEqual(table.holders(h), [aId]);
+});

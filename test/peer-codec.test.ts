@@ -39,6 +39,7 @@ import {
   encodeSummarySubscribe,
   snapshotChunks,
   sortedKeys,
+  sortedKeysInSteps,
   splitSummaryDelta,
   summaryKey,
   type PeerRecord,
@@ -977,4 +978,23 @@ test("fuzz: every decoder returns a value or throws PeerProtocolError, nothing e
     }
   }
   assert.ok(accepted > 100 && refused > 1000, `accepted ${accepted}, refused ${refused}`);
+});
+
+test("sortedKeysInSteps: the keys of sortedKeys for the valid hash parts, in steps", () => {
+  const alphabet = "0123456789abcdfghijklmnpqrsvwxyz";
+  const valid = Array.from({ length: 5000 }, () => Array.from(randomBytes(32), (b) => alphabet[b & 31]).join(""));
+  // Duplicates, and hash parts that are not (wrong length, letters nix32 lacks).
+  const parts = [...valid, ...valid.slice(0, 700), "short", "e".repeat(32), "0".repeat(31) + "u", ...valid.slice(100, 150)];
+  const steps = sortedKeysInSteps(parts, 1000);
+  let yields = 0;
+  let r = steps.next();
+  while (!r.done) {
+    yields++;
+    r = steps.next();
+  }
+  assert.ok(yields >= 5, `yielded between slices: ${yields}`);
+  assert.deepEqual(r.value, sortedKeys(valid));
+  assert.equal(r.value.length, 5000);
+  const empty = sortedKeysInSteps([]).next();
+  assert.ok(!empty.done); // the step after the (empty) sort
 });

@@ -27,6 +27,7 @@ import { BulkSessions } from "../agent/mesh/bulk-sessions.js";
 import { Signer } from "../agent/signer.js";
 import { LocalStore } from "../agent/store/local-store.js";
 import { addToStore, dumpNar, hasNix, needNix, pathInfo, tempDir } from "./helpers/nix.js";
+import { connectBoth } from "./helpers/mesh-connect.js";
 
 const log = pino({ level: "silent" });
 const ka = generateKeyPair("session-a");
@@ -77,9 +78,7 @@ async function pair(o: { sessionIdleMs?: number; requesterIdleMs?: number; holde
   const holderCompression = new NarCompression("auto");
   // An older holder: the one-time bulk port, no sessions (served by nothing on /fleetcache/bulk/1.0.0).
   await serveNar(a, local, log, { compression: holderCompression, bulk, bulkSessions: o.holderSessions !== false, ...(o.sessionIdleMs !== undefined && { sessionIdleMs: o.sessionIdleMs }) });
-  const connected = new Promise<void>((resolve) => a.libp2p.addEventListener("peer:connect", () => resolve(), { once: true }));
-  await b.libp2p.dial(a.addresses()[0]!);
-  await connected;
+  await connectBoth(b, a);
   const routes = new BulkRoutes();
   const sessions = new BulkSessions(b, routes, log, o.requesterIdleMs);
   cleanups.push(() => sessions.close());

@@ -511,7 +511,7 @@ test("a peer flooding summary deltas is cut off at its budget, disconnected and 
   cleanups.push(() => table.stop());
   const told: string[] = [];
   table.on("overBudget", (id, reason) => told.push(`${id} ${reason}`));
-  await b.libp2p.dial(flooder.node.addresses()[0]!);
+  await connectBoth(b, flooder.node);
   table.subscribe(mId);
 
   await waitFor(() => penalties.get(mId) !== undefined, "the flooder's penalty", 60_000);

@@ -89,8 +89,13 @@ test("a body on the bulk port is handed on in whole pooled megabytes, not in TLS
   for await (const c of await openNar(b, peer, req, { compression, bulk: new BulkRoutes() })) parts.push(c);
   assert.ok(Buffer.concat(parts).equals(await nixDump()), "the bytes are Nix's NAR");
   // Each piece costs a trip through every step to the HTTP response, and each held one is garbage later.
-  assert.equal(parts.length, Math.ceil(fx!.narSize / BULK_GATHER_BYTES), `${parts.length} chunks for ${fx!.narSize} bytes`);
-  for (const c of parts.slice(0, -1)) assert.equal(c.length, BULK_GATHER_BYTES);
+  // Whole megabytes, but for a partial one handed on where bytes waited 100 ms (BULK_GATHER_MS:
+  // a loaded machine can pause a transfer that long, so not an exact count): TLS's pieces would
+  // be 64 times as many.
+  const whole = Math.floor(fx!.narSize / BULK_GATHER_BYTES);
+  const full = parts.filter((c) => c.length === BULK_GATHER_BYTES).length;
+  assert.ok(parts.length <= whole + 4, `${parts.length} chunks for ${fx!.narSize} bytes`);
+  assert.ok(full >= whole - 3, `${full} whole megabytes of ${whole}`);
 });
 
 /** A ticketed bulk connection on 127.0.0.1: the holder's socket, and the requester's with its body. */

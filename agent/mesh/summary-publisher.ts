@@ -63,6 +63,8 @@ export class SummaryPublisher {
   #subs = new Map<string, Subscription>();
   #waiters = new Set<() => void>();
   #started = false;
+  /** This start's token: a stop() and a new start() during a start's build end the first one. */
+  #run: object | undefined;
   #truncatedWarned = false;
   readonly #subscribeTimeoutMs: number;
   readonly #stallTimeoutMs: number;
@@ -100,6 +102,7 @@ export class SummaryPublisher {
   async start(): Promise<void> {
     if (this.#started) return;
     this.#started = true;
+    const run = (this.#run = {});
     // The store's paths now, and every change from now on. The keys are built in steps with the
     // event loop running between them (a million paths held it 0.8-0.9 s in one step, seconds on
     // a loaded host: HTTP requests, pings and peers' handshakes waited); changes that come
@@ -113,7 +116,7 @@ export class SummaryPublisher {
       let step = steps.next();
       while (!step.done) {
         await setImmediate();
-        if (!this.#started) return; // stopped meanwhile
+        if (this.#run !== run) return; // stopped (and perhaps started again) meanwhile
         step = steps.next();
       }
       this.#keys = this.#capped(step.value);
@@ -130,6 +133,7 @@ export class SummaryPublisher {
   stop(): void {
     if (!this.#started) return;
     this.#started = false;
+    this.#run = undefined;
     this.watcher.off("change", this.#onChange);
     this.node.libp2p.unhandle(PROTOCOL_SUMMARY).catch((err: unknown) => this.log.debug({ err }, "summary: unhandle failed"));
     for (const sub of this.#subs.values()) sub.ctl.abort(new Error("summary publisher stopped"));

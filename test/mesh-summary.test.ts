@@ -587,33 +587,55 @@ test("a real agent disconnects a peer over its summary budget, and says so in st
   assert.equal((await fetch(`${agent.url}/${hashOf(local)}.narinfo`)).status, 200);
 });
 
-test("the publisher's start lets the event loop run while it builds the keys, and a change that comes meanwhile is announced", async () => {
-  const store = new FakeStore(300_000);
+test("the publisher's start lets timers fire while it builds the keys, and changes that come meanwhile are announced", async () => {
+  const store = new FakeStore(500_000);
   const { a, b, aId } = await pair();
   const publisher = new SummaryPublisher(a, store, log);
   cleanups.push(() => publisher.stop());
-  // Turns of the event loop while start() runs (HTTP requests, pings and handshakes get these).
-  let turns = 0;
-  let starting = true;
-  const turn = () => {
-    turns++;
-    if (starting) setImmediate(turn);
-  };
-  setImmediate(turn);
+  const [first, second, ...rest] = [...store.parts];
+  const early = randomHashPart();
+  const later = randomHashPart();
+  // Timers firing while start() runs (HTTP requests, pings and handshake deadlines need these);
+  // the third tick, well inside the build, brings a second change.
+  let ticks = 0;
+  const timer = setInterval(() => {
+    if (++ticks === 3) store.change({ added: [later], removed: [second!] });
+  }, 1);
   const started = publisher.start();
   // A change right after start() began: the keys are being built from the store as it was.
-  const gone = [...store.parts][0]!;
-  const added = randomHashPart();
-  store.change({ added: [added], removed: [gone] });
+  store.change({ added: [early], removed: [first!] });
   await started;
-  starting = false;
-  assert.ok(turns >= 5, `the event loop ran during start(): ${turns} turns`);
-  assert.equal(publisher.size, 300_000);
+  clearInterval(timer);
+  assert.ok(ticks >= 5, `timers fired during start(): ${ticks} ticks`);
+  assert.equal(publisher.size, 500_000);
+  assert.equal(publisher.generation, 2, "each change applied once");
   const table = new SummaryTable(b, log);
   cleanups.push(() => table.stop());
   table.subscribe(aId);
-  await waitFor(() => table.pathCount(aId) === 300_000, "A's summary");
-  assert.deepEqual(table.holders(added), [aId], "the path added during start()");
-  assert.deepEqual(table.holders(gone), [], "the path removed during start()");
-  for (const h of [...store.parts].slice(1, 200)) assert.deepEqual(table.holders(h), [aId]);
+  await waitFor(() => table.pathCount(aId) === 500_000, "A's summary");
+  assert.deepEqual(table.holders(early), [aId], "the path added right after start() began");
+  assert.deepEqual(table.holders(later), [aId], "the path added during the build");
+  assert.deepEqual(table.holders(first!), [], "the path removed right after start() began");
+  assert.deepEqual(table.holders(second!), [], "the path removed during the build");
+  for (const h of rest.slice(0, 200)) assert.deepEqual(table.holders(h), [aId]);
+});
+
+test("a publisher stopped and started again while its start builds the keys ends up started once", async () => {
+  const store = new FakeStore(200_000);
+  const { a, b, aId } = await pair();
+  const publisher = new SummaryPublisher(a, store, log);
+  cleanups.push(() => publisher.stop());
+  const first = publisher.start();
+  publisher.stop();
+  const second = publisher.start();
+  await Promise.all([first, second]);
+  assert.equal(store.listenerCount("change"), 1, "one change listener");
+  const added = randomHashPart();
+  store.change({ added: [added], removed: [] });
+  assert.equal(publisher.generation, 1);
+  const table = new SummaryTable(b, log);
+  cleanups.push(() => table.stop());
+  table.subscribe(aId);
+  await waitFor(() => table.pathCount(aId) === 200_001, "A's summary");
+  assert.deepEqual(table.holders(added), [aId]);
 });

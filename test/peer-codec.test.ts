@@ -3,7 +3,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { decodeNix32, encodeNix32 } from "../protocol/nix32.js";
+import { NIX32_ALPHABET, decodeNix32, encodeNix32 } from "../protocol/nix32.js";
+import { isValidHashPart } from "../protocol/store-path.js";
 import {
   FrameDecoder,
   MAX_ADDRS_PER_PEER,
@@ -997,4 +998,32 @@ test("sortedKeysInSteps: the keys of sortedKeys for the valid hash parts, in ste
   assert.equal(r.value.length, 5000);
   const empty = sortedKeysInSteps([]).next();
   assert.ok(!empty.done); // the step after the (empty) sort
+});
+
+test("sortedKeysInSteps: a large store in its default slices gives the one-step keys", () => {
+  // 300,000 random hash parts, a tenth of them repeated and a few thousand invalid, in random
+  // order: the keys must be those of the one-step build the publisher did before.
+  const buf = randomBytes(32 * 300_000);
+  for (let i = 0; i < buf.length; i++) buf[i] = NIX32_ALPHABET.charCodeAt(buf[i]! & 31);
+  const parts = Array.from({ length: 300_000 }, (_, i) => buf.toString("latin1", 32 * i, 32 * i + 32));
+  for (let i = 0; i < 30_000; i++) parts.push(parts[(i * 7919) % 300_000]!);
+  for (let i = 0; i < 3_000; i++) parts.push(i % 3 === 0 ? "e".repeat(32) : i % 3 === 1 ? parts[i]!.slice(1) : parts[i]!.slice(0, 31) + "u");
+  for (let i = parts.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [parts[i], parts[j]] = [parts[j]!, parts[i]!];
+  }
+  const steps = sortedKeysInSteps(parts);
+  let yields = 0;
+  let r = steps.next();
+  while (!r.done) {
+    yields++;
+    r = steps.next();
+  }
+  assert.ok(yields >= 10, `yielded between slices: ${yields}`);
+  const oneStep = sortedKeys(parts.filter(isValidHashPart));
+  assert.equal(oneStep.length, 300_000);
+  // Byte for byte (deepEqual's diff of 300,000 keys takes minutes to print when they differ).
+  const bytes = (k: BigUint64Array) => Buffer.from(k.buffer, k.byteOffset, k.byteLength);
+  assert.equal(r.value.length, oneStep.length);
+  assert.ok(bytes(r.value).equals(bytes(oneStep)), "the same keys in the same order");
 });

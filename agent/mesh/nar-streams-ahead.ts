@@ -8,6 +8,7 @@
 // request up to FIRST_REQUEST_MS (10 s); one not taken is closed before that (AHEAD_IDLE_MS), and
 // the holder's handler ends on the close without a word.
 import type { MeshNode, MeshStream } from "./node.js";
+import { idleAndSound } from "./stream-io.js";
 
 /** Streams kept open ahead per holder and protocol list: the holder's transfer limit (MAX_NAR_TRANSFERS_PER_PEER). */
 export const AHEAD_PER_PEER = 8;
@@ -60,7 +61,7 @@ export class NarStreamsAhead {
       this.#unused--;
       if (list.length === 0) this.#idle.delete(key);
       const s = ms.stream;
-      if (s.status === "open" && s.writeStatus === "writable" && s.remoteWriteStatus === "writable" && ms.reader.buffered === 0) {
+      if (idleAndSound(s, ms.reader)) {
         this.counts.taken++;
         return ms;
       }

@@ -24,7 +24,7 @@ import type { Logger } from "../log.js";
 import type { LocalStore } from "../store/local-store.js";
 import type { MeshNode, MeshStream } from "./node.js";
 import type { StreamReader } from "./stream-io.js";
-import { writeFrame } from "./stream-io.js";
+import { idleAndSound, writeFrame } from "./stream-io.js";
 import { quietWindowUpdates } from "./yamux-window.js";
 
 /** Responder limits from the spec; tests shorten the timeouts. */
@@ -220,7 +220,7 @@ class NarinfoStreamPool {
       if (list.length === 0) this.#idle.delete(peerId);
       const { ms } = entry;
       const s = ms.stream;
-      if (s.status === "open" && s.writeStatus === "writable" && s.remoteWriteStatus === "writable" && ms.reader.buffered === 0) {
+      if (idleAndSound(s, ms.reader)) {
         this.counts.reused++;
         return { ms, reused: true };
       }

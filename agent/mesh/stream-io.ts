@@ -30,6 +30,14 @@ export class FrameTooLargeError extends Error {
   }
 }
 
+/**
+ * Whether a stream kept idle (a pooled narinfo stream, a NAR stream opened ahead) can still carry
+ * a request: open both ways, and nothing unread from the other side.
+ */
+export function idleAndSound(stream: Stream, reader: StreamReader): boolean {
+  return stream.status === "open" && stream.writeStatus === "writable" && stream.remoteWriteStatus === "writable" && reader.buffered === 0;
+}
+
 /** The stream ended (or its connection closed) before the expected bytes arrived. */
 export class TruncatedStreamError extends Error {
   override name = "TruncatedStreamError";
